@@ -1,0 +1,104 @@
+//! The fedee aggregator: the federation service run by the consortium coordinator.
+//!
+//! It enrols sites, opens rounds, serves the global model, validates and persists sites'
+//! updates, aggregates them with FedAvg weighted by `num_examples` ([`fedavg`]), and accounts
+//! the privacy spent (site-level unit, zCDP via OpenDP, see `fedee-dp`).
+//!
+//! # Architecture invariant
+//! This crate does not link libtorch: updates are flat f32 tensors read with the `safetensors`
+//! crate ([`tensors`]). Aggregation is a pure function; IO lives in [`store`] and [`service`].
+
+pub mod fedavg;
+mod service;
+pub mod store;
+pub mod tensors;
+
+use fedee_dp::{ClippingNorm, NoiseMultiplier};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use service::Federation;
+
+/// Aggregator errors.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    /// Invalid configuration, detected before any port is bound.
+    #[error("invalid aggregator config: {0}")]
+    Config(String),
+    /// An update (or model) that fails validation.
+    #[error("invalid update: {0}")]
+    InvalidUpdate(String),
+    /// Database failure (details are logged, never sent to clients).
+    #[error("database: {0}")]
+    Database(String),
+    /// Privacy accounting failure.
+    #[error("privacy accounting: {0}")]
+    Dp(#[from] fedee_dp::DpError),
+    /// Transport failure.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Federation settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// sqlx database URL, e.g. `sqlite://aggregator.db?mode=rwc`.
+    pub database_url: String,
+    /// Number of FedAvg rounds.
+    pub rounds: u32,
+    /// Quorum: a round closes only once at least this many sites submitted (and all enrolled
+    /// sites did).
+    pub min_sites: u32,
+    /// Clipping norm `C` sites apply to their updates.
+    pub clipping_norm: ClippingNorm,
+    /// Noise multiplier `σ`: sites add `N(0, (σC)²)` per coordinate.
+    pub noise_multiplier: NoiseMultiplier,
+    /// δ at which ε is reported.
+    pub delta: f64,
+    /// Local epochs per round.
+    pub local_epochs: u32,
+    /// Local learning rate.
+    pub learning_rate: f64,
+    /// Local batch size.
+    pub batch_size: u32,
+    /// Initial global model (safetensors, F32); required when the database is new.
+    pub initial_model: Option<Vec<u8>>,
+}
+
+impl Config {
+    /// # Errors
+    /// [`AggregatorError::Config`] naming the first bad value.
+    pub fn validate(&self) -> Result<(), AggregatorError> {
+        let bad = |m: String| Err(AggregatorError::Config(m));
+        if self.rounds == 0 {
+            return bad("rounds must be at least 1".into());
+        }
+        if self.min_sites == 0 {
+            return bad("min_sites must be at least 1".into());
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return bad(format!("delta must be in (0, 1), got {}", self.delta));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(format!("learning rate must be positive, got {}", self.learning_rate));
+        }
+        if self.batch_size == 0 || self.local_epochs == 0 {
+            return bad("batch size and local epochs must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Serve the federation on `listener` until `shutdown` is cancelled.
+///
+/// # Errors
+/// Invalid config, database or transport failures.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), AggregatorError> {
+    let svc = Federation::start(config).await?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(svc.into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The federation service over real gRPC on loopback: FedAvg rounds, and every kind of bad
+//! update rejected with a clear status while accepted updates are kept.
+
+use fedee_aggregator::tensors::Tensors;
+use fedee_aggregator::{Config, run};
+use fedee_dp::{ClippingNorm, NoiseMultiplier};
+use fedee_proto::chunks;
+use fedee_proto::v1::federation_client::FederationClient;
+use fedee_proto::v1::{
+    DownloadModelRequest, JoinRequest, NextTaskRequest, StatusRequest, SubmitUpdateMessage, TaskKind, UpdateHeader,
+    submit_update_message,
+};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn model(v: f32) -> Tensors {
+    Tensors {
+        names: vec!["a".into(), "b".into()],
+        shapes: vec![vec![2, 2], vec![3]],
+        data: vec![vec![v; 4], vec![v; 3]],
+    }
+}
+
+async fn start(rounds: u32, min_sites: u32) -> (FederationClient<Channel>, CancellationToken) {
+    let config = Config {
+        database_url: "sqlite::memory:".into(),
+        rounds,
+        min_sites,
+        clipping_norm: ClippingNorm::new(1.0).unwrap(),
+        noise_multiplier: NoiseMultiplier::new(1.0).unwrap(),
+        delta: 1e-5,
+        local_epochs: 1,
+        learning_rate: 0.1,
+        batch_size: 8,
+        initial_model: Some(model(1.0).to_safetensors()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let token = CancellationToken::new();
+    tokio::spawn(run(config, listener, token.clone()));
+    for _ in 0..100 {
+        if let Ok(c) = FederationClient::connect(url.clone()).await {
+            return (c, token);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("aggregator did not start");
+}
+
+fn msgs(site: &str, round: u32, n: u64, blob: &[u8], sha: Option<String>) -> Vec<SubmitUpdateMessage> {
+    let header = UpdateHeader {
+        site: site.into(),
+        round,
+        num_examples: n,
+        sha256: sha.unwrap_or_else(|| hex::encode(Sha256::digest(blob))),
+    };
+    std::iter::once(submit_update_message::Msg::Header(header))
+        .chain(chunks(blob).into_iter().map(submit_update_message::Msg::Chunk))
+        .map(|m| SubmitUpdateMessage { msg: Some(m) })
+        .collect()
+}
+
+async fn submit(c: &mut FederationClient<Channel>, m: Vec<SubmitUpdateMessage>) -> Result<u32, tonic::Status> {
+    c.submit_update(futures::stream::iter(m)).await.map(|r| r.into_inner().updates_in_round)
+}
+
+async fn download(c: &mut FederationClient<Channel>, model: u32) -> Tensors {
+    let mut s = c.download_model(DownloadModelRequest { model }).await.unwrap().into_inner();
+    let mut r = fedee_proto::Reassembler::new(1 << 30);
+    while let Some(ch) = s.message().await.unwrap() {
+        r.push(ch).unwrap();
+    }
+    Tensors::from_safetensors(&r.finish().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn fedavg_rounds_weighted_by_num_examples() {
+    let (mut c, token) = start(2, 2).await;
+    for s in ["A", "B"] {
+        c.join(JoinRequest { site: s.into() }).await.unwrap();
+    }
+    let t = c.next_task(NextTaskRequest { site: "A".into() }).await.unwrap().into_inner();
+    assert_eq!((t.kind, t.round), (TaskKind::Train as i32, 1));
+    assert_eq!(submit(&mut c, msgs("A", 1, 100, &model(4.0).to_safetensors(), None)).await.unwrap(), 1);
+    let t = c.next_task(NextTaskRequest { site: "A".into() }).await.unwrap().into_inner();
+    assert_eq!(t.kind, TaskKind::Wait as i32, "A already submitted round 1");
+    submit(&mut c, msgs("B", 1, 300, &model(0.0).to_safetensors(), None)).await.unwrap();
+    // 1 + 0.25·4 + 0.75·0 = 2
+    let m2 = download(&mut c, 2).await;
+    assert_eq!(m2.data[0], vec![2.0; 4]);
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.current_round, 2);
+    assert_eq!(st.privacy_unit, "site update");
+    assert!((st.rounds[0].rho - 0.5).abs() < 1e-12, "ρ = 1/(2σ²) with σ = 1");
+    for s in ["A", "B"] {
+        submit(&mut c, msgs(s, 2, 10, &model(1.0).to_safetensors(), None)).await.unwrap();
+    }
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(st.done);
+    assert!((st.rounds[1].rho - 1.0).abs() < 1e-12, "ρ composes additively");
+    let t = c.next_task(NextTaskRequest { site: "A".into() }).await.unwrap().into_inner();
+    assert_eq!((t.kind, t.round), (TaskKind::Done as i32, 3));
+    token.cancel();
+}
+
+#[tokio::test]
+async fn bad_updates_are_rejected_and_accepted_ones_kept() {
+    let (mut c, token) = start(1, 3).await;
+    for s in ["A", "B", "C"] {
+        c.join(JoinRequest { site: s.into() }).await.unwrap();
+    }
+    let good = model(0.5).to_safetensors();
+    assert_eq!(submit(&mut c, msgs("A", 1, 10, &good, None)).await.unwrap(), 1);
+
+    let cases: Vec<(&str, Vec<SubmitUpdateMessage>, Code, &str)> = vec![
+        ("duplicate", msgs("A", 1, 10, &good, None), Code::AlreadyExists, "already submitted"),
+        ("stale round", msgs("B", 0, 10, &good, None), Code::FailedPrecondition, "stale round"),
+        ("future round", msgs("B", 7, 10, &good, None), Code::FailedPrecondition, "stale round"),
+        ("unknown site", msgs("Z", 1, 10, &good, None), Code::NotFound, "has not joined"),
+        (
+            "wrong names",
+            msgs(
+                "B",
+                1,
+                10,
+                &Tensors { names: vec!["a".into(), "x".into()], ..model(0.5) }.to_safetensors(),
+                None,
+            ),
+            Code::InvalidArgument,
+            "`b` is missing",
+        ),
+        (
+            "wrong shape",
+            msgs("B", 1, 10, &Tensors { shapes: vec![vec![4], vec![3]], ..model(0.5) }.to_safetensors(), None),
+            Code::InvalidArgument,
+            "has shape [4]",
+        ),
+        (
+            "NaN",
+            msgs("B", 1, 10, &Tensors { data: vec![vec![f32::NAN; 4], vec![0.0; 3]], ..model(0.5) }.to_safetensors(), None),
+            Code::InvalidArgument,
+            "non-finite",
+        ),
+        (
+            "Inf",
+            msgs("B", 1, 10, &Tensors { data: vec![vec![0.0; 4], vec![f32::INFINITY; 3]], ..model(0.5) }.to_safetensors(), None),
+            Code::InvalidArgument,
+            "non-finite",
+        ),
+        ("wrong sha", msgs("B", 1, 10, &good, Some("00".repeat(32))), Code::InvalidArgument, "SHA-256 mismatch"),
+        ("garbage", msgs("B", 1, 10, b"not safetensors at all", None), Code::InvalidArgument, "not valid safetensors"),
+        ("zero examples", msgs("B", 1, 0, &good, None), Code::InvalidArgument, "num_examples"),
+        (
+            "truncated",
+            {
+                let mut m = msgs("B", 1, 10, &good, None);
+                if let Some(submit_update_message::Msg::Chunk(ch)) = &mut m[1].msg {
+                    ch.data.truncate(ch.data.len() / 2);
+                }
+                m
+            },
+            Code::InvalidArgument,
+            "truncated",
+        ),
+        ("no header", msgs("B", 1, 10, &good, None)[1..].to_vec(), Code::InvalidArgument, "UpdateHeader"),
+    ];
+    for (what, m, code, text) in cases {
+        let err = submit(&mut c, m).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(err.message().contains(text), "{what}: message `{}` lacks `{text}`", err.message());
+    }
+    // Nothing already accepted was lost; the round still takes the other sites.
+    assert_eq!(submit(&mut c, msgs("B", 1, 10, &good, None)).await.unwrap(), 2);
+    assert_eq!(submit(&mut c, msgs("C", 1, 10, &good, None)).await.unwrap(), 3);
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(st.done && st.rounds[0].state == "closed");
+    let m2 = download(&mut c, 2).await;
+    assert_eq!(m2.data[1], vec![1.5; 3]);
+    token.cancel();
+}

@@ -1,0 +1,349 @@
+//! One secret key acting on one axis of a tensor.
+
+use rand::Rng;
+use rand::seq::SliceRandom;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::EncryptError;
+
+/// The group a key is drawn from, weakest to richest (ee-math.md, "Keys").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyGroup {
+    /// Index shuffle `P`.
+    Permutation,
+    /// Shuffle and sign flips `S` (orthogonal).
+    SignedPermutation,
+    /// `P·D` with `D` positive diagonal.
+    Monomial,
+    /// Haar-random orthogonal `Q`.
+    Orthogonal,
+    /// General invertible `T`.
+    Invertible,
+}
+
+impl std::fmt::Display for KeyGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyGroup::Permutation => "a permutation",
+            KeyGroup::SignedPermutation => "a signed permutation",
+            KeyGroup::Monomial => "monomial (P·D)",
+            KeyGroup::Orthogonal => "orthogonal",
+            KeyGroup::Invertible => "general invertible",
+        })
+    }
+}
+
+impl std::str::FromStr for KeyGroup {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "permutation" => Ok(Self::Permutation),
+            "signed-permutation" => Ok(Self::SignedPermutation),
+            "monomial" => Ok(Self::Monomial),
+            "orthogonal" => Ok(Self::Orthogonal),
+            "invertible" => Ok(Self::Invertible),
+            _ => Err(format!(
+                "unknown key group `{s}`: use permutation, signed-permutation, monomial, orthogonal or invertible"
+            )),
+        }
+    }
+}
+
+/// A key's secret material. Convention: `K` acts on a vector as `(K x)[i] = Σ_j K[i][j] x[j]`;
+/// for the index-based groups `(K x)[i] = s[i] · x[perm[i]]`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "group", rename_all = "kebab-case")]
+pub enum KeyMaterial {
+    /// `(P x)[i] = x[perm[i]]`.
+    Permutation { perm: Vec<i64> },
+    /// `(S x)[i] = signs[i] · x[perm[i]]`, `signs[i] ∈ {−1, +1}`.
+    SignedPermutation { perm: Vec<i64>, signs: Vec<f64> },
+    /// `(M x)[i] = scales[i] · x[perm[i]]`, `scales[i] > 0`.
+    Monomial { perm: Vec<i64>, scales: Vec<f64> },
+    /// Dense `n × n` row-major matrix and its inverse (for orthogonal keys, the transpose).
+    Dense { group: KeyGroup, matrix: Vec<f64>, inverse: Vec<f64> },
+}
+
+/// A named secret key of dimension `dim`.
+///
+/// # Security
+/// `Debug` prints the name, group and dimension only, never the material, so keys cannot reach
+/// logs by accident.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Key {
+    /// Name of the key in its key spec (e.g. `input`, `hidden`, `label`).
+    pub name: String,
+    /// Dimension of the axis it acts on.
+    pub dim: usize,
+    /// Secret material.
+    pub material: KeyMaterial,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("name", &self.name)
+            .field("group", &self.group())
+            .field("dim", &self.dim)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invert_perm(perm: &[i64]) -> Vec<i64> {
+    let mut inv = vec![0i64; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p as usize] = i as i64;
+    }
+    inv
+}
+
+fn transpose(m: &[f64], n: usize) -> Vec<f64> {
+    let mut t = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            t[j * n + i] = m[i * n + j];
+        }
+    }
+    t
+}
+
+impl Key {
+    /// Draw a random key of `group` and dimension `dim` from `rng` (use a CSPRNG seeded from the
+    /// OS outside tests).
+    ///
+    /// Orthogonal keys are Haar-random (QR of a Gaussian matrix with the sign fix of Mezzadri
+    /// 2007). Invertible keys are `Q·D` with `D` diagonal in `[0.5, 2]`, so they stay well
+    /// conditioned. Monomial scales are in `[0.5, 2]`.
+    pub fn generate<R: Rng + ?Sized>(name: &str, dim: usize, group: KeyGroup, rng: &mut R) -> Key {
+        let mut perm: Vec<i64> = (0..dim as i64).collect();
+        perm.shuffle(rng);
+        let material = match group {
+            KeyGroup::Permutation => KeyMaterial::Permutation { perm },
+            KeyGroup::SignedPermutation => KeyMaterial::SignedPermutation {
+                perm,
+                signs: (0..dim).map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 }).collect(),
+            },
+            KeyGroup::Monomial => KeyMaterial::Monomial {
+                perm,
+                scales: (0..dim).map(|_| rng.random_range(0.5..2.0)).collect(),
+            },
+            KeyGroup::Orthogonal | KeyGroup::Invertible => {
+                let g: Vec<f64> = (0..dim * dim).map(|_| StandardNormal.sample(rng)).collect();
+                let a = Tensor::from_slice(&g).reshape([dim as i64, dim as i64]);
+                let (q, r) = a.linalg_qr("reduced");
+                let q = &q * r.diagonal(0, 0, 1).sign().unsqueeze(0);
+                let (matrix, inverse) = if group == KeyGroup::Orthogonal {
+                    (q.shallow_clone(), q.transpose(0, 1))
+                } else {
+                    let d: Vec<f64> = (0..dim).map(|_| rng.random_range(0.5..2.0)).collect();
+                    let d = Tensor::from_slice(&d);
+                    // T = Q·diag(d); T⁻¹ = diag(1/d)·Qᵀ.
+                    (&q * d.unsqueeze(0), q.transpose(0, 1) * d.reciprocal().unsqueeze(1))
+                };
+                let to_vec = |t: Tensor| -> Vec<f64> {
+                    Vec::<f64>::try_from(t.contiguous().reshape([-1])).expect("f64 tensor")
+                };
+                KeyMaterial::Dense { group, matrix: to_vec(matrix), inverse: to_vec(inverse) }
+            }
+        };
+        Key { name: name.to_owned(), dim, material }
+    }
+
+    /// The key's group.
+    pub fn group(&self) -> KeyGroup {
+        match &self.material {
+            KeyMaterial::Permutation { .. } => KeyGroup::Permutation,
+            KeyMaterial::SignedPermutation { .. } => KeyGroup::SignedPermutation,
+            KeyMaterial::Monomial { .. } => KeyGroup::Monomial,
+            KeyMaterial::Dense { group, .. } => *group,
+        }
+    }
+
+    /// Check the material is a valid key of dimension `dim`.
+    ///
+    /// # Errors
+    /// [`EncryptError::InvalidKey`] naming the problem.
+    pub fn validate(&self) -> Result<(), EncryptError> {
+        let bad = |problem: String| EncryptError::InvalidKey { key: self.name.clone(), problem };
+        let check_perm = |perm: &[i64]| -> Result<(), EncryptError> {
+            if perm.len() != self.dim {
+                return Err(bad(format!("permutation has {} entries, expected {}", perm.len(), self.dim)));
+            }
+            let mut seen = vec![false; self.dim];
+            for &p in perm {
+                if p < 0 || p as usize >= self.dim || std::mem::replace(&mut seen[p as usize], true) {
+                    return Err(bad(format!("index {p} is out of range or repeated")));
+                }
+            }
+            Ok(())
+        };
+        match &self.material {
+            KeyMaterial::Permutation { perm } => check_perm(perm),
+            KeyMaterial::SignedPermutation { perm, signs } => {
+                check_perm(perm)?;
+                if signs.len() != self.dim || signs.iter().any(|s| s.abs() != 1.0) {
+                    return Err(bad("signs must be ±1, one per index".into()));
+                }
+                Ok(())
+            }
+            KeyMaterial::Monomial { perm, scales } => {
+                check_perm(perm)?;
+                if scales.len() != self.dim || scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                    return Err(bad("scales must be positive and finite, one per index".into()));
+                }
+                Ok(())
+            }
+            KeyMaterial::Dense { matrix, inverse, .. } => {
+                if matrix.len() != self.dim * self.dim || inverse.len() != self.dim * self.dim {
+                    return Err(bad(format!("matrix must have {}×{} entries", self.dim, self.dim)));
+                }
+                if matrix.iter().chain(inverse).any(|x| !x.is_finite()) {
+                    return Err(bad("matrix has NaN or infinite entries".into()));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `K⁻¹`.
+    pub fn inverse(&self) -> Key {
+        let material = match &self.material {
+            KeyMaterial::Permutation { perm } => KeyMaterial::Permutation { perm: invert_perm(perm) },
+            // (S x)[i] = s[i] x[p[i]]  ⇒  (S⁻¹ y)[j] = s[q[j]] y[q[j]] with q = p⁻¹.
+            KeyMaterial::SignedPermutation { perm, signs } => {
+                let inv = invert_perm(perm);
+                let signs = inv.iter().map(|&i| signs[i as usize]).collect();
+                KeyMaterial::SignedPermutation { perm: inv, signs }
+            }
+            KeyMaterial::Monomial { perm, scales } => {
+                let inv = invert_perm(perm);
+                let scales = inv.iter().map(|&i| 1.0 / scales[i as usize]).collect();
+                KeyMaterial::Monomial { perm: inv, scales }
+            }
+            KeyMaterial::Dense { group, matrix, inverse } => KeyMaterial::Dense {
+                group: *group,
+                matrix: inverse.clone(),
+                inverse: matrix.clone(),
+            },
+        };
+        Key { name: self.name.clone(), dim: self.dim, material }
+    }
+
+    /// The dual `K⁻ᵀ`: the key that acts on the column axis of a matrix transformed by `K`.
+    /// Orthogonal groups (permutation, signed permutation, orthogonal) are their own dual.
+    pub fn dual(&self) -> Key {
+        let material = match &self.material {
+            KeyMaterial::Permutation { .. } | KeyMaterial::SignedPermutation { .. } => {
+                self.material.clone()
+            }
+            // (P·D)⁻ᵀ: same permutation, reciprocal scales.
+            KeyMaterial::Monomial { perm, scales } => KeyMaterial::Monomial {
+                perm: perm.clone(),
+                scales: scales.iter().map(|s| 1.0 / s).collect(),
+            },
+            KeyMaterial::Dense { group, matrix, inverse } => KeyMaterial::Dense {
+                group: *group,
+                matrix: transpose(inverse, self.dim),
+                inverse: transpose(matrix, self.dim),
+            },
+        };
+        Key { name: self.name.clone(), dim: self.dim, material }
+    }
+
+    /// Left-multiply `t` by `K` along `axis`: `out[.., i, ..] = Σ_j K[i][j] · t[.., j, ..]`.
+    ///
+    /// `t`: any shape with `t.size()[axis] == dim`, floating dtype (f32 or f64), any device.
+    /// The result has `t`'s shape, dtype and device.
+    pub fn apply(&self, t: &Tensor, axis: usize) -> Tensor {
+        let dev = t.device();
+        let ax = axis as i64;
+        let along = |v: &[f64]| {
+            let mut shape = vec![1i64; t.dim()];
+            shape[axis] = self.dim as i64;
+            Tensor::from_slice(v).to_kind(t.kind()).to_device(dev).reshape(shape)
+        };
+        match &self.material {
+            KeyMaterial::Permutation { perm } => {
+                t.index_select(ax, &Tensor::from_slice(perm).to_device(dev))
+            }
+            KeyMaterial::SignedPermutation { perm, signs: s }
+            | KeyMaterial::Monomial { perm, scales: s } => {
+                t.index_select(ax, &Tensor::from_slice(perm).to_device(dev)) * along(s)
+            }
+            KeyMaterial::Dense { matrix, .. } => {
+                let n = self.dim as i64;
+                let k = Tensor::from_slice(matrix).reshape([n, n]).to_kind(t.kind()).to_device(dev);
+                // Move `axis` last, multiply by Kᵀ on the right, move it back.
+                t.transpose(ax, -1).matmul(&k.transpose(0, 1)).transpose(ax, -1).contiguous()
+            }
+        }
+    }
+
+    /// For permutation keys on labels: encrypted class of plaintext class `y`, i.e. the index
+    /// `i` with `perm[i] = y`, so that `K e_y = e_i`. `None` for other groups.
+    pub(crate) fn permutation(&self) -> Option<&[i64]> {
+        match &self.material {
+            KeyMaterial::Permutation { perm } => Some(perm),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn inverse_permutation(&self) -> Option<Vec<i64>> {
+        self.permutation().map(invert_perm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use tch::Kind;
+
+    fn dense(k: &Key) -> Tensor {
+        k.apply(&Tensor::eye(k.dim as i64, (Kind::Double, tch::Device::Cpu)), 0)
+    }
+
+    #[test]
+    fn inverse_and_dual_hold_for_every_group() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        for g in [
+            KeyGroup::Permutation,
+            KeyGroup::SignedPermutation,
+            KeyGroup::Monomial,
+            KeyGroup::Orthogonal,
+            KeyGroup::Invertible,
+        ] {
+            let k = Key::generate("k", 7, g, &mut rng);
+            k.validate().unwrap();
+            let m = dense(&k);
+            let inv = dense(&k.inverse());
+            let eye = Tensor::eye(7, (Kind::Double, tch::Device::Cpu));
+            let e1 = (m.matmul(&inv) - &eye).abs().max().double_value(&[]);
+            assert!(e1 < 1e-12, "{g}: K K⁻¹ off by {e1}");
+            let dual = dense(&k.dual());
+            let e2 = (dual.transpose(0, 1).matmul(&m) - &eye).abs().max().double_value(&[]);
+            assert!(e2 < 1e-12, "{g}: dual off by {e2}");
+            // Applying along axis 1 equals right-multiplying by Kᵀ.
+            let x = Tensor::randn([3, 7], (Kind::Double, tch::Device::Cpu));
+            let e3 = (k.apply(&x, 1) - x.matmul(&m.transpose(0, 1))).abs().max().double_value(&[]);
+            assert!(e3 < 1e-12, "{g}: apply along axis 1 off by {e3}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_material() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+        let k = Key::generate("input", 5, KeyGroup::SignedPermutation, &mut rng);
+        let s = format!("{k:?}");
+        assert!(s.contains("input") && !s.contains("perm") && !s.contains("signs"), "{s}");
+    }
+
+    #[test]
+    fn validate_rejects_repeated_indices() {
+        let k = Key { name: "x".into(), dim: 3, material: KeyMaterial::Permutation { perm: vec![0, 0, 2] } };
+        assert!(k.validate().is_err());
+    }
+}

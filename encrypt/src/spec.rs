@@ -1,0 +1,444 @@
+//! Key specs, key sets, and the one generic transform `W' = R · W · C⁻¹` (key-spec.md).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::{EncryptError, Key, KeyGroup};
+
+/// A model's parameters by name. Tensors are f32 or f64, on any device.
+pub type StateDict = BTreeMap<String, Tensor>;
+
+/// A reference from one axis of a parameter to a key. `dual` selects `K⁻ᵀ` instead of `K`
+/// (embedding tables and attention `W_k` need it; see key-spec.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRef {
+    /// Name of the key.
+    pub key: String,
+    /// Use the dual `K⁻ᵀ`.
+    #[serde(default)]
+    pub dual: bool,
+}
+
+impl KeyRef {
+    /// The key itself.
+    pub fn new(key: &str) -> Self {
+        Self { key: key.to_owned(), dual: false }
+    }
+}
+
+/// A key the architecture declares: its dimension and the groups allowed on it by the layers
+/// it passes through (e.g. GELU commutes with permutations only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyDecl {
+    /// Dimension of the axis.
+    pub dim: usize,
+    /// Groups the architecture allows; the first is the default for key generation.
+    pub allowed: Vec<KeyGroup>,
+    /// Why the list is what it is (shown in errors).
+    pub why: String,
+}
+
+/// Which key acts on which axis of which parameter, and on the model's inputs and outputs.
+///
+/// Axis 0 of a parameter is its row (output) axis and gets the key itself; every other axis is
+/// a column (input) axis and gets the dual, so a linear `W (out, in)` with row key `R` and
+/// column key `C` becomes `W' = R W C⁻¹` and a 1-D bias with row key `R` becomes `b' = R b`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeySpec {
+    /// Architecture name, e.g. `mlp`.
+    pub architecture: String,
+    /// Declared keys.
+    pub keys: BTreeMap<String, KeyDecl>,
+    /// Per parameter, one optional key per axis.
+    pub params: BTreeMap<String, Vec<Option<KeyRef>>>,
+    /// Key on the input features (last axis of inputs of shape `(batch, in_features)`).
+    pub input: String,
+    /// Key on the outputs (last axis of logits) and on class labels.
+    pub output: String,
+    /// The first linear layer `(weight, bias)`, into whose bias an input offset δ folds.
+    pub input_layer: (String, String),
+}
+
+/// Training optimizers whose equivariance [`check_trainable`] knows (ee-math.md table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    /// SGD, with or without momentum and weight decay.
+    Sgd,
+    /// Adam or AdamW.
+    AdamW,
+}
+
+impl std::fmt::Display for Optimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Optimizer::Sgd => "SGD",
+            Optimizer::AdamW => "AdamW",
+        })
+    }
+}
+
+/// The secret material for one key spec.
+///
+/// # Security
+/// Never send a `KeySet` to the aggregator or the trainer. `Debug` omits all material.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeySet {
+    /// Architecture the keys were generated for.
+    pub architecture: String,
+    /// Keys by name.
+    pub keys: BTreeMap<String, Key>,
+    /// Optional input offset δ (`x' = T x + δ`); inference only.
+    #[serde(default)]
+    pub input_offset: Option<Vec<f64>>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("architecture", &self.architecture)
+            .field("keys", &self.keys.values().collect::<Vec<_>>())
+            .field("input_offset", &self.input_offset.as_ref().map(|_| "<secret>"))
+            .finish()
+    }
+}
+
+impl KeySet {
+    /// Generate keys for `spec`. `groups` overrides the group of named keys (default: the first
+    /// group the spec allows, a permutation). `offset` adds a random input offset δ.
+    ///
+    /// # Errors
+    /// [`EncryptError::GroupNotAllowed`] for an override the architecture does not allow, or
+    /// [`EncryptError::MissingKey`] for an override naming no declared key.
+    pub fn generate<R: Rng + ?Sized>(
+        spec: &KeySpec,
+        groups: &BTreeMap<String, KeyGroup>,
+        offset: bool,
+        rng: &mut R,
+    ) -> Result<KeySet, EncryptError> {
+        if let Some(name) = groups.keys().find(|n| !spec.keys.contains_key(*n)) {
+            return Err(EncryptError::MissingKey(name.clone()));
+        }
+        let mut keys = BTreeMap::new();
+        for (name, decl) in &spec.keys {
+            let group = groups.get(name).copied().unwrap_or(decl.allowed[0]);
+            check_allowed(name, group, decl)?;
+            keys.insert(name.clone(), Key::generate(name, decl.dim, group, rng));
+        }
+        let input_offset = offset.then(|| {
+            let dim = spec.keys[&spec.input].dim;
+            (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect()
+        });
+        Ok(KeySet { architecture: spec.architecture.clone(), keys, input_offset })
+    }
+
+    /// Check this key set fits `spec`: every key present, right dimension and allowed group,
+    /// valid material.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn check(&self, spec: &KeySpec) -> Result<(), EncryptError> {
+        for (name, decl) in &spec.keys {
+            let key = self.key(name)?;
+            if key.dim != decl.dim {
+                return Err(EncryptError::InvalidKey {
+                    key: name.clone(),
+                    problem: format!("dimension {} does not match the model's {}", key.dim, decl.dim),
+                });
+            }
+            check_allowed(name, key.group(), decl)?;
+            key.validate()?;
+        }
+        if let Some(off) = &self.input_offset {
+            let dim = spec.keys[&spec.input].dim;
+            if off.len() != dim || off.iter().any(|x| !x.is_finite()) {
+                return Err(EncryptError::InvalidKey {
+                    key: "input_offset".into(),
+                    problem: format!("must be {dim} finite numbers"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn key(&self, name: &str) -> Result<&Key, EncryptError> {
+        self.keys.get(name).ok_or_else(|| EncryptError::MissingKey(name.to_owned()))
+    }
+
+    /// Write the key set as JSON, creating the file with permissions 0600.
+    ///
+    /// # Errors
+    /// [`EncryptError::Io`] if the file cannot be written.
+    pub fn save(&self, path: &Path) -> Result<(), EncryptError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| EncryptError::Io { path: path.display().to_string(), source };
+        let json = serde_json::to_vec_pretty(self).expect("key sets serialize");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        // `mode` applies only on creation: tighten an existing file too.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
+        f.write_all(&json).map_err(io)
+    }
+
+    /// Read a key set written by [`KeySet::save`].
+    ///
+    /// # Errors
+    /// [`EncryptError::Io`] or [`EncryptError::Parse`].
+    pub fn load(path: &Path) -> Result<KeySet, EncryptError> {
+        let bytes = std::fs::read(path)
+            .map_err(|source| EncryptError::Io { path: path.display().to_string(), source })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|source| EncryptError::Parse { path: path.display().to_string(), source })
+    }
+}
+
+fn check_allowed(name: &str, group: KeyGroup, decl: &KeyDecl) -> Result<(), EncryptError> {
+    if decl.allowed.contains(&group) {
+        return Ok(());
+    }
+    Err(EncryptError::GroupNotAllowed {
+        key: name.to_owned(),
+        group,
+        allowed: decl.allowed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        why: decl.why.clone(),
+    })
+}
+
+fn check_names(spec: &KeySpec, state: &StateDict) -> Result<(), EncryptError> {
+    if let Some(name) = state.keys().find(|n| !spec.params.contains_key(*n)) {
+        return Err(EncryptError::Parameter {
+            name: name.clone(),
+            problem: format!("is not in the `{}` key spec (is this the right architecture?)", spec.architecture),
+        });
+    }
+    if let Some(name) = spec.params.keys().find(|n| !state.contains_key(*n)) {
+        return Err(EncryptError::Parameter {
+            name: name.clone(),
+            problem: "is in the key spec but missing from the model".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Apply every key (no offset) to every parameter.
+fn apply_keys(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateDict, EncryptError> {
+    check_names(spec, state)?;
+    let mut out = StateDict::new();
+    for (name, t) in state {
+        let axes = &spec.params[name];
+        if axes.len() != t.dim() {
+            return Err(EncryptError::Parameter {
+                name: name.clone(),
+                problem: format!("has {} axes, but the key spec describes {}", t.dim(), axes.len()),
+            });
+        }
+        let mut t = t.shallow_clone();
+        for (axis, kref) in axes.iter().enumerate() {
+            let Some(kref) = kref else { continue };
+            let key = keys.key(&kref.key)?;
+            let found = t.size()[axis];
+            if found != key.dim as i64 {
+                return Err(EncryptError::Shape {
+                    name: name.clone(),
+                    axis,
+                    key: kref.key.clone(),
+                    expected: key.dim,
+                    found,
+                });
+            }
+            // Row axis: K. Column axes: K⁻ᵀ. A dual reference flips that.
+            t = if kref.dual != (axis > 0) { key.dual().apply(&t, axis) } else { key.apply(&t, axis) };
+        }
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
+}
+
+/// Transform a plaintext state dict into the EE model: every parameter `W' = R W C⁻¹` per the
+/// spec, then the input offset folded into the first bias, `b' = R b − W' δ` (ee-math.md,
+/// "Layer rules").
+///
+/// # Errors
+/// Name, axis or shape mismatches between `state`, `spec` and `keys`, each naming the parameter.
+pub fn transform_state(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateDict, EncryptError> {
+    keys.check(spec)?;
+    let mut out = apply_keys(spec, keys, state)?;
+    if let Some(delta) = &keys.input_offset {
+        let (w, b) = &spec.input_layer;
+        let shift = offset_shift(&out[w], delta);
+        let nb = &out[b] - shift;
+        out.insert(b.clone(), nb);
+    }
+    Ok(out)
+}
+
+/// `W' δ` for an offset δ.
+fn offset_shift(w: &Tensor, delta: &[f64]) -> Tensor {
+    let d = Tensor::from_slice(delta).to_kind(w.kind()).to_device(w.device());
+    w.matmul(&d)
+}
+
+/// Decrypt an EE state dict back to plaintext: undo the offset fold, then apply every inverse
+/// key.
+///
+/// # Errors
+/// As [`transform_state`].
+pub fn decrypt_state(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateDict, EncryptError> {
+    keys.check(spec)?;
+    let mut state: StateDict = state.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    if let Some(delta) = &keys.input_offset {
+        let (w, b) = &spec.input_layer;
+        let (Some(wt), Some(bt)) = (state.get(w), state.get(b)) else {
+            return Err(EncryptError::Parameter { name: w.clone(), problem: "missing from the model".into() });
+        };
+        let nb = bt + offset_shift(wt, delta);
+        state.insert(b.clone(), nb);
+    }
+    let inverse = KeySet {
+        architecture: keys.architecture.clone(),
+        keys: keys.keys.iter().map(|(n, k)| (n.clone(), k.inverse())).collect(),
+        input_offset: None,
+    };
+    apply_keys(spec, &inverse, &state)
+}
+
+/// Encrypt inputs: `x' = T x + δ` row by row.
+///
+/// `x`: `(batch, in_features)`, f32 or f64. Returns the same shape and dtype.
+///
+/// # Security
+/// Deterministic: equal rows give equal ciphertext rows. `in_features + 1` known pairs recover
+/// `T` and `δ` by one linear solve (ee-math.md, "Attacks").
+///
+/// # Errors
+/// [`EncryptError::Shape`] if the last axis does not match the input key.
+pub fn encrypt_inputs(spec: &KeySpec, keys: &KeySet, x: &Tensor) -> Result<Tensor, EncryptError> {
+    let key = keys.key(&spec.input)?;
+    let axis = last_axis(x, key, "inputs")?;
+    let y = key.apply(x, axis);
+    Ok(match &keys.input_offset {
+        Some(d) => y + Tensor::from_slice(d).to_kind(x.kind()).to_device(x.device()),
+        None => y,
+    })
+}
+
+/// Decrypt outputs: `z = K_out⁻¹ z'` row by row.
+///
+/// `z`: `(batch, out_features)` encrypted logits. Returns plaintext logits, same shape.
+///
+/// # Errors
+/// [`EncryptError::Shape`] if the last axis does not match the output key.
+pub fn decrypt_outputs(spec: &KeySpec, keys: &KeySet, z: &Tensor) -> Result<Tensor, EncryptError> {
+    let key = keys.key(&spec.output)?.inverse();
+    let axis = last_axis(z, &key, "outputs")?;
+    Ok(key.apply(z, axis))
+}
+
+fn last_axis(t: &Tensor, key: &Key, what: &str) -> Result<usize, EncryptError> {
+    let axis = t.dim().saturating_sub(1);
+    let found = t.size().get(axis).copied().unwrap_or(0);
+    if found != key.dim as i64 {
+        return Err(EncryptError::Shape { name: what.into(), axis, key: key.name.clone(), expected: key.dim, found });
+    }
+    Ok(axis)
+}
+
+fn label_perm(spec: &KeySpec, keys: &KeySet, inverse: bool) -> Result<Tensor, EncryptError> {
+    let key = keys.key(&spec.output)?;
+    let perm = if inverse { key.inverse_permutation() } else { key.permutation().map(<[i64]>::to_vec) };
+    let perm = perm.ok_or_else(|| EncryptError::InvalidKey {
+        key: spec.output.clone(),
+        problem: format!("labels need a permutation key, but this key is {}", key.group()),
+    })?;
+    Ok(Tensor::from_slice(&perm))
+}
+
+/// Encrypt class labels under the output permutation `Π_L`: `y' = Π_L⁻¹[y]`, so that the one-hot
+/// vector transforms as `e_{y'} = Π_L e_y` and `CE(Π_L z, y') = CE(z, y)`.
+///
+/// `y`: `(batch,)` int64 class indices. Returns `(batch,)` int64.
+///
+/// # Errors
+/// [`EncryptError::InvalidKey`] if the output key is not a permutation.
+pub fn encrypt_labels(spec: &KeySpec, keys: &KeySet, y: &Tensor) -> Result<Tensor, EncryptError> {
+    let inv = label_perm(spec, keys, true)?.to_device(y.device());
+    Ok(inv.index_select(0, &y.to_kind(Kind::Int64)))
+}
+
+/// Inverse of [`encrypt_labels`] (e.g. for argmax of encrypted logits): `y = Π_L[y']`.
+///
+/// # Errors
+/// As [`encrypt_labels`].
+pub fn decrypt_labels(spec: &KeySpec, keys: &KeySet, y: &Tensor) -> Result<Tensor, EncryptError> {
+    let perm = label_perm(spec, keys, false)?.to_device(y.device());
+    Ok(perm.index_select(0, &y.to_kind(Kind::Int64)))
+}
+
+/// Refuse a key set under which training with `optimizer` would not stay equivariant
+/// (ee-math.md, "Training under EE"): AdamW needs (signed) permutations on every trained
+/// parameter; SGD also accepts orthogonal keys; no optimizer accepts monomial or general
+/// invertible keys, or an input offset.
+///
+/// # Errors
+/// [`EncryptError::NotEquivariant`] naming the key, its group, the optimizer and the fix, or
+/// [`EncryptError::OffsetInTraining`].
+pub fn check_trainable(spec: &KeySpec, keys: &KeySet, optimizer: Optimizer) -> Result<(), EncryptError> {
+    keys.check(spec)?;
+    if keys.input_offset.is_some() {
+        return Err(EncryptError::OffsetInTraining);
+    }
+    let used: std::collections::BTreeSet<&str> =
+        spec.params.values().flatten().flatten().map(|r| r.key.as_str()).collect();
+    for name in used {
+        let key = keys.key(name)?;
+        let group = key.group();
+        let ok = match optimizer {
+            Optimizer::AdamW => matches!(group, KeyGroup::Permutation | KeyGroup::SignedPermutation),
+            Optimizer::Sgd => {
+                matches!(group, KeyGroup::Permutation | KeyGroup::SignedPermutation | KeyGroup::Orthogonal)
+            }
+        };
+        if !ok {
+            let fix = match (optimizer, group) {
+                (Optimizer::AdamW, KeyGroup::Orthogonal) => {
+                    format!("use a signed permutation for key `{name}`, or train with SGD")
+                }
+                (Optimizer::AdamW, _) => format!("use a (signed) permutation for key `{name}`"),
+                (Optimizer::Sgd, _) => format!("use a (signed) permutation or an orthogonal key for `{name}`"),
+            };
+            return Err(EncryptError::NotEquivariant { key: name.to_owned(), group, optimizer, fix });
+        }
+    }
+    Ok(())
+}
+
+/// The equivariance verifier: runs `forward` on the plaintext model and on the EE model with
+/// encrypted inputs, decrypts, and returns the max absolute difference of the outputs.
+///
+/// `forward(state, x)` maps `(batch, in_features)` to `(batch, out_features)`.
+///
+/// # Errors
+/// As [`transform_state`] and [`encrypt_inputs`].
+pub fn verify_inference(
+    spec: &KeySpec,
+    keys: &KeySet,
+    state: &StateDict,
+    x: &Tensor,
+    forward: impl Fn(&StateDict, &Tensor) -> Tensor,
+) -> Result<f64, EncryptError> {
+    let ee = transform_state(spec, keys, state)?;
+    let plain = forward(state, x);
+    let enc = forward(&ee, &encrypt_inputs(spec, keys, x)?);
+    let dec = decrypt_outputs(spec, keys, &enc)?;
+    Ok((dec - plain).abs().max().to_kind(Kind::Double).double_value(&[]))
+}

@@ -1,0 +1,33 @@
+//! fedee model architectures in tch, their safetensors IO, and their EE key specs.
+//!
+//! * [`mlp`]: a one-hidden-layer MLP for tabular data (the federated model of the main job).
+//! * [`io`]: state dicts to and from safetensors bytes, with name/shape/dtype checks.
+
+pub mod io;
+pub mod mlp;
+
+pub use io::{batch_from_safetensors, batch_to_safetensors, state_from_safetensors, state_to_safetensors};
+pub use mlp::{Activation, Mlp, MlpConfig, OptimizerSpec};
+
+/// Errors of model construction, loading and training.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The safetensors bytes could not be parsed.
+    #[error("invalid safetensors: {0}")]
+    Safetensors(String),
+    /// A tensor's dtype is not f32 or f64.
+    #[error("tensor `{name}` has dtype {dtype}; fedee models use F32 or F64")]
+    Dtype { name: String, dtype: String },
+    /// A tensor has the wrong shape for the architecture.
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    Shape { name: String, expected: Vec<i64>, found: Vec<i64> },
+    /// A tensor the architecture needs is missing, or an unknown one is present.
+    #[error("tensor `{name}` {problem}")]
+    Name { name: String, problem: String },
+    /// Invalid configuration.
+    #[error("invalid model config: {0}")]
+    Config(String),
+    /// An error from libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}

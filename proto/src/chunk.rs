@@ -1,0 +1,144 @@
+//! Chunked transfer of blobs (safetensors models and updates) over gRPC streams.
+
+use crate::v1::Chunk;
+
+/// Bytes per chunk: 1 MiB, well below gRPC's default 4 MiB message limit.
+pub const CHUNK_SIZE: usize = 1 << 20;
+
+/// Largest blob accepted by [`Reassembler`]: 4 GiB.
+pub const MAX_BLOB_SIZE: u64 = 4 << 30;
+
+/// Why a chunk stream was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    /// A chunk's offset is not where the previous one ended.
+    #[error("chunk out of order: expected offset {expected}, got {got}")]
+    OutOfOrder { expected: u64, got: u64 },
+    /// A chunk declares a different total size than the first one.
+    #[error("chunk declares total size {got}, but the stream started with {expected}")]
+    SizeChanged { expected: u64, got: u64 },
+    /// The stream carries more bytes than declared.
+    #[error("stream carries more than its declared {declared} bytes")]
+    Overflow { declared: u64 },
+    /// The declared size is above the limit.
+    #[error("blob of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    /// A chunk is larger than [`CHUNK_SIZE`].
+    #[error("chunk of {size} bytes exceeds the {limit}-byte chunk limit")]
+    ChunkTooLarge { size: usize, limit: usize },
+    /// The stream ended before all declared bytes arrived.
+    #[error("stream truncated: received {received} of {declared} bytes")]
+    Truncated { received: u64, declared: u64 },
+}
+
+/// Split `blob` into chunks of at most [`CHUNK_SIZE`] bytes (one empty chunk for an empty blob).
+pub fn chunks(blob: &[u8]) -> Vec<Chunk> {
+    let total_size = blob.len() as u64;
+    if blob.is_empty() {
+        return vec![Chunk { offset: 0, total_size, data: Vec::new() }];
+    }
+    blob.chunks(CHUNK_SIZE)
+        .enumerate()
+        .map(|(i, data)| Chunk {
+            offset: (i * CHUNK_SIZE) as u64,
+            total_size,
+            data: data.to_vec(),
+        })
+        .collect()
+}
+
+/// Reassembles a blob from in-order chunks, checking sizes as they arrive.
+#[derive(Debug)]
+pub struct Reassembler {
+    limit: u64,
+    declared: Option<u64>,
+    buf: Vec<u8>,
+}
+
+impl Reassembler {
+    /// A reassembler that refuses blobs above `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Self { limit, declared: None, buf: Vec::new() }
+    }
+
+    /// Append one chunk.
+    ///
+    /// # Errors
+    /// Any [`ChunkError`] except `Truncated`; the reassembler should then be dropped.
+    pub fn push(&mut self, chunk: Chunk) -> Result<(), ChunkError> {
+        if chunk.data.len() > CHUNK_SIZE {
+            return Err(ChunkError::ChunkTooLarge { size: chunk.data.len(), limit: CHUNK_SIZE });
+        }
+        let declared = match self.declared {
+            None => {
+                if chunk.total_size > self.limit {
+                    return Err(ChunkError::TooLarge { size: chunk.total_size, limit: self.limit });
+                }
+                self.buf.reserve_exact(chunk.total_size as usize);
+                self.declared = Some(chunk.total_size);
+                chunk.total_size
+            }
+            Some(d) if d != chunk.total_size => {
+                return Err(ChunkError::SizeChanged { expected: d, got: chunk.total_size });
+            }
+            Some(d) => d,
+        };
+        let expected = self.buf.len() as u64;
+        if chunk.offset != expected {
+            return Err(ChunkError::OutOfOrder { expected, got: chunk.offset });
+        }
+        if expected + chunk.data.len() as u64 > declared {
+            return Err(ChunkError::Overflow { declared });
+        }
+        self.buf.extend_from_slice(&chunk.data);
+        Ok(())
+    }
+
+    /// The whole blob, once every declared byte has arrived.
+    ///
+    /// # Errors
+    /// [`ChunkError::Truncated`] if bytes are missing (or no chunk arrived at all).
+    pub fn finish(self) -> Result<Vec<u8>, ChunkError> {
+        let declared = self.declared.unwrap_or(u64::MAX);
+        if self.buf.len() as u64 != declared {
+            return Err(ChunkError::Truncated {
+                received: self.buf.len() as u64,
+                declared: self.declared.unwrap_or(0),
+            });
+        }
+        Ok(self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_multi_chunk() {
+        let blob: Vec<u8> = (0..(2 * CHUNK_SIZE + 17)).map(|i| (i % 251) as u8).collect();
+        let cs = chunks(&blob);
+        assert_eq!(cs.len(), 3);
+        let mut r = Reassembler::new(MAX_BLOB_SIZE);
+        for c in cs {
+            r.push(c).unwrap();
+        }
+        assert_eq!(r.finish().unwrap(), blob);
+    }
+
+    #[test]
+    fn rejects_out_of_order_and_truncated() {
+        let blob = vec![7u8; CHUNK_SIZE + 5];
+        let cs = chunks(&blob);
+        let mut r = Reassembler::new(MAX_BLOB_SIZE);
+        assert_eq!(
+            r.push(cs[1].clone()),
+            Err(ChunkError::OutOfOrder { expected: 0, got: CHUNK_SIZE as u64 })
+        );
+        let mut r = Reassembler::new(MAX_BLOB_SIZE);
+        r.push(cs[0].clone()).unwrap();
+        assert!(matches!(r.finish(), Err(ChunkError::Truncated { .. })));
+        let mut r = Reassembler::new(10);
+        assert!(matches!(r.push(cs[0].clone()), Err(ChunkError::TooLarge { .. })));
+    }
+}

