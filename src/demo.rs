@@ -211,7 +211,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut printed = 0;
     loop {
         let st = fed.status(StatusRequest {}).await?.into_inner();
-        for r in st.rounds.iter().filter(|r| r.state == "closed" && r.round > printed) {
+        let fresh: Vec<_> = st.rounds.iter().filter(|r| r.state == "closed" && r.round > printed).collect();
+        for r in fresh {
             eprintln!("[demo] round {}/{} closed: ε = {:.3e} (δ = {:e}, unit: {})", r.round, args.rounds, r.epsilon, st.delta, st.privacy_unit);
             printed = r.round;
         }

@@ -55,7 +55,7 @@ impl std::str::FromStr for KeyGroup {
 /// A key's secret material. Convention: `K` acts on a vector as `(K x)[i] = Σ_j K[i][j] x[j]`;
 /// for the index-based groups `(K x)[i] = s[i] · x[perm[i]]`.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "group", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum KeyMaterial {
     /// `(P x)[i] = x[perm[i]]`.
     Permutation { perm: Vec<i64> },
@@ -133,7 +133,7 @@ impl Key {
             KeyGroup::Orthogonal | KeyGroup::Invertible => {
                 let g: Vec<f64> = (0..dim * dim).map(|_| StandardNormal.sample(rng)).collect();
                 let a = Tensor::from_slice(&g).reshape([dim as i64, dim as i64]);
-                let (q, r) = a.linalg_qr("reduced");
+                let (q, r) = Tensor::linalg_qr(&a, "reduced");
                 let q = &q * r.diagonal(0, 0, 1).sign().unsqueeze(0);
                 let (matrix, inverse) = if group == KeyGroup::Orthogonal {
                     (q.shallow_clone(), q.transpose(0, 1))
