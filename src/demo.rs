@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_encrypt::{
-    KeySet, check_trainable, decrypt_outputs, decrypt_state, encrypt_inputs, encrypt_labels, transform_state,
+    KeySet, check_trainable, decrypt_outputs, decrypt_state, encrypt_inputs, encrypt_labels,
+    transform_state,
 };
 use fedee_model::{
-    Mlp, MlpConfig, OptimizerSpec, batch_to_safetensors, state_from_safetensors, state_to_safetensors,
+    Mlp, MlpConfig, OptimizerSpec, batch_to_safetensors, state_from_safetensors,
+    state_to_safetensors,
 };
 use fedee_proto::v1::StatusRequest;
 use fedee_proto::v1::federation_client::FederationClient;
@@ -32,11 +34,11 @@ use tch::{Device, Kind, Tensor};
 use tokio_util::sync::CancellationToken;
 
 /// Hidden units of the demo MLP.
-pub const HIDDEN: usize = 32;
+pub const HIDDEN: usize = 8;
 /// Default clipping norm `C` of site updates.
 pub const CLIPPING_NORM: f64 = 1.0;
 /// Default noise multiplier `σ`.
-pub const NOISE_MULTIPLIER: f64 = 0.01;
+pub const NOISE_MULTIPLIER: f64 = 0.1;
 /// Default local epochs per round.
 pub const LOCAL_EPOCHS: u32 = 2;
 /// Default local SGD learning rate.
@@ -68,6 +70,15 @@ pub struct DemoArgs {
     /// δ at which ε is reported.
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// Hidden units of the MLP.
+    #[arg(long, default_value_t = HIDDEN)]
+    hidden: usize,
+    /// Local epochs per round at each site.
+    #[arg(long, default_value_t = LOCAL_EPOCHS)]
+    local_epochs: u32,
+    /// Local SGD learning rate (momentum 0.9).
+    #[arg(long, default_value_t = LEARNING_RATE)]
+    learning_rate: f64,
     /// Epochs of EE fine-tuning on VA Long Beach.
     #[arg(long, default_value_t = 10)]
     finetune_epochs: u32,
@@ -75,15 +86,19 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 5e-3)]
     finetune_lr: f64,
     /// Dtype of the fine-tuning comparison: f32 or f64.
-    #[arg(long, default_value = "f64")]
+    #[arg(long, default_value = "f32")]
     finetune_dtype: String,
     /// Device for local training and the trainer: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Seed of the initial model, batch order and site RNGs (DP noise stays seeded per site
-    /// for reproducibility of the demo; production sites seed from the OS).
+    /// Seed of the initial model and of the fine-tuning batch order.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Also seed the sites' batch shuffling and DP noise from --seed, so a run can be
+    /// repeated exactly. For debugging only: predictable noise gives no privacy. By default
+    /// sites draw from a ChaCha20 CSPRNG seeded by the OS.
+    #[arg(long)]
+    reproducible: bool,
 }
 
 #[derive(Serialize)]
@@ -134,12 +149,25 @@ struct Report {
     wall_seconds: f64,
 }
 
-fn model_config() -> MlpConfig {
-    MlpConfig { in_features: NUM_FEATURES, hidden: HIDDEN, out_features: 2, activation: fedee_model::Activation::Relu }
+fn model_config(hidden: usize) -> MlpConfig {
+    MlpConfig {
+        in_features: NUM_FEATURES,
+        hidden,
+        out_features: 2,
+        activation: fedee_model::Activation::Relu,
+    }
 }
 
 fn max_abs_diff(a: &fedee_encrypt::StateDict, b: &fedee_encrypt::StateDict) -> f64 {
-    a.iter().map(|(k, v)| (v - &b[k]).abs().max().to_kind(Kind::Double).double_value(&[])).fold(0.0, f64::max)
+    a.iter()
+        .map(|(k, v)| {
+            (v - &b[k])
+                .abs()
+                .max()
+                .to_kind(Kind::Double)
+                .double_value(&[])
+        })
+        .fold(0.0, f64::max)
 }
 
 /// Run the demo.
@@ -155,14 +183,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         d => bail!("--finetune-dtype {d}: use f32 or f64"),
     };
     if args.noise_multiplier <= 0.0 {
-        bail!("--noise-multiplier {} must be > 0: the demo always runs with DP noise", args.noise_multiplier);
+        bail!(
+            "--noise-multiplier {} must be > 0: the demo always runs with DP noise",
+            args.noise_multiplier
+        );
     }
     let clipping_norm = ClippingNorm::new(args.clipping_norm)?;
     let noise_multiplier = NoiseMultiplier::new(args.noise_multiplier)?;
     if !args.data.exists() {
-        bail!("{} does not exist: run `make data` (or pass --data PATH to heart_disease_uci.csv)", args.data.display());
+        bail!(
+            "{} does not exist: run `make data` (or pass --data PATH to heart_disease_uci.csv)",
+            args.data.display()
+        );
     }
-    let cfg = model_config();
+    let cfg = model_config(args.hidden);
+    cfg.validate()?;
     let work = tempdir()?;
 
     // --- 1. Federation -----------------------------------------------------------------
@@ -178,12 +213,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         clipping_norm,
         noise_multiplier,
         delta: args.delta,
-        local_epochs: LOCAL_EPOCHS,
-        learning_rate: LEARNING_RATE,
+        local_epochs: args.local_epochs,
+        learning_rate: args.learning_rate,
         batch_size: BATCH_SIZE,
         initial_model: Some(state_to_safetensors(&initial.state())?),
     };
-    let agg = tokio::spawn(fedee_aggregator::run(agg_config, agg_listener, shutdown.clone()));
+    let agg = tokio::spawn(fedee_aggregator::run(
+        agg_config,
+        agg_listener,
+        shutdown.clone(),
+    ));
     eprintln!(
         "[demo] aggregator at {agg_url}; {} rounds of FedAvg over {} with C = {}, σ = {}",
         args.rounds,
@@ -194,14 +233,20 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut sites = Vec::new();
     for (i, name) in FEDERATION_SITES.iter().enumerate() {
         let data = heart::load_standardized(&args.data, name)?;
-        eprintln!("[demo] site {name}: {} train / {} test records", data.train.len(), data.test.len());
+        eprintln!(
+            "[demo] site {name}: {} train / {} test records",
+            data.train.len(),
+            data.test.len()
+        );
         let sc = fedee_site_agent::SiteConfig {
             aggregator: agg_url.clone(),
             site: (*name).to_owned(),
             data,
             model: cfg,
             device,
-            seed: Some(args.seed.wrapping_mul(1000) + i as u64),
+            seed: args
+                .reproducible
+                .then(|| args.seed.wrapping_mul(1000) + i as u64),
             poll_interval: Duration::from_millis(20),
         };
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));
@@ -211,34 +256,64 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut printed = 0;
     loop {
         let st = fed.status(StatusRequest {}).await?.into_inner();
-        let fresh: Vec<_> = st.rounds.iter().filter(|r| r.state == "closed" && r.round > printed).collect();
+        let fresh: Vec<_> = st
+            .rounds
+            .iter()
+            .filter(|r| r.state == "closed" && r.round > printed)
+            .collect();
         for r in fresh {
-            eprintln!("[demo] round {}/{} closed: ε = {:.3e} (δ = {:e}, unit: {})", r.round, args.rounds, r.epsilon, st.delta, st.privacy_unit);
+            eprintln!(
+                "[demo] round {}/{} closed: ε = {:.3e} (δ = {:e}, unit: {})",
+                r.round, args.rounds, r.epsilon, st.delta, st.privacy_unit
+            );
             printed = r.round;
         }
-        if st.done || sites.iter().all(|s| s.is_finished()) {
+        // A site that finishes early has failed: stop waiting and report it below.
+        if st.done || sites.iter().any(|s| s.is_finished()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for s in sites {
-        s.await.context("site task panicked")?.context("site agent failed")?;
+        s.await
+            .context("site task panicked")?
+            .context("site agent failed")?;
     }
     let st = fed.status(StatusRequest {}).await?.into_inner();
     if !st.done {
-        bail!("the federation did not finish: round {} of {}", st.current_round, args.rounds);
+        bail!(
+            "the federation did not finish: round {} of {}",
+            st.current_round,
+            args.rounds
+        );
     }
     let mut rounds = Vec::new();
     for r in &st.rounds {
-        let site_accuracy: BTreeMap<String, f64> =
-            r.site_metrics.iter().map(|m| (m.site.clone(), m.test_accuracy)).collect();
+        let site_accuracy: BTreeMap<String, f64> = r
+            .site_metrics
+            .iter()
+            .map(|m| (m.site.clone(), m.test_accuracy))
+            .collect();
         let n: u64 = r.site_metrics.iter().map(|m| m.num_test_examples).sum();
-        let weighted = r.site_metrics.iter().map(|m| m.test_accuracy * m.num_test_examples as f64).sum::<f64>() / n.max(1) as f64;
-        rounds.push(RoundReport { round: r.round, site_accuracy, weighted_accuracy: weighted, epsilon: r.epsilon });
+        let weighted = r
+            .site_metrics
+            .iter()
+            .map(|m| m.test_accuracy * m.num_test_examples as f64)
+            .sum::<f64>()
+            / n.max(1) as f64;
+        rounds.push(RoundReport {
+            round: r.round,
+            site_accuracy,
+            weighted_accuracy: weighted,
+            epsilon: r.epsilon,
+        });
     }
     let last = st.rounds.last().context("no rounds")?;
     let final_weighted_accuracy = rounds.last().map(|r| r.weighted_accuracy).unwrap_or(0.0);
-    eprintln!("[demo] federation done: final weighted test accuracy {final_weighted_accuracy:.3}, ε = {:.3e} at δ = {:e}", last.epsilon, st.delta);
+    eprintln!(
+        "[demo] federation done: final weighted test accuracy {final_weighted_accuracy:.3}, ε = {:.3e} at δ = {:e}",
+        last.epsilon, st.delta
+    );
     let privacy = PrivacyReport {
         unit: st.privacy_unit.clone(),
         rho: last.rho,
@@ -251,18 +326,38 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // --- 2. Pharma: EE fine-tuning at the trainer --------------------------------------
     let global_bytes = download_model(&mut fed, args.rounds + 1).await?;
     let global = state_from_safetensors(&global_bytes, Device::Cpu)?;
-    let global: fedee_encrypt::StateDict = global.into_iter().map(|(k, v)| (k, v.to_kind(kind))).collect();
+    let global: fedee_encrypt::StateDict = global
+        .into_iter()
+        .map(|(k, v)| (k, v.to_kind(kind)))
+        .collect();
     let spec = cfg.key_spec();
-    let keys = KeySet::generate(&spec, &BTreeMap::new(), false, &mut ChaCha20Rng::from_os_rng())?;
-    let optimizer = OptimizerSpec::AdamW { lr: args.finetune_lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
+    let keys = KeySet::generate(
+        &spec,
+        &BTreeMap::new(),
+        false,
+        &mut ChaCha20Rng::from_os_rng(),
+    )?;
+    let optimizer = OptimizerSpec::AdamW {
+        lr: args.finetune_lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 1e-2,
+    };
     check_trainable(&spec, &keys, optimizer.family())?;
     let ee_model = state_to_safetensors(&transform_state(&spec, &keys, &global)?)?;
-    eprintln!("[demo] pharma: EE keys generated (input: signed permutation, hidden and labels: permutations); EE model {} bytes", ee_model.len());
+    eprintln!(
+        "[demo] pharma: EE keys generated (input: signed permutation, hidden and labels: permutations); EE model {} bytes",
+        ee_model.len()
+    );
 
     let trainer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let trainer_url = format!("http://{}", trainer_listener.local_addr()?);
     let trainer = tokio::spawn(fedee_trainer::run(
-        fedee_trainer::Config { device, ..Default::default() },
+        fedee_trainer::Config {
+            device,
+            ..Default::default()
+        },
         trainer_listener,
         shutdown.clone(),
     ));
@@ -289,33 +384,57 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             let bi = Tensor::from_slice(b);
             let (x, y) = (xtr.index_select(0, &bi), ytr.index_select(0, &bi));
             plain_losses.push(plain.train_step(&mut popt, &x, &y));
-            let (xe, ye) = (encrypt_inputs(&spec, &keys, &x)?, encrypt_labels(&spec, &keys, &y)?);
+            let (xe, ye) = (
+                encrypt_inputs(&spec, &keys, &x)?,
+                encrypt_labels(&spec, &keys, &y)?,
+            );
             batches.push(batch_to_safetensors(&xe, Some(&ye))?);
         }
         let losses = tc.train(&job, batches, |_, _| {}).await?;
         steps += losses.len() as u64;
         final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
         let plain_loss = plain_losses.iter().sum::<f64>() / plain_losses.len().max(1) as f64;
-        eprintln!("[demo] fine-tune epoch {epoch}/{}: encrypted loss {final_loss:.4} (plaintext {plain_loss:.4}), {steps} steps", args.finetune_epochs);
+        eprintln!(
+            "[demo] fine-tune epoch {epoch}/{}: encrypted loss {final_loss:.4} (plaintext {plain_loss:.4}), {steps} steps",
+            args.finetune_epochs
+        );
     }
     let tuned_ee = state_from_safetensors(&tc.export_model(&job).await?, Device::Cpu)?;
     let tuned = decrypt_state(&spec, &keys, &tuned_ee)?;
     let max_abs_weight_diff = max_abs_diff(&tuned, &plain.state());
     let decrypted_model = Mlp::from_state(cfg, &tuned, Device::Cpu, kind)?;
     let va_accuracy_after = decrypted_model.accuracy(&xte, &yte);
-    eprintln!("[demo] decrypted EE model vs plaintext fine-tuning: max |Δw| = {max_abs_weight_diff:.3e}; VA accuracy {va_accuracy_before:.3} → {va_accuracy_after:.3}");
+    eprintln!(
+        "[demo] decrypted EE model vs plaintext fine-tuning: max |Δw| = {max_abs_weight_diff:.3e}; VA accuracy {va_accuracy_before:.3} → {va_accuracy_after:.3}"
+    );
 
     // --- 3. Encrypted inference -----------------------------------------------------------
     let enc = encrypt_inputs(&spec, &keys, &xte)?;
     let out = tc.predict(&job, batch_to_safetensors(&enc, None)?).await?;
-    let logits_enc = state_from_safetensors(&out, Device::Cpu)?.remove("logits").context("Predict returned no logits")?;
+    let logits_enc = state_from_safetensors(&out, Device::Cpu)?
+        .remove("logits")
+        .context("Predict returned no logits")?;
     let logits = decrypt_outputs(&spec, &keys, &logits_enc)?;
     let reference = tch::no_grad(|| plain.forward(&xte));
-    let max_abs_logit_diff = (&logits - &reference).abs().max().to_kind(Kind::Double).double_value(&[]);
-    let agree = logits.argmax(-1, false).eq_tensor(&reference.argmax(-1, false));
-    let argmax_agreement = agree.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-    eprintln!("[demo] encrypted inference on {} VA test records: argmax agreement {argmax_agreement:.3}, max |Δlogit| = {max_abs_logit_diff:.3e}", va.test.len());
-    eprintln!("[demo] note: EE is a change of basis, not semantic encryption; the trainer sees shapes, losses and value multisets (SECURITY.md)");
+    let max_abs_logit_diff = (&logits - &reference)
+        .abs()
+        .max()
+        .to_kind(Kind::Double)
+        .double_value(&[]);
+    let agree = logits
+        .argmax(-1, false)
+        .eq_tensor(&reference.argmax(-1, false));
+    let argmax_agreement = agree
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[]);
+    eprintln!(
+        "[demo] encrypted inference on {} VA test records: argmax agreement {argmax_agreement:.3}, max |Δlogit| = {max_abs_logit_diff:.3e}",
+        va.test.len()
+    );
+    eprintln!(
+        "[demo] note: EE is a change of basis, not semantic encryption; the trainer sees shapes, losses and value multisets (SECURITY.md)"
+    );
 
     shutdown.cancel();
     agg.await.context("aggregator task panicked")??;
@@ -334,19 +453,31 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             va_accuracy_after,
             final_loss,
         },
-        ee_inference: InferenceReport { records: va.test.len(), argmax_agreement, max_abs_logit_diff },
+        ee_inference: InferenceReport {
+            records: va.test.len(),
+            argmax_agreement,
+            max_abs_logit_diff,
+        },
         device: format!("{device:?}"),
         wall_seconds: start.elapsed().as_secs_f64(),
     };
     std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing report {}", args.report.display()))?;
     let _ = std::fs::remove_dir_all(&work);
-    eprintln!("[demo] report written to {} ({:.1} s)", args.report.display(), report.wall_seconds);
+    eprintln!(
+        "[demo] report written to {} ({:.1} s)",
+        args.report.display(),
+        report.wall_seconds
+    );
     Ok(())
 }
 
 fn tempdir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("fedee-demo-{}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "fedee-demo-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
@@ -371,8 +502,14 @@ async fn connect_trainer_with_retry(url: &str) -> Result<fedee_trainer::TrainerC
     bail!("trainer at {url} did not come up")
 }
 
-async fn download_model(fed: &mut FederationClient<tonic::transport::Channel>, model: u32) -> Result<Vec<u8>> {
-    let mut s = fed.download_model(fedee_proto::v1::DownloadModelRequest { model }).await?.into_inner();
+async fn download_model(
+    fed: &mut FederationClient<tonic::transport::Channel>,
+    model: u32,
+) -> Result<Vec<u8>> {
+    let mut s = fed
+        .download_model(fedee_proto::v1::DownloadModelRequest { model })
+        .await?
+        .into_inner();
     let mut r = fedee_proto::Reassembler::new(fedee_proto::MAX_BLOB_SIZE);
     while let Some(c) = s.message().await? {
         r.push(c)?;

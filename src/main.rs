@@ -191,7 +191,9 @@ fn mlp_config(hidden: usize) -> MlpConfig {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FEDEE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("FEDEE_LOG_FORMAT").as_deref() == Ok("json") {
         b.json().init();
     } else {
@@ -219,7 +221,10 @@ async fn main() -> Result<()> {
             let initial_model = a
                 .initial_model
                 .as_ref()
-                .map(|p| std::fs::read(p).with_context(|| format!("reading initial model {}", p.display())))
+                .map(|p| {
+                    std::fs::read(p)
+                        .with_context(|| format!("reading initial model {}", p.display()))
+                })
                 .transpose()?;
             let config = fedee_aggregator::Config {
                 database_url: a.database_url,
@@ -234,7 +239,9 @@ async fn main() -> Result<()> {
                 initial_model,
             };
             config.validate()?;
-            let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("binding {}", a.listen))?;
             eprintln!("aggregator listening on {}", listener.local_addr()?);
             fedee_aggregator::run(config, listener, shutdown_on_ctrl_c().await).await?;
             Ok(())
@@ -256,8 +263,13 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Trainer(t) => {
-            let config = fedee_trainer::Config { device: parse_device(&t.device)?, ..Default::default() };
-            let listener = tokio::net::TcpListener::bind(t.listen).await.with_context(|| format!("binding {}", t.listen))?;
+            let config = fedee_trainer::Config {
+                device: parse_device(&t.device)?,
+                ..Default::default()
+            };
+            let listener = tokio::net::TcpListener::bind(t.listen)
+                .await
+                .with_context(|| format!("binding {}", t.listen))?;
             eprintln!("trainer listening on {}", listener.local_addr()?);
             fedee_trainer::run(config, listener, shutdown_on_ctrl_c().await).await?;
             Ok(())
@@ -265,8 +277,13 @@ async fn main() -> Result<()> {
         Command::InitModel(i) => {
             tch::manual_seed(i.seed);
             let m = Mlp::new(mlp_config(i.hidden), Device::Cpu, Kind::Float)?;
-            std::fs::write(&i.out, state_to_safetensors(&m.state())?).with_context(|| format!("writing {}", i.out.display()))?;
-            eprintln!("wrote initial model ({} parameters) to {}", m.config.num_parameters(), i.out.display());
+            std::fs::write(&i.out, state_to_safetensors(&m.state())?)
+                .with_context(|| format!("writing {}", i.out.display()))?;
+            eprintln!(
+                "wrote initial model ({} parameters) to {}",
+                m.config.num_parameters(),
+                i.out.display()
+            );
             Ok(())
         }
         Command::Ee(cmd) => ee(cmd),
@@ -275,16 +292,34 @@ async fn main() -> Result<()> {
 
 fn ee(cmd: EeCommand) -> Result<()> {
     match cmd {
-        EeCommand::Keygen { out, hidden, input_key, offset } => {
+        EeCommand::Keygen {
+            out,
+            hidden,
+            input_key,
+            offset,
+        } => {
             let spec = mlp_config(hidden).key_spec();
             let groups = [("input".to_owned(), input_key)].into_iter().collect();
-            let keys = KeySet::generate(&spec, &groups, offset, &mut rand_chacha::ChaCha20Rng::from_os_rng())?;
+            let keys = KeySet::generate(
+                &spec,
+                &groups,
+                offset,
+                &mut rand_chacha::ChaCha20Rng::from_os_rng(),
+            )?;
             keys.save(&out)?;
-            eprintln!("wrote keys ({input_key} input key{}) to {} (mode 0600)", if offset { ", offset δ" } else { "" }, out.display());
+            eprintln!(
+                "wrote keys ({input_key} input key{}) to {} (mode 0600)",
+                if offset { ", offset δ" } else { "" },
+                out.display()
+            );
             Ok(())
         }
-        EeCommand::Encrypt { keys, model, out } => transform_file(&keys, &model, &out, Direction::Encrypt),
-        EeCommand::Decrypt { keys, model, out } => transform_file(&keys, &model, &out, Direction::Decrypt),
+        EeCommand::Encrypt { keys, model, out } => {
+            transform_file(&keys, &model, &out, Direction::Encrypt)
+        }
+        EeCommand::Decrypt { keys, model, out } => {
+            transform_file(&keys, &model, &out, Direction::Decrypt)
+        }
     }
 }
 
@@ -293,7 +328,12 @@ enum Direction {
     Decrypt,
 }
 
-fn transform_file(keys: &std::path::Path, model: &std::path::Path, out: &std::path::Path, dir: Direction) -> Result<()> {
+fn transform_file(
+    keys: &std::path::Path,
+    model: &std::path::Path,
+    out: &std::path::Path,
+    dir: Direction,
+) -> Result<()> {
     let k = KeySet::load(keys)?;
     let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
     let state = state_from_safetensors(&bytes, Device::Cpu)?;
@@ -306,7 +346,8 @@ fn transform_file(keys: &std::path::Path, model: &std::path::Path, out: &std::pa
         Direction::Encrypt => fedee_encrypt::transform_state(&spec, &k, &state)?,
         Direction::Decrypt => fedee_encrypt::decrypt_state(&spec, &k, &state)?,
     };
-    std::fs::write(out, state_to_safetensors(&result)?).with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(out, state_to_safetensors(&result)?)
+        .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

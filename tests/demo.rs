@@ -6,7 +6,11 @@ use std::process::Command;
 
 fn data() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/cache/heart_disease_uci.csv");
-    assert!(p.exists(), "{} is missing: run `make data` (make test does it)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `make data` (make test does it)",
+        p.display()
+    );
     p
 }
 
@@ -33,21 +37,42 @@ fn demo_runs_the_main_job_end_to_end() {
     for (i, round) in rounds.iter().enumerate() {
         assert_eq!(round["round"], i as u64 + 1);
         let sites = round["site_accuracy"].as_object().unwrap();
-        assert_eq!(sites.len(), 3, "three sites report accuracy every round: {round}");
-        assert!(sites.contains_key("Cleveland") && sites.contains_key("Hungary") && sites.contains_key("Switzerland"));
+        assert_eq!(
+            sites.len(),
+            3,
+            "three sites report accuracy every round: {round}"
+        );
+        assert!(
+            sites.contains_key("Cleveland")
+                && sites.contains_key("Hungary")
+                && sites.contains_key("Switzerland")
+        );
         let w = round["weighted_accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&w));
     }
     // ε grows with rounds (composition) and is finite with σ > 0.
-    let eps: Vec<f64> = rounds.iter().map(|r| r["epsilon"].as_f64().unwrap()).collect();
-    assert!(eps.windows(2).all(|w| w[1] > w[0]) && eps[3].is_finite(), "{eps:?}");
+    let eps: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["epsilon"].as_f64().unwrap())
+        .collect();
+    assert!(
+        eps.windows(2).all(|w| w[1] > w[0]) && eps[3].is_finite(),
+        "{eps:?}"
+    );
     let p = &r["privacy"];
     assert_eq!(p["unit"], "site update");
     let sigma = p["noise_multiplier"].as_f64().unwrap();
     assert!(sigma > 0.0);
-    assert!((p["rho"].as_f64().unwrap() - 4.0 / (2.0 * sigma * sigma)).abs() < 1e-6 * p["rho"].as_f64().unwrap());
+    assert!(
+        (p["rho"].as_f64().unwrap() - 4.0 / (2.0 * sigma * sigma)).abs()
+            < 1e-6 * p["rho"].as_f64().unwrap()
+    );
     // Learning happened: better than always predicting one class would need > 0.5 on these sites.
-    assert!(r["final_weighted_accuracy"].as_f64().unwrap() > 0.6, "{}", r["final_weighted_accuracy"]);
+    assert!(
+        r["final_weighted_accuracy"].as_f64().unwrap() > 0.6,
+        "{}",
+        r["final_weighted_accuracy"]
+    );
 
     let ft = &r["ee_finetune"];
     assert!(ft["steps"].as_u64().unwrap() >= 3);

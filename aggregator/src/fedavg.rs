@@ -20,7 +20,11 @@ impl FedAvg {
     /// for a model with the layout of `global`.
     pub fn new(global: &Tensors, total_examples: u64) -> Self {
         assert!(total_examples > 0, "FedAvg needs at least one example");
-        Self { total_examples, acc: global.data.iter().map(|d| vec![0.0; d.len()]).collect(), added: 0 }
+        Self {
+            total_examples,
+            acc: global.data.iter().map(|d| vec![0.0; d.len()]).collect(),
+            added: 0,
+        }
     }
 
     /// Add one site's update `Δ_i` (same layout as the global model) with weight `n_i / N`.
@@ -50,9 +54,18 @@ impl FedAvg {
             .data
             .iter()
             .zip(self.acc)
-            .map(|(g, a)| g.iter().zip(a).map(|(&g, a)| (f64::from(g) + a) as f32).collect())
+            .map(|(g, a)| {
+                g.iter()
+                    .zip(a)
+                    .map(|(&g, a)| (f64::from(g) + a) as f32)
+                    .collect()
+            })
             .collect();
-        Tensors { names: global.names.clone(), shapes: global.shapes.clone(), data }
+        Tensors {
+            names: global.names.clone(),
+            shapes: global.shapes.clone(),
+            data,
+        }
     }
 }
 
@@ -61,7 +74,11 @@ mod tests {
     use super::*;
 
     fn one(v: Vec<f32>) -> Tensors {
-        Tensors { names: vec!["w".into()], shapes: vec![vec![v.len()]], data: vec![v] }
+        Tensors {
+            names: vec!["w".into()],
+            shapes: vec![vec![v.len()]],
+            data: vec![v],
+        }
     }
 
     #[test]

@@ -80,7 +80,10 @@ impl Config {
             return bad(format!("delta must be in (0, 1), got {}", self.delta));
         }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return bad(format!("learning rate must be positive, got {}", self.learning_rate));
+            return bad(format!(
+                "learning rate must be positive, got {}",
+                self.learning_rate
+            ));
         }
         if self.batch_size == 0 || self.local_epochs == 0 {
             return bad("batch size and local epochs must be at least 1".into());
@@ -93,7 +96,11 @@ impl Config {
 ///
 /// # Errors
 /// Invalid config, database or transport failures.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), AggregatorError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AggregatorError> {
     let svc = Federation::start(config).await?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()

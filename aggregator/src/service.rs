@@ -7,9 +7,9 @@ use std::sync::Arc;
 use fedee_dp::SiteLevelAccountant;
 use fedee_proto::v1::federation_server::{Federation as FederationApi, FederationServer};
 use fedee_proto::v1::{
-    Chunk, DownloadModelRequest, JoinRequest, JoinResponse, MetricsAck, MetricsReport, NextTaskRequest,
-    RoundStatus, SiteMetric, StatusRequest, StatusResponse, SubmitUpdateMessage, SubmitUpdateResponse, Task,
-    TaskKind, submit_update_message,
+    Chunk, DownloadModelRequest, JoinRequest, JoinResponse, MetricsAck, MetricsReport,
+    NextTaskRequest, RoundStatus, SiteMetric, StatusRequest, StatusResponse, SubmitUpdateMessage,
+    SubmitUpdateResponse, Task, TaskKind, submit_update_message,
 };
 use fedee_proto::{Reassembler, chunks};
 use futures::Stream;
@@ -52,7 +52,10 @@ fn internal(e: AggregatorError) -> Status {
 }
 
 fn valid_site_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c))
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c))
 }
 
 impl Federation {
@@ -62,27 +65,60 @@ impl Federation {
     /// Invalid config, an unreadable initial model, or database failures.
     pub async fn start(config: Config) -> Result<Self, AggregatorError> {
         config.validate()?;
-        let accountant = SiteLevelAccountant::new(config.clipping_norm, config.noise_multiplier, config.delta)?;
+        let accountant =
+            SiteLevelAccountant::new(config.clipping_norm, config.noise_multiplier, config.delta)?;
+        // Fail before serving if accounting cannot cover every configured round.
+        let budget = accountant.spent(config.rounds)?;
+        tracing::info!(
+            rho = budget.rho,
+            epsilon = budget.epsilon,
+            delta = budget.delta,
+            "privacy after all rounds (site-level unit)"
+        );
         let store = Store::connect(&config.database_url).await?;
         let latest = match store.latest_model().await? {
             Some(m) => m,
             None => {
                 let bytes = config.initial_model.as_deref().ok_or_else(|| {
-                    AggregatorError::Config("the database is new: an initial model is required (--initial-model)".into())
+                    AggregatorError::Config(
+                        "the database is new: an initial model is required (--initial-model)"
+                            .into(),
+                    )
                 })?;
                 let t = Tensors::from_safetensors(bytes)
                     .map_err(|e| AggregatorError::Config(format!("initial model: {e}")))?;
-                store.init(&sha256_hex(&t.to_safetensors()), &t.to_safetensors()).await?;
+                store
+                    .init(&sha256_hex(&t.to_safetensors()), &t.to_safetensors())
+                    .await?;
                 1
             }
         };
-        let bytes = store.model_bytes(latest).await?.expect("latest model exists");
+        let bytes = store
+            .model_bytes(latest)
+            .await?
+            .expect("latest model exists");
         let global = Tensors::from_safetensors(&bytes)?;
-        let submitted = store.updates(latest).await?.into_iter().map(|u| u.site).collect();
+        let submitted = store
+            .updates(latest)
+            .await?
+            .into_iter()
+            .map(|u| u.site)
+            .collect();
         let sites = store.sites().await?.into_iter().collect();
-        let state = State { sites, round: latest, global, global_size: bytes.len() as u64, submitted };
+        let state = State {
+            sites,
+            round: latest,
+            global,
+            global_size: bytes.len() as u64,
+            submitted,
+        };
         tracing::info!(round = latest, rounds = config.rounds, "federation started");
-        let svc = Self { config: Arc::new(config), store, accountant, state: Arc::new(Mutex::new(state)) };
+        let svc = Self {
+            config: Arc::new(config),
+            store,
+            accountant,
+            state: Arc::new(Mutex::new(state)),
+        };
         {
             let mut st = svc.state.lock().await;
             svc.maybe_close(&mut st).await?;
@@ -119,8 +155,24 @@ impl Federation {
         let bytes = next.to_safetensors();
         let spent = self.accountant.spent(round)?;
         let open_next = round < self.config.rounds;
-        self.store.close_round(round, spent.rho, spent.epsilon, &sha256_hex(&bytes), &bytes, open_next).await?;
-        tracing::info!(round, sites = updates.len(), num_examples = total, rho = spent.rho, epsilon = spent.epsilon, "round closed");
+        self.store
+            .close_round(
+                round,
+                spent.rho,
+                spent.epsilon,
+                &sha256_hex(&bytes),
+                &bytes,
+                open_next,
+            )
+            .await?;
+        tracing::info!(
+            round,
+            sites = updates.len(),
+            num_examples = total,
+            rho = spent.rho,
+            epsilon = spent.epsilon,
+            "round closed"
+        );
         st.round = round + 1;
         st.global = next;
         st.global_size = bytes.len() as u64;
@@ -130,7 +182,11 @@ impl Federation {
 
     async fn reject(&self, round: Option<u32>, site: Option<&str>, status: Status) -> Status {
         tracing::warn!(?round, site, reason = status.message(), code = ?status.code(), "update rejected");
-        if let Err(e) = self.store.insert_rejection(round, site, status.message()).await {
+        if let Err(e) = self
+            .store
+            .insert_rejection(round, site, status.message())
+            .await
+        {
             tracing::error!(error = %e, "could not record rejection");
         }
         status
@@ -148,13 +204,18 @@ impl Federation {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty stream: send an UpdateHeader first"))?;
         let Some(submit_update_message::Msg::Header(h)) = first.msg else {
-            return Err(Status::invalid_argument("the first message must be an UpdateHeader"));
+            return Err(Status::invalid_argument(
+                "the first message must be an UpdateHeader",
+            ));
         };
         *seen = Some((h.round, h.site.clone()));
         let (limit, round_now) = {
             let st = self.state.lock().await;
             if !st.sites.contains(&h.site) {
-                return Err(Status::not_found(format!("site `{}` has not joined: call Join first", h.site)));
+                return Err(Status::not_found(format!(
+                    "site `{}` has not joined: call Join first",
+                    h.site
+                )));
             }
             if self.done(&st) {
                 return Err(Status::failed_precondition(format!(
@@ -183,12 +244,19 @@ impl Federation {
         while let Some(msg) = stream.message().await? {
             match msg.msg {
                 Some(submit_update_message::Msg::Chunk(c)) => {
-                    r.push(c).map_err(|e| Status::invalid_argument(format!("update stream: {e}")))?;
+                    r.push(c)
+                        .map_err(|e| Status::invalid_argument(format!("update stream: {e}")))?;
                 }
-                _ => return Err(Status::invalid_argument("after the header, send only chunks")),
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "after the header, send only chunks",
+                    ));
+                }
             }
         }
-        let bytes = r.finish().map_err(|e| Status::invalid_argument(format!("update stream: {e}")))?;
+        let bytes = r
+            .finish()
+            .map_err(|e| Status::invalid_argument(format!("update stream: {e}")))?;
         let sha = sha256_hex(&bytes);
         if !sha.eq_ignore_ascii_case(&h.sha256) {
             return Err(Status::invalid_argument(format!(
@@ -196,9 +264,12 @@ impl Federation {
                 h.sha256
             )));
         }
-        let update = Tensors::from_safetensors(&bytes).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let update = Tensors::from_safetensors(&bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut st = self.state.lock().await;
-        update.check_layout(&st.global).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        update
+            .check_layout(&st.global)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Re-check under the lock: the round may have moved on, or a concurrent duplicate won.
         if st.round != round_now || st.submitted.contains(&h.site) {
             return Err(Status::failed_precondition(format!(
@@ -206,12 +277,18 @@ impl Federation {
                 h.round
             )));
         }
-        self.store.insert_update(h.round, &h.site, h.num_examples, &sha, &bytes).await.map_err(internal)?;
+        self.store
+            .insert_update(h.round, &h.site, h.num_examples, &sha, &bytes)
+            .await
+            .map_err(internal)?;
         st.submitted.insert(h.site.clone());
         let updates_in_round = st.submitted.len() as u32;
         tracing::info!(round = h.round, site = %h.site, num_examples = h.num_examples, bytes = bytes.len(), "update accepted");
         self.maybe_close(&mut st).await.map_err(internal)?;
-        Ok(SubmitUpdateResponse { round: h.round, updates_in_round })
+        Ok(SubmitUpdateResponse {
+            round: h.round,
+            updates_in_round,
+        })
     }
 }
 
@@ -230,14 +307,20 @@ impl FederationApi for Federation {
         self.store.add_site(&site).await.map_err(internal)?;
         self.state.lock().await.sites.insert(site.clone());
         tracing::info!("site joined");
-        Ok(Response::new(JoinResponse { site, min_sites: self.config.min_sites, total_rounds: self.config.rounds }))
+        Ok(Response::new(JoinResponse {
+            site,
+            min_sites: self.config.min_sites,
+            total_rounds: self.config.rounds,
+        }))
     }
 
     async fn next_task(&self, req: Request<NextTaskRequest>) -> Result<Response<Task>, Status> {
         let site = req.into_inner().site;
         let st = self.state.lock().await;
         if !st.sites.contains(&site) {
-            return Err(Status::not_found(format!("site `{site}` has not joined: call Join first")));
+            return Err(Status::not_found(format!(
+                "site `{site}` has not joined: call Join first"
+            )));
         }
         let c = &self.config;
         let kind = if self.done(&st) {
@@ -260,11 +343,17 @@ impl FederationApi for Federation {
 
     type DownloadModelStream = ChunkStream;
 
-    async fn download_model(&self, req: Request<DownloadModelRequest>) -> Result<Response<ChunkStream>, Status> {
+    async fn download_model(
+        &self,
+        req: Request<DownloadModelRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         let model = req.into_inner().model;
-        let bytes = self.store.model_bytes(model).await.map_err(internal)?.ok_or_else(|| {
-            Status::not_found(format!("global model {model} does not exist yet"))
-        })?;
+        let bytes = self
+            .store
+            .model_bytes(model)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("global model {model} does not exist yet")))?;
         let stream = futures::stream::iter(chunks(&bytes).into_iter().map(Ok));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -276,17 +365,32 @@ impl FederationApi for Federation {
         let mut seen = None;
         match self.accept(req.into_inner(), &mut seen).await {
             Ok(r) => Ok(Response::new(r)),
-            Err(s) => Err(self.reject(seen.as_ref().map(|x| x.0), seen.as_ref().map(|x| x.1.as_str()), s).await),
+            Err(s) => Err(self
+                .reject(
+                    seen.as_ref().map(|x| x.0),
+                    seen.as_ref().map(|x| x.1.as_str()),
+                    s,
+                )
+                .await),
         }
     }
 
-    async fn report_metrics(&self, req: Request<MetricsReport>) -> Result<Response<MetricsAck>, Status> {
+    async fn report_metrics(
+        &self,
+        req: Request<MetricsReport>,
+    ) -> Result<Response<MetricsAck>, Status> {
         let m = req.into_inner();
         if !(0.0..=1.0).contains(&m.test_accuracy) {
-            return Err(Status::invalid_argument(format!("test accuracy {} is not in [0, 1]", m.test_accuracy)));
+            return Err(Status::invalid_argument(format!(
+                "test accuracy {} is not in [0, 1]",
+                m.test_accuracy
+            )));
         }
         if !self.state.lock().await.sites.contains(&m.site) {
-            return Err(Status::not_found(format!("site `{}` has not joined", m.site)));
+            return Err(Status::not_found(format!(
+                "site `{}` has not joined",
+                m.site
+            )));
         }
         self.store
             .insert_metric(&MetricRow {
@@ -300,7 +404,10 @@ impl FederationApi for Federation {
         Ok(Response::new(MetricsAck {}))
     }
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let rounds = self.store.rounds().await.map_err(internal)?;
         let metrics = self.store.metrics().await.map_err(internal)?;
         let st = self.state.lock().await;

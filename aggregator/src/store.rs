@@ -9,7 +9,10 @@ use crate::AggregatorError;
 
 /// Seconds since the Unix epoch.
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Metadata of an accepted update.
@@ -71,26 +74,40 @@ impl Store {
         }
         // One connection: SQLite serialises writers anyway, and an in-memory database must not
         // be split across connections.
-        let pool = AnyPoolOptions::new().max_connections(1).connect(url).await.map_err(db)?;
-        sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| AggregatorError::Database(e.to_string()))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .map_err(db)?;
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| AggregatorError::Database(e.to_string()))?;
         Ok(Self { pool })
     }
 
     /// Enrol a site (idempotent).
     pub async fn add_site(&self, name: &str) -> Result<(), AggregatorError> {
-        sqlx::query("INSERT INTO sites (name, joined_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
-            .bind(name)
-            .bind(now())
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO sites (name, joined_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
         Ok(())
     }
 
     /// Enrolled sites, by name.
     pub async fn sites(&self) -> Result<Vec<String>, AggregatorError> {
-        let rows = sqlx::query("SELECT name FROM sites ORDER BY name").fetch_all(&self.pool).await.map_err(db)?;
-        rows.iter().map(|r| r.try_get::<String, _>("name").map_err(db)).collect()
+        let rows = sqlx::query("SELECT name FROM sites ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("name").map_err(db))
+            .collect()
     }
 
     /// Store the initial global model (model 1) and open round 1.
@@ -113,8 +130,14 @@ impl Store {
 
     /// Number of the newest global model, if any.
     pub async fn latest_model(&self) -> Result<Option<u32>, AggregatorError> {
-        let row = sqlx::query("SELECT MAX(model) AS m FROM models").fetch_one(&self.pool).await.map_err(db)?;
-        Ok(row.try_get::<Option<i64>, _>("m").map_err(db)?.map(|m| m as u32))
+        let row = sqlx::query("SELECT MAX(model) AS m FROM models")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row
+            .try_get::<Option<i64>, _>("m")
+            .map_err(db)?
+            .map(|m| m as u32))
     }
 
     /// Bytes of global model `model`.
@@ -124,7 +147,8 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?;
-        row.map(|r| r.try_get::<Vec<u8>, _>("bytes").map_err(db)).transpose()
+        row.map(|r| r.try_get::<Vec<u8>, _>("bytes").map_err(db))
+            .transpose()
     }
 
     /// Persist an accepted update.
@@ -153,11 +177,12 @@ impl Store {
 
     /// Accepted updates of `round`, by site name.
     pub async fn updates(&self, round: u32) -> Result<Vec<UpdateMeta>, AggregatorError> {
-        let rows = sqlx::query("SELECT site, num_examples FROM updates WHERE round = $1 ORDER BY site")
-            .bind(i64::from(round))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
+        let rows =
+            sqlx::query("SELECT site, num_examples FROM updates WHERE round = $1 ORDER BY site")
+                .bind(i64::from(round))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
         rows.iter()
             .map(|r| {
                 Ok(UpdateMeta {
@@ -199,14 +224,16 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        sqlx::query("INSERT INTO models (model, sha256, bytes, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(i64::from(round + 1))
-            .bind(next_sha256)
-            .bind(next_bytes)
-            .bind(now())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO models (model, sha256, bytes, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(i64::from(round + 1))
+        .bind(next_sha256)
+        .bind(next_bytes)
+        .bind(now())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
         if open_next {
             sqlx::query("INSERT INTO rounds (round, state, opened_at) VALUES ($1, 'open', $2)")
                 .bind(i64::from(round + 1))
@@ -272,7 +299,12 @@ impl Store {
     }
 
     /// Record a rejected update (audit trail).
-    pub async fn insert_rejection(&self, round: Option<u32>, site: Option<&str>, reason: &str) -> Result<(), AggregatorError> {
+    pub async fn insert_rejection(
+        &self,
+        round: Option<u32>,
+        site: Option<&str>,
+        reason: &str,
+    ) -> Result<(), AggregatorError> {
         sqlx::query("INSERT INTO rejections (round, site, reason, at) VALUES ($1, $2, $3, $4)")
             .bind(round.map(i64::from))
             .bind(site)
@@ -286,7 +318,10 @@ impl Store {
 
     /// Number of rejections recorded.
     pub async fn rejection_count(&self) -> Result<i64, AggregatorError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM rejections").fetch_one(&self.pool).await.map_err(db)?;
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM rejections")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
         row.try_get("n").map_err(db)
     }
 }

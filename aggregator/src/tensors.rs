@@ -28,7 +28,11 @@ impl Tensors {
             .map_err(|e| AggregatorError::InvalidUpdate(format!("not valid safetensors: {e}")))?;
         let mut entries = st.tensors();
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out = Tensors { names: vec![], shapes: vec![], data: vec![] };
+        let mut out = Tensors {
+            names: vec![],
+            shapes: vec![],
+            data: vec![],
+        };
         for (name, view) in entries {
             if view.dtype() != Dtype::F32 {
                 return Err(AggregatorError::InvalidUpdate(format!(
@@ -36,8 +40,11 @@ impl Tensors {
                     view.dtype()
                 )));
             }
-            let data: Vec<f32> =
-                view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let data: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             if let Some(i) = data.iter().position(|x| !x.is_finite()) {
                 return Err(AggregatorError::InvalidUpdate(format!(
                     "tensor `{name}` has a non-finite value ({}) at flat index {i}",
@@ -53,11 +60,22 @@ impl Tensors {
 
     /// Serialize to safetensors bytes.
     pub fn to_safetensors(&self) -> Vec<u8> {
-        let bytes: Vec<Vec<u8>> =
-            self.data.iter().map(|d| d.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-        let views = self.names.iter().zip(&self.shapes).zip(&bytes).map(|((n, s), b)| {
-            (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent tensor"))
-        });
+        let bytes: Vec<Vec<u8>> = self
+            .data
+            .iter()
+            .map(|d| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views = self
+            .names
+            .iter()
+            .zip(&self.shapes)
+            .zip(&bytes)
+            .map(|((n, s), b)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).expect("consistent tensor"),
+                )
+            });
         safetensors::serialize(views, None).expect("serializing f32 tensors cannot fail")
     }
 
@@ -97,21 +115,48 @@ mod tests {
     use super::*;
 
     fn t(names: &[&str], shapes: &[Vec<usize>], data: Vec<Vec<f32>>) -> Tensors {
-        Tensors { names: names.iter().map(|s| s.to_string()).collect(), shapes: shapes.to_vec(), data }
+        Tensors {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            shapes: shapes.to_vec(),
+            data,
+        }
     }
 
     #[test]
     fn round_trip_and_layout_checks() {
-        let a = t(&["a", "b"], &[vec![2], vec![1, 2]], vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
+        let a = t(
+            &["a", "b"],
+            &[vec![2], vec![1, 2]],
+            vec![vec![1.0, 2.0], vec![3.0, 4.0]],
+        );
         let back = Tensors::from_safetensors(&a.to_safetensors()).unwrap();
         assert_eq!(back, a);
         a.check_layout(&a).unwrap();
-        let wrong_shape = t(&["a", "b"], &[vec![2], vec![2, 1]], vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
-        assert!(wrong_shape.check_layout(&a).unwrap_err().to_string().contains("`b`"));
-        let wrong_name = t(&["a", "c"], &[vec![2], vec![1, 2]], vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
+        let wrong_shape = t(
+            &["a", "b"],
+            &[vec![2], vec![2, 1]],
+            vec![vec![1.0, 2.0], vec![3.0, 4.0]],
+        );
+        assert!(
+            wrong_shape
+                .check_layout(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("`b`")
+        );
+        let wrong_name = t(
+            &["a", "c"],
+            &[vec![2], vec![1, 2]],
+            vec![vec![1.0, 2.0], vec![3.0, 4.0]],
+        );
         assert!(wrong_name.check_layout(&a).is_err());
         let nan = t(&["a"], &[vec![2]], vec![vec![1.0, f32::NAN]]);
-        assert!(Tensors::from_safetensors(&nan.to_safetensors()).unwrap_err().to_string().contains("non-finite"));
+        assert!(
+            Tensors::from_safetensors(&nan.to_safetensors())
+                .unwrap_err()
+                .to_string()
+                .contains("non-finite")
+        );
         assert!(Tensors::from_safetensors(b"\x10\0\0\0\0\0\0\0{}").is_err());
     }
 }

@@ -7,8 +7,8 @@ use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_proto::chunks;
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_proto::v1::{
-    DownloadModelRequest, JoinRequest, NextTaskRequest, StatusRequest, SubmitUpdateMessage, TaskKind, UpdateHeader,
-    submit_update_message,
+    DownloadModelRequest, JoinRequest, NextTaskRequest, StatusRequest, SubmitUpdateMessage,
+    TaskKind, UpdateHeader, submit_update_message,
 };
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -49,7 +49,13 @@ async fn start(rounds: u32, min_sites: u32) -> (FederationClient<Channel>, Cance
     panic!("aggregator did not start");
 }
 
-fn msgs(site: &str, round: u32, n: u64, blob: &[u8], sha: Option<String>) -> Vec<SubmitUpdateMessage> {
+fn msgs(
+    site: &str,
+    round: u32,
+    n: u64,
+    blob: &[u8],
+    sha: Option<String>,
+) -> Vec<SubmitUpdateMessage> {
     let header = UpdateHeader {
         site: site.into(),
         round,
@@ -57,17 +63,30 @@ fn msgs(site: &str, round: u32, n: u64, blob: &[u8], sha: Option<String>) -> Vec
         sha256: sha.unwrap_or_else(|| hex::encode(Sha256::digest(blob))),
     };
     std::iter::once(submit_update_message::Msg::Header(header))
-        .chain(chunks(blob).into_iter().map(submit_update_message::Msg::Chunk))
+        .chain(
+            chunks(blob)
+                .into_iter()
+                .map(submit_update_message::Msg::Chunk),
+        )
         .map(|m| SubmitUpdateMessage { msg: Some(m) })
         .collect()
 }
 
-async fn submit(c: &mut FederationClient<Channel>, m: Vec<SubmitUpdateMessage>) -> Result<u32, tonic::Status> {
-    c.submit_update(futures::stream::iter(m)).await.map(|r| r.into_inner().updates_in_round)
+async fn submit(
+    c: &mut FederationClient<Channel>,
+    m: Vec<SubmitUpdateMessage>,
+) -> Result<u32, tonic::Status> {
+    c.submit_update(futures::stream::iter(m))
+        .await
+        .map(|r| r.into_inner().updates_in_round)
 }
 
 async fn download(c: &mut FederationClient<Channel>, model: u32) -> Tensors {
-    let mut s = c.download_model(DownloadModelRequest { model }).await.unwrap().into_inner();
+    let mut s = c
+        .download_model(DownloadModelRequest { model })
+        .await
+        .unwrap()
+        .into_inner();
     let mut r = fedee_proto::Reassembler::new(1 << 30);
     while let Some(ch) = s.message().await.unwrap() {
         r.push(ch).unwrap();
@@ -81,26 +100,59 @@ async fn fedavg_rounds_weighted_by_num_examples() {
     for s in ["A", "B"] {
         c.join(JoinRequest { site: s.into() }).await.unwrap();
     }
-    let t = c.next_task(NextTaskRequest { site: "A".into() }).await.unwrap().into_inner();
+    let t = c
+        .next_task(NextTaskRequest { site: "A".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((t.kind, t.round), (TaskKind::Train as i32, 1));
-    assert_eq!(submit(&mut c, msgs("A", 1, 100, &model(4.0).to_safetensors(), None)).await.unwrap(), 1);
-    let t = c.next_task(NextTaskRequest { site: "A".into() }).await.unwrap().into_inner();
+    assert_eq!(
+        submit(
+            &mut c,
+            msgs("A", 1, 100, &model(4.0).to_safetensors(), None)
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    let t = c
+        .next_task(NextTaskRequest { site: "A".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(t.kind, TaskKind::Wait as i32, "A already submitted round 1");
-    submit(&mut c, msgs("B", 1, 300, &model(0.0).to_safetensors(), None)).await.unwrap();
+    submit(
+        &mut c,
+        msgs("B", 1, 300, &model(0.0).to_safetensors(), None),
+    )
+    .await
+    .unwrap();
     // 1 + 0.25·4 + 0.75·0 = 2
     let m2 = download(&mut c, 2).await;
     assert_eq!(m2.data[0], vec![2.0; 4]);
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.current_round, 2);
     assert_eq!(st.privacy_unit, "site update");
-    assert!((st.rounds[0].rho - 0.5).abs() < 1e-12, "ρ = 1/(2σ²) with σ = 1");
+    assert!(
+        (st.rounds[0].rho - 0.5).abs() < 1e-12,
+        "ρ = 1/(2σ²) with σ = 1"
+    );
     for s in ["A", "B"] {
-        submit(&mut c, msgs(s, 2, 10, &model(1.0).to_safetensors(), None)).await.unwrap();
+        submit(&mut c, msgs(s, 2, 10, &model(1.0).to_safetensors(), None))
+            .await
+            .unwrap();
     }
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.done);
-    assert!((st.rounds[1].rho - 1.0).abs() < 1e-12, "ρ composes additively");
-    let t = c.next_task(NextTaskRequest { site: "A".into() }).await.unwrap().into_inner();
+    assert!(
+        (st.rounds[1].rho - 1.0).abs() < 1e-12,
+        "ρ composes additively"
+    );
+    let t = c
+        .next_task(NextTaskRequest { site: "A".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((t.kind, t.round), (TaskKind::Done as i32, 3));
     token.cancel();
 }
@@ -112,20 +164,47 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
         c.join(JoinRequest { site: s.into() }).await.unwrap();
     }
     let good = model(0.5).to_safetensors();
-    assert_eq!(submit(&mut c, msgs("A", 1, 10, &good, None)).await.unwrap(), 1);
+    assert_eq!(
+        submit(&mut c, msgs("A", 1, 10, &good, None)).await.unwrap(),
+        1
+    );
 
     let cases: Vec<(&str, Vec<SubmitUpdateMessage>, Code, &str)> = vec![
-        ("duplicate", msgs("A", 1, 10, &good, None), Code::AlreadyExists, "already submitted"),
-        ("stale round", msgs("B", 0, 10, &good, None), Code::FailedPrecondition, "stale round"),
-        ("future round", msgs("B", 7, 10, &good, None), Code::FailedPrecondition, "stale round"),
-        ("unknown site", msgs("Z", 1, 10, &good, None), Code::NotFound, "has not joined"),
+        (
+            "duplicate",
+            msgs("A", 1, 10, &good, None),
+            Code::AlreadyExists,
+            "already submitted",
+        ),
+        (
+            "stale round",
+            msgs("B", 0, 10, &good, None),
+            Code::FailedPrecondition,
+            "stale round",
+        ),
+        (
+            "future round",
+            msgs("B", 7, 10, &good, None),
+            Code::FailedPrecondition,
+            "stale round",
+        ),
+        (
+            "unknown site",
+            msgs("Z", 1, 10, &good, None),
+            Code::NotFound,
+            "has not joined",
+        ),
         (
             "wrong names",
             msgs(
                 "B",
                 1,
                 10,
-                &Tensors { names: vec!["a".into(), "x".into()], ..model(0.5) }.to_safetensors(),
+                &Tensors {
+                    names: vec!["a".into(), "x".into()],
+                    ..model(0.5)
+                }
+                .to_safetensors(),
                 None,
             ),
             Code::InvalidArgument,
@@ -133,25 +212,70 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
         ),
         (
             "wrong shape",
-            msgs("B", 1, 10, &Tensors { shapes: vec![vec![4], vec![3]], ..model(0.5) }.to_safetensors(), None),
+            msgs(
+                "B",
+                1,
+                10,
+                &Tensors {
+                    shapes: vec![vec![4], vec![3]],
+                    ..model(0.5)
+                }
+                .to_safetensors(),
+                None,
+            ),
             Code::InvalidArgument,
             "has shape [4]",
         ),
         (
             "NaN",
-            msgs("B", 1, 10, &Tensors { data: vec![vec![f32::NAN; 4], vec![0.0; 3]], ..model(0.5) }.to_safetensors(), None),
+            msgs(
+                "B",
+                1,
+                10,
+                &Tensors {
+                    data: vec![vec![f32::NAN; 4], vec![0.0; 3]],
+                    ..model(0.5)
+                }
+                .to_safetensors(),
+                None,
+            ),
             Code::InvalidArgument,
             "non-finite",
         ),
         (
             "Inf",
-            msgs("B", 1, 10, &Tensors { data: vec![vec![0.0; 4], vec![f32::INFINITY; 3]], ..model(0.5) }.to_safetensors(), None),
+            msgs(
+                "B",
+                1,
+                10,
+                &Tensors {
+                    data: vec![vec![0.0; 4], vec![f32::INFINITY; 3]],
+                    ..model(0.5)
+                }
+                .to_safetensors(),
+                None,
+            ),
             Code::InvalidArgument,
             "non-finite",
         ),
-        ("wrong sha", msgs("B", 1, 10, &good, Some("00".repeat(32))), Code::InvalidArgument, "SHA-256 mismatch"),
-        ("garbage", msgs("B", 1, 10, b"not safetensors at all", None), Code::InvalidArgument, "not valid safetensors"),
-        ("zero examples", msgs("B", 1, 0, &good, None), Code::InvalidArgument, "num_examples"),
+        (
+            "wrong sha",
+            msgs("B", 1, 10, &good, Some("00".repeat(32))),
+            Code::InvalidArgument,
+            "SHA-256 mismatch",
+        ),
+        (
+            "garbage",
+            msgs("B", 1, 10, b"not safetensors at all", None),
+            Code::InvalidArgument,
+            "not valid safetensors",
+        ),
+        (
+            "zero examples",
+            msgs("B", 1, 0, &good, None),
+            Code::InvalidArgument,
+            "num_examples",
+        ),
         (
             "truncated",
             {
@@ -164,16 +288,31 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
             Code::InvalidArgument,
             "truncated",
         ),
-        ("no header", msgs("B", 1, 10, &good, None)[1..].to_vec(), Code::InvalidArgument, "UpdateHeader"),
+        (
+            "no header",
+            msgs("B", 1, 10, &good, None)[1..].to_vec(),
+            Code::InvalidArgument,
+            "UpdateHeader",
+        ),
     ];
     for (what, m, code, text) in cases {
         let err = submit(&mut c, m).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {err:?}");
-        assert!(err.message().contains(text), "{what}: message `{}` lacks `{text}`", err.message());
+        assert!(
+            err.message().contains(text),
+            "{what}: message `{}` lacks `{text}`",
+            err.message()
+        );
     }
     // Nothing already accepted was lost; the round still takes the other sites.
-    assert_eq!(submit(&mut c, msgs("B", 1, 10, &good, None)).await.unwrap(), 2);
-    assert_eq!(submit(&mut c, msgs("C", 1, 10, &good, None)).await.unwrap(), 3);
+    assert_eq!(
+        submit(&mut c, msgs("B", 1, 10, &good, None)).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        submit(&mut c, msgs("C", 1, 10, &good, None)).await.unwrap(),
+        3
+    );
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.done && st.rounds[0].state == "closed");
     let m2 = download(&mut c, 2).await;

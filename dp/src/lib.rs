@@ -28,7 +28,9 @@ pub enum DpError {
     #[error("clipping norm must be a positive finite number, got {0} (try 1.0)")]
     ClippingNorm(f64),
     /// Noise multiplier is negative or not finite.
-    #[error("noise multiplier must be a finite number >= 0, got {0} (0 disables noise and gives no privacy)")]
+    #[error(
+        "noise multiplier must be a finite number >= 0, got {0} (0 disables noise and gives no privacy)"
+    )]
     NoiseMultiplier(f64),
     /// δ outside (0, 1).
     #[error("delta must be in (0, 1), got {0} (typical: 1e-5, below 1/number-of-units)")]
@@ -52,7 +54,11 @@ impl ClippingNorm {
     /// # Errors
     /// [`DpError::ClippingNorm`] unless `0 < c < ∞`.
     pub fn new(c: f64) -> Result<Self, DpError> {
-        if c.is_finite() && c > 0.0 { Ok(Self(c)) } else { Err(DpError::ClippingNorm(c)) }
+        if c.is_finite() && c > 0.0 {
+            Ok(Self(c))
+        } else {
+            Err(DpError::ClippingNorm(c))
+        }
     }
     /// The norm as a number.
     pub fn get(self) -> f64 {
@@ -68,7 +74,11 @@ impl NoiseMultiplier {
     /// # Errors
     /// [`DpError::NoiseMultiplier`] unless `0 ≤ σ < ∞`.
     pub fn new(s: f64) -> Result<Self, DpError> {
-        if s.is_finite() && s >= 0.0 { Ok(Self(s)) } else { Err(DpError::NoiseMultiplier(s)) }
+        if s.is_finite() && s >= 0.0 {
+            Ok(Self(s))
+        } else {
+            Err(DpError::NoiseMultiplier(s))
+        }
     }
     /// The multiplier as a number.
     pub fn get(self) -> f64 {
@@ -78,7 +88,10 @@ impl NoiseMultiplier {
 
 /// L2 norm of a flat vector, accumulated in f64.
 pub fn l2_norm(v: &[f32]) -> f64 {
-    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Scale `update` in place so that its L2 norm is at most `c`; returns the norm before clipping.
@@ -152,7 +165,11 @@ impl SiteLevelAccountant {
         if !(delta > 0.0 && delta < 1.0) {
             return Err(DpError::Delta(delta));
         }
-        Ok(Self { clipping_norm, noise_multiplier, delta })
+        Ok(Self {
+            clipping_norm,
+            noise_multiplier,
+            delta,
+        })
     }
 
     /// Unit of privacy protected.
@@ -170,10 +187,18 @@ impl SiteLevelAccountant {
         let c = self.clipping_norm.get();
         let scale = c * self.noise_multiplier.get();
         if rounds == 0 {
-            return Ok(PrivacySpent { rho: 0.0, epsilon: 0.0, delta: self.delta });
+            return Ok(PrivacySpent {
+                rho: 0.0,
+                epsilon: 0.0,
+                delta: self.delta,
+            });
         }
         if scale == 0.0 {
-            return Ok(PrivacySpent { rho: f64::INFINITY, epsilon: f64::INFINITY, delta: self.delta });
+            return Ok(PrivacySpent {
+                rho: f64::INFINITY,
+                epsilon: f64::INFINITY,
+                delta: self.delta,
+            });
         }
         let round = make_gaussian::<_, _, ZeroConcentratedDivergence>(
             VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
@@ -184,9 +209,23 @@ impl SiteLevelAccountant {
         let composed = make_composition(vec![round; rounds as usize])?;
         let rho = composed.map(&c)?;
         let profile = make_zCDP_to_approxDP(composed)?.map(&c)?;
-        let epsilon = profile.epsilon(self.delta)?;
-        Ok(PrivacySpent { rho, epsilon, delta: self.delta })
+        // OpenDP's tight conversion overflows for very large ρ (thousands); the classical
+        // bound (Bun & Steinke 2016, Prop. 1.3) is then used: still a valid ε, only looser.
+        let epsilon = profile
+            .epsilon(self.delta)
+            .or_else(|_| Ok::<_, DpError>(classical_epsilon(rho, self.delta)))?;
+        Ok(PrivacySpent {
+            rho,
+            epsilon,
+            delta: self.delta,
+        })
     }
+}
+
+/// The classical zCDP → (ε, δ) conversion `ε = ρ + 2·sqrt(ρ·ln(1/δ))` (Bun & Steinke 2016,
+/// Prop. 1.3): an upper bound on the tight conversion.
+pub fn classical_epsilon(rho: f64, delta: f64) -> f64 {
+    rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt()
 }
 
 #[cfg(test)]
@@ -212,10 +251,19 @@ mod tests {
     fn noise_has_the_requested_std() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
         let mut v = vec![0.0f32; 200_000];
-        add_gaussian_noise(&mut v, ClippingNorm::new(2.0).unwrap(), NoiseMultiplier::new(0.5).unwrap(), &mut rng);
+        add_gaussian_noise(
+            &mut v,
+            ClippingNorm::new(2.0).unwrap(),
+            NoiseMultiplier::new(0.5).unwrap(),
+            &mut rng,
+        );
         let n = v.len() as f64;
         let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-        let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+        let var = v
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
         assert!(mean.abs() < 0.01, "mean {mean}");
         assert!((var.sqrt() - 1.0).abs() < 0.01, "std {}", var.sqrt());
     }
@@ -233,16 +281,41 @@ mod tests {
         assert!((one.rho - 1.0 / 32.0).abs() < 1e-12, "rho {}", one.rho);
         // Reference value of the zCDP → (ε, δ) conversion for ρ = 1/32, δ = 1e-3
         // (OpenDP's own test of cdp_epsilon).
-        assert!((one.epsilon - 0.688_002_455_487_808_5).abs() < 1e-9, "eps {}", one.epsilon);
-        // Classical bound ρ + 2 sqrt(ρ ln 1/δ) = 0.7227…; the tight conversion is below it.
-        let classical = one.rho + 2.0 * (one.rho * (1e3f64).ln()).sqrt();
+        assert!(
+            (one.epsilon - 0.688_002_455_487_808_5).abs() < 1e-9,
+            "eps {}",
+            one.epsilon
+        );
+        // Classical bound ρ + 2 sqrt(ρ ln 1/δ) = 0.9605…; the tight conversion is below it.
+        let classical = classical_epsilon(one.rho, 1e-3);
+        assert!(
+            (classical - 0.960_480_547).abs() < 1e-8,
+            "hand-computed 1/32 + 2·sqrt(ln(1000)/32)"
+        );
         assert!(one.epsilon < classical);
         // Ten rounds compose additively in ρ.
         let ten = acc.spent(10).unwrap();
         assert!((ten.rho - 10.0 / 32.0).abs() < 1e-12);
         assert!(ten.epsilon > one.epsilon);
-        let classical10 = ten.rho + 2.0 * (ten.rho * (1e3f64).ln()).sqrt();
+        let classical10 = classical_epsilon(ten.rho, 1e-3);
         assert!(ten.epsilon < classical10 && ten.epsilon > 0.8 * classical10);
+    }
+
+    #[test]
+    fn huge_rho_falls_back_to_the_classical_bound() {
+        let acc = SiteLevelAccountant::new(
+            ClippingNorm::new(1.0).unwrap(),
+            NoiseMultiplier::new(0.01).unwrap(),
+            1e-5,
+        )
+        .unwrap();
+        let s = acc.spent(20).unwrap();
+        assert!((s.rho - 100_000.0).abs() < 1e-6);
+        assert!(
+            s.epsilon.is_finite()
+                && s.epsilon <= classical_epsilon(s.rho, 1e-5)
+                && s.epsilon > s.rho
+        );
     }
 
     #[test]

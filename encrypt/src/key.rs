@@ -64,7 +64,11 @@ pub enum KeyMaterial {
     /// `(M x)[i] = scales[i] · x[perm[i]]`, `scales[i] > 0`.
     Monomial { perm: Vec<i64>, scales: Vec<f64> },
     /// Dense `n × n` row-major matrix and its inverse (for orthogonal keys, the transpose).
-    Dense { group: KeyGroup, matrix: Vec<f64>, inverse: Vec<f64> },
+    Dense {
+        group: KeyGroup,
+        matrix: Vec<f64>,
+        inverse: Vec<f64>,
+    },
 }
 
 /// A named secret key of dimension `dim`.
@@ -124,7 +128,9 @@ impl Key {
             KeyGroup::Permutation => KeyMaterial::Permutation { perm },
             KeyGroup::SignedPermutation => KeyMaterial::SignedPermutation {
                 perm,
-                signs: (0..dim).map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 }).collect(),
+                signs: (0..dim)
+                    .map(|_| if rng.random::<bool>() { 1.0 } else { -1.0 })
+                    .collect(),
             },
             KeyGroup::Monomial => KeyMaterial::Monomial {
                 perm,
@@ -141,15 +147,26 @@ impl Key {
                     let d: Vec<f64> = (0..dim).map(|_| rng.random_range(0.5..2.0)).collect();
                     let d = Tensor::from_slice(&d);
                     // T = Q·diag(d); T⁻¹ = diag(1/d)·Qᵀ.
-                    (&q * d.unsqueeze(0), q.transpose(0, 1) * d.reciprocal().unsqueeze(1))
+                    (
+                        &q * d.unsqueeze(0),
+                        q.transpose(0, 1) * d.reciprocal().unsqueeze(1),
+                    )
                 };
                 let to_vec = |t: Tensor| -> Vec<f64> {
                     Vec::<f64>::try_from(t.contiguous().reshape([-1])).expect("f64 tensor")
                 };
-                KeyMaterial::Dense { group, matrix: to_vec(matrix), inverse: to_vec(inverse) }
+                KeyMaterial::Dense {
+                    group,
+                    matrix: to_vec(matrix),
+                    inverse: to_vec(inverse),
+                }
             }
         };
-        Key { name: name.to_owned(), dim, material }
+        Key {
+            name: name.to_owned(),
+            dim,
+            material,
+        }
     }
 
     /// The key's group.
@@ -167,14 +184,22 @@ impl Key {
     /// # Errors
     /// [`EncryptError::InvalidKey`] naming the problem.
     pub fn validate(&self) -> Result<(), EncryptError> {
-        let bad = |problem: String| EncryptError::InvalidKey { key: self.name.clone(), problem };
+        let bad = |problem: String| EncryptError::InvalidKey {
+            key: self.name.clone(),
+            problem,
+        };
         let check_perm = |perm: &[i64]| -> Result<(), EncryptError> {
             if perm.len() != self.dim {
-                return Err(bad(format!("permutation has {} entries, expected {}", perm.len(), self.dim)));
+                return Err(bad(format!(
+                    "permutation has {} entries, expected {}",
+                    perm.len(),
+                    self.dim
+                )));
             }
             let mut seen = vec![false; self.dim];
             for &p in perm {
-                if p < 0 || p as usize >= self.dim || std::mem::replace(&mut seen[p as usize], true) {
+                if p < 0 || p as usize >= self.dim || std::mem::replace(&mut seen[p as usize], true)
+                {
                     return Err(bad(format!("index {p} is out of range or repeated")));
                 }
             }
@@ -192,13 +217,20 @@ impl Key {
             KeyMaterial::Monomial { perm, scales } => {
                 check_perm(perm)?;
                 if scales.len() != self.dim || scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-                    return Err(bad("scales must be positive and finite, one per index".into()));
+                    return Err(bad(
+                        "scales must be positive and finite, one per index".into()
+                    ));
                 }
                 Ok(())
             }
-            KeyMaterial::Dense { matrix, inverse, .. } => {
+            KeyMaterial::Dense {
+                matrix, inverse, ..
+            } => {
                 if matrix.len() != self.dim * self.dim || inverse.len() != self.dim * self.dim {
-                    return Err(bad(format!("matrix must have {}×{} entries", self.dim, self.dim)));
+                    return Err(bad(format!(
+                        "matrix must have {}×{} entries",
+                        self.dim, self.dim
+                    )));
                 }
                 if matrix.iter().chain(inverse).any(|x| !x.is_finite()) {
                     return Err(bad("matrix has NaN or infinite entries".into()));
@@ -211,7 +243,9 @@ impl Key {
     /// `K⁻¹`.
     pub fn inverse(&self) -> Key {
         let material = match &self.material {
-            KeyMaterial::Permutation { perm } => KeyMaterial::Permutation { perm: invert_perm(perm) },
+            KeyMaterial::Permutation { perm } => KeyMaterial::Permutation {
+                perm: invert_perm(perm),
+            },
             // (S x)[i] = s[i] x[p[i]]  ⇒  (S⁻¹ y)[j] = s[q[j]] y[q[j]] with q = p⁻¹.
             KeyMaterial::SignedPermutation { perm, signs } => {
                 let inv = invert_perm(perm);
@@ -223,13 +257,21 @@ impl Key {
                 let scales = inv.iter().map(|&i| 1.0 / scales[i as usize]).collect();
                 KeyMaterial::Monomial { perm: inv, scales }
             }
-            KeyMaterial::Dense { group, matrix, inverse } => KeyMaterial::Dense {
+            KeyMaterial::Dense {
+                group,
+                matrix,
+                inverse,
+            } => KeyMaterial::Dense {
                 group: *group,
                 matrix: inverse.clone(),
                 inverse: matrix.clone(),
             },
         };
-        Key { name: self.name.clone(), dim: self.dim, material }
+        Key {
+            name: self.name.clone(),
+            dim: self.dim,
+            material,
+        }
     }
 
     /// The dual `K⁻ᵀ`: the key that acts on the column axis of a matrix transformed by `K`.
@@ -244,13 +286,21 @@ impl Key {
                 perm: perm.clone(),
                 scales: scales.iter().map(|s| 1.0 / s).collect(),
             },
-            KeyMaterial::Dense { group, matrix, inverse } => KeyMaterial::Dense {
+            KeyMaterial::Dense {
+                group,
+                matrix,
+                inverse,
+            } => KeyMaterial::Dense {
                 group: *group,
                 matrix: transpose(inverse, self.dim),
                 inverse: transpose(matrix, self.dim),
             },
         };
-        Key { name: self.name.clone(), dim: self.dim, material }
+        Key {
+            name: self.name.clone(),
+            dim: self.dim,
+            material,
+        }
     }
 
     /// Left-multiply `t` by `K` along `axis`: `out[.., i, ..] = Σ_j K[i][j] · t[.., j, ..]`.
@@ -263,7 +313,10 @@ impl Key {
         let along = |v: &[f64]| {
             let mut shape = vec![1i64; t.dim()];
             shape[axis] = self.dim as i64;
-            Tensor::from_slice(v).to_kind(t.kind()).to_device(dev).reshape(shape)
+            Tensor::from_slice(v)
+                .to_kind(t.kind())
+                .to_device(dev)
+                .reshape(shape)
         };
         match &self.material {
             KeyMaterial::Permutation { perm } => {
@@ -275,9 +328,15 @@ impl Key {
             }
             KeyMaterial::Dense { matrix, .. } => {
                 let n = self.dim as i64;
-                let k = Tensor::from_slice(matrix).reshape([n, n]).to_kind(t.kind()).to_device(dev);
+                let k = Tensor::from_slice(matrix)
+                    .reshape([n, n])
+                    .to_kind(t.kind())
+                    .to_device(dev);
                 // Move `axis` last, multiply by Kᵀ on the right, move it back.
-                t.transpose(ax, -1).matmul(&k.transpose(0, 1)).transpose(ax, -1).contiguous()
+                t.transpose(ax, -1)
+                    .matmul(&k.transpose(0, 1))
+                    .transpose(ax, -1)
+                    .contiguous()
             }
         }
     }
@@ -303,7 +362,10 @@ mod tests {
     use tch::Kind;
 
     fn dense(k: &Key) -> Tensor {
-        k.apply(&Tensor::eye(k.dim as i64, (Kind::Double, tch::Device::Cpu)), 0)
+        k.apply(
+            &Tensor::eye(k.dim as i64, (Kind::Double, tch::Device::Cpu)),
+            0,
+        )
     }
 
     #[test]
@@ -324,11 +386,17 @@ mod tests {
             let e1 = (m.matmul(&inv) - &eye).abs().max().double_value(&[]);
             assert!(e1 < 1e-12, "{g}: K K⁻¹ off by {e1}");
             let dual = dense(&k.dual());
-            let e2 = (dual.transpose(0, 1).matmul(&m) - &eye).abs().max().double_value(&[]);
+            let e2 = (dual.transpose(0, 1).matmul(&m) - &eye)
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(e2 < 1e-12, "{g}: dual off by {e2}");
             // Applying along axis 1 equals right-multiplying by Kᵀ.
             let x = Tensor::randn([3, 7], (Kind::Double, tch::Device::Cpu));
-            let e3 = (k.apply(&x, 1) - x.matmul(&m.transpose(0, 1))).abs().max().double_value(&[]);
+            let e3 = (k.apply(&x, 1) - x.matmul(&m.transpose(0, 1)))
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(e3 < 1e-12, "{g}: apply along axis 1 off by {e3}");
         }
     }
@@ -338,12 +406,21 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
         let k = Key::generate("input", 5, KeyGroup::SignedPermutation, &mut rng);
         let s = format!("{k:?}");
-        assert!(s.contains("input") && !s.contains("perm") && !s.contains("signs"), "{s}");
+        assert!(
+            s.contains("input") && !s.contains("perm") && !s.contains("signs"),
+            "{s}"
+        );
     }
 
     #[test]
     fn validate_rejects_repeated_indices() {
-        let k = Key { name: "x".into(), dim: 3, material: KeyMaterial::Permutation { perm: vec![0, 0, 2] } };
+        let k = Key {
+            name: "x".into(),
+            dim: 3,
+            material: KeyMaterial::Permutation {
+                perm: vec![0, 0, 2],
+            },
+        };
         assert!(k.validate().is_err());
     }
 }

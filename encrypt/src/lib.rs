@@ -39,28 +39,56 @@ pub enum EncryptError {
     #[error("parameter `{name}` {problem}")]
     Parameter { name: String, problem: String },
     /// A tensor's axis does not match its key's dimension.
-    #[error("parameter `{name}` axis {axis} has size {found}, but key `{key}` has dimension {expected}")]
-    Shape { name: String, axis: usize, key: String, expected: usize, found: i64 },
+    #[error(
+        "parameter `{name}` axis {axis} has size {found}, but key `{key}` has dimension {expected}"
+    )]
+    Shape {
+        name: String,
+        axis: usize,
+        key: String,
+        expected: usize,
+        found: i64,
+    },
     /// The key set lacks a key the spec names.
-    #[error("key `{0}` is named by the key spec but missing from the key set (generate keys for this spec with `fedee ee keygen`)")]
+    #[error(
+        "key `{0}` is named by the key spec but missing from the key set (generate keys for this spec with `fedee ee keygen`)"
+    )]
     MissingKey(String),
     /// A key of a group the architecture does not allow on that axis.
     #[error("key `{key}` is {group}, but this architecture allows only {allowed} there ({why})")]
-    GroupNotAllowed { key: String, group: KeyGroup, allowed: String, why: String },
+    GroupNotAllowed {
+        key: String,
+        group: KeyGroup,
+        allowed: String,
+        why: String,
+    },
     /// A key/optimizer pair that breaks training equivariance (ee-math.md, "Training under EE").
     #[error(
         "refusing to train with {optimizer}: key `{key}` is {group}, and {optimizer} is not equivariant under {group} keys, so training would silently diverge from plaintext training; {fix}"
     )]
-    NotEquivariant { key: String, group: KeyGroup, optimizer: Optimizer, fix: String },
+    NotEquivariant {
+        key: String,
+        group: KeyGroup,
+        optimizer: Optimizer,
+        fix: String,
+    },
     /// The input offset δ must be zero for training.
-    #[error("refusing to train with an input offset δ ≠ 0: no optimizer is equivariant under an offset; generate training keys without --offset")]
+    #[error(
+        "refusing to train with an input offset δ ≠ 0: no optimizer is equivariant under an offset; generate training keys without --offset"
+    )]
     OffsetInTraining,
     /// A key file could not be read or written.
     #[error("key file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     /// A key file is not valid JSON for a key set.
     #[error("key file {path} is not a valid fedee key set: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     /// Invalid key material (e.g. a permutation with repeated indices).
     #[error("invalid key `{key}`: {problem}")]
     InvalidKey { key: String, problem: String },

@@ -26,7 +26,10 @@ pub struct KeyRef {
 impl KeyRef {
     /// The key itself.
     pub fn new(key: &str) -> Self {
-        Self { key: key.to_owned(), dual: false }
+        Self {
+            key: key.to_owned(),
+            dual: false,
+        }
     }
 }
 
@@ -102,7 +105,10 @@ impl std::fmt::Debug for KeySet {
         f.debug_struct("KeySet")
             .field("architecture", &self.architecture)
             .field("keys", &self.keys.values().collect::<Vec<_>>())
-            .field("input_offset", &self.input_offset.as_ref().map(|_| "<secret>"))
+            .field(
+                "input_offset",
+                &self.input_offset.as_ref().map(|_| "<secret>"),
+            )
             .finish()
     }
 }
@@ -133,7 +139,11 @@ impl KeySet {
             let dim = spec.keys[&spec.input].dim;
             (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect()
         });
-        Ok(KeySet { architecture: spec.architecture.clone(), keys, input_offset })
+        Ok(KeySet {
+            architecture: spec.architecture.clone(),
+            keys,
+            input_offset,
+        })
     }
 
     /// Check this key set fits `spec`: every key present, right dimension and allowed group,
@@ -147,7 +157,10 @@ impl KeySet {
             if key.dim != decl.dim {
                 return Err(EncryptError::InvalidKey {
                     key: name.clone(),
-                    problem: format!("dimension {} does not match the model's {}", key.dim, decl.dim),
+                    problem: format!(
+                        "dimension {} does not match the model's {}",
+                        key.dim, decl.dim
+                    ),
                 });
             }
             check_allowed(name, key.group(), decl)?;
@@ -166,7 +179,9 @@ impl KeySet {
     }
 
     fn key(&self, name: &str) -> Result<&Key, EncryptError> {
-        self.keys.get(name).ok_or_else(|| EncryptError::MissingKey(name.to_owned()))
+        self.keys
+            .get(name)
+            .ok_or_else(|| EncryptError::MissingKey(name.to_owned()))
     }
 
     /// Write the key set as JSON, creating the file with permissions 0600.
@@ -176,7 +191,10 @@ impl KeySet {
     pub fn save(&self, path: &Path) -> Result<(), EncryptError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let io = |source| EncryptError::Io { path: path.display().to_string(), source };
+        let io = |source| EncryptError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let json = serde_json::to_vec_pretty(self).expect("key sets serialize");
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -186,7 +204,8 @@ impl KeySet {
             .open(path)
             .map_err(io)?;
         // `mode` applies only on creation: tighten an existing file too.
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io)?;
         f.write_all(&json).map_err(io)
     }
 
@@ -195,10 +214,14 @@ impl KeySet {
     /// # Errors
     /// [`EncryptError::Io`] or [`EncryptError::Parse`].
     pub fn load(path: &Path) -> Result<KeySet, EncryptError> {
-        let bytes = std::fs::read(path)
-            .map_err(|source| EncryptError::Io { path: path.display().to_string(), source })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|source| EncryptError::Parse { path: path.display().to_string(), source })
+        let bytes = std::fs::read(path).map_err(|source| EncryptError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| EncryptError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
     }
 }
 
@@ -209,7 +232,12 @@ fn check_allowed(name: &str, group: KeyGroup, decl: &KeyDecl) -> Result<(), Encr
     Err(EncryptError::GroupNotAllowed {
         key: name.to_owned(),
         group,
-        allowed: decl.allowed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        allowed: decl
+            .allowed
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         why: decl.why.clone(),
     })
 }
@@ -218,7 +246,10 @@ fn check_names(spec: &KeySpec, state: &StateDict) -> Result<(), EncryptError> {
     if let Some(name) = state.keys().find(|n| !spec.params.contains_key(*n)) {
         return Err(EncryptError::Parameter {
             name: name.clone(),
-            problem: format!("is not in the `{}` key spec (is this the right architecture?)", spec.architecture),
+            problem: format!(
+                "is not in the `{}` key spec (is this the right architecture?)",
+                spec.architecture
+            ),
         });
     }
     if let Some(name) = spec.params.keys().find(|n| !state.contains_key(*n)) {
@@ -239,7 +270,11 @@ fn apply_keys(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateD
         if axes.len() != t.dim() {
             return Err(EncryptError::Parameter {
                 name: name.clone(),
-                problem: format!("has {} axes, but the key spec describes {}", t.dim(), axes.len()),
+                problem: format!(
+                    "has {} axes, but the key spec describes {}",
+                    t.dim(),
+                    axes.len()
+                ),
             });
         }
         let mut t = t.shallow_clone();
@@ -257,7 +292,11 @@ fn apply_keys(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateD
                 });
             }
             // Row axis: K. Column axes: K⁻ᵀ. A dual reference flips that.
-            t = if kref.dual != (axis > 0) { key.dual().apply(&t, axis) } else { key.apply(&t, axis) };
+            t = if kref.dual != (axis > 0) {
+                key.dual().apply(&t, axis)
+            } else {
+                key.apply(&t, axis)
+            };
         }
         out.insert(name.clone(), t);
     }
@@ -270,7 +309,11 @@ fn apply_keys(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateD
 ///
 /// # Errors
 /// Name, axis or shape mismatches between `state`, `spec` and `keys`, each naming the parameter.
-pub fn transform_state(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateDict, EncryptError> {
+pub fn transform_state(
+    spec: &KeySpec,
+    keys: &KeySet,
+    state: &StateDict,
+) -> Result<StateDict, EncryptError> {
     keys.check(spec)?;
     let mut out = apply_keys(spec, keys, state)?;
     if let Some(delta) = &keys.input_offset {
@@ -284,7 +327,9 @@ pub fn transform_state(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Resu
 
 /// `W' δ` for an offset δ.
 fn offset_shift(w: &Tensor, delta: &[f64]) -> Tensor {
-    let d = Tensor::from_slice(delta).to_kind(w.kind()).to_device(w.device());
+    let d = Tensor::from_slice(delta)
+        .to_kind(w.kind())
+        .to_device(w.device());
     w.matmul(&d)
 }
 
@@ -293,20 +338,34 @@ fn offset_shift(w: &Tensor, delta: &[f64]) -> Tensor {
 ///
 /// # Errors
 /// As [`transform_state`].
-pub fn decrypt_state(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateDict, EncryptError> {
+pub fn decrypt_state(
+    spec: &KeySpec,
+    keys: &KeySet,
+    state: &StateDict,
+) -> Result<StateDict, EncryptError> {
     keys.check(spec)?;
-    let mut state: StateDict = state.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    let mut state: StateDict = state
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
     if let Some(delta) = &keys.input_offset {
         let (w, b) = &spec.input_layer;
         let (Some(wt), Some(bt)) = (state.get(w), state.get(b)) else {
-            return Err(EncryptError::Parameter { name: w.clone(), problem: "missing from the model".into() });
+            return Err(EncryptError::Parameter {
+                name: w.clone(),
+                problem: "missing from the model".into(),
+            });
         };
         let nb = bt + offset_shift(wt, delta);
         state.insert(b.clone(), nb);
     }
     let inverse = KeySet {
         architecture: keys.architecture.clone(),
-        keys: keys.keys.iter().map(|(n, k)| (n.clone(), k.inverse())).collect(),
+        keys: keys
+            .keys
+            .iter()
+            .map(|(n, k)| (n.clone(), k.inverse()))
+            .collect(),
         input_offset: None,
     };
     apply_keys(spec, &inverse, &state)
@@ -327,7 +386,11 @@ pub fn encrypt_inputs(spec: &KeySpec, keys: &KeySet, x: &Tensor) -> Result<Tenso
     let axis = last_axis(x, key, "inputs")?;
     let y = key.apply(x, axis);
     Ok(match &keys.input_offset {
-        Some(d) => y + Tensor::from_slice(d).to_kind(x.kind()).to_device(x.device()),
+        Some(d) => {
+            y + Tensor::from_slice(d)
+                .to_kind(x.kind())
+                .to_device(x.device())
+        }
         None => y,
     })
 }
@@ -348,17 +411,30 @@ fn last_axis(t: &Tensor, key: &Key, what: &str) -> Result<usize, EncryptError> {
     let axis = t.dim().saturating_sub(1);
     let found = t.size().get(axis).copied().unwrap_or(0);
     if found != key.dim as i64 {
-        return Err(EncryptError::Shape { name: what.into(), axis, key: key.name.clone(), expected: key.dim, found });
+        return Err(EncryptError::Shape {
+            name: what.into(),
+            axis,
+            key: key.name.clone(),
+            expected: key.dim,
+            found,
+        });
     }
     Ok(axis)
 }
 
 fn label_perm(spec: &KeySpec, keys: &KeySet, inverse: bool) -> Result<Tensor, EncryptError> {
     let key = keys.key(&spec.output)?;
-    let perm = if inverse { key.inverse_permutation() } else { key.permutation().map(<[i64]>::to_vec) };
+    let perm = if inverse {
+        key.inverse_permutation()
+    } else {
+        key.permutation().map(<[i64]>::to_vec)
+    };
     let perm = perm.ok_or_else(|| EncryptError::InvalidKey {
         key: spec.output.clone(),
-        problem: format!("labels need a permutation key, but this key is {}", key.group()),
+        problem: format!(
+            "labels need a permutation key, but this key is {}",
+            key.group()
+        ),
     })?;
     Ok(Tensor::from_slice(&perm))
 }
@@ -392,20 +468,34 @@ pub fn decrypt_labels(spec: &KeySpec, keys: &KeySet, y: &Tensor) -> Result<Tenso
 /// # Errors
 /// [`EncryptError::NotEquivariant`] naming the key, its group, the optimizer and the fix, or
 /// [`EncryptError::OffsetInTraining`].
-pub fn check_trainable(spec: &KeySpec, keys: &KeySet, optimizer: Optimizer) -> Result<(), EncryptError> {
+pub fn check_trainable(
+    spec: &KeySpec,
+    keys: &KeySet,
+    optimizer: Optimizer,
+) -> Result<(), EncryptError> {
     keys.check(spec)?;
     if keys.input_offset.is_some() {
         return Err(EncryptError::OffsetInTraining);
     }
-    let used: std::collections::BTreeSet<&str> =
-        spec.params.values().flatten().flatten().map(|r| r.key.as_str()).collect();
+    let used: std::collections::BTreeSet<&str> = spec
+        .params
+        .values()
+        .flatten()
+        .flatten()
+        .map(|r| r.key.as_str())
+        .collect();
     for name in used {
         let key = keys.key(name)?;
         let group = key.group();
         let ok = match optimizer {
-            Optimizer::AdamW => matches!(group, KeyGroup::Permutation | KeyGroup::SignedPermutation),
+            Optimizer::AdamW => {
+                matches!(group, KeyGroup::Permutation | KeyGroup::SignedPermutation)
+            }
             Optimizer::Sgd => {
-                matches!(group, KeyGroup::Permutation | KeyGroup::SignedPermutation | KeyGroup::Orthogonal)
+                matches!(
+                    group,
+                    KeyGroup::Permutation | KeyGroup::SignedPermutation | KeyGroup::Orthogonal
+                )
             }
         };
         if !ok {
@@ -414,9 +504,16 @@ pub fn check_trainable(spec: &KeySpec, keys: &KeySet, optimizer: Optimizer) -> R
                     format!("use a signed permutation for key `{name}`, or train with SGD")
                 }
                 (Optimizer::AdamW, _) => format!("use a (signed) permutation for key `{name}`"),
-                (Optimizer::Sgd, _) => format!("use a (signed) permutation or an orthogonal key for `{name}`"),
+                (Optimizer::Sgd, _) => {
+                    format!("use a (signed) permutation or an orthogonal key for `{name}`")
+                }
             };
-            return Err(EncryptError::NotEquivariant { key: name.to_owned(), group, optimizer, fix });
+            return Err(EncryptError::NotEquivariant {
+                key: name.to_owned(),
+                group,
+                optimizer,
+                fix,
+            });
         }
     }
     Ok(())
@@ -440,5 +537,9 @@ pub fn verify_inference(
     let plain = forward(state, x);
     let enc = forward(&ee, &encrypt_inputs(spec, keys, x)?);
     let dec = decrypt_outputs(spec, keys, &enc)?;
-    Ok((dec - plain).abs().max().to_kind(Kind::Double).double_value(&[]))
+    Ok((dec - plain)
+        .abs()
+        .max()
+        .to_kind(Kind::Double)
+        .double_value(&[]))
 }

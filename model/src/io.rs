@@ -13,7 +13,10 @@ fn dtype_of(t: &Tensor, name: &str) -> Result<Dtype, ModelError> {
         Kind::Float => Ok(Dtype::F32),
         Kind::Double => Ok(Dtype::F64),
         Kind::Int64 => Ok(Dtype::I64),
-        k => Err(ModelError::Dtype { name: name.to_owned(), dtype: format!("{k:?}") }),
+        k => Err(ModelError::Dtype {
+            name: name.to_owned(),
+            dtype: format!("{k:?}"),
+        }),
     }
 }
 
@@ -34,7 +37,12 @@ pub fn state_to_safetensors(state: &StateDict) -> Result<Vec<u8>, ModelError> {
     }
     let views: Vec<(String, TensorView<'_>)> = owned
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("consistent view")))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).expect("consistent view"),
+            )
+        })
         .collect();
     safetensors::serialize(views, None).map_err(|e| ModelError::Safetensors(e.to_string()))
 }
@@ -48,7 +56,10 @@ pub fn state_to_safetensors(state: &StateDict) -> Result<Vec<u8>, ModelError> {
 pub fn state_from_safetensors(bytes: &[u8], device: Device) -> Result<StateDict, ModelError> {
     let out = tensors_from_safetensors(bytes, device)?;
     if let Some((name, t)) = out.iter().find(|(_, t)| t.kind() == Kind::Int64) {
-        return Err(ModelError::Dtype { name: name.clone(), dtype: format!("{:?}", t.kind()) });
+        return Err(ModelError::Dtype {
+            name: name.clone(),
+            dtype: format!("{:?}", t.kind()),
+        });
     }
     Ok(out)
 }
@@ -79,32 +90,55 @@ pub fn batch_from_safetensors(
     num_classes: usize,
 ) -> Result<(Tensor, Option<Tensor>), ModelError> {
     let mut t = tensors_from_safetensors(bytes, device)?;
-    let x = t.remove("x").ok_or_else(|| ModelError::Name { name: "x".into(), problem: "is missing from the batch".into() })?;
+    let x = t.remove("x").ok_or_else(|| ModelError::Name {
+        name: "x".into(),
+        problem: "is missing from the batch".into(),
+    })?;
     if x.kind() == Kind::Int64 {
-        return Err(ModelError::Dtype { name: "x".into(), dtype: "I64".into() });
+        return Err(ModelError::Dtype {
+            name: "x".into(),
+            dtype: "I64".into(),
+        });
     }
     let s = x.size();
     if s.len() != 2 || s[1] != in_features as i64 || s[0] == 0 {
-        return Err(ModelError::Shape { name: "x".into(), expected: vec![-1, in_features as i64], found: s });
+        return Err(ModelError::Shape {
+            name: "x".into(),
+            expected: vec![-1, in_features as i64],
+            found: s,
+        });
     }
     let y = t.remove("y");
     if let Some(y) = &y {
         if y.kind() != Kind::Int64 {
-            return Err(ModelError::Dtype { name: "y".into(), dtype: format!("{:?}", y.kind()) });
+            return Err(ModelError::Dtype {
+                name: "y".into(),
+                dtype: format!("{:?}", y.kind()),
+            });
         }
         if y.size() != [s[0]] {
-            return Err(ModelError::Shape { name: "y".into(), expected: vec![s[0]], found: y.size() });
+            return Err(ModelError::Shape {
+                name: "y".into(),
+                expected: vec![s[0]],
+                found: y.size(),
+            });
         }
         let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
         if lo < 0 || hi >= num_classes as i64 {
             return Err(ModelError::Name {
                 name: "y".into(),
-                problem: format!("has class {} outside 0..{num_classes}", if lo < 0 { lo } else { hi }),
+                problem: format!(
+                    "has class {} outside 0..{num_classes}",
+                    if lo < 0 { lo } else { hi }
+                ),
             });
         }
     }
     if let Some(extra) = t.keys().next() {
-        return Err(ModelError::Name { name: extra.clone(), problem: "is not part of a batch (x, y)".into() });
+        return Err(ModelError::Name {
+            name: extra.clone(),
+            problem: "is not part of a batch (x, y)".into(),
+        });
     }
     Ok((x, y))
 }
@@ -117,12 +151,20 @@ fn tensors_from_safetensors(bytes: &[u8], device: Device) -> Result<StateDict, M
             Dtype::F32 => Kind::Float,
             Dtype::F64 => Kind::Double,
             Dtype::I64 => Kind::Int64,
-            d => return Err(ModelError::Dtype { name, dtype: format!("{d:?}") }),
+            d => {
+                return Err(ModelError::Dtype {
+                    name,
+                    dtype: format!("{d:?}"),
+                });
+            }
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?.to_device(device);
         if kind != Kind::Int64 && t.numel() > 0 && !bool::try_from(t.isfinite().all())? {
-            return Err(ModelError::Name { name, problem: "contains NaN or infinite values".into() });
+            return Err(ModelError::Name {
+                name,
+                problem: "contains NaN or infinite values".into(),
+            });
         }
         out.insert(name, t);
     }
@@ -136,7 +178,10 @@ mod tests {
     #[test]
     fn round_trip_f32_and_f64() {
         let mut s = StateDict::new();
-        s.insert("a".into(), Tensor::randn([3, 4], (Kind::Float, Device::Cpu)));
+        s.insert(
+            "a".into(),
+            Tensor::randn([3, 4], (Kind::Float, Device::Cpu)),
+        );
         s.insert("b".into(), Tensor::randn([5], (Kind::Double, Device::Cpu)));
         let bytes = state_to_safetensors(&s).unwrap();
         let back = state_from_safetensors(&bytes, Device::Cpu).unwrap();

@@ -6,7 +6,9 @@
 pub mod io;
 pub mod mlp;
 
-pub use io::{batch_from_safetensors, batch_to_safetensors, state_from_safetensors, state_to_safetensors};
+pub use io::{
+    batch_from_safetensors, batch_to_safetensors, state_from_safetensors, state_to_safetensors,
+};
 pub use mlp::{Activation, Mlp, MlpConfig, OptimizerSpec};
 
 /// Errors of model construction, loading and training.
@@ -20,7 +22,11 @@ pub enum ModelError {
     Dtype { name: String, dtype: String },
     /// A tensor has the wrong shape for the architecture.
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
-    Shape { name: String, expected: Vec<i64>, found: Vec<i64> },
+    Shape {
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
     /// A tensor the architecture needs is missing, or an unknown one is present.
     #[error("tensor `{name}` {problem}")]
     Name { name: String, problem: String },

@@ -54,7 +54,11 @@ impl MlpConfig {
 
     /// Expected parameter shapes by name.
     pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
-        let (i, h, o) = (self.in_features as i64, self.hidden as i64, self.out_features as i64);
+        let (i, h, o) = (
+            self.in_features as i64,
+            self.hidden as i64,
+            self.out_features as i64,
+        );
         BTreeMap::from([
             ("fc1.weight".into(), vec![h, i]),
             ("fc1.bias".into(), vec![h]),
@@ -65,7 +69,10 @@ impl MlpConfig {
 
     /// Number of parameters.
     pub fn num_parameters(&self) -> usize {
-        self.shapes().values().map(|s| s.iter().product::<i64>() as usize).sum()
+        self.shapes()
+            .values()
+            .map(|s| s.iter().product::<i64>() as usize)
+            .sum()
     }
 
     /// The EE key spec: `input` on the features (any invertible key is exact for inference;
@@ -133,15 +140,23 @@ impl MlpConfig {
     pub fn check_state(&self, state: &StateDict) -> Result<(), ModelError> {
         let shapes = self.shapes();
         for (name, expected) in &shapes {
-            let t = state
-                .get(name)
-                .ok_or_else(|| ModelError::Name { name: name.clone(), problem: "is missing".into() })?;
+            let t = state.get(name).ok_or_else(|| ModelError::Name {
+                name: name.clone(),
+                problem: "is missing".into(),
+            })?;
             if &t.size() != expected {
-                return Err(ModelError::Shape { name: name.clone(), expected: expected.clone(), found: t.size() });
+                return Err(ModelError::Shape {
+                    name: name.clone(),
+                    expected: expected.clone(),
+                    found: t.size(),
+                });
             }
         }
         if let Some(name) = state.keys().find(|n| !shapes.contains_key(*n)) {
-            return Err(ModelError::Name { name: name.clone(), problem: "is not a parameter of the MLP".into() });
+            return Err(ModelError::Name {
+                name: name.clone(),
+                problem: "is not a parameter of the MLP".into(),
+            });
         }
         Ok(())
     }
@@ -177,7 +192,11 @@ impl Mlp {
         config.validate()?;
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
-        let (i, h, o) = (config.in_features as i64, config.hidden as i64, config.out_features as i64);
+        let (i, h, o) = (
+            config.in_features as i64,
+            config.hidden as i64,
+            config.out_features as i64,
+        );
         let fc1 = nn::linear(&root / "fc1", i, h, Default::default());
         let fc2 = nn::linear(&root / "fc2", h, o, Default::default());
         vs.set_kind(kind);
@@ -190,7 +209,12 @@ impl Mlp {
     ///
     /// # Errors
     /// [`ModelError::Name`]/[`ModelError::Shape`] if `state` does not fit `config`.
-    pub fn from_state(config: MlpConfig, state: &StateDict, device: Device, kind: Kind) -> Result<Self, ModelError> {
+    pub fn from_state(
+        config: MlpConfig,
+        state: &StateDict,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, ModelError> {
         config.check_state(state)?;
         let mut m = Self::new(config, device, kind)?;
         m.load_state(state)?;
@@ -214,7 +238,10 @@ impl Mlp {
 
     /// A detached copy of the parameters.
     pub fn state(&self) -> StateDict {
-        self.params.iter().map(|(k, v)| (k.clone(), v.detach().copy())).collect()
+        self.params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.detach().copy()))
+            .collect()
     }
 
     /// Logits `(batch, out_features)` for `x: (batch, in_features)`.
@@ -233,7 +260,13 @@ impl Mlp {
     /// [`ModelError::Torch`] if libtorch refuses the optimizer.
     pub fn optimizer(&self, spec: &OptimizerSpec) -> Result<nn::Optimizer, ModelError> {
         Ok(match spec {
-            OptimizerSpec::AdamW { lr, beta1, beta2, eps, weight_decay } => nn::AdamW {
+            OptimizerSpec::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => nn::AdamW {
                 beta1: *beta1,
                 beta2: *beta2,
                 wd: *weight_decay,
@@ -241,10 +274,17 @@ impl Mlp {
                 amsgrad: false,
             }
             .build(&self.vs, *lr)?,
-            OptimizerSpec::Sgd { lr, momentum, weight_decay } => {
-                nn::Sgd { momentum: *momentum, dampening: 0.0, wd: *weight_decay, nesterov: false }
-                    .build(&self.vs, *lr)?
+            OptimizerSpec::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+            } => nn::Sgd {
+                momentum: *momentum,
+                dampening: 0.0,
+                wd: *weight_decay,
+                nesterov: false,
             }
+            .build(&self.vs, *lr)?,
         })
     }
 
@@ -261,7 +301,10 @@ impl Mlp {
     pub fn accuracy(&self, x: &Tensor, y: &Tensor) -> f64 {
         tch::no_grad(|| {
             let pred = self.forward(x).argmax(-1, false);
-            pred.eq_tensor(y).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+            pred.eq_tensor(y)
+                .to_kind(Kind::Double)
+                .mean(Kind::Double)
+                .double_value(&[])
         })
     }
 }
@@ -271,9 +314,19 @@ impl Mlp {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum OptimizerSpec {
     /// AdamW (Loshchilov & Hutter 2019).
-    AdamW { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
+    AdamW {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
     /// SGD with momentum.
-    Sgd { lr: f64, momentum: f64, weight_decay: f64 },
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    },
 }
 
 impl OptimizerSpec {

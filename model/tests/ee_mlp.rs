@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use fedee_encrypt::{
-    EncryptError, KeyGroup, KeySet, Optimizer, StateDict, check_trainable, decrypt_state, encrypt_inputs,
-    encrypt_labels, transform_state, verify_inference,
+    EncryptError, KeyGroup, KeySet, Optimizer, StateDict, check_trainable, decrypt_state,
+    encrypt_inputs, encrypt_labels, transform_state, verify_inference,
 };
 use fedee_model::mlp::forward;
 use fedee_model::{Activation, Mlp, MlpConfig, OptimizerSpec};
@@ -13,10 +13,17 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor};
 
-const CFG: MlpConfig = MlpConfig { in_features: 15, hidden: 32, out_features: 2, activation: Activation::Relu };
+const CFG: MlpConfig = MlpConfig {
+    in_features: 15,
+    hidden: 32,
+    out_features: 2,
+    activation: Activation::Relu,
+};
 
 fn max_diff(a: &StateDict, b: &StateDict) -> f64 {
-    a.iter().map(|(k, v)| (v - &b[k]).abs().max().double_value(&[])).fold(0.0, f64::max)
+    a.iter()
+        .map(|(k, v)| (v - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
 }
 
 fn model(kind: Kind, seed: i64) -> Mlp {
@@ -25,8 +32,15 @@ fn model(kind: Kind, seed: i64) -> Mlp {
 }
 
 fn keys(cfg: &MlpConfig, groups: &[(&str, KeyGroup)], offset: bool, seed: u64) -> KeySet {
-    let groups: BTreeMap<String, KeyGroup> = groups.iter().map(|(n, g)| ((*n).to_owned(), *g)).collect();
-    KeySet::generate(&cfg.key_spec(), &groups, offset, &mut ChaCha20Rng::seed_from_u64(seed)).unwrap()
+    let groups: BTreeMap<String, KeyGroup> =
+        groups.iter().map(|(n, g)| ((*n).to_owned(), *g)).collect();
+    KeySet::generate(
+        &cfg.key_spec(),
+        &groups,
+        offset,
+        &mut ChaCha20Rng::seed_from_u64(seed),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -35,11 +49,20 @@ fn round_trip_restores_the_model() {
     let spec = CFG.key_spec();
     for (groups, offset) in [
         (vec![], false),
-        (vec![("input", KeyGroup::Invertible), ("hidden", KeyGroup::Monomial)], true),
+        (
+            vec![
+                ("input", KeyGroup::Invertible),
+                ("hidden", KeyGroup::Monomial),
+            ],
+            true,
+        ),
     ] {
         let k = keys(&CFG, &groups, offset, 3);
         let ee = transform_state(&spec, &k, &m.state()).unwrap();
-        assert!(max_diff(&ee, &m.state()) > 1e-3, "the EE model must differ from the plaintext one");
+        assert!(
+            max_diff(&ee, &m.state()) > 1e-3,
+            "the EE model must differ from the plaintext one"
+        );
         let back = decrypt_state(&spec, &k, &ee).unwrap();
         let d = max_diff(&back, &m.state());
         assert!(d < 1e-12, "round trip off by {d}");
@@ -54,12 +77,21 @@ fn inference_is_equivariant_for_every_allowed_group() {
         let m = Mlp::new(cfg, Device::Cpu, Kind::Double).unwrap();
         let spec = cfg.key_spec();
         let x = Tensor::randn([64, 15], (Kind::Double, Device::Cpu));
-        for input in [KeyGroup::Permutation, KeyGroup::SignedPermutation, KeyGroup::Orthogonal, KeyGroup::Invertible] {
+        for input in [
+            KeyGroup::Permutation,
+            KeyGroup::SignedPermutation,
+            KeyGroup::Orthogonal,
+            KeyGroup::Invertible,
+        ] {
             for hidden in spec.keys["hidden"].allowed.clone() {
                 for offset in [false, true] {
                     let k = keys(&cfg, &[("input", input), ("hidden", hidden)], offset, 11);
-                    let d = verify_inference(&spec, &k, &m.state(), &x, |s, x| forward(&cfg, s, x)).unwrap();
-                    assert!(d < 1e-10, "{activation:?} input {input} hidden {hidden} offset {offset}: {d}");
+                    let d = verify_inference(&spec, &k, &m.state(), &x, |s, x| forward(&cfg, s, x))
+                        .unwrap();
+                    assert!(
+                        d < 1e-10,
+                        "{activation:?} input {input} hidden {hidden} offset {offset}: {d}"
+                    );
                 }
             }
         }
@@ -79,7 +111,10 @@ fn wrong_key_does_not_decrypt() {
 
 #[test]
 fn architecture_refuses_groups_that_break_its_layers() {
-    let gelu = MlpConfig { activation: Activation::Gelu, ..CFG };
+    let gelu = MlpConfig {
+        activation: Activation::Gelu,
+        ..CFG
+    };
     let err = KeySet::generate(
         &gelu.key_spec(),
         &BTreeMap::from([("hidden".to_owned(), KeyGroup::Monomial)]),
@@ -106,15 +141,29 @@ fn train_both(kind: Kind, opt: OptimizerSpec, k: &KeySet, steps: usize) -> f64 {
         let x = Tensor::randn([16, 15], (kind, Device::Cpu));
         let y = Tensor::randint(2, [16], (Kind::Int64, Device::Cpu));
         let l1 = plain.train_step(&mut o1, &x, &y);
-        let l2 = ee.train_step(&mut o2, &encrypt_inputs(&spec, k, &x).unwrap(), &encrypt_labels(&spec, k, &y).unwrap());
+        let l2 = ee.train_step(
+            &mut o2,
+            &encrypt_inputs(&spec, k, &x).unwrap(),
+            &encrypt_labels(&spec, k, &y).unwrap(),
+        );
         assert!((l1 - l2).abs() < 1e-4, "losses differ: {l1} vs {l2}");
     }
     let back = decrypt_state(&spec, k, &ee.state()).unwrap();
     max_diff(&back, &plain.state())
 }
 
-const ADAMW: OptimizerSpec = OptimizerSpec::AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
-const SGD: OptimizerSpec = OptimizerSpec::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-3 };
+const ADAMW: OptimizerSpec = OptimizerSpec::AdamW {
+    lr: 1e-2,
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weight_decay: 1e-2,
+};
+const SGD: OptimizerSpec = OptimizerSpec::Sgd {
+    lr: 0.1,
+    momentum: 0.9,
+    weight_decay: 1e-3,
+};
 
 #[test]
 fn twenty_adamw_steps_are_equivariant() {
@@ -139,18 +188,37 @@ fn adamw_under_an_orthogonal_key_is_refused_and_really_diverges() {
     let err = check_trainable(&spec, &k, Optimizer::AdamW).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, EncryptError::NotEquivariant { .. }), "{msg}");
-    assert!(msg.contains("input") && msg.contains("orthogonal") && msg.contains("AdamW"), "{msg}");
+    assert!(
+        msg.contains("input") && msg.contains("orthogonal") && msg.contains("AdamW"),
+        "{msg}"
+    );
     // The refusal is warranted: training anyway drifts far from plaintext training.
     let mut plain = model(Kind::Double, 7);
-    let mut ee = Mlp::from_state(CFG, &transform_state(&spec, &k, &plain.state()).unwrap(), Device::Cpu, Kind::Double).unwrap();
-    let (mut o1, mut o2) = (plain.optimizer(&ADAMW).unwrap(), ee.optimizer(&ADAMW).unwrap());
+    let mut ee = Mlp::from_state(
+        CFG,
+        &transform_state(&spec, &k, &plain.state()).unwrap(),
+        Device::Cpu,
+        Kind::Double,
+    )
+    .unwrap();
+    let (mut o1, mut o2) = (
+        plain.optimizer(&ADAMW).unwrap(),
+        ee.optimizer(&ADAMW).unwrap(),
+    );
     for _ in 0..20 {
         let x = Tensor::randn([16, 15], (Kind::Double, Device::Cpu));
         let y = Tensor::randint(2, [16], (Kind::Int64, Device::Cpu));
         plain.train_step(&mut o1, &x, &y);
-        ee.train_step(&mut o2, &encrypt_inputs(&spec, &k, &x).unwrap(), &encrypt_labels(&spec, &k, &y).unwrap());
+        ee.train_step(
+            &mut o2,
+            &encrypt_inputs(&spec, &k, &x).unwrap(),
+            &encrypt_labels(&spec, &k, &y).unwrap(),
+        );
     }
-    let d = max_diff(&decrypt_state(&spec, &k, &ee.state()).unwrap(), &plain.state());
+    let d = max_diff(
+        &decrypt_state(&spec, &k, &ee.state()).unwrap(),
+        &plain.state(),
+    );
     assert!(d > 1e-4, "expected divergence, got {d}");
 }
 
@@ -168,12 +236,19 @@ fn every_disallowed_pair_is_refused() {
         (KeyGroup::Invertible, Optimizer::Sgd, false),
     ] {
         let k = keys(&CFG, &[("input", group)], false, 30);
-        assert_eq!(check_trainable(&spec, &k, opt).is_ok(), ok, "{group} with {opt}");
+        assert_eq!(
+            check_trainable(&spec, &k, opt).is_ok(),
+            ok,
+            "{group} with {opt}"
+        );
     }
     let k = keys(&CFG, &[("hidden", KeyGroup::Monomial)], false, 31);
     assert!(check_trainable(&spec, &k, Optimizer::Sgd).is_err());
     let k = keys(&CFG, &[], true, 32);
-    assert!(matches!(check_trainable(&spec, &k, Optimizer::Sgd), Err(EncryptError::OffsetInTraining)));
+    assert!(matches!(
+        check_trainable(&spec, &k, Optimizer::Sgd),
+        Err(EncryptError::OffsetInTraining)
+    ));
 }
 
 #[test]
@@ -184,7 +259,10 @@ fn key_files_are_private() {
     let path = dir.join("k.json");
     let k = keys(&CFG, &[], false, 40);
     k.save(&path).unwrap();
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert_eq!(KeySet::load(&path).unwrap(), k);
     std::fs::remove_dir_all(&dir).unwrap();
 }

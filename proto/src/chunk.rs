@@ -35,7 +35,11 @@ pub enum ChunkError {
 pub fn chunks(blob: &[u8]) -> Vec<Chunk> {
     let total_size = blob.len() as u64;
     if blob.is_empty() {
-        return vec![Chunk { offset: 0, total_size, data: Vec::new() }];
+        return vec![Chunk {
+            offset: 0,
+            total_size,
+            data: Vec::new(),
+        }];
     }
     blob.chunks(CHUNK_SIZE)
         .enumerate()
@@ -58,7 +62,11 @@ pub struct Reassembler {
 impl Reassembler {
     /// A reassembler that refuses blobs above `limit` bytes.
     pub fn new(limit: u64) -> Self {
-        Self { limit, declared: None, buf: Vec::new() }
+        Self {
+            limit,
+            declared: None,
+            buf: Vec::new(),
+        }
     }
 
     /// Append one chunk.
@@ -67,25 +75,37 @@ impl Reassembler {
     /// Any [`ChunkError`] except `Truncated`; the reassembler should then be dropped.
     pub fn push(&mut self, chunk: Chunk) -> Result<(), ChunkError> {
         if chunk.data.len() > CHUNK_SIZE {
-            return Err(ChunkError::ChunkTooLarge { size: chunk.data.len(), limit: CHUNK_SIZE });
+            return Err(ChunkError::ChunkTooLarge {
+                size: chunk.data.len(),
+                limit: CHUNK_SIZE,
+            });
         }
         let declared = match self.declared {
             None => {
                 if chunk.total_size > self.limit {
-                    return Err(ChunkError::TooLarge { size: chunk.total_size, limit: self.limit });
+                    return Err(ChunkError::TooLarge {
+                        size: chunk.total_size,
+                        limit: self.limit,
+                    });
                 }
                 self.buf.reserve_exact(chunk.total_size as usize);
                 self.declared = Some(chunk.total_size);
                 chunk.total_size
             }
             Some(d) if d != chunk.total_size => {
-                return Err(ChunkError::SizeChanged { expected: d, got: chunk.total_size });
+                return Err(ChunkError::SizeChanged {
+                    expected: d,
+                    got: chunk.total_size,
+                });
             }
             Some(d) => d,
         };
         let expected = self.buf.len() as u64;
         if chunk.offset != expected {
-            return Err(ChunkError::OutOfOrder { expected, got: chunk.offset });
+            return Err(ChunkError::OutOfOrder {
+                expected,
+                got: chunk.offset,
+            });
         }
         if expected + chunk.data.len() as u64 > declared {
             return Err(ChunkError::Overflow { declared });
@@ -116,7 +136,9 @@ mod tests {
 
     #[test]
     fn round_trip_multi_chunk() {
-        let blob: Vec<u8> = (0..(2 * CHUNK_SIZE + 17)).map(|i| (i % 251) as u8).collect();
+        let blob: Vec<u8> = (0..(2 * CHUNK_SIZE + 17))
+            .map(|i| (i % 251) as u8)
+            .collect();
         let cs = chunks(&blob);
         assert_eq!(cs.len(), 3);
         let mut r = Reassembler::new(MAX_BLOB_SIZE);
@@ -133,12 +155,18 @@ mod tests {
         let mut r = Reassembler::new(MAX_BLOB_SIZE);
         assert_eq!(
             r.push(cs[1].clone()),
-            Err(ChunkError::OutOfOrder { expected: 0, got: CHUNK_SIZE as u64 })
+            Err(ChunkError::OutOfOrder {
+                expected: 0,
+                got: CHUNK_SIZE as u64
+            })
         );
         let mut r = Reassembler::new(MAX_BLOB_SIZE);
         r.push(cs[0].clone()).unwrap();
         assert!(matches!(r.finish(), Err(ChunkError::Truncated { .. })));
         let mut r = Reassembler::new(10);
-        assert!(matches!(r.push(cs[0].clone()), Err(ChunkError::TooLarge { .. })));
+        assert!(matches!(
+            r.push(cs[0].clone()),
+            Err(ChunkError::TooLarge { .. })
+        ));
     }
 }

@@ -7,8 +7,8 @@ use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_model::{Mlp, MlpConfig, OptimizerSpec, state_from_safetensors, state_to_safetensors};
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_proto::v1::{
-    DownloadModelRequest, JoinRequest, MetricsReport, NextTaskRequest, SubmitUpdateMessage, TaskKind, UpdateHeader,
-    submit_update_message,
+    DownloadModelRequest, JoinRequest, MetricsReport, NextTaskRequest, SubmitUpdateMessage,
+    TaskKind, UpdateHeader, submit_update_message,
 };
 use fedee_proto::{MAX_BLOB_SIZE, Reassembler, chunks};
 use rand::SeedableRng;
@@ -64,9 +64,15 @@ fn rpc(call: &'static str) -> impl Fn(tonic::Status) -> SiteError {
     move |status| SiteError::Rpc { call, status }
 }
 
-async fn download(client: &mut FederationClient<Channel>, model: u32) -> Result<Vec<u8>, SiteError> {
-    let mut stream =
-        client.download_model(DownloadModelRequest { model }).await.map_err(rpc("DownloadModel"))?.into_inner();
+async fn download(
+    client: &mut FederationClient<Channel>,
+    model: u32,
+) -> Result<Vec<u8>, SiteError> {
+    let mut stream = client
+        .download_model(DownloadModelRequest { model })
+        .await
+        .map_err(rpc("DownloadModel"))?
+        .into_inner();
     let mut r = Reassembler::new(MAX_BLOB_SIZE);
     while let Some(c) = stream.message().await.map_err(rpc("DownloadModel"))? {
         r.push(c)?;
@@ -81,19 +87,37 @@ async fn download(client: &mut FederationClient<Channel>, model: u32) -> Result<
 pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     let mut client = FederationClient::connect(cfg.aggregator.clone())
         .await
-        .map_err(|source| SiteError::Connect { url: cfg.aggregator.clone(), source })?;
-    client.join(JoinRequest { site: cfg.site.clone() }).await.map_err(rpc("Join"))?;
+        .map_err(|source| SiteError::Connect {
+            url: cfg.aggregator.clone(),
+            source,
+        })?;
+    client
+        .join(JoinRequest {
+            site: cfg.site.clone(),
+        })
+        .await
+        .map_err(rpc("Join"))?;
     tracing::info!(site = %cfg.site, train = cfg.data.train.len(), test = cfg.data.test.len(), "joined");
     let mut rng = match cfg.seed {
         Some(s) => ChaCha20Rng::seed_from_u64(s),
         None => ChaCha20Rng::from_os_rng(),
     };
-    let mut report = SiteReport { site: cfg.site.clone(), evaluations: vec![], rounds_trained: vec![] };
+    let mut report = SiteReport {
+        site: cfg.site.clone(),
+        evaluations: vec![],
+        rounds_trained: vec![],
+    };
     let (xtr, ytr) = to_tensors(&cfg.data.train, NUM_FEATURES, cfg.device, Kind::Float);
     let (xte, yte) = to_tensors(&cfg.data.test, NUM_FEATURES, cfg.device, Kind::Float);
     let mut evaluated = 0u32;
     loop {
-        let task = client.next_task(NextTaskRequest { site: cfg.site.clone() }).await.map_err(rpc("NextTask"))?.into_inner();
+        let task = client
+            .next_task(NextTaskRequest {
+                site: cfg.site.clone(),
+            })
+            .await
+            .map_err(rpc("NextTask"))?
+            .into_inner();
         let kind = TaskKind::try_from(task.kind).unwrap_or(TaskKind::Unspecified);
         if kind == TaskKind::Wait || kind == TaskKind::Unspecified {
             tokio::time::sleep(cfg.poll_interval).await;
@@ -113,7 +137,10 @@ pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
                 })
                 .await
                 .map_err(rpc("ReportMetrics"))?;
-            report.evaluations.push(Evaluation { model: task.round, test_accuracy: acc });
+            report.evaluations.push(Evaluation {
+                model: task.round,
+                test_accuracy: acc,
+            });
             evaluated = task.round;
         }
         if kind == TaskKind::Done {
@@ -123,7 +150,11 @@ pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         let local = LocalTraining {
             epochs: task.local_epochs,
             batch_size: task.batch_size,
-            optimizer: OptimizerSpec::Sgd { lr: task.learning_rate, momentum: 0.9, weight_decay: 0.0 },
+            optimizer: OptimizerSpec::Sgd {
+                lr: task.learning_rate,
+                momentum: 0.9,
+                weight_decay: 0.0,
+            },
         };
         let c = ClippingNorm::new(task.clipping_norm)?;
         let sigma = NoiseMultiplier::new(task.noise_multiplier)?;
@@ -136,11 +167,19 @@ pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             num_examples: cfg.data.train.len() as u64,
             sha256: hex::encode(Sha256::digest(&blob)),
         };
-        let msgs: Vec<SubmitUpdateMessage> = std::iter::once(submit_update_message::Msg::Header(header))
-            .chain(chunks(&blob).into_iter().map(submit_update_message::Msg::Chunk))
-            .map(|m| SubmitUpdateMessage { msg: Some(m) })
-            .collect();
-        client.submit_update(futures::stream::iter(msgs)).await.map_err(rpc("SubmitUpdate"))?;
+        let msgs: Vec<SubmitUpdateMessage> =
+            std::iter::once(submit_update_message::Msg::Header(header))
+                .chain(
+                    chunks(&blob)
+                        .into_iter()
+                        .map(submit_update_message::Msg::Chunk),
+                )
+                .map(|m| SubmitUpdateMessage { msg: Some(m) })
+                .collect();
+        client
+            .submit_update(futures::stream::iter(msgs))
+            .await
+            .map_err(rpc("SubmitUpdate"))?;
         tracing::info!(site = %cfg.site, round = task.round, loss, update_norm = norm, "update submitted");
         report.rounds_trained.push(task.round);
     }

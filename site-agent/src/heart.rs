@@ -16,9 +16,21 @@ pub const NUM_FEATURES: usize = 15;
 
 /// Feature names, in column order.
 pub const FEATURE_NAMES: [&str; NUM_FEATURES] = [
-    "age", "sex_male", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
-    "cp_asymptomatic", "cp_atypical_angina", "cp_non_anginal", "cp_typical_angina",
-    "restecg_lv_hypertrophy", "restecg_normal", "restecg_st_t_abnormality",
+    "age",
+    "sex_male",
+    "trestbps",
+    "chol",
+    "fbs",
+    "thalch",
+    "exang",
+    "oldpeak",
+    "cp_asymptomatic",
+    "cp_atypical_angina",
+    "cp_non_anginal",
+    "cp_typical_angina",
+    "restecg_lv_hypertrophy",
+    "restecg_normal",
+    "restecg_st_t_abnormality",
 ];
 
 /// The four hospitals, by their value of the `dataset` column.
@@ -72,7 +84,12 @@ fn parse_bool(s: &str) -> Option<f32> {
 
 fn one_hot(value: &str, categories: &[&str]) -> Option<Vec<f32>> {
     categories.iter().position(|c| *c == value)?;
-    Some(categories.iter().map(|c| if *c == value { 1.0 } else { 0.0 }).collect())
+    Some(
+        categories
+            .iter()
+            .map(|c| if *c == value { 1.0 } else { 0.0 })
+            .collect(),
+    )
 }
 
 /// Parse one CSV record into (hospital, features, label); `None` if a used value is missing.
@@ -92,8 +109,19 @@ fn parse_row(r: &csv::StringRecord, idx: &Columns) -> Option<(String, Vec<f32>, 
         parse_bool(r.get(idx.exang)?)?,
         num(idx.oldpeak)?,
     ];
-    f.extend(one_hot(r.get(idx.cp)?, &["asymptomatic", "atypical angina", "non-anginal", "typical angina"])?);
-    f.extend(one_hot(r.get(idx.restecg)?, &["lv hypertrophy", "normal", "st-t abnormality"])?);
+    f.extend(one_hot(
+        r.get(idx.cp)?,
+        &[
+            "asymptomatic",
+            "atypical angina",
+            "non-anginal",
+            "typical angina",
+        ],
+    )?);
+    f.extend(one_hot(
+        r.get(idx.restecg)?,
+        &["lv hypertrophy", "normal", "st-t abnormality"],
+    )?);
     let label = i64::from(num(idx.num)? > 0.0);
     Some((r.get(idx.dataset)?.to_owned(), f, label))
 }
@@ -125,12 +153,21 @@ pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
         )));
     }
     let mut rdr = csv::Reader::from_path(path).map_err(|e| {
-        SiteError::Data(format!("cannot read {}: {e} (run `make data` to fetch it)", path.display()))
+        SiteError::Data(format!(
+            "cannot read {}: {e} (run `make data` to fetch it)",
+            path.display()
+        ))
     })?;
-    let headers = rdr.headers().map_err(|e| SiteError::Data(format!("{}: {e}", path.display())))?.clone();
+    let headers = rdr
+        .headers()
+        .map_err(|e| SiteError::Data(format!("{}: {e}", path.display())))?
+        .clone();
     let col = |name: &str| {
         headers.iter().position(|h| h == name).ok_or_else(|| {
-            SiteError::Data(format!("{} has no column `{name}`: is it heart_disease_uci.csv?", path.display()))
+            SiteError::Data(format!(
+                "{} has no column `{name}`: is it heart_disease_uci.csv?",
+                path.display()
+            ))
         })
     };
     let idx = Columns {
@@ -169,9 +206,16 @@ pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
         }
     }
     if train.is_empty() || test.is_empty() {
-        return Err(SiteError::Data(format!("hospital `{hospital}` has no usable rows in {}", path.display())));
+        return Err(SiteError::Data(format!(
+            "hospital `{hospital}` has no usable rows in {}",
+            path.display()
+        )));
     }
-    Ok(Partition { hospital: hospital.to_owned(), train, test })
+    Ok(Partition {
+        hospital: hospital.to_owned(),
+        train,
+        test,
+    })
 }
 
 /// Per-feature standardisation `(x − mean) / std`, fitted on one site's training split only.
@@ -185,8 +229,8 @@ impl Standardizer {
     /// Fit on `train`. Constant features get std 1.
     pub fn fit(train: &Examples) -> Self {
         let n = train.len().max(1) as f64;
-        let mut mean = vec![0f64; NUM_FEATURES];
-        let mut sq = vec![0f64; NUM_FEATURES];
+        let mut mean = [0f64; NUM_FEATURES];
+        let mut sq = [0f64; NUM_FEATURES];
         for row in train.x.chunks_exact(NUM_FEATURES) {
             for (j, &v) in row.iter().enumerate() {
                 mean[j] += f64::from(v) / n;
@@ -197,8 +241,20 @@ impl Standardizer {
                 sq[j] += (f64::from(v) - mean[j]).powi(2) / n;
             }
         }
-        let std = sq.iter().map(|v| if v.sqrt() > 1e-8 { v.sqrt() as f32 } else { 1.0 }).collect();
-        Self { mean: mean.iter().map(|&m| m as f32).collect(), std }
+        let std = sq
+            .iter()
+            .map(|v| {
+                if v.sqrt() > 1e-8 {
+                    v.sqrt() as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        Self {
+            mean: mean.iter().map(|&m| m as f32).collect(),
+            std,
+        }
     }
 
     /// Standardise `ex` in place.
@@ -232,16 +288,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fedee-heart-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("h.csv");
-        let mut s = String::from("id,age,sex,dataset,cp,trestbps,chol,fbs,restecg,thalch,exang,oldpeak,slope,ca,thal,num\n");
+        let mut s = String::from(
+            "id,age,sex,dataset,cp,trestbps,chol,fbs,restecg,thalch,exang,oldpeak,slope,ca,thal,num\n",
+        );
         for i in 0..30 {
             let num = i % 3;
-            s += &format!("{i},{},Male,Hungary,asymptomatic,130,250,FALSE,normal,150,TRUE,1.0,,,,{num}\n", 40 + i);
+            s += &format!(
+                "{i},{},Male,Hungary,asymptomatic,130,250,FALSE,normal,150,TRUE,1.0,,,,{num}\n",
+                40 + i
+            );
         }
         s += "99,50,Female,Hungary,non-anginal,,250,FALSE,normal,150,TRUE,1.0,,,,0\n"; // missing trestbps
         s += "98,50,Female,Cleveland,non-anginal,120,250,FALSE,normal,150,TRUE,1.0,,,,0\n";
         std::fs::write(&p, s).unwrap();
         let part = load(&p, "Hungary").unwrap();
-        assert_eq!(part.train.len() + part.test.len(), 30, "missing row dropped, other hospital ignored");
+        assert_eq!(
+            part.train.len() + part.test.len(),
+            30,
+            "missing row dropped, other hospital ignored"
+        );
         // 10 negatives, 20 positives: stratified 66 % → 7 + 13 train.
         assert_eq!(part.train.y.iter().filter(|&&y| y == 0).count(), 7);
         assert_eq!(part.train.y.iter().filter(|&&y| y == 1).count(), 13);

@@ -20,10 +20,16 @@ pub enum SiteError {
     Data(String),
     /// The aggregator refused a call.
     #[error("aggregator refused {call}: {status}")]
-    Rpc { call: &'static str, status: tonic::Status },
+    Rpc {
+        call: &'static str,
+        status: tonic::Status,
+    },
     /// The aggregator could not be reached.
     #[error("cannot reach the aggregator at {url}: {source} (is it running? check --aggregator)")]
-    Connect { url: String, source: tonic::transport::Error },
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
     /// Model error (wrong architecture, bad tensors).
     #[error("model: {0}")]
     Model(#[from] fedee_model::ModelError),

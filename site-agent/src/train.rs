@@ -12,7 +12,10 @@ use crate::heart::Examples;
 
 /// Examples as tensors on `device`: `x (n, features)` of `kind`, `y (n,)` int64.
 pub fn to_tensors(ex: &Examples, features: usize, device: Device, kind: Kind) -> (Tensor, Tensor) {
-    let x = Tensor::from_slice(&ex.x).reshape([ex.len() as i64, features as i64]).to_kind(kind).to_device(device);
+    let x = Tensor::from_slice(&ex.x)
+        .reshape([ex.len() as i64, features as i64])
+        .to_kind(kind)
+        .to_device(device);
     let y = Tensor::from_slice(&ex.y).to_device(device);
     (x, y)
 }
@@ -71,7 +74,10 @@ pub fn dp_update<R: Rng + ?Sized>(
     let mut flat: Vec<f32> = Vec::new();
     let mut shapes = Vec::new();
     for (name, g) in global {
-        let d = (&local[name] - g).to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1]);
+        let d = (&local[name] - g)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .reshape([-1]);
         shapes.push((name.clone(), g.size()));
         flat.extend(Vec::<f32>::try_from(&d).expect("f32 tensor"));
     }
@@ -81,7 +87,10 @@ pub fn dp_update<R: Rng + ?Sized>(
     let mut off = 0usize;
     for (name, shape) in shapes {
         let n: i64 = shape.iter().product();
-        out.insert(name, Tensor::from_slice(&flat[off..off + n as usize]).reshape(&shape));
+        out.insert(
+            name,
+            Tensor::from_slice(&flat[off..off + n as usize]).reshape(&shape),
+        );
         off += n as usize;
     }
     (out, norm)
@@ -95,14 +104,29 @@ mod tests {
     #[test]
     fn update_is_clipped_difference() {
         let mut g = StateDict::new();
-        g.insert("w".into(), Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)));
+        g.insert(
+            "w".into(),
+            Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)),
+        );
         let mut l = StateDict::new();
-        l.insert("w".into(), Tensor::from_slice(&[3.0f32, 0.0, 0.0, 4.0]).reshape([2, 2]));
+        l.insert(
+            "w".into(),
+            Tensor::from_slice(&[3.0f32, 0.0, 0.0, 4.0]).reshape([2, 2]),
+        );
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-        let (u, norm) = dp_update(&l, &g, ClippingNorm::new(1.0).unwrap(), NoiseMultiplier::new(0.0).unwrap(), &mut rng);
+        let (u, norm) = dp_update(
+            &l,
+            &g,
+            ClippingNorm::new(1.0).unwrap(),
+            NoiseMultiplier::new(0.0).unwrap(),
+            &mut rng,
+        );
         assert!((norm - 5.0).abs() < 1e-9);
         let v = Vec::<f32>::try_from(u["w"].reshape([-1])).unwrap();
-        assert!((v[0] - 0.6).abs() < 1e-5 && (v[3] - 0.8).abs() < 1e-5, "{v:?}");
+        assert!(
+            (v[0] - 0.6).abs() < 1e-5 && (v[3] - 0.8).abs() < 1e-5,
+            "{v:?}"
+        );
         assert_eq!(u["w"].size(), vec![2, 2]);
     }
 }

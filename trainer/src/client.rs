@@ -4,8 +4,8 @@
 
 use fedee_proto::v1::trainer_client::TrainerClient as Grpc;
 use fedee_proto::v1::{
-    CreateJobMessage, ExportModelRequest, JobSpec, OptimizerSpec as WireOptimizer, PredictRequest, TrainBatch,
-    create_job_message,
+    CreateJobMessage, ExportModelRequest, JobSpec, OptimizerSpec as WireOptimizer, PredictRequest,
+    TrainBatch, create_job_message,
 };
 use fedee_proto::{MAX_BLOB_SIZE, Reassembler, chunks};
 use sha2::{Digest, Sha256};
@@ -18,10 +18,16 @@ use fedee_model::{MlpConfig, OptimizerSpec};
 pub enum ClientError {
     /// Cannot connect.
     #[error("cannot reach the trainer at {url}: {source}")]
-    Connect { url: String, source: tonic::transport::Error },
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
     /// The trainer refused a call.
     #[error("trainer refused {call}: {status}")]
-    Rpc { call: &'static str, status: tonic::Status },
+    Rpc {
+        call: &'static str,
+        status: tonic::Status,
+    },
     /// A malformed stream from the trainer.
     #[error("stream: {0}")]
     Stream(#[from] fedee_proto::ChunkError),
@@ -45,8 +51,13 @@ impl TrainerClient {
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
         let inner = Grpc::connect(url.to_owned())
             .await
-            .map_err(|source| ClientError::Connect { url: url.to_owned(), source })?;
-        Ok(Self { inner: inner.max_decoding_message_size(16 << 20) })
+            .map_err(|source| ClientError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            inner: inner.max_decoding_message_size(16 << 20),
+        })
     }
 
     /// Upload an EE model (safetensors) and create a training job; returns the job id.
@@ -61,7 +72,13 @@ impl TrainerClient {
         ee_model: &[u8],
     ) -> Result<String, ClientError> {
         let optimizer = match *optimizer {
-            OptimizerSpec::AdamW { lr, beta1, beta2, eps, weight_decay } => WireOptimizer {
+            OptimizerSpec::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => WireOptimizer {
                 kind: "adamw".into(),
                 learning_rate: lr,
                 beta1,
@@ -70,7 +87,11 @@ impl TrainerClient {
                 weight_decay,
                 momentum: 0.0,
             },
-            OptimizerSpec::Sgd { lr, momentum, weight_decay } => WireOptimizer {
+            OptimizerSpec::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+            } => WireOptimizer {
                 kind: "sgd".into(),
                 learning_rate: lr,
                 momentum,
@@ -87,10 +108,18 @@ impl TrainerClient {
             sha256: hex::encode(Sha256::digest(ee_model)),
         };
         let msgs: Vec<CreateJobMessage> = std::iter::once(create_job_message::Msg::Spec(spec))
-            .chain(chunks(ee_model).into_iter().map(create_job_message::Msg::Chunk))
+            .chain(
+                chunks(ee_model)
+                    .into_iter()
+                    .map(create_job_message::Msg::Chunk),
+            )
             .map(|m| CreateJobMessage { msg: Some(m) })
             .collect();
-        let r = self.inner.create_job(futures::stream::iter(msgs)).await.map_err(rpc("CreateJob"))?;
+        let r = self
+            .inner
+            .create_job(futures::stream::iter(msgs))
+            .await
+            .map_err(rpc("CreateJob"))?;
         Ok(r.into_inner().job_id)
     }
 
@@ -106,8 +135,16 @@ impl TrainerClient {
         mut on_step: impl FnMut(u64, f64),
     ) -> Result<Vec<f64>, ClientError> {
         let job = job_id.to_owned();
-        let reqs = futures::stream::iter(batches.into_iter().map(move |batch| TrainBatch { job_id: job.clone(), batch }));
-        let mut results = self.inner.train(reqs).await.map_err(rpc("Train"))?.into_inner();
+        let reqs = futures::stream::iter(batches.into_iter().map(move |batch| TrainBatch {
+            job_id: job.clone(),
+            batch,
+        }));
+        let mut results = self
+            .inner
+            .train(reqs)
+            .await
+            .map_err(rpc("Train"))?
+            .into_inner();
         let mut losses = vec![];
         while let Some(r) = results.message().await.map_err(rpc("Train"))? {
             on_step(r.step, r.loss);
@@ -121,7 +158,14 @@ impl TrainerClient {
     /// # Errors
     /// [`ClientError::Rpc`].
     pub async fn predict(&mut self, job_id: &str, batch: Vec<u8>) -> Result<Vec<u8>, ClientError> {
-        let r = self.inner.predict(PredictRequest { job_id: job_id.into(), batch }).await.map_err(rpc("Predict"))?;
+        let r = self
+            .inner
+            .predict(PredictRequest {
+                job_id: job_id.into(),
+                batch,
+            })
+            .await
+            .map_err(rpc("Predict"))?;
         Ok(r.into_inner().outputs)
     }
 
@@ -132,7 +176,9 @@ impl TrainerClient {
     pub async fn export_model(&mut self, job_id: &str) -> Result<Vec<u8>, ClientError> {
         let mut s = self
             .inner
-            .export_model(ExportModelRequest { job_id: job_id.into() })
+            .export_model(ExportModelRequest {
+                job_id: job_id.into(),
+            })
             .await
             .map_err(rpc("ExportModel"))?
             .into_inner();

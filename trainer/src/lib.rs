@@ -37,7 +37,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { device: Device::Cpu, max_model_bytes: 1 << 30 }
+        Self {
+            device: Device::Cpu,
+            max_model_bytes: 1 << 30,
+        }
     }
 }
 
@@ -45,7 +48,11 @@ impl Default for Config {
 ///
 /// # Errors
 /// Transport failures.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), TrainerError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), TrainerError> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(TrainerService::new(config).into_server())

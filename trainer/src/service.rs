@@ -5,12 +5,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use fedee_model::{
-    Mlp, MlpConfig, OptimizerSpec, batch_from_safetensors, state_from_safetensors, state_to_safetensors,
+    Mlp, MlpConfig, OptimizerSpec, batch_from_safetensors, state_from_safetensors,
+    state_to_safetensors,
 };
 use fedee_proto::v1::trainer_server::{Trainer, TrainerServer};
 use fedee_proto::v1::{
-    Chunk, CreateJobMessage, CreateJobResponse, ExportModelRequest, JobSpec, PredictRequest, PredictResponse,
-    StepResult, TrainBatch, create_job_message,
+    Chunk, CreateJobMessage, CreateJobResponse, ExportModelRequest, JobSpec, PredictRequest,
+    PredictResponse, StepResult, TrainBatch, create_job_message,
 };
 use fedee_proto::{Reassembler, chunks};
 use futures::Stream;
@@ -46,18 +47,35 @@ fn parse_spec(spec: &JobSpec) -> Result<(MlpConfig, OptimizerSpec, Kind), Status
     }
     let cfg: MlpConfig = serde_json::from_str(&spec.config_json)
         .map_err(|e| Status::invalid_argument(format!("config_json: {e}")))?;
-    cfg.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    cfg.validate()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let kind = match spec.dtype.as_str() {
         "f32" | "" => Kind::Float,
         "f64" => Kind::Double,
-        d => return Err(Status::invalid_argument(format!("dtype `{d}` is not supported: use f32 or f64"))),
+        d => {
+            return Err(Status::invalid_argument(format!(
+                "dtype `{d}` is not supported: use f32 or f64"
+            )));
+        }
     };
-    let o = spec.optimizer.clone().ok_or_else(|| Status::invalid_argument("optimizer is required"))?;
+    let o = spec
+        .optimizer
+        .clone()
+        .ok_or_else(|| Status::invalid_argument("optimizer is required"))?;
     let finite_nonneg = |v: f64, name: &str| {
-        if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(Status::invalid_argument(format!("optimizer {name} must be finite and >= 0, got {v}"))) }
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(Status::invalid_argument(format!(
+                "optimizer {name} must be finite and >= 0, got {v}"
+            )))
+        }
     };
     if !(o.learning_rate.is_finite() && o.learning_rate > 0.0) {
-        return Err(Status::invalid_argument(format!("learning rate must be positive, got {}", o.learning_rate)));
+        return Err(Status::invalid_argument(format!(
+            "learning rate must be positive, got {}",
+            o.learning_rate
+        )));
     }
     let opt = match o.kind.as_str() {
         "adamw" => OptimizerSpec::AdamW {
@@ -72,7 +90,11 @@ fn parse_spec(spec: &JobSpec) -> Result<(MlpConfig, OptimizerSpec, Kind), Status
             momentum: finite_nonneg(o.momentum, "momentum")?,
             weight_decay: finite_nonneg(o.weight_decay, "weight_decay")?,
         },
-        k => return Err(Status::invalid_argument(format!("optimizer `{k}` is not supported: use adamw or sgd"))),
+        k => {
+            return Err(Status::invalid_argument(format!(
+                "optimizer `{k}` is not supported: use adamw or sgd"
+            )));
+        }
     };
     Ok((cfg, opt, kind))
 }
@@ -83,7 +105,10 @@ type StepStream = Pin<Box<dyn Stream<Item = Result<StepResult, Status>> + Send>>
 impl TrainerService {
     /// A trainer with no jobs.
     pub fn new(config: Config) -> Self {
-        Self { config, jobs: Arc::default() }
+        Self {
+            config,
+            jobs: Arc::default(),
+        }
     }
 
     /// The tonic server wrapping this service.
@@ -92,24 +117,40 @@ impl TrainerService {
     }
 
     async fn job(&self, id: &str) -> Result<Arc<StdMutex<Job>>, Status> {
-        self.jobs.lock().await.get(id).cloned().ok_or_else(|| Status::not_found(format!("no job `{id}`: create it with CreateJob")))
+        self.jobs
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no job `{id}`: create it with CreateJob")))
     }
 }
 
 fn lock(job: &StdMutex<Job>) -> std::sync::MutexGuard<'_, Job> {
-    job.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    job.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
 }
 
 #[tonic::async_trait]
 impl Trainer for TrainerService {
-    async fn create_job(&self, req: Request<Streaming<CreateJobMessage>>) -> Result<Response<CreateJobResponse>, Status> {
+    async fn create_job(
+        &self,
+        req: Request<Streaming<CreateJobMessage>>,
+    ) -> Result<Response<CreateJobResponse>, Status> {
         let mut stream = req.into_inner();
-        let Some(create_job_message::Msg::Spec(spec)) = stream.message().await?.and_then(|m| m.msg) else {
-            return Err(Status::invalid_argument("the first message must be a JobSpec"));
+        let Some(create_job_message::Msg::Spec(spec)) = stream.message().await?.and_then(|m| m.msg)
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be a JobSpec",
+            ));
         };
         let (cfg, opt_spec, kind) = parse_spec(&spec)?;
         if spec.model_size > self.config.max_model_bytes {
@@ -121,34 +162,61 @@ impl Trainer for TrainerService {
         let mut r = Reassembler::new(spec.model_size);
         while let Some(m) = stream.message().await? {
             match m.msg {
-                Some(create_job_message::Msg::Chunk(c)) => {
-                    r.push(c).map_err(|e| Status::invalid_argument(format!("model stream: {e}")))?
+                Some(create_job_message::Msg::Chunk(c)) => r
+                    .push(c)
+                    .map_err(|e| Status::invalid_argument(format!("model stream: {e}")))?,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "after the JobSpec, send only chunks",
+                    ));
                 }
-                _ => return Err(Status::invalid_argument("after the JobSpec, send only chunks")),
             }
         }
-        let bytes = r.finish().map_err(|e| Status::invalid_argument(format!("model stream: {e}")))?;
+        let bytes = r
+            .finish()
+            .map_err(|e| Status::invalid_argument(format!("model stream: {e}")))?;
         let sha = hex::encode(Sha256::digest(&bytes));
         if !sha.eq_ignore_ascii_case(&spec.sha256) {
-            return Err(Status::invalid_argument(format!("SHA-256 mismatch: spec says {}, bytes hash to {sha}", spec.sha256)));
+            return Err(Status::invalid_argument(format!(
+                "SHA-256 mismatch: spec says {}, bytes hash to {sha}",
+                spec.sha256
+            )));
         }
         let device = self.config.device;
         let job = blocking(move || {
-            let state = state_from_safetensors(&bytes, device).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let model = Mlp::from_state(cfg, &state, device, kind).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let opt = model.optimizer(&opt_spec).map_err(|e| Status::internal(e.to_string()))?;
-            Ok(Job { model, opt, kind, steps: 0 })
+            let state = state_from_safetensors(&bytes, device)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let model = Mlp::from_state(cfg, &state, device, kind)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let opt = model
+                .optimizer(&opt_spec)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Job {
+                model,
+                opt,
+                kind,
+                steps: 0,
+            })
         })
         .await?;
         let id = format!("job-{:016x}", rand::rng().random::<u64>());
-        self.jobs.lock().await.insert(id.clone(), Arc::new(StdMutex::new(job)));
+        self.jobs
+            .lock()
+            .await
+            .insert(id.clone(), Arc::new(StdMutex::new(job)));
         tracing::info!(job = %id, parameters = cfg.num_parameters(), "job created");
-        Ok(Response::new(CreateJobResponse { job_id: id, num_parameters: cfg.num_parameters() as u64 }))
+        Ok(Response::new(CreateJobResponse {
+            job_id: id,
+            num_parameters: cfg.num_parameters() as u64,
+        }))
     }
 
     type TrainStream = StepStream;
 
-    async fn train(&self, req: Request<Streaming<TrainBatch>>) -> Result<Response<StepStream>, Status> {
+    async fn train(
+        &self,
+        req: Request<Streaming<TrainBatch>>,
+    ) -> Result<Response<StepStream>, Status> {
         let mut stream = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
@@ -168,11 +236,20 @@ impl Trainer for TrainerService {
                         blocking(move || {
                             let mut j = lock(&job);
                             let cfg = j.model.config;
-                            let (x, y) = batch_from_safetensors(&batch.batch, device, cfg.in_features, cfg.out_features)
-                                .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
-                            let y = y.ok_or_else(|| Status::invalid_argument("batch: training needs labels `y`"))?;
+                            let (x, y) = batch_from_safetensors(
+                                &batch.batch,
+                                device,
+                                cfg.in_features,
+                                cfg.out_features,
+                            )
+                            .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
+                            let y = y.ok_or_else(|| {
+                                Status::invalid_argument("batch: training needs labels `y`")
+                            })?;
                             let x = x.to_kind(j.kind);
-                            let Job { model, opt, steps, .. } = &mut *j;
+                            let Job {
+                                model, opt, steps, ..
+                            } = &mut *j;
                             let loss = model.train_step(opt, &x, &y);
                             *steps += 1;
                             Ok(StepResult { step: *steps, loss })
@@ -187,18 +264,24 @@ impl Trainer for TrainerService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn predict(&self, req: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
+    async fn predict(
+        &self,
+        req: Request<PredictRequest>,
+    ) -> Result<Response<PredictResponse>, Status> {
         let req = req.into_inner();
         let job = self.job(&req.job_id).await?;
         let device = self.config.device;
         let outputs = blocking(move || {
             let j = lock(&job);
             let cfg = j.model.config;
-            let (x, _) = batch_from_safetensors(&req.batch, device, cfg.in_features, cfg.out_features)
-                .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
+            let (x, _) =
+                batch_from_safetensors(&req.batch, device, cfg.in_features, cfg.out_features)
+                    .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
             let logits = tch::no_grad(|| j.model.forward(&x.to_kind(j.kind)));
             let mut s = fedee_encrypt::StateDict::new();
             s.insert("logits".into(), logits);
@@ -210,9 +293,18 @@ impl Trainer for TrainerService {
 
     type ExportModelStream = ChunkStream;
 
-    async fn export_model(&self, req: Request<ExportModelRequest>) -> Result<Response<ChunkStream>, Status> {
+    async fn export_model(
+        &self,
+        req: Request<ExportModelRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         let job = self.job(&req.into_inner().job_id).await?;
-        let bytes = blocking(move || state_to_safetensors(&lock(&job).model.state()).map_err(|e| Status::internal(e.to_string()))).await?;
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks(&bytes).into_iter().map(Ok)))))
+        let bytes = blocking(move || {
+            state_to_safetensors(&lock(&job).model.state())
+                .map_err(|e| Status::internal(e.to_string()))
+        })
+        .await?;
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            chunks(&bytes).into_iter().map(Ok),
+        ))))
     }
 }
