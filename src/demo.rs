@@ -482,7 +482,9 @@ fn tempdir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-async fn connect_with_retry(url: &str) -> Result<FederationClient<tonic::transport::Channel>> {
+pub(crate) async fn connect_with_retry(
+    url: &str,
+) -> Result<FederationClient<tonic::transport::Channel>> {
     for _ in 0..50 {
         if let Ok(c) = FederationClient::connect(url.to_owned()).await {
             return Ok(c);
@@ -502,7 +504,7 @@ async fn connect_trainer_with_retry(url: &str) -> Result<fedee_trainer::TrainerC
     bail!("trainer at {url} did not come up")
 }
 
-async fn download_model(
+pub(crate) async fn download_model(
     fed: &mut FederationClient<tonic::transport::Channel>,
     model: u32,
 ) -> Result<Vec<u8>> {

@@ -44,6 +44,24 @@ enum Command {
     Trainer(TrainerArgs),
     /// Create an initial global model (safetensors) for the aggregator.
     InitModel(InitModelArgs),
+    /// Show an aggregator's rounds, sites' accuracy and the privacy spent.
+    Status {
+        /// Aggregator URL.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        aggregator: String,
+    },
+    /// Download a global model from the aggregator (model R + 1 is the result of R rounds).
+    DownloadModel {
+        /// Aggregator URL.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        aggregator: String,
+        /// Global model number.
+        #[arg(long)]
+        model: u32,
+        /// Output path (safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Equivariant encryption: keys and model transforms (key holder side).
     #[command(subcommand)]
     Ee(EeCommand),
@@ -283,6 +301,54 @@ async fn main() -> Result<()> {
                 "wrote initial model ({} parameters) to {}",
                 m.config.num_parameters(),
                 i.out.display()
+            );
+            Ok(())
+        }
+        Command::Status { aggregator } => {
+            let mut c = demo::connect_with_retry(&aggregator).await?;
+            let st = c
+                .status(fedee_proto::v1::StatusRequest {})
+                .await?
+                .into_inner();
+            println!(
+                "sites: {}\nround: {}{}\nprivacy unit: {}; C = {}, σ = {}, δ = {:e}",
+                st.sites.join(", "),
+                st.current_round,
+                if st.done { " (done)" } else { "" },
+                st.privacy_unit,
+                st.clipping_norm,
+                st.noise_multiplier,
+                st.delta
+            );
+            for r in st.rounds {
+                let accs: Vec<String> = r
+                    .site_metrics
+                    .iter()
+                    .map(|m| format!("{} {:.3}", m.site, m.test_accuracy))
+                    .collect();
+                println!(
+                    "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}",
+                    r.round,
+                    r.state,
+                    r.rho,
+                    r.epsilon,
+                    accs.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Command::DownloadModel {
+            aggregator,
+            model,
+            out,
+        } => {
+            let mut c = demo::connect_with_retry(&aggregator).await?;
+            let bytes = demo::download_model(&mut c, model).await?;
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!(
+                "wrote global model {model} ({} bytes) to {}",
+                bytes.len(),
+                out.display()
             );
             Ok(())
         }

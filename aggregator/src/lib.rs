@@ -85,6 +85,12 @@ impl Config {
                 self.learning_rate
             ));
         }
+        if !self.database_url.starts_with("sqlite:") {
+            return bad(format!(
+                "database url `{}` is not supported yet: use sqlite://PATH?mode=rwc (PostgreSQL is planned, issue 4)",
+                self.database_url
+            ));
+        }
         if self.batch_size == 0 || self.local_epochs == 0 {
             return bad("batch size and local epochs must be at least 1".into());
         }

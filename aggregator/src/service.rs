@@ -424,7 +424,6 @@ impl FederationApi for Federation {
                         site: m.site.clone(),
                         test_accuracy: m.test_accuracy,
                         num_test_examples: m.num_test_examples,
-                        num_examples: 0,
                     })
                     .collect(),
                 rho: r.rho.unwrap_or(0.0),

@@ -67,11 +67,6 @@ impl Store {
     /// [`AggregatorError::Database`] if the database cannot be opened or migrated.
     pub async fn connect(url: &str) -> Result<Self, AggregatorError> {
         install_default_drivers();
-        if !url.starts_with("sqlite:") {
-            return Err(AggregatorError::Config(format!(
-                "database url `{url}` is not supported yet: use sqlite://PATH (PostgreSQL is planned, issue 4)"
-            )));
-        }
         // One connection: SQLite serialises writers anyway, and an in-memory database must not
         // be split across connections.
         let pool = AnyPoolOptions::new()
