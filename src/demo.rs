@@ -256,18 +256,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut printed = 0;
     loop {
         let st = fed.status(StatusRequest {}).await?.into_inner();
-        let fresh: Vec<_> = st
-            .rounds
-            .iter()
-            .filter(|r| r.state == "closed" && r.round > printed)
-            .collect();
-        for r in fresh {
-            eprintln!(
-                "[demo] round {}/{} closed: ε = {:.3e} (δ = {:e}, unit: {})",
-                r.round, args.rounds, r.epsilon, st.delta, st.privacy_unit
-            );
-            printed = r.round;
-        }
+        printed = print_closed_rounds(&st, printed, args.rounds);
         // A site that finishes early has failed: stop waiting and report it below.
         if st.done || sites.iter().any(|s| s.is_finished()) {
             break;
@@ -279,7 +268,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .context("site task panicked")?
             .context("site agent failed")?;
     }
+    // Sites report their evaluation of the final model before they finish: read the status
+    // only now.
     let st = fed.status(StatusRequest {}).await?.into_inner();
+    print_closed_rounds(&st, printed, args.rounds);
     if !st.done {
         bail!(
             "the federation did not finish: round {} of {}",
@@ -470,6 +462,23 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         report.wall_seconds
     );
     Ok(())
+}
+
+/// Print one line per round closed since `printed`; returns the last round printed.
+fn print_closed_rounds(st: &fedee_proto::v1::StatusResponse, printed: u32, total: u32) -> u32 {
+    let mut last = printed;
+    for r in st
+        .rounds
+        .iter()
+        .filter(|r| r.state == "closed" && r.round > printed)
+    {
+        eprintln!(
+            "[demo] round {}/{total} closed: ε = {:.3e} (δ = {:e}, unit: {})",
+            r.round, r.epsilon, st.delta, st.privacy_unit
+        );
+        last = r.round;
+    }
+    last
 }
 
 fn tempdir() -> Result<PathBuf> {

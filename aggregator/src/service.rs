@@ -408,9 +408,11 @@ impl FederationApi for Federation {
         &self,
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        // Hold the state lock while reading, so rounds, metrics and the current round form one
+        // consistent snapshot (a round cannot close in between).
+        let st = self.state.lock().await;
         let rounds = self.store.rounds().await.map_err(internal)?;
         let metrics = self.store.metrics().await.map_err(internal)?;
-        let st = self.state.lock().await;
         let rounds = rounds
             .into_iter()
             .map(|r| RoundStatus {
