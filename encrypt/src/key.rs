@@ -169,6 +169,139 @@ impl Key {
         }
     }
 
+    /// Draw a key over `count` heads of `dim / count` units: block-diagonal with one random
+    /// `M_h` of `group` per head, composed with the head permutation `head_perm` (slot `s` of
+    /// the output holds head `head_perm[s]` of the input). Used for attention keys, whose
+    /// Q/K and V/O keys of one layer must share the head permutation.
+    ///
+    /// # Panics
+    /// If `dim` is not a multiple of `count` or `head_perm` is not a permutation of `0..count`.
+    pub fn generate_blocked<R: Rng + ?Sized>(
+        name: &str,
+        dim: usize,
+        count: usize,
+        head_perm: &[usize],
+        group: KeyGroup,
+        rng: &mut R,
+    ) -> Key {
+        assert!(
+            count > 0 && dim % count == 0 && head_perm.len() == count,
+            "bad head layout"
+        );
+        let hd = dim / count;
+        let blocks: Vec<Key> = (0..count)
+            .map(|_| Key::generate(name, hd, group, rng))
+            .collect();
+        let material = match group {
+            KeyGroup::Permutation | KeyGroup::SignedPermutation | KeyGroup::Monomial => {
+                let mut perm = vec![0i64; dim];
+                let mut factor = vec![1.0f64; dim];
+                for (s, b) in blocks.iter().enumerate() {
+                    let src = head_perm[s];
+                    let (bp, bf): (&[i64], Option<&[f64]>) = match &b.material {
+                        KeyMaterial::Permutation { perm } => (perm, None),
+                        KeyMaterial::SignedPermutation { perm, signs } => (perm, Some(signs)),
+                        KeyMaterial::Monomial { perm, scales } => (perm, Some(scales)),
+                        KeyMaterial::Dense { .. } => unreachable!("index group"),
+                    };
+                    for j in 0..hd {
+                        perm[s * hd + j] = (src * hd) as i64 + bp[j];
+                        factor[s * hd + j] = bf.map_or(1.0, |f| f[j]);
+                    }
+                }
+                match group {
+                    KeyGroup::Permutation => KeyMaterial::Permutation { perm },
+                    KeyGroup::SignedPermutation => KeyMaterial::SignedPermutation {
+                        perm,
+                        signs: factor,
+                    },
+                    _ => KeyMaterial::Monomial {
+                        perm,
+                        scales: factor,
+                    },
+                }
+            }
+            KeyGroup::Orthogonal | KeyGroup::Invertible => {
+                let mut matrix = vec![0.0; dim * dim];
+                let mut inverse = vec![0.0; dim * dim];
+                for (s, b) in blocks.iter().enumerate() {
+                    let src = head_perm[s];
+                    let KeyMaterial::Dense {
+                        matrix: m,
+                        inverse: mi,
+                        ..
+                    } = &b.material
+                    else {
+                        unreachable!("dense group")
+                    };
+                    for a in 0..hd {
+                        for c in 0..hd {
+                            matrix[(s * hd + a) * dim + src * hd + c] = m[a * hd + c];
+                            inverse[(src * hd + a) * dim + s * hd + c] = mi[a * hd + c];
+                        }
+                    }
+                }
+                KeyMaterial::Dense {
+                    group,
+                    matrix,
+                    inverse,
+                }
+            }
+        };
+        Key {
+            name: name.to_owned(),
+            dim,
+            material,
+        }
+    }
+
+    /// If the key is block-diagonal over `count` heads up to a head permutation, that
+    /// permutation (slot → source head); otherwise `None`.
+    pub fn head_map(&self, count: usize) -> Option<Vec<usize>> {
+        if count == 0 || self.dim % count != 0 {
+            return None;
+        }
+        let hd = self.dim / count;
+        let mut map = vec![usize::MAX; count];
+        match &self.material {
+            KeyMaterial::Permutation { perm }
+            | KeyMaterial::SignedPermutation { perm, .. }
+            | KeyMaterial::Monomial { perm, .. } => {
+                for s in 0..count {
+                    let src = perm[s * hd] as usize / hd;
+                    if (0..hd).any(|j| perm[s * hd + j] as usize / hd != src) {
+                        return None;
+                    }
+                    map[s] = src;
+                }
+            }
+            KeyMaterial::Dense { matrix, .. } => {
+                let n = self.dim;
+                for s in 0..count {
+                    let row = &matrix[s * hd * n..(s * hd + 1) * n];
+                    let src = row.iter().position(|&x| x != 0.0)? / hd;
+                    for a in 0..hd {
+                        let r = &matrix[(s * hd + a) * n..(s * hd + a + 1) * n];
+                        if r.iter()
+                            .enumerate()
+                            .any(|(c, &x)| x != 0.0 && c / hd != src)
+                        {
+                            return None;
+                        }
+                    }
+                    map[s] = src;
+                }
+            }
+        }
+        let mut seen = vec![false; count];
+        for &m in &map {
+            if std::mem::replace(&mut seen[m], true) {
+                return None;
+            }
+        }
+        Some(map)
+    }
+
     /// The key's group.
     pub fn group(&self) -> KeyGroup {
         match &self.material {
@@ -399,6 +532,37 @@ mod tests {
                 .double_value(&[]);
             assert!(e3 < 1e-12, "{g}: apply along axis 1 off by {e3}");
         }
+    }
+
+    #[test]
+    fn blocked_keys_keep_heads_together() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let hp = vec![2usize, 0, 3, 1];
+        for g in [
+            KeyGroup::Permutation,
+            KeyGroup::SignedPermutation,
+            KeyGroup::Invertible,
+        ] {
+            let k = Key::generate_blocked("qk", 12, 4, &hp, g, &mut rng);
+            k.validate().unwrap();
+            assert_eq!(k.head_map(4), Some(hp.clone()), "{g}");
+            assert_eq!(k.dual().head_map(4), Some(hp.clone()), "{g} dual");
+            let m = dense(&k);
+            let e = (m.matmul(&dense(&k.inverse()))
+                - Tensor::eye(12, (Kind::Double, tch::Device::Cpu)))
+            .abs()
+            .max()
+            .double_value(&[]);
+            assert!(e < 1e-12, "{g}: {e}");
+        }
+        // An unstructured key is not a head key.
+        let k = Key::generate(
+            "x",
+            12,
+            KeyGroup::Permutation,
+            &mut rand_chacha::ChaCha20Rng::seed_from_u64(9),
+        );
+        assert_eq!(k.head_map(4), None);
     }
 
     #[test]

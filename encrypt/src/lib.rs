@@ -27,9 +27,9 @@ mod spec;
 
 pub use key::{Key, KeyGroup, KeyMaterial};
 pub use spec::{
-    KeyDecl, KeyRef, KeySet, KeySpec, Optimizer, StateDict, check_trainable, decrypt_labels,
-    decrypt_outputs, decrypt_state, encrypt_inputs, encrypt_labels, transform_state,
-    verify_inference,
+    Heads, InputKind, KeyDecl, KeyRef, KeySet, KeySpec, Optimizer, StateDict, check_trainable,
+    decrypt_labels, decrypt_outputs, decrypt_state, encrypt_inputs, encrypt_labels,
+    encrypt_token_ids, transform_state, verify_inference,
 };
 
 /// Errors of key generation, transformation and verification.

@@ -43,6 +43,31 @@ pub struct KeyDecl {
     pub allowed: Vec<KeyGroup>,
     /// Why the list is what it is (shown in errors).
     pub why: String,
+    /// For attention: the axis is `count` heads of `dim / count` units. The key must be
+    /// block-diagonal per head (`M_h`, of the key's group) times a head permutation shared by
+    /// every key of the same `group` (a layer's Q/K and V/O keys must move heads alike).
+    #[serde(default)]
+    pub heads: Option<Heads>,
+}
+
+/// Head structure of an attention key (see [`KeyDecl::heads`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heads {
+    /// Number of heads.
+    pub count: usize,
+    /// Keys with the same group name share one head permutation.
+    pub group: String,
+}
+
+/// What the model's input is, and so how [`KeySpec::input`] encrypts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputKind {
+    /// Feature vectors `(batch, features)`: `x' = T x + δ` ([`encrypt_inputs`]).
+    #[default]
+    Features,
+    /// Token ids `(batch, seq)` under a vocabulary permutation ([`encrypt_token_ids`]).
+    TokenIds,
 }
 
 /// Which key acts on which axis of which parameter, and on the model's inputs and outputs.
@@ -58,12 +83,17 @@ pub struct KeySpec {
     pub keys: BTreeMap<String, KeyDecl>,
     /// Per parameter, one optional key per axis.
     pub params: BTreeMap<String, Vec<Option<KeyRef>>>,
-    /// Key on the input features (last axis of inputs of shape `(batch, in_features)`).
+    /// Key on the inputs: the features of `(batch, in_features)` inputs, or the vocabulary
+    /// for token ids (see `input_kind`).
     pub input: String,
+    /// What the input is.
+    #[serde(default)]
+    pub input_kind: InputKind,
     /// Key on the outputs (last axis of logits) and on class labels.
     pub output: String,
-    /// The first linear layer `(weight, bias)`, into whose bias an input offset δ folds.
-    pub input_layer: (String, String),
+    /// The first linear layer `(weight, bias)`, into whose bias an input offset δ folds;
+    /// `None` when the architecture allows no offset.
+    pub input_layer: Option<(String, String)>,
 }
 
 /// Training optimizers whose equivariance [`check_trainable`] knows (ee-math.md table).
@@ -129,11 +159,32 @@ impl KeySet {
         if let Some(name) = groups.keys().find(|n| !spec.keys.contains_key(*n)) {
             return Err(EncryptError::MissingKey(name.clone()));
         }
+        if offset && spec.input_layer.is_none() {
+            return Err(EncryptError::InvalidKey {
+                key: "input_offset".into(),
+                problem: format!(
+                    "the `{}` architecture takes no input offset",
+                    spec.architecture
+                ),
+            });
+        }
         let mut keys = BTreeMap::new();
+        let mut head_perms: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (name, decl) in &spec.keys {
             let group = groups.get(name).copied().unwrap_or(decl.allowed[0]);
             check_allowed(name, group, decl)?;
-            keys.insert(name.clone(), Key::generate(name, decl.dim, group, rng));
+            let key = match &decl.heads {
+                None => Key::generate(name, decl.dim, group, rng),
+                Some(h) => {
+                    let hp = head_perms.entry(h.group.clone()).or_insert_with(|| {
+                        let mut p: Vec<usize> = (0..h.count).collect();
+                        rand::seq::SliceRandom::shuffle(p.as_mut_slice(), rng);
+                        p
+                    });
+                    Key::generate_blocked(name, decl.dim, h.count, hp, group, rng)
+                }
+            };
+            keys.insert(name.clone(), key);
         }
         let input_offset = offset.then(|| {
             let dim = spec.keys[&spec.input].dim;
@@ -152,6 +203,7 @@ impl KeySet {
     /// # Errors
     /// The first problem found.
     pub fn check(&self, spec: &KeySpec) -> Result<(), EncryptError> {
+        let mut head_perms: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (name, decl) in &spec.keys {
             let key = self.key(name)?;
             if key.dim != decl.dim {
@@ -165,6 +217,28 @@ impl KeySet {
             }
             check_allowed(name, key.group(), decl)?;
             key.validate()?;
+            if let Some(h) = &decl.heads {
+                let map = key
+                    .head_map(h.count)
+                    .ok_or_else(|| EncryptError::InvalidKey {
+                        key: name.clone(),
+                        problem: format!(
+                            "must be block-diagonal over {} heads up to a head permutation",
+                            h.count
+                        ),
+                    })?;
+                if let Some(other) = head_perms.insert(h.group.as_str(), map.clone()) {
+                    if other != map {
+                        return Err(EncryptError::InvalidKey {
+                            key: name.clone(),
+                            problem: format!(
+                                "moves heads differently from the other keys of head group `{}` (Q/K and V/O keys of a layer must share the head permutation)",
+                                h.group
+                            ),
+                        });
+                    }
+                }
+            }
         }
         if let Some(off) = &self.input_offset {
             let dim = spec.keys[&spec.input].dim;
@@ -316,8 +390,7 @@ pub fn transform_state(
 ) -> Result<StateDict, EncryptError> {
     keys.check(spec)?;
     let mut out = apply_keys(spec, keys, state)?;
-    if let Some(delta) = &keys.input_offset {
-        let (w, b) = &spec.input_layer;
+    if let (Some(delta), Some((w, b))) = (&keys.input_offset, &spec.input_layer) {
         let shift = offset_shift(&out[w], delta);
         let nb = &out[b] - shift;
         out.insert(b.clone(), nb);
@@ -348,8 +421,7 @@ pub fn decrypt_state(
         .iter()
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
-    if let Some(delta) = &keys.input_offset {
-        let (w, b) = &spec.input_layer;
+    if let (Some(delta), Some((w, b))) = (&keys.input_offset, &spec.input_layer) {
         let (Some(wt), Some(bt)) = (state.get(w), state.get(b)) else {
             return Err(EncryptError::Parameter {
                 name: w.clone(),
@@ -422,21 +494,62 @@ fn last_axis(t: &Tensor, key: &Key, what: &str) -> Result<usize, EncryptError> {
     Ok(axis)
 }
 
-fn label_perm(spec: &KeySpec, keys: &KeySet, inverse: bool) -> Result<Tensor, EncryptError> {
-    let key = keys.key(&spec.output)?;
+fn index_perm(keys: &KeySet, name: &str, inverse: bool) -> Result<Tensor, EncryptError> {
+    let key = keys.key(name)?;
     let perm = if inverse {
         key.inverse_permutation()
     } else {
         key.permutation().map(<[i64]>::to_vec)
     };
     let perm = perm.ok_or_else(|| EncryptError::InvalidKey {
-        key: spec.output.clone(),
+        key: name.to_owned(),
         problem: format!(
-            "labels need a permutation key, but this key is {}",
+            "indices (labels, token ids) need a permutation key, but this key is {}",
             key.group()
         ),
     })?;
     Ok(Tensor::from_slice(&perm))
+}
+
+fn map_indices(
+    keys: &KeySet,
+    name: &str,
+    inverse: bool,
+    idx: &Tensor,
+) -> Result<Tensor, EncryptError> {
+    let perm = index_perm(keys, name, inverse)?.to_device(idx.device());
+    let n = perm.size()[0];
+    let flat = idx.to_kind(Kind::Int64).reshape([-1]);
+    if flat.numel() > 0 {
+        let (lo, hi) = (flat.min().int64_value(&[]), flat.max().int64_value(&[]));
+        if lo < 0 || hi >= n {
+            return Err(EncryptError::InvalidKey {
+                key: name.to_owned(),
+                problem: format!("index {} is outside 0..{n}", if lo < 0 { lo } else { hi }),
+            });
+        }
+    }
+    Ok(perm.index_select(0, &flat).reshape(idx.size()))
+}
+
+/// Encrypt token ids under the vocabulary permutation `Π_V` (the encrypted tokenizer's last
+/// step): `id' = Π_V⁻¹[id]`, so that the embedding row of `id'` in `E' = Π_V E Pᵀ` is the
+/// residual-keyed row of `id`. Special tokens are permuted like every other id.
+///
+/// `ids`: any shape, int64. Returns the same shape.
+///
+/// # Security
+/// A substitution cipher: equal ids give equal encrypted ids, so token frequencies and
+/// positions stay visible (ee-math.md, "Attacks": frequency analysis).
+///
+/// # Errors
+/// [`EncryptError::InvalidKey`] if the input key is not a permutation or an id is out of range.
+pub fn encrypt_token_ids(
+    spec: &KeySpec,
+    keys: &KeySet,
+    ids: &Tensor,
+) -> Result<Tensor, EncryptError> {
+    map_indices(keys, &spec.input, true, ids)
 }
 
 /// Encrypt class labels under the output permutation `Π_L`: `y' = Π_L⁻¹[y]`, so that the one-hot
@@ -447,8 +560,7 @@ fn label_perm(spec: &KeySpec, keys: &KeySet, inverse: bool) -> Result<Tensor, En
 /// # Errors
 /// [`EncryptError::InvalidKey`] if the output key is not a permutation.
 pub fn encrypt_labels(spec: &KeySpec, keys: &KeySet, y: &Tensor) -> Result<Tensor, EncryptError> {
-    let inv = label_perm(spec, keys, true)?.to_device(y.device());
-    Ok(inv.index_select(0, &y.to_kind(Kind::Int64)))
+    map_indices(keys, &spec.output, true, y)
 }
 
 /// Inverse of [`encrypt_labels`] (e.g. for argmax of encrypted logits): `y = Π_L[y']`.
@@ -456,8 +568,7 @@ pub fn encrypt_labels(spec: &KeySpec, keys: &KeySet, y: &Tensor) -> Result<Tenso
 /// # Errors
 /// As [`encrypt_labels`].
 pub fn decrypt_labels(spec: &KeySpec, keys: &KeySet, y: &Tensor) -> Result<Tensor, EncryptError> {
-    let perm = label_perm(spec, keys, false)?.to_device(y.device());
-    Ok(perm.index_select(0, &y.to_kind(Kind::Int64)))
+    map_indices(keys, &spec.output, false, y)
 }
 
 /// Refuse a key set under which training with `optimizer` would not stay equivariant
@@ -535,7 +646,11 @@ pub fn verify_inference(
 ) -> Result<f64, EncryptError> {
     let ee = transform_state(spec, keys, state)?;
     let plain = forward(state, x);
-    let enc = forward(&ee, &encrypt_inputs(spec, keys, x)?);
+    let x_enc = match spec.input_kind {
+        InputKind::Features => encrypt_inputs(spec, keys, x)?,
+        InputKind::TokenIds => encrypt_token_ids(spec, keys, x)?,
+    };
+    let enc = forward(&ee, &x_enc);
     let dec = decrypt_outputs(spec, keys, &enc)?;
     Ok((dec - plain)
         .abs()

@@ -143,7 +143,10 @@ pub fn batch_from_safetensors(
     Ok((x, y))
 }
 
-fn tensors_from_safetensors(bytes: &[u8], device: Device) -> Result<StateDict, ModelError> {
+pub(crate) fn tensors_from_safetensors(
+    bytes: &[u8],
+    device: Device,
+) -> Result<StateDict, ModelError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
     let mut out = StateDict::new();
     for (name, view) in st.tensors() {

@@ -1,11 +1,17 @@
 //! fedee model architectures in tch, their safetensors IO, and their EE key specs.
 //!
 //! * [`mlp`]: a one-hidden-layer MLP for tabular data (the federated model of the main job).
+//! * [`bert`]: a BERT encoder with mean pooling and a classification head (Hugging Face names).
+//! * [`arch`]: both behind one [`Architecture`], and a trainable [`Model`] of either.
 //! * [`io`]: state dicts to and from safetensors bytes, with name/shape/dtype checks.
 
+pub mod arch;
+pub mod bert;
 pub mod io;
 pub mod mlp;
 
+pub use arch::{Architecture, Input, Model};
+pub use bert::{BertClassifierConfig, BertConfig, Profile};
 pub use io::{
     batch_from_safetensors, batch_to_safetensors, state_from_safetensors, state_to_safetensors,
 };

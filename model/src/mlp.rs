@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use fedee_encrypt::{KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
+use fedee_encrypt::{InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::ModelError;
@@ -97,6 +97,7 @@ impl MlpConfig {
                         KeyGroup::Invertible,
                     ],
                     why: "the input feeds a linear layer only".into(),
+                    heads: None,
                 },
             ),
             (
@@ -105,6 +106,7 @@ impl MlpConfig {
                     dim: self.hidden,
                     allowed: hidden_allowed,
                     why: format!("{:?} must commute with the hidden key", self.activation),
+                    heads: None,
                 },
             ),
             (
@@ -113,6 +115,7 @@ impl MlpConfig {
                     dim: self.out_features,
                     allowed: vec![KeyGroup::Permutation],
                     why: "softmax and cross-entropy commute with permutations only".into(),
+                    heads: None,
                 },
             ),
         ]);
@@ -129,7 +132,8 @@ impl MlpConfig {
             params,
             input: "input".into(),
             output: "label".into(),
-            input_layer: ("fc1.weight".into(), "fc1.bias".into()),
+            input_kind: InputKind::Features,
+            input_layer: Some(("fc1.weight".into(), "fc1.bias".into())),
         }
     }
 
@@ -259,33 +263,7 @@ impl Mlp {
     /// # Errors
     /// [`ModelError::Torch`] if libtorch refuses the optimizer.
     pub fn optimizer(&self, spec: &OptimizerSpec) -> Result<nn::Optimizer, ModelError> {
-        Ok(match spec {
-            OptimizerSpec::AdamW {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => nn::AdamW {
-                beta1: *beta1,
-                beta2: *beta2,
-                wd: *weight_decay,
-                eps: *eps,
-                amsgrad: false,
-            }
-            .build(&self.vs, *lr)?,
-            OptimizerSpec::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => nn::Sgd {
-                momentum: *momentum,
-                dampening: 0.0,
-                wd: *weight_decay,
-                nesterov: false,
-            }
-            .build(&self.vs, *lr)?,
-        })
+        crate::arch::build_optimizer(&self.vs, spec)
     }
 
     /// One optimizer step on a batch; returns the mean cross-entropy before the step.

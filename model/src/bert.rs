@@ -1,0 +1,527 @@
+//! A BERT encoder (post-LayerNorm, absolute positions, GELU; Devlin et al. 2019) in tch, with
+//! mean pooling and a classification head, loading Hugging Face safetensors names directly.
+//!
+//! Shapes: `input_ids`, `attention_mask`: `(batch, seq)` int64; hidden states
+//! `(batch, seq, hidden)`; pooled `(batch, hidden)`; logits `(batch, num_labels)`. Parameters
+//! are f32 or f64 (all the same dtype).
+//!
+//! The EE key spec follows ee-math.md ("Post-LN BERT") and key-spec.md: vocabulary permutation
+//! `Π_V`, residual permutation `P` (the LayerNorm affine is on the residual path), per layer a
+//! Q/K key and a V/O key that are block-diagonal per head with a shared head permutation, an
+//! FFN permutation `P_f`, and the label permutation `Π_L`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use fedee_encrypt::{Heads, InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::ModelError;
+
+/// BERT hyper-parameters, read from a Hugging Face `config.json` (other fields are ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// FFN width.
+    pub intermediate_size: usize,
+    /// Position table size (longest sequence).
+    pub max_position_embeddings: usize,
+    /// Token-type table size.
+    pub type_vocab_size: usize,
+    /// LayerNorm ε.
+    pub layer_norm_eps: f64,
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    #[serde(flatten)]
+    bert: BertConfig,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    position_embedding_type: Option<String>,
+    #[serde(default)]
+    model_type: Option<String>,
+}
+
+impl BertConfig {
+    /// Read and check a Hugging Face `config.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] if the file is unreadable, not a BERT config, or uses features
+    /// this encoder does not implement (non-GELU activation, relative positions).
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ModelError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| {
+            ModelError::Config(format!("{} is not a BERT config.json: {e}", path.display()))
+        })?;
+        if let Some(t) = hf.model_type.as_deref().filter(|t| *t != "bert") {
+            return Err(ModelError::Config(format!(
+                "model_type `{t}` is not supported: use a BERT checkpoint"
+            )));
+        }
+        if let Some(a) = hf.hidden_act.as_deref().filter(|a| *a != "gelu") {
+            return Err(ModelError::Config(format!(
+                "hidden_act `{a}` is not supported: this encoder implements gelu"
+            )));
+        }
+        if let Some(p) = hf
+            .position_embedding_type
+            .as_deref()
+            .filter(|p| *p != "absolute")
+        {
+            return Err(ModelError::Config(format!(
+                "position_embedding_type `{p}` is not supported: use absolute"
+            )));
+        }
+        hf.bert.validate()?;
+        Ok(hf.bert)
+    }
+
+    /// # Errors
+    /// [`ModelError::Config`] if a size is zero or heads do not divide the hidden size.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || self.hidden_size % self.num_attention_heads != 0
+        {
+            return Err(ModelError::Config(format!(
+                "hidden_size {} must be a positive multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if self.vocab_size == 0
+            || self.intermediate_size == 0
+            || self.max_position_embeddings == 0
+            || self.type_vocab_size == 0
+        {
+            return Err(ModelError::Config(
+                "vocab, intermediate, position and type sizes must be > 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Expected encoder parameter shapes by Hugging Face name (no pooler).
+    pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
+        let (v, h, i) = (
+            self.vocab_size as i64,
+            self.hidden_size as i64,
+            self.intermediate_size as i64,
+        );
+        let mut m = BTreeMap::new();
+        m.insert("embeddings.word_embeddings.weight".into(), vec![v, h]);
+        m.insert(
+            "embeddings.position_embeddings.weight".into(),
+            vec![self.max_position_embeddings as i64, h],
+        );
+        m.insert(
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![self.type_vocab_size as i64, h],
+        );
+        m.insert("embeddings.LayerNorm.weight".into(), vec![h]);
+        m.insert("embeddings.LayerNorm.bias".into(), vec![h]);
+        for l in 0..self.num_hidden_layers {
+            let p = format!("encoder.layer.{l}.");
+            for (name, shape) in [
+                ("attention.self.query.weight", vec![h, h]),
+                ("attention.self.query.bias", vec![h]),
+                ("attention.self.key.weight", vec![h, h]),
+                ("attention.self.key.bias", vec![h]),
+                ("attention.self.value.weight", vec![h, h]),
+                ("attention.self.value.bias", vec![h]),
+                ("attention.output.dense.weight", vec![h, h]),
+                ("attention.output.dense.bias", vec![h]),
+                ("attention.output.LayerNorm.weight", vec![h]),
+                ("attention.output.LayerNorm.bias", vec![h]),
+                ("intermediate.dense.weight", vec![i, h]),
+                ("intermediate.dense.bias", vec![i]),
+                ("output.dense.weight", vec![h, i]),
+                ("output.dense.bias", vec![h]),
+                ("output.LayerNorm.weight", vec![h]),
+                ("output.LayerNorm.bias", vec![h]),
+            ] {
+                m.insert(format!("{p}{name}"), shape);
+            }
+        }
+        m
+    }
+}
+
+/// A BERT encoder with mean pooling and a linear classification head
+/// (`classifier.weight (num_labels, hidden)`, `classifier.bias (num_labels,)`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BertClassifierConfig {
+    /// Encoder.
+    pub bert: BertConfig,
+    /// Classes.
+    pub num_labels: usize,
+}
+
+/// Which keys an EE BERT gets (see ee-math.md, "Training under EE").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Every key on trained parameters is a permutation: AdamW stays exact.
+    Finetune,
+    /// Adds general invertible per-head Q/K and V/O transforms: inference only.
+    Inference,
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "finetune" => Ok(Self::Finetune),
+            "inference" => Ok(Self::Inference),
+            _ => Err(format!("unknown profile `{s}`: use finetune or inference")),
+        }
+    }
+}
+
+impl BertClassifierConfig {
+    /// Architecture name used in key specs and trainer jobs.
+    pub const ARCHITECTURE: &'static str = "bert-classifier";
+
+    /// Parameter shapes: the encoder's and the head's.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
+        let mut m = self.bert.shapes();
+        m.insert(
+            "classifier.weight".into(),
+            vec![self.num_labels as i64, self.bert.hidden_size as i64],
+        );
+        m.insert("classifier.bias".into(), vec![self.num_labels as i64]);
+        m
+    }
+
+    /// The key spec (one for both profiles; the profile picks groups, see [`Self::key_groups`]).
+    pub fn key_spec(&self) -> KeySpec {
+        let c = &self.bert;
+        let decl = |dim: usize, allowed: Vec<KeyGroup>, why: &str, heads: Option<Heads>| KeyDecl {
+            dim,
+            allowed,
+            why: why.into(),
+            heads,
+        };
+        let mut keys = BTreeMap::new();
+        keys.insert(
+            "vocab".to_owned(),
+            decl(
+                c.vocab_size,
+                vec![KeyGroup::Permutation],
+                "token ids are indices",
+                None,
+            ),
+        );
+        keys.insert(
+            "residual".to_owned(),
+            decl(
+                c.hidden_size,
+                vec![KeyGroup::Permutation],
+                "post-LN: the LayerNorm affine is on the residual path",
+                None,
+            ),
+        );
+        keys.insert(
+            "label".to_owned(),
+            decl(
+                self.num_labels,
+                vec![KeyGroup::Permutation],
+                "softmax and cross-entropy commute with permutations only",
+                None,
+            ),
+        );
+        let attn = vec![
+            KeyGroup::Permutation,
+            KeyGroup::SignedPermutation,
+            KeyGroup::Orthogonal,
+            KeyGroup::Invertible,
+        ];
+        let k = |n: &str| Some(KeyRef::new(n));
+        let d = |n: &str| {
+            Some(KeyRef {
+                key: n.to_owned(),
+                dual: true,
+            })
+        };
+        let mut params = BTreeMap::new();
+        params.insert(
+            "embeddings.word_embeddings.weight".to_owned(),
+            vec![d("vocab"), d("residual")],
+        );
+        params.insert(
+            "embeddings.position_embeddings.weight".to_owned(),
+            vec![None, d("residual")],
+        );
+        params.insert(
+            "embeddings.token_type_embeddings.weight".to_owned(),
+            vec![None, d("residual")],
+        );
+        params.insert(
+            "embeddings.LayerNorm.weight".to_owned(),
+            vec![k("residual")],
+        );
+        params.insert("embeddings.LayerNorm.bias".to_owned(), vec![k("residual")]);
+        for l in 0..c.num_hidden_layers {
+            let (qk, vo, ffn) = (format!("qk{l}"), format!("vo{l}"), format!("ffn{l}"));
+            let heads = Some(Heads {
+                count: c.num_attention_heads,
+                group: format!("layer{l}"),
+            });
+            keys.insert(
+                qk.clone(),
+                decl(
+                    c.hidden_size,
+                    attn.clone(),
+                    "scores depend on q·k only",
+                    heads.clone(),
+                ),
+            );
+            keys.insert(
+                vo.clone(),
+                decl(
+                    c.hidden_size,
+                    attn.clone(),
+                    "attention mixes values linearly per head",
+                    heads,
+                ),
+            );
+            keys.insert(
+                ffn.clone(),
+                decl(
+                    c.intermediate_size,
+                    vec![KeyGroup::Permutation],
+                    "GELU commutes with permutations only",
+                    None,
+                ),
+            );
+            let p = format!("encoder.layer.{l}.");
+            let mut add = |n: &str, axes: Vec<Option<KeyRef>>| {
+                params.insert(format!("{p}{n}"), axes);
+            };
+            add("attention.self.query.weight", vec![k(&qk), k("residual")]);
+            add("attention.self.query.bias", vec![k(&qk)]);
+            add("attention.self.key.weight", vec![d(&qk), k("residual")]);
+            add("attention.self.key.bias", vec![d(&qk)]);
+            add("attention.self.value.weight", vec![k(&vo), k("residual")]);
+            add("attention.self.value.bias", vec![k(&vo)]);
+            add("attention.output.dense.weight", vec![k("residual"), k(&vo)]);
+            add("attention.output.dense.bias", vec![k("residual")]);
+            add("attention.output.LayerNorm.weight", vec![k("residual")]);
+            add("attention.output.LayerNorm.bias", vec![k("residual")]);
+            add("intermediate.dense.weight", vec![k(&ffn), k("residual")]);
+            add("intermediate.dense.bias", vec![k(&ffn)]);
+            add("output.dense.weight", vec![k("residual"), k(&ffn)]);
+            add("output.dense.bias", vec![k("residual")]);
+            add("output.LayerNorm.weight", vec![k("residual")]);
+            add("output.LayerNorm.bias", vec![k("residual")]);
+        }
+        params.insert(
+            "classifier.weight".to_owned(),
+            vec![k("label"), k("residual")],
+        );
+        params.insert("classifier.bias".to_owned(), vec![k("label")]);
+        KeySpec {
+            architecture: Self::ARCHITECTURE.into(),
+            keys,
+            params,
+            input: "vocab".into(),
+            input_kind: InputKind::TokenIds,
+            output: "label".into(),
+            input_layer: None,
+        }
+    }
+
+    /// Key groups for a profile, to pass to `KeySet::generate`.
+    pub fn key_groups(&self, profile: Profile) -> BTreeMap<String, KeyGroup> {
+        match profile {
+            Profile::Finetune => BTreeMap::new(),
+            Profile::Inference => (0..self.bert.num_hidden_layers)
+                .flat_map(|l| [format!("qk{l}"), format!("vo{l}")])
+                .map(|n| (n, KeyGroup::Invertible))
+                .collect(),
+        }
+    }
+
+    /// A fresh classification head (`N(0, 0.02²)` weights, zero bias, as BERT initialises),
+    /// of dtype `kind`. Call `tch::manual_seed` first for reproducibility.
+    pub fn init_head(&self, kind: Kind) -> StateDict {
+        let (l, h) = (self.num_labels as i64, self.bert.hidden_size as i64);
+        let mut s = StateDict::new();
+        s.insert(
+            "classifier.weight".into(),
+            Tensor::randn([l, h], (kind, Device::Cpu)) * 0.02,
+        );
+        s.insert(
+            "classifier.bias".into(),
+            Tensor::zeros([l], (kind, Device::Cpu)),
+        );
+        s
+    }
+
+    /// Random parameters for the whole classifier (for tests and synthetic benchmarks):
+    /// `N(0, 0.02²)` everywhere except LayerNorm γ = 1.
+    pub fn init_random(&self, kind: Kind) -> StateDict {
+        self.shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let t = if name.ends_with("LayerNorm.weight") {
+                    Tensor::ones(&shape, (kind, Device::Cpu))
+                } else {
+                    Tensor::randn(&shape, (kind, Device::Cpu)) * 0.02
+                };
+                (name, t)
+            })
+            .collect()
+    }
+}
+
+/// Load a Hugging Face BERT checkpoint (safetensors) for `cfg`: every encoder tensor checked
+/// by name and shape. A `bert.` prefix is stripped; the pooler, buffers such as
+/// `embeddings.position_ids`, and heads of other tasks are ignored.
+///
+/// # Errors
+/// [`ModelError::Name`] for a missing tensor, [`ModelError::Shape`] naming tensor, expected
+/// and found shape, or IO/format errors.
+pub fn load_pretrained(
+    path: &Path,
+    cfg: &BertConfig,
+    device: Device,
+) -> Result<StateDict, ModelError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ModelError::Safetensors(format!("cannot read {}: {e}", path.display())))?;
+    let all = crate::io::tensors_from_safetensors(&bytes, device)?;
+    let mut out = StateDict::new();
+    for (name, expected) in cfg.shapes() {
+        let t = all
+            .get(&name)
+            .or_else(|| all.get(&format!("bert.{name}")))
+            .ok_or_else(|| ModelError::Name {
+                name: name.clone(),
+                problem: format!("is missing from {}", path.display()),
+            })?;
+        if t.size() != expected {
+            return Err(ModelError::Shape {
+                name,
+                expected,
+                found: t.size(),
+            });
+        }
+        out.insert(name, t.shallow_clone());
+    }
+    Ok(out)
+}
+
+fn p<'a>(state: &'a StateDict, name: &str) -> &'a Tensor {
+    &state[name]
+}
+
+/// Last hidden states `(batch, seq, hidden)` for `ids`, `mask`: `(batch, seq)` int64.
+/// Token types are all 0. No dropout (exact, as EE tests require).
+pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) -> Tensor {
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    let h = cfg.hidden_size as i64;
+    let (nh, hd) = (
+        cfg.num_attention_heads as i64,
+        (cfg.hidden_size / cfg.num_attention_heads) as i64,
+    );
+    let dev = ids.device();
+    let words = Tensor::embedding(
+        p(state, "embeddings.word_embeddings.weight"),
+        ids,
+        -1,
+        false,
+        false,
+    );
+    let kind = words.kind();
+    let pos = Tensor::arange(t, (Kind::Int64, dev));
+    let positions = Tensor::embedding(
+        p(state, "embeddings.position_embeddings.weight"),
+        &pos,
+        -1,
+        false,
+        false,
+    );
+    let types = p(state, "embeddings.token_type_embeddings.weight").get(0);
+    let ln = |x: &Tensor, prefix: &str| {
+        x.layer_norm(
+            [h],
+            Some(p(state, &format!("{prefix}.weight"))),
+            Some(p(state, &format!("{prefix}.bias"))),
+            cfg.layer_norm_eps,
+            false,
+        )
+    };
+    let mut x = ln(
+        &(words + positions.unsqueeze(0) + types),
+        "embeddings.LayerNorm",
+    );
+    let min = if kind == Kind::Double {
+        f64::MIN
+    } else {
+        f64::from(f32::MIN)
+    };
+    let ext: Tensor = (mask.to_kind(kind).neg() + 1.0) * min;
+    let ext = ext.view([b, 1, 1, t]);
+    let scale = 1.0 / (hd as f64).sqrt();
+    for l in 0..cfg.num_hidden_layers {
+        let pre = format!("encoder.layer.{l}.");
+        let lin = |x: &Tensor, n: &str| {
+            x.linear(
+                p(state, &format!("{pre}{n}.weight")),
+                Some(p(state, &format!("{pre}{n}.bias"))),
+            )
+        };
+        let heads = |x: Tensor| x.view([b, t, nh, hd]).transpose(1, 2);
+        let q = heads(lin(&x, "attention.self.query"));
+        let k = heads(lin(&x, "attention.self.key"));
+        let v = heads(lin(&x, "attention.self.value"));
+        let scores = q.matmul(&k.transpose(-1, -2)) * scale + &ext;
+        let ctx = scores
+            .softmax(-1, kind)
+            .matmul(&v)
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, h]);
+        x = ln(
+            &(lin(&ctx, "attention.output.dense") + &x),
+            &format!("{pre}attention.output.LayerNorm"),
+        );
+        let inter = lin(&x, "intermediate.dense").gelu("none");
+        x = ln(
+            &(lin(&inter, "output.dense") + &x),
+            &format!("{pre}output.LayerNorm"),
+        );
+    }
+    x
+}
+
+/// Mean of `hidden (batch, seq, hidden)` over unmasked positions: `(batch, hidden)`.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Tensor {
+    let m = mask.to_kind(hidden.kind()).unsqueeze(-1);
+    (hidden * &m).sum_dim_intlist(1, false, hidden.kind())
+        / m.sum_dim_intlist(1, false, hidden.kind()).clamp_min(1e-9)
+}
+
+/// Logits `(batch, num_labels)` of the classifier.
+pub fn classify(
+    cfg: &BertClassifierConfig,
+    state: &StateDict,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> Tensor {
+    let pooled = mean_pool(&encode(&cfg.bert, state, ids, mask), mask);
+    pooled.linear(
+        p(state, "classifier.weight"),
+        Some(p(state, "classifier.bias")),
+    )
+}
