@@ -19,7 +19,7 @@ use fedee_encrypt::{
     transform_state,
 };
 use fedee_model::{
-    Mlp, MlpConfig, OptimizerSpec, batch_to_safetensors, state_from_safetensors,
+    Input, Mlp, MlpConfig, OptimizerSpec, batch_to_safetensors, state_from_safetensors,
     state_to_safetensors,
 };
 use fedee_proto::v1::StatusRequest;
@@ -355,7 +355,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     ));
     let mut tc = connect_trainer_with_retry(&trainer_url).await?;
     let dtype = args.finetune_dtype.clone();
-    let job = tc.create_job(&cfg, &optimizer, &dtype, &ee_model).await?;
+    let job = tc
+        .create_job(
+            &fedee_model::Architecture::Mlp(cfg),
+            &optimizer,
+            &dtype,
+            &ee_model,
+        )
+        .await?;
     eprintln!("[demo] trainer at {trainer_url}: job {job} created");
 
     let va = heart::load_standardized(&args.data, PHARMA_SITE)?;
@@ -380,7 +387,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 encrypt_inputs(&spec, &keys, &x)?,
                 encrypt_labels(&spec, &keys, &y)?,
             );
-            batches.push(batch_to_safetensors(&xe, Some(&ye))?);
+            batches.push(batch_to_safetensors(&Input::Features(xe), Some(&ye))?);
         }
         let losses = tc.train(&job, batches, |_, _| {}).await?;
         steps += losses.len() as u64;
@@ -402,7 +409,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     // --- 3. Encrypted inference -----------------------------------------------------------
     let enc = encrypt_inputs(&spec, &keys, &xte)?;
-    let out = tc.predict(&job, batch_to_safetensors(&enc, None)?).await?;
+    let out = tc
+        .predict(&job, batch_to_safetensors(&Input::Features(enc), None)?)
+        .await?;
     let logits_enc = state_from_safetensors(&out, Device::Cpu)?
         .remove("logits")
         .context("Predict returned no logits")?;

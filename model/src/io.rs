@@ -7,6 +7,7 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use tch::{Device, Kind, Tensor};
 
 use crate::ModelError;
+use crate::arch::{Architecture, Input};
 
 fn dtype_of(t: &Tensor, name: &str) -> Result<Dtype, ModelError> {
     match t.kind() {
@@ -64,50 +65,117 @@ pub fn state_from_safetensors(bytes: &[u8], device: Device) -> Result<StateDict,
     Ok(out)
 }
 
-/// A batch for the trainer: `x (batch, in_features)` f32/f64 and optional labels
-/// `y (batch,)` i64, as safetensors bytes.
+/// A batch for the trainer as safetensors bytes: features `x (batch, in_features)` f32/f64, or
+/// tokens `input_ids` and `attention_mask` `(batch, seq)` i64; plus optional labels `y (batch,)`
+/// i64.
 ///
 /// # Errors
-/// [`ModelError::Dtype`] for other dtypes.
-pub fn batch_to_safetensors(x: &Tensor, y: Option<&Tensor>) -> Result<Vec<u8>, ModelError> {
+/// [`ModelError::Dtype`] for unsupported dtypes.
+pub fn batch_to_safetensors(input: &Input, y: Option<&Tensor>) -> Result<Vec<u8>, ModelError> {
     let mut s = StateDict::new();
-    s.insert("x".into(), x.shallow_clone());
+    match input {
+        Input::Features(x) => {
+            s.insert("x".into(), x.shallow_clone());
+        }
+        Input::Tokens { ids, mask } => {
+            s.insert("input_ids".into(), ids.to_kind(Kind::Int64));
+            s.insert("attention_mask".into(), mask.to_kind(Kind::Int64));
+        }
+    }
     if let Some(y) = y {
         s.insert("y".into(), y.shallow_clone());
     }
     state_to_safetensors(&s)
 }
 
-/// Parse a batch written by [`batch_to_safetensors`], checking `x` is `(batch, in_features)`
-/// float and `y`, if present, is `(batch,)` i64 with classes in `0..num_classes`.
+fn shape_err(name: &str, expected: Vec<i64>, found: Vec<i64>) -> ModelError {
+    ModelError::Shape {
+        name: name.into(),
+        expected,
+        found,
+    }
+}
+
+fn check_range(name: &str, t: &Tensor, hi: i64) -> Result<(), ModelError> {
+    if t.numel() == 0 {
+        return Ok(());
+    }
+    let (lo, top) = (t.min().int64_value(&[]), t.max().int64_value(&[]));
+    if lo < 0 || top >= hi {
+        return Err(ModelError::Name {
+            name: name.into(),
+            problem: format!(
+                "has value {} outside 0..{hi}",
+                if lo < 0 { lo } else { top }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Parse a batch written by [`batch_to_safetensors`] for `arch`, checking names, dtypes,
+/// shapes and ranges (token ids within the vocabulary, sequence within the position table,
+/// mask in {0, 1}, labels within the classes).
 ///
 /// # Errors
 /// [`ModelError::Name`], [`ModelError::Shape`] or [`ModelError::Dtype`] naming the problem.
 pub fn batch_from_safetensors(
     bytes: &[u8],
+    arch: &Architecture,
     device: Device,
-    in_features: usize,
-    num_classes: usize,
-) -> Result<(Tensor, Option<Tensor>), ModelError> {
+) -> Result<(Input, Option<Tensor>), ModelError> {
     let mut t = tensors_from_safetensors(bytes, device)?;
-    let x = t.remove("x").ok_or_else(|| ModelError::Name {
-        name: "x".into(),
-        problem: "is missing from the batch".into(),
-    })?;
-    if x.kind() == Kind::Int64 {
-        return Err(ModelError::Dtype {
-            name: "x".into(),
-            dtype: "I64".into(),
-        });
-    }
-    let s = x.size();
-    if s.len() != 2 || s[1] != in_features as i64 || s[0] == 0 {
-        return Err(ModelError::Shape {
-            name: "x".into(),
-            expected: vec![-1, in_features as i64],
-            found: s,
-        });
-    }
+    let mut take = |name: &str| {
+        t.remove(name).ok_or_else(|| ModelError::Name {
+            name: name.into(),
+            problem: "is missing from the batch".into(),
+        })
+    };
+    let input = match arch {
+        Architecture::Mlp(c) => {
+            let x = take("x")?;
+            if x.kind() == Kind::Int64 {
+                return Err(ModelError::Dtype {
+                    name: "x".into(),
+                    dtype: "I64".into(),
+                });
+            }
+            let s = x.size();
+            if s.len() != 2 || s[1] != c.in_features as i64 || s[0] == 0 {
+                return Err(shape_err("x", vec![-1, c.in_features as i64], s));
+            }
+            Input::Features(x)
+        }
+        Architecture::BertClassifier(c) => {
+            let (ids, mask) = (take("input_ids")?, take("attention_mask")?);
+            for (n, v) in [("input_ids", &ids), ("attention_mask", &mask)] {
+                if v.kind() != Kind::Int64 {
+                    return Err(ModelError::Dtype {
+                        name: n.into(),
+                        dtype: format!("{:?}", v.kind()),
+                    });
+                }
+            }
+            let s = ids.size();
+            if s.len() != 2
+                || s[0] == 0
+                || s[1] == 0
+                || s[1] > c.bert.max_position_embeddings as i64
+            {
+                return Err(shape_err(
+                    "input_ids",
+                    vec![-1, c.bert.max_position_embeddings as i64],
+                    s,
+                ));
+            }
+            if mask.size() != s {
+                return Err(shape_err("attention_mask", s, mask.size()));
+            }
+            check_range("input_ids", &ids, c.bert.vocab_size as i64)?;
+            check_range("attention_mask", &mask, 2)?;
+            Input::Tokens { ids, mask }
+        }
+    };
     let y = t.remove("y");
     if let Some(y) = &y {
         if y.kind() != Kind::Int64 {
@@ -116,31 +184,18 @@ pub fn batch_from_safetensors(
                 dtype: format!("{:?}", y.kind()),
             });
         }
-        if y.size() != [s[0]] {
-            return Err(ModelError::Shape {
-                name: "y".into(),
-                expected: vec![s[0]],
-                found: y.size(),
-            });
+        if y.size() != [input.len()] {
+            return Err(shape_err("y", vec![input.len()], y.size()));
         }
-        let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
-        if lo < 0 || hi >= num_classes as i64 {
-            return Err(ModelError::Name {
-                name: "y".into(),
-                problem: format!(
-                    "has class {} outside 0..{num_classes}",
-                    if lo < 0 { lo } else { hi }
-                ),
-            });
-        }
+        check_range("y", y, arch.num_classes() as i64)?;
     }
     if let Some(extra) = t.keys().next() {
         return Err(ModelError::Name {
             name: extra.clone(),
-            problem: "is not part of a batch (x, y)".into(),
+            problem: "is not part of a batch".into(),
         });
     }
-    Ok((x, y))
+    Ok((input, y))
 }
 
 pub(crate) fn tensors_from_safetensors(

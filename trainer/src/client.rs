@@ -11,7 +11,7 @@ use fedee_proto::{MAX_BLOB_SIZE, Reassembler, chunks};
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 
-use fedee_model::{MlpConfig, OptimizerSpec};
+use fedee_model::{Architecture, OptimizerSpec};
 
 /// Errors talking to the trainer.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ impl TrainerClient {
     /// [`ClientError::Rpc`] if the trainer rejects the spec or the model.
     pub async fn create_job(
         &mut self,
-        config: &MlpConfig,
+        arch: &Architecture,
         optimizer: &OptimizerSpec,
         dtype: &str,
         ee_model: &[u8],
@@ -100,8 +100,12 @@ impl TrainerClient {
             },
         };
         let spec = JobSpec {
-            architecture: MlpConfig::ARCHITECTURE.into(),
-            config_json: serde_json::to_string(config).expect("config serializes"),
+            architecture: arch.name().into(),
+            config_json: match arch {
+                Architecture::Mlp(c) => serde_json::to_string(c),
+                Architecture::BertClassifier(c) => serde_json::to_string(c),
+            }
+            .expect("configs serialize"),
             optimizer: Some(optimizer),
             dtype: dtype.into(),
             model_size: ee_model.len() as u64,

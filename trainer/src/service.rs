@@ -5,8 +5,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use fedee_model::{
-    Mlp, MlpConfig, OptimizerSpec, batch_from_safetensors, state_from_safetensors,
-    state_to_safetensors,
+    Architecture, BertClassifierConfig, Input, MlpConfig, Model, OptimizerSpec,
+    batch_from_safetensors, state_from_safetensors, state_to_safetensors,
 };
 use fedee_proto::v1::trainer_server::{Trainer, TrainerServer};
 use fedee_proto::v1::{
@@ -25,7 +25,7 @@ use crate::Config;
 
 /// One EE model being trained.
 struct Job {
-    model: Mlp,
+    model: Model,
     opt: nn::Optimizer,
     kind: Kind,
     steps: u64,
@@ -38,17 +38,34 @@ pub struct TrainerService {
     jobs: Arc<Mutex<HashMap<String, Arc<StdMutex<Job>>>>>,
 }
 
-fn parse_spec(spec: &JobSpec) -> Result<(MlpConfig, OptimizerSpec, Kind), Status> {
-    if spec.architecture != MlpConfig::ARCHITECTURE {
-        return Err(Status::invalid_argument(format!(
-            "unknown architecture `{}`: this trainer serves `mlp`",
-            spec.architecture
-        )));
-    }
-    let cfg: MlpConfig = serde_json::from_str(&spec.config_json)
-        .map_err(|e| Status::invalid_argument(format!("config_json: {e}")))?;
-    cfg.validate()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+fn parse_spec(spec: &JobSpec) -> Result<(Architecture, OptimizerSpec, Kind), Status> {
+    let bad_config = |e: String| {
+        Status::invalid_argument(format!("config_json for `{}`: {e}", spec.architecture))
+    };
+    let cfg = match spec.architecture.as_str() {
+        MlpConfig::ARCHITECTURE => {
+            let c: MlpConfig =
+                serde_json::from_str(&spec.config_json).map_err(|e| bad_config(e.to_string()))?;
+            c.validate().map_err(|e| bad_config(e.to_string()))?;
+            Architecture::Mlp(c)
+        }
+        BertClassifierConfig::ARCHITECTURE => {
+            let c: BertClassifierConfig =
+                serde_json::from_str(&spec.config_json).map_err(|e| bad_config(e.to_string()))?;
+            c.bert.validate().map_err(|e| bad_config(e.to_string()))?;
+            if c.num_labels < 2 {
+                return Err(bad_config("num_labels must be at least 2".into()));
+            }
+            Architecture::BertClassifier(c)
+        }
+        a => {
+            return Err(Status::invalid_argument(format!(
+                "unknown architecture `{a}`: this trainer serves `{}` and `{}`",
+                MlpConfig::ARCHITECTURE,
+                BertClassifierConfig::ARCHITECTURE
+            )));
+        }
+    };
     let kind = match spec.dtype.as_str() {
         "f32" | "" => Kind::Float,
         "f64" => Kind::Double,
@@ -131,6 +148,14 @@ fn lock(job: &StdMutex<Job>) -> std::sync::MutexGuard<'_, Job> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Features take the job's dtype; token ids stay int64.
+fn to_kind(input: Input, kind: Kind) -> Input {
+    match input {
+        Input::Features(x) => Input::Features(x.to_kind(kind)),
+        tokens => tokens,
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
@@ -186,7 +211,7 @@ impl Trainer for TrainerService {
         let job = blocking(move || {
             let state = state_from_safetensors(&bytes, device)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let model = Mlp::from_state(cfg, &state, device, kind)
+            let model = Model::from_state(cfg, &state, device, kind)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let opt = model
                 .optimizer(&opt_spec)
@@ -204,10 +229,15 @@ impl Trainer for TrainerService {
             .lock()
             .await
             .insert(id.clone(), Arc::new(StdMutex::new(job)));
-        tracing::info!(job = %id, parameters = cfg.num_parameters(), "job created");
+        let num_parameters: i64 = cfg
+            .shapes()
+            .values()
+            .map(|s| s.iter().product::<i64>())
+            .sum();
+        tracing::info!(job = %id, architecture = cfg.name(), parameters = num_parameters, "job created");
         Ok(Response::new(CreateJobResponse {
             job_id: id,
-            num_parameters: cfg.num_parameters() as u64,
+            num_parameters: num_parameters as u64,
         }))
     }
 
@@ -235,22 +265,19 @@ impl Trainer for TrainerService {
                         let device = this.config.device;
                         blocking(move || {
                             let mut j = lock(&job);
-                            let cfg = j.model.config;
-                            let (x, y) = batch_from_safetensors(
-                                &batch.batch,
-                                device,
-                                cfg.in_features,
-                                cfg.out_features,
-                            )
-                            .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
+                            let (input, y) =
+                                batch_from_safetensors(&batch.batch, &j.model.arch, device)
+                                    .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
                             let y = y.ok_or_else(|| {
                                 Status::invalid_argument("batch: training needs labels `y`")
                             })?;
-                            let x = x.to_kind(j.kind);
+                            let input = to_kind(input, j.kind);
                             let Job {
                                 model, opt, steps, ..
                             } = &mut *j;
-                            let loss = model.train_step(opt, &x, &y);
+                            let loss = model
+                                .train_step(opt, &input, &y)
+                                .map_err(|e| Status::invalid_argument(e.to_string()))?;
                             *steps += 1;
                             Ok(StepResult { step: *steps, loss })
                         })
@@ -278,11 +305,10 @@ impl Trainer for TrainerService {
         let device = self.config.device;
         let outputs = blocking(move || {
             let j = lock(&job);
-            let cfg = j.model.config;
-            let (x, _) =
-                batch_from_safetensors(&req.batch, device, cfg.in_features, cfg.out_features)
-                    .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
-            let logits = tch::no_grad(|| j.model.forward(&x.to_kind(j.kind)));
+            let (input, _) = batch_from_safetensors(&req.batch, &j.model.arch, device)
+                .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
+            let logits = tch::no_grad(|| j.model.forward(&to_kind(input, j.kind)))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let mut s = fedee_encrypt::StateDict::new();
             s.insert("logits".into(), logits);
             state_to_safetensors(&s).map_err(|e| Status::internal(e.to_string()))
