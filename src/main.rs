@@ -1,6 +1,7 @@
 //! `fedee`: one CLI for every fedee role. Thin glue over the library crates.
 
 mod demo;
+mod drug_demo;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -148,21 +149,49 @@ struct InitModelArgs {
 
 #[derive(Subcommand)]
 enum EeCommand {
-    /// Generate secret keys for the MLP (file written with permissions 0600).
+    /// Generate secret keys (file written with permissions 0600): for the heart-disease MLP,
+    /// or with --bert-config for a BERT classifier.
     Keygen {
         /// Output key file (JSON). Keep it private; never send it to a server.
         #[arg(long)]
         out: PathBuf,
-        /// Hidden units of the model.
+        /// Hidden units of the MLP.
         #[arg(long, default_value_t = demo::HIDDEN)]
         hidden: usize,
-        /// Group of the input key: signed-permutation (default; AdamW-exact), permutation,
+        /// Group of the MLP's input key: signed-permutation (default; AdamW-exact), permutation,
         /// orthogonal (SGD-exact), monomial or invertible (inference only).
         #[arg(long, default_value = "signed-permutation")]
         input_key: KeyGroup,
-        /// Add an input offset δ (inference only: breaks training equivariance).
+        /// Add an input offset δ to the MLP keys (inference only: breaks training equivariance).
         #[arg(long)]
         offset: bool,
+        /// Generate keys for a BERT classifier with this Hugging Face config.json instead
+        /// (e.g. data/cache/minilm/config.json).
+        #[arg(long)]
+        bert_config: Option<PathBuf>,
+        /// BERT: number of classes of the head.
+        #[arg(long, default_value_t = 3)]
+        num_labels: usize,
+        /// BERT: finetune (permutations only; AdamW stays exact) or inference (adds general
+        /// invertible per-head attention keys; refused for training).
+        #[arg(long, default_value = "finetune")]
+        profile: fedee_model::Profile,
+    },
+    /// The encrypted tokenizer: tokenize text with the model's tokenizer.json and encrypt the
+    /// ids with the key set's vocabulary permutation. Prints one JSON object per text.
+    Tokenize {
+        /// Key file of a BERT classifier (from `fedee ee keygen --bert-config`).
+        #[arg(long)]
+        keys: PathBuf,
+        /// The model's tokenizer.json.
+        #[arg(long, default_value = "data/cache/minilm/tokenizer.json")]
+        tokenizer: PathBuf,
+        /// Longest sequence, special tokens included.
+        #[arg(long, default_value_t = 128)]
+        max_len: usize,
+        /// Texts to tokenize.
+        #[arg(required = true)]
+        text: Vec<String>,
     },
     /// Transform a plaintext model into its EE model.
     Encrypt {
@@ -267,11 +296,11 @@ async fn main() -> Result<()> {
         Command::Site(s) => {
             let device = parse_device(&s.device)?;
             let data = fedee_site_agent::heart::load_standardized(&s.data, &s.site)?;
+            let task = fedee_site_agent::task::HeartTask::new(&data, mlp_config(s.hidden), device);
             let report = fedee_site_agent::run(fedee_site_agent::SiteConfig {
                 aggregator: s.aggregator,
                 site: s.site,
-                data,
-                model: mlp_config(s.hidden),
+                task: Box::new(task),
                 device,
                 seed: None,
                 poll_interval: Duration::from_millis(200),
@@ -363,21 +392,67 @@ fn ee(cmd: EeCommand) -> Result<()> {
             hidden,
             input_key,
             offset,
+            bert_config,
+            num_labels,
+            profile,
         } => {
-            let spec = mlp_config(hidden).key_spec();
-            let groups = [("input".to_owned(), input_key)].into_iter().collect();
-            let keys = KeySet::generate(
-                &spec,
-                &groups,
-                offset,
-                &mut rand_chacha::ChaCha20Rng::from_os_rng(),
-            )?;
+            let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+            let (keys, what) = match bert_config {
+                Some(path) => {
+                    let bert = fedee_model::BertConfig::from_file(&path)?;
+                    let cfg = fedee_model::BertClassifierConfig { bert, num_labels };
+                    let keys = KeySet::generate(
+                        &cfg.key_spec(),
+                        &cfg.key_groups(profile),
+                        false,
+                        &mut rng,
+                    )?;
+                    (keys, format!("BERT classifier, {profile:?} profile"))
+                }
+                None => {
+                    let spec = mlp_config(hidden).key_spec();
+                    let groups = [("input".to_owned(), input_key)].into_iter().collect();
+                    let keys = KeySet::generate(&spec, &groups, offset, &mut rng)?;
+                    (
+                        keys,
+                        format!(
+                            "MLP, {input_key} input key{}",
+                            if offset { ", offset δ" } else { "" }
+                        ),
+                    )
+                }
+            };
             keys.save(&out)?;
             eprintln!(
-                "wrote keys ({input_key} input key{}) to {} (mode 0600)",
-                if offset { ", offset δ" } else { "" },
+                "wrote {} keys ({what}) to {} (mode 0600)",
+                keys.keys.len(),
                 out.display()
             );
+            Ok(())
+        }
+        EeCommand::Tokenize {
+            keys,
+            tokenizer,
+            max_len,
+            text,
+        } => {
+            let k = KeySet::load(&keys)?;
+            if !k.keys.contains_key("vocab") {
+                bail!(
+                    "{} has no `vocab` key: generate BERT keys with `fedee ee keygen --bert-config`",
+                    keys.display()
+                );
+            }
+            let tok = fedee_model::text::TextTokenizer::from_file(&tokenizer, max_len)?;
+            for t in &text {
+                let ids = tch::Tensor::from_slice(&tok.ids(t)?);
+                let enc = Vec::<i64>::try_from(fedee_encrypt::encrypt_indices(&k, "vocab", &ids)?)?;
+                let mask = vec![1; enc.len()];
+                println!(
+                    "{}",
+                    serde_json::json!({ "input_ids": enc, "attention_mask": mask })
+                );
+            }
             Ok(())
         }
         EeCommand::Encrypt { keys, model, out } => {

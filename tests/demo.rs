@@ -96,3 +96,66 @@ fn demo_explains_missing_data() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("make data"), "{stderr}");
 }
+
+/// EE fine-tuning of the real all-MiniLM-L6-v2 through the trainer service, at small size
+/// (48 reviews, 32 tokens, one epoch), plus the federation carrying the model for 2 rounds.
+#[test]
+fn drug_review_demo_fine_tunes_minilm_under_ee() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        root.join("data/cache/minilm/model.safetensors").exists(),
+        "run `make data`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("drug.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .current_dir(&root)
+        .args([
+            "demo",
+            "--task",
+            "drug-reviews",
+            "--limit",
+            "48",
+            "--max-len",
+            "32",
+            "--text-epochs",
+            "1",
+            "--report",
+        ])
+        .arg(&report)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stderr}");
+    assert!(
+        stderr.contains("weight matching"),
+        "the demo must warn that public base weights break EE"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["prediction_agreement"].as_f64().unwrap(), 1.0, "{r}");
+    for side in ["ee", "plaintext"] {
+        let acc = r[side]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc) && r[side]["macro_f1"].as_f64().is_some());
+    }
+    assert_eq!(r["ee"]["accuracy"], r["plaintext"]["accuracy"]);
+    assert!(
+        r["max_abs_weight_diff"].as_f64().unwrap() < 1e-3,
+        "{}",
+        r["max_abs_weight_diff"]
+    );
+    assert!(
+        r["bytes_uploaded"].as_u64().unwrap() > 80_000_000,
+        "the whole MiniLM EE model is uploaded"
+    );
+    assert!(r["keygen_transform_seconds"].as_f64().unwrap() > 0.0);
+    let s = &r["step_seconds"];
+    assert!(s["encrypted"].as_f64().unwrap() > 0.0 && s["ratio"].as_f64().unwrap() > 0.0);
+    let f = &r["federation"];
+    assert_eq!(f["rounds"], 2);
+    assert_eq!(f["sites"].as_object().unwrap().len(), 3);
+    assert!(
+        f["update_bytes"].as_u64().unwrap() > 80_000_000,
+        "about 90 MB per update"
+    );
+    assert_eq!(f["site_accuracy"].as_array().unwrap().len(), 2);
+}

@@ -185,7 +185,7 @@ impl Key {
         rng: &mut R,
     ) -> Key {
         assert!(
-            count > 0 && dim % count == 0 && head_perm.len() == count,
+            count > 0 && dim.is_multiple_of(count) && head_perm.len() == count,
             "bad head layout"
         );
         let hd = dim / count;
@@ -258,7 +258,7 @@ impl Key {
     /// If the key is block-diagonal over `count` heads up to a head permutation, that
     /// permutation (slot → source head); otherwise `None`.
     pub fn head_map(&self, count: usize) -> Option<Vec<usize>> {
-        if count == 0 || self.dim % count != 0 {
+        if count == 0 || !self.dim.is_multiple_of(count) {
             return None;
         }
         let hd = self.dim / count;

@@ -28,8 +28,8 @@ mod spec;
 pub use key::{Key, KeyGroup, KeyMaterial};
 pub use spec::{
     Heads, InputKind, KeyDecl, KeyRef, KeySet, KeySpec, Optimizer, StateDict, check_trainable,
-    decrypt_labels, decrypt_outputs, decrypt_state, encrypt_inputs, encrypt_labels,
-    encrypt_token_ids, transform_state, verify_inference,
+    decrypt_labels, decrypt_outputs, decrypt_state, encrypt_indices, encrypt_inputs,
+    encrypt_labels, encrypt_token_ids, transform_state, verify_inference,
 };
 
 /// Errors of key generation, transformation and verification.

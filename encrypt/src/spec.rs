@@ -227,16 +227,16 @@ impl KeySet {
                             h.count
                         ),
                     })?;
-                if let Some(other) = head_perms.insert(h.group.as_str(), map.clone()) {
-                    if other != map {
-                        return Err(EncryptError::InvalidKey {
-                            key: name.clone(),
-                            problem: format!(
-                                "moves heads differently from the other keys of head group `{}` (Q/K and V/O keys of a layer must share the head permutation)",
-                                h.group
-                            ),
-                        });
-                    }
+                if let Some(other) = head_perms.insert(h.group.as_str(), map.clone())
+                    && other != map
+                {
+                    return Err(EncryptError::InvalidKey {
+                        key: name.clone(),
+                        problem: format!(
+                            "moves heads differently from the other keys of head group `{}` (Q/K and V/O keys of a layer must share the head permutation)",
+                            h.group
+                        ),
+                    });
                 }
             }
         }
@@ -657,4 +657,13 @@ pub fn verify_inference(
         .max()
         .to_kind(Kind::Double)
         .double_value(&[]))
+}
+
+/// Encrypt indices (token ids, labels) under the permutation key `key` of `keys`:
+/// `i' = K⁻¹[i]`. [`encrypt_token_ids`] and [`encrypt_labels`] are this with the spec's keys.
+///
+/// # Errors
+/// As [`encrypt_token_ids`].
+pub fn encrypt_indices(keys: &KeySet, key: &str, idx: &Tensor) -> Result<Tensor, EncryptError> {
+    map_indices(keys, key, true, idx)
 }

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod bert;
 pub mod io;
 pub mod mlp;
+pub mod text;
 
 pub use arch::{Architecture, Input, Model};
 pub use bert::{BertClassifierConfig, BertConfig, Profile};

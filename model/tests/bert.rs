@@ -262,3 +262,24 @@ fn keys_that_split_heads_are_rejected() {
     let err = keys.check(&spec).unwrap_err().to_string();
     assert!(err.contains("vo0") || err.contains("qk0"), "{err}");
 }
+
+#[test]
+fn tokenizer_matches_the_reference_ids() {
+    let tok =
+        fedee_model::text::TextTokenizer::from_file(&minilm().join("tokenizer.json"), 128).unwrap();
+    let fx: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/minilm_reference.json")).unwrap();
+    for s in fx["sentences"].as_array().unwrap() {
+        let want: Vec<i64> = s["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert_eq!(tok.ids(s["sentence"].as_str().unwrap()).unwrap(), want);
+    }
+    // No padding to 128: a short text stays short; batches pad to their longest with mask 0.
+    let (ids, mask) = tok.batch(&["hi", "a longer sentence here"]).unwrap();
+    assert_eq!(ids.size(), vec![2, 6]);
+    assert_eq!(mask.sum(Kind::Int64).int64_value(&[]), 3 + 6);
+}

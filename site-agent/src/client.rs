@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
-use fedee_model::{Mlp, MlpConfig, OptimizerSpec, state_from_safetensors, state_to_safetensors};
+use fedee_model::{state_from_safetensors, state_to_safetensors};
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_proto::v1::{
     DownloadModelRequest, JoinRequest, MetricsReport, NextTaskRequest, SubmitUpdateMessage,
@@ -14,25 +14,22 @@ use fedee_proto::{MAX_BLOB_SIZE, Reassembler, chunks};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
-use tch::{Device, Kind};
+use tch::Device;
 use tonic::transport::Channel;
 
 use crate::SiteError;
-use crate::heart::{NUM_FEATURES, Partition};
-use crate::train::{LocalTraining, dp_update, to_tensors, train_local};
+use crate::task::{LocalTask, RoundSettings};
+use crate::train::dp_update;
 
 /// Site agent settings.
-#[derive(Debug, Clone)]
 pub struct SiteConfig {
     /// Aggregator URL, e.g. `http://127.0.0.1:50051`.
     pub aggregator: String,
     /// Site name (the hospital).
     pub site: String,
-    /// The site's standardised data.
-    pub data: Partition,
-    /// Model architecture (must match the global model's tensors).
-    pub model: MlpConfig,
-    /// `cpu` or `cuda`.
+    /// What the site trains, on its own data.
+    pub task: Box<dyn LocalTask>,
+    /// Device global models are loaded to.
     pub device: Device,
     /// Seed for batch shuffling and DP noise; `None` = OS entropy (use in production).
     pub seed: Option<u64>,
@@ -84,20 +81,21 @@ async fn download(
 ///
 /// # Errors
 /// Connection failures, refusals by the aggregator, or model errors; each names the cause.
-pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
+pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     let mut client = FederationClient::connect(cfg.aggregator.clone())
         .await
         .map_err(|source| SiteError::Connect {
             url: cfg.aggregator.clone(),
             source,
-        })?;
+        })?
+        .max_decoding_message_size(8 << 20);
     client
         .join(JoinRequest {
             site: cfg.site.clone(),
         })
         .await
         .map_err(rpc("Join"))?;
-    tracing::info!(site = %cfg.site, train = cfg.data.train.len(), test = cfg.data.test.len(), "joined");
+    tracing::info!(site = %cfg.site, train = cfg.task.num_examples(), test = cfg.task.num_test_examples(), "joined");
     let mut rng = match cfg.seed {
         Some(s) => ChaCha20Rng::seed_from_u64(s),
         None => ChaCha20Rng::from_os_rng(),
@@ -107,8 +105,6 @@ pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         evaluations: vec![],
         rounds_trained: vec![],
     };
-    let (xtr, ytr) = to_tensors(&cfg.data.train, NUM_FEATURES, cfg.device, Kind::Float);
-    let (xte, yte) = to_tensors(&cfg.data.test, NUM_FEATURES, cfg.device, Kind::Float);
     let mut evaluated = 0u32;
     loop {
         let task = client
@@ -125,15 +121,15 @@ pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         }
         let bytes = download(&mut client, task.round).await?;
         let global = state_from_safetensors(&bytes, cfg.device)?;
-        let mut model = Mlp::from_state(cfg.model, &global, cfg.device, Kind::Float)?;
         if evaluated < task.round {
-            let acc = model.accuracy(&xte, &yte);
+            // Local compute blocks this worker thread, not the runtime's other tasks.
+            let acc = tokio::task::block_in_place(|| cfg.task.evaluate(&global))?;
             client
                 .report_metrics(MetricsReport {
                     site: cfg.site.clone(),
                     model: task.round,
                     test_accuracy: acc,
-                    num_test_examples: cfg.data.test.len() as u64,
+                    num_test_examples: cfg.task.num_test_examples(),
                 })
                 .await
                 .map_err(rpc("ReportMetrics"))?;
@@ -147,24 +143,22 @@ pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             tracing::info!(site = %cfg.site, "federation done");
             return Ok(report);
         }
-        let local = LocalTraining {
+        let settings = RoundSettings {
             epochs: task.local_epochs,
             batch_size: task.batch_size,
-            optimizer: OptimizerSpec::Sgd {
-                lr: task.learning_rate,
-                momentum: 0.9,
-                weight_decay: 0.0,
-            },
+            learning_rate: task.learning_rate,
         };
         let c = ClippingNorm::new(task.clipping_norm)?;
         let sigma = NoiseMultiplier::new(task.noise_multiplier)?;
-        let loss = train_local(&mut model, &xtr, &ytr, &local, &mut rng)?;
-        let (update, norm) = dp_update(&model.state(), &global, c, sigma, &mut rng);
+        let (local, loss) =
+            tokio::task::block_in_place(|| cfg.task.train(&global, &settings, &mut rng))?;
+        let (update, norm) =
+            tokio::task::block_in_place(|| dp_update(&local, &global, c, sigma, &mut rng));
         let blob = state_to_safetensors(&update)?;
         let header = UpdateHeader {
             site: cfg.site.clone(),
             round: task.round,
-            num_examples: cfg.data.train.len() as u64,
+            num_examples: cfg.task.num_examples(),
             sha256: hex::encode(Sha256::digest(&blob)),
         };
         let msgs: Vec<SubmitUpdateMessage> =
@@ -180,7 +174,7 @@ pub async fn run(cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             .submit_update(futures::stream::iter(msgs))
             .await
             .map_err(rpc("SubmitUpdate"))?;
-        tracing::info!(site = %cfg.site, round = task.round, loss, update_norm = norm, "update submitted");
+        tracing::info!(site = %cfg.site, round = task.round, loss, update_norm = norm, bytes = blob.len(), "update submitted");
         report.rounds_trained.push(task.round);
     }
 }

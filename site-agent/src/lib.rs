@@ -3,11 +3,14 @@
 //! connections; raw records never leave the process.
 //!
 //! * [`heart`]: the UCI Heart Disease partitions (FLamby preparation).
+//! * [`task`]: what a site trains ([`task::LocalTask`]: the heart MLP, a BERT classifier).
 //! * [`train`]: local training, the update, clipping and noise.
 //! * [`client`]: the federation loop over gRPC.
 
 pub mod client;
+pub mod drugs;
 pub mod heart;
+pub mod task;
 pub mod train;
 
 pub use client::{SiteConfig, SiteReport, run};

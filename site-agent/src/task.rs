@@ -1,0 +1,185 @@
+//! What a site trains: a [`LocalTask`] owns the site's data and model architecture, evaluates a
+//! global model and trains it locally. The federation loop in `client` is the same for all.
+
+use fedee_encrypt::StateDict;
+use fedee_model::{Architecture, Input, Mlp, MlpConfig, Model, OptimizerSpec};
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+use tch::{Device, Kind, Tensor};
+
+use crate::SiteError;
+use crate::heart::{NUM_FEATURES, Partition};
+use crate::train::{LocalTraining, to_tensors, train_local};
+
+/// Settings the aggregator sends for one round.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundSettings {
+    /// Passes over the local training split.
+    pub epochs: u32,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Learning rate.
+    pub learning_rate: f64,
+}
+
+/// A site's local learning problem.
+pub trait LocalTask: Send {
+    /// Training examples (the FedAvg weight).
+    fn num_examples(&self) -> u64;
+    /// Test examples.
+    fn num_test_examples(&self) -> u64;
+    /// Accuracy of `global` on the local test split.
+    ///
+    /// # Errors
+    /// If `global` does not fit the architecture.
+    fn evaluate(&mut self, global: &StateDict) -> Result<f64, SiteError>;
+    /// Train from `global`; returns the local model and the last epoch's mean loss.
+    ///
+    /// # Errors
+    /// If `global` does not fit the architecture.
+    fn train(
+        &mut self,
+        global: &StateDict,
+        s: &RoundSettings,
+        rng: &mut ChaCha20Rng,
+    ) -> Result<(StateDict, f64), SiteError>;
+}
+
+/// The heart-disease MLP on one hospital's partition (SGD with momentum 0.9).
+pub struct HeartTask {
+    cfg: MlpConfig,
+    device: Device,
+    train: (Tensor, Tensor),
+    test: (Tensor, Tensor),
+}
+
+impl HeartTask {
+    /// A task over a standardised partition.
+    pub fn new(data: &Partition, cfg: MlpConfig, device: Device) -> Self {
+        Self {
+            cfg,
+            device,
+            train: to_tensors(&data.train, NUM_FEATURES, device, Kind::Float),
+            test: to_tensors(&data.test, NUM_FEATURES, device, Kind::Float),
+        }
+    }
+}
+
+impl LocalTask for HeartTask {
+    fn num_examples(&self) -> u64 {
+        self.train.1.size()[0] as u64
+    }
+    fn num_test_examples(&self) -> u64 {
+        self.test.1.size()[0] as u64
+    }
+    fn evaluate(&mut self, global: &StateDict) -> Result<f64, SiteError> {
+        let m = Mlp::from_state(self.cfg, global, self.device, Kind::Float)?;
+        Ok(m.accuracy(&self.test.0, &self.test.1))
+    }
+    fn train(
+        &mut self,
+        global: &StateDict,
+        s: &RoundSettings,
+        rng: &mut ChaCha20Rng,
+    ) -> Result<(StateDict, f64), SiteError> {
+        let mut m = Mlp::from_state(self.cfg, global, self.device, Kind::Float)?;
+        let local = LocalTraining {
+            epochs: s.epochs,
+            batch_size: s.batch_size,
+            optimizer: OptimizerSpec::Sgd {
+                lr: s.learning_rate,
+                momentum: 0.9,
+                weight_decay: 0.0,
+            },
+        };
+        let loss = train_local(&mut m, &self.train.0, &self.train.1, &local, rng)?;
+        Ok((m.state(), loss))
+    }
+}
+
+/// A BERT text classifier on tokenized examples (AdamW, fresh state each round).
+pub struct TextTask {
+    arch: Architecture,
+    device: Device,
+    train: Vec<(Vec<i64>, i64)>,
+    test: Vec<(Vec<i64>, i64)>,
+}
+
+impl TextTask {
+    /// A task over token-id sequences and labels.
+    pub fn new(
+        arch: Architecture,
+        train: Vec<(Vec<i64>, i64)>,
+        test: Vec<(Vec<i64>, i64)>,
+        device: Device,
+    ) -> Self {
+        Self {
+            arch,
+            device,
+            train,
+            test,
+        }
+    }
+
+    fn batch(&self, rows: &[&(Vec<i64>, i64)]) -> (Input, Tensor) {
+        let seqs: Vec<Vec<i64>> = rows.iter().map(|r| r.0.clone()).collect();
+        let (ids, mask) = fedee_model::text::pad(&seqs);
+        let y = Tensor::from_slice(&rows.iter().map(|r| r.1).collect::<Vec<_>>())
+            .to_device(self.device);
+        (
+            Input::Tokens {
+                ids: ids.to_device(self.device),
+                mask: mask.to_device(self.device),
+            },
+            y,
+        )
+    }
+}
+
+impl LocalTask for TextTask {
+    fn num_examples(&self) -> u64 {
+        self.train.len() as u64
+    }
+    fn num_test_examples(&self) -> u64 {
+        self.test.len() as u64
+    }
+    fn evaluate(&mut self, global: &StateDict) -> Result<f64, SiteError> {
+        let m = Model::from_state(self.arch, global, self.device, Kind::Float)?;
+        let mut correct = 0i64;
+        for rows in self.test.iter().collect::<Vec<_>>().chunks(32) {
+            let (input, y) = self.batch(rows);
+            let pred = tch::no_grad(|| m.forward(&input))?.argmax(-1, false);
+            correct += pred.eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+        }
+        Ok(correct as f64 / self.test.len().max(1) as f64)
+    }
+    fn train(
+        &mut self,
+        global: &StateDict,
+        s: &RoundSettings,
+        rng: &mut ChaCha20Rng,
+    ) -> Result<(StateDict, f64), SiteError> {
+        let mut m = Model::from_state(self.arch, global, self.device, Kind::Float)?;
+        let spec = OptimizerSpec::AdamW {
+            lr: s.learning_rate,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let mut opt = m.optimizer(&spec)?;
+        let mut last = 0.0;
+        for _ in 0..s.epochs {
+            let mut rows: Vec<&(Vec<i64>, i64)> = self.train.iter().collect();
+            rows.shuffle(rng);
+            let (mut sum, mut n) = (0.0, 0);
+            for b in rows.chunks(s.batch_size.max(1) as usize) {
+                let (input, y) = self.batch(b);
+                sum += m.train_step(&mut opt, &input, &y)?;
+                n += 1;
+            }
+            last = sum / f64::from(n.max(1));
+        }
+        Ok((m.state(), last))
+    }
+}
