@@ -519,7 +519,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 }
 
 /// Print one line per round closed since `printed`; returns the last round printed.
-fn print_closed_rounds(st: &fedee_proto::v1::StatusResponse, printed: u32, total: u32) -> u32 {
+pub(crate) fn print_closed_rounds(
+    st: &fedee_proto::v1::StatusResponse,
+    printed: u32,
+    total: u32,
+) -> u32 {
     let mut last = printed;
     for r in st
         .rounds

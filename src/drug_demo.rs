@@ -515,20 +515,7 @@ pub(crate) async fn federate(
             .status(fedee_proto::v1::StatusRequest {})
             .await?
             .into_inner();
-        let last = printed;
-        for r in st
-            .rounds
-            .iter()
-            .filter(|r| r.state == "closed" && r.round > last)
-        {
-            eprintln!(
-                "[demo] federated round {}/{} closed ({:.0} s)",
-                r.round,
-                args.federation_rounds,
-                start.elapsed().as_secs_f64()
-            );
-            printed = r.round;
-        }
+        printed = crate::demo::print_closed_rounds(&st, printed, args.federation_rounds);
         if st.done || handles.iter().any(|h| h.is_finished()) {
             break;
         }

@@ -142,27 +142,7 @@ impl MlpConfig {
     /// # Errors
     /// [`ModelError::Name`] or [`ModelError::Shape`] naming the tensor.
     pub fn check_state(&self, state: &StateDict) -> Result<(), ModelError> {
-        let shapes = self.shapes();
-        for (name, expected) in &shapes {
-            let t = state.get(name).ok_or_else(|| ModelError::Name {
-                name: name.clone(),
-                problem: "is missing".into(),
-            })?;
-            if &t.size() != expected {
-                return Err(ModelError::Shape {
-                    name: name.clone(),
-                    expected: expected.clone(),
-                    found: t.size(),
-                });
-            }
-        }
-        if let Some(name) = state.keys().find(|n| !shapes.contains_key(*n)) {
-            return Err(ModelError::Name {
-                name: name.clone(),
-                problem: "is not a parameter of the MLP".into(),
-            });
-        }
-        Ok(())
+        crate::arch::Architecture::Mlp(*self).check_state(state)
     }
 }
 
