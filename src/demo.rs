@@ -22,6 +22,7 @@ use fedee_model::{
     Input, Mlp, MlpConfig, OptimizerSpec, batch_to_safetensors, state_from_safetensors,
     state_to_safetensors,
 };
+use fedee_proto::pki::TlsFiles;
 use fedee_proto::v1::StatusRequest;
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_site_agent::heart::{self, NUM_FEATURES};
@@ -251,7 +252,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let initial = Mlp::new(cfg, Device::Cpu, Kind::Float)?;
     let shutdown = CancellationToken::new();
     let agg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let agg_url = format!("http://{}", agg_listener.local_addr()?);
+    let agg_url = format!("https://{}", agg_listener.local_addr()?);
+    let pki = demo_pki(&work, &FEDERATION_SITES)?;
+    let pharma_tls = TlsFiles::in_dir(&pki, "pharma");
     let agg_config = fedee_aggregator::Config {
         database_url: format!("sqlite://{}?mode=rwc", work.join("aggregator.db").display()),
         rounds: args.rounds,
@@ -263,6 +266,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         learning_rate: args.learning_rate,
         batch_size: BATCH_SIZE,
         initial_model: Some(state_to_safetensors(&initial.state())?),
+        tls: Some(TlsFiles::in_dir(&pki, "aggregator")),
+        enroll: FEDERATION_SITES.iter().map(|s| (*s).to_owned()).collect(),
     };
     let agg = tokio::spawn(fedee_aggregator::run(
         agg_config,
@@ -293,11 +298,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .reproducible
                 .then(|| args.seed.wrapping_mul(1000) + i as u64),
             poll_interval: Duration::from_millis(20),
+            tls: Some(TlsFiles::in_dir(&pki, name)),
         };
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));
     }
     // Progress: one line per closed round, from the aggregator's status.
-    let mut fed = connect_with_retry(&agg_url).await?;
+    let mut fed = connect_with_retry(&agg_url, Some(&pharma_tls)).await?;
     let mut printed = 0;
     loop {
         let st = fed.status(StatusRequest {}).await?.into_inner();
@@ -389,16 +395,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
 
     let trainer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let trainer_url = format!("http://{}", trainer_listener.local_addr()?);
+    let trainer_url = format!("https://{}", trainer_listener.local_addr()?);
     let trainer = tokio::spawn(fedee_trainer::run(
         fedee_trainer::Config {
             device,
+            tls: Some(TlsFiles::in_dir(&pki, "trainer")),
             ..Default::default()
         },
         trainer_listener,
         shutdown.clone(),
     ));
-    let mut tc = connect_trainer_with_retry(&trainer_url).await?;
+    let mut tc = connect_trainer_with_retry(&trainer_url, Some(&pharma_tls)).await?;
     let dtype = args.finetune_dtype.clone();
     let job = tc
         .create_job(
@@ -551,24 +558,58 @@ fn tempdir() -> Result<PathBuf> {
 
 pub(crate) async fn connect_with_retry(
     url: &str,
+    tls: Option<&TlsFiles>,
 ) -> Result<FederationClient<tonic::transport::Channel>> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
+    if let Some(t) = tls {
+        endpoint = endpoint.tls_config(t.client()?)?;
+    }
+    let mut last = None;
     for _ in 0..50 {
-        if let Ok(c) = FederationClient::connect(url.to_owned()).await {
-            return Ok(c);
+        match endpoint.connect().await {
+            Ok(ch) => return Ok(FederationClient::new(ch).max_decoding_message_size(8 << 20)),
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("aggregator at {url} did not come up")
+    bail!(
+        "cannot reach the aggregator at {url}: {}",
+        last.map(|e| format!("{e:?}")).unwrap_or_default()
+    )
 }
 
-pub(crate) async fn connect_trainer_with_retry(url: &str) -> Result<fedee_trainer::TrainerClient> {
+pub(crate) async fn connect_trainer_with_retry(
+    url: &str,
+    tls: Option<&TlsFiles>,
+) -> Result<fedee_trainer::TrainerClient> {
+    let mut last = None;
     for _ in 0..50 {
-        if let Ok(c) = fedee_trainer::TrainerClient::connect(url).await {
-            return Ok(c);
+        match fedee_trainer::TrainerClient::connect(url, tls).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("trainer at {url} did not come up")
+    bail!(
+        "cannot reach the trainer at {url}: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )
+}
+
+/// The demo's consortium PKI, created fresh in `dir`: a CA, server certificates for the
+/// aggregator and the trainer, one site certificate per site, and a client certificate for
+/// pharma (the key holder).
+pub(crate) fn demo_pki(dir: &std::path::Path, sites: &[&str]) -> Result<PathBuf> {
+    use fedee_proto::pki::{Role, init_ca, issue};
+    let pki = dir.join("pki");
+    init_ca(&pki, "fedee demo consortium", 2)?;
+    issue(&pki, Role::Server, "aggregator", 0, 1)?;
+    issue(&pki, Role::Server, "trainer", 0, 1)?;
+    issue(&pki, Role::Client, "pharma", 0, 1)?;
+    for s in sites {
+        issue(&pki, Role::Site, s, 0, 1)?;
+    }
+    Ok(pki)
 }
 
 pub(crate) async fn download_model(

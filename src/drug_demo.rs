@@ -26,6 +26,7 @@ use tch::{Device, Kind, Tensor};
 use tokio_util::sync::CancellationToken;
 
 use crate::demo::DemoArgs;
+use fedee_proto::pki::TlsFiles;
 
 #[derive(Serialize)]
 struct Scores {
@@ -180,16 +181,24 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
     // The trainer (compute provider).
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let url = format!("https://{}", listener.local_addr()?);
+    let work = std::env::temp_dir().join(format!(
+        "fedee-drug-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let pki = crate::demo::demo_pki(&work, &SITE_GROUPS)?;
+    let pharma_tls = TlsFiles::in_dir(&pki, "pharma");
     let trainer = tokio::spawn(fedee_trainer::run(
         fedee_trainer::Config {
             device,
+            tls: Some(TlsFiles::in_dir(&pki, "trainer")),
             ..Default::default()
         },
         listener,
         shutdown.clone(),
     ));
-    let mut tc = crate::demo::connect_trainer_with_retry(&url).await?;
+    let mut tc = crate::demo::connect_trainer_with_retry(&url, Some(&pharma_tls)).await?;
     let opt = OptimizerSpec::AdamW {
         lr: args.text_lr,
         beta1: 0.9,
@@ -342,6 +351,7 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         };
         let f = federate(
             args,
+            &pki,
             arch,
             &state,
             &with_condition(&train, &train_ids),
@@ -407,8 +417,12 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         path.display(),
         report.wall_seconds
     );
+    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
+
+/// The three sites of the federated part, by condition group.
+const SITE_GROUPS: [&str; 3] = ["mental-health", "other-conditions", "reproductive-health"];
 
 /// Condition group of a review: the three sites of the federated part.
 fn condition_group(condition: &str) -> &'static str {
@@ -450,6 +464,7 @@ pub(crate) struct FederationReport {
 /// over gRPC; each update is the whole model (about 90 MB), streamed in 1 MiB chunks.
 pub(crate) async fn federate(
     args: &DemoArgs,
+    pki: &std::path::Path,
     arch: Architecture,
     initial: &StateDict,
     train: &[(Vec<i64>, i64, String)],
@@ -475,14 +490,16 @@ pub(crate) async fn federate(
         learning_rate: args.text_lr,
         batch_size: args.text_batch as u32,
         initial_model: Some(state_to_safetensors(initial)?),
+        tls: Some(TlsFiles::in_dir(pki, "aggregator")),
+        enroll: SITE_GROUPS.iter().map(|s| (*s).to_owned()).collect(),
     };
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let url = format!("https://{}", listener.local_addr()?);
     let agg = tokio::spawn(fedee_aggregator::run(config, listener, shutdown.clone()));
     let mut sites = BTreeMap::new();
     let mut handles = Vec::new();
-    for group in ["mental-health", "other-conditions", "reproductive-health"] {
+    for group in SITE_GROUPS {
         let pick = |rows: &[(Vec<i64>, i64, String)]| -> Vec<(Vec<i64>, i64)> {
             rows.iter()
                 .filter(|r| condition_group(&r.2) == group)
@@ -505,10 +522,12 @@ pub(crate) async fn federate(
                 device,
                 seed: None,
                 poll_interval: std::time::Duration::from_millis(100),
+                tls: Some(TlsFiles::in_dir(pki, group)),
             },
         )));
     }
-    let mut fed = crate::demo::connect_with_retry(&url).await?;
+    let mut fed =
+        crate::demo::connect_with_retry(&url, Some(&TlsFiles::in_dir(pki, "pharma"))).await?;
     let mut printed = 0;
     loop {
         let st = fed

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_encrypt::{KeyGroup, KeySet};
 use fedee_model::{Activation, Mlp, MlpConfig, state_from_safetensors, state_to_safetensors};
+use fedee_proto::pki::{Role, TlsFiles};
 use rand::SeedableRng;
 use tch::{Device, Kind};
 use tokio_util::sync::CancellationToken;
@@ -47,15 +48,19 @@ enum Command {
     InitModel(InitModelArgs),
     /// Show an aggregator's rounds, sites' accuracy and the privacy spent.
     Status {
-        /// Aggregator URL.
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        /// Aggregator address (host:port).
+        #[arg(long, default_value = "127.0.0.1:50051")]
         aggregator: String,
+        #[command(flatten)]
+        transport: TransportArgs,
     },
     /// Download a global model from the aggregator (model R + 1 is the result of R rounds).
     DownloadModel {
-        /// Aggregator URL.
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        /// Aggregator address (host:port).
+        #[arg(long, default_value = "127.0.0.1:50051")]
         aggregator: String,
+        #[command(flatten)]
+        transport: TransportArgs,
         /// Global model number.
         #[arg(long)]
         model: u32,
@@ -66,6 +71,92 @@ enum Command {
     /// Equivariant encryption: keys and model transforms (key holder side).
     #[command(subcommand)]
     Ee(EeCommand),
+    /// The consortium PKI for mutual TLS: a CA and certificates for sites, services, clients.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// How a party talks gRPC: mutual TLS (default, required unless --insecure).
+#[derive(clap::Args, Clone, Debug)]
+struct TransportArgs {
+    /// Directory of the consortium PKI (from `fedee certs init` and `fedee certs issue`):
+    /// mutual TLS with DIR/ca.pem and this party's DIR/NAME.pem and DIR/NAME.key.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// This party's certificate name in --tls-dir [default: aggregator for the aggregator,
+    /// trainer for the trainer, the site name for a site, pharma for clients].
+    #[arg(long)]
+    tls_name: Option<String>,
+    /// Plaintext gRPC with no authentication: only for a trusted loopback. Prints a warning.
+    #[arg(long, conflicts_with = "tls_dir")]
+    insecure: bool,
+}
+
+impl TransportArgs {
+    fn resolve(&self, default_name: &str) -> Result<Option<TlsFiles>> {
+        if self.insecure {
+            eprintln!(
+                "WARNING: --insecure: plaintext gRPC without authentication; anyone who can reach this port can act as any party. Use --tls-dir for mutual TLS."
+            );
+            return Ok(None);
+        }
+        let Some(dir) = &self.tls_dir else {
+            bail!(
+                "no transport security chosen: pass --tls-dir DIR (create it with `fedee certs init` and `fedee certs issue`) for mutual TLS, or --insecure for plaintext on a trusted loopback"
+            );
+        };
+        let files = TlsFiles::in_dir(dir, self.tls_name.as_deref().unwrap_or(default_name));
+        for p in [&files.ca, &files.cert, &files.key] {
+            if !p.exists() {
+                bail!(
+                    "{} does not exist: issue it with `fedee certs issue --dir {}`",
+                    p.display(),
+                    dir.display()
+                );
+            }
+        }
+        Ok(Some(files))
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.insecure { "http" } else { "https" }
+    }
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create the consortium CA: DIR/ca.pem and DIR/ca.key (mode 0600).
+    Init {
+        /// PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Consortium name (in the CA's subject).
+        #[arg(long, default_value = "fedee consortium")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+    /// Issue a certificate signed by the CA: DIR/NAME.pem and DIR/NAME.key (mode 0600).
+    /// Exactly one of --site, --server, --client.
+    #[command(group(clap::ArgGroup::new("role").required(true).args(["site", "server", "client"])))]
+    Issue {
+        /// PKI directory holding the CA.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// A site agent's certificate; NAME is its identity at the aggregator.
+        #[arg(long)]
+        site: Option<String>,
+        /// A service certificate (aggregator, trainer); valid for localhost and 127.0.0.1.
+        #[arg(long)]
+        server: Option<String>,
+        /// A trainer client's (or operator's) certificate.
+        #[arg(long)]
+        client: Option<String>,
+        /// Validity in days (short-lived certificates are easier to trust).
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -103,13 +194,21 @@ struct AggregatorArgs {
     /// Local batch size.
     #[arg(long, default_value_t = demo::BATCH_SIZE)]
     batch_size: u32,
+    /// Enrol a site (repeatable): with mutual TLS only enrolled sites may join, identified by
+    /// their certificate's name.
+    #[arg(long = "enroll", value_name = "SITE")]
+    enroll: Vec<String>,
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 #[derive(clap::Args)]
 struct SiteArgs {
-    /// Aggregator URL.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    /// Aggregator address (host:port; the scheme follows --tls-dir / --insecure).
+    #[arg(long, default_value = "127.0.0.1:50051")]
     aggregator: String,
+    #[command(flatten)]
+    transport: TransportArgs,
     /// Hospital / site name: Cleveland, Hungary, Switzerland or "VA Long Beach".
     #[arg(long)]
     site: String,
@@ -129,6 +228,8 @@ struct TrainerArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
+    #[command(flatten)]
+    transport: TransportArgs,
     /// Device: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -236,8 +337,10 @@ fn mlp_config(hidden: usize) -> MlpConfig {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDEE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDEE_LOG").unwrap_or_else(|_| {
+        // Refused TLS handshakes (no or bad client certificate) are logged by tonic at debug.
+        tracing_subscriber::EnvFilter::new("warn,tonic::transport::server::io_stream=debug")
+    });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -284,6 +387,8 @@ async fn main() -> Result<()> {
                 learning_rate: a.learning_rate,
                 batch_size: a.batch_size,
                 initial_model,
+                tls: a.transport.resolve("aggregator")?,
+                enroll: a.enroll,
             };
             config.validate()?;
             let listener = tokio::net::TcpListener::bind(a.listen)
@@ -297,8 +402,10 @@ async fn main() -> Result<()> {
             let device = parse_device(&s.device)?;
             let data = fedee_site_agent::heart::load_standardized(&s.data, &s.site)?;
             let task = fedee_site_agent::task::HeartTask::new(&data, mlp_config(s.hidden), device);
+            let tls = s.transport.resolve(&s.site)?;
             let report = fedee_site_agent::run(fedee_site_agent::SiteConfig {
-                aggregator: s.aggregator,
+                aggregator: format!("{}://{}", s.transport.scheme(), s.aggregator),
+                tls,
                 site: s.site,
                 task: Box::new(task),
                 device,
@@ -312,6 +419,7 @@ async fn main() -> Result<()> {
         Command::Trainer(t) => {
             let config = fedee_trainer::Config {
                 device: parse_device(&t.device)?,
+                tls: t.transport.resolve("trainer")?,
                 ..Default::default()
             };
             let listener = tokio::net::TcpListener::bind(t.listen)
@@ -333,8 +441,13 @@ async fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Status { aggregator } => {
-            let mut c = demo::connect_with_retry(&aggregator).await?;
+        Command::Status {
+            aggregator,
+            transport,
+        } => {
+            let tls = transport.resolve("pharma")?;
+            let url = format!("{}://{aggregator}", transport.scheme());
+            let mut c = demo::connect_with_retry(&url, tls.as_ref()).await?;
             let st = c
                 .status(fedee_proto::v1::StatusRequest {})
                 .await?
@@ -368,10 +481,13 @@ async fn main() -> Result<()> {
         }
         Command::DownloadModel {
             aggregator,
+            transport,
             model,
             out,
         } => {
-            let mut c = demo::connect_with_retry(&aggregator).await?;
+            let tls = transport.resolve("pharma")?;
+            let url = format!("{}://{aggregator}", transport.scheme());
+            let mut c = demo::connect_with_retry(&url, tls.as_ref()).await?;
             let bytes = demo::download_model(&mut c, model).await?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             eprintln!(
@@ -382,6 +498,36 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Ee(cmd) => ee(cmd),
+        Command::Certs(CertsCommand::Init { dir, name, days }) => {
+            fedee_proto::pki::init_ca(&dir, &name, days)?;
+            eprintln!(
+                "created CA `{name} CA` in {} (ca.pem; ca.key is 0600: keep it offline)",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Certs(CertsCommand::Issue {
+            dir,
+            site,
+            server,
+            client,
+            days,
+        }) => {
+            let (role, name) = match (site, server, client) {
+                (Some(n), _, _) => (Role::Site, n),
+                (_, Some(n), _) => (Role::Server, n),
+                (_, _, Some(n)) => (Role::Client, n),
+                _ => bail!("pass one of --site, --server, --client"),
+            };
+            let (pem, key) = fedee_proto::pki::issue(&dir, role, &name, 0, days)?;
+            eprintln!(
+                "issued {} certificate `{name}` for {days} days: {} and {} (0600)",
+                role.as_str(),
+                pem.display(),
+                key.display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -63,6 +63,12 @@ pub struct Config {
     pub batch_size: u32,
     /// Initial global model (safetensors, F32); required when the database is new.
     pub initial_model: Option<Vec<u8>>,
+    /// Mutual TLS: the aggregator's certificate and the consortium CA that verifies sites.
+    /// `None` serves plaintext gRPC (the CLI requires `--insecure` for that) and lets any
+    /// site join by the name it claims.
+    pub tls: Option<fedee_proto::pki::TlsFiles>,
+    /// Sites to enrol at start (with TLS, only enrolled sites may join).
+    pub enroll: Vec<String>,
 }
 
 impl Config {
@@ -107,9 +113,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AggregatorError> {
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| t.server())
+        .transpose()
+        .map_err(|e| AggregatorError::Config(format!("TLS: {e}")))?;
     let svc = Federation::start(config).await?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(svc.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

@@ -76,6 +76,9 @@ impl Federation {
             "privacy after all rounds (site-level unit)"
         );
         let store = Store::connect(&config.database_url).await?;
+        for name in &config.enroll {
+            store.enroll(name).await?;
+        }
         let latest = match store.latest_model().await? {
             Some(m) => m,
             None => {
@@ -180,6 +183,46 @@ impl Federation {
         Ok(())
     }
 
+    /// The site a request acts for. With mutual TLS it is the CN of the verified client
+    /// certificate, which must carry the `site` role, match any name the request claims, and
+    /// be enrolled. Without TLS the claimed name is trusted (insecure mode).
+    async fn identify<T>(&self, req: &Request<T>, claimed: &str) -> Result<String, Status> {
+        let Some(peer) = fedee_proto::pki::peer_identity(req)? else {
+            return Ok(claimed.to_owned());
+        };
+        let deny = |m: String| {
+            tracing::warn!(peer = %peer.name, reason = %m, "request refused");
+            Status::permission_denied(m)
+        };
+        if peer.role != fedee_proto::pki::Role::Site {
+            return Err(deny(format!(
+                "certificate `{}` has role {}, not site",
+                peer.name,
+                peer.role.as_str()
+            )));
+        }
+        if !claimed.is_empty() && claimed != peer.name {
+            return Err(deny(format!(
+                "certificate is for site `{}` but the request names `{claimed}`",
+                peer.name
+            )));
+        }
+        if !self.store.is_enrolled(&peer.name).await.map_err(internal)? {
+            return Err(deny(format!(
+                "site `{}` is not enrolled in this federation: the coordinator must enrol it (fedee aggregator --enroll '{}')",
+                peer.name, peer.name
+            )));
+        }
+        Ok(peer.name)
+    }
+
+    /// Reading the global model and the status needs any certificate of the consortium CA
+    /// (a site, the key holder's client, an operator); rustls has already verified it.
+    fn authorize_reader<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        fedee_proto::pki::peer_identity(req)?;
+        Ok(())
+    }
+
     async fn reject(&self, round: Option<u32>, site: Option<&str>, status: Status) -> Status {
         tracing::warn!(?round, site, reason = status.message(), code = ?status.code(), "update rejected");
         if let Err(e) = self
@@ -197,6 +240,7 @@ impl Federation {
     async fn accept(
         &self,
         mut stream: Streaming<SubmitUpdateMessage>,
+        identity: &str,
         seen: &mut Option<(u32, String)>,
     ) -> Result<SubmitUpdateResponse, Status> {
         let first = stream
@@ -209,6 +253,12 @@ impl Federation {
             ));
         };
         *seen = Some((h.round, h.site.clone()));
+        if self.config.tls.is_some() && h.site != identity {
+            return Err(Status::permission_denied(format!(
+                "certificate is for site `{identity}` but the update header names `{}`",
+                h.site
+            )));
+        }
         let (limit, round_now) = {
             let st = self.state.lock().await;
             if !st.sites.contains(&h.site) {
@@ -298,11 +348,16 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
 impl FederationApi for Federation {
     #[tracing::instrument(skip_all, fields(site = %req.get_ref().site))]
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let site = req.into_inner().site;
+        let claimed = req.get_ref().site.clone();
+        let site = self.identify(&req, &claimed).await?;
         if !valid_site_name(&site) {
             return Err(Status::invalid_argument(format!(
                 "site name `{site}` is invalid: use 1-128 letters, digits, spaces, '-', '_' or '.'"
             )));
+        }
+        if self.config.tls.is_none() {
+            // Insecure mode: a site enrols itself by joining.
+            self.store.enroll(&site).await.map_err(internal)?;
         }
         self.store.add_site(&site).await.map_err(internal)?;
         self.state.lock().await.sites.insert(site.clone());
@@ -315,13 +370,15 @@ impl FederationApi for Federation {
     }
 
     async fn next_task(&self, req: Request<NextTaskRequest>) -> Result<Response<Task>, Status> {
-        let site = req.into_inner().site;
-        let st = self.state.lock().await;
+        let claimed = req.get_ref().site.clone();
+        let site = self.identify(&req, &claimed).await?;
+        let mut st = self.state.lock().await;
         if !st.sites.contains(&site) {
             return Err(Status::not_found(format!(
                 "site `{site}` has not joined: call Join first"
             )));
         }
+        self.maybe_close(&mut st).await.map_err(internal)?;
         let c = &self.config;
         let kind = if self.done(&st) {
             TaskKind::Done
@@ -347,6 +404,7 @@ impl FederationApi for Federation {
         &self,
         req: Request<DownloadModelRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        self.authorize_reader(&req)?;
         let model = req.into_inner().model;
         let bytes = self
             .store
@@ -362,8 +420,13 @@ impl FederationApi for Federation {
         &self,
         req: Request<Streaming<SubmitUpdateMessage>>,
     ) -> Result<Response<SubmitUpdateResponse>, Status> {
+        let identity = self.identify(&req, "").await;
         let mut seen = None;
-        match self.accept(req.into_inner(), &mut seen).await {
+        let identity = match identity {
+            Ok(id) => id,
+            Err(s) => return Err(self.reject(None, None, s).await),
+        };
+        match self.accept(req.into_inner(), &identity, &mut seen).await {
             Ok(r) => Ok(Response::new(r)),
             Err(s) => Err(self
                 .reject(
@@ -379,6 +442,8 @@ impl FederationApi for Federation {
         &self,
         req: Request<MetricsReport>,
     ) -> Result<Response<MetricsAck>, Status> {
+        let claimed = req.get_ref().site.clone();
+        self.identify(&req, &claimed).await?;
         let m = req.into_inner();
         if !(0.0..=1.0).contains(&m.test_accuracy) {
             return Err(Status::invalid_argument(format!(
@@ -406,8 +471,9 @@ impl FederationApi for Federation {
 
     async fn status(
         &self,
-        _req: Request<StatusRequest>,
+        req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        self.authorize_reader(&req)?;
         // Hold the state lock while reading, so rounds, metrics and the current round form one
         // consistent snapshot (a round cannot close in between).
         let st = self.state.lock().await;

@@ -94,7 +94,28 @@ impl Store {
         Ok(())
     }
 
-    /// Enrolled sites, by name.
+    /// Allow site `name` to join (idempotent).
+    pub async fn enroll(&self, name: &str) -> Result<(), AggregatorError> {
+        sqlx::query("INSERT INTO enrolments (name, enrolled_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(now())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Whether site `name` is enrolled.
+    pub async fn is_enrolled(&self, name: &str) -> Result<bool, AggregatorError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM enrolments WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row.try_get::<i64, _>("n").map_err(db)? > 0)
+    }
+
+    /// Sites that joined, by name.
     pub async fn sites(&self) -> Result<Vec<String>, AggregatorError> {
         let rows = sqlx::query("SELECT name FROM sites ORDER BY name")
             .fetch_all(&self.pool)

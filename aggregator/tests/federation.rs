@@ -35,6 +35,8 @@ async fn start(rounds: u32, min_sites: u32) -> (FederationClient<Channel>, Cance
         learning_rate: 0.1,
         batch_size: 8,
         initial_model: Some(model(1.0).to_safetensors()),
+        tls: None,
+        enroll: vec![],
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

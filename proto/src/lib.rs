@@ -10,4 +10,5 @@ pub mod v1 {
 }
 
 mod chunk;
+pub mod pki;
 pub use chunk::{CHUNK_SIZE, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks};

@@ -35,6 +35,9 @@ pub struct SiteConfig {
     pub seed: Option<u64>,
     /// How long to wait before asking again when told to wait.
     pub poll_interval: Duration,
+    /// Mutual TLS: the site's certificate (its identity) and the consortium CA. `None` =
+    /// plaintext (insecure mode).
+    pub tls: Option<fedee_proto::pki::TlsFiles>,
 }
 
 /// A site's evaluation of one global model.
@@ -82,13 +85,22 @@ async fn download(
 /// # Errors
 /// Connection failures, refusals by the aggregator, or model errors; each names the cause.
 pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
-    let mut client = FederationClient::connect(cfg.aggregator.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(cfg.aggregator.clone())
+        .map_err(|e| SiteError::Tls(format!("aggregator url `{}`: {e}", cfg.aggregator)))?;
+    if let Some(t) = &cfg.tls {
+        let tls = t.client().map_err(|e| SiteError::Tls(e.to_string()))?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| SiteError::Tls(e.to_string()))?;
+    }
+    let channel = endpoint
+        .connect()
         .await
         .map_err(|source| SiteError::Connect {
             url: cfg.aggregator.clone(),
             source,
-        })?
-        .max_decoding_message_size(8 << 20);
+        })?;
+    let mut client = FederationClient::new(channel).max_decoding_message_size(8 << 20);
     client
         .join(JoinRequest {
             site: cfg.site.clone(),

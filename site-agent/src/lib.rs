@@ -42,6 +42,9 @@ pub enum SiteError {
     /// A model stream from the aggregator was malformed.
     #[error("model download: {0}")]
     Download(#[from] fedee_proto::ChunkError),
+    /// TLS material could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// libtorch error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -28,6 +28,9 @@ pub enum ClientError {
         call: &'static str,
         status: tonic::Status,
     },
+    /// TLS material could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] fedee_proto::pki::PkiError),
     /// A malformed stream from the trainer.
     #[error("stream: {0}")]
     Stream(#[from] fedee_proto::ChunkError),
@@ -48,13 +51,20 @@ impl TrainerClient {
     ///
     /// # Errors
     /// [`ClientError::Connect`].
-    pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let inner = Grpc::connect(url.to_owned())
-            .await
-            .map_err(|source| ClientError::Connect {
-                url: url.to_owned(),
-                source,
-            })?;
+    pub async fn connect(
+        url: &str,
+        tls: Option<&fedee_proto::pki::TlsFiles>,
+    ) -> Result<Self, ClientError> {
+        let connect = |source| ClientError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let mut endpoint =
+            tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(connect)?;
+        if let Some(t) = tls {
+            endpoint = endpoint.tls_config(t.client()?).map_err(connect)?;
+        }
+        let inner = Grpc::new(endpoint.connect().await.map_err(connect)?);
         Ok(Self {
             inner: inner.max_decoding_message_size(16 << 20),
         })

@@ -24,6 +24,9 @@ pub enum TrainerError {
     /// Transport failure.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// TLS material could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] fedee_proto::pki::PkiError),
 }
 
 /// Trainer settings.
@@ -33,6 +36,8 @@ pub struct Config {
     pub device: Device,
     /// Largest EE model accepted, in bytes.
     pub max_model_bytes: u64,
+    /// Mutual TLS: the trainer's certificate and the CA of its clients. `None` = plaintext.
+    pub tls: Option<fedee_proto::pki::TlsFiles>,
 }
 
 impl Default for Config {
@@ -40,6 +45,7 @@ impl Default for Config {
         Self {
             device: Device::Cpu,
             max_model_bytes: 1 << 30,
+            tls: None,
         }
     }
 }
@@ -54,7 +60,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), TrainerError> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &config.tls {
+        builder = builder.tls_config(t.server()?)?;
+    }
+    builder
         .add_service(TrainerService::new(config).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

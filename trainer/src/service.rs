@@ -143,6 +143,22 @@ impl TrainerService {
     }
 }
 
+/// Only certificates with the `client` role (the key holder's or an inference client's) may
+/// use the trainer; rustls has already checked they come from the configured CA.
+fn authorize<T>(req: &Request<T>) -> Result<(), Status> {
+    match fedee_proto::pki::peer_identity(req)? {
+        Some(p) if p.role != fedee_proto::pki::Role::Client => {
+            tracing::warn!(peer = %p.name, role = p.role.as_str(), "trainer request refused");
+            Err(Status::permission_denied(format!(
+                "certificate `{}` has role {}; the trainer serves only client certificates",
+                p.name,
+                p.role.as_str()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn lock(job: &StdMutex<Job>) -> std::sync::MutexGuard<'_, Job> {
     job.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -170,6 +186,7 @@ impl Trainer for TrainerService {
         &self,
         req: Request<Streaming<CreateJobMessage>>,
     ) -> Result<Response<CreateJobResponse>, Status> {
+        authorize(&req)?;
         let mut stream = req.into_inner();
         let Some(create_job_message::Msg::Spec(spec)) = stream.message().await?.and_then(|m| m.msg)
         else {
@@ -247,6 +264,7 @@ impl Trainer for TrainerService {
         &self,
         req: Request<Streaming<TrainBatch>>,
     ) -> Result<Response<StepStream>, Status> {
+        authorize(&req)?;
         let mut stream = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
@@ -300,6 +318,7 @@ impl Trainer for TrainerService {
         &self,
         req: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
+        authorize(&req)?;
         let req = req.into_inner();
         let job = self.job(&req.job_id).await?;
         let device = self.config.device;
@@ -323,6 +342,7 @@ impl Trainer for TrainerService {
         &self,
         req: Request<ExportModelRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        authorize(&req)?;
         let job = self.job(&req.into_inner().job_id).await?;
         let bytes = blocking(move || {
             state_to_safetensors(&lock(&job).model.state())

@@ -1,0 +1,250 @@
+//! Mutual TLS end to end: the real `fedee` aggregator binary over loopback, and clients with
+//! no certificate, a certificate from another CA, an expired certificate, and a valid
+//! certificate of a site that is not enrolled. Each is refused with a clear error, and the
+//! aggregator logs it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use fedee_proto::pki::{Role, TlsFiles, init_ca, issue};
+use fedee_proto::v1::JoinRequest;
+use fedee_proto::v1::federation_client::FederationClient;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+fn fedee(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+struct Aggregator {
+    child: Child,
+    addr: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_aggregator(dir: &Path) -> Aggregator {
+    let log = dir.join("aggregator.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args([
+            "aggregator",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            "pki",
+            "--enroll",
+            "Cleveland",
+        ])
+        .args([
+            "--initial-model",
+            "g0.safetensors",
+            "--database-url",
+            "sqlite://agg.db?mode=rwc",
+            "--rounds",
+            "1",
+        ])
+        .current_dir(dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("aggregator exited before listening")
+            .unwrap();
+        if let Some(a) = line.strip_prefix("aggregator listening on ") {
+            break a.trim().to_owned();
+        }
+    };
+    // Keep draining stderr into a file for the log assertions.
+    let log_path = log.clone();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(log_path).unwrap();
+        for l in lines.map_while(Result::ok) {
+            let _ = writeln!(f, "{l}");
+        }
+    });
+    Aggregator { child, addr, log }
+}
+
+async fn join(addr: &str, tls: ClientTlsConfig, site: &str) -> Result<(), String> {
+    let ep = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| format!("{e:?}"))?;
+    let ch = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+    FederationClient::new(ch)
+        .join(JoinRequest { site: site.into() })
+        .await
+        .map(|_| ())
+        .map_err(|s| {
+            format!(
+                "{:?}: {} {:?}",
+                s.code(),
+                s.message(),
+                std::error::Error::source(&s)
+            )
+        })
+}
+
+fn pem(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap()
+}
+
+fn client_tls(ca: &Path, cert_key: Option<(&Path, &Path)>) -> ClientTlsConfig {
+    let mut c = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem(ca)))
+        .domain_name("localhost");
+    if let Some((cert, key)) = cert_key {
+        c = c.identity(Identity::from_pem(pem(cert), pem(key)));
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_admits_only_enrolled_sites_with_valid_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The consortium PKI through the CLI, as an operator would create it.
+    for args in [
+        vec!["certs", "init", "--dir", "pki"],
+        vec!["certs", "issue", "--dir", "pki", "--server", "aggregator"],
+        vec!["certs", "issue", "--dir", "pki", "--site", "Cleveland"],
+        vec!["certs", "issue", "--dir", "pki", "--site", "Hungary"],
+        vec!["init-model", "--out", "g0.safetensors"],
+    ] {
+        let out = fedee(&args, dir);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("pki/Cleveland.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    // A rogue CA, and an expired certificate from the real CA.
+    init_ca(&dir.join("rogue"), "rogue", 10).unwrap();
+    issue(&dir.join("rogue"), Role::Site, "Cleveland", 0, 10).unwrap();
+    issue(&dir.join("pki"), Role::Site, "Expired", -10, 1).unwrap();
+
+    let agg = start_aggregator(dir);
+    let ca = dir.join("pki/ca.pem");
+    let good = TlsFiles::in_dir(&dir.join("pki"), "Cleveland");
+
+    // The enrolled site with its own certificate is admitted.
+    join(
+        &agg.addr,
+        client_tls(&ca, Some((&good.cert, &good.key))),
+        "Cleveland",
+    )
+    .await
+    .unwrap();
+
+    let refusals = [
+        ("no client certificate", client_tls(&ca, None), "Cleveland"),
+        (
+            "certificate from another CA",
+            client_tls(
+                &ca,
+                Some((
+                    &dir.join("rogue/Cleveland.pem"),
+                    &dir.join("rogue/Cleveland.key"),
+                )),
+            ),
+            "Cleveland",
+        ),
+        (
+            "expired certificate",
+            client_tls(
+                &ca,
+                Some((&dir.join("pki/Expired.pem"), &dir.join("pki/Expired.key"))),
+            ),
+            "Expired",
+        ),
+    ];
+    for (what, tls, site) in refusals {
+        let err = join(&agg.addr, tls, site).await.expect_err(what);
+        eprintln!("{what}: {err}");
+    }
+    // A valid certificate of a site that is not enrolled: refused by name.
+    let hungary = TlsFiles::in_dir(&dir.join("pki"), "Hungary");
+    let err = join(
+        &agg.addr,
+        client_tls(&ca, Some((&hungary.cert, &hungary.key))),
+        "Hungary",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("PermissionDenied") && err.contains("not enrolled") && err.contains("Hungary"),
+        "{err}"
+    );
+    // A certificate for one site cannot claim another.
+    let err = join(
+        &agg.addr,
+        client_tls(&ca, Some((&good.cert, &good.key))),
+        "Hungary",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("PermissionDenied") && err.contains("Cleveland"),
+        "{err}"
+    );
+
+    // Plaintext against the TLS port fails too.
+    let plain = Endpoint::from_shared(format!("http://{}", agg.addr))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        assert!(
+            FederationClient::new(ch)
+                .join(JoinRequest {
+                    site: "Cleveland".into()
+                })
+                .await
+                .is_err()
+        );
+    }
+
+    // The aggregator logged every refusal.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = std::fs::read_to_string(&agg.log).unwrap_or_default();
+    assert!(
+        log.matches("tls accept error").count() >= 3,
+        "handshake refusals must be logged:\n{log}"
+    );
+    assert!(log.contains("not enrolled"), "{log}");
+}
+
+#[test]
+fn services_refuse_to_start_without_a_transport_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = fedee(&["trainer", "--listen", "127.0.0.1:0"], tmp.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-dir") && err.contains("--insecure"),
+        "{err}"
+    );
+}
