@@ -61,7 +61,12 @@ pub struct SiteReport {
 }
 
 fn rpc(call: &'static str) -> impl Fn(tonic::Status) -> SiteError {
-    move |status| SiteError::Rpc { call, status }
+    move |status| match status.code() {
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable => {
+            SiteError::Transport { call, status }
+        }
+        _ => SiteError::Rpc { call, status },
+    }
 }
 
 async fn download(

@@ -27,6 +27,14 @@ pub enum SiteError {
         call: &'static str,
         status: tonic::Status,
     },
+    /// The connection failed during a call (with mutual TLS: usually a refused handshake).
+    #[error(
+        "{call} failed at the transport level: {status}; with mutual TLS this usually means the aggregator refused this site's certificate: check it is issued by the consortium CA (fedee certs issue --site NAME), not expired, and that --tls-dir points at it"
+    )]
+    Transport {
+        call: &'static str,
+        status: tonic::Status,
+    },
     /// The aggregator could not be reached.
     #[error("cannot reach the aggregator at {url}: {source} (is it running? check --aggregator)")]
     Connect {
