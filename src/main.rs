@@ -351,14 +351,54 @@ fn init_tracing() {
     }
 }
 
-async fn shutdown_on_ctrl_c() -> CancellationToken {
+/// A token cancelled on SIGINT or SIGTERM: services then stop accepting work and drain
+/// in-flight calls.
+fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let sigterm = async {
+            match term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm => {}
+        }
+        eprintln!(
+            "shutting down: draining in-flight calls (at most {} s)",
+            GRACE_PERIOD.as_secs()
+        );
         t.cancel();
     });
     token
+}
+
+/// Longest wait for in-flight calls after a shutdown signal.
+const GRACE_PERIOD: Duration = Duration::from_secs(20);
+
+/// Run a service until it ends, or until `GRACE_PERIOD` after `token` is cancelled.
+async fn serve_with_grace<E: Into<anyhow::Error>>(
+    token: CancellationToken,
+    service: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<()> {
+    let deadline = async {
+        token.cancelled().await;
+        tokio::time::sleep(GRACE_PERIOD).await;
+    };
+    tokio::select! {
+        r = service => r.map_err(Into::into),
+        _ = deadline => {
+            eprintln!("grace period over: exiting with calls still in flight");
+            Ok(())
+        }
+    }
 }
 
 #[tokio::main]
@@ -395,7 +435,13 @@ async fn main() -> Result<()> {
                 .await
                 .with_context(|| format!("binding {}", a.listen))?;
             eprintln!("aggregator listening on {}", listener.local_addr()?);
-            fedee_aggregator::run(config, listener, shutdown_on_ctrl_c().await).await?;
+            let token = shutdown_on_signals();
+            serve_with_grace(
+                token.clone(),
+                fedee_aggregator::run(config, listener, token),
+            )
+            .await?;
+            eprintln!("aggregator stopped");
             Ok(())
         }
         Command::Site(s) => {
@@ -426,7 +472,9 @@ async fn main() -> Result<()> {
                 .await
                 .with_context(|| format!("binding {}", t.listen))?;
             eprintln!("trainer listening on {}", listener.local_addr()?);
-            fedee_trainer::run(config, listener, shutdown_on_ctrl_c().await).await?;
+            let token = shutdown_on_signals();
+            serve_with_grace(token.clone(), fedee_trainer::run(config, listener, token)).await?;
+            eprintln!("trainer stopped");
             Ok(())
         }
         Command::InitModel(i) => {

@@ -248,3 +248,66 @@ fn services_refuse_to_start_without_a_transport_choice() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_is_served_and_sigterm_drains_and_exits_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for args in [
+        vec!["certs", "init", "--dir", "pki"],
+        vec!["certs", "issue", "--dir", "pki", "--server", "aggregator"],
+        vec!["certs", "issue", "--dir", "pki", "--client", "ops"],
+        vec!["init-model", "--out", "g0.safetensors"],
+    ] {
+        assert!(fedee(&args, dir).status.success(), "{args:?}");
+    }
+    let mut agg = start_aggregator(dir);
+    let ops = TlsFiles::in_dir(&dir.join("pki"), "ops");
+    let ep = Endpoint::from_shared(format!("https://{}", agg.addr))
+        .unwrap()
+        .tls_config(client_tls(
+            &dir.join("pki/ca.pem"),
+            Some((&ops.cert, &ops.key)),
+        ))
+        .unwrap();
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(ep.connect().await.unwrap());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "fedee.v1.Federation".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let pid = agg.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = agg.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "aggregator did not exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = std::fs::read_to_string(&agg.log).unwrap_or_default();
+    assert!(
+        log.contains("shutting down") && log.contains("aggregator stopped"),
+        "{log}"
+    );
+}

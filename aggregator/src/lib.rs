@@ -125,7 +125,13 @@ pub async fn run(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
+    // Standard gRPC health checking (grpc.health.v1) for load balancers and orchestrators.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<fedee_proto::v1::federation_server::FederationServer<Federation>>()
+        .await;
     builder
+        .add_service(health_service)
         .add_service(svc.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

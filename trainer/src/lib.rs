@@ -64,7 +64,12 @@ pub async fn run(
     if let Some(t) = &config.tls {
         builder = builder.tls_config(t.server()?)?;
     }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<fedee_proto::v1::trainer_server::TrainerServer<TrainerService>>()
+        .await;
     builder
+        .add_service(health_service)
         .add_service(TrainerService::new(config).into_server())
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
