@@ -12,6 +12,7 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::ModelError;
+use crate::arch::{Architecture, Input, Model};
 
 /// Hidden-layer activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,12 +159,11 @@ pub fn forward(cfg: &MlpConfig, state: &StateDict, x: &Tensor) -> Tensor {
     h.linear(&state["fc2.weight"], Some(&state["fc2.bias"]))
 }
 
-/// A trainable MLP: parameters in a tch `VarStore`.
+/// A trainable MLP: a [`Model`] of [`Architecture::Mlp`] with feature-tensor conveniences.
 pub struct Mlp {
     /// Shape.
     pub config: MlpConfig,
-    vs: nn::VarStore,
-    params: StateDict,
+    model: Model,
 }
 
 impl Mlp {
@@ -174,19 +174,17 @@ impl Mlp {
     /// [`ModelError::Config`] for an invalid config.
     pub fn new(config: MlpConfig, device: Device, kind: Kind) -> Result<Self, ModelError> {
         config.validate()?;
-        let mut vs = nn::VarStore::new(device);
+        let vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
         let (i, h, o) = (
             config.in_features as i64,
             config.hidden as i64,
             config.out_features as i64,
         );
-        let fc1 = nn::linear(&root / "fc1", i, h, Default::default());
-        let fc2 = nn::linear(&root / "fc2", h, o, Default::default());
-        vs.set_kind(kind);
-        let _ = (fc1, fc2);
-        let params = vs.variables().into_iter().collect();
-        Ok(Self { config, vs, params })
+        let _ = nn::linear(&root / "fc1", i, h, Default::default());
+        let _ = nn::linear(&root / "fc2", h, o, Default::default());
+        let init: StateDict = vs.variables().into_iter().collect();
+        Self::from_state(config, &init, device, kind)
     }
 
     /// An MLP holding a copy of `state`, converted to `kind` on `device`.
@@ -199,43 +197,23 @@ impl Mlp {
         device: Device,
         kind: Kind,
     ) -> Result<Self, ModelError> {
-        config.check_state(state)?;
-        let mut m = Self::new(config, device, kind)?;
-        m.load_state(state)?;
-        Ok(m)
-    }
-
-    /// Copy `state` into the parameters (converting dtype and device).
-    ///
-    /// # Errors
-    /// As [`MlpConfig::check_state`].
-    pub fn load_state(&mut self, state: &StateDict) -> Result<(), ModelError> {
-        self.config.check_state(state)?;
-        tch::no_grad(|| {
-            for (name, p) in &self.params {
-                let mut p = p.shallow_clone();
-                p.copy_(&state[name]);
-            }
-        });
-        Ok(())
+        config.validate()?;
+        Ok(Self {
+            config,
+            model: Model::from_state(Architecture::Mlp(config), state, device, kind)?,
+        })
     }
 
     /// A detached copy of the parameters.
     pub fn state(&self) -> StateDict {
-        self.params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.detach().copy()))
-            .collect()
+        self.model.state()
     }
 
     /// Logits `(batch, out_features)` for `x: (batch, in_features)`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        forward(&self.config, &self.params, x)
-    }
-
-    /// The parameters' `VarStore`, for building optimizers.
-    pub fn var_store(&self) -> &nn::VarStore {
-        &self.vs
+        self.model
+            .forward(&Input::Features(x.shallow_clone()))
+            .expect("features fit the MLP")
     }
 
     /// An optimizer over this model's parameters.
@@ -243,16 +221,16 @@ impl Mlp {
     /// # Errors
     /// [`ModelError::Torch`] if libtorch refuses the optimizer.
     pub fn optimizer(&self, spec: &OptimizerSpec) -> Result<nn::Optimizer, ModelError> {
-        crate::arch::build_optimizer(&self.vs, spec)
+        self.model.optimizer(spec)
     }
 
     /// One optimizer step on a batch; returns the mean cross-entropy before the step.
     ///
     /// `x`: `(batch, in_features)`, `y`: `(batch,)` int64 class indices.
     pub fn train_step(&mut self, opt: &mut nn::Optimizer, x: &Tensor, y: &Tensor) -> f64 {
-        let loss = self.forward(x).cross_entropy_for_logits(y);
-        opt.backward_step(&loss);
-        loss.double_value(&[])
+        self.model
+            .train_step(opt, &Input::Features(x.shallow_clone()), y)
+            .expect("features fit the MLP")
     }
 
     /// Accuracy of argmax predictions on `(x, y)`.
