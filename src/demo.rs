@@ -257,6 +257,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let pharma_tls = TlsFiles::in_dir(&pki, "pharma");
     let agg_config = fedee_aggregator::Config {
         database_url: format!("sqlite://{}?mode=rwc", work.join("aggregator.db").display()),
+        blob_dir: work.join("blobs"),
+        round_timeout: Duration::from_secs(600),
+        metrics_listen: None,
         rounds: args.rounds,
         min_sites: FEDERATION_SITES.len() as u32,
         clipping_norm,

@@ -481,6 +481,9 @@ pub(crate) async fn federate(
     std::fs::create_dir_all(&work)?;
     let config = fedee_aggregator::Config {
         database_url: format!("sqlite://{}?mode=rwc", work.join("aggregator.db").display()),
+        blob_dir: work.join("blobs"),
+        round_timeout: std::time::Duration::from_secs(1800),
+        metrics_listen: None,
         rounds: args.federation_rounds,
         min_sites: 3,
         clipping_norm: fedee_dp::ClippingNorm::new(c)?,

@@ -164,16 +164,33 @@ struct AggregatorArgs {
     /// Address to listen on (port 0 picks a free port, printed at start).
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Database URL (SQLite file created if missing).
-    #[arg(long, default_value = "sqlite://fedee-aggregator.db?mode=rwc")]
+    /// Database URL: sqlite://PATH?mode=rwc (embedded; the file is created if missing) or
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE. Holds rounds, sites, update metadata,
+    /// metrics and the privacy spent.
+    #[arg(long, env = "FEDEE_DATABASE_URL", default_value = "sqlite://fedee-aggregator.db?mode=rwc")]
     database_url: String,
+    /// Folder of the content-addressed blob store: global models and accepted updates, one
+    /// file per SHA-256, fsynced before a site's update is acknowledged. Back it up with the
+    /// database.
+    #[arg(long, default_value = "fedee-blobs")]
+    blob_dir: PathBuf,
+    /// Seconds a round stays open (round 1: from when --min-sites sites have joined). At the
+    /// deadline the round closes if --min-sites sites submitted, else it fails and the next
+    /// round starts from the same global model; later updates are rejected as stale.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    round_timeout: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
+    /// free port, printed at start). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Initial global model (safetensors, from `fedee init-model`); needed on a new database.
     #[arg(long)]
     initial_model: Option<PathBuf>,
     /// Number of FedAvg rounds.
     #[arg(long, default_value_t = 20)]
     rounds: u32,
-    /// Quorum: sites that must submit before a round closes.
+    /// Quorum: sites that must submit for a round to close (it closes early once every
+    /// enrolled site has submitted).
     #[arg(long, default_value_t = 3)]
     min_sites: u32,
     /// L2 clipping norm C of each site's update.
@@ -418,6 +435,14 @@ async fn main() -> Result<()> {
                 .transpose()?;
             let config = fedee_aggregator::Config {
                 database_url: a.database_url,
+                blob_dir: a.blob_dir,
+                round_timeout: Duration::try_from_secs_f64(a.round_timeout).map_err(|_| {
+                    anyhow::anyhow!(
+                        "--round-timeout must be a positive number of seconds, got {}",
+                        a.round_timeout
+                    )
+                })?,
+                metrics_listen: a.metrics_listen,
                 rounds: a.rounds,
                 min_sites: a.min_sites,
                 clipping_norm: ClippingNorm::new(a.clipping_norm)?,
@@ -516,8 +541,13 @@ async fn main() -> Result<()> {
                     .iter()
                     .map(|m| format!("{} {:.3}", m.site, m.test_accuracy))
                     .collect();
+                let why = if r.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.reason)
+                };
                 println!(
-                    "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}",
+                    "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}{why}",
                     r.round,
                     r.state,
                     r.rho,

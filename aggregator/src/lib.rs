@@ -8,10 +8,16 @@
 //! This crate does not link libtorch: updates are flat f32 tensors read with the `safetensors`
 //! crate ([`tensors`]). Aggregation is a pure function; IO lives in [`store`] and [`service`].
 
+pub mod blobs;
 pub mod fedavg;
+pub mod metrics;
 mod service;
 pub mod store;
 pub mod tensors;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use tokio::net::TcpListener;
@@ -31,6 +37,9 @@ pub enum AggregatorError {
     /// Database failure (details are logged, never sent to clients).
     #[error("database: {0}")]
     Database(String),
+    /// Blob store failure (disk, corruption).
+    #[error("blob store: {0}")]
+    Blob(String),
     /// Privacy accounting failure.
     #[error("privacy accounting: {0}")]
     Dp(#[from] fedee_dp::DpError),
@@ -42,12 +51,20 @@ pub enum AggregatorError {
 /// Federation settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// sqlx database URL, e.g. `sqlite://aggregator.db?mode=rwc`.
+    /// sqlx database URL: `sqlite://aggregator.db?mode=rwc` (embedded) or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
     pub database_url: String,
+    /// Folder of the content-addressed blob store (global models and updates, by SHA-256).
+    pub blob_dir: PathBuf,
+    /// How long a round stays open (round 1: from the moment the quorum has joined). At the
+    /// deadline the round closes if `min_sites` sites submitted, else it fails.
+    pub round_timeout: Duration,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`; `None` disables them.
+    pub metrics_listen: Option<SocketAddr>,
     /// Number of FedAvg rounds.
     pub rounds: u32,
-    /// Quorum: a round closes only once at least this many sites submitted (and all enrolled
-    /// sites did).
+    /// Quorum: a round closes once at least this many sites submitted and either every
+    /// enrolled site did or the deadline passed; without a quorum at the deadline it fails.
     pub min_sites: u32,
     /// Clipping norm `C` sites apply to their updates.
     pub clipping_norm: ClippingNorm,
@@ -91,10 +108,11 @@ impl Config {
                 self.learning_rate
             ));
         }
-        if !self.database_url.starts_with("sqlite:") {
+        store::Backend::of(&self.database_url)?;
+        if self.round_timeout < Duration::from_millis(100) {
             return bad(format!(
-                "database url `{}` is not supported yet: use sqlite://PATH?mode=rwc (PostgreSQL is planned, issue 4)",
-                self.database_url
+                "round timeout must be at least 0.1 s, got {:?}",
+                self.round_timeout
             ));
         }
         if self.batch_size == 0 || self.local_epochs == 0 {
@@ -119,7 +137,41 @@ pub async fn run(
         .map(|t| t.server())
         .transpose()
         .map_err(|e| AggregatorError::Config(format!("TLS: {e}")))?;
-    let svc = Federation::start(config).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
+            AggregatorError::Config(format!("cannot bind the metrics address {addr}: {e}"))
+        })?),
+        None => None,
+    };
+    let metrics = metrics::Metrics::new();
+    let svc = Federation::start(config, metrics.clone()).await?;
+    if let Some(l) = metrics_listener {
+        let addr = l.local_addr().map_err(|e| AggregatorError::Config(e.to_string()))?;
+        tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+        eprintln!("aggregator metrics on http://{addr}/metrics");
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(metrics, l, token).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+    // Deadlines: close or fail the open round when due, even if no site calls in.
+    let ticker = svc.clone();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                () = token.cancelled() => break,
+                _ = every.tick() => {
+                    if let Err(e) = ticker.tick().await {
+                        tracing::error!(error = %e, "round check failed; retrying");
+                    }
+                }
+            }
+        }
+    });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {

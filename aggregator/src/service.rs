@@ -9,28 +9,38 @@ use fedee_proto::v1::federation_server::{Federation as FederationApi, Federation
 use fedee_proto::v1::{
     Chunk, DownloadModelRequest, JoinRequest, JoinResponse, MetricsAck, MetricsReport,
     NextTaskRequest, RoundStatus, SiteMetric, StatusRequest, StatusResponse, SubmitUpdateMessage,
-    SubmitUpdateResponse, Task, TaskKind, submit_update_message,
+    SubmitUpdateResponse, Task, TaskKind, UpdateHeader, submit_update_message,
 };
 use fedee_proto::{Reassembler, chunks};
 use futures::Stream;
-use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::blobs::{BlobStore, sha256_hex};
 use crate::fedavg::FedAvg;
-use crate::store::{MetricRow, Store};
+use crate::metrics::{Metrics, Reject};
+use crate::store::{MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
 use crate::tensors::Tensors;
 use crate::{AggregatorError, Config};
 
 /// In-memory view of the federation, rebuilt from the database at start.
 #[derive(Debug)]
 struct State {
+    /// Sites whose updates a round waits for: enrolled sites (with mutual TLS, `--enroll`;
+    /// without TLS, every site that joined).
+    enrolled: BTreeSet<String>,
+    /// Sites that joined.
     sites: BTreeSet<String>,
     /// The open round (its global model has the same number), or `rounds + 1` when done.
     round: u32,
-    global: Tensors,
+    global: Arc<Tensors>,
+    global_sha: String,
     global_size: u64,
     submitted: BTreeSet<String>,
+    /// Unix epoch ms at which the open round ends; `None` while round 1 waits for the quorum.
+    deadline_ms: Option<i64>,
+    /// When the open round opened (Unix epoch ms), for the round-duration metric.
+    opened_ms: i64,
 }
 
 /// The federation service.
@@ -38,12 +48,10 @@ struct State {
 pub struct Federation {
     config: Arc<Config>,
     store: Store,
+    blobs: BlobStore,
     accountant: SiteLevelAccountant,
+    metrics: Metrics,
     state: Arc<Mutex<State>>,
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
 }
 
 fn internal(e: AggregatorError) -> Status {
@@ -58,12 +66,28 @@ fn valid_site_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c))
 }
 
+/// A refused update: the status for the site and the metric label.
+type Refusal = (Reject, Status);
+
+fn refuse(reason: Reject) -> impl FnOnce(Status) -> Refusal {
+    move |s| (reason, s)
+}
+
+/// Run blocking work (disk IO, aggregation) off the async worker threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AggregatorError> + Send + 'static,
+) -> Result<T, AggregatorError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AggregatorError::Blob(format!("worker task failed: {e}")))?
+}
+
 impl Federation {
-    /// Open (or resume) the federation in the configured database.
+    /// Open (or resume) the federation in the configured database and blob store.
     ///
     /// # Errors
-    /// Invalid config, an unreadable initial model, or database failures.
-    pub async fn start(config: Config) -> Result<Self, AggregatorError> {
+    /// Invalid config, an unreadable initial model, database or blob-store failures.
+    pub async fn start(config: Config, metrics: Metrics) -> Result<Self, AggregatorError> {
         config.validate()?;
         let accountant =
             SiteLevelAccountant::new(config.clipping_norm, config.noise_multiplier, config.delta)?;
@@ -76,6 +100,7 @@ impl Federation {
             "privacy after all rounds (site-level unit)"
         );
         let store = Store::connect(&config.database_url).await?;
+        let blobs = BlobStore::open(&config.blob_dir)?;
         for name in &config.enroll {
             store.enroll(name).await?;
         }
@@ -90,16 +115,16 @@ impl Federation {
                 })?;
                 let t = Tensors::from_safetensors(bytes)
                     .map_err(|e| AggregatorError::Config(format!("initial model: {e}")))?;
-                store
-                    .init(&sha256_hex(&t.to_safetensors()), &t.to_safetensors())
-                    .await?;
+                let sha = blobs.put(&t.to_safetensors())?;
+                store.init(&sha).await?;
                 1
             }
         };
-        let bytes = store
-            .model_bytes(latest)
+        let global_sha = store
+            .model_sha(latest)
             .await?
             .expect("latest model exists");
+        let bytes = blobs.get(&global_sha)?;
         let global = Tensors::from_safetensors(&bytes)?;
         let submitted = store
             .updates(latest)
@@ -107,25 +132,32 @@ impl Federation {
             .into_iter()
             .map(|u| u.site)
             .collect();
-        let sites = store.sites().await?.into_iter().collect();
+        let sites: BTreeSet<String> = store.sites().await?.into_iter().collect();
+        let enrolled = store.enrolled().await?.into_iter().collect();
+        let (opened_s, deadline_ms) = store.round_timing(latest).await?.unwrap_or((0, None));
         let state = State {
-            sites,
+            enrolled,
             round: latest,
-            global,
+            global: Arc::new(global),
+            global_sha,
             global_size: bytes.len() as u64,
             submitted,
+            deadline_ms,
+            opened_ms: opened_s * 1000,
+            sites,
         };
-        tracing::info!(round = latest, rounds = config.rounds, "federation started");
+        metrics.set_round(latest);
+        metrics.set_sites(state.sites.len());
+        tracing::info!(round = latest, rounds = config.rounds, updates_in_round = state.submitted.len(), "federation started");
         let svc = Self {
             config: Arc::new(config),
             store,
+            blobs,
             accountant,
+            metrics,
             state: Arc::new(Mutex::new(state)),
         };
-        {
-            let mut st = svc.state.lock().await;
-            svc.maybe_close(&mut st).await?;
-        }
+        svc.tick().await?;
         Ok(svc)
     }
 
@@ -134,39 +166,83 @@ impl Federation {
         FederationServer::new(self)
     }
 
+    /// Close or fail the open round if it is due (all enrolled sites reported, or the deadline
+    /// passed). The server calls this periodically.
+    ///
+    /// # Errors
+    /// Database or blob-store failures; the round then stays open and the next tick retries.
+    pub async fn tick(&self) -> Result<(), AggregatorError> {
+        let mut st = self.state.lock().await;
+        self.maybe_close(&mut st).await
+    }
+
     fn done(&self, st: &State) -> bool {
         st.round > self.config.rounds
     }
 
-    /// Close the open round if every enrolled site submitted and the quorum is met.
+    fn next_deadline(&self, now: i64) -> i64 {
+        now + self.config.round_timeout.as_millis() as i64
+    }
+
+    /// The round rules. A round closes (FedAvg) when the quorum (`min_sites`) has submitted
+    /// and either every enrolled site has, or the deadline passed. At the deadline without a
+    /// quorum it fails: the next round starts from the same global model.
     async fn maybe_close(&self, st: &mut State) -> Result<(), AggregatorError> {
-        if self.done(st)
-            || st.submitted.len() < self.config.min_sites as usize
-            || st.submitted.len() < st.sites.len()
-        {
+        if self.done(st) {
             return Ok(());
         }
+        let now = now_ms();
+        if st.deadline_ms.is_none() && st.sites.len() >= self.config.min_sites as usize {
+            let d = self.next_deadline(now);
+            self.store.set_deadline(st.round, d).await?;
+            st.deadline_ms = Some(d);
+            tracing::info!(round = st.round, deadline_in_s = self.config.round_timeout.as_secs_f64(), "quorum joined; round deadline set");
+        }
+        let quorum = st.submitted.len() >= self.config.min_sites as usize;
+        let all = !st.enrolled.is_empty() && st.enrolled.is_subset(&st.submitted);
+        let expired = st.deadline_ms.is_some_and(|d| now >= d);
+        if quorum && (all || expired) {
+            self.close(st, now).await
+        } else if expired {
+            self.fail(st, now).await
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn close(&self, st: &mut State, now: i64) -> Result<(), AggregatorError> {
         let round = st.round;
         let updates = self.store.updates(round).await?;
         let total: u64 = updates.iter().map(|u| u.num_examples).sum();
-        let mut avg = FedAvg::new(&st.global, total);
-        for u in &updates {
-            let t = Tensors::from_safetensors(&self.store.update_bytes(round, &u.site).await?)?;
-            avg.add(u.num_examples, &t);
-        }
-        let next = avg.finish(&st.global);
-        let bytes = next.to_safetensors();
+        let (blobs, global) = (self.blobs.clone(), st.global.clone());
+        let metas = updates.clone();
+        // FedAvg in site-name order from the persisted blobs: the result depends only on what
+        // was persisted, so a restarted aggregator produces the same bytes.
+        let (next, sha, size) = blocking(move || {
+            let mut avg = FedAvg::new(&global, total);
+            for u in &metas {
+                let t = Tensors::from_safetensors(&blobs.get(&u.sha256)?)?;
+                t.check_layout(&global)?;
+                avg.add(u.num_examples, &t);
+            }
+            let next = avg.finish(&global);
+            let bytes = next.to_safetensors();
+            let sha = blobs.put(&bytes)?;
+            Ok((next, sha, bytes.len() as u64))
+        })
+        .await?;
         let spent = self.accountant.spent(round)?;
         let open_next = round < self.config.rounds;
         self.store
-            .close_round(
+            .end_round(&RoundEnd {
                 round,
-                spent.rho,
-                spent.epsilon,
-                &sha256_hex(&bytes),
-                &bytes,
-                open_next,
-            )
+                state: "closed",
+                reason: None,
+                rho: spent.rho,
+                epsilon: spent.epsilon,
+                next_sha256: &sha,
+                open_next_with_deadline_ms: open_next.then(|| self.next_deadline(now)),
+            })
             .await?;
         tracing::info!(
             round,
@@ -174,13 +250,52 @@ impl Federation {
             num_examples = total,
             rho = spent.rho,
             epsilon = spent.epsilon,
+            global_model = %sha,
             "round closed"
         );
-        st.round = round + 1;
-        st.global = next;
-        st.global_size = bytes.len() as u64;
-        st.submitted.clear();
+        self.metrics
+            .round_ended(false, (now - st.opened_ms) as f64 / 1000.0);
+        st.global = Arc::new(next);
+        st.global_sha = sha;
+        st.global_size = size;
+        self.advance(st, now, open_next);
         Ok(())
+    }
+
+    async fn fail(&self, st: &mut State, now: i64) -> Result<(), AggregatorError> {
+        let round = st.round;
+        let reason = format!(
+            "quorum not met: {} of the required {} sites submitted before the deadline",
+            st.submitted.len(),
+            self.config.min_sites
+        );
+        // Updates that did arrive were seen by the aggregator: count the round's privacy.
+        let spent = self.accountant.spent(round)?;
+        let open_next = round < self.config.rounds;
+        self.store
+            .end_round(&RoundEnd {
+                round,
+                state: "failed",
+                reason: Some(&reason),
+                rho: spent.rho,
+                epsilon: spent.epsilon,
+                next_sha256: &st.global_sha,
+                open_next_with_deadline_ms: open_next.then(|| self.next_deadline(now)),
+            })
+            .await?;
+        tracing::warn!(round, %reason, "round failed; the next round starts from the same global model");
+        self.metrics
+            .round_ended(true, (now - st.opened_ms) as f64 / 1000.0);
+        self.advance(st, now, open_next);
+        Ok(())
+    }
+
+    fn advance(&self, st: &mut State, now: i64, open_next: bool) {
+        st.round += 1;
+        st.submitted.clear();
+        st.opened_ms = now;
+        st.deadline_ms = open_next.then(|| self.next_deadline(now));
+        self.metrics.set_round(st.round);
     }
 
     /// The site a request acts for. With mutual TLS it is the CN of the verified client
@@ -223,8 +338,14 @@ impl Federation {
         Ok(())
     }
 
-    async fn reject(&self, round: Option<u32>, site: Option<&str>, status: Status) -> Status {
-        tracing::warn!(?round, site, reason = status.message(), code = ?status.code(), "update rejected");
+    async fn reject(
+        &self,
+        round: Option<u32>,
+        site: Option<&str>,
+        (reason, status): Refusal,
+    ) -> Status {
+        tracing::warn!(?round, site, reason = reason.as_str(), message = status.message(), code = ?status.code(), "update rejected");
+        self.metrics.rejected(reason);
         if let Err(e) = self
             .store
             .insert_rejection(round, site, status.message())
@@ -235,6 +356,37 @@ impl Federation {
         status
     }
 
+    /// An update that repeats one already accepted (a site retrying after a lost
+    /// acknowledgement) is acknowledged again without being counted twice; a different update
+    /// for the same site and round is refused.
+    async fn repeat(
+        &self,
+        prior: &UpdateMeta,
+        h: &UpdateHeader,
+        sha: &str,
+    ) -> Result<SubmitUpdateResponse, Refusal> {
+        if prior.sha256 == sha && prior.num_examples == h.num_examples {
+            let n = self
+                .store
+                .updates(h.round)
+                .await
+                .map_err(|e| (Reject::Internal, internal(e)))?
+                .len() as u32;
+            tracing::info!(round = h.round, site = %h.site, "repeated update acknowledged again (idempotent resubmission)");
+            return Ok(SubmitUpdateResponse {
+                round: h.round,
+                updates_in_round: n,
+            });
+        }
+        Err((
+            Reject::Duplicate,
+            Status::already_exists(format!(
+                "site `{}` already submitted a different update for round {}; one update per site per round",
+                h.site, h.round
+            )),
+        ))
+    }
+
     /// Validate, persist and acknowledge one update; `seen` receives the header's round and
     /// site as soon as they are known, for the rejection log.
     async fn accept(
@@ -242,104 +394,156 @@ impl Federation {
         mut stream: Streaming<SubmitUpdateMessage>,
         identity: &str,
         seen: &mut Option<(u32, String)>,
-    ) -> Result<SubmitUpdateResponse, Status> {
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty stream: send an UpdateHeader first"))?;
+    ) -> Result<SubmitUpdateResponse, Refusal> {
+        let first = stream.message().await.map_err(refuse(Reject::Stream))?.ok_or_else(|| {
+            (
+                Reject::Header,
+                Status::invalid_argument("empty stream: send an UpdateHeader first"),
+            )
+        })?;
         let Some(submit_update_message::Msg::Header(h)) = first.msg else {
-            return Err(Status::invalid_argument(
-                "the first message must be an UpdateHeader",
+            return Err((
+                Reject::Header,
+                Status::invalid_argument("the first message must be an UpdateHeader"),
             ));
         };
         *seen = Some((h.round, h.site.clone()));
         if self.config.tls.is_some() && h.site != identity {
-            return Err(Status::permission_denied(format!(
-                "certificate is for site `{identity}` but the update header names `{}`",
-                h.site
-            )));
+            return Err((
+                Reject::Identity,
+                Status::permission_denied(format!(
+                    "certificate is for site `{identity}` but the update header names `{}`",
+                    h.site
+                )),
+            ));
         }
-        let (limit, round_now) = {
+        if h.num_examples == 0 {
+            return Err((
+                Reject::Header,
+                Status::invalid_argument("num_examples must be at least 1"),
+            ));
+        }
+        let internal = |e| (Reject::Internal, internal(e));
+        let prior = self.store.update(h.round, &h.site).await.map_err(internal)?;
+        let limit = {
             let st = self.state.lock().await;
             if !st.sites.contains(&h.site) {
-                return Err(Status::not_found(format!(
-                    "site `{}` has not joined: call Join first",
-                    h.site
-                )));
+                return Err((
+                    Reject::NotJoined,
+                    Status::not_found(format!(
+                        "site `{}` has not joined: call Join first",
+                        h.site
+                    )),
+                ));
             }
-            if self.done(&st) {
-                return Err(Status::failed_precondition(format!(
-                    "stale round: update for round {} but the federation has finished",
-                    h.round
-                )));
+            if prior.is_none() {
+                stale(&st, &h, self.config.rounds)?;
             }
-            if h.round != st.round {
-                return Err(Status::failed_precondition(format!(
-                    "stale round: update for round {} but round {} is open; download model {} and train again",
-                    h.round, st.round, st.round
-                )));
-            }
-            if st.submitted.contains(&h.site) {
-                return Err(Status::already_exists(format!(
-                    "site `{}` already submitted an update for round {}; one update per site per round",
-                    h.site, h.round
-                )));
-            }
-            (st.global_size + 4096, st.round)
+            st.global_size + 4096
         };
-        if h.num_examples == 0 {
-            return Err(Status::invalid_argument("num_examples must be at least 1"));
-        }
         let mut r = Reassembler::new(limit);
-        while let Some(msg) = stream.message().await? {
+        while let Some(msg) = stream.message().await.map_err(refuse(Reject::Stream))? {
             match msg.msg {
                 Some(submit_update_message::Msg::Chunk(c)) => {
-                    r.push(c)
-                        .map_err(|e| Status::invalid_argument(format!("update stream: {e}")))?;
+                    r.push(c).map_err(|e| {
+                        (
+                            Reject::Stream,
+                            Status::invalid_argument(format!("update stream: {e}")),
+                        )
+                    })?;
                 }
                 _ => {
-                    return Err(Status::invalid_argument(
-                        "after the header, send only chunks",
+                    return Err((
+                        Reject::Header,
+                        Status::invalid_argument("after the header, send only chunks"),
                     ));
                 }
             }
         }
-        let bytes = r
-            .finish()
-            .map_err(|e| Status::invalid_argument(format!("update stream: {e}")))?;
+        let bytes = r.finish().map_err(|e| {
+            (
+                Reject::Stream,
+                Status::invalid_argument(format!("update stream: {e}")),
+            )
+        })?;
         let sha = sha256_hex(&bytes);
         if !sha.eq_ignore_ascii_case(&h.sha256) {
-            return Err(Status::invalid_argument(format!(
-                "SHA-256 mismatch: header says {}, received bytes hash to {sha}",
-                h.sha256
-            )));
+            return Err((
+                Reject::Sha256,
+                Status::invalid_argument(format!(
+                    "SHA-256 mismatch: header says {}, received bytes hash to {sha}",
+                    h.sha256
+                )),
+            ));
+        }
+        if let Some(prior) = prior {
+            return self.repeat(&prior, &h, &sha).await;
         }
         let update = Tensors::from_safetensors(&bytes)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut st = self.state.lock().await;
-        update
-            .check_layout(&st.global)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // Re-check under the lock: the round may have moved on, or a concurrent duplicate won.
-        if st.round != round_now || st.submitted.contains(&h.site) {
-            return Err(Status::failed_precondition(format!(
-                "stale round: round {} closed while the update was in flight",
-                h.round
-            )));
+            .map_err(|e| (Reject::Tensors, Status::invalid_argument(e.to_string())))?;
+        {
+            let st = self.state.lock().await;
+            update
+                .check_layout(&st.global)
+                .map_err(|e| (Reject::Layout, Status::invalid_argument(e.to_string())))?;
         }
+        drop(update);
+        // Durable before acknowledged: the blob is on disk (fsynced) before its row commits.
+        let size = bytes.len();
+        let blobs = self.blobs.clone();
+        blocking(move || blobs.put(&bytes)).await.map_err(internal)?;
+        let mut st = self.state.lock().await;
+        // Re-check under the lock: the round may have moved on, or a concurrent copy won.
+        if let Some(prior) = self.store.update(h.round, &h.site).await.map_err(internal)? {
+            drop(st);
+            return self.repeat(&prior, &h, &sha).await;
+        }
+        stale(&st, &h, self.config.rounds)?;
+        let meta = UpdateMeta {
+            site: h.site.clone(),
+            num_examples: h.num_examples,
+            sha256: sha,
+        };
         self.store
-            .insert_update(h.round, &h.site, h.num_examples, &sha, &bytes)
+            .insert_update(h.round, &meta, size as u64)
             .await
             .map_err(internal)?;
         st.submitted.insert(h.site.clone());
         let updates_in_round = st.submitted.len() as u32;
-        tracing::info!(round = h.round, site = %h.site, num_examples = h.num_examples, bytes = bytes.len(), "update accepted");
-        self.maybe_close(&mut st).await.map_err(internal)?;
+        self.metrics.accepted(size);
+        tracing::info!(round = h.round, site = %h.site, num_examples = h.num_examples, bytes = size, "update accepted");
+        // The update is persisted: a failure to close now is retried by the next tick.
+        if let Err(e) = self.maybe_close(&mut st).await {
+            tracing::error!(error = %e, "closing the round failed; will retry");
+        }
         Ok(SubmitUpdateResponse {
             round: h.round,
             updates_in_round,
         })
     }
+}
+
+/// Refuse an update whose round is not the open one.
+fn stale(st: &State, h: &UpdateHeader, rounds: u32) -> Result<(), Refusal> {
+    let msg = if st.round > rounds {
+        format!(
+            "stale round: update for round {} but the federation has finished",
+            h.round
+        )
+    } else if h.round < st.round {
+        format!(
+            "stale round: update for round {} but that round has ended (closed or past its deadline) and round {} is open; download model {} and train again",
+            h.round, st.round, st.round
+        )
+    } else if h.round > st.round {
+        format!(
+            "stale round: update for round {} but round {} is open",
+            h.round, st.round
+        )
+    } else {
+        return Ok(());
+    };
+    Err((Reject::StaleRound, Status::failed_precondition(msg)))
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
@@ -360,7 +564,14 @@ impl FederationApi for Federation {
             self.store.enroll(&site).await.map_err(internal)?;
         }
         self.store.add_site(&site).await.map_err(internal)?;
-        self.state.lock().await.sites.insert(site.clone());
+        {
+            let mut st = self.state.lock().await;
+            st.sites.insert(site.clone());
+            st.enrolled.insert(site.clone());
+            self.metrics.set_sites(st.sites.len());
+            // Round 1's deadline starts once the quorum has joined.
+            self.maybe_close(&mut st).await.map_err(internal)?;
+        }
         tracing::info!("site joined");
         Ok(Response::new(JoinResponse {
             site,
@@ -395,6 +606,7 @@ impl FederationApi for Federation {
             local_epochs: c.local_epochs,
             learning_rate: c.learning_rate,
             batch_size: c.batch_size,
+            deadline_unix_ms: st.deadline_ms.map_or(0, |d| d.max(0) as u64),
         }))
     }
 
@@ -406,12 +618,14 @@ impl FederationApi for Federation {
     ) -> Result<Response<ChunkStream>, Status> {
         self.authorize_reader(&req)?;
         let model = req.into_inner().model;
-        let bytes = self
+        let sha = self
             .store
-            .model_bytes(model)
+            .model_sha(model)
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("global model {model} does not exist yet")))?;
+        let blobs = self.blobs.clone();
+        let bytes = blocking(move || blobs.get(&sha)).await.map_err(internal)?;
         let stream = futures::stream::iter(chunks(&bytes).into_iter().map(Ok));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -424,7 +638,7 @@ impl FederationApi for Federation {
         let mut seen = None;
         let identity = match identity {
             Ok(id) => id,
-            Err(s) => return Err(self.reject(None, None, s).await),
+            Err(s) => return Err(self.reject(None, None, (Reject::Identity, s)).await),
         };
         match self.accept(req.into_inner(), &identity, &mut seen).await {
             Ok(r) => Ok(Response::new(r)),
@@ -496,6 +710,7 @@ impl FederationApi for Federation {
                     .collect(),
                 rho: r.rho.unwrap_or(0.0),
                 epsilon: r.epsilon.unwrap_or(0.0),
+                reason: r.reason.unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(StatusResponse {

@@ -1,6 +1,10 @@
-//! Aggregator persistence through sqlx (`Any` driver; SQLite by default).
+//! Aggregator persistence through sqlx (`Any` driver): SQLite (embedded default) or
+//! PostgreSQL, with one set of queries and a migration folder per database
+//! (`migrations/sqlite`, `migrations/postgres`).
 //!
-//! Every accepted update is written here before the site gets its acknowledgement.
+//! The database holds metadata; model and update bytes live in the content-addressed
+//! [`crate::blobs::BlobStore`] and are referred to by SHA-256. Every accepted update's row is
+//! committed here (after its blob is on disk) before the site gets its acknowledgement.
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
@@ -9,10 +13,42 @@ use crate::AggregatorError;
 
 /// Seconds since the Unix epoch.
 fn now() -> i64 {
+    now_ms() / 1000
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite://PATH?mode=rwc` or `sqlite::memory:`.
+    Sqlite,
+    /// `postgres://USER@HOST:PORT/DB` (or `postgresql://`).
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of `url`.
+    ///
+    /// # Errors
+    /// [`AggregatorError::Config`] naming the URL and the supported schemes.
+    pub fn of(url: &str) -> Result<Self, AggregatorError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            Err(AggregatorError::Config(format!(
+                "database url `{url}` is not supported: use sqlite://PATH?mode=rwc (embedded) or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+            )))
+        }
+    }
 }
 
 /// Metadata of an accepted update.
@@ -22,6 +58,8 @@ pub struct UpdateMeta {
     pub site: String,
     /// Training examples behind the update.
     pub num_examples: u64,
+    /// SHA-256 of the update's safetensors bytes (its blob name).
+    pub sha256: String,
 }
 
 /// A site's evaluation of global model `model`.
@@ -42,8 +80,10 @@ pub struct MetricRow {
 pub struct RoundRow {
     /// Round number (from 1).
     pub round: u32,
-    /// `open` or `closed`.
+    /// `open`, `closed` (aggregated) or `failed` (quorum not met by the deadline).
     pub state: String,
+    /// Why a round failed.
+    pub reason: Option<String>,
     /// Cumulative zCDP ρ after the round closed.
     pub rho: Option<f64>,
     /// Cumulative ε after the round closed.
@@ -60,24 +100,76 @@ fn db(e: sqlx::Error) -> AggregatorError {
     AggregatorError::Database(e.to_string())
 }
 
+fn update_meta(r: &sqlx::any::AnyRow) -> Result<UpdateMeta, AggregatorError> {
+    Ok(UpdateMeta {
+        site: r.try_get("site").map_err(db)?,
+        num_examples: r.try_get::<i64, _>("num_examples").map_err(db)? as u64,
+        sha256: r.try_get("sha256").map_err(db)?,
+    })
+}
+
+/// A database URL with any password replaced by `***`, for error messages and logs.
+pub fn redact_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// How a round ends (see [`Store::end_round`]).
+#[derive(Debug)]
+pub struct RoundEnd<'a> {
+    /// The round.
+    pub round: u32,
+    /// `closed` or `failed`.
+    pub state: &'static str,
+    /// Why it failed.
+    pub reason: Option<&'a str>,
+    /// Cumulative zCDP ρ after the round.
+    pub rho: f64,
+    /// Cumulative ε after the round.
+    pub epsilon: f64,
+    /// Blob name of global model `round + 1`.
+    pub next_sha256: &'a str,
+    /// Open round `round + 1` with this deadline (`None`: it was the last round).
+    pub open_next_with_deadline_ms: Option<i64>,
+}
+
 impl Store {
-    /// Connect to `url` (`sqlite://PATH?mode=rwc` or `sqlite::memory:`) and run migrations.
+    /// Connect to `url` (`sqlite://PATH?mode=rwc`, `sqlite::memory:` or `postgres://…`) and
+    /// run the migrations of that database.
     ///
     /// # Errors
-    /// [`AggregatorError::Database`] if the database cannot be opened or migrated.
+    /// [`AggregatorError::Config`] for an unsupported URL; [`AggregatorError::Database`] if the
+    /// database cannot be reached, opened or migrated.
     pub async fn connect(url: &str) -> Result<Self, AggregatorError> {
+        let backend = Backend::of(url)?;
         install_default_drivers();
-        // One connection: SQLite serialises writers anyway, and an in-memory database must not
-        // be split across connections.
+        // SQLite: one connection (it serialises writers anyway, and an in-memory database must
+        // not be split across connections). PostgreSQL: a small pool.
+        let max = if backend == Backend::Sqlite { 1 } else { 8 };
         let pool = AnyPoolOptions::new()
-            .max_connections(1)
+            .max_connections(max)
+            .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(url)
             .await
-            .map_err(db)?;
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&pool)
-            .await
-            .map_err(|e| AggregatorError::Database(e.to_string()))?;
+            .map_err(|e| {
+                AggregatorError::Database(format!(
+                    "cannot open {}: {e}",
+                    redact_password(url)
+                ))
+            })?;
+        let migrated = match backend {
+            Backend::Sqlite => sqlx::migrate!("../migrations/sqlite").run(&pool).await,
+            Backend::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await,
+        };
+        migrated.map_err(|e| AggregatorError::Database(format!("migrating the schema: {e}")))?;
         Ok(Self { pool })
     }
 
@@ -115,6 +207,17 @@ impl Store {
         Ok(row.try_get::<i64, _>("n").map_err(db)? > 0)
     }
 
+    /// Enrolled sites, by name.
+    pub async fn enrolled(&self) -> Result<Vec<String>, AggregatorError> {
+        let rows = sqlx::query("SELECT name FROM enrolments ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("name").map_err(db))
+            .collect()
+    }
+
     /// Sites that joined, by name.
     pub async fn sites(&self) -> Result<Vec<String>, AggregatorError> {
         let rows = sqlx::query("SELECT name FROM sites ORDER BY name")
@@ -126,12 +229,12 @@ impl Store {
             .collect()
     }
 
-    /// Store the initial global model (model 1) and open round 1.
-    pub async fn init(&self, sha256: &str, bytes: &[u8]) -> Result<(), AggregatorError> {
+    /// Record the initial global model (model 1, already in the blob store) and open round 1
+    /// (its deadline is set once the quorum has joined).
+    pub async fn init(&self, sha256: &str) -> Result<(), AggregatorError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        sqlx::query("INSERT INTO models (model, sha256, bytes, created_at) VALUES (1, $1, $2, $3)")
+        sqlx::query("INSERT INTO models (model, sha256, created_at) VALUES (1, $1, $2)")
             .bind(sha256)
-            .bind(bytes)
             .bind(now())
             .execute(&mut *tx)
             .await
@@ -156,34 +259,32 @@ impl Store {
             .map(|m| m as u32))
     }
 
-    /// Bytes of global model `model`.
-    pub async fn model_bytes(&self, model: u32) -> Result<Option<Vec<u8>>, AggregatorError> {
-        let row = sqlx::query("SELECT bytes FROM models WHERE model = $1")
+    /// SHA-256 (blob name) of global model `model`.
+    pub async fn model_sha(&self, model: u32) -> Result<Option<String>, AggregatorError> {
+        let row = sqlx::query("SELECT sha256 FROM models WHERE model = $1")
             .bind(i64::from(model))
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?;
-        row.map(|r| r.try_get::<Vec<u8>, _>("bytes").map_err(db))
+        row.map(|r| r.try_get::<String, _>("sha256").map_err(db))
             .transpose()
     }
 
-    /// Persist an accepted update.
+    /// Record an accepted update whose blob is already in the blob store.
     pub async fn insert_update(
         &self,
         round: u32,
-        site: &str,
-        num_examples: u64,
-        sha256: &str,
-        bytes: &[u8],
+        meta: &UpdateMeta,
+        size_bytes: u64,
     ) -> Result<(), AggregatorError> {
         sqlx::query(
-            "INSERT INTO updates (round, site, num_examples, sha256, bytes, received_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO updates (round, site, num_examples, sha256, size_bytes, received_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(i64::from(round))
-        .bind(site)
-        .bind(num_examples as i64)
-        .bind(sha256)
-        .bind(bytes)
+        .bind(&meta.site)
+        .bind(meta.num_examples as i64)
+        .bind(&meta.sha256)
+        .bind(size_bytes as i64)
         .bind(now())
         .execute(&self.pool)
         .await
@@ -193,77 +294,104 @@ impl Store {
 
     /// Accepted updates of `round`, by site name.
     pub async fn updates(&self, round: u32) -> Result<Vec<UpdateMeta>, AggregatorError> {
-        let rows =
-            sqlx::query("SELECT site, num_examples FROM updates WHERE round = $1 ORDER BY site")
-                .bind(i64::from(round))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                Ok(UpdateMeta {
-                    site: r.try_get("site").map_err(db)?,
-                    num_examples: r.try_get::<i64, _>("num_examples").map_err(db)? as u64,
-                })
-            })
-            .collect()
+        let rows = sqlx::query(
+            "SELECT site, num_examples, sha256 FROM updates WHERE round = $1 ORDER BY site",
+        )
+        .bind(i64::from(round))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter().map(update_meta).collect()
     }
 
-    /// Bytes of one accepted update.
-    pub async fn update_bytes(&self, round: u32, site: &str) -> Result<Vec<u8>, AggregatorError> {
-        let row = sqlx::query("SELECT bytes FROM updates WHERE round = $1 AND site = $2")
-            .bind(i64::from(round))
-            .bind(site)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db)?;
-        row.try_get("bytes").map_err(db)
-    }
-
-    /// Close `round`: store the privacy spent and the next global model (`round + 1`), and open
-    /// round `round + 1` unless it was the last, all in one transaction.
-    pub async fn close_round(
+    /// Site `site`'s accepted update for `round`, if any.
+    pub async fn update(
         &self,
         round: u32,
-        rho: f64,
-        epsilon: f64,
-        next_sha256: &str,
-        next_bytes: &[u8],
-        open_next: bool,
-    ) -> Result<(), AggregatorError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        sqlx::query("UPDATE rounds SET state = 'closed', closed_at = $1, rho = $2, epsilon = $3 WHERE round = $4")
-            .bind(now())
-            .bind(rho)
-            .bind(epsilon)
+        site: &str,
+    ) -> Result<Option<UpdateMeta>, AggregatorError> {
+        let row = sqlx::query(
+            "SELECT site, num_examples, sha256 FROM updates WHERE round = $1 AND site = $2",
+        )
+        .bind(i64::from(round))
+        .bind(site)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(update_meta).transpose()
+    }
+
+    /// When `round` opened (Unix epoch s) and its deadline (Unix epoch ms, if set); `None` if
+    /// the round does not exist.
+    pub async fn round_timing(
+        &self,
+        round: u32,
+    ) -> Result<Option<(i64, Option<i64>)>, AggregatorError> {
+        let row = sqlx::query("SELECT opened_at, deadline_ms FROM rounds WHERE round = $1")
             .bind(i64::from(round))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(|r| {
+            Ok((
+                r.try_get::<i64, _>("opened_at").map_err(db)?,
+                r.try_get::<Option<i64>, _>("deadline_ms").map_err(db)?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Set the deadline of `round` (Unix epoch ms).
+    pub async fn set_deadline(&self, round: u32, deadline_ms: i64) -> Result<(), AggregatorError> {
+        sqlx::query("UPDATE rounds SET deadline_ms = $1 WHERE round = $2")
+            .bind(deadline_ms)
+            .bind(i64::from(round))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// End `round` as `closed` (aggregated) or `failed` (with `reason`): store the privacy
+    /// spent and the next global model (`round + 1`, blob already stored; for a failed round
+    /// the same blob as the round's own), and open round `round + 1` with `next_deadline_ms`
+    /// unless it was the last, all in one transaction.
+    pub async fn end_round(&self, end: &RoundEnd<'_>) -> Result<(), AggregatorError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("UPDATE rounds SET state = $1, reason = $2, closed_at = $3, rho = $4, epsilon = $5 WHERE round = $6")
+            .bind(end.state)
+            .bind(end.reason)
+            .bind(now())
+            .bind(end.rho)
+            .bind(end.epsilon)
+            .bind(i64::from(end.round))
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        sqlx::query(
-            "INSERT INTO models (model, sha256, bytes, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(i64::from(round + 1))
-        .bind(next_sha256)
-        .bind(next_bytes)
-        .bind(now())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        if open_next {
-            sqlx::query("INSERT INTO rounds (round, state, opened_at) VALUES ($1, 'open', $2)")
-                .bind(i64::from(round + 1))
-                .bind(now())
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+        sqlx::query("INSERT INTO models (model, sha256, created_at) VALUES ($1, $2, $3)")
+            .bind(i64::from(end.round + 1))
+            .bind(end.next_sha256)
+            .bind(now())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if let Some(deadline) = end.open_next_with_deadline_ms {
+            sqlx::query(
+                "INSERT INTO rounds (round, state, opened_at, deadline_ms) VALUES ($1, 'open', $2, $3)",
+            )
+            .bind(i64::from(end.round + 1))
+            .bind(now())
+            .bind(deadline)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         }
         tx.commit().await.map_err(db)
     }
 
     /// All rounds, in order.
     pub async fn rounds(&self) -> Result<Vec<RoundRow>, AggregatorError> {
-        let rows = sqlx::query("SELECT round, state, rho, epsilon FROM rounds ORDER BY round")
+        let rows = sqlx::query("SELECT round, state, reason, rho, epsilon FROM rounds ORDER BY round")
             .fetch_all(&self.pool)
             .await
             .map_err(db)?;
@@ -272,6 +400,7 @@ impl Store {
                 Ok(RoundRow {
                     round: r.try_get::<i64, _>("round").map_err(db)? as u32,
                     state: r.try_get("state").map_err(db)?,
+                    reason: r.try_get("reason").map_err(db)?,
                     rho: r.try_get("rho").map_err(db)?,
                     epsilon: r.try_get("epsilon").map_err(db)?,
                 })

@@ -23,9 +23,16 @@ fn model(v: f32) -> Tensors {
     }
 }
 
-async fn start(rounds: u32, min_sites: u32) -> (FederationClient<Channel>, CancellationToken) {
+async fn start(
+    rounds: u32,
+    min_sites: u32,
+) -> (FederationClient<Channel>, CancellationToken, tempfile::TempDir) {
+    let blobs = tempfile::tempdir().unwrap();
     let config = Config {
         database_url: "sqlite::memory:".into(),
+        blob_dir: blobs.path().to_owned(),
+        round_timeout: std::time::Duration::from_secs(600),
+        metrics_listen: None,
         rounds,
         min_sites,
         clipping_norm: ClippingNorm::new(1.0).unwrap(),
@@ -44,7 +51,7 @@ async fn start(rounds: u32, min_sites: u32) -> (FederationClient<Channel>, Cance
     tokio::spawn(run(config, listener, token.clone()));
     for _ in 0..100 {
         if let Ok(c) = FederationClient::connect(url.clone()).await {
-            return (c, token);
+            return (c, token, blobs);
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -98,7 +105,7 @@ async fn download(c: &mut FederationClient<Channel>, model: u32) -> Tensors {
 
 #[tokio::test]
 async fn fedavg_rounds_weighted_by_num_examples() {
-    let (mut c, token) = start(2, 2).await;
+    let (mut c, token, _blobs) = start(2, 2).await;
     for s in ["A", "B"] {
         c.join(JoinRequest { site: s.into() }).await.unwrap();
     }
@@ -161,7 +168,7 @@ async fn fedavg_rounds_weighted_by_num_examples() {
 
 #[tokio::test]
 async fn bad_updates_are_rejected_and_accepted_ones_kept() {
-    let (mut c, token) = start(1, 3).await;
+    let (mut c, token, _blobs) = start(1, 3).await;
     for s in ["A", "B", "C"] {
         c.join(JoinRequest { site: s.into() }).await.unwrap();
     }
@@ -173,10 +180,10 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
 
     let cases: Vec<(&str, Vec<SubmitUpdateMessage>, Code, &str)> = vec![
         (
-            "duplicate",
-            msgs("A", 1, 10, &good, None),
+            "different second update",
+            msgs("A", 1, 10, &model(0.25).to_safetensors(), None),
             Code::AlreadyExists,
-            "already submitted",
+            "already submitted a different update",
         ),
         (
             "stale round",
@@ -297,6 +304,12 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
             "UpdateHeader",
         ),
     ];
+    // The same update again (a retry after a lost acknowledgement) is acknowledged, not
+    // counted twice.
+    assert_eq!(
+        submit(&mut c, msgs("A", 1, 10, &good, None)).await.unwrap(),
+        1
+    );
     for (what, m, code, text) in cases {
         let err = submit(&mut c, m).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {err:?}");

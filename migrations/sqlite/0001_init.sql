@@ -1,33 +1,48 @@
--- fedee aggregator state (SQLite). Times are integer Unix epochs (seconds).
+-- fedee aggregator state (SQLite). Times are integer Unix epochs (seconds unless named _ms).
+-- Keep in step with migrations/postgres: the same queries run on both (sqlx Any).
+-- Sites that joined (with mutual TLS: their certificate's name).
 CREATE TABLE sites (
     name TEXT PRIMARY KEY NOT NULL,
     joined_at BIGINT NOT NULL
 );
 
--- Global models: model k is the model round k trains from (model 1 = initial model).
+-- Sites allowed to join: with mutual TLS, a site is the CN of its verified certificate and must
+-- be enrolled here first (`fedee aggregator --enroll NAME`).
+CREATE TABLE enrolments (
+    name TEXT PRIMARY KEY NOT NULL,
+    enrolled_at BIGINT NOT NULL
+);
+
+-- Global models: model k is the model round k trains from (model 1 = initial model). The bytes
+-- live in the content-addressed blob store (--blob-dir), named by sha256.
 CREATE TABLE models (
     model BIGINT PRIMARY KEY NOT NULL,
     sha256 TEXT NOT NULL,
-    bytes BLOB NOT NULL,
     created_at BIGINT NOT NULL
 );
 
+-- Rounds: state is 'open', 'closed' (aggregated) or 'failed' (quorum not met by the deadline;
+-- the next round starts from the same global model). deadline_ms is NULL until the quorum of
+-- sites has joined (round 1) and is a Unix epoch in milliseconds.
 CREATE TABLE rounds (
     round BIGINT PRIMARY KEY NOT NULL,
     state TEXT NOT NULL,
     opened_at BIGINT NOT NULL,
+    deadline_ms BIGINT,
     closed_at BIGINT,
     rho DOUBLE PRECISION,
-    epsilon DOUBLE PRECISION
+    epsilon DOUBLE PRECISION,
+    reason TEXT
 );
 
--- Accepted updates: persisted before they are acknowledged.
+-- Accepted updates: the blob is written and fsynced, then this row committed, then the site
+-- gets its acknowledgement.
 CREATE TABLE updates (
     round BIGINT NOT NULL,
     site TEXT NOT NULL,
     num_examples BIGINT NOT NULL,
     sha256 TEXT NOT NULL,
-    bytes BLOB NOT NULL,
+    size_bytes BIGINT NOT NULL,
     received_at BIGINT NOT NULL,
     PRIMARY KEY (round, site)
 );
