@@ -301,6 +301,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .reproducible
                 .then(|| args.seed.wrapping_mul(1000) + i as u64),
             poll_interval: Duration::from_millis(20),
+            retry: fedee_site_agent::client::Retry::default(),
             tls: Some(TlsFiles::in_dir(&pki, name)),
         };
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));

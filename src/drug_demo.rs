@@ -525,6 +525,7 @@ pub(crate) async fn federate(
                 device,
                 seed: None,
                 poll_interval: std::time::Duration::from_millis(100),
+                retry: fedee_site_agent::client::Retry::default(),
                 tls: Some(TlsFiles::in_dir(pki, group)),
             },
         )));

@@ -238,6 +238,12 @@ struct SiteArgs {
     /// Device: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Retries of a call that fails at the transport level (aggregator down or restarting),
+    /// with exponential backoff from 0.5 s doubling to 30 s, plus jitter; 9 retries wait about
+    /// 2.5 minutes in all. Repeats are safe: the aggregator acknowledges an update it already
+    /// has without counting it twice. Refusals are never retried.
+    #[arg(long, default_value_t = 9)]
+    retries: u32,
 }
 
 #[derive(clap::Args)]
@@ -353,13 +359,19 @@ fn mlp_config(hidden: usize) -> MlpConfig {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr through `tracing`: `FEDEE_LOG` (an `EnvFilter`, e.g. `debug` or
+/// `fedee_aggregator=debug`) overrides `default_level`; `FEDEE_LOG_FORMAT=json` for JSON lines.
+fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FEDEE_LOG").unwrap_or_else(|_| {
         // Refused TLS handshakes (no or bad client certificate) are logged by tonic at debug.
-        tracing_subscriber::EnvFilter::new("warn,tonic::transport::server::io_stream=debug")
+        tracing_subscriber::EnvFilter::new(format!(
+            "{default_level},tonic::transport::server::io_stream=debug"
+        ))
     });
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only on a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var("FEDEE_LOG_FORMAT").as_deref() == Ok("json") {
         b.json().init();
@@ -420,8 +432,12 @@ async fn serve_with_grace<E: Into<anyhow::Error>>(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    init_tracing();
     let cli = Cli::parse();
+    // Services log their progress (rounds, updates, refusals); one-shot commands only warnings.
+    init_tracing(match cli.command {
+        Command::Aggregator(_) | Command::Site(_) | Command::Trainer(_) => "info",
+        _ => "warn",
+    });
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Aggregator(a) => {
@@ -482,6 +498,10 @@ async fn main() -> Result<()> {
                 device,
                 seed: None,
                 poll_interval: Duration::from_millis(200),
+                retry: fedee_site_agent::client::Retry {
+                    attempts: s.retries + 1,
+                    ..Default::default()
+                },
             })
             .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);

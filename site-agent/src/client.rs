@@ -38,6 +38,47 @@ pub struct SiteConfig {
     /// Mutual TLS: the site's certificate (its identity) and the consortium CA. `None` =
     /// plaintext (insecure mode).
     pub tls: Option<fedee_proto::pki::TlsFiles>,
+    /// How calls that fail at the transport level are retried.
+    pub retry: Retry,
+}
+
+/// Retries with exponential backoff and jitter for calls that fail at the transport level
+/// (aggregator restarting, network loss): attempt `k` (from 0) waits a uniformly random time
+/// in `[d/2, d]` with `d = min(cap, base · 2^k)` ("equal jitter"), so sites that lost the
+/// aggregator together do not reconnect in lockstep. Refusals (permission denied, invalid
+/// update, refused certificates) are not retried. Every call is safe to repeat: joining and
+/// metric reports are idempotent, and the aggregator acknowledges a repeated identical update
+/// without counting it twice.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retry {
+    /// Attempts per call, the first included (1 = no retry).
+    pub attempts: u32,
+    /// First backoff.
+    pub base: Duration,
+    /// Longest backoff.
+    pub cap: Duration,
+}
+
+impl Default for Retry {
+    /// 10 attempts, 0.5 s doubling to at most 30 s: about 2.5 minutes before giving up.
+    fn default() -> Self {
+        Self {
+            attempts: 10,
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Retry {
+    /// The wait before retry number `k` (from 0), with jitter.
+    pub fn backoff(&self, k: u32) -> Duration {
+        let d = self
+            .base
+            .saturating_mul(2u32.saturating_pow(k.min(30)))
+            .min(self.cap);
+        d.mul_f64(rand::random_range(0.5..=1.0))
+    }
 }
 
 /// A site's evaluation of one global model.
@@ -60,29 +101,90 @@ pub struct SiteReport {
     pub rounds_trained: Vec<u32>,
 }
 
-fn rpc(call: &'static str) -> impl Fn(tonic::Status) -> SiteError {
-    move |status| match status.code() {
-        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable => {
-            SiteError::Transport { call, status }
+/// Whether a failed call may succeed if repeated: the aggregator was unreachable, restarted
+/// mid-call, or failed internally. A TLS handshake refused over a certificate is final.
+fn retryable(status: &tonic::Status) -> bool {
+    use tonic::Code::{Aborted, Cancelled, DeadlineExceeded, Internal, Unavailable, Unknown};
+    if !matches!(
+        status.code(),
+        Unavailable | Unknown | Cancelled | DeadlineExceeded | Aborted | Internal
+    ) {
+        return false;
+    }
+    // rustls reports certificate refusals as alerts in the error's source chain.
+    let text = source_chain(status).to_lowercase();
+    !(text.contains("alert") || text.contains("certificate"))
+}
+
+fn source_chain(status: &tonic::Status) -> String {
+    let mut out = String::new();
+    let mut e: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    while let Some(err) = e {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        e = err.source();
+    }
+    out
+}
+
+/// The connection to the aggregator and the retry policy.
+struct Link {
+    client: FederationClient<Channel>,
+    url: String,
+    retry: Retry,
+}
+
+impl Link {
+    /// Run `f` until it succeeds, fails with a refusal, or the attempts are spent.
+    async fn call<T, F, Fut>(&mut self, call: &'static str, mut f: F) -> Result<T, SiteError>
+    where
+        F: FnMut(FederationClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match f(self.client.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(status) if retryable(&status) && attempt < self.retry.attempts => {
+                    let wait = self.retry.backoff(attempt - 1);
+                    tracing::warn!(call, attempt, wait_s = wait.as_secs_f64(), code = ?status.code(), error = %status.message(), "call failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(status) if retryable(&status) || is_transport(&status) => {
+                    return Err(SiteError::Transport {
+                        call,
+                        url: self.url.clone(),
+                        attempts: attempt,
+                        source_text: source_chain(&status),
+                        status,
+                    });
+                }
+                Err(status) => return Err(SiteError::Rpc { call, status }),
+            }
         }
-        _ => SiteError::Rpc { call, status },
     }
 }
 
-async fn download(
-    client: &mut FederationClient<Channel>,
-    model: u32,
-) -> Result<Vec<u8>, SiteError> {
+fn is_transport(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable
+    )
+}
+
+async fn download(mut client: FederationClient<Channel>, model: u32) -> Result<Vec<u8>, tonic::Status> {
     let mut stream = client
         .download_model(DownloadModelRequest { model })
-        .await
-        .map_err(rpc("DownloadModel"))?
+        .await?
         .into_inner();
     let mut r = Reassembler::new(MAX_BLOB_SIZE);
-    while let Some(c) = stream.message().await.map_err(rpc("DownloadModel"))? {
-        r.push(c)?;
+    while let Some(c) = stream.message().await? {
+        r.push(c)
+            .map_err(|e| tonic::Status::data_loss(format!("model {model} stream: {e}")))?;
     }
-    Ok(r.finish()?)
+    r.finish()
+        .map_err(|e| tonic::Status::data_loss(format!("model {model} stream: {e}")))
 }
 
 /// Run the site until the federation is done.
@@ -98,20 +200,22 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             .tls_config(tls)
             .map_err(|e| SiteError::Tls(e.to_string()))?;
     }
+    // Connect on first use and reconnect after failures (the aggregator may start later or
+    // restart); each call is retried per `cfg.retry`.
     let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| SiteError::Connect {
-            url: cfg.aggregator.clone(),
-            source,
-        })?;
-    let mut client = FederationClient::new(channel).max_decoding_message_size(8 << 20);
-    client
-        .join(JoinRequest {
-            site: cfg.site.clone(),
-        })
-        .await
-        .map_err(rpc("Join"))?;
+        .connect_timeout(Duration::from_secs(10))
+        .connect_lazy();
+    let mut link = Link {
+        client: FederationClient::new(channel).max_decoding_message_size(8 << 20),
+        url: cfg.aggregator.clone(),
+        retry: cfg.retry,
+    };
+    let site = cfg.site.clone();
+    link.call("Join", |mut c| {
+        let site = site.clone();
+        async move { c.join(JoinRequest { site }).await }
+    })
+    .await?;
     tracing::info!(site = %cfg.site, train = cfg.task.num_examples(), test = cfg.task.num_test_examples(), "joined");
     let mut rng = match cfg.seed {
         Some(s) => ChaCha20Rng::seed_from_u64(s),
@@ -124,32 +228,37 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     };
     let mut evaluated = 0u32;
     loop {
-        let task = client
-            .next_task(NextTaskRequest {
-                site: cfg.site.clone(),
+        let task = link
+            .call("NextTask", |mut c| {
+                let site = site.clone();
+                async move { c.next_task(NextTaskRequest { site }).await }
             })
-            .await
-            .map_err(rpc("NextTask"))?
+            .await?
             .into_inner();
         let kind = TaskKind::try_from(task.kind).unwrap_or(TaskKind::Unspecified);
         if kind == TaskKind::Wait || kind == TaskKind::Unspecified {
             tokio::time::sleep(cfg.poll_interval).await;
             continue;
         }
-        let bytes = download(&mut client, task.round).await?;
+        let round = task.round;
+        let bytes = link
+            .call("DownloadModel", |c| download(c, round))
+            .await?;
         let global = state_from_safetensors(&bytes, cfg.device)?;
         if evaluated < task.round {
             // Local compute blocks this worker thread, not the runtime's other tasks.
             let acc = tokio::task::block_in_place(|| cfg.task.evaluate(&global))?;
-            client
-                .report_metrics(MetricsReport {
-                    site: cfg.site.clone(),
-                    model: task.round,
-                    test_accuracy: acc,
-                    num_test_examples: cfg.task.num_test_examples(),
-                })
-                .await
-                .map_err(rpc("ReportMetrics"))?;
+            let metrics = MetricsReport {
+                site: cfg.site.clone(),
+                model: task.round,
+                test_accuracy: acc,
+                num_test_examples: cfg.task.num_test_examples(),
+            };
+            link.call("ReportMetrics", |mut c| {
+                let metrics = metrics.clone();
+                async move { c.report_metrics(metrics).await }
+            })
+            .await?;
             report.evaluations.push(Evaluation {
                 model: task.round,
                 test_accuracy: acc,
@@ -187,10 +296,23 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
                 )
                 .map(|m| SubmitUpdateMessage { msg: Some(m) })
                 .collect();
-        client
-            .submit_update(futures::stream::iter(msgs))
-            .await
-            .map_err(rpc("SubmitUpdate"))?;
+        let submitted = link
+            .call("SubmitUpdate", |mut c| {
+                let msgs = msgs.clone();
+                async move { c.submit_update(futures::stream::iter(msgs)).await }
+            })
+            .await;
+        match submitted {
+            Ok(_) => {}
+            // The round ended (deadline) while this site trained: take the next task.
+            Err(SiteError::Rpc { status, .. })
+                if status.code() == tonic::Code::FailedPrecondition =>
+            {
+                tracing::warn!(site = %cfg.site, round = task.round, reason = status.message(), "update not accepted; moving on to the next task");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         tracing::info!(site = %cfg.site, round = task.round, loss, update_norm = norm, bytes = blob.len(), "update submitted");
         report.rounds_trained.push(task.round);
     }

@@ -27,19 +27,17 @@ pub enum SiteError {
         call: &'static str,
         status: tonic::Status,
     },
-    /// The connection failed during a call (with mutual TLS: usually a refused handshake).
+    /// A call kept failing at the transport level (aggregator down, network, or a refused
+    /// TLS handshake) after every retry.
     #[error(
-        "{call} failed at the transport level: {status}; with mutual TLS this usually means the aggregator refused this site's certificate: check it is issued by the consortium CA (fedee certs issue --site NAME), not expired, and that --tls-dir points at it"
+        "{call} failed at the transport level after {attempts} attempt(s): {status}{source_text}; is the aggregator running at {url} (check --aggregator)? With mutual TLS this can also mean the aggregator refused this site's certificate: check it is issued by the consortium CA (fedee certs issue --site NAME), not expired, and that --tls-dir points at it"
     )]
     Transport {
         call: &'static str,
-        status: tonic::Status,
-    },
-    /// The aggregator could not be reached.
-    #[error("cannot reach the aggregator at {url}: {source} (is it running? check --aggregator)")]
-    Connect {
         url: String,
-        source: tonic::transport::Error,
+        attempts: u32,
+        status: tonic::Status,
+        source_text: String,
     },
     /// Model error (wrong architecture, bad tensors).
     #[error("model: {0}")]
