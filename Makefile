@@ -16,13 +16,17 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: demo test build data venv clean
+.PHONY: demo test build data venv clean fuzz
 
 demo: build data
 	./target/release/fedee demo --data $(HEART) --report demo-report.json
 
 test: $(TORCH_STAMP) data
 	cargo test --release --workspace
+
+# Longer fuzzing of chunk reassembly and update validation (make test runs 20 000 cases each).
+fuzz: $(TORCH_STAMP)
+	FEDEE_FUZZ_CASES=$${FEDEE_FUZZ_CASES:-1000000} cargo test --release -p fedee-proto -p fedee-aggregator --test fuzz_chunks --test fuzz_updates -- --nocapture
 
 build: $(TORCH_STAMP)
 	cargo build --release
