@@ -95,8 +95,9 @@ struct TransportArgs {
 impl TransportArgs {
     fn resolve(&self, default_name: &str) -> Result<Option<TlsFiles>> {
         if self.insecure {
-            eprintln!(
-                "WARNING: --insecure: plaintext gRPC without authentication; anyone who can reach this port can act as any party. Use --tls-dir for mutual TLS."
+            notice(
+                true,
+                "WARNING: --insecure: plaintext gRPC without authentication; anyone who can reach this port can act as any party. Use --tls-dir for mutual TLS.",
             );
             return Ok(None);
         }
@@ -167,7 +168,11 @@ struct AggregatorArgs {
     /// Database URL: sqlite://PATH?mode=rwc (embedded; the file is created if missing) or
     /// postgres://USER:PASSWORD@HOST:PORT/DATABASE. Holds rounds, sites, update metadata,
     /// metrics and the privacy spent.
-    #[arg(long, env = "FEDEE_DATABASE_URL", default_value = "sqlite://fedee-aggregator.db?mode=rwc")]
+    #[arg(
+        long,
+        env = "FEDEE_DATABASE_URL",
+        default_value = "sqlite://fedee-aggregator.db?mode=rwc"
+    )]
     database_url: String,
     /// Folder of the content-addressed blob store: global models and accepted updates, one
     /// file per SHA-256, fsynced before a site's update is acknowledged. Back it up with the
@@ -359,6 +364,21 @@ fn mlp_config(hidden: usize) -> MlpConfig {
     }
 }
 
+/// Whether logs are JSON lines (`FEDEE_LOG_FORMAT=json`).
+fn json_logs() -> bool {
+    std::env::var("FEDEE_LOG_FORMAT").as_deref() == Ok("json")
+}
+
+/// A service's operator-facing line (listening address, shutdown, warnings): a plain stderr
+/// line, or with JSON logs a log event, so stderr stays one JSON object per line.
+fn notice(warning: bool, msg: &str) {
+    match (json_logs(), warning) {
+        (false, _) => eprintln!("{msg}"),
+        (true, true) => tracing::warn!("{msg}"),
+        (true, false) => tracing::info!("{msg}"),
+    }
+}
+
 /// Logs to stderr through `tracing`: `FEDEE_LOG` (an `EnvFilter`, e.g. `debug` or
 /// `fedee_aggregator=debug`) overrides `default_level`; `FEDEE_LOG_FORMAT=json` for JSON lines.
 fn init_tracing(default_level: &str) {
@@ -373,7 +393,7 @@ fn init_tracing(default_level: &str) {
         // Colours only on a terminal: log files and collectors get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if std::env::var("FEDEE_LOG_FORMAT").as_deref() == Ok("json") {
+    if json_logs() {
         b.json().init();
     } else {
         b.init();
@@ -400,9 +420,12 @@ fn shutdown_on_signals() -> CancellationToken {
             _ = tokio::signal::ctrl_c() => {}
             _ = sigterm => {}
         }
-        eprintln!(
-            "shutting down: draining in-flight calls (at most {} s)",
-            GRACE_PERIOD.as_secs()
+        notice(
+            false,
+            &format!(
+                "shutting down: draining in-flight calls (at most {} s)",
+                GRACE_PERIOD.as_secs()
+            ),
         );
         t.cancel();
     });
@@ -424,7 +447,7 @@ async fn serve_with_grace<E: Into<anyhow::Error>>(
     tokio::select! {
         r = service => r.map_err(Into::into),
         _ = deadline => {
-            eprintln!("grace period over: exiting with calls still in flight");
+            notice(true, "grace period over: exiting with calls still in flight");
             Ok(())
         }
     }
@@ -475,14 +498,17 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
                 .with_context(|| format!("binding {}", a.listen))?;
-            eprintln!("aggregator listening on {}", listener.local_addr()?);
+            notice(
+                false,
+                &format!("aggregator listening on {}", listener.local_addr()?),
+            );
             let token = shutdown_on_signals();
             serve_with_grace(
                 token.clone(),
                 fedee_aggregator::run(config, listener, token),
             )
             .await?;
-            eprintln!("aggregator stopped");
+            notice(false, "aggregator stopped");
             Ok(())
         }
         Command::Site(s) => {
@@ -516,10 +542,13 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(t.listen)
                 .await
                 .with_context(|| format!("binding {}", t.listen))?;
-            eprintln!("trainer listening on {}", listener.local_addr()?);
+            notice(
+                false,
+                &format!("trainer listening on {}", listener.local_addr()?),
+            );
             let token = shutdown_on_signals();
             serve_with_grace(token.clone(), fedee_trainer::run(config, listener, token)).await?;
-            eprintln!("trainer stopped");
+            notice(false, "trainer stopped");
             Ok(())
         }
         Command::InitModel(i) => {

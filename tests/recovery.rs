@@ -19,14 +19,18 @@ use tonic::Code;
 /// A model of ~1.3 M parameters: each update spans several 1 MiB chunks.
 fn tensors(seed: u64, scale: f32) -> Vec<u8> {
     safetensors_f32(&[
-        ("layer.weight", vec![1024, 1280], noise(seed, 1024 * 1280, scale)),
+        (
+            "layer.weight",
+            vec![1024, 1280],
+            noise(seed, 1024 * 1280, scale),
+        ),
         ("layer.bias", vec![1280], noise(seed + 1, 1280, scale)),
     ])
 }
 
 const SITES: [(&str, u64); 3] = [("Cleveland", 199), ("Hungary", 261), ("Switzerland", 75)];
 
-fn args<'a>(db: &'a str) -> Vec<&'a str> {
+fn args(db: &str) -> Vec<&str> {
     vec![
         "--insecure",
         "--initial-model",
@@ -82,14 +86,18 @@ async fn interrupted(dir: &Path, db: &str) -> Vec<u8> {
     let upload = tokio::spawn(async move { c3.submit_update(partial).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     agg.sigkill();
-    let cut = upload.await.unwrap().expect_err("the upload was cut by the kill");
+    let cut = upload
+        .await
+        .unwrap()
+        .expect_err("the upload was cut by the kill");
     assert_ne!(cut.code(), Code::Ok);
 
     // Restart on the same database, blob store and port.
     let agg = Aggregator::start(dir, &addr, &args(db));
     agg.wait_for_log("federation started", Duration::from_secs(30));
     assert!(
-        agg.log().contains("federation started round=1 rounds=1 updates_in_round=2"),
+        agg.log()
+            .contains("federation started round=1 rounds=1 updates_in_round=2"),
         "{}",
         agg.log()
     );
@@ -97,14 +105,20 @@ async fn interrupted(dir: &Path, db: &str) -> Vec<u8> {
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!((st.current_round, st.rounds[0].state.as_str()), (1, "open"));
     // A site whose acknowledgement was lost resubmits: acknowledged, not counted twice.
-    let again = submit(&mut c, update_msgs(SITES[1].0, 1, SITES[1].1, &tensors(11, 0.01)))
-        .await
-        .unwrap();
+    let again = submit(
+        &mut c,
+        update_msgs(SITES[1].0, 1, SITES[1].1, &tensors(11, 0.01)),
+    )
+    .await
+    .unwrap();
     assert_eq!(again, 2, "a resubmitted update must not be counted twice");
     // A different update from the same site is refused.
-    let other = submit(&mut c, update_msgs(SITES[0].0, 1, SITES[0].1, &tensors(99, 0.01)))
-        .await
-        .unwrap_err();
+    let other = submit(
+        &mut c,
+        update_msgs(SITES[0].0, 1, SITES[0].1, &tensors(99, 0.01)),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
     // The third site uploads again, from scratch.
     assert_eq!(submit(&mut c, third).await.unwrap(), 3);
@@ -125,7 +139,10 @@ async fn check_bit_identical(sqlite: bool, dir: &Path, reference_db: &str, crash
     let b = interrupted(&crash_dir, crash_db).await;
     let which = if sqlite { "SQLite" } else { "PostgreSQL" };
     assert_eq!(a.len(), b.len(), "{which}");
-    assert!(a == b, "{which}: global model after the crash differs from the uninterrupted run");
+    assert!(
+        a == b,
+        "{which}: global model after the crash differs from the uninterrupted run"
+    );
     // And the round did move the model.
     assert_ne!(a, tensors(1, 0.1));
 }
@@ -157,7 +174,11 @@ fn site_agents_survive_an_aggregator_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let out = fedee(&["init-model", "--out", "g0.safetensors"], dir);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rounds = "40";
     let agg_args = [
         "--insecure",
@@ -220,8 +241,14 @@ fn site_agents_survive_an_aggregator_restart() {
         );
         // Every round was trained once by every site, even across the restart.
         let mut seen = std::collections::BTreeSet::new();
-        assert!(trained.iter().all(|r| seen.insert(r.as_u64().unwrap())), "{report}");
-        assert!(err.contains("retrying"), "the site should have retried:\n{err}");
+        assert!(
+            trained.iter().all(|r| seen.insert(r.as_u64().unwrap())),
+            "{report}"
+        );
+        assert!(
+            err.contains("retrying"),
+            "the site should have retried:\n{err}"
+        );
     }
     assert!(t.elapsed() < Duration::from_secs(240));
     let rt = tokio::runtime::Runtime::new().unwrap();

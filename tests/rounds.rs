@@ -79,42 +79,88 @@ async fn deadlines_quorum_failed_rounds_and_metrics() {
     }
     // Round 1: two of three sites. Not every enrolled site reported, so the round stays open
     // until its deadline, then closes on the quorum.
-    assert_eq!(submit(&mut c, update_msgs("A", 1, 10, &update(11))).await.unwrap(), 1);
-    assert_eq!(submit(&mut c, update_msgs("B", 1, 30, &update(12))).await.unwrap(), 2);
+    assert_eq!(
+        submit(&mut c, update_msgs("A", 1, 10, &update(11)))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        submit(&mut c, update_msgs("B", 1, 30, &update(12)))
+            .await
+            .unwrap(),
+        2
+    );
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!((st.current_round, st.rounds[0].state.as_str()), (1, "open"));
     let st = wait_round(&mut c, 2).await;
     assert_eq!(st.rounds[0].state, "closed");
     // C was late: its round-1 update is refused as stale.
-    let late = submit(&mut c, update_msgs("C", 1, 20, &update(13))).await.unwrap_err();
+    let late = submit(&mut c, update_msgs("C", 1, 20, &update(13)))
+        .await
+        .unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
     assert!(late.message().contains("stale round"), "{}", late.message());
 
     // Round 2: one site only: below the quorum at the deadline, the round fails and round 3
     // starts from the same global model.
-    assert_eq!(submit(&mut c, update_msgs("A", 2, 10, &update(21))).await.unwrap(), 1);
+    assert_eq!(
+        submit(&mut c, update_msgs("A", 2, 10, &update(21)))
+            .await
+            .unwrap(),
+        1
+    );
     let st = wait_round(&mut c, 3).await;
     assert_eq!(st.rounds[1].state, "failed");
-    assert!(st.rounds[1].reason.contains("quorum not met: 1 of the required 2"), "{}", st.rounds[1].reason);
+    assert!(
+        st.rounds[1]
+            .reason
+            .contains("quorum not met: 1 of the required 2"),
+        "{}",
+        st.rounds[1].reason
+    );
     assert_eq!(download(&mut c, 3).await, download(&mut c, 2).await);
     assert_ne!(download(&mut c, 2).await, download(&mut c, 1).await);
 
     // Round 3: every enrolled site reports, so it closes at once, before its deadline.
     for (i, s) in ["A", "B", "C"].iter().enumerate() {
-        submit(&mut c, update_msgs(s, 3, 10, &update(30 + i as u64))).await.unwrap();
+        submit(&mut c, update_msgs(s, 3, 10, &update(30 + i as u64)))
+            .await
+            .unwrap();
     }
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
-    assert!(st.done, "round 3 should close without waiting for its deadline");
+    assert!(
+        st.done,
+        "round 3 should close without waiting for its deadline"
+    );
     assert_eq!(st.rounds[2].state, "closed");
 
     let text = agg.scrape().await;
-    assert_eq!(metric(&text, "fedee_aggregator_rounds_total{outcome=\"closed\"}"), 2.0);
-    assert_eq!(metric(&text, "fedee_aggregator_rounds_total{outcome=\"failed\"}"), 1.0);
-    assert_eq!(metric(&text, "fedee_aggregator_updates_accepted_total"), 6.0);
-    assert_eq!(metric(&text, "fedee_aggregator_updates_rejected_total{reason=\"stale_round\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "fedee_aggregator_rounds_total{outcome=\"closed\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&text, "fedee_aggregator_rounds_total{outcome=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "fedee_aggregator_updates_accepted_total"),
+        6.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "fedee_aggregator_updates_rejected_total{reason=\"stale_round\"}"
+        ),
+        1.0
+    );
     assert_eq!(metric(&text, "fedee_aggregator_current_round"), 4.0);
     assert_eq!(metric(&text, "fedee_aggregator_sites_joined"), 3.0);
-    assert_eq!(metric(&text, "fedee_aggregator_round_duration_seconds_count"), 3.0);
+    assert_eq!(
+        metric(&text, "fedee_aggregator_round_duration_seconds_count"),
+        3.0
+    );
     assert_eq!(
         metric(&text, "fedee_aggregator_update_bytes_total"),
         6.0 * update(1).len() as f64
@@ -122,8 +168,15 @@ async fn deadlines_quorum_failed_rounds_and_metrics() {
     // `fedee status` shows the failed round and why.
     let out = fedee(&["status", "--insecure", "--aggregator", &agg.addr], dir);
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{shown}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(shown.contains("failed") && shown.contains("quorum not met"), "{shown}");
+    assert!(
+        out.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        shown.contains("failed") && shown.contains("quorum not met"),
+        "{shown}"
+    );
     let log = agg.log();
     assert!(log.contains("round failed"), "{log}");
 }
@@ -164,7 +217,12 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
         c.join(JoinRequest { site: s.into() }).await.unwrap();
     }
     let good = update(5);
-    assert_eq!(submit(&mut c, update_msgs("A", 1, 10, &good)).await.unwrap(), 1);
+    assert_eq!(
+        submit(&mut c, update_msgs("A", 1, 10, &good))
+            .await
+            .unwrap(),
+        1
+    );
 
     let with_chunk = |f: &dyn Fn(&mut fedee_proto::v1::Chunk)| {
         let mut m = update_msgs("B", 1, 10, &update(6));
@@ -245,7 +303,11 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
     for (what, m, code, text, reason) in cases {
         let err = submit(&mut c, m).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {err:?}");
-        assert!(err.message().contains(text), "{what}: `{}` lacks `{text}`", err.message());
+        assert!(
+            err.message().contains(text),
+            "{what}: `{}` lacks `{text}`",
+            err.message()
+        );
         if !reason.is_empty() {
             *expected.entry(reason).or_default() += 1.0;
         }
@@ -267,13 +329,26 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
     drop(c2);
     // Nothing accepted was lost: A's update is still counted once, and B's good update
     // completes the round.
-    assert_eq!(submit(&mut c, update_msgs("A", 1, 10, &good)).await.unwrap(), 1);
-    assert_eq!(submit(&mut c, update_msgs("B", 1, 10, &update(6))).await.unwrap(), 2);
+    assert_eq!(
+        submit(&mut c, update_msgs("A", 1, 10, &good))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        submit(&mut c, update_msgs("B", 1, 10, &update(6)))
+            .await
+            .unwrap(),
+        2
+    );
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.done && st.rounds[0].state == "closed");
     let text = agg.scrape().await;
     for (reason, n) in expected {
-        let got = metric(&text, &format!("fedee_aggregator_updates_rejected_total{{reason=\"{reason}\"}}"));
+        let got = metric(
+            &text,
+            &format!("fedee_aggregator_updates_rejected_total{{reason=\"{reason}\"}}"),
+        );
         // The stalled upload adds one `stream` rejection when the server notices the reset.
         if reason == "stream" {
             assert!(got == n || got == n + 1.0, "{reason}: {got} vs {n}");
@@ -281,5 +356,58 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
             assert_eq!(got, n, "{reason}");
         }
     }
-    assert_eq!(metric(&text, "fedee_aggregator_updates_accepted_total"), 2.0);
+    assert_eq!(
+        metric(&text, "fedee_aggregator_updates_accepted_total"),
+        2.0
+    );
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args(["aggregator", "--listen", "127.0.0.1:0", "--insecure"])
+        .args([
+            "--initial-model",
+            "g0.safetensors",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--database-url", "sqlite://agg.db?mode=rwc"])
+        .current_dir(dir)
+        .env("FEDEE_LOG_FORMAT", "json")
+        .env_remove("FEDEE_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.map_while(Result::ok) {
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("stderr line is not JSON ({e}): {line}"));
+        let msg = v["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        seen.push(msg.clone());
+        if msg == "federation started" {
+            assert_eq!(v["level"], "INFO");
+            assert_eq!(v["fields"]["round"], 1);
+        }
+        if msg.contains("Prometheus") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.iter().any(|m| m.contains("--insecure")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|m| m.starts_with("aggregator listening on")),
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|m| m == "federation started"), "{seen:?}");
 }

@@ -33,7 +33,10 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> AggregatorError {
 }
 
 fn valid_sha(sha: &str) -> bool {
-    sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    sha.len() == 64
+        && sha
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl BlobStore {
@@ -135,7 +138,12 @@ mod tests {
         // Writing the true bytes again repairs it.
         s.put(b"update bytes").unwrap();
         assert_eq!(s.get(&a).unwrap(), b"update bytes");
-        assert!(s.get(&"0".repeat(64)).unwrap_err().to_string().contains("missing"));
+        assert!(
+            s.get(&"0".repeat(64))
+                .unwrap_err()
+                .to_string()
+                .contains("missing")
+        );
         assert!(s.get("../../etc/passwd").is_err());
     }
 }

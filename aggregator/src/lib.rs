@@ -146,9 +146,10 @@ pub async fn run(
     let metrics = metrics::Metrics::new();
     let svc = Federation::start(config, metrics.clone()).await?;
     if let Some(l) = metrics_listener {
-        let addr = l.local_addr().map_err(|e| AggregatorError::Config(e.to_string()))?;
-        tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
-        eprintln!("aggregator metrics on http://{addr}/metrics");
+        let addr = l
+            .local_addr()
+            .map_err(|e| AggregatorError::Config(e.to_string()))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
         let token = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(metrics, l, token).await {

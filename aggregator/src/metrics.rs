@@ -113,10 +113,26 @@ impl Metrics {
             round_duration: Histogram::new(exponential_buckets(0.25, 2.0, 15)),
         };
         r.register("rounds", "Rounds ended, by outcome", m.rounds.clone());
-        r.register("current_round", "The open round (rounds + 1 when done)", m.current_round.clone());
-        r.register("sites_joined", "Sites that have joined", m.sites_joined.clone());
-        r.register("updates_accepted", "Updates accepted and persisted", m.accepted.clone());
-        r.register("updates_rejected", "Updates rejected, by reason", m.rejected.clone());
+        r.register(
+            "current_round",
+            "The open round (rounds + 1 when done)",
+            m.current_round.clone(),
+        );
+        r.register(
+            "sites_joined",
+            "Sites that have joined",
+            m.sites_joined.clone(),
+        );
+        r.register(
+            "updates_accepted",
+            "Updates accepted and persisted",
+            m.accepted.clone(),
+        );
+        r.register(
+            "updates_rejected",
+            "Updates rejected, by reason",
+            m.rejected.clone(),
+        );
         r.register("update_bytes", "Bytes of accepted updates", m.bytes.clone());
         r.register(
             "round_duration_seconds",

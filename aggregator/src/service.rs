@@ -120,10 +120,7 @@ impl Federation {
                 1
             }
         };
-        let global_sha = store
-            .model_sha(latest)
-            .await?
-            .expect("latest model exists");
+        let global_sha = store.model_sha(latest).await?.expect("latest model exists");
         let bytes = blobs.get(&global_sha)?;
         let global = Tensors::from_safetensors(&bytes)?;
         let submitted = store
@@ -148,7 +145,12 @@ impl Federation {
         };
         metrics.set_round(latest);
         metrics.set_sites(state.sites.len());
-        tracing::info!(round = latest, rounds = config.rounds, updates_in_round = state.submitted.len(), "federation started");
+        tracing::info!(
+            round = latest,
+            rounds = config.rounds,
+            updates_in_round = state.submitted.len(),
+            "federation started"
+        );
         let svc = Self {
             config: Arc::new(config),
             store,
@@ -196,7 +198,11 @@ impl Federation {
             let d = self.next_deadline(now);
             self.store.set_deadline(st.round, d).await?;
             st.deadline_ms = Some(d);
-            tracing::info!(round = st.round, deadline_in_s = self.config.round_timeout.as_secs_f64(), "quorum joined; round deadline set");
+            tracing::info!(
+                round = st.round,
+                deadline_in_s = self.config.round_timeout.as_secs_f64(),
+                "quorum joined; round deadline set"
+            );
         }
         let quorum = st.submitted.len() >= self.config.min_sites as usize;
         let all = !st.enrolled.is_empty() && st.enrolled.is_subset(&st.submitted);
@@ -395,12 +401,16 @@ impl Federation {
         identity: &str,
         seen: &mut Option<(u32, String)>,
     ) -> Result<SubmitUpdateResponse, Refusal> {
-        let first = stream.message().await.map_err(refuse(Reject::Stream))?.ok_or_else(|| {
-            (
-                Reject::Header,
-                Status::invalid_argument("empty stream: send an UpdateHeader first"),
-            )
-        })?;
+        let first = stream
+            .message()
+            .await
+            .map_err(refuse(Reject::Stream))?
+            .ok_or_else(|| {
+                (
+                    Reject::Header,
+                    Status::invalid_argument("empty stream: send an UpdateHeader first"),
+                )
+            })?;
         let Some(submit_update_message::Msg::Header(h)) = first.msg else {
             return Err((
                 Reject::Header,
@@ -424,16 +434,17 @@ impl Federation {
             ));
         }
         let internal = |e| (Reject::Internal, internal(e));
-        let prior = self.store.update(h.round, &h.site).await.map_err(internal)?;
+        let prior = self
+            .store
+            .update(h.round, &h.site)
+            .await
+            .map_err(internal)?;
         let limit = {
             let st = self.state.lock().await;
             if !st.sites.contains(&h.site) {
                 return Err((
                     Reject::NotJoined,
-                    Status::not_found(format!(
-                        "site `{}` has not joined: call Join first",
-                        h.site
-                    )),
+                    Status::not_found(format!("site `{}` has not joined: call Join first", h.site)),
                 ));
             }
             if prior.is_none() {
@@ -491,10 +502,17 @@ impl Federation {
         // Durable before acknowledged: the blob is on disk (fsynced) before its row commits.
         let size = bytes.len();
         let blobs = self.blobs.clone();
-        blocking(move || blobs.put(&bytes)).await.map_err(internal)?;
+        blocking(move || blobs.put(&bytes))
+            .await
+            .map_err(internal)?;
         let mut st = self.state.lock().await;
         // Re-check under the lock: the round may have moved on, or a concurrent copy won.
-        if let Some(prior) = self.store.update(h.round, &h.site).await.map_err(internal)? {
+        if let Some(prior) = self
+            .store
+            .update(h.round, &h.site)
+            .await
+            .map_err(internal)?
+        {
             drop(st);
             return self.repeat(&prior, &h, &sha).await;
         }

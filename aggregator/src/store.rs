@@ -160,10 +160,7 @@ impl Store {
             .connect(url)
             .await
             .map_err(|e| {
-                AggregatorError::Database(format!(
-                    "cannot open {}: {e}",
-                    redact_password(url)
-                ))
+                AggregatorError::Database(format!("cannot open {}: {e}", redact_password(url)))
             })?;
         let migrated = match backend {
             Backend::Sqlite => sqlx::migrate!("../migrations/sqlite").run(&pool).await,
@@ -391,10 +388,11 @@ impl Store {
 
     /// All rounds, in order.
     pub async fn rounds(&self) -> Result<Vec<RoundRow>, AggregatorError> {
-        let rows = sqlx::query("SELECT round, state, reason, rho, epsilon FROM rounds ORDER BY round")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
+        let rows =
+            sqlx::query("SELECT round, state, reason, rho, epsilon FROM rounds ORDER BY round")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
         rows.iter()
             .map(|r| {
                 Ok(RoundRow {

@@ -26,7 +26,11 @@ fn model(v: f32) -> Tensors {
 async fn start(
     rounds: u32,
     min_sites: u32,
-) -> (FederationClient<Channel>, CancellationToken, tempfile::TempDir) {
+) -> (
+    FederationClient<Channel>,
+    CancellationToken,
+    tempfile::TempDir,
+) {
     let blobs = tempfile::tempdir().unwrap();
     let config = Config {
         database_url: "sqlite::memory:".into(),

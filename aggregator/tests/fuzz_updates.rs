@@ -52,7 +52,10 @@ fn fuzz_arbitrary_bytes() {
             check(&bytes)
         })
         .unwrap();
-    println!("fuzz update validation: {} arbitrary byte strings, no panic", runs.get());
+    println!(
+        "fuzz update validation: {} arbitrary byte strings, no panic",
+        runs.get()
+    );
 }
 
 #[test]
@@ -63,7 +66,10 @@ fn fuzz_mutated_valid_updates() {
     let strategy = (
         // Byte flips anywhere, but mostly in the 8-byte length and the JSON header.
         proptest::collection::vec(
-            (prop_oneof![3 => 0..header_len, 1 => 0..valid.len()], any::<u8>()),
+            (
+                prop_oneof![3 => 0..header_len, 1 => 0..valid.len()],
+                any::<u8>(),
+            ),
             1..6,
         ),
         prop_oneof![Just(None), (0..valid.len() + 16).prop_map(Some)],
@@ -81,14 +87,23 @@ fn fuzz_mutated_valid_updates() {
             check(&b)
         })
         .unwrap();
-    println!("fuzz update validation: {} mutated valid updates, no panic", runs.get());
+    println!(
+        "fuzz update validation: {} mutated valid updates, no panic",
+        runs.get()
+    );
 }
 
 #[test]
 fn fuzz_lying_headers() {
     // Well-formed JSON headers whose offsets, shapes and dtypes are arbitrary.
     let runs = Cell::new(0u64);
-    let dtype = prop_oneof![Just("F32"), Just("F64"), Just("F16"), Just("I64"), Just("U8")];
+    let dtype = prop_oneof![
+        Just("F32"),
+        Just("F64"),
+        Just("F16"),
+        Just("I64"),
+        Just("U8")
+    ];
     let strategy = (
         dtype,
         proptest::collection::vec(0usize..9, 0..4),
@@ -103,7 +118,7 @@ fn fuzz_lying_headers() {
                 r#"{{"weight":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{start},{end}]}}}}"#
             );
             let mut h = header.into_bytes();
-            while h.len() % 8 != 0 {
+            while !h.len().is_multiple_of(8) {
                 h.push(b' ');
             }
             let mut b = (h.len() as u64).to_le_bytes().to_vec();
@@ -112,5 +127,8 @@ fn fuzz_lying_headers() {
             check(&b)
         })
         .unwrap();
-    println!("fuzz update validation: {} lying safetensors headers, no panic", runs.get());
+    println!(
+        "fuzz update validation: {} lying safetensors headers, no panic",
+        runs.get()
+    );
 }

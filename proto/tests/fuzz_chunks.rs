@@ -99,9 +99,15 @@ fn fuzz_honest_splits_reassemble_exactly() {
                 r.push(chunks(&blob).remove(0))
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
             }
-            prop_assert_eq!(r.finish().map_err(|e| TestCaseError::fail(e.to_string()))?, blob);
+            prop_assert_eq!(
+                r.finish().map_err(|e| TestCaseError::fail(e.to_string()))?,
+                blob
+            );
             Ok(())
         })
         .unwrap();
-    println!("fuzz chunk reassembly: {} honest splits reassembled exactly", runs.get());
+    println!(
+        "fuzz chunk reassembly: {} honest splits reassembled exactly",
+        runs.get()
+    );
 }

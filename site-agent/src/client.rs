@@ -173,7 +173,10 @@ fn is_transport(status: &tonic::Status) -> bool {
     )
 }
 
-async fn download(mut client: FederationClient<Channel>, model: u32) -> Result<Vec<u8>, tonic::Status> {
+async fn download(
+    mut client: FederationClient<Channel>,
+    model: u32,
+) -> Result<Vec<u8>, tonic::Status> {
     let mut stream = client
         .download_model(DownloadModelRequest { model })
         .await?
@@ -241,9 +244,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             continue;
         }
         let round = task.round;
-        let bytes = link
-            .call("DownloadModel", |c| download(c, round))
-            .await?;
+        let bytes = link.call("DownloadModel", |c| download(c, round)).await?;
         let global = state_from_safetensors(&bytes, cfg.device)?;
         if evaluated < task.round {
             // Local compute blocks this worker thread, not the runtime's other tasks.

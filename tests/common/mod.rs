@@ -67,8 +67,12 @@ impl Aggregator {
             if let Some(a) = line.strip_prefix("aggregator listening on ") {
                 addr = Some(a.trim().to_owned());
             }
-            if let Some(m) = line.strip_prefix("aggregator metrics on http://") {
-                metrics = Some(m.trim_end_matches("/metrics").trim().to_owned());
+            if line.contains("serving Prometheus metrics") {
+                metrics = line
+                    .split("addr=")
+                    .nth(1)
+                    .and_then(|a| a.split_whitespace().next())
+                    .map(str::to_owned);
             }
             log.lock().unwrap().push_str(&format!("{line}\n"));
         }
@@ -123,7 +127,10 @@ impl Aggregator {
     /// `GET /metrics` over plain HTTP/1.1.
     pub async fn scrape(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.metrics.as_ref().expect("started with --metrics-listen");
+        let addr = self
+            .metrics
+            .as_ref()
+            .expect("started with --metrics-listen");
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(
             format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
@@ -167,7 +174,7 @@ pub fn safetensors_f32(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
 /// Safetensors framing around any header text and data (for lying headers).
 pub fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -198,7 +205,11 @@ pub fn update_msgs(site: &str, round: u32, n: u64, blob: &[u8]) -> Vec<SubmitUpd
         sha256: hex::encode(Sha256::digest(blob)),
     };
     std::iter::once(submit_update_message::Msg::Header(header))
-        .chain(chunks(blob).into_iter().map(submit_update_message::Msg::Chunk))
+        .chain(
+            chunks(blob)
+                .into_iter()
+                .map(submit_update_message::Msg::Chunk),
+        )
         .map(|m| SubmitUpdateMessage { msg: Some(m) })
         .collect()
 }
