@@ -116,12 +116,16 @@ fn retryable(status: &tonic::Status) -> bool {
     !(text.contains("alert") || text.contains("certificate"))
 }
 
+/// The status message followed by each distinct message of its error sources.
 fn source_chain(status: &tonic::Status) -> String {
-    let mut out = String::new();
+    let mut out = status.message().to_owned();
     let mut e: Option<&dyn std::error::Error> = std::error::Error::source(status);
     while let Some(err) = e {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
+        let text = err.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         e = err.source();
     }
     out
@@ -156,7 +160,7 @@ impl Link {
                         call,
                         url: self.url.clone(),
                         attempts: attempt,
-                        source_text: source_chain(&status),
+                        reason: source_chain(&status),
                         status,
                     });
                 }

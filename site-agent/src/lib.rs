@@ -30,14 +30,15 @@ pub enum SiteError {
     /// A call kept failing at the transport level (aggregator down, network, or a refused
     /// TLS handshake) after every retry.
     #[error(
-        "{call} failed at the transport level after {attempts} attempt(s): {status}{source_text}; is the aggregator running at {url} (check --aggregator)? With mutual TLS this can also mean the aggregator refused this site's certificate: check it is issued by the consortium CA (fedee certs issue --site NAME), not expired, and that --tls-dir points at it"
+        "{call} failed at the transport level after {attempts} attempt(s): {reason}; is the aggregator running at {url} (check --aggregator)? With mutual TLS a certificate problem also ends here: this site's certificate and ca.pem must come from the consortium CA (fedee certs issue --site NAME), be unexpired, and --tls-dir must point at them"
     )]
     Transport {
         call: &'static str,
         url: String,
         attempts: u32,
         status: tonic::Status,
-        source_text: String,
+        /// The status message and its error sources, deduplicated.
+        reason: String,
     },
     /// Model error (wrong architecture, bad tensors).
     #[error("model: {0}")]
