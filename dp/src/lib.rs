@@ -12,6 +12,8 @@
 //!
 //! This crate does no IO; RNGs are passed in.
 
+pub mod rdp;
+
 use opendp::combinators::{make_composition, make_zCDP_to_approxDP};
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::make_gaussian;
@@ -38,6 +40,9 @@ pub enum DpError {
     /// OpenDP refused the computation.
     #[error("opendp: {0}")]
     OpenDp(String),
+    /// Another mechanism parameter is out of range (the message names it and its range).
+    #[error("{0}")]
+    Parameter(String),
 }
 
 impl From<opendp::error::Error> for DpError {
