@@ -302,6 +302,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .then(|| args.seed.wrapping_mul(1000) + i as u64),
             poll_interval: Duration::from_millis(20),
             retry: fedee_site_agent::client::Retry::default(),
+            noise: fedee_dp::noise::Sampler::Fast,
             tls: Some(TlsFiles::in_dir(&pki, name)),
         };
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));

@@ -526,6 +526,7 @@ pub(crate) async fn federate(
                 seed: None,
                 poll_interval: std::time::Duration::from_millis(100),
                 retry: fedee_site_agent::client::Retry::default(),
+                noise: fedee_dp::noise::Sampler::Fast,
                 tls: Some(TlsFiles::in_dir(pki, group)),
             },
         )));

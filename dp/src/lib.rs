@@ -12,6 +12,7 @@
 //!
 //! This crate does no IO; RNGs are passed in.
 
+pub mod noise;
 pub mod rdp;
 
 use opendp::combinators::{make_composition, make_zCDP_to_approxDP};
@@ -20,7 +21,6 @@ use opendp::measurements::make_gaussian;
 use opendp::measures::ZeroConcentratedDivergence;
 use opendp::metrics::L2Distance;
 use rand::Rng;
-use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 /// Errors of DP parameter validation and accounting.
@@ -114,29 +114,22 @@ pub fn clip_l2(update: &mut [f32], c: ClippingNorm) -> f64 {
     norm
 }
 
-/// Add independent `N(0, (σ·C)²)` noise to every coordinate of `update`.
+/// Add independent `N(0, (σ·C)²)` noise to every coordinate of `update` with `sampler`
+/// (see [`noise`]: the fast sampler rounds released values to a grid; `Exact` is OpenDP's).
 ///
 /// The RNG should be a CSPRNG seeded from the OS (the site agent uses ChaCha20); tests pass a
-/// seeded one.
+/// seeded one. The exact sampler uses OpenDP's own randomness.
 ///
-/// # Security
-/// Samples are f64 from `rand_distr::Normal`, then added in f32. This is the textbook mechanism,
-/// not OpenDP's exact discrete sampler: floating-point artefacts (Mironov 2012) are not
-/// defended against here; issue 5 adds grid rounding and the exact sampler as an option.
+/// # Errors
+/// [`DpError::OpenDp`] if OpenDP's exact sampler fails.
 pub fn add_gaussian_noise<R: Rng + ?Sized>(
     update: &mut [f32],
     c: ClippingNorm,
     sigma: NoiseMultiplier,
+    sampler: noise::Sampler,
     rng: &mut R,
-) {
-    let std = c.get() * sigma.get();
-    if std == 0.0 {
-        return;
-    }
-    let normal = Normal::new(0.0, std).expect("std is finite and positive");
-    for x in update.iter_mut() {
-        *x = (f64::from(*x) + normal.sample(rng)) as f32;
-    }
+) -> Result<(), DpError> {
+    noise::add_noise(update, c.get() * sigma.get(), sampler, rng)
 }
 
 /// Privacy spent, site-level unit.
@@ -260,8 +253,10 @@ mod tests {
             &mut v,
             ClippingNorm::new(2.0).unwrap(),
             NoiseMultiplier::new(0.5).unwrap(),
+            noise::Sampler::Fast,
             &mut rng,
-        );
+        )
+        .unwrap();
         let n = v.len() as f64;
         let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
         let var = v

@@ -40,6 +40,8 @@ pub struct SiteConfig {
     pub tls: Option<fedee_proto::pki::TlsFiles>,
     /// How calls that fail at the transport level are retried.
     pub retry: Retry,
+    /// Gaussian sampler for the DP noise (fast with grid rounding, or OpenDP's exact one).
+    pub noise: fedee_dp::noise::Sampler,
 }
 
 /// Retries with exponential backoff and jitter for calls that fail at the transport level
@@ -283,8 +285,9 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         let sigma = NoiseMultiplier::new(task.noise_multiplier)?;
         let (local, loss) =
             tokio::task::block_in_place(|| cfg.task.train(&global, &settings, &mut rng))?;
-        let (update, norm) =
-            tokio::task::block_in_place(|| dp_update(&local, &global, c, sigma, &mut rng));
+        let (update, norm) = tokio::task::block_in_place(|| {
+            dp_update(&local, &global, c, sigma, cfg.noise, &mut rng)
+        })?;
         let blob = state_to_safetensors(&update)?;
         let header = UpdateHeader {
             site: cfg.site.clone(),

@@ -1,5 +1,6 @@
 //! Local training and the site-level DP update.
 
+use fedee_dp::noise::Sampler;
 use fedee_dp::{ClippingNorm, NoiseMultiplier, add_gaussian_noise, clip_l2};
 use fedee_encrypt::StateDict;
 use fedee_model::{Mlp, OptimizerSpec};
@@ -69,8 +70,9 @@ pub fn dp_update<R: Rng + ?Sized>(
     global: &StateDict,
     c: ClippingNorm,
     sigma: NoiseMultiplier,
+    sampler: Sampler,
     rng: &mut R,
-) -> (StateDict, f64) {
+) -> Result<(StateDict, f64), SiteError> {
     let mut flat: Vec<f32> = Vec::new();
     let mut shapes = Vec::new();
     for (name, g) in global {
@@ -82,7 +84,7 @@ pub fn dp_update<R: Rng + ?Sized>(
         flat.extend(Vec::<f32>::try_from(&d).expect("f32 tensor"));
     }
     let norm = clip_l2(&mut flat, c);
-    add_gaussian_noise(&mut flat, c, sigma, rng);
+    add_gaussian_noise(&mut flat, c, sigma, sampler, rng)?;
     let mut out = StateDict::new();
     let mut off = 0usize;
     for (name, shape) in shapes {
@@ -93,7 +95,7 @@ pub fn dp_update<R: Rng + ?Sized>(
         );
         off += n as usize;
     }
-    (out, norm)
+    Ok((out, norm))
 }
 
 #[cfg(test)]
@@ -119,8 +121,10 @@ mod tests {
             &g,
             ClippingNorm::new(1.0).unwrap(),
             NoiseMultiplier::new(0.0).unwrap(),
+            Sampler::Fast,
             &mut rng,
-        );
+        )
+        .unwrap();
         assert!((norm - 5.0).abs() < 1e-9);
         let v = Vec::<f32>::try_from(u["w"].reshape([-1])).unwrap();
         assert!(
