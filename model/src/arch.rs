@@ -233,8 +233,15 @@ impl Model {
         input: &Input,
         y: &Tensor,
     ) -> Result<f64, ModelError> {
-        let loss = self.forward(input)?.cross_entropy_for_logits(y);
+        let loss = cross_entropy(&self.forward(input)?, y);
         opt.backward_step(&loss);
         Ok(loss.double_value(&[]))
     }
+}
+
+/// Mean cross-entropy of `logits (batch, classes)` against `y (batch,)` int64, computed in the
+/// logits' dtype. (tch's `cross_entropy_for_logits` computes the log-softmax in f32 whatever
+/// the dtype, which silently limited f64 training to f32 precision.)
+pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Tensor {
+    logits.log_softmax(-1, logits.kind()).nll_loss(y)
 }

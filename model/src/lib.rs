@@ -11,7 +11,7 @@ pub mod io;
 pub mod mlp;
 pub mod text;
 
-pub use arch::{Architecture, Input, Model};
+pub use arch::{Architecture, Input, Model, cross_entropy};
 pub use bert::{BertClassifierConfig, BertConfig, Profile};
 pub use io::{
     batch_from_safetensors, batch_to_safetensors, state_from_safetensors, state_to_safetensors,

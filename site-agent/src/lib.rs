@@ -8,6 +8,7 @@
 //! * [`client`]: the federation loop over gRPC.
 
 pub mod client;
+pub mod dpsgd;
 pub mod drugs;
 pub mod heart;
 pub mod task;
