@@ -264,6 +264,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         min_sites: FEDERATION_SITES.len() as u32,
         clipping_norm,
         noise_multiplier,
+        dp_mode: fedee_dp::DpMode::Site,
         delta: args.delta,
         local_epochs: args.local_epochs,
         learning_rate: args.learning_rate,
@@ -303,6 +304,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             poll_interval: Duration::from_millis(20),
             retry: fedee_site_agent::client::Retry::default(),
             noise: fedee_dp::noise::Sampler::Fast,
+            ledger: None,
+            epsilon_budget: None,
             tls: Some(TlsFiles::in_dir(&pki, name)),
         };
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));

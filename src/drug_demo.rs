@@ -488,6 +488,7 @@ pub(crate) async fn federate(
         min_sites: 3,
         clipping_norm: fedee_dp::ClippingNorm::new(c)?,
         noise_multiplier: fedee_dp::NoiseMultiplier::new(sigma)?,
+        dp_mode: fedee_dp::DpMode::Site,
         delta,
         local_epochs: 1,
         learning_rate: args.text_lr,
@@ -527,6 +528,8 @@ pub(crate) async fn federate(
                 poll_interval: std::time::Duration::from_millis(100),
                 retry: fedee_site_agent::client::Retry::default(),
                 noise: fedee_dp::noise::Sampler::Fast,
+                ledger: None,
+                epsilon_budget: None,
                 tls: Some(TlsFiles::in_dir(pki, group)),
             },
         )));

@@ -202,7 +202,16 @@ struct AggregatorArgs {
     /// enrolled site has submitted).
     #[arg(long, default_value_t = 3)]
     min_sites: u32,
-    /// L2 clipping norm C of each site's update.
+    /// Where differential privacy acts. `site`: each site clips its whole update to
+    /// --clipping-norm and adds Gaussian noise (unit: a site's update; accounted here in zCDP).
+    /// `record`: DP-SGD inside each site with per-example clipping to --clipping-norm, noise
+    /// multiplier --noise-multiplier and sampling rate batch-size / site examples (unit: a
+    /// patient record; each site accounts with an RDP accountant, enforces its own
+    /// --epsilon-budget and reports its ε).
+    #[arg(long, default_value = "site", value_parser = ["site", "record"])]
+    dp_mode: String,
+    /// L2 clipping norm C: of each site's update (site mode) or of each example's gradient
+    /// (record mode).
     #[arg(long, default_value_t = demo::CLIPPING_NORM)]
     clipping_norm: f64,
     /// Noise multiplier σ: Gaussian noise of std σ·C per coordinate.
@@ -258,6 +267,16 @@ struct SiteArgs {
     /// `exact` (OpenDP's exact sampler; about 6.5 s per million parameters).
     #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
     noise: String,
+    /// This site's privacy ledger (JSON; one entry per round: unit, mechanism, q, σ, steps,
+    /// cumulative ε at δ). Kept across runs: never delete it while the data is in use.
+    /// [default: fedee-privacy-ledger-SITE.json]
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// The site's privacy budget ε (at the federation's δ). Before each round the site
+    /// computes what its ledger would reach; over budget, it refuses to train and stops,
+    /// naming spent, requested and budget.
+    #[arg(long)]
+    epsilon_budget: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -496,6 +515,7 @@ async fn main() -> Result<()> {
                 min_sites: a.min_sites,
                 clipping_norm: ClippingNorm::new(a.clipping_norm)?,
                 noise_multiplier: NoiseMultiplier::new(a.noise_multiplier)?,
+                dp_mode: a.dp_mode.parse()?,
                 delta: a.delta,
                 local_epochs: a.local_epochs,
                 learning_rate: a.learning_rate,
@@ -529,7 +549,7 @@ async fn main() -> Result<()> {
             let report = fedee_site_agent::run(fedee_site_agent::SiteConfig {
                 aggregator: format!("{}://{}", s.transport.scheme(), s.aggregator),
                 tls,
-                site: s.site,
+                site: s.site.clone(),
                 task: Box::new(task),
                 device,
                 seed: None,
@@ -539,6 +559,13 @@ async fn main() -> Result<()> {
                     ..Default::default()
                 },
                 noise: s.noise.parse()?,
+                ledger: Some(s.ledger.clone().unwrap_or_else(|| {
+                    PathBuf::from(format!(
+                        "fedee-privacy-ledger-{}.json",
+                        s.site.replace(' ', "_")
+                    ))
+                })),
+                epsilon_budget: s.epsilon_budget,
             })
             .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -595,6 +622,29 @@ async fn main() -> Result<()> {
                 st.noise_multiplier,
                 st.delta
             );
+            println!(
+                "DP mode: {}",
+                if st.dp_mode.is_empty() {
+                    "site"
+                } else {
+                    &st.dp_mode
+                }
+            );
+            for sp in &st.site_privacy {
+                if let Some(e) = &sp.entry {
+                    println!(
+                        "  {} after round {}: ε = {:.4} at δ = {:e} (unit: {}; {} steps at q = {:.4}, σ = {})",
+                        sp.site,
+                        sp.round,
+                        e.epsilon,
+                        e.delta,
+                        e.unit,
+                        e.steps,
+                        e.sampling_rate,
+                        e.noise_multiplier
+                    );
+                }
+            }
             for r in st.rounds {
                 let accs: Vec<String> = r
                     .site_metrics

@@ -66,9 +66,14 @@ pub struct Config {
     /// Quorum: a round closes once at least this many sites submitted and either every
     /// enrolled site did or the deadline passed; without a quorum at the deadline it fails.
     pub min_sites: u32,
-    /// Clipping norm `C` sites apply to their updates.
+    /// Where DP noise is added: `Site` (each site's update; accounted here) or `Record`
+    /// (DP-SGD inside each site; sites account and report their ε with each update).
+    pub dp_mode: fedee_dp::DpMode,
+    /// Clipping norm `C`: of each site's whole update (site mode) or of each example's
+    /// gradient (record mode).
     pub clipping_norm: ClippingNorm,
-    /// Noise multiplier `σ`: sites add `N(0, (σC)²)` per coordinate.
+    /// Noise multiplier `σ`: noise std `σC` per coordinate of the update (site mode) or of the
+    /// summed clipped gradient of each DP-SGD step (record mode).
     pub noise_multiplier: NoiseMultiplier,
     /// δ at which ε is reported.
     pub delta: f64,

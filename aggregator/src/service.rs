@@ -8,8 +8,9 @@ use fedee_dp::SiteLevelAccountant;
 use fedee_proto::v1::federation_server::{Federation as FederationApi, FederationServer};
 use fedee_proto::v1::{
     Chunk, DownloadModelRequest, JoinRequest, JoinResponse, MetricsAck, MetricsReport,
-    NextTaskRequest, RoundStatus, SiteMetric, StatusRequest, StatusResponse, SubmitUpdateMessage,
-    SubmitUpdateResponse, Task, TaskKind, UpdateHeader, submit_update_message,
+    NextTaskRequest, PrivacyEntry, RoundStatus, SiteMetric, SitePrivacy, StatusRequest,
+    StatusResponse, SubmitUpdateMessage, SubmitUpdateResponse, Task, TaskKind, UpdateHeader,
+    submit_update_message,
 };
 use fedee_proto::{Reassembler, chunks};
 use futures::Stream;
@@ -19,9 +20,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::blobs::{BlobStore, sha256_hex};
 use crate::fedavg::FedAvg;
 use crate::metrics::{Metrics, Reject};
-use crate::store::{MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
+use crate::store::{LedgerRow, MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
 use crate::tensors::Tensors;
 use crate::{AggregatorError, Config};
+use fedee_dp::DpMode;
 
 /// In-memory view of the federation, rebuilt from the database at start.
 #[derive(Debug)]
@@ -92,13 +94,19 @@ impl Federation {
         let accountant =
             SiteLevelAccountant::new(config.clipping_norm, config.noise_multiplier, config.delta)?;
         // Fail before serving if accounting cannot cover every configured round.
-        let budget = accountant.spent(config.rounds)?;
-        tracing::info!(
-            rho = budget.rho,
-            epsilon = budget.epsilon,
-            delta = budget.delta,
-            "privacy after all rounds (site-level unit)"
-        );
+        if config.dp_mode == DpMode::Site {
+            let budget = accountant.spent(config.rounds)?;
+            tracing::info!(
+                rho = budget.rho,
+                epsilon = budget.epsilon,
+                delta = budget.delta,
+                "privacy after all rounds (site-level unit)"
+            );
+        } else {
+            tracing::info!(
+                "record-level DP: each site runs DP-SGD, enforces its own budget and reports its ε with each update"
+            );
+        }
         let store = Store::connect(&config.database_url).await?;
         let blobs = BlobStore::open(&config.blob_dir)?;
         for name in &config.enroll {
@@ -237,15 +245,15 @@ impl Federation {
             Ok((next, sha, bytes.len() as u64))
         })
         .await?;
-        let spent = self.accountant.spent(round)?;
+        let (rho, epsilon) = self.round_privacy(round).await?;
         let open_next = round < self.config.rounds;
         self.store
             .end_round(&RoundEnd {
                 round,
                 state: "closed",
                 reason: None,
-                rho: spent.rho,
-                epsilon: spent.epsilon,
+                rho,
+                epsilon,
                 next_sha256: &sha,
                 open_next_with_deadline_ms: open_next.then(|| self.next_deadline(now)),
             })
@@ -254,8 +262,8 @@ impl Federation {
             round,
             sites = updates.len(),
             num_examples = total,
-            rho = spent.rho,
-            epsilon = spent.epsilon,
+            rho,
+            epsilon,
             global_model = %sha,
             "round closed"
         );
@@ -276,15 +284,15 @@ impl Federation {
             self.config.min_sites
         );
         // Updates that did arrive were seen by the aggregator: count the round's privacy.
-        let spent = self.accountant.spent(round)?;
+        let (rho, epsilon) = self.round_privacy(round).await?;
         let open_next = round < self.config.rounds;
         self.store
             .end_round(&RoundEnd {
                 round,
                 state: "failed",
                 reason: Some(&reason),
-                rho: spent.rho,
-                epsilon: spent.epsilon,
+                rho,
+                epsilon,
                 next_sha256: &st.global_sha,
                 open_next_with_deadline_ms: open_next.then(|| self.next_deadline(now)),
             })
@@ -294,6 +302,27 @@ impl Federation {
             .round_ended(true, (now - st.opened_ms) as f64 / 1000.0);
         self.advance(st, now, open_next);
         Ok(())
+    }
+
+    /// Privacy after `round`: site mode, zCDP ρ and ε of the site-level mechanism composed over
+    /// the rounds; record mode, ρ = 0 (not zCDP-accounted) and the largest ε any site reported.
+    async fn round_privacy(&self, round: u32) -> Result<(f64, f64), AggregatorError> {
+        match self.config.dp_mode {
+            DpMode::Site => {
+                let s = self.accountant.spent(round)?;
+                Ok((s.rho, s.epsilon))
+            }
+            DpMode::Record => Ok((
+                0.0,
+                self.store
+                    .ledger()
+                    .await?
+                    .iter()
+                    .filter(|l| l.round <= round)
+                    .map(|l| l.epsilon)
+                    .fold(0.0, f64::max),
+            )),
+        }
     }
 
     fn advance(&self, st: &mut State, now: i64, open_next: bool) {
@@ -433,6 +462,7 @@ impl Federation {
                 Status::invalid_argument("num_examples must be at least 1"),
             ));
         }
+        let ledger = self.ledger_entry(&h).map_err(|s| (Reject::Header, s))?;
         let internal = |e| (Reject::Internal, internal(e));
         let prior = self
             .store
@@ -526,6 +556,10 @@ impl Federation {
             .insert_update(h.round, &meta, size as u64)
             .await
             .map_err(internal)?;
+        if let Some(l) = &ledger {
+            self.store.insert_ledger(l).await.map_err(internal)?;
+            tracing::info!(round = h.round, site = %h.site, unit = %l.unit, epsilon = l.epsilon, delta = l.delta, "site privacy spend");
+        }
         st.submitted.insert(h.site.clone());
         let updates_in_round = st.submitted.len() as u32;
         self.metrics.accepted(size);
@@ -538,6 +572,47 @@ impl Federation {
             round: h.round,
             updates_in_round,
         })
+    }
+}
+
+impl Federation {
+    /// The ledger entry an update carries: required in record mode (unit "patient record",
+    /// finite ε ≥ 0, δ as configured), optional in site mode.
+    fn ledger_entry(&self, h: &UpdateHeader) -> Result<Option<LedgerRow>, Status> {
+        let Some(p) = &h.privacy else {
+            return if self.config.dp_mode == DpMode::Record {
+                Err(Status::invalid_argument(
+                    "record-level DP: the update header must carry the site's privacy entry (ε spent, δ); upgrade the site agent",
+                ))
+            } else {
+                Ok(None)
+            };
+        };
+        let unit = self.config.dp_mode.unit();
+        if p.unit != unit {
+            return Err(Status::invalid_argument(format!(
+                "privacy entry is for unit `{}` but this federation protects `{unit}` (--dp-mode {})",
+                p.unit,
+                self.config.dp_mode.as_str()
+            )));
+        }
+        if !(p.epsilon.is_finite() && p.epsilon >= 0.0) || p.delta != self.config.delta {
+            return Err(Status::invalid_argument(format!(
+                "privacy entry must have a finite ε ≥ 0 at δ = {}, got ε = {} at δ = {}",
+                self.config.delta, p.epsilon, p.delta
+            )));
+        }
+        Ok(Some(LedgerRow {
+            site: h.site.clone(),
+            round: h.round,
+            unit: p.unit.clone(),
+            mechanism: p.mechanism.clone(),
+            sampling_rate: p.sampling_rate,
+            noise_multiplier: p.noise_multiplier,
+            steps: p.steps,
+            epsilon: p.epsilon,
+            delta: p.delta,
+        }))
     }
 }
 
@@ -621,6 +696,8 @@ impl FederationApi for Federation {
             round: st.round,
             clipping_norm: c.clipping_norm.get(),
             noise_multiplier: c.noise_multiplier.get(),
+            dp_mode: c.dp_mode.as_str().into(),
+            delta: c.delta,
             local_epochs: c.local_epochs,
             learning_rate: c.learning_rate,
             batch_size: c.batch_size,
@@ -711,6 +788,27 @@ impl FederationApi for Federation {
         let st = self.state.lock().await;
         let rounds = self.store.rounds().await.map_err(internal)?;
         let metrics = self.store.metrics().await.map_err(internal)?;
+        // Latest entry per site (rows come ordered by site, then round).
+        let mut latest = std::collections::BTreeMap::new();
+        for l in self.store.ledger().await.map_err(internal)? {
+            latest.insert(l.site.clone(), l);
+        }
+        let site_privacy = latest
+            .into_values()
+            .map(|l| SitePrivacy {
+                site: l.site,
+                round: l.round,
+                entry: Some(PrivacyEntry {
+                    unit: l.unit,
+                    mechanism: l.mechanism,
+                    sampling_rate: l.sampling_rate,
+                    noise_multiplier: l.noise_multiplier,
+                    steps: l.steps,
+                    epsilon: l.epsilon,
+                    delta: l.delta,
+                }),
+            })
+            .collect();
         let rounds = rounds
             .into_iter()
             .map(|r| RoundStatus {
@@ -736,10 +834,12 @@ impl FederationApi for Federation {
             rounds,
             current_round: st.round,
             done: self.done(&st),
-            privacy_unit: SiteLevelAccountant::UNIT.into(),
+            privacy_unit: self.config.dp_mode.unit().into(),
             delta: self.config.delta,
             clipping_norm: self.config.clipping_norm.get(),
             noise_multiplier: self.config.noise_multiplier.get(),
+            dp_mode: self.config.dp_mode.as_str().into(),
+            site_privacy,
         }))
     }
 }

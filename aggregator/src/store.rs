@@ -75,6 +75,29 @@ pub struct MetricRow {
     pub num_test_examples: u64,
 }
 
+/// One round of a site's privacy ledger, as the site reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerRow {
+    /// Site name.
+    pub site: String,
+    /// Round.
+    pub round: u32,
+    /// Unit of privacy.
+    pub unit: String,
+    /// Mechanism and accountant.
+    pub mechanism: String,
+    /// Poisson sampling rate.
+    pub sampling_rate: f64,
+    /// Noise multiplier.
+    pub noise_multiplier: f64,
+    /// Steps this round.
+    pub steps: u64,
+    /// Cumulative ε after the round.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+}
+
 /// A round's persisted state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundRow {
@@ -401,6 +424,53 @@ impl Store {
                     reason: r.try_get("reason").map_err(db)?,
                     rho: r.try_get("rho").map_err(db)?,
                     epsilon: r.try_get("epsilon").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Record a site's privacy-ledger entry (idempotent per site and round).
+    pub async fn insert_ledger(&self, r: &LedgerRow) -> Result<(), AggregatorError> {
+        sqlx::query(
+            "INSERT INTO privacy_ledger (site, round, unit, mechanism, sampling_rate, noise_multiplier, steps, epsilon, delta) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (site, round) DO NOTHING",
+        )
+        .bind(&r.site)
+        .bind(i64::from(r.round))
+        .bind(&r.unit)
+        .bind(&r.mechanism)
+        .bind(r.sampling_rate)
+        .bind(r.noise_multiplier)
+        .bind(r.steps as i64)
+        .bind(r.epsilon)
+        .bind(r.delta)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Every ledger entry, by site then round.
+    pub async fn ledger(&self) -> Result<Vec<LedgerRow>, AggregatorError> {
+        let rows = sqlx::query(
+            "SELECT site, round, unit, mechanism, sampling_rate, noise_multiplier, steps, epsilon, delta \
+             FROM privacy_ledger ORDER BY site, round",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(LedgerRow {
+                    site: r.try_get("site").map_err(db)?,
+                    round: r.try_get::<i64, _>("round").map_err(db)? as u32,
+                    unit: r.try_get("unit").map_err(db)?,
+                    mechanism: r.try_get("mechanism").map_err(db)?,
+                    sampling_rate: r.try_get("sampling_rate").map_err(db)?,
+                    noise_multiplier: r.try_get("noise_multiplier").map_err(db)?,
+                    steps: r.try_get::<i64, _>("steps").map_err(db)? as u64,
+                    epsilon: r.try_get("epsilon").map_err(db)?,
+                    delta: r.try_get("delta").map_err(db)?,
                 })
             })
             .collect()

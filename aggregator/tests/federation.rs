@@ -41,6 +41,7 @@ async fn start(
         min_sites,
         clipping_norm: ClippingNorm::new(1.0).unwrap(),
         noise_multiplier: NoiseMultiplier::new(1.0).unwrap(),
+        dp_mode: fedee_dp::DpMode::Site,
         delta: 1e-5,
         local_epochs: 1,
         learning_rate: 0.1,
@@ -74,6 +75,7 @@ fn msgs(
         round,
         num_examples: n,
         sha256: sha.unwrap_or_else(|| hex::encode(Sha256::digest(blob))),
+        privacy: None,
     };
     std::iter::once(submit_update_message::Msg::Header(header))
         .chain(

@@ -132,6 +132,49 @@ pub fn add_gaussian_noise<R: Rng + ?Sized>(
     noise::add_noise(update, c.get() * sigma.get(), sampler, rng)
 }
 
+/// What one unit of privacy is, and so where the mechanism runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpMode {
+    /// Each site clips and noises its whole update (unit: a site's update; zCDP via OpenDP).
+    #[default]
+    Site,
+    /// DP-SGD inside each site (unit: a patient record; RDP of the Poisson-subsampled
+    /// Gaussian, see [`rdp`]).
+    Record,
+}
+
+impl DpMode {
+    /// The name on the wire and the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Site => "site",
+            Self::Record => "record",
+        }
+    }
+
+    /// The unit of privacy protected.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Self::Site => SiteLevelAccountant::UNIT,
+            Self::Record => "patient record",
+        }
+    }
+}
+
+impl std::str::FromStr for DpMode {
+    type Err = DpError;
+    fn from_str(s: &str) -> Result<Self, DpError> {
+        match s {
+            "site" => Ok(Self::Site),
+            "record" => Ok(Self::Record),
+            _ => Err(DpError::Parameter(format!(
+                "DP mode `{s}` is unknown: use `site` (unit: a site's update) or `record` (DP-SGD; unit: a patient record)"
+            ))),
+        }
+    }
+}
+
 /// Privacy spent, site-level unit.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PrivacySpent {

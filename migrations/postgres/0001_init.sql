@@ -64,3 +64,17 @@ CREATE TABLE rejections (
     reason TEXT NOT NULL,
     at BIGINT NOT NULL
 );
+
+-- Sites' privacy ledgers as reported with their updates: one row per site and round.
+CREATE TABLE privacy_ledger (
+    site TEXT NOT NULL,
+    round BIGINT NOT NULL,
+    unit TEXT NOT NULL,
+    mechanism TEXT NOT NULL,
+    sampling_rate DOUBLE PRECISION NOT NULL,
+    noise_multiplier DOUBLE PRECISION NOT NULL,
+    steps BIGINT NOT NULL,
+    epsilon DOUBLE PRECISION NOT NULL,
+    delta DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (site, round)
+);

@@ -7,8 +7,8 @@ use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_model::{state_from_safetensors, state_to_safetensors};
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_proto::v1::{
-    DownloadModelRequest, JoinRequest, MetricsReport, NextTaskRequest, SubmitUpdateMessage,
-    TaskKind, UpdateHeader, submit_update_message,
+    DownloadModelRequest, JoinRequest, MetricsReport, NextTaskRequest, PrivacyEntry,
+    SubmitUpdateMessage, TaskKind, UpdateHeader, submit_update_message,
 };
 use fedee_proto::{MAX_BLOB_SIZE, Reassembler, chunks};
 use rand::SeedableRng;
@@ -18,8 +18,11 @@ use tch::Device;
 use tonic::transport::Channel;
 
 use crate::SiteError;
+use crate::dpsgd::DpSgd;
+use crate::ledger::{Entry, Planned};
 use crate::task::{LocalTask, RoundSettings};
 use crate::train::dp_update;
+use fedee_dp::DpMode;
 
 /// Site agent settings.
 pub struct SiteConfig {
@@ -42,6 +45,11 @@ pub struct SiteConfig {
     pub retry: Retry,
     /// Gaussian sampler for the DP noise (fast with grid rounding, or OpenDP's exact one).
     pub noise: fedee_dp::noise::Sampler,
+    /// Where the site's privacy ledger is kept (`None`: in memory only).
+    pub ledger: Option<std::path::PathBuf>,
+    /// The site's ε budget (at the federation's δ): training that would exceed it is refused
+    /// and the site stops. `None`: no limit (the spend is still accounted and reported).
+    pub epsilon_budget: Option<f64>,
 }
 
 /// Retries with exponential backoff and jitter for calls that fail at the transport level
@@ -101,6 +109,10 @@ pub struct SiteReport {
     pub evaluations: Vec<Evaluation>,
     /// Rounds it submitted updates for.
     pub rounds_trained: Vec<u32>,
+    /// The privacy ledger after the run.
+    pub privacy: Vec<crate::ledger::Entry>,
+    /// Why the site stopped before the federation finished (e.g. its privacy budget).
+    pub stopped: Option<String>,
 }
 
 /// Whether a failed call may succeed if repeated: the aggregator was unreachable, restarted
@@ -234,7 +246,10 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         site: cfg.site.clone(),
         evaluations: vec![],
         rounds_trained: vec![],
+        privacy: vec![],
+        stopped: None,
     };
+    let mut ledger = crate::ledger::Ledger::open(cfg.ledger.as_deref())?;
     let mut evaluated = 0u32;
     loop {
         let task = link
@@ -274,6 +289,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         }
         if kind == TaskKind::Done {
             tracing::info!(site = %cfg.site, "federation done");
+            report.privacy = ledger.entries().to_vec();
             return Ok(report);
         }
         let settings = RoundSettings {
@@ -283,17 +299,117 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         };
         let c = ClippingNorm::new(task.clipping_norm)?;
         let sigma = NoiseMultiplier::new(task.noise_multiplier)?;
-        let (local, loss) =
-            tokio::task::block_in_place(|| cfg.task.train(&global, &settings, &mut rng))?;
-        let (update, norm) = tokio::task::block_in_place(|| {
-            dp_update(&local, &global, c, sigma, cfg.noise, &mut rng)
+        // An aggregator that sends no mode or δ predates record-level DP: site mode, δ = 1e-5.
+        let mode: DpMode = if task.dp_mode.is_empty() {
+            DpMode::Site
+        } else {
+            task.dp_mode.parse()?
+        };
+        let delta = if task.delta > 0.0 { task.delta } else { 1e-5 };
+        let n = cfg.task.num_examples();
+        let planned = match mode {
+            DpMode::Site => Planned {
+                sampling_rate: 1.0,
+                noise_multiplier: sigma.get(),
+                steps: 1,
+            },
+            DpMode::Record => {
+                let b = u64::from(settings.batch_size.max(1));
+                Planned {
+                    sampling_rate: (b as f64 / n.max(1) as f64).min(1.0),
+                    noise_multiplier: sigma.get(),
+                    steps: u64::from(settings.epochs) * n.div_ceil(b),
+                }
+            }
+        };
+        let spent = ledger.epsilon_with(None, delta)?;
+        let after = ledger.epsilon_with(Some(planned), delta)?;
+        if let Some(budget) = cfg.epsilon_budget
+            && after > budget
+        {
+            let msg = format!(
+                "privacy budget: site `{}` has spent ε = {spent:.4} (δ = {delta:e}, unit: {}); round {} would bring it to ε = {after:.4}, over its budget of ε = {budget}; refusing to train",
+                cfg.site,
+                mode.unit(),
+                task.round
+            );
+            tracing::warn!("{msg}");
+            report.privacy = ledger.entries().to_vec();
+            report.stopped = Some(msg);
+            return Ok(report);
+        }
+        let (update, norm, loss) = match mode {
+            DpMode::Site => {
+                let (local, loss) =
+                    tokio::task::block_in_place(|| cfg.task.train(&global, &settings, &mut rng))?;
+                let (update, norm) = tokio::task::block_in_place(|| {
+                    dp_update(&local, &global, c, sigma, cfg.noise, &mut rng)
+                })?;
+                (update, norm, loss)
+            }
+            DpMode::Record => {
+                let dp = DpSgd {
+                    clipping_norm: c,
+                    noise_multiplier: sigma,
+                    sampling_rate: planned.sampling_rate,
+                    sampler: cfg.noise,
+                };
+                let (local, loss) = tokio::task::block_in_place(|| {
+                    cfg.task
+                        .train_dpsgd(&global, &settings, &dp, planned.steps, &mut rng)
+                })?;
+                // DP-SGD already protects every record: the update is released as trained.
+                let update: fedee_encrypt::StateDict = global
+                    .iter()
+                    .map(|(k, g)| {
+                        (
+                            k.clone(),
+                            (&local[k] - g)
+                                .to_kind(tch::Kind::Float)
+                                .to_device(tch::Device::Cpu),
+                        )
+                    })
+                    .collect();
+                (update, f64::NAN, loss)
+            }
+        };
+        let mechanism = match mode {
+            DpMode::Site => "gaussian_zcdp",
+            DpMode::Record => "subsampled_gaussian_rdp",
+        };
+        // Recorded before the update leaves the site: a crash after this point over-counts,
+        // never under-counts.
+        ledger.record(Entry {
+            round: task.round,
+            unit: mode.unit().into(),
+            mechanism: mechanism.into(),
+            sampling_rate: planned.sampling_rate,
+            noise_multiplier: planned.noise_multiplier,
+            clipping_norm: c.get(),
+            steps: planned.steps,
+            epsilon: after,
+            delta,
+            at_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         })?;
+        tracing::info!(site = %cfg.site, round = task.round, unit = mode.unit(), epsilon = after, delta, "privacy spent");
+        let privacy = PrivacyEntry {
+            unit: mode.unit().into(),
+            mechanism: mechanism.into(),
+            sampling_rate: planned.sampling_rate,
+            noise_multiplier: planned.noise_multiplier,
+            steps: planned.steps,
+            epsilon: after,
+            delta,
+        };
         let blob = state_to_safetensors(&update)?;
         let header = UpdateHeader {
             site: cfg.site.clone(),
             round: task.round,
             num_examples: cfg.task.num_examples(),
             sha256: hex::encode(Sha256::digest(&blob)),
+            privacy: Some(privacy),
         };
         let msgs: Vec<SubmitUpdateMessage> =
             std::iter::once(submit_update_message::Msg::Header(header))

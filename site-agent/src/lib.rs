@@ -11,6 +11,7 @@ pub mod client;
 pub mod dpsgd;
 pub mod drugs;
 pub mod heart;
+pub mod ledger;
 pub mod task;
 pub mod train;
 
@@ -50,6 +51,12 @@ pub enum SiteError {
     /// A model stream from the aggregator was malformed.
     #[error("model download: {0}")]
     Download(#[from] fedee_proto::ChunkError),
+    /// The task cannot do what the federation asks.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The privacy ledger cannot be read or written.
+    #[error("privacy ledger: {0}")]
+    Ledger(String),
     /// TLS material could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),

@@ -8,6 +8,7 @@ use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::SiteError;
+use crate::dpsgd::DpSgd;
 use crate::heart::{NUM_FEATURES, Partition};
 use crate::train::{LocalTraining, to_tensors, train_local};
 
@@ -43,6 +44,25 @@ pub trait LocalTask: Send {
         s: &RoundSettings,
         rng: &mut ChaCha20Rng,
     ) -> Result<(StateDict, f64), SiteError>;
+    /// Train from `global` with DP-SGD (record-level DP) for `steps` steps; returns the local
+    /// model and the mean loss.
+    ///
+    /// # Errors
+    /// [`SiteError::Unsupported`] for tasks whose layers have no vectorized per-example
+    /// gradients (all but the MLP).
+    fn train_dpsgd(
+        &mut self,
+        global: &StateDict,
+        s: &RoundSettings,
+        dp: &DpSgd,
+        steps: u64,
+        rng: &mut ChaCha20Rng,
+    ) -> Result<(StateDict, f64), SiteError> {
+        let _ = (global, s, dp, steps, rng);
+        Err(SiteError::Unsupported(
+            "record-level DP (DP-SGD) has vectorized per-example gradients for the MLP only; run this federation with --dp-mode site".into(),
+        ))
+    }
 }
 
 /// The heart-disease MLP on one hospital's partition (SGD with momentum 0.9).
@@ -94,6 +114,31 @@ impl LocalTask for HeartTask {
         };
         let loss = train_local(&mut m, &self.train.0, &self.train.1, &local, rng)?;
         Ok((m.state(), loss))
+    }
+    fn train_dpsgd(
+        &mut self,
+        global: &StateDict,
+        s: &RoundSettings,
+        dp: &DpSgd,
+        steps: u64,
+        rng: &mut ChaCha20Rng,
+    ) -> Result<(StateDict, f64), SiteError> {
+        self.cfg.check_state(global)?;
+        let mut state: StateDict = global
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_kind(Kind::Float).to_device(self.device)))
+            .collect();
+        let loss = crate::dpsgd::train(
+            &self.cfg,
+            &mut state,
+            &self.train.0,
+            &self.train.1,
+            steps,
+            s.learning_rate,
+            dp,
+            rng,
+        )?;
+        Ok((state, loss))
     }
 }
 

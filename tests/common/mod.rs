@@ -203,6 +203,7 @@ pub fn update_msgs(site: &str, round: u32, n: u64, blob: &[u8]) -> Vec<SubmitUpd
         round,
         num_examples: n,
         sha256: hex::encode(Sha256::digest(blob)),
+        privacy: None,
     };
     std::iter::once(submit_update_message::Msg::Header(header))
         .chain(

@@ -1,0 +1,191 @@
+//! The site's privacy ledger: one entry per round of local work, persisted as JSON next to the
+//! site (`--ledger`), and the budget check that runs before any training.
+//!
+//! Every entry is a sampled Gaussian mechanism `(q, σ, steps)`: DP-SGD rounds (record mode,
+//! `q` = sampling rate) and site-level rounds (`q = 1`, one step: the Gaussian mechanism on the
+//! clipped update). Their Rényi DP adds up over entries ([`fedee_dp::rdp`]); ε at δ is the
+//! Balle et al. 2020 conversion. Mixing units in one ledger is refused: a ledger protects one
+//! unit.
+
+use std::path::{Path, PathBuf};
+
+use fedee_dp::rdp::RdpAccountant;
+use serde::{Deserialize, Serialize};
+
+use crate::SiteError;
+
+/// One round of local work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Federation round.
+    pub round: u32,
+    /// Unit of privacy ("patient record" or "site update").
+    pub unit: String,
+    /// "subsampled_gaussian_rdp" or "gaussian_zcdp".
+    pub mechanism: String,
+    /// Poisson sampling rate `q` (1 for site-level).
+    pub sampling_rate: f64,
+    /// Noise multiplier `σ`.
+    pub noise_multiplier: f64,
+    /// Clipping norm `C`.
+    pub clipping_norm: f64,
+    /// Mechanism invocations this round.
+    pub steps: u64,
+    /// Cumulative ε after this round, at `delta`.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// When (Unix seconds).
+    pub at_unix_s: u64,
+}
+
+/// What a round is about to spend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Planned {
+    /// Sampling rate.
+    pub sampling_rate: f64,
+    /// Noise multiplier.
+    pub noise_multiplier: f64,
+    /// Steps.
+    pub steps: u64,
+}
+
+/// The ledger (in memory, and on disk when it has a path).
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    path: Option<PathBuf>,
+    entries: Vec<Entry>,
+}
+
+impl Ledger {
+    /// Open the ledger at `path` (a missing file is an empty ledger); `None` keeps it in
+    /// memory only.
+    ///
+    /// # Errors
+    /// [`SiteError::Ledger`] if the file exists but cannot be read or parsed (never silently
+    /// reset: that would forget privacy already spent).
+    pub fn open(path: Option<&Path>) -> Result<Self, SiteError> {
+        let entries = match path {
+            Some(p) if p.exists() => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| SiteError::Ledger(format!("reading {}: {e}", p.display())))?;
+                serde_json::from_str(&text).map_err(|e| {
+                    SiteError::Ledger(format!(
+                        "{} is not a fedee privacy ledger ({e}); restore it from backup — deleting it would forget privacy already spent",
+                        p.display()
+                    ))
+                })?
+            }
+            _ => vec![],
+        };
+        Ok(Self {
+            path: path.map(Path::to_path_buf),
+            entries,
+        })
+    }
+
+    /// The entries, oldest first.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Cumulative ε at `delta` of the recorded entries plus `next`.
+    ///
+    /// # Errors
+    /// [`SiteError::Dp`] for out-of-range parameters.
+    pub fn epsilon_with(&self, next: Option<Planned>, delta: f64) -> Result<f64, SiteError> {
+        let mut acc = RdpAccountant::default();
+        for e in &self.entries {
+            acc.add(e.sampling_rate, e.noise_multiplier, e.steps)?;
+        }
+        if let Some(p) = next {
+            acc.add(p.sampling_rate, p.noise_multiplier, p.steps)?;
+        }
+        Ok(acc.epsilon(delta).0)
+    }
+
+    /// Whether the ledger already has an entry for `round`.
+    pub fn has_round(&self, round: u32) -> bool {
+        self.entries.iter().any(|e| e.round == round)
+    }
+
+    /// Append an entry and persist the ledger (written to a temporary file, fsynced, renamed).
+    ///
+    /// # Errors
+    /// [`SiteError::Ledger`] if the unit differs from earlier entries or the file cannot be
+    /// written.
+    pub fn record(&mut self, e: Entry) -> Result<(), SiteError> {
+        if let Some(first) = self.entries.first()
+            && first.unit != e.unit
+        {
+            return Err(SiteError::Ledger(format!(
+                "this ledger protects `{}` but the federation now asks for `{}`: use a separate --ledger per unit",
+                first.unit, e.unit
+            )));
+        }
+        self.entries.push(e);
+        if let Some(p) = &self.path {
+            use std::io::Write;
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+                SiteError::Ledger(format!("temporary file in {}: {e}", dir.display()))
+            })?;
+            let text = serde_json::to_string_pretty(&self.entries).expect("entries serialize");
+            tmp.write_all(text.as_bytes())
+                .and_then(|()| tmp.as_file().sync_all())
+                .map_err(|e| SiteError::Ledger(format!("writing {}: {e}", p.display())))?;
+            tmp.persist(p)
+                .map_err(|e| SiteError::Ledger(format!("writing {}: {}", p.display(), e.error)))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(round: u32, unit: &str) -> Entry {
+        Entry {
+            round,
+            unit: unit.into(),
+            mechanism: "subsampled_gaussian_rdp".into(),
+            sampling_rate: 0.1,
+            noise_multiplier: 1.0,
+            clipping_norm: 1.0,
+            steps: 20,
+            epsilon: 0.0,
+            delta: 1e-5,
+            at_unix_s: 0,
+        }
+    }
+
+    #[test]
+    fn persists_replays_and_refuses_corruption_and_mixed_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.json");
+        let mut l = Ledger::open(Some(&p)).unwrap();
+        let planned = Planned {
+            sampling_rate: 0.1,
+            noise_multiplier: 1.0,
+            steps: 20,
+        };
+        let e1 = l.epsilon_with(Some(planned), 1e-5).unwrap();
+        l.record(entry(1, "patient record")).unwrap();
+        // Reopened from disk: the spend is remembered, and grows with the next round.
+        let l2 = Ledger::open(Some(&p)).unwrap();
+        assert_eq!(l2.entries().len(), 1);
+        assert!((l2.epsilon_with(None, 1e-5).unwrap() - e1).abs() < 1e-12);
+        assert!(l2.epsilon_with(Some(planned), 1e-5).unwrap() > e1);
+        assert!(l2.has_round(1) && !l2.has_round(2));
+        let mut l3 = l2.clone();
+        assert!(l3.record(entry(2, "site update")).is_err());
+        std::fs::write(&p, "{not json").unwrap();
+        let err = Ledger::open(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("forget privacy already spent"), "{err}");
+    }
+}

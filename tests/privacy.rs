@@ -1,0 +1,156 @@
+//! Record-level DP end to end with the real binaries: an aggregator in `--dp-mode record` and
+//! three site agents running DP-SGD, each with its own ε budget and ledger. Each site trains
+//! exactly as many rounds as its budget allows, then refuses with a message naming spent,
+//! requested and budget; the aggregator shows every site's spend; the rounds without a quorum
+//! fail cleanly at their deadline and the federation ends.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Aggregator, fedee, heart_csv};
+use fedee_dp::rdp::RdpAccountant;
+use fedee_proto::v1::StatusRequest;
+
+const SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
+const BATCH: u64 = 16;
+const EPOCHS: u64 = 2;
+const SIGMA: f64 = 1.0;
+const DELTA: f64 = 1e-5;
+
+/// ε of `rounds` DP-SGD rounds on `n` records, as the site will account them.
+fn epsilon(n: u64, rounds: u64) -> f64 {
+    let mut acc = RdpAccountant::default();
+    acc.add(
+        (BATCH as f64 / n as f64).min(1.0),
+        SIGMA,
+        rounds * EPOCHS * n.div_ceil(BATCH),
+    )
+    .unwrap();
+    acc.epsilon(DELTA).0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sites_stop_at_their_record_level_budget_and_the_aggregator_shows_their_spend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = fedee(&["init-model", "--out", "g0.safetensors"], dir);
+    assert!(out.status.success());
+    let agg = Aggregator::start(
+        dir,
+        "127.0.0.1:0",
+        &[
+            "--insecure",
+            "--initial-model",
+            "g0.safetensors",
+            "--database-url",
+            "sqlite://agg.db?mode=rwc",
+            "--dp-mode",
+            "record",
+            "--noise-multiplier",
+            "1.0",
+            "--clipping-norm",
+            "1.0",
+            "--rounds",
+            "4",
+            "--min-sites",
+            "3",
+            "--round-timeout",
+            "2",
+            "--batch-size",
+            "16",
+            "--local-epochs",
+            "2",
+        ],
+    );
+    let csv = heart_csv();
+    // Each site's budget allows exactly two rounds on its own data.
+    let mut children = vec![];
+    let mut expected = vec![];
+    for s in SITES {
+        let n = fedee_site_agent::heart::load_standardized(&csv, s)
+            .unwrap()
+            .train
+            .len() as u64;
+        let (e2, e3) = (epsilon(n, 2), epsilon(n, 3));
+        assert!(e3 > e2 * 1.01);
+        let budget = e2 * (1.0 + 1e-9);
+        println!("{s}: {n} training records, ε after 2 rounds {e2:.3}, after 3 {e3:.3} (δ = {DELTA})");
+        expected.push((s, e2, budget));
+        children.push(
+            std::process::Command::new(env!("CARGO_BIN_EXE_fedee"))
+                .args(["site", "--insecure", "--aggregator", &agg.addr, "--site", s])
+                .arg("--data")
+                .arg(&csv)
+                .args(["--epsilon-budget", &budget.to_string()])
+                .args(["--ledger", &format!("{s}.ledger.json")])
+                .env("FEDEE_LOG", "warn")
+                .current_dir(dir)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    for (child, (s, e2, budget)) in children.into_iter().zip(&expected) {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{s}: {err}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            report["rounds_trained"],
+            serde_json::json!([1, 2]),
+            "{report}"
+        );
+        let stopped = report["stopped"].as_str().unwrap_or_default();
+        assert!(
+            stopped.contains("refusing to train")
+                && stopped.contains(&format!("budget of ε = {budget}"))
+                && stopped.contains("round 3"),
+            "{stopped}"
+        );
+        let ledger: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join(format!("{s}.ledger.json"))).unwrap(),
+        )
+        .unwrap();
+        let entries = ledger.as_array().unwrap();
+        assert_eq!(entries.len(), 2, "{ledger}");
+        assert_eq!(entries[1]["unit"], "patient record");
+        let got = entries[1]["epsilon"].as_f64().unwrap();
+        assert!((got - e2).abs() < 1e-9 * e2, "{s}: ledger ε {got} vs {e2}");
+    }
+    // Rounds 3 and 4 get no update: they fail at their deadline and the federation ends.
+    let mut c = agg.client().await;
+    let mut st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    for _ in 0..200 {
+        if st.done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    }
+    assert!(st.done, "{st:?}");
+    let states: Vec<&str> = st.rounds.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(states, ["closed", "closed", "failed", "failed"]);
+    assert_eq!(st.privacy_unit, "patient record");
+    assert_eq!(st.dp_mode, "record");
+    assert_eq!(st.site_privacy.len(), 3);
+    for sp in &st.site_privacy {
+        let (_, e2, _) = expected.iter().find(|e| e.0 == sp.site).unwrap();
+        let e = sp.entry.as_ref().unwrap();
+        assert_eq!(
+            (sp.round, e.unit.as_str(), e.delta),
+            (2, "patient record", DELTA)
+        );
+        assert!((e.epsilon - e2).abs() < 1e-9 * e2);
+    }
+    // The round's ε is the worst site's.
+    let worst = expected.iter().map(|e| e.1).fold(0.0, f64::max);
+    assert!((st.rounds[1].epsilon - worst).abs() < 1e-9 * worst);
+    let out = fedee(&["status", "--insecure", "--aggregator", &agg.addr], dir);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("DP mode: record") && shown.contains("unit: patient record"),
+        "{shown}"
+    );
+}
