@@ -630,6 +630,12 @@ async fn main() -> Result<()> {
                     &st.dp_mode
                 }
             );
+            for d in &st.departed {
+                println!("  left: {d}");
+            }
+            if !st.ended_reason.is_empty() {
+                println!("{}", st.ended_reason);
+            }
             for sp in &st.site_privacy {
                 if let Some(e) = &sp.entry {
                     println!(

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use fedee_dp::SiteLevelAccountant;
 use fedee_proto::v1::federation_server::{Federation as FederationApi, FederationServer};
 use fedee_proto::v1::{
-    Chunk, DownloadModelRequest, JoinRequest, JoinResponse, MetricsAck, MetricsReport,
-    NextTaskRequest, PrivacyEntry, RoundStatus, SiteMetric, SitePrivacy, StatusRequest,
-    StatusResponse, SubmitUpdateMessage, SubmitUpdateResponse, Task, TaskKind, UpdateHeader,
-    submit_update_message,
+    Chunk, DownloadModelRequest, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse,
+    MetricsAck, MetricsReport, NextTaskRequest, PrivacyEntry, RoundStatus, SiteMetric, SitePrivacy,
+    StatusRequest, StatusResponse, SubmitUpdateMessage, SubmitUpdateResponse, Task, TaskKind,
+    UpdateHeader, submit_update_message,
 };
 use fedee_proto::{Reassembler, chunks};
 use futures::Stream;
@@ -43,6 +43,21 @@ struct State {
     deadline_ms: Option<i64>,
     /// When the open round opened (Unix epoch ms), for the round-duration metric.
     opened_ms: i64,
+    /// Sites that left for good, with their reasons.
+    departed: std::collections::BTreeMap<String, String>,
+    /// Why the federation ended early (too few sites remain).
+    ended: Option<String>,
+}
+
+impl State {
+    /// Enrolled sites that have not left.
+    fn active(&self) -> BTreeSet<String> {
+        self.enrolled
+            .iter()
+            .filter(|s| !self.departed.contains_key(*s))
+            .cloned()
+            .collect()
+    }
 }
 
 /// The federation service.
@@ -140,6 +155,8 @@ impl Federation {
         let sites: BTreeSet<String> = store.sites().await?.into_iter().collect();
         let enrolled = store.enrolled().await?.into_iter().collect();
         let (opened_s, deadline_ms) = store.round_timing(latest).await?.unwrap_or((0, None));
+        let departed: std::collections::BTreeMap<String, String> =
+            store.departures().await?.into_iter().collect();
         let state = State {
             enrolled,
             round: latest,
@@ -150,7 +167,11 @@ impl Federation {
             deadline_ms,
             opened_ms: opened_s * 1000,
             sites,
+            departed,
+            ended: None,
         };
+        let mut state = state;
+        state.ended = ended_reason(&state, config.min_sites);
         metrics.set_round(latest);
         metrics.set_sites(state.sites.len());
         tracing::info!(
@@ -187,7 +208,7 @@ impl Federation {
     }
 
     fn done(&self, st: &State) -> bool {
-        st.round > self.config.rounds
+        st.round > self.config.rounds || st.ended.is_some()
     }
 
     fn next_deadline(&self, now: i64) -> i64 {
@@ -213,7 +234,8 @@ impl Federation {
             );
         }
         let quorum = st.submitted.len() >= self.config.min_sites as usize;
-        let all = !st.enrolled.is_empty() && st.enrolled.is_subset(&st.submitted);
+        let active = st.active();
+        let all = !active.is_empty() && active.is_subset(&st.submitted);
         let expired = st.deadline_ms.is_some_and(|d| now >= d);
         if quorum && (all || expired) {
             self.close(st, now).await
@@ -616,6 +638,63 @@ impl Federation {
     }
 }
 
+/// Why the federation must end: some sites left and fewer than `min_sites` remain.
+fn ended_reason(st: &State, min_sites: u32) -> Option<String> {
+    let active = st.active().len();
+    (!st.departed.is_empty() && active < min_sites as usize).then(|| {
+        format!(
+            "federation ended: {} site(s) left ({}), {active} remain, below the quorum of {min_sites}",
+            st.departed.len(),
+            st.departed
+                .iter()
+                .map(|(s, r)| format!("{s}: {r}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })
+}
+
+impl Federation {
+    /// Site `site` leaves for good. Rounds stop waiting for it; below the quorum the open
+    /// round fails and the federation ends.
+    async fn depart(&self, site: &str, reason: &str) -> Result<bool, AggregatorError> {
+        self.store.insert_departure(site, reason).await?;
+        let mut st = self.state.lock().await;
+        st.departed
+            .entry(site.to_owned())
+            .or_insert_with(|| reason.to_owned());
+        tracing::warn!(site, reason, "site left the federation");
+        if st.ended.is_some() {
+            return Ok(true);
+        }
+        if let Some(why) = ended_reason(&st, self.config.min_sites) {
+            if st.round <= self.config.rounds {
+                let now = now_ms();
+                let (rho, epsilon) = self.round_privacy(st.round).await?;
+                self.store
+                    .end_round(&RoundEnd {
+                        round: st.round,
+                        state: "failed",
+                        reason: Some(&why),
+                        rho,
+                        epsilon,
+                        next_sha256: &st.global_sha,
+                        open_next_with_deadline_ms: None,
+                    })
+                    .await?;
+                self.metrics
+                    .round_ended(true, (now - st.opened_ms) as f64 / 1000.0);
+                self.advance(&mut st, now, false);
+            }
+            tracing::warn!(reason = %why, "federation ended");
+            st.ended = Some(why);
+            return Ok(true);
+        }
+        self.maybe_close(&mut st).await?;
+        Ok(false)
+    }
+}
+
 /// Refuse an update whose round is not the open one.
 fn stale(st: &State, h: &UpdateHeader, rounds: u32) -> Result<(), Refusal> {
     let msg = if st.round > rounds {
@@ -778,6 +857,22 @@ impl FederationApi for Federation {
         Ok(Response::new(MetricsAck {}))
     }
 
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        let claimed = req.get_ref().site.clone();
+        let site = self.identify(&req, &claimed).await?;
+        if !self.state.lock().await.sites.contains(&site) {
+            return Err(Status::not_found(format!("site `{site}` has not joined")));
+        }
+        let reason = req.into_inner().reason;
+        let reason = if reason.trim().is_empty() {
+            "no reason given".to_owned()
+        } else {
+            reason.chars().take(1000).collect()
+        };
+        let federation_ended = self.depart(&site, &reason).await.map_err(internal)?;
+        Ok(Response::new(LeaveResponse { federation_ended }))
+    }
+
     async fn status(
         &self,
         req: Request<StatusRequest>,
@@ -840,6 +935,12 @@ impl FederationApi for Federation {
             noise_multiplier: self.config.noise_multiplier.get(),
             dp_mode: self.config.dp_mode.as_str().into(),
             site_privacy,
+            departed: st
+                .departed
+                .iter()
+                .map(|(s, r)| format!("{s}: {r}"))
+                .collect(),
+            ended_reason: st.ended.clone().unwrap_or_default(),
         }))
     }
 }

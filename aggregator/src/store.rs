@@ -476,6 +476,36 @@ impl Store {
             .collect()
     }
 
+    /// Record that `site` left the federation (idempotent: the first reason stays).
+    pub async fn insert_departure(&self, site: &str, reason: &str) -> Result<(), AggregatorError> {
+        sqlx::query(
+            "INSERT INTO departures (site, reason, at) VALUES ($1, $2, $3) ON CONFLICT (site) DO NOTHING",
+        )
+        .bind(site)
+        .bind(reason)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Sites that left, with their reasons, by name.
+    pub async fn departures(&self) -> Result<Vec<(String, String)>, AggregatorError> {
+        let rows = sqlx::query("SELECT site, reason FROM departures ORDER BY site")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("site").map_err(db)?,
+                    r.try_get("reason").map_err(db)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Record (or replace) a site's evaluation of a global model.
     pub async fn insert_metric(&self, m: &MetricRow) -> Result<(), AggregatorError> {
         sqlx::query(

@@ -78,3 +78,10 @@ CREATE TABLE privacy_ledger (
     delta DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (site, round)
 );
+
+-- Sites that left the federation for good (e.g. privacy budget spent), with the reason.
+CREATE TABLE departures (
+    site TEXT PRIMARY KEY NOT NULL,
+    reason TEXT NOT NULL,
+    at BIGINT NOT NULL
+);

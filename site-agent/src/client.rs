@@ -7,7 +7,7 @@ use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_model::{state_from_safetensors, state_to_safetensors};
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_proto::v1::{
-    DownloadModelRequest, JoinRequest, MetricsReport, NextTaskRequest, PrivacyEntry,
+    DownloadModelRequest, JoinRequest, LeaveRequest, MetricsReport, NextTaskRequest, PrivacyEntry,
     SubmitUpdateMessage, TaskKind, UpdateHeader, submit_update_message,
 };
 use fedee_proto::{MAX_BLOB_SIZE, Reassembler, chunks};
@@ -334,6 +334,15 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
                 task.round
             );
             tracing::warn!("{msg}");
+            let (site, reason) = (cfg.site.clone(), msg.clone());
+            link.call("Leave", |mut c| {
+                let req = LeaveRequest {
+                    site: site.clone(),
+                    reason: reason.clone(),
+                };
+                async move { c.leave(req).await }
+            })
+            .await?;
             report.privacy = ledger.entries().to_vec();
             report.stopped = Some(msg);
             return Ok(report);
