@@ -265,6 +265,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         clipping_norm,
         noise_multiplier,
         dp_mode: fedee_dp::DpMode::Site,
+        strategy: fedee_aggregator::strategy::Strategy::FedAvg,
+        proximal_mu: 0.0,
         delta: args.delta,
         local_epochs: args.local_epochs,
         learning_rate: args.learning_rate,

@@ -489,6 +489,8 @@ pub(crate) async fn federate(
         clipping_norm: fedee_dp::ClippingNorm::new(c)?,
         noise_multiplier: fedee_dp::NoiseMultiplier::new(sigma)?,
         dp_mode: fedee_dp::DpMode::Site,
+        strategy: fedee_aggregator::strategy::Strategy::FedAvg,
+        proximal_mu: 0.0,
         delta,
         local_epochs: 1,
         learning_rate: args.text_lr,

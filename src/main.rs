@@ -210,6 +210,22 @@ struct AggregatorArgs {
     /// --epsilon-budget and reports its ε).
     #[arg(long, default_value = "site", value_parser = ["site", "record"])]
     dp_mode: String,
+    /// How a round's updates are combined: `fedavg` (weighted by num_examples); `fedprox`
+    /// (FedAvg aggregation, sites add the proximal term --proximal-mu); `fedadam` / `fedyogi`
+    /// (server optimizers, Reddi et al. 2021, learning rate --server-lr); `median` or
+    /// `trimmed-mean` (coordinate-wise, robust to a minority of poisoned updates; unweighted;
+    /// hold every update in memory).
+    #[arg(long, default_value = "fedavg", value_parser = ["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean"])]
+    strategy: String,
+    /// FedAdam / FedYogi server learning rate η.
+    #[arg(long, default_value_t = 0.01)]
+    server_lr: f64,
+    /// Trimmed mean: fraction of values dropped at each end per coordinate, in [0, 0.5).
+    #[arg(long, default_value_t = 0.1)]
+    trim_fraction: f64,
+    /// FedProx proximal coefficient μ (sites add μ/2 ‖w − w_global‖² to the local loss).
+    #[arg(long, default_value_t = 0.0)]
+    proximal_mu: f64,
     /// L2 clipping norm C: of each site's update (site mode) or of each example's gradient
     /// (record mode).
     #[arg(long, default_value_t = demo::CLIPPING_NORM)]
@@ -516,6 +532,15 @@ async fn main() -> Result<()> {
                 clipping_norm: ClippingNorm::new(a.clipping_norm)?,
                 noise_multiplier: NoiseMultiplier::new(a.noise_multiplier)?,
                 dp_mode: a.dp_mode.parse()?,
+                strategy: fedee_aggregator::strategy::Strategy::parse(
+                    &a.strategy,
+                    fedee_aggregator::strategy::FedOpt {
+                        lr: a.server_lr,
+                        ..Default::default()
+                    },
+                    a.trim_fraction,
+                )?,
+                proximal_mu: a.proximal_mu,
                 delta: a.delta,
                 local_epochs: a.local_epochs,
                 learning_rate: a.learning_rate,

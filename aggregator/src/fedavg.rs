@@ -38,6 +38,11 @@ impl FedAvg {
         self.added += 1;
     }
 
+    /// The weighted mean `Σᵢ (nᵢ/N) Δᵢ` in f64, per tensor.
+    pub fn into_mean(self) -> Vec<Vec<f64>> {
+        self.acc
+    }
+
     /// Number of updates added.
     pub fn len(&self) -> usize {
         self.added

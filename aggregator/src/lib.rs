@@ -13,6 +13,7 @@ pub mod fedavg;
 pub mod metrics;
 mod service;
 pub mod store;
+pub mod strategy;
 pub mod tensors;
 
 use std::net::SocketAddr;
@@ -75,6 +76,10 @@ pub struct Config {
     /// Noise multiplier `σ`: noise std `σC` per coordinate of the update (site mode) or of the
     /// summed clipped gradient of each DP-SGD step (record mode).
     pub noise_multiplier: NoiseMultiplier,
+    /// How updates are combined (FedAvg, FedAdam, FedYogi, median, trimmed mean).
+    pub strategy: strategy::Strategy,
+    /// FedProx proximal coefficient μ sent to sites (0 = plain local training).
+    pub proximal_mu: f64,
     /// δ at which ε is reported.
     pub delta: f64,
     /// Local epochs per round.
@@ -118,6 +123,12 @@ impl Config {
             return bad(format!(
                 "round timeout must be at least 0.1 s, got {:?}",
                 self.round_timeout
+            ));
+        }
+        if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
+            return bad(format!(
+                "proximal mu must be finite and >= 0, got {}",
+                self.proximal_mu
             ));
         }
         if self.batch_size == 0 || self.local_epochs == 0 {

@@ -21,6 +21,7 @@ use crate::blobs::{BlobStore, sha256_hex};
 use crate::fedavg::FedAvg;
 use crate::metrics::{Metrics, Reject};
 use crate::store::{LedgerRow, MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
+use crate::strategy::{ServerState, Strategy, aggregate};
 use crate::tensors::Tensors;
 use crate::{AggregatorError, Config};
 use fedee_dp::DpMode;
@@ -45,6 +46,8 @@ struct State {
     opened_ms: i64,
     /// Sites that left for good, with their reasons.
     departed: std::collections::BTreeMap<String, String>,
+    /// Blob of the server optimizer state (FedAdam / FedYogi) that goes with `global`.
+    server_state_sha: Option<String>,
     /// Why the federation ended early (too few sites remain).
     ended: Option<String>,
 }
@@ -169,6 +172,7 @@ impl Federation {
             sites,
             departed,
             ended: None,
+            server_state_sha: store.server_state_sha(latest).await?,
         };
         let mut state = state;
         state.ended = ended_reason(&state, config.min_sites);
@@ -252,19 +256,37 @@ impl Federation {
         let total: u64 = updates.iter().map(|u| u.num_examples).sum();
         let (blobs, global) = (self.blobs.clone(), st.global.clone());
         let metas = updates.clone();
-        // FedAvg in site-name order from the persisted blobs: the result depends only on what
-        // was persisted, so a restarted aggregator produces the same bytes.
-        let (next, sha, size) = blocking(move || {
-            let mut avg = FedAvg::new(&global, total);
-            for u in &metas {
+        let strategy = self.config.strategy;
+        let server_state = st.server_state_sha.clone();
+        // Aggregation in site-name order from the persisted blobs (and the persisted server
+        // state): the result depends only on what was persisted, so a restarted aggregator
+        // produces the same bytes.
+        let (next, sha, size, state_sha) = blocking(move || {
+            let read = |u: &crate::store::UpdateMeta| -> Result<Tensors, AggregatorError> {
                 let t = Tensors::from_safetensors(&blobs.get(&u.sha256)?)?;
                 t.check_layout(&global)?;
-                avg.add(u.num_examples, &t);
-            }
-            let next = avg.finish(&global);
+                Ok(t)
+            };
+            let (next, state) = if strategy == Strategy::FedAvg {
+                // Streaming: one update in memory at a time.
+                let mut avg = FedAvg::new(&global, total);
+                for u in &metas {
+                    avg.add(u.num_examples, &read(u)?);
+                }
+                (avg.finish(&global), None)
+            } else {
+                let all = metas.iter().map(read).collect::<Result<Vec<_>, _>>()?;
+                let pairs: Vec<(u64, &Tensors)> =
+                    metas.iter().map(|u| u.num_examples).zip(&all).collect();
+                let prior = server_state
+                    .map(|sha| ServerState::from_safetensors(&blobs.get(&sha)?, &global))
+                    .transpose()?;
+                aggregate(strategy, &global, &pairs, prior)
+            };
             let bytes = next.to_safetensors();
             let sha = blobs.put(&bytes)?;
-            Ok((next, sha, bytes.len() as u64))
+            let state_sha = state.map(|s| blobs.put(&s.to_safetensors())).transpose()?;
+            Ok((next, sha, bytes.len() as u64, state_sha))
         })
         .await?;
         let (rho, epsilon) = self.round_privacy(round).await?;
@@ -277,6 +299,7 @@ impl Federation {
                 rho,
                 epsilon,
                 next_sha256: &sha,
+                server_state_sha256: state_sha.as_deref(),
                 open_next_with_deadline_ms: open_next.then(|| self.next_deadline(now)),
             })
             .await?;
@@ -293,6 +316,7 @@ impl Federation {
             .round_ended(false, (now - st.opened_ms) as f64 / 1000.0);
         st.global = Arc::new(next);
         st.global_sha = sha;
+        st.server_state_sha = state_sha;
         st.global_size = size;
         self.advance(st, now, open_next);
         Ok(())
@@ -316,6 +340,7 @@ impl Federation {
                 rho,
                 epsilon,
                 next_sha256: &st.global_sha,
+                server_state_sha256: st.server_state_sha.as_deref(),
                 open_next_with_deadline_ms: open_next.then(|| self.next_deadline(now)),
             })
             .await?;
@@ -679,6 +704,7 @@ impl Federation {
                         rho,
                         epsilon,
                         next_sha256: &st.global_sha,
+                        server_state_sha256: st.server_state_sha.as_deref(),
                         open_next_with_deadline_ms: None,
                     })
                     .await?;
@@ -777,6 +803,7 @@ impl FederationApi for Federation {
             noise_multiplier: c.noise_multiplier.get(),
             dp_mode: c.dp_mode.as_str().into(),
             delta: c.delta,
+            proximal_mu: c.proximal_mu,
             local_epochs: c.local_epochs,
             learning_rate: c.learning_rate,
             batch_size: c.batch_size,

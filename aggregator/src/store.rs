@@ -160,6 +160,8 @@ pub struct RoundEnd<'a> {
     pub epsilon: f64,
     /// Blob name of global model `round + 1`.
     pub next_sha256: &'a str,
+    /// Blob name of the server optimizer state that goes with it (FedAdam / FedYogi).
+    pub server_state_sha256: Option<&'a str>,
     /// Open round `round + 1` with this deadline (`None`: it was the last round).
     pub open_next_with_deadline_ms: Option<i64>,
 }
@@ -290,6 +292,22 @@ impl Store {
             .transpose()
     }
 
+    /// Blob name of the server optimizer state stored with global model `model`, if any.
+    pub async fn server_state_sha(&self, model: u32) -> Result<Option<String>, AggregatorError> {
+        let row = sqlx::query("SELECT server_state_sha256 FROM models WHERE model = $1")
+            .bind(i64::from(model))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row
+            .map(|r| {
+                r.try_get::<Option<String>, _>("server_state_sha256")
+                    .map_err(db)
+            })
+            .transpose()?
+            .flatten())
+    }
+
     /// Record an accepted update whose blob is already in the blob store.
     pub async fn insert_update(
         &self,
@@ -388,10 +406,11 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        sqlx::query("INSERT INTO models (model, sha256, created_at) VALUES ($1, $2, $3)")
+        sqlx::query("INSERT INTO models (model, sha256, created_at, server_state_sha256) VALUES ($1, $2, $3, $4)")
             .bind(i64::from(end.round + 1))
             .bind(end.next_sha256)
             .bind(now())
+            .bind(end.server_state_sha256)
             .execute(&mut *tx)
             .await
             .map_err(db)?;

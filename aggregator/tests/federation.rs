@@ -42,6 +42,8 @@ async fn start(
         clipping_norm: ClippingNorm::new(1.0).unwrap(),
         noise_multiplier: NoiseMultiplier::new(1.0).unwrap(),
         dp_mode: fedee_dp::DpMode::Site,
+        strategy: fedee_aggregator::strategy::Strategy::FedAvg,
+        proximal_mu: 0.0,
         delta: 1e-5,
         local_epochs: 1,
         learning_rate: 0.1,

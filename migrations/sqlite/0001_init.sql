@@ -18,7 +18,9 @@ CREATE TABLE enrolments (
 CREATE TABLE models (
     model BIGINT PRIMARY KEY NOT NULL,
     sha256 TEXT NOT NULL,
-    created_at BIGINT NOT NULL
+    created_at BIGINT NOT NULL,
+    -- FedAdam / FedYogi moments after producing this model (blob), NULL for other strategies.
+    server_state_sha256 TEXT
 );
 
 -- Rounds: state is 'open', 'closed' (aggregated) or 'failed' (quorum not met by the deadline;

@@ -233,9 +233,36 @@ impl Model {
         input: &Input,
         y: &Tensor,
     ) -> Result<f64, ModelError> {
-        let loss = cross_entropy(&self.forward(input)?, y);
+        self.train_step_proximal(opt, input, y, None)
+    }
+
+    /// One optimizer step on the cross-entropy plus, with `Some((anchor, μ))`, the FedProx
+    /// proximal term `μ/2 Σ ‖w − anchor‖²` (Li et al., "Federated Optimization in
+    /// Heterogeneous Networks", MLSys 2020, eq. 2); `anchor` is the round's global model on
+    /// this model's device and dtype. Returns the batch's mean cross-entropy before the step.
+    ///
+    /// # Errors
+    /// As [`Architecture::forward`]; [`ModelError::Name`] if `anchor` lacks a parameter.
+    pub fn train_step_proximal(
+        &mut self,
+        opt: &mut nn::Optimizer,
+        input: &Input,
+        y: &Tensor,
+        proximal: Option<(&StateDict, f64)>,
+    ) -> Result<f64, ModelError> {
+        let ce = cross_entropy(&self.forward(input)?, y);
+        let mut loss = ce.shallow_clone();
+        if let Some((anchor, mu)) = proximal.filter(|p| p.1 > 0.0) {
+            for (name, p) in &self.params {
+                let a = anchor.get(name).ok_or_else(|| ModelError::Name {
+                    name: name.clone(),
+                    problem: "is missing from the FedProx anchor".into(),
+                })?;
+                loss = loss + (p - a).square().sum(p.kind()) * (mu / 2.0);
+            }
+        }
         opt.backward_step(&loss);
-        Ok(loss.double_value(&[]))
+        Ok(ce.double_value(&[]))
     }
 }
 

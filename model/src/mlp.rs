@@ -233,6 +233,26 @@ impl Mlp {
             .expect("features fit the MLP")
     }
 
+    /// As [`Mlp::train_step`] with the FedProx proximal term `μ/2 Σ ‖w − anchor‖²`
+    /// (see [`Model::train_step_proximal`]).
+    pub fn train_step_proximal(
+        &mut self,
+        opt: &mut nn::Optimizer,
+        x: &Tensor,
+        y: &Tensor,
+        anchor: &StateDict,
+        mu: f64,
+    ) -> f64 {
+        self.model
+            .train_step_proximal(
+                opt,
+                &Input::Features(x.shallow_clone()),
+                y,
+                Some((anchor, mu)),
+            )
+            .expect("features and anchor fit the MLP")
+    }
+
     /// Accuracy of argmax predictions on `(x, y)`.
     pub fn accuracy(&self, x: &Tensor, y: &Tensor) -> f64 {
         tch::no_grad(|| {

@@ -296,6 +296,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             epochs: task.local_epochs,
             batch_size: task.batch_size,
             learning_rate: task.learning_rate,
+            proximal_mu: task.proximal_mu,
         };
         let c = ClippingNorm::new(task.clipping_norm)?;
         let sigma = NoiseMultiplier::new(task.noise_multiplier)?;

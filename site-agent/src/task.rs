@@ -21,6 +21,8 @@ pub struct RoundSettings {
     pub batch_size: u32,
     /// Learning rate.
     pub learning_rate: f64,
+    /// FedProx proximal coefficient μ (0 = plain local training).
+    pub proximal_mu: f64,
 }
 
 /// A site's local learning problem.
@@ -112,7 +114,12 @@ impl LocalTask for HeartTask {
                 weight_decay: 0.0,
             },
         };
-        let loss = train_local(&mut m, &self.train.0, &self.train.1, &local, rng)?;
+        let anchor: StateDict = global
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_kind(Kind::Float).to_device(self.device)))
+            .collect();
+        let proximal = (s.proximal_mu > 0.0).then_some((&anchor, s.proximal_mu));
+        let loss = train_local(&mut m, &self.train.0, &self.train.1, &local, proximal, rng)?;
         Ok((m.state(), loss))
     }
     fn train_dpsgd(

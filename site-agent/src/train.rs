@@ -39,6 +39,7 @@ pub fn train_local<R: Rng + ?Sized>(
     x: &Tensor,
     y: &Tensor,
     cfg: &LocalTraining,
+    proximal: Option<(&StateDict, f64)>,
     rng: &mut R,
 ) -> Result<f64, SiteError> {
     let n = y.size()[0] as usize;
@@ -50,7 +51,11 @@ pub fn train_local<R: Rng + ?Sized>(
         let (mut sum, mut batches) = (0.0, 0);
         for b in idx.chunks(cfg.batch_size.max(1) as usize) {
             let bi = Tensor::from_slice(b).to_device(x.device());
-            sum += model.train_step(&mut opt, &x.index_select(0, &bi), &y.index_select(0, &bi));
+            let (xb, yb) = (x.index_select(0, &bi), y.index_select(0, &bi));
+            sum += match proximal {
+                Some((anchor, mu)) => model.train_step_proximal(&mut opt, &xb, &yb, anchor, mu),
+                None => model.train_step(&mut opt, &xb, &yb),
+            };
             batches += 1;
         }
         last = sum / f64::from(batches.max(1));
