@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod drug_demo;
+mod flamby;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
