@@ -41,6 +41,9 @@ pub enum BenchCommand {
         /// Local DP-SGD learning rate of the record-level DP run.
         #[arg(long, default_value_t = 0.01)]
         dp_lr: f64,
+        /// FedAdam / FedYogi server learning rate.
+        #[arg(long, default_value_t = 0.03)]
+        server_lr: f64,
         /// Also write the figures as JSON (`rows` of {strategy, dp, mean_accuracy, per_seed}).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -86,9 +89,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             seeds,
             lr,
             dp_lr,
+            server_lr,
             json,
         } => {
-            let mut doc = crate::flamby::bench(&data, seeds, lr, dp_lr)?;
+            let mut doc = crate::flamby::bench(&data, seeds, lr, dp_lr, server_lr)?;
             doc["machine"] = machine();
             write_json(json.as_ref(), &doc)
         }

@@ -262,10 +262,16 @@ fn run_once(sites: &[Site], run: &Run, seed: u64) -> Result<f64> {
 }
 
 /// Run the benchmark: print the table, return the JSON document.
-pub fn bench(csv: &Path, seeds: u64, lr: f64, dp_lr: f64) -> Result<serde_json::Value> {
+pub fn bench(
+    csv: &Path,
+    seeds: u64,
+    lr: f64,
+    dp_lr: f64,
+    server_lr: f64,
+) -> Result<serde_json::Value> {
     let sites = load(csv)?;
     let fedopt = FedOpt {
-        lr: 0.03,
+        lr: server_lr,
         ..FedOpt::default()
     };
     let rows_spec: Vec<(&str, Run)> = vec![
@@ -399,7 +405,7 @@ pub fn bench(csv: &Path, seeds: u64, lr: f64, dp_lr: f64) -> Result<serde_json::
     );
     Ok(json!({
         "benchmark": "flamby-heart",
-        "protocol": {"hospitals": HOSPITALS, "model": "logistic regression", "rounds": ROUNDS, "local_updates": LOCAL_UPDATES, "batch_size": BATCH, "local_optimizer": "sgd", "learning_rate": lr, "dp_learning_rate": dp_lr, "dp_clipping_norm": 1.0, "seeds": seeds, "metric": "mean of per-hospital test accuracies"},
+        "protocol": {"hospitals": HOSPITALS, "model": "logistic regression", "rounds": ROUNDS, "local_updates": LOCAL_UPDATES, "batch_size": BATCH, "local_optimizer": "sgd", "learning_rate": lr, "dp_learning_rate": dp_lr, "dp_clipping_norm": 1.0, "server_learning_rate": server_lr, "seeds": seeds, "metric": "mean of per-hospital test accuracies"},
         "published": PUBLISHED.iter().map(|(n, a)| json!({"strategy": n, "mean_accuracy": a})).collect::<Vec<_>>(),
         "rows": rows,
     }))
