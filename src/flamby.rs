@@ -57,6 +57,9 @@ pub struct Run {
     pub lr: f64,
     /// Record-level DP: (ε, δ, clipping norm).
     pub dp: Option<(f64, f64, f64)>,
+    /// Train centrally on the union of the hospitals' training data (the pooled reference),
+    /// with as many updates per round as the four sites together.
+    pub pooled: bool,
 }
 
 fn load(csv: &Path) -> Result<Vec<Site>> {
@@ -149,12 +152,13 @@ fn local_update(
     global: &(Tensor, Tensor),
     run: &Run,
     sigma: f64,
+    updates: u64,
     rng: &mut ChaCha20Rng,
 ) -> Result<Tensors> {
     let (mut w, mut b) = (global.0.copy(), global.1.copy());
     let n = site.n;
     let mut order: Vec<i64> = vec![];
-    for _ in 0..LOCAL_UPDATES {
+    for _ in 0..updates {
         let (gw, gb) = if let Some((_, _, c)) = run.dp {
             // DP-SGD: Poisson sample, per-example clip to C, sum, noise σC, / expected batch.
             let q = BATCH as f64 / n as f64;
@@ -219,7 +223,22 @@ fn local_update(
 }
 
 /// One federated run; returns the mean of the hospitals' test accuracies.
-fn run_once(sites: &[Site], run: &Run, seed: u64) -> Result<f64> {
+fn run_once(all_sites: &[Site], run: &Run, seed: u64) -> Result<f64> {
+    let pooled;
+    let (sites, updates) = if run.pooled {
+        let cat =
+            |f: fn(&Site) -> &Tensor| Tensor::cat(&all_sites.iter().map(f).collect::<Vec<_>>(), 0);
+        pooled = [Site {
+            x: cat(|s| &s.x),
+            y: cat(|s| &s.y),
+            xt: cat(|s| &s.xt),
+            yt: cat(|s| &s.yt),
+            n: all_sites.iter().map(|s| s.n).sum(),
+        }];
+        (&pooled[..], LOCAL_UPDATES * all_sites.len() as u64)
+    } else {
+        (all_sites, LOCAL_UPDATES)
+    };
     tch::manual_seed(seed as i64);
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     // PyTorch's nn.Linear initialisation: U(−1/√in, 1/√in).
@@ -246,7 +265,12 @@ fn run_once(sites: &[Site], run: &Run, seed: u64) -> Result<f64> {
         let updates = sites
             .iter()
             .zip(&sigmas)
-            .map(|(s, &sigma)| Ok((s.n as u64, local_update(s, &g, run, sigma, &mut rng)?)))
+            .map(|(s, &sigma)| {
+                Ok((
+                    s.n as u64,
+                    local_update(s, &g, run, sigma, updates, &mut rng)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         let pairs: Vec<(u64, &Tensors)> = updates.iter().map(|(n, u)| (*n, u)).collect();
         let (next, s) = aggregate(run.strategy, &global, &pairs, state.take());
@@ -254,11 +278,11 @@ fn run_once(sites: &[Site], run: &Run, seed: u64) -> Result<f64> {
         state = s;
     }
     let (w, b) = from_tensors(&global);
-    Ok(sites
+    Ok(all_sites
         .iter()
         .map(|s| accuracy(&w, &b, &s.xt, &s.yt))
         .sum::<f64>()
-        / sites.len() as f64)
+        / all_sites.len() as f64)
 }
 
 /// Run the benchmark: print the table, return the JSON document.
@@ -276,12 +300,23 @@ pub fn bench(
     };
     let rows_spec: Vec<(&str, Run)> = vec![
         (
+            "pooled (central training)",
+            Run {
+                strategy: Strategy::FedAvg,
+                proximal_mu: 0.0,
+                lr,
+                dp: None,
+                pooled: true,
+            },
+        ),
+        (
             "FedAvg",
             Run {
                 strategy: Strategy::FedAvg,
                 proximal_mu: 0.0,
                 lr,
                 dp: None,
+                pooled: false,
             },
         ),
         (
@@ -291,6 +326,7 @@ pub fn bench(
                 proximal_mu: 0.1,
                 lr,
                 dp: None,
+                pooled: false,
             },
         ),
         (
@@ -300,6 +336,7 @@ pub fn bench(
                 proximal_mu: 0.0,
                 lr,
                 dp: None,
+                pooled: false,
             },
         ),
         (
@@ -309,6 +346,7 @@ pub fn bench(
                 proximal_mu: 0.0,
                 lr,
                 dp: None,
+                pooled: false,
             },
         ),
         (
@@ -318,6 +356,7 @@ pub fn bench(
                 proximal_mu: 0.0,
                 lr,
                 dp: None,
+                pooled: false,
             },
         ),
         (
@@ -327,6 +366,7 @@ pub fn bench(
                 proximal_mu: 0.0,
                 lr,
                 dp: None,
+                pooled: false,
             },
         ),
         (
@@ -336,6 +376,7 @@ pub fn bench(
                 proximal_mu: 0.0,
                 lr: dp_lr,
                 dp: Some((1.0, 1e-4, 1.0)),
+                pooled: false,
             },
         ),
     ];
