@@ -44,6 +44,9 @@ pub enum BenchCommand {
         /// FedAdam / FedYogi server learning rate.
         #[arg(long, default_value_t = 0.03)]
         server_lr: f64,
+        /// Local optimizer: Adam (as FLamby's pooled training) instead of SGD.
+        #[arg(long)]
+        adam: bool,
         /// Also write the figures as JSON (`rows` of {strategy, dp, mean_accuracy, per_seed}).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -90,9 +93,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             lr,
             dp_lr,
             server_lr,
+            adam,
             json,
         } => {
-            let mut doc = crate::flamby::bench(&data, seeds, lr, dp_lr, server_lr)?;
+            let mut doc = crate::flamby::bench(&data, seeds, lr, dp_lr, server_lr, adam)?;
             doc["machine"] = machine();
             write_json(json.as_ref(), &doc)
         }
