@@ -485,3 +485,21 @@ pub fn bench(
         "rows": rows,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibrated_sigma_reaches_the_target_epsilon() {
+        let (q, steps, delta) = (4.0 / 200.0, 1500, 1e-4);
+        let s = calibrate_sigma(q, steps, 1.0, delta).unwrap();
+        let mut a = RdpAccountant::default();
+        a.add(q, s, steps).unwrap();
+        let eps = a.epsilon(delta).0;
+        assert!(eps <= 1.0 && eps > 0.999, "σ = {s} gives ε = {eps}");
+        let mut b = RdpAccountant::default();
+        b.add(q, s * 0.9, steps).unwrap();
+        assert!(b.epsilon(delta).0 > 1.0, "a smaller σ must spend more");
+    }
+}
