@@ -258,7 +258,7 @@ impl Model {
                     name: name.clone(),
                     problem: "is missing from the FedProx anchor".into(),
                 })?;
-                loss = loss + (p - a).square().sum(p.kind()) * (mu / 2.0);
+                loss += (p - a).square().sum(p.kind()) * (mu / 2.0);
             }
         }
         opt.backward_step(&loss);

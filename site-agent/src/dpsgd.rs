@@ -85,7 +85,8 @@ pub fn clipped_gradient_sum(
     (out, norms, loss.double_value(&[]))
 }
 
-/// Run `steps` DP-SGD steps with learning rate `lr` on `state` (updated in place).
+/// Run `steps` DP-SGD steps with learning rate `lr` on `state` (updated in place) over the
+/// site's examples `(x (n, in_features), y (n,))`.
 /// Returns the mean loss over the steps that sampled at least one record.
 ///
 /// # Errors
@@ -93,8 +94,7 @@ pub fn clipped_gradient_sum(
 pub fn train<R: Rng + ?Sized>(
     cfg: &MlpConfig,
     state: &mut StateDict,
-    x: &Tensor,
-    y: &Tensor,
+    (x, y): (&Tensor, &Tensor),
     steps: u64,
     lr: f64,
     dp: &DpSgd,

@@ -138,8 +138,7 @@ impl LocalTask for HeartTask {
         let loss = crate::dpsgd::train(
             &self.cfg,
             &mut state,
-            &self.train.0,
-            &self.train.1,
+            (&self.train.0, &self.train.1),
             steps,
             s.learning_rate,
             dp,
