@@ -47,6 +47,9 @@ pub enum BenchCommand {
         /// Local optimizer: Adam (as FLamby's pooled training) instead of SGD.
         #[arg(long)]
         adam: bool,
+        /// Raw features, not standardised per hospital (as FLamby).
+        #[arg(long)]
+        raw_features: bool,
         /// Also write the figures as JSON (`rows` of {strategy, dp, mean_accuracy, per_seed}).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -94,9 +97,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             dp_lr,
             server_lr,
             adam,
+            raw_features,
             json,
         } => {
-            let mut doc = crate::flamby::bench(&data, seeds, lr, dp_lr, server_lr, adam)?;
+            let mut doc =
+                crate::flamby::bench(&data, seeds, lr, dp_lr, server_lr, adam, raw_features)?;
             doc["machine"] = machine();
             write_json(json.as_ref(), &doc)
         }

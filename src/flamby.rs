@@ -64,11 +64,16 @@ pub struct Run {
     pub adam: bool,
 }
 
-fn load(csv: &Path) -> Result<Vec<Site>> {
+fn load(csv: &Path, raw: bool) -> Result<Vec<Site>> {
     HOSPITALS
         .iter()
         .map(|h| {
-            let p = load_standardized(csv, h).with_context(|| format!("loading {h}"))?;
+            let p = if raw {
+                fedee_site_agent::heart::load(csv, h)
+            } else {
+                load_standardized(csv, h)
+            }
+            .with_context(|| format!("loading {h}"))?;
             let t = |e: &fedee_site_agent::heart::Examples| {
                 (
                     Tensor::from_slice(&e.x)
@@ -317,8 +322,9 @@ pub fn bench(
     dp_lr: f64,
     server_lr: f64,
     adam: bool,
+    raw: bool,
 ) -> Result<serde_json::Value> {
-    let sites = load(csv)?;
+    let sites = load(csv, raw)?;
     let fedopt = FedOpt {
         lr: server_lr,
         ..FedOpt::default()
@@ -480,7 +486,7 @@ pub fn bench(
     );
     Ok(json!({
         "benchmark": "flamby-heart",
-        "protocol": {"hospitals": HOSPITALS, "model": "logistic regression", "rounds": ROUNDS, "local_updates": LOCAL_UPDATES, "batch_size": BATCH, "local_optimizer": if adam { "adam" } else { "sgd" }, "learning_rate": lr, "dp_learning_rate": dp_lr, "dp_clipping_norm": 1.0, "server_learning_rate": server_lr, "seeds": seeds, "metric": "mean of per-hospital test accuracies"},
+        "protocol": {"hospitals": HOSPITALS, "model": "logistic regression", "rounds": ROUNDS, "local_updates": LOCAL_UPDATES, "batch_size": BATCH, "local_optimizer": if adam { "adam" } else { "sgd" }, "features": if raw { "raw (as FLamby)" } else { "standardised per hospital" }, "learning_rate": lr, "dp_learning_rate": dp_lr, "dp_clipping_norm": 1.0, "server_learning_rate": server_lr, "seeds": seeds, "metric": "mean of per-hospital test accuracies"},
         "published": PUBLISHED.iter().map(|(n, a)| json!({"strategy": n, "mean_accuracy": a})).collect::<Vec<_>>(),
         "rows": rows,
     }))
