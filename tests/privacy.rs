@@ -123,6 +123,16 @@ async fn sites_stop_at_their_record_level_budget_and_the_aggregator_shows_their_
         let entries = ledger.as_array().unwrap();
         assert_eq!(entries.len(), 2, "{ledger}");
         assert_eq!(entries[1]["unit"], "patient record");
+        let (alpha, rdp) = (
+            entries[1]["rdp_order"].as_f64().unwrap(),
+            entries[1]["rdp"].as_f64().unwrap(),
+        );
+        // The recorded RDP at the recorded order converts back to the recorded ε.
+        let eps = rdp - (DELTA.ln() + alpha.ln()) / (alpha - 1.0) + ((alpha - 1.0) / alpha).ln();
+        assert!(
+            (eps - entries[1]["epsilon"].as_f64().unwrap()).abs() < 1e-9,
+            "{ledger}"
+        );
         let got = entries[1]["epsilon"].as_f64().unwrap();
         assert!((got - e2).abs() < 1e-9 * e2, "{s}: ledger ε {got} vs {e2}");
     }

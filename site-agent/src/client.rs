@@ -324,7 +324,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             }
         };
         let spent = ledger.epsilon_with(None, delta)?;
-        let after = ledger.epsilon_with(Some(planned), delta)?;
+        let (after, rdp_order, rdp) = ledger.spend_with(Some(planned), delta)?;
         if let Some(budget) = cfg.epsilon_budget
             && after > budget
         {
@@ -399,6 +399,8 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             steps: planned.steps,
             epsilon: after,
             delta,
+            rdp_order,
+            rdp,
             at_unix_s: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

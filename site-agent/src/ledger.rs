@@ -36,6 +36,12 @@ pub struct Entry {
     pub epsilon: f64,
     /// δ.
     pub delta: f64,
+    /// The Rényi order α at which the cumulative RDP gives `epsilon`.
+    #[serde(default)]
+    pub rdp_order: f64,
+    /// Cumulative RDP at `rdp_order` (ε(δ) = rdp + log((α−1)/α) − (log δ + log α)/(α−1)).
+    #[serde(default)]
+    pub rdp: f64,
     /// When (Unix seconds).
     pub at_unix_s: u64,
 }
@@ -95,6 +101,19 @@ impl Ledger {
     /// # Errors
     /// [`SiteError::Dp`] for out-of-range parameters.
     pub fn epsilon_with(&self, next: Option<Planned>, delta: f64) -> Result<f64, SiteError> {
+        Ok(self.spend_with(next, delta)?.0)
+    }
+
+    /// Cumulative `(ε, α, RDP(α))` at `delta` of the recorded entries plus `next`, where `α`
+    /// is the order that gives the smallest ε.
+    ///
+    /// # Errors
+    /// [`SiteError::Dp`] for out-of-range parameters.
+    pub fn spend_with(
+        &self,
+        next: Option<Planned>,
+        delta: f64,
+    ) -> Result<(f64, f64, f64), SiteError> {
         let mut acc = RdpAccountant::default();
         for e in &self.entries {
             acc.add(e.sampling_rate, e.noise_multiplier, e.steps)?;
@@ -102,7 +121,13 @@ impl Ledger {
         if let Some(p) = next {
             acc.add(p.sampling_rate, p.noise_multiplier, p.steps)?;
         }
-        Ok(acc.epsilon(delta).0)
+        let (eps, order) = acc.epsilon(delta);
+        let rdp = acc
+            .orders()
+            .iter()
+            .position(|&a| a == order)
+            .map_or(f64::INFINITY, |i| acc.rdp()[i]);
+        Ok((eps, order, rdp))
     }
 
     /// Whether the ledger already has an entry for `round`.
@@ -160,6 +185,8 @@ mod tests {
             steps: 20,
             epsilon: 0.0,
             delta: 1e-5,
+            rdp_order: 0.0,
+            rdp: 0.0,
             at_unix_s: 0,
         }
     }
