@@ -252,7 +252,8 @@ fn local_update(
 }
 
 /// One federated run; returns the mean of the hospitals' test accuracies.
-fn run_once(all_sites: &[Site], run: &Run, seed: u64) -> Result<f64> {
+/// `sigmas`: each hospital's DP noise multiplier (empty without DP).
+fn run_once(all_sites: &[Site], run: &Run, sigmas: &[f64], seed: u64) -> Result<f64> {
     let pooled;
     let (sites, updates) = if run.pooled {
         let cat =
@@ -276,18 +277,12 @@ fn run_once(all_sites: &[Site], run: &Run, seed: u64) -> Result<f64> {
         (Tensor::rand([2, NUM_FEATURES as i64], (Kind::Double, Device::Cpu)) * 2.0 - 1.0) * bound;
     let b = (Tensor::rand([2], (Kind::Double, Device::Cpu)) * 2.0 - 1.0) * bound;
     let mut global = to_tensors(&w, &b);
-    let sigmas: Vec<f64> = sites
-        .iter()
-        .map(|s| match run.dp {
-            Some((eps, delta, _)) => calibrate_sigma(
-                BATCH as f64 / s.n as f64,
-                ROUNDS as u64 * LOCAL_UPDATES,
-                eps,
-                delta,
-            ),
-            None => Ok(0.0),
-        })
-        .collect::<Result<_>>()?;
+    // Without DP the noise multipliers are 0 (no noise is drawn).
+    let sigmas: Vec<f64> = if sigmas.is_empty() {
+        vec![0.0; sites.len()]
+    } else {
+        sigmas.to_vec()
+    };
     let mut state: Option<ServerState> = None;
     for _ in 0..ROUNDS {
         let g = from_tensors(&global);
@@ -426,21 +421,6 @@ pub fn bench(
     println!("{:<32} {:>8} {:>8}   per seed", "strategy", "mean", "std");
     let mut rows = vec![];
     for (name, run) in &rows_spec {
-        let per_seed = (0..seeds)
-            .map(|s| run_once(&sites, run, s))
-            .collect::<Result<Vec<f64>>>()?;
-        let mean = per_seed.iter().sum::<f64>() / per_seed.len() as f64;
-        let std = (per_seed.iter().map(|a| (a - mean).powi(2)).sum::<f64>()
-            / per_seed.len() as f64)
-            .sqrt();
-        println!(
-            "{name:<32} {mean:>8.3} {std:>8.3}   {}",
-            per_seed
-                .iter()
-                .map(|a| format!("{a:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
         let sigmas = match run.dp {
             Some((eps, delta, _)) => sites
                 .iter()
@@ -455,6 +435,21 @@ pub fn bench(
                 .collect::<Result<Vec<f64>>>()?,
             None => vec![],
         };
+        let per_seed = (0..seeds)
+            .map(|s| run_once(&sites, run, &sigmas, s))
+            .collect::<Result<Vec<f64>>>()?;
+        let mean = per_seed.iter().sum::<f64>() / per_seed.len() as f64;
+        let std = (per_seed.iter().map(|a| (a - mean).powi(2)).sum::<f64>()
+            / per_seed.len() as f64)
+            .sqrt();
+        println!(
+            "{name:<32} {mean:>8.3} {std:>8.3}   {}",
+            per_seed
+                .iter()
+                .map(|a| format!("{a:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         if !sigmas.is_empty() {
             println!(
                 "{:<32} noise multiplier per hospital: {}",

@@ -154,7 +154,7 @@ pub async fn run(
         .transpose()
         .map_err(|e| AggregatorError::Config(format!("TLS: {e}")))?;
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(metrics::bind(addr).await.map_err(|e| {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
             AggregatorError::Config(format!("cannot bind the metrics address {addr}: {e}"))
         })?),
         None => None,

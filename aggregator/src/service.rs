@@ -322,21 +322,35 @@ impl Federation {
         Ok(())
     }
 
+    /// The deadline passed without a quorum.
     async fn fail(&self, st: &mut State, now: i64) -> Result<(), AggregatorError> {
-        let round = st.round;
         let reason = format!(
             "quorum not met: {} of the required {} sites submitted before the deadline",
             st.submitted.len(),
             self.config.min_sites
         );
-        // Updates that did arrive were seen by the aggregator: count the round's privacy.
-        let (rho, epsilon) = self.round_privacy(round).await?;
-        let open_next = round < self.config.rounds;
+        let open_next = st.round < self.config.rounds;
+        self.fail_round(st, now, &reason, open_next).await?;
+        tracing::warn!(round = st.round - 1, %reason, "round failed; the next round starts from the same global model");
+        Ok(())
+    }
+
+    /// End the open round as failed with `reason`: the next global model is the current one,
+    /// and round + 1 opens only if `open_next`. The round's privacy is charged anyway (updates
+    /// that did arrive were seen by the aggregator).
+    async fn fail_round(
+        &self,
+        st: &mut State,
+        now: i64,
+        reason: &str,
+        open_next: bool,
+    ) -> Result<(), AggregatorError> {
+        let (rho, epsilon) = self.round_privacy(st.round).await?;
         self.store
             .end_round(&RoundEnd {
-                round,
+                round: st.round,
                 state: "failed",
-                reason: Some(&reason),
+                reason: Some(reason),
                 rho,
                 epsilon,
                 next_sha256: &st.global_sha,
@@ -344,7 +358,6 @@ impl Federation {
                 open_next_with_deadline_ms: open_next.then(|| self.next_deadline(now)),
             })
             .await?;
-        tracing::warn!(round, %reason, "round failed; the next round starts from the same global model");
         self.metrics
             .round_ended(true, (now - st.opened_ms) as f64 / 1000.0);
         self.advance(st, now, open_next);
@@ -694,23 +707,7 @@ impl Federation {
         }
         if let Some(why) = ended_reason(&st, self.config.min_sites) {
             if st.round <= self.config.rounds {
-                let now = now_ms();
-                let (rho, epsilon) = self.round_privacy(st.round).await?;
-                self.store
-                    .end_round(&RoundEnd {
-                        round: st.round,
-                        state: "failed",
-                        reason: Some(&why),
-                        rho,
-                        epsilon,
-                        next_sha256: &st.global_sha,
-                        server_state_sha256: st.server_state_sha.as_deref(),
-                        open_next_with_deadline_ms: None,
-                    })
-                    .await?;
-                self.metrics
-                    .round_ended(true, (now - st.opened_ms) as f64 / 1000.0);
-                self.advance(&mut st, now, false);
+                self.fail_round(&mut st, now_ms(), &why, false).await?;
             }
             tracing::warn!(reason = %why, "federation ended");
             st.ended = Some(why);

@@ -153,14 +153,14 @@ impl ServerState {
     }
 }
 
-/// The FedAvg average `Σᵢ (nᵢ/N) Δᵢ` (f64).
-fn weighted_mean(global: &Tensors, updates: &[(u64, &Tensors)]) -> Vec<Vec<f64>> {
+/// The FedAvg accumulator holding `Σᵢ (nᵢ/N) Δᵢ`.
+fn weighted_average(global: &Tensors, updates: &[(u64, &Tensors)]) -> FedAvg {
     let total: u64 = updates.iter().map(|u| u.0).sum();
     let mut avg = FedAvg::new(global, total.max(1));
     for (n, u) in updates {
         avg.add(*n, u);
     }
-    avg.into_mean()
+    avg
 }
 
 fn with_data(global: &Tensors, data: Vec<Vec<f32>>) -> Tensors {
@@ -260,23 +260,9 @@ pub fn aggregate(
         "a round aggregates at least one update"
     );
     match strategy {
-        Strategy::FedAvg => {
-            let mean = weighted_mean(global, updates);
-            let data = global
-                .data
-                .iter()
-                .zip(mean)
-                .map(|(g, m)| {
-                    g.iter()
-                        .zip(m)
-                        .map(|(&g, m)| (f64::from(g) + m) as f32)
-                        .collect()
-                })
-                .collect();
-            (with_data(global, data), None)
-        }
+        Strategy::FedAvg => (weighted_average(global, updates).finish(global), None),
         Strategy::FedAdam(o) | Strategy::FedYogi(o) => {
-            let mean = weighted_mean(global, updates);
+            let mean = weighted_average(global, updates).into_mean();
             let yogi = matches!(strategy, Strategy::FedYogi(_));
             let (next, s) = fedopt(global, &mean, o, yogi, state);
             (next, Some(s))

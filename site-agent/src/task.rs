@@ -87,6 +87,16 @@ impl HeartTask {
     }
 }
 
+impl HeartTask {
+    /// A copy of `state` as f32 on this task's device.
+    fn on_device(&self, state: &StateDict) -> StateDict {
+        state
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_kind(Kind::Float).to_device(self.device)))
+            .collect()
+    }
+}
+
 impl LocalTask for HeartTask {
     fn num_examples(&self) -> u64 {
         self.train.1.size()[0] as u64
@@ -114,10 +124,7 @@ impl LocalTask for HeartTask {
                 weight_decay: 0.0,
             },
         };
-        let anchor: StateDict = global
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_kind(Kind::Float).to_device(self.device)))
-            .collect();
+        let anchor = self.on_device(global);
         let proximal = (s.proximal_mu > 0.0).then_some((&anchor, s.proximal_mu));
         let loss = train_local(&mut m, &self.train.0, &self.train.1, &local, proximal, rng)?;
         Ok((m.state(), loss))
@@ -131,10 +138,7 @@ impl LocalTask for HeartTask {
         rng: &mut ChaCha20Rng,
     ) -> Result<(StateDict, f64), SiteError> {
         self.cfg.check_state(global)?;
-        let mut state: StateDict = global
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_kind(Kind::Float).to_device(self.device)))
-            .collect();
+        let mut state = self.on_device(global);
         let loss = crate::dpsgd::train(
             &self.cfg,
             &mut state,
