@@ -16,7 +16,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: demo test build data venv clean fuzz
+.PHONY: demo test build data venv clean fuzz bench
 
 demo: build data
 	./target/release/fedee demo --data $(HEART) --report demo-report.json
@@ -27,6 +27,29 @@ test: $(TORCH_STAMP) data
 # Longer fuzzing of chunk reassembly and update validation (make test runs 20 000 cases each).
 fuzz: $(TORCH_STAMP)
 	FEDEE_FUZZ_CASES=$${FEDEE_FUZZ_CASES:-1000000} cargo test --release -p fedee-proto -p fedee-aggregator --test fuzz_chunks --test fuzz_updates -- --nocapture
+
+# Every benchmark (BENCHMARKS.md); JSON figures land in target/bench/. Needs about 30 GB of
+# free disk for the largest aggregation cell (64 sites × 100 M parameters) and ~20 minutes.
+FLWR_VERSION := 1.41.0
+FLWR_STAMP := $(VENV)/.fedee-flwr-$(FLWR_VERSION)
+BENCH_OUT := target/bench
+bench: build data $(FLWR_STAMP)
+	mkdir -p $(BENCH_OUT)
+	./target/release/fedee bench noise --json $(BENCH_OUT)/noise.json
+	./target/release/fedee bench transform --json $(BENCH_OUT)/transform.json
+	./target/release/fedee bench ee-overhead --json $(BENCH_OUT)/ee-overhead.json
+	./target/release/fedee bench train --json $(BENCH_OUT)/train.json
+	./target/release/fedee bench aggregate --json $(BENCH_OUT)/aggregate.json
+
+# Flower, for the side-by-side aggregation benchmark only (flwr 1.42 needs a certifi release
+# newer than PyPI mirrors may carry).
+$(FLWR_STAMP): $(TORCH_STAMP)
+	if [ -x $(VENV)/bin/pip ]; then \
+		$(VENV)/bin/pip install --quiet flwr==$(FLWR_VERSION); \
+	else \
+		$(PYTHON) -m pip --python $(VENV)/bin/python install --quiet flwr==$(FLWR_VERSION); \
+	fi
+	touch $@
 
 build: $(TORCH_STAMP)
 	cargo build --release

@@ -10,8 +10,122 @@ use fedee_dp::noise::{Sampler, add_noise};
 use rand::SeedableRng;
 use serde_json::json;
 
+/// The models of `ee-overhead` and `train`.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Hidden units of the MLP (13 heart features → HIDDEN → 2 classes; the main job's MLP
+    /// has 8, which makes every step pure call overhead).
+    #[arg(long, default_value_t = 512)]
+    mlp_hidden: usize,
+    /// MLP batch size.
+    #[arg(long, default_value_t = 64)]
+    mlp_batch: i64,
+    /// MiniLM's Hugging Face config.json (`make data` fetches it); weights are random, as
+    /// values do not change the time of a step.
+    #[arg(long, default_value = "data/cache/minilm/config.json")]
+    minilm_config: PathBuf,
+    /// MiniLM batch size.
+    #[arg(long, default_value_t = 16)]
+    minilm_batch: i64,
+    /// MiniLM sequence length (tokens, all unmasked).
+    #[arg(long, default_value_t = 128)]
+    seq_len: i64,
+    /// Timed repetitions (after 2 warm-up steps); medians are reported.
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// libtorch threads [default: all logical CPUs].
+    #[arg(long)]
+    threads: Option<i32>,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelArgs {
+    fn models(&self) -> Result<crate::bench_ee::Models> {
+        crate::bench_ee::Models::new(
+            self.mlp_hidden,
+            self.mlp_batch,
+            &self.minilm_config,
+            self.minilm_batch,
+            self.seq_len,
+        )
+    }
+    fn threads(&self) -> i32 {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i32))
+    }
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// EE overhead: train step and inference of the EE model vs the plaintext model (same
+    /// batch, device, dtype) for the MLP and MiniLM, and the client's cost to encrypt a batch
+    /// and decrypt outputs. Goal: ratio ≤ 1.02.
+    EeOverhead {
+        #[command(flatten)]
+        models: ModelArgs,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Key generation + EE transform on one core: MiniLM (goal < 1 s) and a random
+    /// BERT-base-sized model, 110 M parameters (goal < 5 s), for both key profiles.
+    Transform {
+        /// MiniLM's Hugging Face config.json (`make data` fetches it).
+        #[arg(long, default_value = "data/cache/minilm/config.json")]
+        minilm_config: PathBuf,
+        /// Timed repetitions; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Aggregation at scale: a `fedee aggregator` process ingests one round from SITES sites
+    /// over loopback gRPC with mutual TLS and aggregates it (FedAvg); reports ingest MB/s and
+    /// the aggregator's peak RSS, beside Flower's NumPy `aggregate` on the same update files.
+    Aggregate {
+        /// Numbers of sites (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "4,16,64")]
+        sites: Vec<usize>,
+        /// Model sizes in parameters (comma-separated; K and M suffixes).
+        #[arg(long, value_delimiter = ',', default_value = "1M,22M,100M",
+              value_parser = crate::bench_aggregate::parse_params)]
+        params: Vec<usize>,
+        /// The aggregator's --max-concurrent-uploads.
+        #[arg(long, default_value_t = 4)]
+        max_concurrent_uploads: usize,
+        /// Where the aggregator's database and blobs go (needs sites × model size free).
+        #[arg(long, default_value = "target/bench-work")]
+        work_dir: PathBuf,
+        /// Python with `flwr` for the Flower side (`make bench` installs it into .venv).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Skip the Flower side.
+        #[arg(long)]
+        no_flower: bool,
+        /// Skip Flower where it would need more memory than this (MB) [default: 70 % of
+        /// MemAvailable].
+        #[arg(long)]
+        flower_max_mb: Option<f64>,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Local training vs PyTorch: fedee's train step (MLP with SGD as the site agent; MiniLM
+    /// with AdamW as the fine-tuning demo) vs the same model in PyTorch eager (Python), same
+    /// batch, dtype and thread count, in the same run. Goal: PyTorch time / fedee time ≥ 1.
+    Train {
+        #[command(flatten)]
+        models: ModelArgs,
+        /// Python with torch (the project venv).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// DP noise: Gaussian values per second of the fast sampler (one core) and of OpenDP's
     /// exact sampler, on the same machine in the same run.
     Noise {
@@ -56,6 +170,11 @@ pub enum BenchCommand {
     },
 }
 
+/// Today's date (UTC, YYYY-MM-DD), for the record.
+fn date() -> String {
+    time::OffsetDateTime::now_utc().date().to_string()
+}
+
 /// What machine the figures come from.
 pub fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -83,8 +202,88 @@ fn write_json(path: Option<&PathBuf>, v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+fn mem_available_mb() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(8000.0, |kb| kb * 1024.0 / 1e6)
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
+    let with_machine = |mut doc: serde_json::Value| {
+        doc["machine"] = machine();
+        doc["date"] = json!(date());
+        doc
+    };
     match cmd {
+        BenchCommand::EeOverhead { models, json } => {
+            tch::set_num_threads(models.threads());
+            let device = crate::parse_device(&models.device)?;
+            let doc = crate::bench_ee::ee_overhead(&models.models()?, models.reps, device)?;
+            write_json(json.as_ref(), &with_machine(doc))
+        }
+        BenchCommand::Transform {
+            minilm_config,
+            reps,
+            json,
+        } => {
+            let models = crate::bench_ee::Models::new(8, 1, &minilm_config, 1, 1)?;
+            let doc = crate::bench_ee::transform(&models, reps)?;
+            write_json(json.as_ref(), &with_machine(doc))
+        }
+        BenchCommand::Aggregate {
+            sites,
+            params,
+            max_concurrent_uploads,
+            work_dir,
+            python,
+            no_flower,
+            flower_max_mb,
+            json,
+        } => {
+            let flower = (!no_flower)
+                .then(|| {
+                    crate::bench_aggregate::flower_side(
+                        &python,
+                        flower_max_mb.unwrap_or_else(|| 0.7 * mem_available_mb()),
+                    )
+                })
+                .flatten();
+            // Its own runtime, on its own thread (the CLI's runtime drives this one).
+            let doc = std::thread::scope(|s| {
+                s.spawn(|| {
+                    crate::bench_aggregate::bench(
+                        &sites,
+                        &params,
+                        max_concurrent_uploads,
+                        &work_dir,
+                        flower,
+                    )
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the aggregate benchmark panicked"))?
+            })?;
+            write_json(json.as_ref(), &with_machine(doc))
+        }
+        BenchCommand::Train {
+            models,
+            python,
+            json,
+        } => {
+            let device = crate::parse_device(&models.device)?;
+            let doc = crate::bench_ee::train(
+                &models.models()?,
+                models.reps,
+                models.threads(),
+                &python,
+                device,
+            )?;
+            write_json(json.as_ref(), &with_machine(doc))
+        }
         BenchCommand::Noise {
             fast_values,
             exact_values,

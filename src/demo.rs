@@ -274,6 +274,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         initial_model: Some(state_to_safetensors(&initial.state())?),
         tls: Some(TlsFiles::in_dir(&pki, "aggregator")),
         enroll: FEDERATION_SITES.iter().map(|s| (*s).to_owned()).collect(),
+        max_concurrent_uploads: 4,
     };
     let agg = tokio::spawn(fedee_aggregator::run(
         agg_config,

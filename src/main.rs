@@ -1,6 +1,8 @@
 //! `fedee`: one CLI for every fedee role. Thin glue over the library crates.
 
 mod bench;
+mod bench_aggregate;
+mod bench_ee;
 mod demo;
 mod drug_demo;
 mod flamby;
@@ -250,6 +252,10 @@ struct AggregatorArgs {
     /// their certificate's name.
     #[arg(long = "enroll", value_name = "SITE")]
     enroll: Vec<String>,
+    /// Updates received at the same time (each holds about 2 MiB while it streams to disk);
+    /// further sites wait their turn. Raise it on fast disks with many sites.
+    #[arg(long, default_value_t = 4)]
+    max_concurrent_uploads: usize,
     #[command(flatten)]
     transport: TransportArgs,
 }
@@ -549,6 +555,7 @@ async fn main() -> Result<()> {
                 initial_model,
                 tls: a.transport.resolve("aggregator")?,
                 enroll: a.enroll,
+                max_concurrent_uploads: a.max_concurrent_uploads,
             };
             config.validate()?;
             let listener = tokio::net::TcpListener::bind(a.listen)

@@ -10,7 +10,7 @@
 //! Writing the same bytes twice is idempotent. A crash between `put` and the database row that
 //! refers to the blob leaves an unreferenced file, which is harmless.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -20,6 +20,106 @@ use crate::AggregatorError;
 /// SHA-256 of `bytes`, lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+/// Prefix of temporary files (uploads in progress) in the store's folder.
+const TMP_PREFIX: &str = ".incoming-";
+
+/// SHA-256 of a file's bytes, lowercase hex, read in 1 MiB blocks.
+///
+/// # Errors
+/// [`AggregatorError::Blob`] if the file cannot be read.
+pub fn hash_file(path: &Path) -> Result<String, AggregatorError> {
+    let mut f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(io(format!("reading {}", path.display())))?;
+        if n == 0 {
+            return Ok(hex::encode(h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// A blob being written: see [`BlobStore::writer`].
+#[derive(Debug)]
+pub struct BlobWriter {
+    file: std::io::BufWriter<tempfile::NamedTempFile>,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Stop writing: the blob's SHA-256 is known, its file can be read back for validation
+    /// ([`PendingBlob::path`]) before [`BlobStore::commit`] makes it durable. Dropping the
+    /// pending blob deletes the file.
+    ///
+    /// # Errors
+    pub fn finish(mut self) -> PendingBlob {
+        let sha = hex::encode(self.hasher.finalize_reset());
+        // A write error can surface on the final flush; keep it and report it at commit.
+        let error = self.file.flush().err().map(|e| e.to_string());
+        let (tmp, _) = self.file.into_parts();
+        PendingBlob {
+            tmp,
+            sha,
+            len: self.len,
+            error,
+        }
+    }
+}
+
+/// A fully written, not yet durable blob.
+#[derive(Debug)]
+pub struct PendingBlob {
+    tmp: tempfile::NamedTempFile,
+    sha: String,
+    len: u64,
+    error: Option<String>,
+}
+
+impl PendingBlob {
+    /// SHA-256 of the bytes written, lowercase hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha
+    }
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether the blob is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The temporary file holding the bytes.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
 }
 
 /// A folder of blobs named by their SHA-256.
@@ -50,6 +150,15 @@ impl BlobStore {
             "cannot create blob folder {} (check --blob-dir)",
             dir.display()
         )))?;
+        // Uploads cut off by a crash leave temporary files; nothing refers to them.
+        for entry in std::fs::read_dir(&dir)
+            .map_err(io(format!("listing {}", dir.display())))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(Self { dir })
     }
 
@@ -67,21 +176,53 @@ impl BlobStore {
     /// # Errors
     /// [`AggregatorError::Blob`] on IO failure (disk full, permissions).
     pub fn put(&self, bytes: &[u8]) -> Result<String, AggregatorError> {
-        let sha = sha256_hex(bytes);
+        let mut w = self.writer()?;
+        w.write_all(bytes)
+            .map_err(io("writing a blob".to_owned()))?;
+        self.commit(w.finish())
+    }
+
+    /// A writer for a new blob: bytes go to a temporary file in the store's folder and are
+    /// hashed as they are written, so a blob of any size needs O(1) memory.
+    ///
+    /// # Errors
+    /// [`AggregatorError::Blob`] if the temporary file cannot be created.
+    pub fn writer(&self) -> Result<BlobWriter, AggregatorError> {
+        let tmp = tempfile::Builder::new()
+            .prefix(TMP_PREFIX)
+            .tempfile_in(&self.dir)
+            .map_err(io(format!("temporary file in {}", self.dir.display())))?;
+        Ok(BlobWriter {
+            file: std::io::BufWriter::with_capacity(1 << 20, tmp),
+            hasher: Sha256::new(),
+            len: 0,
+        })
+    }
+
+    /// Make a written blob durable under its name (fsync, rename, folder fsync); returns the
+    /// name. If an intact blob of that name exists, the new file is dropped.
+    ///
+    /// # Errors
+    /// [`AggregatorError::Blob`] on IO failure.
+    pub fn commit(&self, pending: PendingBlob) -> Result<String, AggregatorError> {
+        let PendingBlob {
+            tmp, sha, error, ..
+        } = pending;
+        if let Some(e) = error {
+            return Err(AggregatorError::Blob(format!("writing blob {sha}: {e}")));
+        }
         let path = self.path(&sha);
         // Already there and intact: nothing to do (same name = same bytes).
-        if let Ok(existing) = std::fs::read(&path) {
-            if sha256_hex(&existing) == sha {
-                return Ok(sha);
+        if path.exists() {
+            match hash_file(&path) {
+                Ok(h) if h == sha => return Ok(sha),
+                _ => tracing::warn!(blob = %sha, "replacing a corrupt blob file"),
             }
-            tracing::warn!(blob = %sha, "replacing a corrupt blob file");
         }
         let folder = path.parent().expect("blob path has a folder");
         std::fs::create_dir_all(folder).map_err(io(format!("creating {}", folder.display())))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(folder)
-            .map_err(io(format!("temporary file in {}", folder.display())))?;
-        tmp.write_all(bytes)
-            .and_then(|()| tmp.as_file().sync_all())
+        tmp.as_file()
+            .sync_all()
             .map_err(io(format!("writing blob {sha}")))?;
         tmp.persist(&path)
             .map_err(|e| AggregatorError::Blob(format!("renaming blob {sha}: {}", e.error)))?;
@@ -89,6 +230,28 @@ impl BlobStore {
             .and_then(|d| d.sync_all())
             .map_err(io(format!("syncing {}", folder.display())))?;
         Ok(sha)
+    }
+
+    /// The path of blob `sha`, which must exist. Its bytes are not checked here: readers that
+    /// stream a blob check its SHA-256 as they go ([`crate::tensors::FileTensors`],
+    /// [`hash_file`]).
+    ///
+    /// # Errors
+    /// [`AggregatorError::Blob`] if the name is not a SHA-256 or the file is missing.
+    pub fn existing_path(&self, sha: &str) -> Result<PathBuf, AggregatorError> {
+        if !valid_sha(sha) {
+            return Err(AggregatorError::Blob(format!(
+                "`{sha}` is not a lowercase hex SHA-256"
+            )));
+        }
+        let path = self.path(sha);
+        if !path.is_file() {
+            return Err(AggregatorError::Blob(format!(
+                "blob {sha} missing from {} (was --blob-dir changed or the folder deleted?)",
+                self.dir.display()
+            )));
+        }
+        Ok(path)
     }
 
     /// The bytes of blob `sha`, checked against their name.
@@ -145,5 +308,36 @@ mod tests {
                 .contains("missing")
         );
         assert!(s.get("../../etc/passwd").is_err());
+    }
+
+    #[test]
+    fn streamed_blobs_commit_atomically_and_leftovers_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let mut w = s.writer().unwrap();
+        w.write_all(b"part one, ").unwrap();
+        w.write_all(b"part two").unwrap();
+        let pending = w.finish();
+        assert_eq!(pending.sha256(), sha256_hex(b"part one, part two"));
+        assert_eq!(
+            std::fs::read(pending.path()).unwrap(),
+            b"part one, part two"
+        );
+        let sha = s.commit(pending).unwrap();
+        assert_eq!(s.get(&sha).unwrap(), b"part one, part two");
+        assert_eq!(hash_file(&s.existing_path(&sha).unwrap()).unwrap(), sha);
+        // An upload cut off by a crash leaves a temporary file; reopening sweeps it.
+        let w = s.writer().unwrap();
+        std::mem::forget(w);
+        let leftovers = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
+                .count()
+        };
+        assert_eq!(leftovers(), 1);
+        BlobStore::open(dir.path()).unwrap();
+        assert_eq!(leftovers(), 0);
     }
 }

@@ -12,19 +12,90 @@ use fedee_proto::v1::{
     StatusRequest, StatusResponse, SubmitUpdateMessage, SubmitUpdateResponse, Task, TaskKind,
     UpdateHeader, submit_update_message,
 };
-use fedee_proto::{Reassembler, chunks};
+use fedee_proto::{CHUNK_SIZE, ChunkCursor};
 use futures::Stream;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::blobs::{BlobStore, sha256_hex};
-use crate::fedavg::FedAvg;
+use crate::blobs::{BlobStore, PendingBlob};
 use crate::metrics::{Metrics, Reject};
 use crate::store::{LedgerRow, MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
-use crate::strategy::{ServerState, Strategy, aggregate};
-use crate::tensors::Tensors;
+use crate::strategy::{ServerState, aggregate_files};
+use crate::tensors::{FileTensors, Tensors};
 use crate::{AggregatorError, Config};
 use fedee_dp::DpMode;
+
+/// Check a received update in its file: a valid F32 safetensors header (else
+/// [`Reject::Tensors`]), exactly the global model's names and shapes ([`Reject::Layout`]), and
+/// only finite values ([`Reject::Tensors`]). Reads the file once in slices.
+fn validate(
+    pending: PendingBlob,
+    names: &[String],
+    shapes: &[Vec<usize>],
+) -> Result<PendingBlob, (Reject, AggregatorError)> {
+    let mut f = FileTensors::open(pending.path(), names, shapes).map_err(|e| match e {
+        Ok(e) => (Reject::Tensors, e),
+        Err(e) => (Reject::Layout, e),
+    })?;
+    f.check_finite().map_err(|e| (Reject::Tensors, e))?;
+    Ok(pending)
+}
+
+/// Stream a blob file in 1 MiB chunks, read on a blocking thread a few chunks ahead, its
+/// SHA-256 checked as it goes: a corrupt file ends the stream with `DATA_LOSS` instead of a
+/// clean end. Memory per download is a few chunks, whatever the model size.
+fn stream_blob(
+    path: std::path::PathBuf,
+    sha: String,
+) -> impl Stream<Item = Result<Chunk, Status>> + Send + 'static {
+    use sha2::Digest;
+    use std::io::Read;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Chunk, Status>>(2);
+    tokio::task::spawn_blocking(move || {
+        let fail = |e: String| {
+            tracing::error!(blob = %sha, error = %e, "serving a model failed");
+            Status::data_loss(format!("global model blob unreadable or corrupt: {e}"))
+        };
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => return tx.blocking_send(Err(fail(e.to_string()))),
+        };
+        let total_size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut hasher = sha2::Sha256::new();
+        let mut offset = 0u64;
+        loop {
+            let mut data = vec![0u8; CHUNK_SIZE];
+            let mut n = 0;
+            while n < CHUNK_SIZE {
+                match f.read(&mut data[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => return tx.blocking_send(Err(fail(e.to_string()))),
+                }
+            }
+            data.truncate(n);
+            hasher.update(&data);
+            if n == 0 && offset > 0 {
+                return tx.blocking_send(Err(fail("the file shrank while being read".into())));
+            }
+            let last = (n as u64) < CHUNK_SIZE as u64 || offset + n as u64 == total_size;
+            if last && hex::encode(hasher.clone().finalize()) != sha {
+                return tx.blocking_send(Err(fail("SHA-256 mismatch".into())));
+            }
+            tx.blocking_send(Ok(Chunk {
+                offset,
+                total_size,
+                data,
+            }))?;
+            offset += n as u64;
+            if last {
+                break;
+            }
+        }
+        Ok(())
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
 
 /// In-memory view of the federation, rebuilt from the database at start.
 #[derive(Debug)]
@@ -72,6 +143,8 @@ pub struct Federation {
     accountant: SiteLevelAccountant,
     metrics: Metrics,
     state: Arc<Mutex<State>>,
+    /// Uploads received at once (`Config::max_concurrent_uploads`); others wait their turn.
+    uploads: Arc<tokio::sync::Semaphore>,
 }
 
 fn internal(e: AggregatorError) -> Status {
@@ -107,8 +180,10 @@ impl Federation {
     ///
     /// # Errors
     /// Invalid config, an unreadable initial model, database or blob-store failures.
-    pub async fn start(config: Config, metrics: Metrics) -> Result<Self, AggregatorError> {
+    pub async fn start(mut config: Config, metrics: Metrics) -> Result<Self, AggregatorError> {
         config.validate()?;
+        // Only needed once; not kept for the life of the service.
+        let initial_model = config.initial_model.take();
         let accountant =
             SiteLevelAccountant::new(config.clipping_norm, config.noise_multiplier, config.delta)?;
         // Fail before serving if accounting cannot cover every configured round.
@@ -133,7 +208,7 @@ impl Federation {
         let latest = match store.latest_model().await? {
             Some(m) => m,
             None => {
-                let bytes = config.initial_model.as_deref().ok_or_else(|| {
+                let bytes = initial_model.as_deref().ok_or_else(|| {
                     AggregatorError::Config(
                         "the database is new: an initial model is required (--initial-model)"
                             .into(),
@@ -142,13 +217,19 @@ impl Federation {
                 let t = Tensors::from_safetensors(bytes)
                     .map_err(|e| AggregatorError::Config(format!("initial model: {e}")))?;
                 let sha = blobs.put(&t.to_safetensors())?;
+                drop(t);
                 store.init(&sha).await?;
                 1
             }
         };
         let global_sha = store.model_sha(latest).await?.expect("latest model exists");
-        let bytes = blobs.get(&global_sha)?;
-        let global = Tensors::from_safetensors(&bytes)?;
+        drop(initial_model);
+        // Read tensor by tensor from the file (no second copy of the model in memory).
+        let path = blobs.existing_path(&global_sha)?;
+        let global_size = std::fs::metadata(&path)
+            .map_err(|e| AggregatorError::Blob(format!("{}: {e}", path.display())))?
+            .len();
+        let global = Tensors::from_file(&path, &global_sha)?;
         let submitted = store
             .updates(latest)
             .await?
@@ -165,7 +246,7 @@ impl Federation {
             round: latest,
             global: Arc::new(global),
             global_sha,
-            global_size: bytes.len() as u64,
+            global_size,
             submitted,
             deadline_ms,
             opened_ms: opened_s * 1000,
@@ -185,6 +266,7 @@ impl Federation {
             "federation started"
         );
         let svc = Self {
+            uploads: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads)),
             config: Arc::new(config),
             store,
             blobs,
@@ -259,34 +341,50 @@ impl Federation {
         let strategy = self.config.strategy;
         let server_state = st.server_state_sha.clone();
         // Aggregation in site-name order from the persisted blobs (and the persisted server
-        // state): the result depends only on what was persisted, so a restarted aggregator
-        // produces the same bytes.
+        // state), slice by slice from the files: the result depends only on what was
+        // persisted, so a restarted aggregator produces the same bytes, and memory does not
+        // grow with the number of sites.
+        let started = std::time::Instant::now();
         let (next, sha, size, state_sha) = blocking(move || {
-            let read = |u: &crate::store::UpdateMeta| -> Result<Tensors, AggregatorError> {
-                let t = Tensors::from_safetensors(&blobs.get(&u.sha256)?)?;
-                t.check_layout(&global)?;
-                Ok(t)
+            let open = |sha: &str, names: &[String], shapes: &[Vec<usize>]| {
+                let path = blobs.existing_path(sha)?;
+                FileTensors::open(&path, names, shapes).map_err(|e| e.unwrap_or_else(|e| e))
             };
-            let (next, state) = if strategy == Strategy::FedAvg {
-                // Streaming: one update in memory at a time.
-                let mut avg = FedAvg::new(&global, total);
-                for u in &metas {
-                    avg.add(u.num_examples, &read(u)?);
+            let mut files = metas
+                .iter()
+                .map(|u| {
+                    Ok((
+                        u.num_examples,
+                        open(&u.sha256, &global.names, &global.shapes)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, AggregatorError>>()?;
+            let mut prior = match (&server_state, strategy.is_stateful()) {
+                (Some(sha), true) => {
+                    let (names, shapes) = ServerState::names(&global);
+                    Some(open(sha, &names, &shapes)?)
                 }
-                (avg.finish(&global), None)
-            } else {
-                let all = metas.iter().map(read).collect::<Result<Vec<_>, _>>()?;
-                let pairs: Vec<(u64, &Tensors)> =
-                    metas.iter().map(|u| u.num_examples).zip(&all).collect();
-                let prior = server_state
-                    .map(|sha| ServerState::from_safetensors(&blobs.get(&sha)?, &global))
-                    .transpose()?;
-                aggregate(strategy, &global, &pairs, prior)
+                _ => None,
             };
-            let bytes = next.to_safetensors();
-            let sha = blobs.put(&bytes)?;
-            let state_sha = state.map(|s| blobs.put(&s.to_safetensors())).transpose()?;
-            Ok((next, sha, bytes.len() as u64, state_sha))
+            let (next, state) = aggregate_files(strategy, &global, &mut files, prior.as_mut())?;
+            // Inputs are checked against their names before anything is written.
+            for ((_, f), u) in files.iter_mut().zip(&metas) {
+                f.verify_sha256(&u.sha256)?;
+            }
+            if let (Some(f), Some(sha)) = (prior.as_mut(), &server_state) {
+                f.verify_sha256(sha)?;
+            }
+            let write = |f: &dyn Fn(&mut crate::blobs::BlobWriter) -> std::io::Result<()>| {
+                let mut w = blobs.writer()?;
+                f(&mut w).map_err(|e| AggregatorError::Blob(format!("writing a model: {e}")))?;
+                let size = w.len();
+                Ok::<_, AggregatorError>((blobs.commit(w.finish())?, size))
+            };
+            let (sha, size) = write(&|w| next.write_safetensors(w))?;
+            let state_sha = state
+                .map(|s| write(&|w| s.write_safetensors(w)).map(|r| r.0))
+                .transpose()?;
+            Ok((next, sha, size, state_sha))
         })
         .await?;
         let (rho, epsilon) = self.round_privacy(round).await?;
@@ -310,6 +408,7 @@ impl Federation {
             rho,
             epsilon,
             global_model = %sha,
+            aggregate_ms = started.elapsed().as_millis() as u64,
             "round closed"
         );
         self.metrics
@@ -542,16 +641,34 @@ impl Federation {
             }
             st.global_size + 4096
         };
-        let mut r = Reassembler::new(limit);
+        // Uploads are received a few at a time: each holds one chunk and a 1 MiB write
+        // buffer, so memory does not grow with the number of sites sending at once.
+        let _permit = self
+            .uploads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| (Reject::Internal, Status::unavailable("shutting down")))?;
+        let mut cursor = ChunkCursor::new(limit);
+        let blobs = self.blobs.clone();
+        let mut w = blocking(move || blobs.writer()).await.map_err(internal)?;
         while let Some(msg) = stream.message().await.map_err(refuse(Reject::Stream))? {
             match msg.msg {
                 Some(submit_update_message::Msg::Chunk(c)) => {
-                    r.push(c).map_err(|e| {
+                    cursor.accept(&c).map_err(|e| {
                         (
                             Reject::Stream,
                             Status::invalid_argument(format!("update stream: {e}")),
                         )
                     })?;
+                    // Straight to the blob's temporary file, off the async workers.
+                    w = blocking(move || {
+                        std::io::Write::write_all(&mut w, &c.data)
+                            .map(|()| w)
+                            .map_err(|e| AggregatorError::Blob(format!("writing an update: {e}")))
+                    })
+                    .await
+                    .map_err(internal)?;
                 }
                 _ => {
                     return Err((
@@ -561,13 +678,14 @@ impl Federation {
                 }
             }
         }
-        let bytes = r.finish().map_err(|e| {
+        let size = cursor.finish().map_err(|e| {
             (
                 Reject::Stream,
                 Status::invalid_argument(format!("update stream: {e}")),
             )
         })?;
-        let sha = sha256_hex(&bytes);
+        let pending = w.finish();
+        let sha = pending.sha256().to_owned();
         if !sha.eq_ignore_ascii_case(&h.sha256) {
             return Err((
                 Reject::Sha256,
@@ -580,21 +698,26 @@ impl Federation {
         if let Some(prior) = prior {
             return self.repeat(&prior, &h, &sha).await;
         }
-        let update = Tensors::from_safetensors(&bytes)
-            .map_err(|e| (Reject::Tensors, Status::invalid_argument(e.to_string())))?;
-        {
+        // Validate from the file: header, layout of the global model, finite values.
+        let (names, shapes) = {
             let st = self.state.lock().await;
-            update
-                .check_layout(&st.global)
-                .map_err(|e| (Reject::Layout, Status::invalid_argument(e.to_string())))?;
-        }
-        drop(update);
+            (st.global.names.clone(), st.global.shapes.clone())
+        };
+        let pending = blocking(move || Ok(validate(pending, &names, &shapes)))
+            .await
+            .map_err(internal)?
+            .map_err(|(reason, e)| match e {
+                AggregatorError::InvalidUpdate(_) => {
+                    (reason, Status::invalid_argument(e.to_string()))
+                }
+                e => internal(e),
+            })?;
         // Durable before acknowledged: the blob is on disk (fsynced) before its row commits.
-        let size = bytes.len();
         let blobs = self.blobs.clone();
-        blocking(move || blobs.put(&bytes))
+        blocking(move || blobs.commit(pending))
             .await
             .map_err(internal)?;
+        drop(_permit);
         let mut st = self.state.lock().await;
         // Re-check under the lock: the round may have moved on, or a concurrent copy won.
         if let Some(prior) = self
@@ -613,7 +736,7 @@ impl Federation {
             sha256: sha,
         };
         self.store
-            .insert_update(h.round, &meta, size as u64)
+            .insert_update(h.round, &meta, size)
             .await
             .map_err(internal)?;
         if let Some(l) = &ledger {
@@ -622,7 +745,7 @@ impl Federation {
         }
         st.submitted.insert(h.site.clone());
         let updates_in_round = st.submitted.len() as u32;
-        self.metrics.accepted(size);
+        self.metrics.accepted(size as usize);
         tracing::info!(round = h.round, site = %h.site, num_examples = h.num_examples, bytes = size, "update accepted");
         // The update is persisted: a failure to close now is retried by the next tick.
         if let Err(e) = self.maybe_close(&mut st).await {
@@ -823,8 +946,10 @@ impl FederationApi for Federation {
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("global model {model} does not exist yet")))?;
         let blobs = self.blobs.clone();
-        let bytes = blocking(move || blobs.get(&sha)).await.map_err(internal)?;
-        let stream = futures::stream::iter(chunks(&bytes).into_iter().map(Ok));
+        let path = blocking(move || blobs.existing_path(&sha).map(|p| (p, sha)))
+            .await
+            .map_err(internal)?;
+        let stream = stream_blob(path.0, path.1);
         Ok(Response::new(Box::pin(stream)))
     }
 

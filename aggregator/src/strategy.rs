@@ -11,11 +11,14 @@
 //! * **Coordinate-wise median** and **trimmed mean** (Yin et al., "Byzantine-Robust
 //!   Distributed Learning", ICML 2018): per coordinate, the median of the sites' values, or the
 //!   mean after dropping the `⌊βk⌋` largest and smallest. Unweighted by design (a weight would
-//!   let one site claim many examples). These hold all `k` updates in memory.
+//!   let one site claim many examples).
+//!
+//! Every rule is coordinate-wise ([`aggregate_slice`]), so the service aggregates updates
+//! from their files a slice at a time ([`aggregate_files`]): memory does not grow with the
+//! number of sites.
 
 use crate::AggregatorError;
-use crate::fedavg::FedAvg;
-use crate::tensors::Tensors;
+use crate::tensors::{FileTensors, Tensors};
 
 /// FedOpt server-optimizer settings (defaults from Reddi et al. 2021).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,6 +61,11 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Whether the strategy keeps server state between rounds (FedAdam, FedYogi).
+    pub fn is_stateful(&self) -> bool {
+        matches!(self, Self::FedAdam(_) | Self::FedYogi(_))
+    }
+
     /// Parse a name (`fedavg`, `fedprox`, `fedadam`, `fedyogi`, `median`, `trimmed-mean`) with
     /// the given settings.
     ///
@@ -77,11 +85,6 @@ impl Strategy {
                 "strategy `{name}` is unknown: use fedavg, fedprox, fedadam, fedyogi, median or trimmed-mean"
             ))),
         }
-    }
-
-    /// Whether the strategy needs every update in memory at once.
-    pub fn needs_all_updates(&self) -> bool {
-        matches!(self, Self::Median | Self::TrimmedMean(_))
     }
 }
 
@@ -107,21 +110,36 @@ impl ServerState {
         }
     }
 
+    /// Tensor names and shapes of the state blob for a model of layout `like`: `m.NAME` for
+    /// every tensor, then `v.NAME` (sorted, as written).
+    pub fn names(like: &Tensors) -> (Vec<String>, Vec<Vec<usize>>) {
+        ["m.", "v."]
+            .iter()
+            .flat_map(|p| {
+                like.names
+                    .iter()
+                    .zip(&like.shapes)
+                    .map(move |(n, s)| (format!("{p}{n}"), s.clone()))
+            })
+            .unzip()
+    }
+
+    /// Write as one safetensors blob (`m.NAME`, `v.NAME`), streaming.
+    ///
+    /// # Errors
+    /// IO errors of `w`.
+    pub fn write_safetensors<W: std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
+        let (names, _) = Self::names(&self.m);
+        let entries = names.iter().zip(self.m.entries().chain(self.v.entries()));
+        crate::tensors::write_safetensors(w, entries.map(|(n, (_, s, d))| (n.as_str(), s, d)))
+    }
+
     /// As one safetensors blob (`m.NAME`, `v.NAME`).
     pub fn to_safetensors(&self) -> Vec<u8> {
-        let mut all = Tensors {
-            names: vec![],
-            shapes: vec![],
-            data: vec![],
-        };
-        for (prefix, t) in [("m.", &self.m), ("v.", &self.v)] {
-            for ((n, s), d) in t.names.iter().zip(&t.shapes).zip(&t.data) {
-                all.names.push(format!("{prefix}{n}"));
-                all.shapes.push(s.clone());
-                all.data.push(d.clone());
-            }
-        }
-        all.to_safetensors()
+        let mut out = Vec::new();
+        self.write_safetensors(&mut out)
+            .expect("writing to memory cannot fail");
+        out
     }
 
     /// From [`ServerState::to_safetensors`] bytes, checked against the model's layout.
@@ -153,79 +171,85 @@ impl ServerState {
     }
 }
 
-/// The FedAvg accumulator holding `Σᵢ (nᵢ/N) Δᵢ`.
-fn weighted_average(global: &Tensors, updates: &[(u64, &Tensors)]) -> FedAvg {
-    let total: u64 = updates.iter().map(|u| u.0).sum();
-    let mut avg = FedAvg::new(global, total.max(1));
-    for (n, u) in updates {
-        avg.add(*n, u);
-    }
-    avg
-}
+/// Values per slice, summed over the round's updates, when aggregating from files: with `k`
+/// updates each is read `SLICE_VALUES / k` values at a time (8 MiB of f32 in all), so memory does not
+/// grow with the number of sites.
+const SLICE_VALUES: usize = 1 << 21;
 
-fn with_data(global: &Tensors, data: Vec<Vec<f32>>) -> Tensors {
-    Tensors {
-        names: global.names.clone(),
-        shapes: global.shapes.clone(),
-        data,
-    }
-}
-
-/// Apply FedAdam / FedYogi to the average `delta`.
-fn fedopt(
-    global: &Tensors,
-    delta: &[Vec<f64>],
-    opt: FedOpt,
-    yogi: bool,
-    state: Option<ServerState>,
-) -> (Tensors, ServerState) {
-    // Reddi et al. initialise v to τ² (so the first step is well scaled).
-    let mut s = state.unwrap_or_else(|| ServerState::zeros(global, (opt.tau * opt.tau) as f32));
-    let mut next = global.data.clone();
-    for (i, d) in delta.iter().enumerate() {
-        for (j, &dj) in d.iter().enumerate() {
-            let m = opt.beta1 * f64::from(s.m.data[i][j]) + (1.0 - opt.beta1) * dj;
-            let v0 = f64::from(s.v.data[i][j]);
-            let d2 = dj * dj;
-            let v = if yogi {
-                v0 - (1.0 - opt.beta2) * d2 * (v0 - d2).signum()
-            } else {
-                opt.beta2 * v0 + (1.0 - opt.beta2) * d2
-            };
-            s.m.data[i][j] = m as f32;
-            s.v.data[i][j] = v as f32;
-            next[i][j] =
-                (f64::from(global.data[i][j]) + opt.lr * m / (v.max(0.0).sqrt() + opt.tau)) as f32;
+/// The next global values of one slice of coordinates, appended to `out`.
+///
+/// `g`: the global model's values; `updates`: each site's `(num_examples, values)` for the same
+/// coordinates, in site-name order; `moments`: FedAdam/FedYogi `(m, v)` for these coordinates,
+/// updated in place (required for those strategies, ignored otherwise). Every strategy is
+/// coordinate-wise, so aggregating a model slice by slice gives the same bits as aggregating it
+/// whole: per coordinate the same f64 operations run in the same (site) order.
+///
+/// # Panics
+/// If `updates` is empty, slices differ in length, or FedOpt gets no moments.
+pub fn aggregate_slice(
+    strategy: Strategy,
+    g: &[f32],
+    updates: &[(u64, &[f32])],
+    moments: Option<(&mut [f32], &mut [f32])>,
+    out: &mut Vec<f32>,
+) {
+    assert!(
+        !updates.is_empty(),
+        "a round aggregates at least one update"
+    );
+    let mean = || {
+        // Σᵢ (nᵢ/N) Δᵢ in f64, one update at a time.
+        let total = updates.iter().map(|u| u.0).sum::<u64>().max(1) as f64;
+        let mut acc = vec![0f64; g.len()];
+        for (n, u) in updates {
+            assert_eq!(u.len(), g.len(), "update slice length");
+            let w = *n as f64 / total;
+            for (a, &x) in acc.iter_mut().zip(*u) {
+                *a += w * f64::from(x);
+            }
+        }
+        acc
+    };
+    match strategy {
+        Strategy::FedAvg => {
+            out.extend(
+                g.iter()
+                    .zip(mean())
+                    .map(|(&g, a)| (f64::from(g) + a) as f32),
+            );
+        }
+        Strategy::FedAdam(opt) | Strategy::FedYogi(opt) => {
+            let yogi = matches!(strategy, Strategy::FedYogi(_));
+            let (m, v) = moments.expect("FedOpt needs its moments");
+            for (j, dj) in mean().into_iter().enumerate() {
+                let mj = opt.beta1 * f64::from(m[j]) + (1.0 - opt.beta1) * dj;
+                let v0 = f64::from(v[j]);
+                let d2 = dj * dj;
+                let vj = if yogi {
+                    v0 - (1.0 - opt.beta2) * d2 * (v0 - d2).signum()
+                } else {
+                    opt.beta2 * v0 + (1.0 - opt.beta2) * d2
+                };
+                m[j] = mj as f32;
+                v[j] = vj as f32;
+                out.push((f64::from(g[j]) + opt.lr * mj / (vj.max(0.0).sqrt() + opt.tau)) as f32);
+            }
+        }
+        Strategy::Median | Strategy::TrimmedMean(_) => {
+            let mut col = vec![0f32; updates.len()];
+            for (j, &gj) in g.iter().enumerate() {
+                for (c, (_, u)) in col.iter_mut().zip(updates) {
+                    *c = u[j];
+                }
+                col.sort_unstable_by(f32::total_cmp);
+                let f = match strategy {
+                    Strategy::TrimmedMean(b) => trimmed_mean(&col, b),
+                    _ => median(&col),
+                };
+                out.push((f64::from(gj) + f) as f32);
+            }
         }
     }
-    (with_data(global, next), s)
-}
-
-/// Per coordinate, combine the sites' values with `f` (given sorted values).
-fn coordinatewise(
-    global: &Tensors,
-    updates: &[(u64, &Tensors)],
-    f: impl Fn(&[f32]) -> f64,
-) -> Tensors {
-    let mut col = vec![0f32; updates.len()];
-    let data = global
-        .data
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            g.iter()
-                .enumerate()
-                .map(|(j, &gj)| {
-                    for (c, (_, u)) in col.iter_mut().zip(updates) {
-                        *c = u.data[i][j];
-                    }
-                    col.sort_unstable_by(f32::total_cmp);
-                    (f64::from(gj) + f(&col)) as f32
-                })
-                .collect()
-        })
-        .collect();
-    with_data(global, data)
 }
 
 fn median(sorted: &[f32]) -> f64 {
@@ -244,8 +268,19 @@ fn trimmed_mean(sorted: &[f32], beta: f64) -> f64 {
     kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64
 }
 
+fn initial_state(strategy: Strategy, global: &Tensors) -> Option<ServerState> {
+    match strategy {
+        // Reddi et al. initialise v to τ² (so the first step is well scaled).
+        Strategy::FedAdam(o) | Strategy::FedYogi(o) => {
+            Some(ServerState::zeros(global, (o.tau * o.tau) as f32))
+        }
+        _ => None,
+    }
+}
+
 /// The next global model from `global` and the round's `(num_examples, update)` pairs (in
-/// site-name order), and the new server state (FedAdam / FedYogi only).
+/// site-name order), and the new server state (FedAdam / FedYogi only; `None` starts from
+/// zero moments).
 ///
 /// # Panics
 /// If `updates` is empty or layouts differ (the service validates both first).
@@ -255,23 +290,101 @@ pub fn aggregate(
     updates: &[(u64, &Tensors)],
     state: Option<ServerState>,
 ) -> (Tensors, Option<ServerState>) {
+    let mut state = match strategy {
+        Strategy::FedAdam(_) | Strategy::FedYogi(_) => {
+            state.or_else(|| initial_state(strategy, global))
+        }
+        _ => None,
+    };
+    let data = global
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let ups: Vec<(u64, &[f32])> = updates
+                .iter()
+                .map(|(n, u)| (*n, u.data[i].as_slice()))
+                .collect();
+            let moments = state
+                .as_mut()
+                .map(|s| (s.m.data[i].as_mut_slice(), s.v.data[i].as_mut_slice()));
+            let mut out = Vec::with_capacity(g.len());
+            aggregate_slice(strategy, g, &ups, moments, &mut out);
+            out
+        })
+        .collect();
+    (with_data(global, data), state)
+}
+
+/// As [`aggregate`], reading the updates (and the prior server state, laid out as
+/// [`ServerState::names`]) from files slice by slice: memory is the global model, the next
+/// one, FedOpt's moments if any, and `SLICE_VALUES` f32 of read buffers, whatever the number
+/// of sites.
+///
+/// # Errors
+/// IO errors reading the files.
+pub fn aggregate_files(
+    strategy: Strategy,
+    global: &Tensors,
+    updates: &mut [(u64, FileTensors)],
+    prior: Option<&mut FileTensors>,
+) -> Result<(Tensors, Option<ServerState>), AggregatorError> {
+    aggregate_files_in_slices(strategy, global, updates, prior, SLICE_VALUES)
+}
+
+fn aggregate_files_in_slices(
+    strategy: Strategy,
+    global: &Tensors,
+    updates: &mut [(u64, FileTensors)],
+    prior: Option<&mut FileTensors>,
+    slice_values: usize,
+) -> Result<(Tensors, Option<ServerState>), AggregatorError> {
     assert!(
         !updates.is_empty(),
         "a round aggregates at least one update"
     );
-    match strategy {
-        Strategy::FedAvg => (weighted_average(global, updates).finish(global), None),
-        Strategy::FedAdam(o) | Strategy::FedYogi(o) => {
-            let mean = weighted_average(global, updates).into_mean();
-            let yogi = matches!(strategy, Strategy::FedYogi(_));
-            let (next, s) = fedopt(global, &mean, o, yogi, state);
-            (next, Some(s))
+    let mut state = initial_state(strategy, global);
+    let k = global.data.len();
+    if let (Some(s), Some(f)) = (state.as_mut(), prior) {
+        for i in 0..k {
+            f.read(i, 0, &mut s.m.data[i])?;
+            f.read(k + i, 0, &mut s.v.data[i])?;
         }
-        Strategy::Median => (coordinatewise(global, updates, median), None),
-        Strategy::TrimmedMean(b) => (
-            coordinatewise(global, updates, |s| trimmed_mean(s, b)),
-            None,
-        ),
+    }
+    let largest = global.data.iter().map(Vec::len).max().unwrap_or(0);
+    let per = (slice_values / updates.len()).clamp(1 << 12, largest.max(1 << 12));
+    let mut bufs = vec![vec![0f32; per.min(largest)]; updates.len()];
+    let mut data = Vec::with_capacity(k);
+    for (i, g) in global.data.iter().enumerate() {
+        let mut out = Vec::with_capacity(g.len());
+        for start in (0..g.len()).step_by(per) {
+            let len = per.min(g.len() - start);
+            for (buf, (_, f)) in bufs.iter_mut().zip(updates.iter_mut()) {
+                f.read(i, start, &mut buf[..len])?;
+            }
+            let ups: Vec<(u64, &[f32])> = updates
+                .iter()
+                .zip(&bufs)
+                .map(|((n, _), b)| (*n, &b[..len]))
+                .collect();
+            let moments = state.as_mut().map(|s| {
+                (
+                    &mut s.m.data[i][start..start + len],
+                    &mut s.v.data[i][start..start + len],
+                )
+            });
+            aggregate_slice(strategy, &g[start..start + len], &ups, moments, &mut out);
+        }
+        data.push(out);
+    }
+    Ok((with_data(global, data), state))
+}
+
+fn with_data(global: &Tensors, data: Vec<Vec<f32>>) -> Tensors {
+    Tensors {
+        names: global.names.clone(),
+        shapes: global.shapes.clone(),
+        data,
     }
 }
 
@@ -325,6 +438,82 @@ mod tests {
         let (_, y) = aggregate(Strategy::FedYogi(o), &g, &[(1, &u)], None);
         let vy = 1e-6 - 0.01 * 0.25 * (1e-6f64 - 0.25).signum();
         assert!((f64::from(y.unwrap().v.data[0][0]) - vy).abs() < 1e-7);
+    }
+
+    #[test]
+    fn fedavg_weights_by_num_examples() {
+        let global = one(vec![1.0, 1.0]);
+        let (a, b) = (one(vec![4.0, 0.0]), one(vec![0.0, 8.0]));
+        let (next, s) = aggregate(Strategy::FedAvg, &global, &[(100, &a), (300, &b)], None);
+        // 1 + 0.25·4 = 2 ; 1 + 0.75·8 = 7
+        assert_eq!(next.data[0], vec![2.0, 7.0]);
+        assert!(s.is_none());
+    }
+
+    #[test]
+    fn files_slice_by_slice_give_the_same_bits_as_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = |seed: f32| Tensors {
+            names: vec!["a".into(), "b".into()],
+            shapes: vec![vec![3, 5000], vec![7]],
+            data: vec![
+                (0..15000)
+                    .map(|i| ((i as f32) * 0.37 + seed).sin())
+                    .collect(),
+                (0..7).map(|i| i as f32 * seed).collect(),
+            ],
+        };
+        let global = layout(0.5);
+        let ups: Vec<Tensors> = (0..5).map(|i| layout(i as f32 + 1.3)).collect();
+        let pairs: Vec<(u64, &Tensors)> = ups
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (10 + i as u64, u))
+            .collect();
+        let o = FedOpt::default();
+        for strategy in [
+            Strategy::FedAvg,
+            Strategy::FedAdam(o),
+            Strategy::FedYogi(o),
+            Strategy::Median,
+            Strategy::TrimmedMean(0.2),
+        ] {
+            let (want, want_state) = aggregate(strategy, &global, &pairs, None);
+            // Second round from the first round's state, in memory and from its file.
+            let (want2, want_state2) = aggregate(strategy, &want, &pairs, want_state.clone());
+            let mut files: Vec<(u64, FileTensors)> = pairs
+                .iter()
+                .enumerate()
+                .map(|(i, (n, u))| {
+                    let p = dir.path().join(format!("u{i}"));
+                    std::fs::write(&p, u.to_safetensors()).unwrap();
+                    (
+                        *n,
+                        FileTensors::open(&p, &global.names, &global.shapes).unwrap(),
+                    )
+                })
+                .collect();
+            // 4096 values at a time: tensor `a` (15 000 values) is read in 4 slices.
+            let (got, got_state) =
+                aggregate_files_in_slices(strategy, &global, &mut files, None, 100).unwrap();
+            assert_eq!(got, want, "{strategy:?}");
+            assert_eq!(got_state, want_state, "{strategy:?}");
+            for (i, (_, f)) in files.iter_mut().enumerate() {
+                f.verify_sha256(&crate::blobs::sha256_hex(&ups[i].to_safetensors()))
+                    .unwrap();
+            }
+            if let Some(s) = got_state {
+                let p = dir.path().join("state");
+                std::fs::write(&p, s.to_safetensors()).unwrap();
+                let (names, shapes) = ServerState::names(&global);
+                let mut prior = FileTensors::open(&p, &names, &shapes).unwrap();
+                let (got2, got_state2) =
+                    aggregate_files_in_slices(strategy, &want, &mut files, Some(&mut prior), 100)
+                        .unwrap();
+                assert_eq!(got2, want2, "{strategy:?} round 2");
+                assert_eq!(got_state2, want_state2, "{strategy:?} round 2");
+            }
+        }
     }
 
     #[test]

@@ -1,8 +1,312 @@
 //! Model updates as flat f32 tensors, read with the `safetensors` crate (no libtorch).
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
 
 use crate::AggregatorError;
+
+/// Largest safetensors header accepted (the crate's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+fn invalid(m: String) -> AggregatorError {
+    AggregatorError::InvalidUpdate(m)
+}
+
+/// Write named F32 tensors in the safetensors format to `w`, streaming: the output is
+/// byte-identical to `safetensors::serialize` of the same tensors (header from the crate's
+/// `Metadata`, tensors in name order, little-endian data), but no copy of the data is made.
+/// `entries` must be sorted by name.
+///
+/// # Errors
+/// IO errors of `w`.
+pub fn write_safetensors<'a, W: Write>(
+    w: &mut W,
+    entries: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])> + Clone,
+) -> std::io::Result<()> {
+    let mut offset = 0usize;
+    let infos: Vec<(String, TensorInfo)> = entries
+        .clone()
+        .into_iter()
+        .map(|(n, shape, d)| {
+            let info = TensorInfo {
+                dtype: Dtype::F32,
+                shape: shape.to_vec(),
+                data_offsets: (offset, offset + 4 * d.len()),
+            };
+            offset += 4 * d.len();
+            (n.to_owned(), info)
+        })
+        .collect();
+    let meta = Metadata::new(None, infos).map_err(std::io::Error::other)?;
+    let mut header = serde_json::to_string(&meta)
+        .map_err(std::io::Error::other)?
+        .into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(&header)?;
+    let mut buf = Vec::with_capacity(1 << 16);
+    for (_, _, d) in entries {
+        for block in d.chunks(1 << 14) {
+            buf.clear();
+            buf.extend(block.iter().flat_map(|x| x.to_le_bytes()));
+            w.write_all(&buf)?;
+        }
+    }
+    Ok(())
+}
+
+/// A safetensors file of F32 tensors bound to a reference layout, read in slices with
+/// positioned reads: a model or update of any size is aggregated in O(slice) memory.
+///
+/// The file's SHA-256 is computed as it is read (the header first, then the tensors in their
+/// on-disk order); [`FileTensors::verify_sha256`] completes it.
+#[derive(Debug)]
+pub struct FileTensors {
+    file: File,
+    len: u64,
+    /// Per reference tensor: byte offset of its data in the file, number of values.
+    ranges: Vec<(u64, usize)>,
+    names: Vec<String>,
+    hasher: Sha256,
+    hashed: u64,
+    bytes: Vec<u8>,
+}
+
+impl FileTensors {
+    /// Open `path`, parse and validate its header (F32 only, offsets contiguous and matching
+    /// shapes, file length exact), and bind it to the layout `names`/`shapes` (sorted names).
+    ///
+    /// # Errors
+    /// `Err(Ok(e))`: [`AggregatorError::InvalidUpdate`], the bytes are not a valid F32
+    /// safetensors file; `Err(Err(e))`: valid, but not the reference layout (naming the first
+    /// missing, unexpected or misshapen tensor). IO errors are `Blob` errors in the first
+    /// group.
+    #[allow(clippy::result_large_err)]
+    pub fn open(
+        path: &Path,
+        names: &[String],
+        shapes: &[Vec<usize>],
+    ) -> Result<Self, Result<AggregatorError, AggregatorError>> {
+        let io = |e: std::io::Error| Ok(AggregatorError::Blob(format!("{}: {e}", path.display())));
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut hasher = Sha256::new();
+        let bad = |m: String| Ok(invalid(format!("not valid safetensors: {m}")));
+        if len < 8 {
+            return Err(bad(format!("{len} bytes is shorter than a header")));
+        }
+        let mut n8 = [0u8; 8];
+        file.read_exact_at(&mut n8, 0).map_err(io)?;
+        let n = u64::from_le_bytes(n8);
+        if n > MAX_HEADER || 8 + n > len {
+            return Err(bad(format!(
+                "header length {n} does not fit a file of {len} bytes"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8).map_err(io)?;
+        hasher.update(n8);
+        hasher.update(&header);
+        let map: std::collections::BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        let mut infos: Vec<(String, TensorInfo)> = Vec::with_capacity(map.len());
+        for (name, v) in map {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: TensorInfo = serde_json::from_value(v)
+                .map_err(|e| bad(format!("header entry `{name}`: {e}")))?;
+            if info.dtype != Dtype::F32 {
+                return Err(Ok(invalid(format!(
+                    "tensor `{name}` has dtype {:?}; updates must be F32",
+                    info.dtype
+                ))));
+            }
+            infos.push((name, info));
+        }
+        // As the safetensors crate validates: data offsets contiguous from 0, each span the
+        // size its shape needs, the last ending at the end of the file.
+        infos.sort_by_key(|(_, i)| i.data_offsets);
+        let data_start = 8 + n;
+        let mut at = 0usize;
+        for (name, info) in &infos {
+            let (s, e) = info.data_offsets;
+            let numel = info
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .and_then(|x| x.checked_mul(4));
+            if s != at || e < s || Some(e - s) != numel {
+                return Err(bad(format!(
+                    "tensor `{name}` has data offsets {:?} that do not match its shape {:?}",
+                    info.data_offsets, info.shape
+                )));
+            }
+            at = e;
+        }
+        if data_start + at as u64 != len {
+            return Err(bad(format!(
+                "the header describes {} data bytes, the file holds {}",
+                at,
+                len - data_start
+            )));
+        }
+        // Bind to the reference layout.
+        let mut ranges = Vec::with_capacity(names.len());
+        for (name, shape) in names.iter().zip(shapes) {
+            match infos.iter().find(|(n, _)| n == name) {
+                None => {
+                    return Err(Err(invalid(format!(
+                        "tensor `{name}` is missing (expected shape {shape:?})"
+                    ))));
+                }
+                Some((_, i)) if &i.shape != shape => {
+                    return Err(Err(invalid(format!(
+                        "tensor `{name}` has shape {:?}, expected {shape:?}",
+                        i.shape
+                    ))));
+                }
+                Some((_, i)) => {
+                    ranges.push((data_start + i.data_offsets.0 as u64, shape.iter().product()));
+                }
+            }
+        }
+        if let Some((extra, _)) = infos.iter().find(|(n, _)| !names.contains(n)) {
+            return Err(Err(invalid(format!(
+                "tensor `{extra}` is not part of the global model"
+            ))));
+        }
+        Ok(Self {
+            file,
+            len,
+            ranges,
+            names: names.to_vec(),
+            hasher,
+            hashed: data_start,
+            bytes: Vec::new(),
+        })
+    }
+
+    /// The names (sorted) and shapes a safetensors file declares, to bind it to itself.
+    ///
+    /// # Errors
+    /// As [`FileTensors::open`] (first group).
+    pub fn layout(path: &Path) -> Result<(Vec<String>, Vec<Vec<usize>>), AggregatorError> {
+        let file = File::open(path)
+            .map_err(|e| AggregatorError::Blob(format!("{}: {e}", path.display())))?;
+        let mut n8 = [0u8; 8];
+        file.read_exact_at(&mut n8, 0)
+            .map_err(|e| AggregatorError::Blob(format!("{}: {e}", path.display())))?;
+        let n = u64::from_le_bytes(n8).min(MAX_HEADER);
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8)
+            .map_err(|e| invalid(format!("not valid safetensors: {e}")))?;
+        let map: std::collections::BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&header)
+                .map_err(|e| invalid(format!("not valid safetensors: header: {e}")))?;
+        let mut names = Vec::new();
+        let mut shapes = Vec::new();
+        for (name, v) in map {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: TensorInfo = serde_json::from_value(v)
+                .map_err(|e| invalid(format!("not valid safetensors: `{name}`: {e}")))?;
+            names.push(name);
+            shapes.push(info.shape);
+        }
+        Ok((names, shapes))
+    }
+
+    /// Number of values of reference tensor `t`.
+    pub fn numel(&self, t: usize) -> usize {
+        self.ranges[t].1
+    }
+
+    /// Read values `start..start + out.len()` of reference tensor `t` into `out`.
+    ///
+    /// # Errors
+    /// [`AggregatorError::Blob`] on IO failure.
+    pub fn read(&mut self, t: usize, start: usize, out: &mut [f32]) -> Result<(), AggregatorError> {
+        let (base, numel) = self.ranges[t];
+        assert!(start + out.len() <= numel, "slice within tensor");
+        let at = base + 4 * start as u64;
+        self.bytes.resize(4 * out.len(), 0);
+        self.file.read_exact_at(&mut self.bytes, at).map_err(|e| {
+            AggregatorError::Blob(format!("reading tensor `{}`: {e}", self.names[t]))
+        })?;
+        if at == self.hashed {
+            self.hasher.update(&self.bytes);
+            self.hashed += self.bytes.len() as u64;
+        }
+        for (o, b) in out.iter_mut().zip(self.bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(())
+    }
+
+    /// Read every value once, in slices, refusing NaN and ±Inf.
+    ///
+    /// # Errors
+    /// [`AggregatorError::InvalidUpdate`] naming the tensor and flat index of the first
+    /// non-finite value; `Blob` on IO failure.
+    pub fn check_finite(&mut self) -> Result<(), AggregatorError> {
+        let mut buf = vec![0f32; 1 << 18];
+        for t in 0..self.ranges.len() {
+            let numel = self.numel(t);
+            for start in (0..numel).step_by(buf.len()) {
+                let k = buf.len().min(numel - start);
+                self.read(t, start, &mut buf[..k])?;
+                if let Some(i) = buf[..k].iter().position(|x| !x.is_finite()) {
+                    return Err(invalid(format!(
+                        "tensor `{}` has a non-finite value ({}) at flat index {}",
+                        self.names[t],
+                        buf[i],
+                        start + i
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the file's bytes hash to `sha` (hex): from what was read if every byte was read
+    /// in order, else by reading the file again.
+    ///
+    /// # Errors
+    /// [`AggregatorError::Blob`] if they do not (corruption on disk) or on IO failure.
+    pub fn verify_sha256(&mut self, sha: &str) -> Result<(), AggregatorError> {
+        let got = if self.hashed == self.len {
+            hex::encode(self.hasher.finalize_reset())
+        } else {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            while at < self.len {
+                let k = buf.len().min((self.len - at) as usize);
+                self.file
+                    .read_exact_at(&mut buf[..k], at)
+                    .map_err(|e| AggregatorError::Blob(format!("reading blob {sha}: {e}")))?;
+                h.update(&buf[..k]);
+                at += k as u64;
+            }
+            hex::encode(h.finalize())
+        };
+        if got != sha {
+            return Err(AggregatorError::Blob(format!(
+                "blob {sha} is corrupt: its {} bytes hash to {got}",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// A model or update: named f32 tensors in name order.
 ///
@@ -58,25 +362,59 @@ impl Tensors {
         Ok(out)
     }
 
+    /// Read a safetensors file of F32 tensors (a stored global model) tensor by tensor, its
+    /// SHA-256 checked against `sha`: memory is the model, not the model twice.
+    ///
+    /// # Errors
+    /// [`AggregatorError::InvalidUpdate`] for a malformed file or non-finite values;
+    /// [`AggregatorError::Blob`] for IO errors or a hash mismatch.
+    pub fn from_file(path: &Path, sha: &str) -> Result<Self, AggregatorError> {
+        let (names, shapes) = FileTensors::layout(path)?;
+        let mut f =
+            FileTensors::open(path, &names, &shapes).map_err(|e| e.unwrap_or_else(|e| e))?;
+        let mut data = Vec::with_capacity(names.len());
+        for (t, name) in names.iter().enumerate() {
+            let mut d = vec![0f32; f.numel(t)];
+            f.read(t, 0, &mut d)?;
+            if let Some(i) = d.iter().position(|x| !x.is_finite()) {
+                return Err(invalid(format!(
+                    "tensor `{name}` has a non-finite value ({}) at flat index {i}",
+                    d[i]
+                )));
+            }
+            data.push(d);
+        }
+        f.verify_sha256(sha)?;
+        Ok(Self {
+            names,
+            shapes,
+            data,
+        })
+    }
+
     /// Serialize to safetensors bytes.
     pub fn to_safetensors(&self) -> Vec<u8> {
-        let bytes: Vec<Vec<u8>> = self
-            .data
-            .iter()
-            .map(|d| d.iter().flat_map(|x| x.to_le_bytes()).collect())
-            .collect();
-        let views = self
-            .names
+        let mut out = Vec::new();
+        self.write_safetensors(&mut out)
+            .expect("writing to memory cannot fail");
+        out
+    }
+
+    /// Serialize to `w` in the safetensors format, streaming (see [`write_safetensors`]).
+    ///
+    /// # Errors
+    /// IO errors of `w`.
+    pub fn write_safetensors<W: Write>(&self, w: &mut W) -> std::io::Result<()> {
+        write_safetensors(w, self.entries())
+    }
+
+    /// `(name, shape, values)` of each tensor, in name order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &[usize], &[f32])> + Clone {
+        self.names
             .iter()
             .zip(&self.shapes)
-            .zip(&bytes)
-            .map(|((n, s), b)| {
-                (
-                    n.clone(),
-                    TensorView::new(Dtype::F32, s.clone(), b).expect("consistent tensor"),
-                )
-            });
-        safetensors::serialize(views, None).expect("serializing f32 tensors cannot fail")
+            .zip(&self.data)
+            .map(|((n, s), d)| (n.as_str(), s.as_slice(), d.as_slice()))
     }
 
     /// Check that `self` has exactly the names and shapes of `reference`.
@@ -158,5 +496,101 @@ mod tests {
                 .contains("non-finite")
         );
         assert!(Tensors::from_safetensors(b"\x10\0\0\0\0\0\0\0{}").is_err());
+    }
+
+    #[test]
+    fn streaming_writer_matches_the_safetensors_crate() {
+        let a = t(
+            &["a.w", "b"],
+            &[vec![2, 3], vec![1]],
+            vec![vec![1.0, -2.0, 3.5, 0.0, 1e-30, 7.0], vec![9.0]],
+        );
+        let bytes: Vec<Vec<u8>> = a
+            .data
+            .iter()
+            .map(|d| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views = a
+            .names
+            .iter()
+            .zip(&a.shapes)
+            .zip(&bytes)
+            .map(|((n, s), b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            });
+        assert_eq!(
+            a.to_safetensors(),
+            safetensors::serialize(views, None).unwrap()
+        );
+    }
+
+    #[test]
+    fn file_tensors_validate_read_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = t(
+            &["a", "b"],
+            &[vec![2], vec![1, 3]],
+            vec![vec![1.0, 2.0], vec![3.0, 4.0, 5.0]],
+        );
+        let bytes = a.to_safetensors();
+        let path = dir.path().join("u");
+        let open = |b: &[u8]| {
+            std::fs::write(&path, b).unwrap();
+            FileTensors::open(&path, &a.names, &a.shapes)
+        };
+        let mut f = open(&bytes).unwrap();
+        let mut out = [0f32; 2];
+        f.read(1, 1, &mut out).unwrap();
+        assert_eq!(out, [4.0, 5.0]);
+        f.check_finite().unwrap();
+        f.verify_sha256(&crate::blobs::sha256_hex(&bytes)).unwrap();
+        assert!(
+            f.verify_sha256(&"0".repeat(64))
+                .unwrap_err()
+                .to_string()
+                .contains("corrupt")
+        );
+        // Truncated, garbage, lying header: not valid safetensors (the first error group).
+        for bad in [&bytes[..bytes.len() - 1], b"\x10\0\0\0\0\0\0\0{}", b"abc"] {
+            let e = open(bad).unwrap_err().unwrap();
+            assert!(e.to_string().contains("not valid safetensors"), "{e}");
+        }
+        // F64 is refused by name.
+        let f64s = safetensors::serialize(
+            [(
+                "a",
+                safetensors::tensor::TensorView::new(Dtype::F64, vec![1], &[0u8; 8]).unwrap(),
+            )],
+            None,
+        )
+        .unwrap();
+        assert!(
+            open(&f64s)
+                .unwrap_err()
+                .unwrap()
+                .to_string()
+                .contains("F64")
+        );
+        // A valid file of another layout: the second error group, naming the tensor.
+        let other = t(&["a", "c"], &[vec![2], vec![1, 3]], a.data.clone());
+        let e = open(&other.to_safetensors()).unwrap_err().unwrap_err();
+        assert!(e.to_string().contains("`b`"), "{e}");
+        let nan = t(
+            &["a", "b"],
+            &a.shapes,
+            vec![vec![1.0, 2.0], vec![3.0, f32::NAN, 5.0]],
+        );
+        let e = open(&nan.to_safetensors())
+            .unwrap()
+            .check_finite()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`b` has a non-finite value (NaN) at flat index 1"),
+            "{e}"
+        );
     }
 }

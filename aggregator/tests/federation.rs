@@ -51,6 +51,7 @@ async fn start(
         initial_model: Some(model(1.0).to_safetensors()),
         tls: None,
         enroll: vec![],
+        max_concurrent_uploads: 4,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

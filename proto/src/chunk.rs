@@ -51,29 +51,30 @@ pub fn chunks(blob: &[u8]) -> Vec<Chunk> {
         .collect()
 }
 
-/// Reassembles a blob from in-order chunks, checking sizes as they arrive.
+/// Checks a chunk stream's order and sizes as chunks arrive, without holding their bytes: the
+/// part of [`Reassembler`] a receiver that writes chunks straight to disk needs.
 #[derive(Debug)]
-pub struct Reassembler {
+pub struct ChunkCursor {
     limit: u64,
     declared: Option<u64>,
-    buf: Vec<u8>,
+    received: u64,
 }
 
-impl Reassembler {
-    /// A reassembler that refuses blobs above `limit` bytes.
+impl ChunkCursor {
+    /// A cursor that refuses blobs above `limit` bytes.
     pub fn new(limit: u64) -> Self {
         Self {
             limit,
             declared: None,
-            buf: Vec::new(),
+            received: 0,
         }
     }
 
-    /// Append one chunk.
+    /// Check the next chunk and count its bytes as received.
     ///
     /// # Errors
-    /// Any [`ChunkError`] except `Truncated`; the reassembler should then be dropped.
-    pub fn push(&mut self, chunk: Chunk) -> Result<(), ChunkError> {
+    /// Any [`ChunkError`] except `Truncated`; the stream should then be dropped.
+    pub fn accept(&mut self, chunk: &Chunk) -> Result<(), ChunkError> {
         if chunk.data.len() > CHUNK_SIZE {
             return Err(ChunkError::ChunkTooLarge {
                 size: chunk.data.len(),
@@ -88,7 +89,6 @@ impl Reassembler {
                         limit: self.limit,
                     });
                 }
-                self.buf.reserve_exact(chunk.total_size as usize);
                 self.declared = Some(chunk.total_size);
                 chunk.total_size
             }
@@ -100,7 +100,7 @@ impl Reassembler {
             }
             Some(d) => d,
         };
-        let expected = self.buf.len() as u64;
+        let expected = self.received;
         if chunk.offset != expected {
             return Err(ChunkError::OutOfOrder {
                 expected,
@@ -109,6 +109,51 @@ impl Reassembler {
         }
         if expected + chunk.data.len() as u64 > declared {
             return Err(ChunkError::Overflow { declared });
+        }
+        self.received += chunk.data.len() as u64;
+        Ok(())
+    }
+
+    /// The blob's size, once every declared byte has arrived.
+    ///
+    /// # Errors
+    /// [`ChunkError::Truncated`] if bytes are missing (or no chunk arrived at all).
+    pub fn finish(&self) -> Result<u64, ChunkError> {
+        match self.declared {
+            Some(d) if d == self.received => Ok(d),
+            _ => Err(ChunkError::Truncated {
+                received: self.received,
+                declared: self.declared.unwrap_or(0),
+            }),
+        }
+    }
+}
+
+/// Reassembles a blob from in-order chunks in memory, checking sizes as they arrive.
+#[derive(Debug)]
+pub struct Reassembler {
+    cursor: ChunkCursor,
+    buf: Vec<u8>,
+}
+
+impl Reassembler {
+    /// A reassembler that refuses blobs above `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Self {
+            cursor: ChunkCursor::new(limit),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Append one chunk.
+    ///
+    /// # Errors
+    /// Any [`ChunkError`] except `Truncated`; the reassembler should then be dropped.
+    pub fn push(&mut self, chunk: Chunk) -> Result<(), ChunkError> {
+        let first = self.cursor.declared.is_none();
+        self.cursor.accept(&chunk)?;
+        if first {
+            self.buf.reserve_exact(chunk.total_size as usize);
         }
         self.buf.extend_from_slice(&chunk.data);
         Ok(())
@@ -119,13 +164,7 @@ impl Reassembler {
     /// # Errors
     /// [`ChunkError::Truncated`] if bytes are missing (or no chunk arrived at all).
     pub fn finish(self) -> Result<Vec<u8>, ChunkError> {
-        let declared = self.declared.unwrap_or(u64::MAX);
-        if self.buf.len() as u64 != declared {
-            return Err(ChunkError::Truncated {
-                received: self.buf.len() as u64,
-                declared: self.declared.unwrap_or(0),
-            });
-        }
+        self.cursor.finish()?;
         Ok(self.buf)
     }
 }

@@ -11,4 +11,4 @@ pub mod v1 {
 
 mod chunk;
 pub mod pki;
-pub use chunk::{CHUNK_SIZE, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks};
+pub use chunk::{CHUNK_SIZE, ChunkCursor, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks};

@@ -1,0 +1,507 @@
+//! `fedee bench aggregate`: a real `fedee aggregator` process ingesting one round of updates
+//! from many sites over loopback gRPC with mutual TLS, then aggregating them (FedAvg); beside
+//! it, Flower's NumPy `aggregate` on the very same update files, in the same run.
+//!
+//! Figures per (sites, parameters) cell: ingest throughput (update bytes from the first byte
+//! sent to the next global model committed), time to aggregate after the last update, the
+//! aggregator's peak RSS (`VmHWM` of its process), and Flower's time and peak RSS.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fedee_aggregator::tensors::Tensors;
+use fedee_proto::pki::TlsFiles;
+use fedee_proto::v1::federation_client::FederationClient;
+use fedee_proto::v1::{JoinRequest, SubmitUpdateMessage, UpdateHeader, submit_update_message};
+use fedee_proto::{CHUNK_SIZE, v1::Chunk};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tonic::transport::{Channel, Endpoint};
+
+/// Columns of every weight matrix of the synthetic model.
+const COLS: usize = 1024;
+
+/// A model layout of about `params` parameters: four `[rows, 1024]` weights and their
+/// biases, values from a fixed xorshift stream.
+fn synthetic(params: usize, seed: u64) -> Tensors {
+    let rows = (params / 4 / (COLS + 1)).max(1);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.01
+    };
+    let mut t = Tensors {
+        names: vec![],
+        shapes: vec![],
+        data: vec![],
+    };
+    for i in 0..4 {
+        for (suffix, shape) in [("bias", vec![COLS]), ("weight", vec![rows, COLS])] {
+            t.names.push(format!("layer{i}.{suffix}"));
+            let n = shape.iter().product();
+            t.shapes.push(shape);
+            t.data.push((0..n).map(|_| next()).collect());
+        }
+    }
+    t
+}
+
+/// `VmHWM` / `VmRSS` of a process, in MB.
+fn proc_mb(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{field} missing from /proc/{pid}/status"))?;
+    Ok(kb * 1024.0 / 1e6)
+}
+
+struct Running {
+    child: std::process::Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let t = Instant::now();
+        while !self.log.lock().expect("log").contains(needle) {
+            if let Some(s) = self.child.try_wait()? {
+                bail!(
+                    "aggregator exited ({s}) before `{needle}`:\n{}",
+                    self.log.lock().expect("log")
+                );
+            }
+            if t.elapsed() > timeout {
+                bail!("aggregator log never showed `{needle}` within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+fn start_aggregator(work: &Path, pki: &Path, sites: &[String], uploads: usize) -> Result<Running> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["aggregator", "--listen", "127.0.0.1:0", "--database-url"])
+        .arg(format!(
+            "sqlite://{}?mode=rwc",
+            work.join("agg.db").display()
+        ))
+        .arg("--blob-dir")
+        .arg(work.join("blobs"))
+        .arg("--initial-model")
+        .arg(work.join("initial.safetensors"))
+        .arg("--tls-dir")
+        .arg(pki)
+        .args(["--rounds", "1", "--round-timeout", "36000"])
+        .args(["--min-sites", &sites.len().to_string()])
+        .args(["--max-concurrent-uploads", &uploads.to_string()]);
+    for s in sites {
+        cmd.args(["--enroll", s]);
+    }
+    let mut child = cmd
+        .env("FEDEE_LOG", "info")
+        .env("FEDEE_LOG_FORMAT", "plain")
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let log = Arc::new(Mutex::new(String::new()));
+    let addr = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.wait();
+            bail!(
+                "aggregator exited before listening:\n{}",
+                log.lock().expect("log")
+            );
+        };
+        log.lock().expect("log").push_str(&format!("{line}\n"));
+        if let Some(a) = line.strip_prefix("aggregator listening on ") {
+            break a.trim().to_owned();
+        }
+    };
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            sink.lock().expect("log").push_str(&format!("{l}\n"));
+        }
+    });
+    Ok(Running { child, addr, log })
+}
+
+async fn connect(addr: &str, pki: &Path, site: &str) -> Result<FederationClient<Channel>> {
+    let tls = TlsFiles::in_dir(pki, site).client()?;
+    let ch = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(FederationClient::new(ch))
+}
+
+/// One cell's figures.
+struct Cell {
+    sites: usize,
+    params: usize,
+    model_mb: f64,
+    json: serde_json::Value,
+}
+
+fn run_cell(
+    rt: &tokio::runtime::Runtime,
+    work_root: &Path,
+    sites: usize,
+    params: usize,
+    uploads: usize,
+    flower: Option<&FlowerSide>,
+) -> Result<Cell> {
+    let work = tempfile::Builder::new()
+        .prefix("fedee-bench-aggregate-")
+        .tempdir_in(work_root)
+        .with_context(|| format!("creating a work folder in {}", work_root.display()))?;
+    let names: Vec<String> = (0..sites).map(|i| format!("site-{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let pki = crate::demo::demo_pki(work.path(), &refs)?;
+    let global = synthetic(params, 1);
+    let n_params: usize = global.data.iter().map(Vec::len).sum();
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(
+            work.path().join("initial.safetensors"),
+        )?);
+        global.write_safetensors(&mut f)?;
+    }
+    drop(global);
+    // One update template; each site's differs in its last value (the end of the file), so
+    // every site sends distinct bytes (the blob store deduplicates identical ones) and the
+    // SHA-256 of the shared prefix is computed once.
+    let template = synthetic(params, 2).to_safetensors();
+    let model_bytes = template.len();
+    let prefix = Sha256::new_with_prefix(&template[..model_bytes - 4]);
+    let tails: Vec<[u8; 4]> = (0..sites)
+        .map(|i| (i as f32 * 1e-3).to_le_bytes())
+        .collect();
+    let shas: Vec<String> = tails
+        .iter()
+        .map(|t| hex::encode(prefix.clone().chain_update(t).finalize()))
+        .collect();
+    let template = Arc::new(template);
+
+    let mut agg = start_aggregator(work.path(), &pki, &names, uploads)?;
+    let pid = agg.child.id();
+    let rss_idle_mb = proc_mb(pid, "VmRSS:")?;
+    eprintln!(
+        "aggregate: {sites} sites × {:.1} M parameters ({:.0} MB per update) …",
+        n_params as f64 / 1e6,
+        model_bytes as f64 / 1e6
+    );
+    let addr = agg.addr.clone();
+    let (t0, _acks) = rt.block_on(async {
+        let mut clients = Vec::new();
+        for s in &names {
+            let mut c = connect(&addr, &pki, s).await?;
+            c.join(JoinRequest { site: s.clone() }).await?;
+            clients.push(c);
+        }
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for (i, mut c) in clients.into_iter().enumerate() {
+            let header = UpdateHeader {
+                site: names[i].clone(),
+                round: 1,
+                num_examples: 100 + i as u64,
+                sha256: shas[i].clone(),
+                privacy: None,
+            };
+            let (template, tail) = (template.clone(), tails[i]);
+            let total = template.len();
+            let msgs = futures::stream::iter(
+                std::iter::once(submit_update_message::Msg::Header(header))
+                    .chain((0..total.div_ceil(CHUNK_SIZE)).map(move |k| {
+                        let (a, b) = (k * CHUNK_SIZE, ((k + 1) * CHUNK_SIZE).min(total));
+                        let mut data = template[a..b].to_vec();
+                        if b == total {
+                            let n = data.len();
+                            data[n - 4..].copy_from_slice(&tail);
+                        }
+                        submit_update_message::Msg::Chunk(Chunk {
+                            offset: a as u64,
+                            total_size: total as u64,
+                            data,
+                        })
+                    }))
+                    .map(|m| SubmitUpdateMessage { msg: Some(m) }),
+            );
+            tasks.push(tokio::spawn(async move {
+                c.submit_update(msgs).await?;
+                Ok::<_, anyhow::Error>(t0.elapsed().as_secs_f64())
+            }));
+        }
+        let mut acks = Vec::new();
+        for t in tasks {
+            acks.push(t.await??);
+        }
+        Ok::<_, anyhow::Error>((t0, acks))
+    })?;
+    agg.wait_for("round closed", Duration::from_secs(3600))?;
+    let total_s = t0.elapsed().as_secs_f64();
+    let peak_rss_mb = proc_mb(pid, "VmHWM:")?;
+    let closed = agg
+        .log
+        .lock()
+        .expect("log")
+        .lines()
+        .find(|l| l.contains("round closed"))
+        .map(str::to_owned)
+        .context("no `round closed` log line")?;
+    let field = |k: &str| {
+        closed
+            .split(&format!("{k}="))
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .map(str::to_owned)
+            .with_context(|| format!("the `round closed` log line has no {k}"))
+    };
+    let next_sha = field("global_model")?;
+    let aggregate_s = field("aggregate_ms")?.parse::<f64>()? / 1e3;
+    let model_mb = model_bytes as f64 / 1e6;
+    let total_mb = model_mb * sites as f64;
+    let rss_goal_mb = 2.5 * model_mb + 100.0;
+    let naive_mb = (sites + 2) as f64 * model_mb;
+    let mut row = json!({
+        "sites": sites,
+        "parameters": n_params,
+        "model_mb": model_mb,
+        "update_mb_total": total_mb,
+        "round_seconds": total_s,
+        "aggregate_seconds": aggregate_s,
+        "ingest_seconds": total_s - aggregate_s,
+        "ingest_mb_per_s": total_mb / (total_s - aggregate_s),
+        "round_mb_per_s": total_mb / total_s,
+        "idle_rss_mb": rss_idle_mb,
+        "libtorch_baseline_mb": rss_idle_mb - model_mb,
+        "peak_rss_mb": peak_rss_mb,
+        "peak_rss_without_libtorch_mb": peak_rss_mb - (rss_idle_mb - model_mb),
+        "peak_rss_goal_mb": rss_goal_mb,
+        "naive_fedavg_mb": naive_mb,
+    });
+    drop(agg);
+    if let Some(f) = flower {
+        let blobs = work.path().join("blobs");
+        let path = |s: &str| blobs.join(&s[..2]).join(s);
+        let updates: Vec<(PathBuf, u64)> = shas
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (path(s), 100 + i as u64))
+            .collect();
+        row["flower"] = f.run(
+            &work.path().join("initial.safetensors"),
+            &path(&next_sha),
+            &updates,
+            total_mb,
+        )?;
+        if let Some(fl) = row["flower"].as_object() {
+            let secs = fl.get("aggregate_seconds").and_then(|v| v.as_f64());
+            let rss = fl.get("peak_rss_mb").and_then(|v| v.as_f64());
+            if let (Some(s), Some(r)) = (secs, rss) {
+                row["flower_over_fedee_aggregate_time_ratio"] = json!(s / aggregate_s);
+                row["flower_over_fedee_peak_rss_ratio"] = json!(r / peak_rss_mb);
+            }
+        }
+    }
+    Ok(Cell {
+        sites,
+        params: n_params,
+        model_mb,
+        json: row,
+    })
+}
+
+/// Flower's aggregation, run by the venv's Python on the same update files.
+pub struct FlowerSide {
+    python: PathBuf,
+    script: PathBuf,
+    /// Skip cells whose updates and Flower's weighted copies would not fit in this many MB.
+    max_mb: f64,
+}
+
+impl FlowerSide {
+    fn run(
+        &self,
+        global: &Path,
+        next: &Path,
+        updates: &[(PathBuf, u64)],
+        total_mb: f64,
+    ) -> Result<serde_json::Value> {
+        // Flower holds every update as NumPy arrays and `aggregate` makes a weighted copy of
+        // each: about twice the update volume.
+        let need = 2.0 * total_mb;
+        if need > self.max_mb {
+            eprintln!(
+                "aggregate: Flower skipped: it would need about {need:.0} MB (limit {:.0} MB, --flower-max-mb)",
+                self.max_mb
+            );
+            return Ok(
+                json!({"skipped": format!("needs about {need:.0} MB of memory; limit {:.0} MB", self.max_mb)}),
+            );
+        }
+        let out = Command::new(&self.python)
+            .arg(&self.script)
+            .arg(global)
+            .arg(next)
+            .args(updates.iter().map(|(p, n)| format!("{}:{n}", p.display())))
+            .output()
+            .with_context(|| format!("running {}", self.python.display()))?;
+        if !out.status.success() {
+            bail!(
+                "Flower side failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("Flower side printed no JSON")
+    }
+}
+
+/// Parse `1M`, `22M`, `100M`, `5000` as a parameter count.
+pub fn parse_params(s: &str) -> Result<usize, String> {
+    let (num, mult) = match s.strip_suffix(['M', 'm']) {
+        Some(n) => (n, 1e6),
+        None => match s.strip_suffix(['K', 'k']) {
+            Some(n) => (n, 1e3),
+            None => (s, 1.0),
+        },
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0)
+        .map(|v| (v * mult) as usize)
+        .ok_or_else(|| format!("`{s}` is not a parameter count (examples: 1M, 22M, 5000)"))
+}
+
+/// Run every cell; print a table; return the JSON document.
+pub fn bench(
+    sites: &[usize],
+    params: &[usize],
+    uploads: usize,
+    work_root: &Path,
+    flower: Option<FlowerSide>,
+) -> Result<serde_json::Value> {
+    std::fs::create_dir_all(work_root)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut cells = Vec::new();
+    for &p in params {
+        for &s in sites {
+            let cell = run_cell(&rt, work_root, s, p, uploads, flower.as_ref())?;
+            let r = &cell.json;
+            eprintln!(
+                "aggregate: {s} sites × {:.0} MB: {:.0} MB/s ingest, aggregated in {:.2} s, peak RSS {:.0} MB",
+                cell.model_mb,
+                r["ingest_mb_per_s"].as_f64().unwrap_or(0.0),
+                r["aggregate_seconds"].as_f64().unwrap_or(0.0),
+                r["peak_rss_mb"].as_f64().unwrap_or(0.0)
+            );
+            cells.push(cell);
+        }
+    }
+    println!(
+        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7}",
+        "sites",
+        "params",
+        "model MB",
+        "ingest",
+        "round",
+        "agg s",
+        "RSS -lt",
+        "goal",
+        "naive",
+        "flwr s",
+        "flwr RSS",
+        "t ratio",
+        "m ratio"
+    );
+    println!(
+        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7}",
+        "", "", "", "MB/s", "MB/s", "", "MB", "MB", "MB", "", "MB", "fl/fe", "fl/fe"
+    );
+    for c in &cells {
+        let r = &c.json;
+        let f = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.0}"));
+        let f2 = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.2}"));
+        let fl = |k: &str, d: usize| {
+            r["flower"][k]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.d$}"))
+        };
+        println!(
+            "{:>5} {:>7.1}M {:>8.1} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7}",
+            c.sites,
+            c.params as f64 / 1e6,
+            c.model_mb,
+            f("ingest_mb_per_s"),
+            f("round_mb_per_s"),
+            f2("aggregate_seconds"),
+            f("peak_rss_without_libtorch_mb"),
+            f("peak_rss_goal_mb"),
+            f("naive_fedavg_mb"),
+            fl("aggregate_seconds", 2),
+            fl("peak_rss_mb", 0),
+            f2("flower_over_fedee_aggregate_time_ratio"),
+            f2("flower_over_fedee_peak_rss_ratio"),
+        );
+    }
+    println!(
+        "RSS -lt: the aggregator's peak RSS less the libtorch/CUDA libraries the `fedee` binary \
+         maps ({:.0} MB here; in the JSON). Goal: ≤ 2.5 × model + 100 MB whatever the number \
+         of sites; ingest ≥ 300 MB/s. Client and aggregator share this machine's cores.",
+        cells
+            .first()
+            .and_then(|c| c.json["libtorch_baseline_mb"].as_f64())
+            .unwrap_or(f64::NAN)
+    );
+    Ok(json!({
+        "benchmark": "aggregate",
+        "strategy": "fedavg",
+        "transport": "gRPC over loopback, mutual TLS (rustls), 1 MiB chunks",
+        "max_concurrent_uploads": uploads,
+        "rows": cells.into_iter().map(|c| c.json).collect::<Vec<_>>(),
+    }))
+}
+
+/// The Flower side, if the venv has `flwr` (`make bench` installs it).
+pub fn flower_side(python: &Path, max_mb: f64) -> Option<FlowerSide> {
+    let script = PathBuf::from("scripts/bench_flower.py");
+    let ok = Command::new(python)
+        .args(["-c", "import flwr.server.strategy.aggregate"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok || !script.exists() {
+        eprintln!(
+            "aggregate: Flower not run: `{} -c 'import flwr'` failed or {} is missing (run from the repository root; `make bench` installs flwr into .venv)",
+            python.display(),
+            script.display()
+        );
+        return None;
+    }
+    Some(FlowerSide {
+        python: python.to_owned(),
+        script,
+        max_mb,
+    })
+}
