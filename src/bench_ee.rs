@@ -205,14 +205,26 @@ fn overhead_row(
             (a, b)
         };
         let (c, d, z) = tch::no_grad(|| -> Result<_> {
-            let c = timed(device, || {
-                plain.forward(&input).map(drop).map_err(Into::into)
-            })?;
+            // Alternate the order here too.
             let mut z = None;
-            let d = timed(device, || {
-                z = Some(ee.forward(&ee_input)?);
-                Ok(())
-            })?;
+            let mut run_ee = || {
+                timed(device, || {
+                    z = Some(ee.forward(&ee_input)?);
+                    Ok(())
+                })
+            };
+            let run_plain = || {
+                timed(device, || {
+                    plain.forward(&input).map(drop).map_err(Into::into)
+                })
+            };
+            let (c, d) = if r % 2 == 0 {
+                let c = run_plain()?;
+                (c, run_ee()?)
+            } else {
+                let d = run_ee()?;
+                (run_plain()?, d)
+            };
             Ok((c, d, z.expect("forward ran")))
         })?;
         let e = timed(device, || encrypt(&input, &y).map(drop))?;
@@ -293,7 +305,7 @@ pub fn ee_overhead(models: &Models, reps: usize, device: Device) -> Result<serde
         println!(
             "{:<7} {:>10} {:>9.3}ms {:>9.3}ms {:>7.3} {:>9.3}ms {:>9.3}ms {:>7.3} {:>9.3}ms {:>9.3}ms",
             r["model"].as_str().unwrap_or(""),
-            r["parameters"],
+            r["parameters"].as_u64().unwrap_or(0),
             1e3 * s("train_step_plain_seconds"),
             1e3 * s("train_step_ee_seconds"),
             s("train_step_ratio"),
@@ -376,7 +388,7 @@ pub fn transform(models: &Models, reps: usize) -> Result<serde_json::Value> {
             "{:<20} {:<10} {:>11} {:>9.3} {:>10.3} {:>9.3} {:>6.1} {:>10.0}",
             r["model"].as_str().unwrap_or(""),
             r["profile"].as_str().unwrap_or(""),
-            r["parameters"],
+            r["parameters"].as_u64().unwrap_or(0),
             s("keygen_seconds"),
             s("transform_seconds"),
             s("total_seconds"),
@@ -478,8 +490,8 @@ pub fn train(
         println!(
             "{:<7} {:>10} {:>6} {:>10.3}ms {:>11.3}ms {:>14.3}",
             r["model"].as_str().unwrap_or(""),
-            r["parameters"],
-            r["batch"],
+            r["parameters"].as_u64().unwrap_or(0),
+            r["batch"].as_u64().unwrap_or(0),
             1e3 * s("fedee_step_seconds"),
             1e3 * s("pytorch_step_seconds"),
             s("speed_ratio"),

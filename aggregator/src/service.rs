@@ -214,10 +214,17 @@ impl Federation {
                             .into(),
                     )
                 })?;
-                let t = Tensors::from_safetensors(bytes)
-                    .map_err(|e| AggregatorError::Config(format!("initial model: {e}")))?;
-                let sha = blobs.put(&t.to_safetensors())?;
-                drop(t);
+                // Checked in its file like an update (F32, finite), stored as given.
+                let mut w = blobs.writer()?;
+                std::io::Write::write_all(&mut w, bytes).map_err(|e| {
+                    AggregatorError::Blob(format!("writing the initial model: {e}"))
+                })?;
+                let pending = w.finish();
+                let bad =
+                    |e: AggregatorError| AggregatorError::Config(format!("initial model: {e}"));
+                let (names, shapes) = FileTensors::layout(pending.path()).map_err(bad)?;
+                let pending = validate(pending, &names, &shapes).map_err(|(_, e)| bad(e))?;
+                let sha = blobs.commit(pending)?;
                 store.init(&sha).await?;
                 1
             }

@@ -1,0 +1,52 @@
+//! The benchmarks stay runnable: `fedee bench aggregate` on a tiny cell (a real aggregator
+//! process, mutual TLS, two sites) writes JSON with its figures. Timings are not asserted.
+
+use std::process::Command;
+
+#[test]
+fn aggregate_bench_runs_a_real_round_and_reports_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("aggregate.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args([
+            "bench",
+            "aggregate",
+            "--sites",
+            "2",
+            "--params",
+            "20K",
+            "--no-flower",
+        ])
+        .arg("--work-dir")
+        .arg(dir.path().join("work"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let row = &doc["rows"][0];
+    assert_eq!(row["sites"], 2);
+    // 4 × (rows × 1024 + 1024) with rows = 20 000 / 4 / 1025 = 4.
+    assert_eq!(row["parameters"], 4 * (4 * 1024 + 1024));
+    for k in [
+        "ingest_mb_per_s",
+        "round_seconds",
+        "peak_rss_mb",
+        "idle_rss_mb",
+    ] {
+        let v = row[k].as_f64().unwrap_or(-1.0);
+        assert!(v > 0.0 && v.is_finite(), "{k} = {v}");
+    }
+    assert!(row["peak_rss_mb"].as_f64() >= row["idle_rss_mb"].as_f64());
+    assert!(doc["machine"]["logical_cpus"].as_u64().unwrap() >= 1);
+    // The work folder is removed after each cell.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("work")).unwrap().count(),
+        0
+    );
+}
