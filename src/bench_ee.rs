@@ -57,6 +57,18 @@ pub struct Models {
 }
 
 impl Models {
+    /// `(name, architecture, batch size)` of each benchmarked model.
+    fn rows(&self) -> [(&'static str, Architecture, i64); 2] {
+        [
+            ("mlp", Architecture::Mlp(self.mlp), self.mlp_batch),
+            (
+                "minilm",
+                Architecture::BertClassifier(self.minilm),
+                self.minilm_batch,
+            ),
+        ]
+    }
+
     /// MLP 13 → `hidden` → 2 (the heart features), MiniLM from `minilm_config`.
     ///
     /// # Errors
@@ -274,14 +286,7 @@ fn overhead_row(
 /// `fedee bench ee-overhead`.
 pub fn ee_overhead(models: &Models, reps: usize, device: Device) -> Result<serde_json::Value> {
     let mut rows = Vec::new();
-    for (name, arch, n) in [
-        ("mlp", Architecture::Mlp(models.mlp), models.mlp_batch),
-        (
-            "minilm",
-            Architecture::BertClassifier(models.minilm),
-            models.minilm_batch,
-        ),
-    ] {
+    for (name, arch, n) in models.rows() {
         // Sub-millisecond MLP steps need many repetitions for a stable median.
         let reps = if name == "mlp" { 100 * reps } else { reps };
         eprintln!("ee-overhead: {name}, batch {n}, {reps} repetitions …");
@@ -418,14 +423,7 @@ pub fn train(
         );
     }
     let mut rows = Vec::new();
-    for (name, arch, n) in [
-        ("mlp", Architecture::Mlp(models.mlp), models.mlp_batch),
-        (
-            "minilm",
-            Architecture::BertClassifier(models.minilm),
-            models.minilm_batch,
-        ),
-    ] {
+    for (name, arch, n) in models.rows() {
         eprintln!("train: {name}: fedee (tch) …");
         let state = random_state(&arch);
         let mut model = Model::from_state(arch, &state, device, Kind::Float)?;

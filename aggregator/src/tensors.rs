@@ -61,6 +61,47 @@ pub fn write_safetensors<'a, W: Write>(
     Ok(())
 }
 
+/// Open a safetensors file and parse its header: the file, its length, the raw header bytes
+/// (8-byte length + JSON, for hashing) and its tensor entries in name order.
+///
+/// # Errors
+/// [`AggregatorError::InvalidUpdate`] ("not valid safetensors: …") for a short file, a header
+/// length that does not fit, or a malformed header; [`AggregatorError::Blob`] for IO errors.
+#[allow(clippy::type_complexity)]
+fn read_header(
+    path: &Path,
+) -> Result<(File, u64, Vec<u8>, Vec<(String, TensorInfo)>), AggregatorError> {
+    let io = |e: std::io::Error| AggregatorError::Blob(format!("{}: {e}", path.display()));
+    let bad = |m: String| invalid(format!("not valid safetensors: {m}"));
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len < 8 {
+        return Err(bad(format!("{len} bytes is shorter than a header")));
+    }
+    let mut raw = vec![0u8; 8];
+    file.read_exact_at(&mut raw, 0).map_err(io)?;
+    let n = u64::from_le_bytes(raw[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER || 8 + n > len {
+        return Err(bad(format!(
+            "header length {n} does not fit a file of {len} bytes"
+        )));
+    }
+    raw.resize(8 + n as usize, 0);
+    file.read_exact_at(&mut raw[8..], 8).map_err(io)?;
+    let map: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&raw[8..]).map_err(|e| bad(format!("header: {e}")))?;
+    let mut entries = Vec::with_capacity(map.len());
+    for (name, v) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: TensorInfo =
+            serde_json::from_value(v).map_err(|e| bad(format!("header entry `{name}`: {e}")))?;
+        entries.push((name, info));
+    }
+    Ok((file, len, raw, entries))
+}
+
 /// A safetensors file of F32 tensors bound to a reference layout, read in slices with
 /// positioned reads: a model or update of any size is aggregated in O(slice) memory.
 ///
@@ -69,6 +110,7 @@ pub fn write_safetensors<'a, W: Write>(
 #[derive(Debug)]
 pub struct FileTensors {
     file: File,
+    path: std::path::PathBuf,
     len: u64,
     /// Per reference tensor: byte offset of its data in the file, number of values.
     ranges: Vec<(u64, usize)>,
@@ -93,35 +135,13 @@ impl FileTensors {
         names: &[String],
         shapes: &[Vec<usize>],
     ) -> Result<Self, Result<AggregatorError, AggregatorError>> {
-        let io = |e: std::io::Error| Ok(AggregatorError::Blob(format!("{}: {e}", path.display())));
-        let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let mut hasher = Sha256::new();
+        let (file, len, raw, entries) = read_header(path).map_err(Ok)?;
         let bad = |m: String| Ok(invalid(format!("not valid safetensors: {m}")));
-        if len < 8 {
-            return Err(bad(format!("{len} bytes is shorter than a header")));
-        }
-        let mut n8 = [0u8; 8];
-        file.read_exact_at(&mut n8, 0).map_err(io)?;
-        let n = u64::from_le_bytes(n8);
-        if n > MAX_HEADER || 8 + n > len {
-            return Err(bad(format!(
-                "header length {n} does not fit a file of {len} bytes"
-            )));
-        }
-        let mut header = vec![0u8; n as usize];
-        file.read_exact_at(&mut header, 8).map_err(io)?;
-        hasher.update(n8);
-        hasher.update(&header);
-        let map: std::collections::BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-        let mut infos: Vec<(String, TensorInfo)> = Vec::with_capacity(map.len());
-        for (name, v) in map {
-            if name == "__metadata__" {
-                continue;
-            }
-            let info: TensorInfo = serde_json::from_value(v)
-                .map_err(|e| bad(format!("header entry `{name}`: {e}")))?;
+        let mut hasher = Sha256::new();
+        hasher.update(&raw);
+        let n = raw.len() as u64 - 8;
+        let mut infos: Vec<(String, TensorInfo)> = Vec::with_capacity(entries.len());
+        for (name, info) in entries {
             if info.dtype != Dtype::F32 {
                 return Err(Ok(invalid(format!(
                     "tensor `{name}` has dtype {:?}; updates must be F32",
@@ -184,6 +204,7 @@ impl FileTensors {
         }
         Ok(Self {
             file,
+            path: path.to_owned(),
             len,
             ranges,
             names: names.to_vec(),
@@ -198,30 +219,8 @@ impl FileTensors {
     /// # Errors
     /// As [`FileTensors::open`] (first group).
     pub fn layout(path: &Path) -> Result<(Vec<String>, Vec<Vec<usize>>), AggregatorError> {
-        let file = File::open(path)
-            .map_err(|e| AggregatorError::Blob(format!("{}: {e}", path.display())))?;
-        let mut n8 = [0u8; 8];
-        file.read_exact_at(&mut n8, 0)
-            .map_err(|e| AggregatorError::Blob(format!("{}: {e}", path.display())))?;
-        let n = u64::from_le_bytes(n8).min(MAX_HEADER);
-        let mut header = vec![0u8; n as usize];
-        file.read_exact_at(&mut header, 8)
-            .map_err(|e| invalid(format!("not valid safetensors: {e}")))?;
-        let map: std::collections::BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&header)
-                .map_err(|e| invalid(format!("not valid safetensors: header: {e}")))?;
-        let mut names = Vec::new();
-        let mut shapes = Vec::new();
-        for (name, v) in map {
-            if name == "__metadata__" {
-                continue;
-            }
-            let info: TensorInfo = serde_json::from_value(v)
-                .map_err(|e| invalid(format!("not valid safetensors: `{name}`: {e}")))?;
-            names.push(name);
-            shapes.push(info.shape);
-        }
-        Ok((names, shapes))
+        let (_, _, _, entries) = read_header(path)?;
+        Ok(entries.into_iter().map(|(n, i)| (n, i.shape)).unzip())
     }
 
     /// Number of values of reference tensor `t`.
@@ -285,18 +284,7 @@ impl FileTensors {
         let got = if self.hashed == self.len {
             hex::encode(self.hasher.finalize_reset())
         } else {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut at = 0u64;
-            while at < self.len {
-                let k = buf.len().min((self.len - at) as usize);
-                self.file
-                    .read_exact_at(&mut buf[..k], at)
-                    .map_err(|e| AggregatorError::Blob(format!("reading blob {sha}: {e}")))?;
-                h.update(&buf[..k]);
-                at += k as u64;
-            }
-            hex::encode(h.finalize())
+            crate::blobs::hash_file(&self.path)?
         };
         if got != sha {
             return Err(AggregatorError::Blob(format!(
