@@ -51,8 +51,9 @@ $(FLWR_STAMP): $(TORCH_STAMP)
 	fi
 	touch $@
 
+# Every binary: `fedee` and the libtorch-free `fedee-aggregator`.
 build: $(TORCH_STAMP)
-	cargo build --release
+	cargo build --release --workspace
 
 venv: $(TORCH_STAMP)
 

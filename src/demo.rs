@@ -36,16 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Hidden units of the demo MLP.
 pub const HIDDEN: usize = 8;
-/// Default clipping norm `C` of site updates.
-pub const CLIPPING_NORM: f64 = 1.0;
-/// Default noise multiplier `σ`.
-pub const NOISE_MULTIPLIER: f64 = 0.1;
-/// Default local epochs per round.
-pub const LOCAL_EPOCHS: u32 = 2;
-/// Default local SGD learning rate.
-pub const LEARNING_RATE: f64 = 0.05;
-/// Default local batch size.
-pub const BATCH_SIZE: u32 = 16;
+/// The federation defaults, the same as `fedee aggregator`'s.
+pub use fedee_aggregator::cli::{
+    BATCH_SIZE, CLIPPING_NORM, LEARNING_RATE, LOCAL_EPOCHS, NOISE_MULTIPLIER,
+};
 
 const FEDERATION_SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
 const PHARMA_SITE: &str = "VA Long Beach";

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_encrypt::{KeyGroup, KeySet};
 use fedee_model::{Activation, Mlp, MlpConfig, state_from_safetensors, state_to_safetensors};
-use fedee_proto::pki::{Role, TlsFiles};
+use fedee_proto::cli::{
+    TransportArgs, init_tracing, notice, serve_with_grace, shutdown_on_signals,
+};
+use fedee_proto::pki::Role;
 use rand::SeedableRng;
 use tch::{Device, Kind};
-use tokio_util::sync::CancellationToken;
 
 /// Federated learning with differential privacy, and fine-tuning and inference on
 /// equivariantly encrypted (EE) models.
@@ -43,7 +44,7 @@ enum Command {
     /// trainer, encrypted inference; writes a JSON report.
     Demo(demo::DemoArgs),
     /// Run the federation service (rounds, FedAvg, privacy accounting).
-    Aggregator(AggregatorArgs),
+    Aggregator(fedee_aggregator::cli::AggregatorArgs),
     /// Run a site agent next to a hospital's data.
     Site(SiteArgs),
     /// Run the trainer service (EE models and encrypted batches only; never keys).
@@ -83,54 +84,6 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-/// How a party talks gRPC: mutual TLS (default, required unless --insecure).
-#[derive(clap::Args, Clone, Debug)]
-struct TransportArgs {
-    /// Directory of the consortium PKI (from `fedee certs init` and `fedee certs issue`):
-    /// mutual TLS with DIR/ca.pem and this party's DIR/NAME.pem and DIR/NAME.key.
-    #[arg(long)]
-    tls_dir: Option<PathBuf>,
-    /// This party's certificate name in --tls-dir [default: aggregator for the aggregator,
-    /// trainer for the trainer, the site name for a site, pharma for clients].
-    #[arg(long)]
-    tls_name: Option<String>,
-    /// Plaintext gRPC with no authentication: only for a trusted loopback. Prints a warning.
-    #[arg(long, conflicts_with = "tls_dir")]
-    insecure: bool,
-}
-
-impl TransportArgs {
-    fn resolve(&self, default_name: &str) -> Result<Option<TlsFiles>> {
-        if self.insecure {
-            notice(
-                true,
-                "WARNING: --insecure: plaintext gRPC without authentication; anyone who can reach this port can act as any party. Use --tls-dir for mutual TLS.",
-            );
-            return Ok(None);
-        }
-        let Some(dir) = &self.tls_dir else {
-            bail!(
-                "no transport security chosen: pass --tls-dir DIR (create it with `fedee certs init` and `fedee certs issue`) for mutual TLS, or --insecure for plaintext on a trusted loopback"
-            );
-        };
-        let files = TlsFiles::in_dir(dir, self.tls_name.as_deref().unwrap_or(default_name));
-        for p in [&files.ca, &files.cert, &files.key] {
-            if !p.exists() {
-                bail!(
-                    "{} does not exist: issue it with `fedee certs issue --dir {}`",
-                    p.display(),
-                    dir.display()
-                );
-            }
-        }
-        Ok(Some(files))
-    }
-
-    fn scheme(&self) -> &'static str {
-        if self.insecure { "http" } else { "https" }
-    }
-}
-
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Create the consortium CA: DIR/ca.pem and DIR/ca.key (mode 0600).
@@ -165,99 +118,6 @@ enum CertsCommand {
         #[arg(long, default_value_t = 90)]
         days: i64,
     },
-}
-
-#[derive(clap::Args)]
-struct AggregatorArgs {
-    /// Address to listen on (port 0 picks a free port, printed at start).
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    listen: SocketAddr,
-    /// Database URL: sqlite://PATH?mode=rwc (embedded; the file is created if missing) or
-    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE. Holds rounds, sites, update metadata,
-    /// metrics and the privacy spent.
-    #[arg(
-        long,
-        env = "FEDEE_DATABASE_URL",
-        default_value = "sqlite://fedee-aggregator.db?mode=rwc"
-    )]
-    database_url: String,
-    /// Folder of the content-addressed blob store: global models and accepted updates, one
-    /// file per SHA-256, fsynced before a site's update is acknowledged. Back it up with the
-    /// database.
-    #[arg(long, default_value = "fedee-blobs")]
-    blob_dir: PathBuf,
-    /// Seconds a round stays open (round 1: from when --min-sites sites have joined). At the
-    /// deadline the round closes if --min-sites sites submitted, else it fails and the next
-    /// round starts from the same global model; later updates are rejected as stale.
-    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
-    round_timeout: f64,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
-    /// free port, printed at start). Off unless given.
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<SocketAddr>,
-    /// Initial global model (safetensors, from `fedee init-model`); needed on a new database.
-    #[arg(long)]
-    initial_model: Option<PathBuf>,
-    /// Number of FedAvg rounds.
-    #[arg(long, default_value_t = 20)]
-    rounds: u32,
-    /// Quorum: sites that must submit for a round to close (it closes early once every
-    /// enrolled site has submitted).
-    #[arg(long, default_value_t = 3)]
-    min_sites: u32,
-    /// Where differential privacy acts. `site`: each site clips its whole update to
-    /// --clipping-norm and adds Gaussian noise (unit: a site's update; accounted here in zCDP).
-    /// `record`: DP-SGD inside each site with per-example clipping to --clipping-norm, noise
-    /// multiplier --noise-multiplier and sampling rate batch-size / site examples (unit: a
-    /// patient record; each site accounts with an RDP accountant, enforces its own
-    /// --epsilon-budget and reports its ε).
-    #[arg(long, default_value = "site", value_parser = ["site", "record"])]
-    dp_mode: String,
-    /// How a round's updates are combined: `fedavg` (weighted by num_examples); `fedprox`
-    /// (FedAvg aggregation, sites add the proximal term --proximal-mu); `fedadam` / `fedyogi`
-    /// (server optimizers, Reddi et al. 2021, learning rate --server-lr); `median` or
-    /// `trimmed-mean` (coordinate-wise, robust to a minority of poisoned updates; unweighted;
-    /// hold every update in memory).
-    #[arg(long, default_value = "fedavg", value_parser = ["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean"])]
-    strategy: String,
-    /// FedAdam / FedYogi server learning rate η.
-    #[arg(long, default_value_t = 0.01)]
-    server_lr: f64,
-    /// Trimmed mean: fraction of values dropped at each end per coordinate, in [0, 0.5).
-    #[arg(long, default_value_t = 0.1)]
-    trim_fraction: f64,
-    /// FedProx proximal coefficient μ (sites add μ/2 ‖w − w_global‖² to the local loss).
-    #[arg(long, default_value_t = 0.0)]
-    proximal_mu: f64,
-    /// L2 clipping norm C: of each site's update (site mode) or of each example's gradient
-    /// (record mode).
-    #[arg(long, default_value_t = demo::CLIPPING_NORM)]
-    clipping_norm: f64,
-    /// Noise multiplier σ: Gaussian noise of std σ·C per coordinate.
-    #[arg(long, default_value_t = demo::NOISE_MULTIPLIER)]
-    noise_multiplier: f64,
-    /// δ at which ε is reported.
-    #[arg(long, default_value_t = 1e-5)]
-    delta: f64,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = demo::LOCAL_EPOCHS)]
-    local_epochs: u32,
-    /// Local SGD learning rate.
-    #[arg(long, default_value_t = demo::LEARNING_RATE)]
-    learning_rate: f64,
-    /// Local batch size.
-    #[arg(long, default_value_t = demo::BATCH_SIZE)]
-    batch_size: u32,
-    /// Enrol a site (repeatable): with mutual TLS only enrolled sites may join, identified by
-    /// their certificate's name.
-    #[arg(long = "enroll", value_name = "SITE")]
-    enroll: Vec<String>,
-    /// Updates received at the same time (each holds about 2 MiB while it streams to disk);
-    /// further sites wait their turn. Raise it on fast disks with many sites.
-    #[arg(long, default_value_t = 4)]
-    max_concurrent_uploads: usize,
-    #[command(flatten)]
-    transport: TransportArgs,
 }
 
 #[derive(clap::Args)]
@@ -415,95 +275,6 @@ fn mlp_config(hidden: usize) -> MlpConfig {
     }
 }
 
-/// Whether logs are JSON lines (`FEDEE_LOG_FORMAT=json`).
-fn json_logs() -> bool {
-    std::env::var("FEDEE_LOG_FORMAT").as_deref() == Ok("json")
-}
-
-/// A service's operator-facing line (listening address, shutdown, warnings): a plain stderr
-/// line, or with JSON logs a log event, so stderr stays one JSON object per line.
-fn notice(warning: bool, msg: &str) {
-    match (json_logs(), warning) {
-        (false, _) => eprintln!("{msg}"),
-        (true, true) => tracing::warn!("{msg}"),
-        (true, false) => tracing::info!("{msg}"),
-    }
-}
-
-/// Logs to stderr through `tracing`: `FEDEE_LOG` (an `EnvFilter`, e.g. `debug` or
-/// `fedee_aggregator=debug`) overrides `default_level`; `FEDEE_LOG_FORMAT=json` for JSON lines.
-fn init_tracing(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDEE_LOG").unwrap_or_else(|_| {
-        // Refused TLS handshakes (no or bad client certificate) are logged by tonic at debug.
-        tracing_subscriber::EnvFilter::new(format!(
-            "{default_level},tonic::transport::server::io_stream=debug"
-        ))
-    });
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colours only on a terminal: log files and collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if json_logs() {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
-/// A token cancelled on SIGINT or SIGTERM: services then stop accepting work and drain
-/// in-flight calls.
-fn shutdown_on_signals() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let sigterm = async {
-            match term.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = sigterm => {}
-        }
-        notice(
-            false,
-            &format!(
-                "shutting down: draining in-flight calls (at most {} s)",
-                GRACE_PERIOD.as_secs()
-            ),
-        );
-        t.cancel();
-    });
-    token
-}
-
-/// Longest wait for in-flight calls after a shutdown signal.
-const GRACE_PERIOD: Duration = Duration::from_secs(20);
-
-/// Run a service until it ends, or until `GRACE_PERIOD` after `token` is cancelled.
-async fn serve_with_grace<E: Into<anyhow::Error>>(
-    token: CancellationToken,
-    service: impl std::future::Future<Output = Result<(), E>>,
-) -> Result<()> {
-    let deadline = async {
-        token.cancelled().await;
-        tokio::time::sleep(GRACE_PERIOD).await;
-    };
-    tokio::select! {
-        r = service => r.map_err(Into::into),
-        _ = deadline => {
-            notice(true, "grace period over: exiting with calls still in flight");
-            Ok(())
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -515,65 +286,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(b) => bench::run(b),
-        Command::Aggregator(a) => {
-            let initial_model = a
-                .initial_model
-                .as_ref()
-                .map(|p| {
-                    std::fs::read(p)
-                        .with_context(|| format!("reading initial model {}", p.display()))
-                })
-                .transpose()?;
-            let config = fedee_aggregator::Config {
-                database_url: a.database_url,
-                blob_dir: a.blob_dir,
-                round_timeout: Duration::try_from_secs_f64(a.round_timeout).map_err(|_| {
-                    anyhow::anyhow!(
-                        "--round-timeout must be a positive number of seconds, got {}",
-                        a.round_timeout
-                    )
-                })?,
-                metrics_listen: a.metrics_listen,
-                rounds: a.rounds,
-                min_sites: a.min_sites,
-                clipping_norm: ClippingNorm::new(a.clipping_norm)?,
-                noise_multiplier: NoiseMultiplier::new(a.noise_multiplier)?,
-                dp_mode: a.dp_mode.parse()?,
-                strategy: fedee_aggregator::strategy::Strategy::parse(
-                    &a.strategy,
-                    fedee_aggregator::strategy::FedOpt {
-                        lr: a.server_lr,
-                        ..Default::default()
-                    },
-                    a.trim_fraction,
-                )?,
-                proximal_mu: a.proximal_mu,
-                delta: a.delta,
-                local_epochs: a.local_epochs,
-                learning_rate: a.learning_rate,
-                batch_size: a.batch_size,
-                initial_model,
-                tls: a.transport.resolve("aggregator")?,
-                enroll: a.enroll,
-                max_concurrent_uploads: a.max_concurrent_uploads,
-            };
-            config.validate()?;
-            let listener = tokio::net::TcpListener::bind(a.listen)
-                .await
-                .with_context(|| format!("binding {}", a.listen))?;
-            notice(
-                false,
-                &format!("aggregator listening on {}", listener.local_addr()?),
-            );
-            let token = shutdown_on_signals();
-            serve_with_grace(
-                token.clone(),
-                fedee_aggregator::run(config, listener, token),
-            )
-            .await?;
-            notice(false, "aggregator stopped");
-            Ok(())
-        }
+        Command::Aggregator(a) => fedee_aggregator::cli::run(a).await,
         Command::Site(s) => {
             let device = parse_device(&s.device)?;
             let data = fedee_site_agent::heart::load_standardized(&s.data, &s.site)?;

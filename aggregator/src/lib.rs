@@ -10,6 +10,7 @@
 //! crate ([`tensors`]). Aggregation is a pure function; IO lives in [`store`] and [`service`].
 
 pub mod blobs;
+pub mod cli;
 pub mod metrics;
 mod service;
 pub mod store;

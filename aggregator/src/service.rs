@@ -21,7 +21,7 @@ use crate::blobs::{BlobStore, PendingBlob};
 use crate::metrics::{Metrics, Reject};
 use crate::store::{LedgerRow, MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
 use crate::strategy::{ServerState, aggregate_files};
-use crate::tensors::{FileTensors, Tensors};
+use crate::tensors::{FileTensors, StreamCheck, Tensors};
 use crate::{AggregatorError, Config};
 use fedee_dp::DpMode;
 
@@ -161,6 +161,15 @@ fn valid_site_name(s: &str) -> bool {
 
 /// A refused update: the status for the site and the metric label.
 type Refusal = (Reject, Status);
+
+/// A [`StreamCheck`] refusal: not valid F32 safetensors or non-finite ([`Reject::Tensors`]),
+/// or not the global model's layout ([`Reject::Layout`]).
+fn refuse_invalid(e: Result<AggregatorError, AggregatorError>) -> Refusal {
+    match e {
+        Ok(e) => (Reject::Tensors, Status::invalid_argument(e.to_string())),
+        Err(e) => (Reject::Layout, Status::invalid_argument(e.to_string())),
+    }
+}
 
 fn refuse(reason: Reject) -> impl FnOnce(Status) -> Refusal {
     move |s| (reason, s)
@@ -635,7 +644,7 @@ impl Federation {
             .update(h.round, &h.site)
             .await
             .map_err(internal)?;
-        let limit = {
+        let (limit, mut check) = {
             let st = self.state.lock().await;
             if !st.sites.contains(&h.site) {
                 return Err((
@@ -646,7 +655,10 @@ impl Federation {
             if prior.is_none() {
                 stale(&st, &h, self.config.rounds)?;
             }
-            st.global_size + 4096
+            (
+                st.global_size + 4096,
+                StreamCheck::new(&st.global.names, &st.global.shapes),
+            )
         };
         // Uploads are received a few at a time: each holds one chunk and a 1 MiB write
         // buffer, so memory does not grow with the number of sites sending at once.
@@ -668,14 +680,21 @@ impl Federation {
                             Status::invalid_argument(format!("update stream: {e}")),
                         )
                     })?;
-                    // Straight to the blob's temporary file, off the async workers.
-                    w = blocking(move || {
+                    // Checked (header, layout, finite values) and written straight to the
+                    // blob's temporary file, off the async workers.
+                    let checked;
+                    (w, check, checked) = blocking(move || {
+                        let checked = check.feed(&c.data, c.total_size);
+                        if checked.is_err() {
+                            return Ok((w, check, checked));
+                        }
                         std::io::Write::write_all(&mut w, &c.data)
-                            .map(|()| w)
+                            .map(|()| (w, check, checked))
                             .map_err(|e| AggregatorError::Blob(format!("writing an update: {e}")))
                     })
                     .await
                     .map_err(internal)?;
+                    checked.map_err(refuse_invalid)?;
                 }
                 _ => {
                     return Err((
@@ -691,6 +710,7 @@ impl Federation {
                 Status::invalid_argument(format!("update stream: {e}")),
             )
         })?;
+        check.finish().map_err(refuse_invalid)?;
         let pending = w.finish();
         let sha = pending.sha256().to_owned();
         if !sha.eq_ignore_ascii_case(&h.sha256) {
@@ -705,20 +725,6 @@ impl Federation {
         if let Some(prior) = prior {
             return self.repeat(&prior, &h, &sha).await;
         }
-        // Validate from the file: header, layout of the global model, finite values.
-        let (names, shapes) = {
-            let st = self.state.lock().await;
-            (st.global.names.clone(), st.global.shapes.clone())
-        };
-        let pending = blocking(move || Ok(validate(pending, &names, &shapes)))
-            .await
-            .map_err(internal)?
-            .map_err(|(reason, e)| match e {
-                AggregatorError::InvalidUpdate(_) => {
-                    (reason, Status::invalid_argument(e.to_string()))
-                }
-                e => internal(e),
-            })?;
         // Durable before acknowledged: the blob is on disk (fsynced) before its row commits.
         let blobs = self.blobs.clone();
         blocking(move || blobs.commit(pending))

@@ -88,8 +88,15 @@ fn read_header(
     }
     raw.resize(8 + n as usize, 0);
     file.read_exact_at(&mut raw[8..], 8).map_err(io)?;
+    let entries = parse_entries(&raw[8..])?;
+    Ok((file, len, raw, entries))
+}
+
+/// The tensor entries of a safetensors JSON header, in name order (`__metadata__` skipped).
+fn parse_entries(json: &[u8]) -> Result<Vec<(String, TensorInfo)>, AggregatorError> {
+    let bad = |m: String| invalid(format!("not valid safetensors: {m}"));
     let map: std::collections::BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&raw[8..]).map_err(|e| bad(format!("header: {e}")))?;
+        serde_json::from_slice(json).map_err(|e| bad(format!("header: {e}")))?;
     let mut entries = Vec::with_capacity(map.len());
     for (name, v) in map {
         if name == "__metadata__" {
@@ -99,7 +106,102 @@ fn read_header(
             serde_json::from_value(v).map_err(|e| bad(format!("header entry `{name}`: {e}")))?;
         entries.push((name, info));
     }
-    Ok((file, len, raw, entries))
+    Ok(entries)
+}
+
+/// Where a header's tensors lie: per reference tensor (in `names` order) the byte offset of
+/// its data from the start of the file and its number of values; and every tensor as
+/// (data start, data end, name) in on-disk order.
+struct Bound {
+    ranges: Vec<(u64, usize)>,
+    spans: Vec<(u64, u64, String)>,
+}
+
+/// Check parsed header `entries` of a file of `len` bytes whose header JSON is `n` bytes
+/// long (F32 only, offsets contiguous and matching shapes, length exact), and bind them to
+/// the layout `names`/`shapes`.
+///
+/// # Errors
+/// As [`FileTensors::open`].
+#[allow(clippy::result_large_err)]
+fn bind(
+    entries: Vec<(String, TensorInfo)>,
+    n: u64,
+    len: u64,
+    names: &[String],
+    shapes: &[Vec<usize>],
+) -> Result<Bound, Result<AggregatorError, AggregatorError>> {
+    let bad = |m: String| Ok(invalid(format!("not valid safetensors: {m}")));
+    let mut infos: Vec<(String, TensorInfo)> = Vec::with_capacity(entries.len());
+    for (name, info) in entries {
+        if info.dtype != Dtype::F32 {
+            return Err(Ok(invalid(format!(
+                "tensor `{name}` has dtype {:?}; updates must be F32",
+                info.dtype
+            ))));
+        }
+        infos.push((name, info));
+    }
+    // As the safetensors crate validates: data offsets contiguous from 0, each span the
+    // size its shape needs, the last ending at the end of the file.
+    infos.sort_by_key(|(_, i)| i.data_offsets);
+    let data_start = 8 + n;
+    let mut at = 0usize;
+    for (name, info) in &infos {
+        let (s, e) = info.data_offsets;
+        let numel = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|x| x.checked_mul(4));
+        if s != at || e < s || Some(e - s) != numel {
+            return Err(bad(format!(
+                "tensor `{name}` has data offsets {:?} that do not match its shape {:?}",
+                info.data_offsets, info.shape
+            )));
+        }
+        at = e;
+    }
+    if data_start + at as u64 != len {
+        return Err(bad(format!(
+            "the header describes {} data bytes, the file holds {}",
+            at,
+            len.saturating_sub(data_start)
+        )));
+    }
+    // Bind to the reference layout.
+    let mut ranges = Vec::with_capacity(names.len());
+    for (name, shape) in names.iter().zip(shapes) {
+        match infos.iter().find(|(n, _)| n == name) {
+            None => {
+                return Err(Err(invalid(format!(
+                    "tensor `{name}` is missing (expected shape {shape:?})"
+                ))));
+            }
+            Some((_, i)) if &i.shape != shape => {
+                return Err(Err(invalid(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    i.shape
+                ))));
+            }
+            Some((_, i)) => {
+                ranges.push((data_start + i.data_offsets.0 as u64, shape.iter().product()));
+            }
+        }
+    }
+    if let Some((extra, _)) = infos.iter().find(|(n, _)| !names.contains(n)) {
+        return Err(Err(invalid(format!(
+            "tensor `{extra}` is not part of the global model"
+        ))));
+    }
+    let spans = infos
+        .into_iter()
+        .map(|(name, i)| {
+            let (s, e) = i.data_offsets;
+            (data_start + s as u64, data_start + e as u64, name)
+        })
+        .collect();
+    Ok(Bound { ranges, spans })
 }
 
 /// A safetensors file of F32 tensors bound to a reference layout, read in slices with
@@ -136,72 +238,11 @@ impl FileTensors {
         shapes: &[Vec<usize>],
     ) -> Result<Self, Result<AggregatorError, AggregatorError>> {
         let (file, len, raw, entries) = read_header(path).map_err(Ok)?;
-        let bad = |m: String| Ok(invalid(format!("not valid safetensors: {m}")));
+        let n = raw.len() as u64 - 8;
+        let Bound { ranges, .. } = bind(entries, n, len, names, shapes)?;
         let mut hasher = Sha256::new();
         hasher.update(&raw);
-        let n = raw.len() as u64 - 8;
-        let mut infos: Vec<(String, TensorInfo)> = Vec::with_capacity(entries.len());
-        for (name, info) in entries {
-            if info.dtype != Dtype::F32 {
-                return Err(Ok(invalid(format!(
-                    "tensor `{name}` has dtype {:?}; updates must be F32",
-                    info.dtype
-                ))));
-            }
-            infos.push((name, info));
-        }
-        // As the safetensors crate validates: data offsets contiguous from 0, each span the
-        // size its shape needs, the last ending at the end of the file.
-        infos.sort_by_key(|(_, i)| i.data_offsets);
         let data_start = 8 + n;
-        let mut at = 0usize;
-        for (name, info) in &infos {
-            let (s, e) = info.data_offsets;
-            let numel = info
-                .shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .and_then(|x| x.checked_mul(4));
-            if s != at || e < s || Some(e - s) != numel {
-                return Err(bad(format!(
-                    "tensor `{name}` has data offsets {:?} that do not match its shape {:?}",
-                    info.data_offsets, info.shape
-                )));
-            }
-            at = e;
-        }
-        if data_start + at as u64 != len {
-            return Err(bad(format!(
-                "the header describes {} data bytes, the file holds {}",
-                at,
-                len - data_start
-            )));
-        }
-        // Bind to the reference layout.
-        let mut ranges = Vec::with_capacity(names.len());
-        for (name, shape) in names.iter().zip(shapes) {
-            match infos.iter().find(|(n, _)| n == name) {
-                None => {
-                    return Err(Err(invalid(format!(
-                        "tensor `{name}` is missing (expected shape {shape:?})"
-                    ))));
-                }
-                Some((_, i)) if &i.shape != shape => {
-                    return Err(Err(invalid(format!(
-                        "tensor `{name}` has shape {:?}, expected {shape:?}",
-                        i.shape
-                    ))));
-                }
-                Some((_, i)) => {
-                    ranges.push((data_start + i.data_offsets.0 as u64, shape.iter().product()));
-                }
-            }
-        }
-        if let Some((extra, _)) = infos.iter().find(|(n, _)| !names.contains(n)) {
-            return Err(Err(invalid(format!(
-                "tensor `{extra}` is not part of the global model"
-            ))));
-        }
         Ok(Self {
             file,
             path: path.to_owned(),
@@ -291,6 +332,144 @@ impl FileTensors {
                 "blob {sha} is corrupt: its {} bytes hash to {got}",
                 self.len
             )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks an update as its bytes arrive, as [`FileTensors::open`] and
+/// [`FileTensors::check_finite`] would on the finished file: a valid F32 safetensors header
+/// bound to the reference layout, then only finite values. The aggregator validates uploads
+/// this way while they stream to disk, so a bad update is refused at its first bad byte and
+/// a good one is never read back.
+///
+/// Memory: the header (≤ 100 MB, a few KB for real models) and 3 carried bytes.
+#[derive(Debug)]
+pub struct StreamCheck {
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    /// Bytes received so far.
+    pos: u64,
+    /// The header bytes (8-byte length + JSON) until it is complete.
+    head: Vec<u8>,
+    /// Once the header is bound: tensors as (data start, data end, name), on-disk order.
+    spans: Option<Vec<(u64, u64, String)>>,
+    /// The bytes of a value split across two pieces.
+    carry: Vec<u8>,
+}
+
+impl StreamCheck {
+    /// A check against the layout `names` (sorted) / `shapes`.
+    pub fn new(names: &[String], shapes: &[Vec<usize>]) -> Self {
+        Self {
+            names: names.to_vec(),
+            shapes: shapes.to_vec(),
+            pos: 0,
+            head: Vec::new(),
+            spans: None,
+            carry: Vec::with_capacity(4),
+        }
+    }
+
+    /// Check the next `data` bytes of a file that will be `len` bytes long.
+    ///
+    /// # Errors
+    /// As [`FileTensors::open`]: `Err(Ok(e))` not valid F32 safetensors or a non-finite value
+    /// (naming the tensor and flat index), `Err(Err(e))` not the reference layout. After an
+    /// error the check must not be fed again.
+    #[allow(clippy::result_large_err)]
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        len: u64,
+    ) -> Result<(), Result<AggregatorError, AggregatorError>> {
+        let bad = |m: String| Ok(invalid(format!("not valid safetensors: {m}")));
+        if self.spans.is_none() {
+            let want = if self.head.len() < 8 {
+                8
+            } else {
+                let n = u64::from_le_bytes(self.head[..8].try_into().expect("8 bytes"));
+                if n > MAX_HEADER || 8 + n > len {
+                    return Err(bad(format!(
+                        "header length {n} does not fit a file of {len} bytes"
+                    )));
+                }
+                8 + n as usize
+            };
+            let take = (want - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..take]);
+            self.pos += take as u64;
+            data = &data[take..];
+            if self.head.len() < want {
+                return Ok(());
+            }
+            if want == 8 {
+                return self.feed(data, len);
+            }
+            let entries = parse_entries(&self.head[8..]).map_err(Ok)?;
+            let n = self.head.len() as u64 - 8;
+            self.spans = Some(bind(entries, n, len, &self.names, &self.shapes)?.spans);
+            self.head = Vec::new();
+        }
+        // Values: whole 4-byte words, a split one completed from `carry`.
+        let start = self.pos - self.carry.len() as u64;
+        self.pos += data.len() as u64;
+        if !self.carry.is_empty() {
+            let k = (4 - self.carry.len()).min(data.len());
+            self.carry.extend_from_slice(&data[..k]);
+            data = &data[k..];
+            if self.carry.len() < 4 {
+                return Ok(());
+            }
+            let w = std::mem::take(&mut self.carry);
+            self.check_words(&w, start)?;
+        }
+        let whole = data.len() / 4 * 4;
+        self.check_words(&data[..whole], self.pos - data.len() as u64)?;
+        self.carry.extend_from_slice(&data[whole..]);
+        Ok(())
+    }
+
+    /// Refuse the first non-finite f32 in `words`, which start at file offset `at`.
+    #[allow(clippy::result_large_err)]
+    fn check_words(
+        &self,
+        words: &[u8],
+        at: u64,
+    ) -> Result<(), Result<AggregatorError, AggregatorError>> {
+        let Some(i) = words
+            .chunks_exact(4)
+            .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+        else {
+            return Ok(());
+        };
+        let off = at + 4 * i as u64;
+        let b = &words[4 * i..4 * i + 4];
+        let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let (s, _, name) = self
+            .spans
+            .iter()
+            .flatten()
+            .find(|(s, e, _)| (*s..*e).contains(&off))
+            .expect("data bytes lie in a tensor: the header was bound to the file length");
+        Err(Ok(invalid(format!(
+            "tensor `{name}` has a non-finite value ({v}) at flat index {}",
+            (off - s) / 4
+        ))))
+    }
+
+    /// The stream ended: the header must have been complete (data length is checked by the
+    /// chunk stream's total size, which the header was bound to).
+    ///
+    /// # Errors
+    /// `Err(Ok(e))`: the file ended inside its header.
+    #[allow(clippy::result_large_err)]
+    pub fn finish(&self) -> Result<(), Result<AggregatorError, AggregatorError>> {
+        if self.spans.is_none() {
+            return Err(Ok(invalid(format!(
+                "not valid safetensors: {} bytes end inside the header",
+                self.pos
+            ))));
         }
         Ok(())
     }
@@ -580,5 +759,84 @@ mod tests {
                 .contains("`b` has a non-finite value (NaN) at flat index 1"),
             "{e}"
         );
+    }
+
+    /// Whatever the chunking, the streaming check refuses exactly what the file check
+    /// refuses, with the same message and error group, and accepts what it accepts.
+    #[test]
+    fn stream_check_agrees_with_the_file_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u");
+        let a = t(
+            &["a", "b"],
+            &[vec![2], vec![1, 3]],
+            vec![vec![1.0, 2.0], vec![3.0, 4.0, 5.0]],
+        );
+        let file = |b: &[u8]| {
+            std::fs::write(&path, b).unwrap();
+            FileTensors::open(&path, &a.names, &a.shapes)
+                .and_then(|mut f| f.check_finite().map_err(Ok))
+        };
+        let stream = |b: &[u8], piece: usize| {
+            let mut c = StreamCheck::new(&a.names, &a.shapes);
+            for p in b.chunks(piece) {
+                c.feed(p, b.len() as u64)?;
+            }
+            c.finish()
+        };
+        let mut odd = a.to_safetensors();
+        // A header padded to an odd length: values straddle the pieces' boundaries.
+        let n = u64::from_le_bytes(odd[..8].try_into().unwrap()) as usize;
+        let mut header = odd[8..8 + n].to_vec();
+        while header.last() == Some(&b' ') {
+            header.pop();
+        }
+        header.push(b' ');
+        let mut odd2 = (header.len() as u64).to_le_bytes().to_vec();
+        odd2.extend_from_slice(&header);
+        odd2.extend_from_slice(&odd[8 + n..]);
+        odd = odd2;
+        let nan = t(
+            &["a", "b"],
+            &a.shapes,
+            vec![vec![1.0, 2.0], vec![3.0, f32::NAN, 5.0]],
+        );
+        let inf = t(
+            &["a", "b"],
+            &a.shapes,
+            vec![vec![f32::INFINITY, 2.0], vec![3.0, 4.0, 5.0]],
+        );
+        let other = t(&["a", "c"], &[vec![2], vec![1, 3]], a.data.clone());
+        let good = a.to_safetensors();
+        let cases: Vec<Vec<u8>> = vec![
+            good.clone(),
+            odd,
+            nan.to_safetensors(),
+            inf.to_safetensors(),
+            other.to_safetensors(),
+            good[..good.len() - 1].to_vec(),
+            good[..5].to_vec(),
+            good[..20].to_vec(),
+            b"\x10\0\0\0\0\0\0\0{}".to_vec(),
+            b"\xff\xff\xff\xff\0\0\0\0{}".to_vec(),
+        ];
+        let mut refused = 0;
+        for (k, bytes) in cases.iter().enumerate() {
+            let want = file(bytes).map_err(|e| e.map(|e| e.to_string()).map_err(|e| e.to_string()));
+            if want.is_err() {
+                refused += 1;
+            }
+            for piece in [1, 3, 4, 7, 64, bytes.len().max(1)] {
+                let got = stream(bytes, piece)
+                    .map_err(|e| e.map(|e| e.to_string()).map_err(|e| e.to_string()));
+                // A file shorter than its header is refused by both, in their own words.
+                if k == 6 || k == 7 {
+                    assert!(got.unwrap_err().unwrap().contains("not valid safetensors"));
+                    continue;
+                }
+                assert_eq!(got, want, "case {k}, pieces of {piece} bytes");
+            }
+        }
+        assert_eq!(refused, 8, "only the two good files pass");
     }
 }

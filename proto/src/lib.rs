@@ -10,5 +10,6 @@ pub mod v1 {
 }
 
 mod chunk;
+pub mod cli;
 pub mod pki;
 pub use chunk::{CHUNK_SIZE, ChunkCursor, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks};

@@ -1,0 +1,175 @@
+//! The aggregator's command line, shared by `fedee aggregator` and the libtorch-free
+//! `fedee-aggregator` binary (same flags, same behaviour; the latter does not load libtorch,
+//! which saves about 365 MB of resident memory).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use fedee_dp::{ClippingNorm, NoiseMultiplier};
+use fedee_proto::cli::{TransportArgs, notice, serve_with_grace, shutdown_on_signals};
+
+/// Default L2 clipping norm C (of a site's update, or of an example's gradient).
+pub const CLIPPING_NORM: f64 = 1.0;
+/// Default noise multiplier σ.
+pub const NOISE_MULTIPLIER: f64 = 0.1;
+/// Default local epochs per round.
+pub const LOCAL_EPOCHS: u32 = 2;
+/// Default local SGD learning rate.
+pub const LEARNING_RATE: f64 = 0.05;
+/// Default local batch size.
+pub const BATCH_SIZE: u32 = 16;
+
+/// Run the federation service (rounds, FedAvg, privacy accounting).
+#[derive(clap::Args)]
+pub struct AggregatorArgs {
+    /// Address to listen on (port 0 picks a free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Database URL: sqlite://PATH?mode=rwc (embedded; the file is created if missing) or
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE. Holds rounds, sites, update metadata,
+    /// metrics and the privacy spent.
+    #[arg(
+        long,
+        env = "FEDEE_DATABASE_URL",
+        default_value = "sqlite://fedee-aggregator.db?mode=rwc"
+    )]
+    pub database_url: String,
+    /// Folder of the content-addressed blob store: global models and accepted updates, one
+    /// file per SHA-256, fsynced before a site's update is acknowledged. Back it up with the
+    /// database.
+    #[arg(long, default_value = "fedee-blobs")]
+    pub blob_dir: PathBuf,
+    /// Seconds a round stays open (round 1: from when --min-sites sites have joined). At the
+    /// deadline the round closes if --min-sites sites submitted, else it fails and the next
+    /// round starts from the same global model; later updates are rejected as stale.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub round_timeout: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
+    /// free port, printed at start). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Initial global model (safetensors, from `fedee init-model`); needed on a new database.
+    #[arg(long)]
+    pub initial_model: Option<PathBuf>,
+    /// Number of FedAvg rounds.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u32,
+    /// Quorum: sites that must submit for a round to close (it closes early once every
+    /// enrolled site has submitted).
+    #[arg(long, default_value_t = 3)]
+    pub min_sites: u32,
+    /// Where differential privacy acts. `site`: each site clips its whole update to
+    /// --clipping-norm and adds Gaussian noise (unit: a site's update; accounted here in zCDP).
+    /// `record`: DP-SGD inside each site with per-example clipping to --clipping-norm, noise
+    /// multiplier --noise-multiplier and sampling rate batch-size / site examples (unit: a
+    /// patient record; each site accounts with an RDP accountant, enforces its own
+    /// --epsilon-budget and reports its ε).
+    #[arg(long, default_value = "site", value_parser = ["site", "record"])]
+    pub dp_mode: String,
+    /// How a round's updates are combined: `fedavg` (weighted by num_examples); `fedprox`
+    /// (FedAvg aggregation, sites add the proximal term --proximal-mu); `fedadam` / `fedyogi`
+    /// (server optimizers, Reddi et al. 2021, learning rate --server-lr); `median` or
+    /// `trimmed-mean` (coordinate-wise, robust to a minority of poisoned updates; unweighted;
+    /// hold every update in memory).
+    #[arg(long, default_value = "fedavg", value_parser = ["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean"])]
+    pub strategy: String,
+    /// FedAdam / FedYogi server learning rate η.
+    #[arg(long, default_value_t = 0.01)]
+    pub server_lr: f64,
+    /// Trimmed mean: fraction of values dropped at each end per coordinate, in [0, 0.5).
+    #[arg(long, default_value_t = 0.1)]
+    pub trim_fraction: f64,
+    /// FedProx proximal coefficient μ (sites add μ/2 ‖w − w_global‖² to the local loss).
+    #[arg(long, default_value_t = 0.0)]
+    pub proximal_mu: f64,
+    /// L2 clipping norm C: of each site's update (site mode) or of each example's gradient
+    /// (record mode).
+    #[arg(long, default_value_t = CLIPPING_NORM)]
+    pub clipping_norm: f64,
+    /// Noise multiplier σ: Gaussian noise of std σ·C per coordinate.
+    #[arg(long, default_value_t = NOISE_MULTIPLIER)]
+    pub noise_multiplier: f64,
+    /// δ at which ε is reported.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = LOCAL_EPOCHS)]
+    pub local_epochs: u32,
+    /// Local SGD learning rate.
+    #[arg(long, default_value_t = LEARNING_RATE)]
+    pub learning_rate: f64,
+    /// Local batch size.
+    #[arg(long, default_value_t = BATCH_SIZE)]
+    pub batch_size: u32,
+    /// Enrol a site (repeatable): with mutual TLS only enrolled sites may join, identified by
+    /// their certificate's name.
+    #[arg(long = "enroll", value_name = "SITE")]
+    pub enroll: Vec<String>,
+    /// Updates received at the same time (each holds about 2 MiB while it streams to disk);
+    /// further sites wait their turn. Raise it on fast disks with many sites.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent_uploads: usize,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+/// Run the aggregator until its rounds are done or SIGINT/SIGTERM (then drain in-flight calls
+/// for at most [`fedee_proto::cli::GRACE_PERIOD`]).
+///
+/// # Errors
+/// Bad flags (naming the flag), an unreadable initial model, a port that cannot be bound, or
+/// the service failing (see [`crate::AggregatorError`]).
+pub async fn run(a: AggregatorArgs) -> Result<()> {
+    let initial_model = a
+        .initial_model
+        .as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading initial model {}", p.display())))
+        .transpose()?;
+    let config = crate::Config {
+        database_url: a.database_url,
+        blob_dir: a.blob_dir,
+        round_timeout: Duration::try_from_secs_f64(a.round_timeout).map_err(|_| {
+            anyhow::anyhow!(
+                "--round-timeout must be a positive number of seconds, got {}",
+                a.round_timeout
+            )
+        })?,
+        metrics_listen: a.metrics_listen,
+        rounds: a.rounds,
+        min_sites: a.min_sites,
+        clipping_norm: ClippingNorm::new(a.clipping_norm)?,
+        noise_multiplier: NoiseMultiplier::new(a.noise_multiplier)?,
+        dp_mode: a.dp_mode.parse()?,
+        strategy: crate::strategy::Strategy::parse(
+            &a.strategy,
+            crate::strategy::FedOpt {
+                lr: a.server_lr,
+                ..Default::default()
+            },
+            a.trim_fraction,
+        )?,
+        proximal_mu: a.proximal_mu,
+        delta: a.delta,
+        local_epochs: a.local_epochs,
+        learning_rate: a.learning_rate,
+        batch_size: a.batch_size,
+        initial_model,
+        tls: a.transport.resolve("aggregator")?,
+        enroll: a.enroll,
+        max_concurrent_uploads: a.max_concurrent_uploads,
+    };
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    notice(
+        false,
+        &format!("aggregator listening on {}", listener.local_addr()?),
+    );
+    let token = shutdown_on_signals();
+    serve_with_grace(token.clone(), crate::run(config, listener, token)).await?;
+    notice(false, "aggregator stopped");
+    Ok(())
+}
