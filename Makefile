@@ -16,7 +16,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: demo test build data venv clean fuzz bench
+.PHONY: demo test build data venv clean fuzz bench attacks
 
 demo: build data
 	./target/release/fedee demo --data $(HEART) --report demo-report.json
@@ -40,6 +40,24 @@ bench: build data $(FLWR_STAMP)
 	./target/release/fedee bench ee-overhead --json $(BENCH_OUT)/ee-overhead.json
 	./target/release/fedee bench train --json $(BENCH_OUT)/train.json
 	./target/release/fedee bench aggregate --json $(BENCH_OUT)/aggregate.json
+
+# The attack suite (SECURITY.md): each attack prints a table; JSON lands in target/attacks/.
+REFERENCE := data/cache/reference/lee_background.cor
+ATTACK_OUT := target/attacks
+attacks: build data $(REFERENCE)
+	mkdir -p $(ATTACK_OUT)
+	./target/release/fedee ee attack frequency --json $(ATTACK_OUT)/frequency.json
+	./target/release/fedee ee attack known-plaintext --json $(ATTACK_OUT)/known-plaintext.json
+	./target/release/fedee ee attack weight-matching --json $(ATTACK_OUT)/weight-matching.json
+	./target/release/fedee ee attack activation-stats --json $(ATTACK_OUT)/activation-stats.json
+
+# The attacker's public reference text: the Lee news corpus shipped as test data in PyPI
+# package gensim==4.4.0 (any platform's wheel holds the same file).
+$(REFERENCE): | $(TORCH_STAMP)
+	mkdir -p $(WHEELS) data/cache/reference
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --implementation cp --python-version 311 --platform manylinux_2_28_x86_64 --dest $(WHEELS) gensim==4.4.0
+	$(PYTHON) -c "import zipfile,glob; z=zipfile.ZipFile(sorted(glob.glob('$(WHEELS)/gensim-4.4.0-*.whl'))[0]); open('$@','wb').write(z.read('gensim/test/test_data/lee_background.cor'))"
+	@echo "data: $@ ($$(wc -w < $@) words)"
 
 # Flower, for the side-by-side aggregation benchmark only (flwr 1.42 needs a certifi release
 # newer than PyPI mirrors may carry).

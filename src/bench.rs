@@ -82,7 +82,7 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Aggregation at scale: a `fedee aggregator` process ingests one round from SITES sites
+    /// Aggregation at scale: a `fedee-aggregator` process (libtorch-free; `fedee aggregator` if it is not built) ingests one round from SITES sites
     /// over loopback gRPC with mutual TLS and aggregates it (FedAvg); reports ingest MB/s and
     /// the aggregator's peak RSS, beside Flower's NumPy `aggregate` on the same update files.
     Aggregate {

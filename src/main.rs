@@ -1,5 +1,6 @@
 //! `fedee`: one CLI for every fedee role. Thin glue over the library crates.
 
+mod attack;
 mod bench;
 mod bench_aggregate;
 mod bench_ee;
@@ -229,28 +230,55 @@ enum EeCommand {
         /// Longest sequence, special tokens included.
         #[arg(long, default_value_t = 128)]
         max_len: usize,
+        /// Warn when the tokens encrypted under this key file (counted in KEYS.usage.json)
+        /// pass this many: frequency analysis decodes more of them as ciphertext accumulates
+        /// (SECURITY.md). Rotate with `fedee ee rotate`.
+        #[arg(long, env = "FEDEE_MAX_TOKENS_PER_KEY", default_value_t = fedee_encrypt::volume::DEFAULT_TOKEN_LIMIT)]
+        max_tokens_per_key: u64,
         /// Texts to tokenize.
         #[arg(required = true)]
         text: Vec<String>,
     },
     /// Transform a plaintext model into its EE model.
     Encrypt {
-        #[arg(long)]
-        keys: PathBuf,
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        files: TransformFiles,
     },
     /// Decrypt an EE model back to plaintext.
     Decrypt {
-        #[arg(long)]
-        keys: PathBuf,
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        files: TransformFiles,
     },
+    /// Re-key an EE model without retraining (key holder side): decrypt with --keys, draw new
+    /// keys of the same groups into --new-keys (0600), transform into --out. Upload the new EE
+    /// model to the trainer and switch every client to the new keys at once.
+    Rotate {
+        #[command(flatten)]
+        files: TransformFiles,
+        /// Where the new key file goes (must not exist).
+        #[arg(long)]
+        new_keys: PathBuf,
+    },
+    /// Measure what EE hides: attacks a server could run, with figures (SECURITY.md).
+    #[command(subcommand)]
+    Attack(attack::AttackCommand),
+}
+
+/// The files of a model transform.
+#[derive(clap::Args)]
+struct TransformFiles {
+    /// Key file (from `fedee ee keygen`).
+    #[arg(long)]
+    keys: PathBuf,
+    /// Input model (safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output model (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// The BERT config.json, for keys of a BERT classifier (e.g. data/cache/minilm/config.json).
+    #[arg(long)]
+    bert_config: Option<PathBuf>,
 }
 
 pub(crate) fn parse_device(s: &str) -> Result<Device> {
@@ -520,6 +548,7 @@ fn ee(cmd: EeCommand) -> Result<()> {
             keys,
             tokenizer,
             max_len,
+            max_tokens_per_key,
             text,
         } => {
             let k = KeySet::load(&keys)?;
@@ -530,10 +559,17 @@ fn ee(cmd: EeCommand) -> Result<()> {
                 );
             }
             let tok = fedee_model::text::TextTokenizer::from_file(&tokenizer, max_len)?;
+            let mut meter = fedee_encrypt::volume::VolumeMeter::open(&keys)?;
             for t in &text {
                 let ids = tch::Tensor::from_slice(&tok.ids(t)?);
                 let enc = Vec::<i64>::try_from(fedee_encrypt::encrypt_indices(&k, "vocab", &ids)?)?;
                 let mask = vec![1; enc.len()];
+                let total = meter.add(enc.len() as u64)?;
+                if let Some(w) =
+                    fedee_encrypt::volume::VolumeMeter::warning(total, max_tokens_per_key)
+                {
+                    eprintln!("{w}");
+                }
                 println!(
                     "{}",
                     serde_json::json!({ "input_ids": enc, "attention_mask": mask })
@@ -541,37 +577,83 @@ fn ee(cmd: EeCommand) -> Result<()> {
             }
             Ok(())
         }
-        EeCommand::Encrypt { keys, model, out } => {
-            transform_file(&keys, &model, &out, Direction::Encrypt)
+        EeCommand::Encrypt { files } => transform_file(&files, Direction::Encrypt),
+        EeCommand::Decrypt { files } => transform_file(&files, Direction::Decrypt),
+        EeCommand::Rotate { files, new_keys } => {
+            if new_keys.exists() {
+                bail!(
+                    "{} exists: choose a new path for the new keys (the old key file stays valid for the old EE model)",
+                    new_keys.display()
+                );
+            }
+            transform_file(&files, Direction::Rotate(new_keys))
         }
-        EeCommand::Decrypt { keys, model, out } => {
-            transform_file(&keys, &model, &out, Direction::Decrypt)
-        }
+        EeCommand::Attack(a) => attack::run(a),
     }
 }
 
 enum Direction {
     Encrypt,
     Decrypt,
+    Rotate(PathBuf),
 }
 
-fn transform_file(
-    keys: &std::path::Path,
-    model: &std::path::Path,
-    out: &std::path::Path,
-    dir: Direction,
-) -> Result<()> {
+/// The key spec of a key file's architecture, sized from the model.
+fn spec_for(
+    k: &KeySet,
+    state: &fedee_encrypt::StateDict,
+    bert_config: Option<&std::path::Path>,
+) -> Result<fedee_encrypt::KeySpec> {
+    match k.architecture.as_str() {
+        "mlp" => {
+            let hidden = state
+                .get("fc1.bias")
+                .map(|t| t.size()[0] as usize)
+                .context("model has no `fc1.bias`: it is not an fedee MLP, but the keys are")?;
+            Ok(mlp_config(hidden).key_spec())
+        }
+        "bert-classifier" => {
+            let path = bert_config.context(
+                "the keys are for a BERT classifier: pass --bert-config (e.g. data/cache/minilm/config.json)",
+            )?;
+            let bert = fedee_model::BertConfig::from_file(path)?;
+            let num_labels = state
+                .get("classifier.bias")
+                .map(|t| t.size()[0] as usize)
+                .context("model has no `classifier.bias`: it is not a BERT classifier")?;
+            Ok(fedee_model::BertClassifierConfig { bert, num_labels }.key_spec())
+        }
+        a => bail!("keys for unknown architecture `{a}`"),
+    }
+}
+
+fn transform_file(files: &TransformFiles, dir: Direction) -> Result<()> {
+    let TransformFiles {
+        keys,
+        model,
+        out,
+        bert_config,
+    } = files;
     let k = KeySet::load(keys)?;
     let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
     let state = state_from_safetensors(&bytes, Device::Cpu)?;
-    let hidden = state
-        .get("fc1.bias")
-        .map(|t| t.size()[0] as usize)
-        .context("model has no `fc1.bias`: it is not an fedee MLP")?;
-    let spec = mlp_config(hidden).key_spec();
+    let spec = spec_for(&k, &state, bert_config.as_deref())?;
+    let t = std::time::Instant::now();
     let result = match dir {
         Direction::Encrypt => fedee_encrypt::transform_state(&spec, &k, &state)?,
         Direction::Decrypt => fedee_encrypt::decrypt_state(&spec, &k, &state)?,
+        Direction::Rotate(new_path) => {
+            let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+            let (new, ee) = fedee_encrypt::rotate(&spec, &k, &state, &mut rng)?;
+            new.save(&new_path)?;
+            eprintln!(
+                "rotated {} keys in {:.2} s: new keys in {} (0600); the old key file only fits the old EE model",
+                new.keys.len(),
+                t.elapsed().as_secs_f64(),
+                new_path.display()
+            );
+            ee
+        }
     };
     std::fs::write(out, state_to_safetensors(&result)?)
         .with_context(|| format!("writing {}", out.display()))?;

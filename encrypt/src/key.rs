@@ -474,9 +474,12 @@ impl Key {
         }
     }
 
-    /// For permutation keys on labels: encrypted class of plaintext class `y`, i.e. the index
-    /// `i` with `perm[i] = y`, so that `K e_y = e_i`. `None` for other groups.
-    pub(crate) fn permutation(&self) -> Option<&[i64]> {
+    /// The index map of a permutation key, `(K x)[i] = x[perm[i]]` (for labels: `perm[i] = y`
+    /// where `i` is the encrypted class of `y`). `None` for other groups.
+    ///
+    /// # Security
+    /// Secret material: for scoring attacks and key-holder tools only.
+    pub fn permutation(&self) -> Option<&[i64]> {
         match &self.material {
             KeyMaterial::Permutation { perm } => Some(perm),
             _ => None,

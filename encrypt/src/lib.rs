@@ -22,14 +22,16 @@
 //! encrypted inputs). `d + 1` known plaintext/ciphertext pairs recover an input key by a linear
 //! solve, and public base weights allow weight matching. See SECURITY.md.
 
+pub mod attack;
 mod key;
 mod spec;
+pub mod volume;
 
 pub use key::{Key, KeyGroup, KeyMaterial};
 pub use spec::{
     Heads, InputKind, KeyDecl, KeyRef, KeySet, KeySpec, Optimizer, StateDict, check_trainable,
     decrypt_labels, decrypt_outputs, decrypt_state, encrypt_indices, encrypt_inputs,
-    encrypt_labels, encrypt_token_ids, transform_state, verify_inference,
+    encrypt_labels, encrypt_token_ids, rotate, transform_state, verify_inference,
 };
 
 /// Errors of key generation, transformation and verification.

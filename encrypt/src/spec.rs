@@ -443,6 +443,36 @@ pub fn decrypt_state(
     apply_keys(spec, &inverse, &state)
 }
 
+/// Re-key an EE model without retraining: decrypt with `old`, draw fresh keys of the same
+/// groups (and an offset if `old` had one) from `rng`, transform. Returns the new keys and the
+/// new EE model; `decrypt_state(new_keys, new_model)` equals `decrypt_state(old, ee)` up to
+/// float rounding.
+///
+/// # Security
+/// What a server learned about the old key (by frequency analysis or matching) does not carry
+/// over to the new one, but the new EE model is again open to weight matching when the base
+/// model is public. Every client must switch keys at once: ciphertext under the old key does
+/// not work with the new model.
+///
+/// # Errors
+/// As [`transform_state`] and [`decrypt_state`].
+pub fn rotate<R: Rng + ?Sized>(
+    spec: &KeySpec,
+    old: &KeySet,
+    ee: &StateDict,
+    rng: &mut R,
+) -> Result<(KeySet, StateDict), EncryptError> {
+    let plain = decrypt_state(spec, old, ee)?;
+    let groups = old
+        .keys
+        .iter()
+        .map(|(n, k)| (n.clone(), k.group()))
+        .collect();
+    let new = KeySet::generate(spec, &groups, old.input_offset.is_some(), rng)?;
+    let out = transform_state(spec, &new, &plain)?;
+    Ok((new, out))
+}
+
 /// Encrypt inputs: `x' = T x + δ` row by row.
 ///
 /// `x`: `(batch, in_features)`, f32 or f64. Returns the same shape and dtype.

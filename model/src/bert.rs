@@ -428,12 +428,30 @@ fn p<'a>(state: &'a StateDict, name: &str) -> &'a Tensor {
 /// Last hidden states `(batch, seq, hidden)` for `ids`, `mask`: `(batch, seq)` int64.
 /// Token types are all 0. No dropout (exact, as EE tests require).
 pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) -> Tensor {
-    let (b, t) = (ids.size()[0], ids.size()[1]);
+    encode_layers(cfg, state, ids, mask)
+        .pop()
+        .expect("at least the embedding output")
+}
+
+/// Every hidden state `(batch, seq, hidden)`: the embeddings' LayerNorm output, then each
+/// layer's output (`num_hidden_layers + 1` tensors; the last is [`encode`]'s). What a server
+/// running the model observes.
+pub fn encode_layers(
+    cfg: &BertConfig,
+    state: &StateDict,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> Vec<Tensor> {
+    encode_embedded(cfg, state, &embed(cfg, state, ids), mask)
+}
+
+/// The embedding layer alone: `LayerNorm(word + position + token type)`, `(batch, seq,
+/// hidden)` for `ids (batch, seq)` int64. With client-side embeddings the key holder runs this
+/// on its own EE model and sends the result instead of token ids (positions are added here,
+/// so the client may then shuffle token order).
+pub fn embed(cfg: &BertConfig, state: &StateDict, ids: &Tensor) -> Tensor {
+    let t = ids.size()[1];
     let h = cfg.hidden_size as i64;
-    let (nh, hd) = (
-        cfg.num_attention_heads as i64,
-        (cfg.hidden_size / cfg.num_attention_heads) as i64,
-    );
     let dev = ids.device();
     let words = Tensor::embedding(
         p(state, "embeddings.word_embeddings.weight"),
@@ -442,7 +460,6 @@ pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) 
         false,
         false,
     );
-    let kind = words.kind();
     let pos = Tensor::arange(t, (Kind::Int64, dev));
     let positions = Tensor::embedding(
         p(state, "embeddings.position_embeddings.weight"),
@@ -452,6 +469,31 @@ pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) 
         false,
     );
     let types = p(state, "embeddings.token_type_embeddings.weight").get(0);
+    (words + positions.unsqueeze(0) + types).layer_norm(
+        [h],
+        Some(p(state, "embeddings.LayerNorm.weight")),
+        Some(p(state, "embeddings.LayerNorm.bias")),
+        cfg.layer_norm_eps,
+        false,
+    )
+}
+
+/// The encoder layers on embedded input `x (batch, seq, hidden)` (from [`embed`]) with
+/// `mask (batch, seq)`: every hidden state, as [`encode_layers`]. Without a causal mask the
+/// layers are equivariant to reordering the tokens (with their mask entries).
+pub fn encode_embedded(
+    cfg: &BertConfig,
+    state: &StateDict,
+    x: &Tensor,
+    mask: &Tensor,
+) -> Vec<Tensor> {
+    let (b, t) = (x.size()[0], x.size()[1]);
+    let h = cfg.hidden_size as i64;
+    let (nh, hd) = (
+        cfg.num_attention_heads as i64,
+        (cfg.hidden_size / cfg.num_attention_heads) as i64,
+    );
+    let kind = x.kind();
     let ln = |x: &Tensor, prefix: &str| {
         x.layer_norm(
             [h],
@@ -461,10 +503,7 @@ pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) 
             false,
         )
     };
-    let mut x = ln(
-        &(words + positions.unsqueeze(0) + types),
-        "embeddings.LayerNorm",
-    );
+    let mut x = x.shallow_clone();
     let min = if kind == Kind::Double {
         f64::MIN
     } else {
@@ -473,7 +512,9 @@ pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) 
     let ext: Tensor = (mask.to_kind(kind).neg() + 1.0) * min;
     let ext = ext.view([b, 1, 1, t]);
     let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = Vec::with_capacity(cfg.num_hidden_layers + 1);
     for l in 0..cfg.num_hidden_layers {
+        out.push(x.shallow_clone());
         let pre = format!("encoder.layer.{l}.");
         let lin = |x: &Tensor, n: &str| {
             x.linear(
@@ -502,7 +543,8 @@ pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) 
             &format!("{pre}output.LayerNorm"),
         );
     }
-    x
+    out.push(x);
+    out
 }
 
 /// Mean of `hidden (batch, seq, hidden)` over unmasked positions: `(batch, hidden)`.
