@@ -202,6 +202,23 @@ impl TextData {
     }
 }
 
+impl TextData {
+    /// The public all-MiniLM-L6-v2 with a fresh head (seeded), and its EE model under `keys`.
+    fn public_and_ee(
+        &self,
+        cfg: &BertClassifierConfig,
+        keys: &KeySet,
+    ) -> Result<(StateDict, StateDict)> {
+        let path = self.model_dir.join("model.safetensors");
+        need(&path)?;
+        let mut public = bert::load_pretrained(&path, &cfg.bert, Device::Cpu)?;
+        tch::manual_seed(self.seed as i64);
+        public.extend(cfg.init_head(Kind::Float));
+        let ee = transform_state(&cfg.key_spec(), keys, &public)?;
+        Ok((public, ee))
+    }
+}
+
 fn tokenize(tok: &TextTokenizer, rs: &[fedee_site_agent::drugs::Review]) -> Result<Vec<Vec<i64>>> {
     rs.iter()
         .map(|r| tok.ids(&r.text).map_err(Into::into))
@@ -379,16 +396,8 @@ fn frequency(a: &FrequencyArgs) -> Result<Value> {
 /// entries move with their tokens) and sends vectors; the server runs the encoder layers.
 fn shuffle_cost(d: &TextData, text: &Text, keys: &KeySet) -> Result<Value> {
     let cfg = text.cfg;
-    need(&d.model_dir.join("model.safetensors"))?;
-    let mut state = bert::load_pretrained(
-        &d.model_dir.join("model.safetensors"),
-        &cfg.bert,
-        Device::Cpu,
-    )?;
-    tch::manual_seed(d.seed as i64);
-    state.extend(cfg.init_head(Kind::Float));
+    let (_, ee) = d.public_and_ee(&cfg, keys)?;
     let spec = cfg.key_spec();
-    let ee = transform_state(&spec, keys, &state)?;
     let _g = tch::no_grad_guard();
     let seqs = tokenize(&text.tok, &text.test)?;
     let mut rng = ChaCha20Rng::seed_from_u64(d.seed);
@@ -563,12 +572,7 @@ fn perm_of(keys: &KeySet, name: &str) -> Result<Vec<i64>> {
 }
 
 /// Recover every permutation of an EE BERT from the public weights; shares recovered.
-fn recover_all(
-    public: &StateDict,
-    ee: &StateDict,
-    keys: &KeySet,
-    layers: usize,
-) -> Result<(Value, f64)> {
+fn recover_all(public: &StateDict, ee: &StateDict, keys: &KeySet, layers: usize) -> Result<Value> {
     let t = Instant::now();
     let residual = matching::match_residual(public, ee);
     let res_share =
@@ -600,38 +604,26 @@ fn recover_all(
         ));
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let secs = t.elapsed().as_secs_f64();
-    Ok((
-        json!({
-            "residual_share": res_share,
-            "vocab_share": vocab_share,
-            "ffn_share_mean": mean(&ffn),
-            "qk_share_mean": mean(&qk),
-            "vo_share_mean": mean(&vo),
-            "attack_seconds": secs,
-        }),
-        secs,
-    ))
+    Ok(json!({
+        "residual_share": res_share,
+        "vocab_share": vocab_share,
+        "ffn_share_mean": mean(&ffn),
+        "qk_share_mean": mean(&qk),
+        "vo_share_mean": mean(&vo),
+        "attack_seconds": t.elapsed().as_secs_f64(),
+    }))
 }
 
 fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
     let d = &a.data;
     let text = d.load()?;
     let cfg = text.cfg;
-    need(&d.model_dir.join("model.safetensors"))?;
-    let mut public = bert::load_pretrained(
-        &d.model_dir.join("model.safetensors"),
-        &cfg.bert,
-        Device::Cpu,
-    )?;
-    tch::manual_seed(d.seed as i64);
-    public.extend(cfg.init_head(Kind::Float));
     let keys = d.keys(&cfg)?;
+    let (public, ee) = d.public_and_ee(&cfg, &keys)?;
     let spec = cfg.key_spec();
-    let ee = transform_state(&spec, &keys, &public)?;
     let layers = cfg.bert.num_hidden_layers;
     let mut rows = Vec::new();
-    let (r0, _) = recover_all(&public, &ee, &keys, layers)?;
+    let r0 = recover_all(&public, &ee, &keys, layers)?;
     rows.push(json!({"ee_model": "fresh (no fine-tuning)", "finetune_steps": 0, "recovered": r0}));
     // Key rotation: its cost, and whether the attack works again on the re-keyed model.
     let t = Instant::now();
@@ -643,7 +635,7 @@ fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
     )?;
     let rotate_seconds = t.elapsed().as_secs_f64();
     let ee_bytes = fedee_model::state_to_safetensors(&rotated)?.len();
-    let (r_rot, _) = recover_all(&public, &rotated, &new_keys, layers)?;
+    let r_rot = recover_all(&public, &rotated, &new_keys, layers)?;
     eprintln!(
         "weight-matching: key rotation of the EE model took {rotate_seconds:.2} s; {:.1} MB to upload again",
         ee_bytes as f64 / 1e6
@@ -710,7 +702,7 @@ fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
                 (v - base).norm().double_value(&[]) / base.norm().double_value(&[]).max(1e-12)
             })
             .fold(0.0, f64::max);
-        let (r1, _) = recover_all(&public, &tuned, &keys, layers)?;
+        let r1 = recover_all(&public, &tuned, &keys, layers)?;
         rows.push(json!({
             "ee_model": "after encrypted AdamW fine-tuning (drug demo recipe)",
             "finetune_steps": a.finetune_steps,
@@ -753,17 +745,9 @@ fn activation_stats(a: &ActivationArgs) -> Result<Value> {
     let d = &a.data;
     let text = d.load()?;
     let cfg = text.cfg;
-    need(&d.model_dir.join("model.safetensors"))?;
-    let mut public = bert::load_pretrained(
-        &d.model_dir.join("model.safetensors"),
-        &cfg.bert,
-        Device::Cpu,
-    )?;
-    tch::manual_seed(d.seed as i64);
-    public.extend(cfg.init_head(Kind::Float));
     let keys = d.keys(&cfg)?;
+    let (public, ee) = d.public_and_ee(&cfg, &keys)?;
     let spec = cfg.key_spec();
-    let ee = transform_state(&spec, &keys, &public)?;
     let truth = perm_of(&keys, "residual")?;
     let max = a.tokens.iter().copied().max().unwrap_or(0);
     // Hidden states at every layer, unpadded tokens only, for up to `max` tokens.
