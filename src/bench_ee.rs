@@ -181,6 +181,9 @@ fn overhead_row(
                 ids: encrypt_token_ids(&spec, &keys, ids)?,
                 mask: mask.shallow_clone(),
             },
+            Input::Embedded { .. } => {
+                anyhow::bail!("the EE overhead bench sends ids, not embeddings")
+            }
         };
         Ok((enc, encrypt_labels(&spec, &keys, y)?))
     };

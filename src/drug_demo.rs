@@ -62,8 +62,28 @@ struct Report {
     bytes_uploaded: usize,
     device: String,
     security_note: String,
+    /// Distinct plaintext tokens (train and test reviews, each once) encrypted under the one
+    /// vocabulary key of this run: the ciphertext volume the frequency attack works on.
+    tokens_under_one_key: u64,
+    /// Test-set inference again with client-side embeddings in shuffled token order.
+    client_side_embeddings: EmbeddedInference,
+    /// The client's default warning threshold (`fedee ee tokenize --max-tokens-per-key`).
+    token_limit_per_key: u64,
     federation: Option<FederationReport>,
     wall_seconds: f64,
+}
+
+/// Test-set inference through the trainer with client-side embeddings (shuffled token order)
+/// instead of token ids, on the same batches.
+#[derive(Debug, Default, Serialize)]
+struct EmbeddedInference {
+    /// Max |logits(embedded, shuffled) − logits(ids)| over the test set.
+    max_abs_logit_diff_vs_ids: f64,
+    /// Padded tokens sent.
+    tokens: u64,
+    /// Batch bytes on the wire (safetensors), with ids and with embeddings.
+    bytes_ids: u64,
+    bytes_embedded: u64,
 }
 
 const SECURITY_NOTE: &str = "all-MiniLM-L6-v2's weights are public: a server holding the EE model and the public base model can recover the vocabulary and residual permutations by weight matching (ee-math.md, SECURITY.md). The claim that the trainer sees no text or labels holds only with base weights the server never saw in plaintext, key rotation, and bounded ciphertext volume per key; token ids are a substitution cipher open to frequency analysis.";
@@ -219,6 +239,21 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
             .collect()
     };
     let (train_ids, test_ids) = (tokenize(&train)?, tokenize(&test)?);
+    // Exposure under the one key of this run (the demo keeps it throughout to show exactness;
+    // a deployment rotates with `fedee ee rotate` past the limit, SECURITY.md).
+    let tokens_under_one_key: u64 = train_ids
+        .iter()
+        .chain(&test_ids)
+        .map(|s| s.len() as u64)
+        .sum();
+    let token_limit_per_key = fedee_encrypt::volume::DEFAULT_TOKEN_LIMIT;
+    if let Some(w) =
+        fedee_encrypt::volume::VolumeMeter::warning(tokens_under_one_key, token_limit_per_key)
+    {
+        eprintln!(
+            "[demo] {w} (The demo keeps one key so that the encrypted and plaintext runs can be compared.)"
+        );
+    }
     let mut rng = ChaCha20Rng::seed_from_u64(args.seed);
     let bs = args.text_batch;
     let order: Vec<Vec<usize>> = (0..args.text_epochs)
@@ -295,6 +330,11 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
     // Evaluation: encrypted test batches at the trainer vs plaintext locally.
     let mut ee_pred = Vec::new();
     let mut plain_pred = Vec::new();
+    // Download the fine-tuned EE model: the client needs its current embedding tables to
+    // embed on its side (the trainer fine-tuned them).
+    let tuned_ee = state_from_safetensors(&tc.export_model(&job).await?, Device::Cpu)?;
+    let mut embedded = EmbeddedInference::default();
+    let mut shuffle_rng = ChaCha20Rng::from_os_rng();
     for rows in (0..test.len()).collect::<Vec<_>>().chunks(32) {
         let seqs: Vec<Vec<i64>> = rows.iter().map(|&i| test_ids[i].clone()).collect();
         let (ids, mask) = pad(&seqs);
@@ -302,10 +342,31 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
             ids: encrypt_token_ids(&spec, &keys, &ids)?,
             mask: mask.shallow_clone(),
         };
-        let out = tc.predict(&job, batch_to_safetensors(&enc, None)?).await?;
+        let batch = batch_to_safetensors(&enc, None)?;
+        let padded_tokens = ids.numel() as u64;
+        let out = tc.predict(&job, batch.clone()).await?;
         let logits = state_from_safetensors(&out, Device::Cpu)?
             .remove("logits")
             .context("Predict returned no logits")?;
+        // The same batch as client-side embeddings in shuffled token order (the defence
+        // against frequency analysis, SECURITY.md): the trainer gets vectors, no ids.
+        let Input::Tokens { ids: enc_ids, .. } = &enc else {
+            unreachable!("token batch")
+        };
+        let (xs, ms) = tch::no_grad(|| {
+            bert::embed_and_shuffle(&cfg.bert, &tuned_ee, enc_ids, &mask, &mut shuffle_rng)
+        });
+        let emb_batch = batch_to_safetensors(&Input::Embedded { x: xs, mask: ms }, None)?;
+        let out = tc.predict(&job, emb_batch.clone()).await?;
+        let emb_logits = state_from_safetensors(&out, Device::Cpu)?
+            .remove("logits")
+            .context("Predict returned no logits")?;
+        embedded.max_abs_logit_diff_vs_ids = embedded
+            .max_abs_logit_diff_vs_ids
+            .max((&emb_logits - &logits).abs().max().double_value(&[]));
+        embedded.tokens += padded_tokens;
+        embedded.bytes_ids += batch.len() as u64;
+        embedded.bytes_embedded += emb_batch.len() as u64;
         ee_pred.extend(Vec::<i64>::try_from(
             decrypt_outputs(&spec, &keys, &logits)?.argmax(-1, false),
         )?);
@@ -327,12 +388,8 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         / gold.len() as f64;
     let (ee, pl) = (scores(&ee_pred, &gold), scores(&plain_pred, &gold));
 
-    // Download and decrypt the fine-tuned EE model.
-    let tuned = decrypt_state(
-        &spec,
-        &keys,
-        &state_from_safetensors(&tc.export_model(&job).await?, Device::Cpu)?,
-    )?;
+    // Decrypt the fine-tuned EE model.
+    let tuned = decrypt_state(&spec, &keys, &tuned_ee)?;
     let plain_state: StateDict = plain
         .state()
         .into_iter()
@@ -376,6 +433,12 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
     );
     let (se, sp) = (enc_seconds / steps as f64, plain_seconds / steps as f64);
     eprintln!(
+        "[demo] inference with client-side embeddings, shuffled token order (the trainer gets no token ids): max |Δ logits| vs ids {:.1e}; {:.0} bytes per token on the wire vs {:.0} with ids",
+        embedded.max_abs_logit_diff_vs_ids,
+        embedded.bytes_embedded as f64 / embedded.tokens.max(1) as f64,
+        embedded.bytes_ids as f64 / embedded.tokens.max(1) as f64
+    );
+    eprintln!(
         "[demo] step time: encrypted (trainer, incl. gRPC) {se:.3} s, plaintext {sp:.3} s, ratio {:.2}",
         se / sp
     );
@@ -403,6 +466,9 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         bytes_uploaded: ee_bytes.len(),
         device: format!("{device:?}"),
         security_note: SECURITY_NOTE.into(),
+        tokens_under_one_key,
+        token_limit_per_key,
+        client_side_embeddings: embedded,
         federation,
         wall_seconds: start.elapsed().as_secs_f64(),
     };

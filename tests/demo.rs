@@ -148,6 +148,14 @@ fn drug_review_demo_fine_tunes_minilm_under_ee() {
         "the whole MiniLM EE model is uploaded"
     );
     assert!(r["keygen_transform_seconds"].as_f64().unwrap() > 0.0);
+    // Client-side embeddings in shuffled order through the trainer: same logits as ids.
+    let e = &r["client_side_embeddings"];
+    assert!(
+        e["max_abs_logit_diff_vs_ids"].as_f64().unwrap() < 1e-4,
+        "{e}"
+    );
+    assert!(e["bytes_embedded"].as_u64().unwrap() > 50 * e["bytes_ids"].as_u64().unwrap());
+    assert!(r["tokens_under_one_key"].as_u64().unwrap() > 96);
     let s = &r["step_seconds"];
     assert!(s["encrypted"].as_f64().unwrap() > 0.0 && s["ratio"].as_f64().unwrap() > 0.0);
     let f = &r["federation"];

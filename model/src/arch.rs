@@ -28,6 +28,11 @@ pub enum Input {
     Features(Tensor),
     /// `ids`, `mask`: `(batch, seq)` int64.
     Tokens { ids: Tensor, mask: Tensor },
+    /// Client-side embeddings of a BERT classifier: `x (batch, seq, hidden)` float, the
+    /// output of the embedding layer ([`crate::bert::embed`], positions already added, token
+    /// order possibly shuffled), and `mask (batch, seq)` int64 in the same order. The server
+    /// runs only the encoder layers and the head; it receives no token ids.
+    Embedded { x: Tensor, mask: Tensor },
 }
 
 impl Input {
@@ -36,6 +41,7 @@ impl Input {
         match self {
             Input::Features(x) => x.size()[0],
             Input::Tokens { ids, .. } => ids.size()[0],
+            Input::Embedded { x, .. } => x.size()[0],
         }
     }
     /// Whether the batch is empty.
@@ -112,6 +118,9 @@ impl Architecture {
             (Architecture::Mlp(c), Input::Features(x)) => Ok(mlp::forward(c, state, x)),
             (Architecture::BertClassifier(c), Input::Tokens { ids, mask }) => {
                 Ok(bert::classify(c, state, ids, mask))
+            }
+            (Architecture::BertClassifier(c), Input::Embedded { x, mask }) => {
+                Ok(bert::classify_embedded(c, state, x, mask))
             }
             (a, _) => Err(ModelError::Config(format!(
                 "wrong input kind for {}",

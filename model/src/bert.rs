@@ -561,9 +561,63 @@ pub fn classify(
     ids: &Tensor,
     mask: &Tensor,
 ) -> Tensor {
-    let pooled = mean_pool(&encode(&cfg.bert, state, ids, mask), mask);
-    pooled.linear(
+    classify_embedded(cfg, state, &embed(&cfg.bert, state, ids), mask)
+}
+
+/// Logits `(batch, num_labels)` from client-side embeddings `x (batch, seq, hidden)` (the
+/// output of [`embed`], token order possibly shuffled together with `mask (batch, seq)`):
+/// the encoder layers, mean pooling and the head. Equal to [`classify`] on the unshuffled
+/// ids up to float rounding (mean pooling and attention without a causal mask ignore order).
+pub fn classify_embedded(
+    cfg: &BertClassifierConfig,
+    state: &StateDict,
+    x: &Tensor,
+    mask: &Tensor,
+) -> Tensor {
+    let h = encode_embedded(&cfg.bert, state, x, mask)
+        .pop()
+        .expect("encode_embedded returns the hidden states");
+    mean_pool(&h, mask).linear(
         p(state, "classifier.weight"),
         Some(p(state, "classifier.bias")),
     )
+}
+
+/// Client side of token-order shuffling: embed EE token ids `ids (batch, seq)` int64 with
+/// the EE model's embedding layer (`ee` needs only the `embeddings.*` tensors), then shuffle
+/// every sequence's positions with `rng`, moving the mask entries along. Returns
+/// `(x (batch, seq, hidden), mask (batch, seq))` for [`crate::Input::Embedded`].
+///
+/// # Security
+/// The server then receives vectors instead of token ids and no position order: it cannot
+/// read ids directly, nor use bigram statistics. Equal tokens still give equal vectors up to
+/// their position embedding, and with a public base model the vectors can be matched to the
+/// public embedding table once the residual key is known (SECURITY.md, attack 1); this
+/// defence only helps with private base weights. Cost: `4 × hidden + 8` bytes per token on
+/// the wire instead of 16, and the client keeps the embedding tables.
+pub fn embed_and_shuffle<R: rand::Rng + ?Sized>(
+    cfg: &BertConfig,
+    ee: &StateDict,
+    ids: &Tensor,
+    mask: &Tensor,
+    rng: &mut R,
+) -> (Tensor, Tensor) {
+    use rand::seq::SliceRandom;
+    let x = embed(cfg, ee, ids);
+    let (b, len) = (ids.size()[0], ids.size()[1]);
+    let mut order = Vec::with_capacity((b * len) as usize);
+    for _ in 0..b {
+        let mut o: Vec<i64> = (0..len).collect();
+        o.shuffle(rng);
+        order.extend(o);
+    }
+    let order = Tensor::from_slice(&order)
+        .view([b, len])
+        .to_device(ids.device());
+    let xs = x.gather(
+        1,
+        &order.unsqueeze(-1).expand([b, len, x.size()[2]], false),
+        false,
+    );
+    (xs, mask.gather(1, &order, false))
 }

@@ -65,9 +65,10 @@ pub fn state_from_safetensors(bytes: &[u8], device: Device) -> Result<StateDict,
     Ok(out)
 }
 
-/// A batch for the trainer as safetensors bytes: features `x (batch, in_features)` f32/f64, or
-/// tokens `input_ids` and `attention_mask` `(batch, seq)` i64; plus optional labels `y (batch,)`
-/// i64.
+/// A batch for the trainer as safetensors bytes: features `x (batch, in_features)` f32/f64;
+/// tokens `input_ids` and `attention_mask` `(batch, seq)` i64; or client-side embeddings
+/// `inputs_embeds (batch, seq, hidden)` f32/f64 with `attention_mask`; plus optional labels
+/// `y (batch,)` i64.
 ///
 /// # Errors
 /// [`ModelError::Dtype`] for unsupported dtypes.
@@ -79,6 +80,10 @@ pub fn batch_to_safetensors(input: &Input, y: Option<&Tensor>) -> Result<Vec<u8>
         }
         Input::Tokens { ids, mask } => {
             s.insert("input_ids".into(), ids.to_kind(Kind::Int64));
+            s.insert("attention_mask".into(), mask.to_kind(Kind::Int64));
+        }
+        Input::Embedded { x, mask } => {
+            s.insert("inputs_embeds".into(), x.shallow_clone());
             s.insert("attention_mask".into(), mask.to_kind(Kind::Int64));
         }
     }
@@ -115,7 +120,8 @@ fn check_range(name: &str, t: &Tensor, hi: i64) -> Result<(), ModelError> {
 
 /// Parse a batch written by [`batch_to_safetensors`] for `arch`, checking names, dtypes,
 /// shapes and ranges (token ids within the vocabulary, sequence within the position table,
-/// mask in {0, 1}, labels within the classes).
+/// embeddings finite and `hidden` wide, mask in {0, 1}, labels within the classes). A BERT
+/// batch holding `inputs_embeds` is read as [`Input::Embedded`].
 ///
 /// # Errors
 /// [`ModelError::Name`], [`ModelError::Shape`] or [`ModelError::Dtype`] naming the problem.
@@ -125,6 +131,7 @@ pub fn batch_from_safetensors(
     device: Device,
 ) -> Result<(Input, Option<Tensor>), ModelError> {
     let mut t = tensors_from_safetensors(bytes, device)?;
+    let embedded = t.contains_key("inputs_embeds");
     let mut take = |name: &str| {
         t.remove(name).ok_or_else(|| ModelError::Name {
             name: name.into(),
@@ -145,6 +152,37 @@ pub fn batch_from_safetensors(
                 return Err(shape_err("x", vec![-1, c.in_features as i64], s));
             }
             Input::Features(x)
+        }
+        Architecture::BertClassifier(c) if embedded => {
+            let (x, mask) = (take("inputs_embeds")?, take("attention_mask")?);
+            if !matches!(x.kind(), Kind::Float | Kind::Double) {
+                return Err(ModelError::Dtype {
+                    name: "inputs_embeds".into(),
+                    dtype: format!("{:?}", x.kind()),
+                });
+            }
+            if mask.kind() != Kind::Int64 {
+                return Err(ModelError::Dtype {
+                    name: "attention_mask".into(),
+                    dtype: format!("{:?}", mask.kind()),
+                });
+            }
+            let s = x.size();
+            let h = c.bert.hidden_size as i64;
+            if s.len() != 3 || s[0] == 0 || s[1] == 0 || s[2] != h {
+                return Err(shape_err("inputs_embeds", vec![-1, -1, h], s));
+            }
+            if mask.size() != s[..2] {
+                return Err(shape_err("attention_mask", s[..2].to_vec(), mask.size()));
+            }
+            if !bool::try_from(x.isfinite().all()).unwrap_or(false) {
+                return Err(ModelError::Name {
+                    name: "inputs_embeds".into(),
+                    problem: "contains NaN or infinite values".into(),
+                });
+            }
+            check_range("attention_mask", &mask, 2)?;
+            Input::Embedded { x, mask }
         }
         Architecture::BertClassifier(c) => {
             let (ids, mask) = (take("input_ids")?, take("attention_mask")?);

@@ -76,6 +76,36 @@ fn weight_matching_recovers_every_permutation_of_a_public_model() {
 }
 
 #[test]
+fn invertible_attention_keys_of_the_inference_profile_fall_to_one_solve() {
+    let cfg = tiny_bert();
+    let public = public_bert(&cfg);
+    let spec = cfg.key_spec();
+    let keys = KeySet::generate(
+        &spec,
+        &cfg.key_groups(Profile::Inference),
+        false,
+        &mut ChaCha20Rng::seed_from_u64(4),
+    )
+    .unwrap();
+    assert!(
+        keys.keys["qk0"].permutation().is_none(),
+        "dense key expected"
+    );
+    let ee = transform_state(&spec, &keys, &public).unwrap();
+    let residual = matching::match_residual(&public, &ee);
+    let name = "encoder.layer.0.attention.self.query.weight";
+    let truth = keys.keys["qk0"].apply(&Tensor::eye(32, (Kind::Double, Device::Cpu)), 0);
+    let guess = matching::solve_key(&public[name], &matching::unpermute(&ee[name], 1, &residual));
+    assert!(matching::relative_error(&guess, &truth) < 1e-3);
+    assert_eq!(matching::rows_recovered(&guess, &truth, 1e-3), 1.0);
+    // Control: against another layer's public weight the solve recovers nothing.
+    let other = &public["encoder.layer.1.attention.self.query.weight"];
+    let guess = matching::solve_key(other, &matching::unpermute(&ee[name], 1, &residual));
+    assert!(matching::relative_error(&guess, &truth) > 0.1);
+    assert_eq!(matching::rows_recovered(&guess, &truth, 1e-3), 0.0);
+}
+
+#[test]
 fn hungarian_finds_the_assignment_and_activation_stats_match_channels() {
     let mut rng = ChaCha20Rng::seed_from_u64(2);
     let n = 40usize;

@@ -283,3 +283,76 @@ fn tokenizer_matches_the_reference_ids() {
     assert_eq!(ids.size(), vec![2, 6]);
     assert_eq!(mask.sum(Kind::Int64).int64_value(&[]), 3 + 6);
 }
+
+#[test]
+fn client_side_embeddings_in_shuffled_order_give_the_same_logits_and_are_checked() {
+    let (cfg, state) = load();
+    let spec = cfg.key_spec();
+    let keys = KeySet::generate(
+        &spec,
+        &Default::default(),
+        false,
+        &mut ChaCha20Rng::seed_from_u64(10),
+    )
+    .unwrap();
+    let ee = transform_state(&spec, &keys, &state).unwrap();
+    let arch = Architecture::BertClassifier(cfg);
+    tch::manual_seed(4);
+    let (ids, mask) = batch(&cfg, 3, 12);
+    let enc = encrypt_token_ids(&spec, &keys, &ids).unwrap();
+    let _g = tch::no_grad_guard();
+    let want = bert::classify(&cfg, &ee, &enc, &mask);
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let (x, m) = bert::embed_and_shuffle(&cfg.bert, &ee, &enc, &mask, &mut rng);
+    assert_ne!(
+        Vec::<i64>::try_from(m.reshape([-1])).unwrap(),
+        Vec::<i64>::try_from(mask.reshape([-1])).unwrap(),
+        "the mask must move with the shuffled tokens"
+    );
+    // Through the trainer's batch format, as the trainer parses it.
+    let bytes = fedee_model::batch_to_safetensors(
+        &Input::Embedded {
+            x: x.shallow_clone(),
+            mask: m,
+        },
+        None,
+    )
+    .unwrap();
+    let (input, _) = fedee_model::batch_from_safetensors(&bytes, &arch, Device::Cpu).unwrap();
+    assert!(matches!(input, Input::Embedded { .. }));
+    let got = arch.forward(&ee, &input).unwrap();
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    assert!(
+        diff < 1e-4,
+        "shuffled client-side embeddings: max |Δ logits| {diff}"
+    );
+    // Control: shuffling the vectors but not the mask changes the logits.
+    let wrong = arch
+        .forward(
+            &ee,
+            &Input::Embedded {
+                x: x.shallow_clone(),
+                mask: mask.shallow_clone(),
+            },
+        )
+        .unwrap();
+    assert!((&wrong - &want).abs().max().double_value(&[]) > 1e-3);
+    // Bad embeddings are refused with the field named.
+    let bad = |x: Tensor| {
+        let b = fedee_model::batch_to_safetensors(
+            &Input::Embedded {
+                x,
+                mask: mask.shallow_clone(),
+            },
+            None,
+        )
+        .unwrap();
+        fedee_model::batch_from_safetensors(&b, &arch, Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    };
+    let nan = x.copy();
+    let _ = nan.get(0).get(0).get(0).fill_(f64::NAN);
+    assert!(bad(nan).contains("inputs_embeds"));
+    assert!(bad(x.narrow(2, 0, 100)).contains("inputs_embeds"));
+}

@@ -164,10 +164,14 @@ fn lock(job: &StdMutex<Job>) -> std::sync::MutexGuard<'_, Job> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Features take the job's dtype; token ids stay int64.
+/// Features and client-side embeddings take the job's dtype; token ids stay int64.
 fn to_kind(input: Input, kind: Kind) -> Input {
     match input {
         Input::Features(x) => Input::Features(x.to_kind(kind)),
+        Input::Embedded { x, mask } => Input::Embedded {
+            x: x.to_kind(kind),
+            mask,
+        },
         tokens => tokens,
     }
 }

@@ -9,6 +9,8 @@
 //! - **rows** (vocabulary, FFN units, attention units): once the residual key is known the
 //!   columns are put back in public order and each EE row is matched to its nearest public row
 //!   in L2;
+//! - **dense keys** (the inference profile's invertible attention keys): no index order to
+//!   match; one least-squares solve against the public weight ([`solve_key`]);
 //! - **activations**: per-channel mean and standard deviation of hidden states over the
 //!   tokens observed, at every layer, z-scored, then Hungarian as above.
 //!
@@ -110,6 +112,40 @@ pub fn match_activations(ee_stats: &Tensor, public_stats: &Tensor) -> Vec<usize>
     let sd = public_stats.std_dim(0, true, true).clamp_min(1e-12);
     let z = |t: &Tensor| (t - &mu) / &sd;
     hungarian(&neg_sq_dist(&z(ee_stats), &z(public_stats)))
+}
+
+/// Recover a dense key on the output axis of a weight from its public and EE versions:
+/// the least-squares `K̂` with `K̂ · public ≈ ee` (one linear solve; the public weight's
+/// `n` columns act as `n` known plaintext pairs, so any invertible key falls once
+/// `public (d, n)` has rank `d`). `public`, `ee`: `(d, n)`, residual columns already in
+/// public order; result `(d, d)`, f64.
+///
+/// This is how the inference profile's general invertible attention keys (`M_h`, `N_h`)
+/// fall when the base model is public: `W_q' = K W_q` after [`unpermute`].
+pub fn solve_key(public: &Tensor, ee: &Tensor) -> Tensor {
+    let a = public.to_kind(Kind::Double).transpose(0, 1);
+    let b = ee.to_kind(Kind::Double).transpose(0, 1);
+    let (x, _, _, _) = Tensor::linalg_lstsq(&a, &b, None::<f64>, "gelsd");
+    x.transpose(0, 1).contiguous()
+}
+
+/// Relative Frobenius error `‖guess − truth‖ / ‖truth‖` of a recovered key matrix.
+pub fn relative_error(guess: &Tensor, truth: &Tensor) -> f64 {
+    let truth = truth.to_kind(Kind::Double);
+    (guess.to_kind(Kind::Double) - &truth)
+        .norm()
+        .double_value(&[])
+        / truth.norm().double_value(&[]).max(1e-300)
+}
+
+/// Share of rows of a recovered key matrix `guess (d, d)` within relative L2 error `tol` of
+/// the true key's rows.
+pub fn rows_recovered(guess: &Tensor, truth: &Tensor, tol: f64) -> f64 {
+    let truth = truth.to_kind(Kind::Double);
+    let err = (guess.to_kind(Kind::Double) - &truth).norm_scalaropt_dim(2, [1], false)
+        / truth.norm_scalaropt_dim(2, [1], false).clamp_min(1e-300);
+    let ok = err.lt(tol).sum(Kind::Int64).int64_value(&[]);
+    ok as f64 / truth.size()[0].max(1) as f64
 }
 
 /// Share of positions where `guess[i] == truth[i]`.
