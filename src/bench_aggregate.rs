@@ -322,6 +322,13 @@ fn run_cell(
         "naive_fedavg_mb": naive_mb,
     });
     drop(agg);
+    // The ceiling the disk sets: every update is written and fsynced before it is
+    // acknowledged, so ingest cannot beat the disk's sustained write bandwidth, probed here
+    // in the same folder right after the cell (it varies over time on shared disks).
+    let disk = disk_write_mb_per_s(work.path(), DISK_PROBE_BYTES)?;
+    row["disk_write_mb_per_s"] = json!(disk);
+    row["ingest_over_disk_write_ratio"] =
+        json!(row["ingest_mb_per_s"].as_f64().unwrap_or(0.0) / disk);
     if let Some(f) = flower {
         let blobs = work.path().join("blobs");
         let path = |s: &str| blobs.join(&s[..2]).join(s);
@@ -351,6 +358,25 @@ fn run_cell(
         model_mb,
         json: row,
     })
+}
+
+/// Bytes the disk probe writes (1 GiB: past the point where page-cache writes are throttled
+/// to the disk's pace).
+const DISK_PROBE_BYTES: usize = 1 << 30;
+
+/// Sustained write bandwidth of the file system holding `dir`, in MB/s: `bytes` written in
+/// 1 MiB chunks to a new file, then fsynced, as the blob store writes an update.
+fn disk_write_mb_per_s(dir: &Path, bytes: usize) -> Result<f64> {
+    use std::io::Write;
+    let chunk: Vec<u8> = (0..1usize << 20).map(|i| (i * 31 % 251) as u8).collect();
+    let mut f = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("disk probe in {}", dir.display()))?;
+    let t = Instant::now();
+    for _ in 0..bytes.div_ceil(chunk.len()) {
+        f.write_all(&chunk)?;
+    }
+    f.as_file().sync_all()?;
+    Ok(bytes as f64 / 1e6 / t.elapsed().as_secs_f64())
 }
 
 /// Flower's aggregation, run by the venv's Python on the same update files.
@@ -443,7 +469,7 @@ pub fn bench(
         }
     }
     println!(
-        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7}",
+        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
         "sites",
         "params",
         "model MB",
@@ -456,11 +482,12 @@ pub fn bench(
         "flwr s",
         "flwr RSS",
         "t ratio",
-        "m ratio"
+        "m ratio",
+        "disk"
     );
     println!(
-        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7}",
-        "", "", "", "MB/s", "MB/s", "", "MB", "MB", "MB", "", "MB", "fl/fe", "fl/fe"
+        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
+        "", "", "", "MB/s", "MB/s", "", "MB", "MB", "MB", "", "MB", "fl/fe", "fl/fe", "MB/s"
     );
     for c in &cells {
         let r = &c.json;
@@ -472,7 +499,7 @@ pub fn bench(
                 .map_or("-".into(), |v| format!("{v:.d$}"))
         };
         println!(
-            "{:>5} {:>7.1}M {:>8.1} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7}",
+            "{:>5} {:>7.1}M {:>8.1} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
             c.sites,
             c.params as f64 / 1e6,
             c.model_mb,
@@ -486,11 +513,14 @@ pub fn bench(
             fl("peak_rss_mb", 0),
             f2("flower_over_fedee_aggregate_time_ratio"),
             f2("flower_over_fedee_peak_rss_ratio"),
+            f("disk_write_mb_per_s"),
         );
     }
     println!(
         "peak RSS: VmHWM of the `{}` process. Goal: ≤ 2.5 × model + 100 MB whatever the \
-         number of sites; ingest ≥ 300 MB/s. Client and aggregator share this machine's cores.",
+         number of sites; ingest ≥ 300 MB/s. Client and aggregator share this machine's cores. \
+         disk: sustained write bandwidth of the work folder (1 GiB + fsync, probed after each \
+         cell), the ceiling for durable ingest.",
         cells
             .first()
             .and_then(|c| c.json["aggregator_binary"].as_str())
