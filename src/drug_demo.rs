@@ -344,7 +344,8 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         };
         let batch = batch_to_safetensors(&enc, None)?;
         let padded_tokens = ids.numel() as u64;
-        let out = tc.predict(&job, batch.clone()).await?;
+        embedded.bytes_ids += batch.len() as u64;
+        let out = tc.predict(&job, batch).await?;
         let logits = state_from_safetensors(&out, Device::Cpu)?
             .remove("logits")
             .context("Predict returned no logits")?;
@@ -357,7 +358,8 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
             bert::embed_and_shuffle(&cfg.bert, &tuned_ee, enc_ids, &mask, &mut shuffle_rng)
         });
         let emb_batch = batch_to_safetensors(&Input::Embedded { x: xs, mask: ms }, None)?;
-        let out = tc.predict(&job, emb_batch.clone()).await?;
+        embedded.bytes_embedded += emb_batch.len() as u64;
+        let out = tc.predict(&job, emb_batch).await?;
         let emb_logits = state_from_safetensors(&out, Device::Cpu)?
             .remove("logits")
             .context("Predict returned no logits")?;
@@ -365,8 +367,6 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
             .max_abs_logit_diff_vs_ids
             .max((&emb_logits - &logits).abs().max().double_value(&[]));
         embedded.tokens += padded_tokens;
-        embedded.bytes_ids += batch.len() as u64;
-        embedded.bytes_embedded += emb_batch.len() as u64;
         ee_pred.extend(Vec::<i64>::try_from(
             decrypt_outputs(&spec, &keys, &logits)?.argmax(-1, false),
         )?);
