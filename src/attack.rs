@@ -207,6 +207,15 @@ impl TextData {
 }
 
 impl TextData {
+    /// The text, the finetune-profile keys, the public MiniLM with a fresh head and its EE
+    /// model: what the weight-matching and activation attacks start from.
+    fn load_with_ee(&self) -> Result<(Text, KeySet, StateDict, StateDict)> {
+        let text = self.load()?;
+        let keys = self.keys(&text.cfg)?;
+        let (public, ee) = self.public_and_ee(&text.cfg, &keys)?;
+        Ok((text, keys, public, ee))
+    }
+
     /// The public all-MiniLM-L6-v2 with a fresh head (seeded), and its EE model under `keys`.
     fn public_and_ee(
         &self,
@@ -612,10 +621,8 @@ fn recover_all(public: &StateDict, ee: &StateDict, keys: &KeySet, layers: usize)
 
 fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
     let d = &a.data;
-    let text = d.load()?;
+    let (text, keys, public, ee) = d.load_with_ee()?;
     let cfg = text.cfg;
-    let keys = d.keys(&cfg)?;
-    let (public, ee) = d.public_and_ee(&cfg, &keys)?;
     let spec = cfg.key_spec();
     let layers = cfg.bert.num_hidden_layers;
     let mut rows = Vec::new();
@@ -751,10 +758,8 @@ fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
 
 fn activation_stats(a: &ActivationArgs) -> Result<Value> {
     let d = &a.data;
-    let text = d.load()?;
+    let (text, keys, public, ee) = d.load_with_ee()?;
     let cfg = text.cfg;
-    let keys = d.keys(&cfg)?;
-    let (public, ee) = d.public_and_ee(&cfg, &keys)?;
     let spec = cfg.key_spec();
     let truth = perm_of(&keys, "residual")?;
     let max = a.tokens.iter().copied().max().unwrap_or(0);

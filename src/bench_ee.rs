@@ -191,33 +191,28 @@ fn overhead_row(
     let (mut tp, mut te, mut ip, mut ie, mut enc, mut dec) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for r in 0..reps + 2 {
+        let mut step_plain = || {
+            timed(device, || {
+                plain
+                    .train_step(&mut popt, &input, &y)
+                    .map(drop)
+                    .map_err(Into::into)
+            })
+        };
+        let mut step_ee = || {
+            timed(device, || {
+                ee.train_step(&mut eopt, &ee_input, &ee_y)
+                    .map(drop)
+                    .map_err(Into::into)
+            })
+        };
         // Alternate which model goes first, so order effects (caches, allocator) cancel.
         let (a, b) = if r % 2 == 0 {
-            let a = timed(device, || {
-                plain
-                    .train_step(&mut popt, &input, &y)
-                    .map(drop)
-                    .map_err(Into::into)
-            })?;
-            let b = timed(device, || {
-                ee.train_step(&mut eopt, &ee_input, &ee_y)
-                    .map(drop)
-                    .map_err(Into::into)
-            })?;
-            (a, b)
+            let a = step_plain()?;
+            (a, step_ee()?)
         } else {
-            let b = timed(device, || {
-                ee.train_step(&mut eopt, &ee_input, &ee_y)
-                    .map(drop)
-                    .map_err(Into::into)
-            })?;
-            let a = timed(device, || {
-                plain
-                    .train_step(&mut popt, &input, &y)
-                    .map(drop)
-                    .map_err(Into::into)
-            })?;
-            (a, b)
+            let b = step_ee()?;
+            (step_plain()?, b)
         };
         let (c, d, z) = tch::no_grad(|| -> Result<_> {
             // Alternate the order here too.
