@@ -221,7 +221,8 @@ fn run_cell(
         .iter()
         .map(|t| hex::encode(prefix.clone().chain_update(t).finalize()))
         .collect();
-    let template = Arc::new(template);
+    // Chunks are zero-copy slices of this one buffer (only each site's last chunk is copied).
+    let template = fedee_proto::Bytes::from(template);
 
     let mut agg = start_aggregator(work.path(), &pki, &names, uploads)?;
     let pid = agg.child.id();
@@ -255,11 +256,14 @@ fn run_cell(
                 std::iter::once(submit_update_message::Msg::Header(header))
                     .chain((0..total.div_ceil(CHUNK_SIZE)).map(move |k| {
                         let (a, b) = (k * CHUNK_SIZE, ((k + 1) * CHUNK_SIZE).min(total));
-                        let mut data = template[a..b].to_vec();
-                        if b == total {
-                            let n = data.len();
-                            data[n - 4..].copy_from_slice(&tail);
-                        }
+                        let data = if b == total {
+                            let mut last = template[a..b].to_vec();
+                            let n = last.len();
+                            last[n - 4..].copy_from_slice(&tail);
+                            last.into()
+                        } else {
+                            template.slice(a..b)
+                        };
                         submit_update_message::Msg::Chunk(Chunk {
                             offset: a as u64,
                             total_size: total as u64,

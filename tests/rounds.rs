@@ -243,7 +243,7 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
         (
             "oversized message (5 MiB in one chunk)",
             with_chunk(&|ch| {
-                ch.data = vec![0; 5 << 20];
+                ch.data = vec![0; 5 << 20].into();
                 ch.total_size = 5 << 20;
             }),
             Code::OutOfRange,

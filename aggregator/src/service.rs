@@ -85,7 +85,7 @@ fn stream_blob(
             tx.blocking_send(Ok(Chunk {
                 offset,
                 total_size,
-                data,
+                data: data.into(),
             }))?;
             offset += n as u64;
             if last {
@@ -712,6 +712,9 @@ impl Federation {
         })?;
         check.finish().map_err(refuse_invalid)?;
         let pending = w.finish();
+        // Nothing of this upload is held in memory any more: the next upload may start
+        // receiving while this one's fsync runs.
+        drop(_permit);
         let sha = pending.sha256().to_owned();
         if !sha.eq_ignore_ascii_case(&h.sha256) {
             return Err((
@@ -730,7 +733,6 @@ impl Federation {
         blocking(move || blobs.commit(pending))
             .await
             .map_err(internal)?;
-        drop(_permit);
         let mut st = self.state.lock().await;
         // Re-check under the lock: the round may have moved on, or a concurrent copy won.
         if let Some(prior) = self

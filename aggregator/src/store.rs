@@ -179,9 +179,26 @@ impl Store {
         // SQLite: one connection (it serialises writers anyway, and an in-memory database must
         // not be split across connections). PostgreSQL: a small pool.
         let max = if backend == Backend::Sqlite { 1 } else { 8 };
+        let sqlite = backend == Backend::Sqlite;
         let pool = AnyPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            // SQLite: write-ahead log with `synchronous = FULL`, so a commit is one fsync of
+            // the log (durable before the update is acknowledged) instead of the rollback
+            // journal's several; readers do not block the writer.
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = FULL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await
             .map_err(|e| {

@@ -19,6 +19,7 @@
 
 use crate::AggregatorError;
 use crate::tensors::{FileTensors, Tensors};
+use rayon::prelude::*;
 
 /// FedOpt server-optimizer settings (defaults from Reddi et al. 2021).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -359,9 +360,12 @@ fn aggregate_files_in_slices(
         let mut out = Vec::with_capacity(g.len());
         for start in (0..g.len()).step_by(per) {
             let len = per.min(g.len() - start);
-            for (buf, (_, f)) in bufs.iter_mut().zip(updates.iter_mut()) {
-                f.read(i, start, &mut buf[..len])?;
-            }
+            // The files are read (positioned read, SHA-256 as read, decode) on all cores at
+            // once; the aggregation below runs in site order, so the bits do not depend on
+            // the number of threads.
+            bufs.par_iter_mut()
+                .zip(updates.par_iter_mut())
+                .try_for_each(|(buf, (_, f))| f.read(i, start, &mut buf[..len]))?;
             let ups: Vec<(u64, &[f32])> = updates
                 .iter()
                 .zip(&bufs)

@@ -1,6 +1,7 @@
 //! Chunked transfer of blobs (safetensors models and updates) over gRPC streams.
 
 use crate::v1::Chunk;
+use prost::bytes::Bytes;
 
 /// Bytes per chunk: 1 MiB, well below gRPC's default 4 MiB message limit.
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -38,7 +39,7 @@ pub fn chunks(blob: &[u8]) -> Vec<Chunk> {
         return vec![Chunk {
             offset: 0,
             total_size,
-            data: Vec::new(),
+            data: Bytes::new(),
         }];
     }
     blob.chunks(CHUNK_SIZE)
@@ -46,7 +47,7 @@ pub fn chunks(blob: &[u8]) -> Vec<Chunk> {
         .map(|(i, data)| Chunk {
             offset: (i * CHUNK_SIZE) as u64,
             total_size,
-            data: data.to_vec(),
+            data: Bytes::copy_from_slice(data),
         })
         .collect()
 }

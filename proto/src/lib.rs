@@ -13,3 +13,5 @@ mod chunk;
 pub mod cli;
 pub mod pki;
 pub use chunk::{CHUNK_SIZE, ChunkCursor, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks};
+/// The byte buffer type of [`v1::Chunk::data`] (cheap to clone and slice).
+pub use prost::bytes::Bytes;

@@ -31,7 +31,7 @@ fn chunk() -> impl Strategy<Value = Chunk> {
         .prop_map(|(offset, total_size, data)| Chunk {
             offset,
             total_size,
-            data,
+            data: data.into(),
         })
 }
 
@@ -90,7 +90,7 @@ fn fuzz_honest_splits_reassemble_exactly() {
                 r.push(Chunk {
                     offset: w[0] as u64,
                     total_size: blob.len() as u64,
-                    data: blob[w[0]..w[1]].to_vec(),
+                    data: fedee_proto::Bytes::copy_from_slice(&blob[w[0]..w[1]]),
                 })
                 .map_err(|e| TestCaseError::fail(e.to_string()))?;
             }
