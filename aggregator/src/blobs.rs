@@ -44,19 +44,51 @@ pub fn hash_file(path: &Path) -> Result<String, AggregatorError> {
     }
 }
 
+/// Ask the kernel to start writing `file`'s dirty pages from `offset` to the end to disk,
+/// without waiting (`sync_file_range(2)` with `SYNC_FILE_RANGE_WRITE`). A hint only: it
+/// makes nothing durable (the fsync in [`BlobStore::commit`] does), so its result is ignored.
+/// On this project's test machine it raised the write bandwidth of 1 GiB in 1 MiB writes plus
+/// fsync from 1.0–1.4 to 1.8–1.9 GB/s (BENCHMARKS.md).
+#[cfg(target_os = "linux")]
+fn start_write_back(file: &std::fs::File, offset: u64) {
+    use std::os::fd::AsRawFd;
+    let Ok(offset) = i64::try_from(offset) else {
+        return;
+    };
+    // SAFETY: plain syscall on a file descriptor this process owns and keeps open for the
+    // call; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_write_back(_: &std::fs::File, _: u64) {}
+
 /// A blob being written: see [`BlobStore::writer`].
 #[derive(Debug)]
 pub struct BlobWriter {
     file: std::io::BufWriter<tempfile::NamedTempFile>,
     hasher: Sha256,
     len: u64,
+    /// File offset up to which write-back has been started.
+    written_back: u64,
 }
+
+/// Start the disk write-back of a blob's pages every this many bytes, so the fsync before
+/// the acknowledgement has little left to do and the disk is kept busy while bytes arrive.
+const WRITE_BACK_EVERY: u64 = 8 << 20;
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.len += n as u64;
+        let in_file = self.len - self.file.buffer().len() as u64;
+        if in_file >= self.written_back + WRITE_BACK_EVERY {
+            start_write_back(self.file.get_ref().as_file(), self.written_back);
+            self.written_back = in_file;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -196,6 +228,7 @@ impl BlobStore {
             file: std::io::BufWriter::with_capacity(1 << 20, tmp),
             hasher: Sha256::new(),
             len: 0,
+            written_back: 0,
         })
     }
 
@@ -285,6 +318,31 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A blob of several write-back periods, written in uneven pieces (some through the
+    /// buffer, some past it), comes back byte for byte under its SHA-256.
+    #[test]
+    fn large_blobs_written_in_pieces_with_write_back_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let bytes: Vec<u8> = (0..(2 * WRITE_BACK_EVERY + 12_345))
+            .map(|i| (i * 2_654_435_761 >> 13) as u8)
+            .collect();
+        let mut w = s.writer().unwrap();
+        let mut rest = &bytes[..];
+        for piece in [1usize, 100_000, 3 << 20, 777, 9 << 20].iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let k = (*piece).min(rest.len());
+            w.write_all(&rest[..k]).unwrap();
+            rest = &rest[k..];
+        }
+        assert!(w.written_back >= WRITE_BACK_EVERY, "write-back was started");
+        let sha = s.commit(w.finish()).unwrap();
+        assert_eq!(sha, sha256_hex(&bytes));
+        assert_eq!(s.get(&sha).unwrap(), bytes);
+    }
 
     #[test]
     fn put_get_round_trip_is_idempotent_and_detects_corruption() {
