@@ -48,7 +48,7 @@ pub fn hash_file(path: &Path) -> Result<String, AggregatorError> {
 /// without waiting (`sync_file_range(2)` with `SYNC_FILE_RANGE_WRITE`). A hint only: it
 /// makes nothing durable (the fsync in [`BlobStore::commit`] does), so its result is ignored.
 /// On this project's test machine it raised the write bandwidth of 1 GiB in 1 MiB writes plus
-/// fsync from 1.0–1.4 to 1.8–1.9 GB/s (BENCHMARKS.md).
+/// fsync from 1.0–1.4 to 1.7–2.2 GB/s (BENCHMARKS.md).
 #[cfg(target_os = "linux")]
 fn start_write_back(file: &std::fs::File, offset: u64) {
     use std::os::fd::AsRawFd;
