@@ -13,6 +13,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor};
 
+mod common;
+use common::keyset;
+
 fn tiny_bert() -> BertClassifierConfig {
     BertClassifierConfig {
         bert: BertConfig {
@@ -50,13 +53,7 @@ fn weight_matching_recovers_every_permutation_of_a_public_model() {
     let cfg = tiny_bert();
     let public = public_bert(&cfg);
     let spec = cfg.key_spec();
-    let keys = KeySet::generate(
-        &spec,
-        &cfg.key_groups(Profile::Finetune),
-        false,
-        &mut ChaCha20Rng::seed_from_u64(1),
-    )
-    .unwrap();
+    let keys = keyset(&spec, &cfg.key_groups(Profile::Finetune), 1);
     let ee = transform_state(&spec, &keys, &public).unwrap();
     let perm = |n: &str| keys.keys[n].permutation().unwrap().to_vec();
     let residual = matching::match_residual(&public, &ee);
@@ -80,13 +77,7 @@ fn invertible_attention_keys_of_the_inference_profile_fall_to_one_solve() {
     let cfg = tiny_bert();
     let public = public_bert(&cfg);
     let spec = cfg.key_spec();
-    let keys = KeySet::generate(
-        &spec,
-        &cfg.key_groups(Profile::Inference),
-        false,
-        &mut ChaCha20Rng::seed_from_u64(4),
-    )
-    .unwrap();
+    let keys = keyset(&spec, &cfg.key_groups(Profile::Inference), 4);
     assert!(
         keys.keys["qk0"].permutation().is_none(),
         "dense key expected"

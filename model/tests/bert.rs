@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use fedee_encrypt::{
-    EncryptError, KeySet, Optimizer, StateDict, check_trainable, decrypt_outputs, decrypt_state,
+    EncryptError, Optimizer, StateDict, check_trainable, decrypt_outputs, decrypt_state,
     encrypt_labels, encrypt_token_ids, transform_state,
 };
 use fedee_model::bert::{self, BertClassifierConfig, BertConfig, Profile};
@@ -12,6 +12,9 @@ use fedee_model::{Architecture, Input, Model, ModelError, OptimizerSpec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor};
+
+mod common;
+use common::keyset;
 
 fn minilm() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/cache/minilm");
@@ -121,13 +124,7 @@ fn hidden_states_and_logits_are_equivariant_in_both_profiles() {
     let plain_h = bert::encode(&cfg.bert, &state, &ids, &mask);
     let plain_logits = bert::classify(&cfg, &state, &ids, &mask);
     for profile in [Profile::Finetune, Profile::Inference] {
-        let keys = KeySet::generate(
-            &spec,
-            &cfg.key_groups(profile),
-            false,
-            &mut ChaCha20Rng::seed_from_u64(5),
-        )
-        .unwrap();
+        let keys = keyset(&spec, &cfg.key_groups(profile), 5);
         let ee = transform_state(&spec, &keys, &state).unwrap();
         let enc_ids = encrypt_token_ids(&spec, &keys, &ids).unwrap();
         assert!(!enc_ids.equal(&ids));
@@ -163,13 +160,7 @@ fn twenty_adamw_steps_on_encrypted_batches_match_plaintext_training() {
         .collect();
     let spec = cfg.key_spec();
     let arch = Architecture::BertClassifier(cfg);
-    let keys = KeySet::generate(
-        &spec,
-        &cfg.key_groups(Profile::Finetune),
-        false,
-        &mut ChaCha20Rng::seed_from_u64(6),
-    )
-    .unwrap();
+    let keys = keyset(&spec, &cfg.key_groups(Profile::Finetune), 6);
     check_trainable(&spec, &keys, Optimizer::AdamW).unwrap();
     let opt = OptimizerSpec::AdamW {
         lr: 2e-5,
@@ -222,13 +213,7 @@ fn twenty_adamw_steps_on_encrypted_batches_match_plaintext_training() {
 fn inference_profile_is_refused_for_training() {
     let (cfg, _) = load();
     let spec = cfg.key_spec();
-    let keys = KeySet::generate(
-        &spec,
-        &cfg.key_groups(Profile::Inference),
-        false,
-        &mut ChaCha20Rng::seed_from_u64(7),
-    )
-    .unwrap();
+    let keys = keyset(&spec, &cfg.key_groups(Profile::Inference), 7);
     let err = check_trainable(&spec, &keys, Optimizer::AdamW).unwrap_err();
     assert!(matches!(err, EncryptError::NotEquivariant { .. }), "{err}");
     let msg = err.to_string();
@@ -243,21 +228,9 @@ fn inference_profile_is_refused_for_training() {
 fn keys_that_split_heads_are_rejected() {
     let (cfg, _) = load();
     let spec = cfg.key_spec();
-    let mut keys = KeySet::generate(
-        &spec,
-        &Default::default(),
-        false,
-        &mut ChaCha20Rng::seed_from_u64(8),
-    )
-    .unwrap();
+    let mut keys = keyset(&spec, &Default::default(), 8);
     // A vo key that moves heads differently from its layer's qk key breaks attention.
-    let other = KeySet::generate(
-        &spec,
-        &Default::default(),
-        false,
-        &mut ChaCha20Rng::seed_from_u64(9),
-    )
-    .unwrap();
+    let other = keyset(&spec, &Default::default(), 9);
     keys.keys.insert("vo0".into(), other.keys["vo0"].clone());
     let err = keys.check(&spec).unwrap_err().to_string();
     assert!(err.contains("vo0") || err.contains("qk0"), "{err}");
@@ -288,13 +261,7 @@ fn tokenizer_matches_the_reference_ids() {
 fn client_side_embeddings_in_shuffled_order_give_the_same_logits_and_are_checked() {
     let (cfg, state) = load();
     let spec = cfg.key_spec();
-    let keys = KeySet::generate(
-        &spec,
-        &Default::default(),
-        false,
-        &mut ChaCha20Rng::seed_from_u64(10),
-    )
-    .unwrap();
+    let keys = keyset(&spec, &Default::default(), 10);
     let ee = transform_state(&spec, &keys, &state).unwrap();
     let arch = Architecture::BertClassifier(cfg);
     tch::manual_seed(4);
