@@ -2,9 +2,11 @@
 //! from many sites over loopback gRPC with mutual TLS, then aggregating them (FedAvg); beside
 //! it, Flower's NumPy `aggregate` on the very same update files, in the same run.
 //!
-//! Figures per (sites, parameters) cell: ingest throughput (update bytes from the first byte
-//! sent to the next global model committed), time to aggregate after the last update, the
-//! aggregator's peak RSS (`VmHWM` of its process), and Flower's time and peak RSS.
+//! Figures per (sites, parameters) cell: ingest throughput (update bytes over the time from
+//! the first byte sent to the round close starting: the round's time less the aggregator's
+//! own timing of the close), round throughput (the close included), the time to aggregate,
+//! the aggregator's peak RSS (`VmHWM` of its process), the slowest answer to a Status request
+//! sent every 100 ms meanwhile, and Flower's time and peak RSS.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,7 +18,9 @@ use anyhow::{Context, Result, bail};
 use fedee_aggregator::tensors::Tensors;
 use fedee_proto::pki::TlsFiles;
 use fedee_proto::v1::federation_client::FederationClient;
-use fedee_proto::v1::{JoinRequest, SubmitUpdateMessage, UpdateHeader, submit_update_message};
+use fedee_proto::v1::{
+    JoinRequest, StatusRequest, SubmitUpdateMessage, UpdateHeader, submit_update_message,
+};
 use fedee_proto::{CHUNK_SIZE, v1::Chunk};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -233,13 +237,31 @@ fn run_cell(
         model_bytes as f64 / 1e6
     );
     let addr = agg.addr.clone();
-    let (t0, _acks) = rt.block_on(async {
+    let (t0, _acks, status) = rt.block_on(async {
         let mut clients = Vec::new();
         for s in &names {
             let mut c = connect(&addr, &pki, s).await?;
             c.join(JoinRequest { site: s.clone() }).await?;
             clients.push(c);
         }
+        // An operator's dashboard on its own connection, asking for the status every 100 ms
+        // through ingest and the round close: how long does an answer take at worst?
+        let mut dashboard = connect(&addr, &pki, &names[0]).await?;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let poller = tokio::spawn(async move {
+            let (mut worst, mut calls) = (0f64, 0u32);
+            loop {
+                let t = Instant::now();
+                dashboard.status(StatusRequest {}).await?;
+                worst = worst.max(t.elapsed().as_secs_f64());
+                calls += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stopped.changed() => break,
+                }
+            }
+            Ok::<_, anyhow::Error>((worst, calls))
+        });
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for (i, mut c) in clients.into_iter().enumerate() {
@@ -281,7 +303,10 @@ fn run_cell(
         for t in tasks {
             acks.push(t.await??);
         }
-        Ok::<_, anyhow::Error>((t0, acks))
+        // The round closes before the last acknowledgement.
+        stop.send(true)?;
+        let status = poller.await??;
+        Ok::<_, anyhow::Error>((t0, acks, status))
     })?;
     agg.wait_for("round closed", Duration::from_secs(3600))?;
     let total_s = t0.elapsed().as_secs_f64();
@@ -324,6 +349,8 @@ fn run_cell(
         "peak_rss_goal_mb": rss_goal_mb,
         "peak_rss_meets_goal": peak_rss_mb <= rss_goal_mb,
         "naive_fedavg_mb": naive_mb,
+        "status_max_seconds": status.0,
+        "status_calls": status.1,
     });
     drop(agg);
     // The ceiling the disk sets: every update is written and fsynced before it is
@@ -473,7 +500,7 @@ pub fn bench(
         }
     }
     println!(
-        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
+        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7}",
         "sites",
         "params",
         "model MB",
@@ -487,11 +514,26 @@ pub fn bench(
         "flwr RSS",
         "t ratio",
         "m ratio",
-        "disk"
+        "disk",
+        "status"
     );
     println!(
-        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
-        "", "", "", "MB/s", "MB/s", "", "MB", "MB", "MB", "", "MB", "fl/fe", "fl/fe", "MB/s"
+        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7}",
+        "",
+        "",
+        "",
+        "MB/s",
+        "MB/s",
+        "",
+        "MB",
+        "MB",
+        "MB",
+        "",
+        "MB",
+        "fl/fe",
+        "fl/fe",
+        "MB/s",
+        "max s"
     );
     for c in &cells {
         let r = &c.json;
@@ -503,7 +545,7 @@ pub fn bench(
                 .map_or("-".into(), |v| format!("{v:.d$}"))
         };
         println!(
-            "{:>5} {:>7.1}M {:>8.1} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
+            "{:>5} {:>7.1}M {:>8.1} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7}",
             c.sites,
             c.params as f64 / 1e6,
             c.model_mb,
@@ -518,13 +560,15 @@ pub fn bench(
             f2("flower_over_fedee_aggregate_time_ratio"),
             f2("flower_over_fedee_peak_rss_ratio"),
             f("disk_write_mb_per_s"),
+            f2("status_max_seconds"),
         );
     }
     println!(
         "peak RSS: VmHWM of the `{}` process. Goal: ≤ 2.5 × model + 100 MB whatever the \
          number of sites; ingest ≥ 300 MB/s. Client and aggregator share this machine's cores. \
          disk: sustained write bandwidth of the work folder (1 GiB + fsync, probed after each \
-         cell), the ceiling for durable ingest.",
+         cell), the ceiling for durable ingest. status: the slowest answer to a Status request \
+         sent every 100 ms through ingest and the round close.",
         cells
             .first()
             .and_then(|c| c.json["aggregator_binary"].as_str())

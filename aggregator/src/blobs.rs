@@ -326,7 +326,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = BlobStore::open(dir.path().join("blobs")).unwrap();
         let bytes: Vec<u8> = (0..(2 * WRITE_BACK_EVERY + 12_345))
-            .map(|i| (i * 2_654_435_761 >> 13) as u8)
+            .map(|i| ((i * 2_654_435_761) >> 13) as u8)
             .collect();
         let mut w = s.writer().unwrap();
         let mut rest = &bytes[..];

@@ -121,6 +121,10 @@ struct State {
     server_state_sha: Option<String>,
     /// Why the federation ended early (too few sites remain).
     ended: Option<String>,
+    /// The open round is being aggregated ([`Federation::run_close`]) with the state lock
+    /// released: readers carry on; changes that could touch the round wait for the close
+    /// ([`Federation::settled`]); no update is accepted into the round any more.
+    closing: bool,
 }
 
 impl State {
@@ -145,6 +149,29 @@ pub struct Federation {
     state: Arc<Mutex<State>>,
     /// Uploads received at once (`Config::max_concurrent_uploads`); others wait their turn.
     uploads: Arc<tokio::sync::Semaphore>,
+    /// Signalled when a close ends (`State::closing` back to false).
+    closed: Arc<tokio::sync::Notify>,
+}
+
+/// What a close's aggregation produced: the next global model and its blob, the server
+/// state's blob, and when the close started (for the log).
+struct Aggregated {
+    next: Tensors,
+    sha: String,
+    size: u64,
+    state_sha: Option<String>,
+    started: std::time::Instant,
+}
+
+/// A round close that is due: what the aggregation reads, taken under the state lock
+/// ([`Federation::maybe_close`]) and run without it ([`Federation::run_close`]).
+#[must_use = "a due close must be run, or the round stays closing"]
+struct CloseJob {
+    round: u32,
+    now: i64,
+    updates: Vec<UpdateMeta>,
+    global: Arc<Tensors>,
+    server_state: Option<String>,
 }
 
 fn internal(e: AggregatorError) -> Status {
@@ -269,6 +296,7 @@ impl Federation {
             sites,
             departed,
             ended: None,
+            closing: false,
             server_state_sha: store.server_state_sha(latest).await?,
         };
         let mut state = state;
@@ -283,6 +311,7 @@ impl Federation {
         );
         let svc = Self {
             uploads: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads)),
+            closed: Arc::new(tokio::sync::Notify::new()),
             config: Arc::new(config),
             store,
             blobs,
@@ -305,8 +334,27 @@ impl Federation {
     /// # Errors
     /// Database or blob-store failures; the round then stays open and the next tick retries.
     pub async fn tick(&self) -> Result<(), AggregatorError> {
-        let mut st = self.state.lock().await;
-        self.maybe_close(&mut st).await
+        let job = self.maybe_close(&mut *self.state.lock().await).await?;
+        self.run_close(job).await
+    }
+
+    /// The state lock, once no close is running: for changes that could touch the open round
+    /// (an update joining it, a site leaving). Readers take the lock directly and do not wait
+    /// for a close.
+    async fn settled(&self) -> tokio::sync::MutexGuard<'_, State> {
+        loop {
+            let st = self.state.lock().await;
+            if !st.closing {
+                return st;
+            }
+            // Registered before the lock is released; the closer needs the lock to finish,
+            // so its signal cannot be missed.
+            let done = self.closed.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            drop(st);
+            done.await;
+        }
     }
 
     fn done(&self, st: &State) -> bool {
@@ -320,9 +368,13 @@ impl Federation {
     /// The round rules. A round closes (FedAvg) when the quorum (`min_sites`) has submitted
     /// and either every enrolled site has, or the deadline passed. At the deadline without a
     /// quorum it fails: the next round starts from the same global model.
-    async fn maybe_close(&self, st: &mut State) -> Result<(), AggregatorError> {
-        if self.done(st) {
-            return Ok(());
+    ///
+    /// A due close is returned, with the round marked closing, for the caller to run with
+    /// [`Federation::run_close`] after releasing the state lock; `None` when nothing (more) is
+    /// due, or a close is already running.
+    async fn maybe_close(&self, st: &mut State) -> Result<Option<CloseJob>, AggregatorError> {
+        if self.done(st) || st.closing {
+            return Ok(None);
         }
         let now = now_ms();
         if st.deadline_ms.is_none() && st.sites.len() >= self.config.min_sites as usize {
@@ -340,28 +392,73 @@ impl Federation {
         let all = !active.is_empty() && active.is_subset(&st.submitted);
         let expired = st.deadline_ms.is_some_and(|d| now >= d);
         if quorum && (all || expired) {
-            self.close(st, now).await
+            let updates = self.store.updates(st.round).await?;
+            st.closing = true;
+            Ok(Some(CloseJob {
+                round: st.round,
+                now,
+                updates,
+                global: st.global.clone(),
+                server_state: st.server_state_sha.clone(),
+            }))
         } else if expired {
-            self.fail(st, now).await
+            self.fail(st, now).await.map(|()| None)
         } else {
-            Ok(())
+            Ok(None)
         }
     }
 
-    async fn close(&self, st: &mut State, now: i64) -> Result<(), AggregatorError> {
-        let round = st.round;
-        let updates = self.store.updates(round).await?;
-        let total: u64 = updates.iter().map(|u| u.num_examples).sum();
-        let (blobs, global) = (self.blobs.clone(), st.global.clone());
-        let metas = updates.clone();
+    /// Run a due close (if any) without holding the state lock, then record it under the
+    /// lock. Whatever happens, the round stops being marked closing and waiters are woken; on
+    /// failure the round stays open and the next tick retries. The close runs as its own task,
+    /// so a caller that goes away (a site hanging up on its upload) does not cut it short.
+    ///
+    /// # Errors
+    /// Blob-store or database failures.
+    async fn run_close(&self, job: Option<CloseJob>) -> Result<(), AggregatorError> {
+        let Some(job) = job else {
+            return Ok(());
+        };
+        let svc = self.clone();
+        match tokio::spawn(async move { svc.close(job).await }).await {
+            Ok(r) => r,
+            Err(e) => {
+                // It panicked before it could clear the mark: the round stays open.
+                self.state.lock().await.closing = false;
+                self.closed.notify_waiters();
+                Err(AggregatorError::Blob(format!(
+                    "round close task failed: {e}"
+                )))
+            }
+        }
+    }
+
+    /// [`Federation::run_close`]'s task.
+    async fn close(&self, job: CloseJob) -> Result<(), AggregatorError> {
+        let aggregated = self.aggregate(&job).await;
+        let mut st = self.state.lock().await;
+        let r = match aggregated {
+            Ok(a) => self.finish_close(&mut st, &job, a).await,
+            Err(e) => Err(e),
+        };
+        st.closing = false;
+        self.closed.notify_waiters();
+        r
+    }
+
+    /// Aggregate a round from its persisted updates and write the next global model (and
+    /// server state) to the blob store; the state lock is not held.
+    async fn aggregate(&self, job: &CloseJob) -> Result<Aggregated, AggregatorError> {
+        let (blobs, global) = (self.blobs.clone(), job.global.clone());
+        let metas = job.updates.clone();
         let strategy = self.config.strategy;
-        let server_state = st.server_state_sha.clone();
+        let server_state = job.server_state.clone();
         // Aggregation in site-name order from the persisted blobs (and the persisted server
         // state), slice by slice from the files: the result depends only on what was
         // persisted, so a restarted aggregator produces the same bytes, and memory does not
         // grow with the number of sites.
         let started = std::time::Instant::now();
-        let (next, sha, size, state_sha) = blocking(move || {
+        blocking(move || {
             let open = |sha: &str, names: &[String], shapes: &[Vec<usize>]| {
                 let path = blobs.existing_path(sha)?;
                 FileTensors::open(&path, names, shapes).map_err(|e| e.unwrap_or_else(|e| e))
@@ -400,9 +497,33 @@ impl Federation {
             let state_sha = state
                 .map(|s| write(&|w| s.write_safetensors(w)).map(|r| r.0))
                 .transpose()?;
-            Ok((next, sha, size, state_sha))
+            Ok(Aggregated {
+                next,
+                sha,
+                size,
+                state_sha,
+                started,
+            })
         })
-        .await?;
+        .await
+    }
+
+    /// Record a closed round (under the state lock) and open the next.
+    async fn finish_close(
+        &self,
+        st: &mut State,
+        job: &CloseJob,
+        a: Aggregated,
+    ) -> Result<(), AggregatorError> {
+        let Aggregated {
+            next,
+            sha,
+            size,
+            state_sha,
+            started,
+        } = a;
+        let (round, now, updates) = (job.round, job.now, &job.updates);
+        let total: u64 = updates.iter().map(|u| u.num_examples).sum();
         let (rho, epsilon) = self.round_privacy(round).await?;
         let open_next = round < self.config.rounds;
         self.store
@@ -733,7 +854,9 @@ impl Federation {
         blocking(move || blobs.commit(pending))
             .await
             .map_err(internal)?;
-        let mut st = self.state.lock().await;
+        // After any running close: an update that arrives while its round is being
+        // aggregated is then refused as stale below, never recorded and left out.
+        let mut st = self.settled().await;
         // Re-check under the lock: the round may have moved on, or a concurrent copy won.
         if let Some(prior) = self
             .store
@@ -762,8 +885,12 @@ impl Federation {
         let updates_in_round = st.submitted.len() as u32;
         self.metrics.accepted(size as usize);
         tracing::info!(round = h.round, site = %h.site, num_examples = h.num_examples, bytes = size, "update accepted");
-        // The update is persisted: a failure to close now is retried by the next tick.
-        if let Err(e) = self.maybe_close(&mut st).await {
+        // The update is persisted: a failure to close now is retried by the next tick. The
+        // update that completes a round is acknowledged once the round has closed; other
+        // requests are not held up meanwhile (the state lock is released for the aggregation).
+        let job = self.maybe_close(&mut st).await;
+        drop(st);
+        if let Err(e) = async { self.run_close(job?).await }.await {
             tracing::error!(error = %e, "closing the round failed; will retry");
         }
         Ok(SubmitUpdateResponse {
@@ -835,7 +962,8 @@ impl Federation {
     /// round fails and the federation ends.
     async fn depart(&self, site: &str, reason: &str) -> Result<bool, AggregatorError> {
         self.store.insert_departure(site, reason).await?;
-        let mut st = self.state.lock().await;
+        // After any running close: leaving can fail or end the round being aggregated.
+        let mut st = self.settled().await;
         st.departed
             .entry(site.to_owned())
             .or_insert_with(|| reason.to_owned());
@@ -851,7 +979,9 @@ impl Federation {
             st.ended = Some(why);
             return Ok(true);
         }
-        self.maybe_close(&mut st).await?;
+        let job = self.maybe_close(&mut st).await?;
+        drop(st);
+        self.run_close(job).await?;
         Ok(false)
     }
 }
@@ -897,14 +1027,15 @@ impl FederationApi for Federation {
             self.store.enroll(&site).await.map_err(internal)?;
         }
         self.store.add_site(&site).await.map_err(internal)?;
-        {
+        let job = {
             let mut st = self.state.lock().await;
             st.sites.insert(site.clone());
             st.enrolled.insert(site.clone());
             self.metrics.set_sites(st.sites.len());
             // Round 1's deadline starts once the quorum has joined.
-            self.maybe_close(&mut st).await.map_err(internal)?;
-        }
+            self.maybe_close(&mut st).await.map_err(internal)?
+        };
+        self.run_close(job).await.map_err(internal)?;
         tracing::info!("site joined");
         Ok(Response::new(JoinResponse {
             site,
@@ -922,11 +1053,16 @@ impl FederationApi for Federation {
                 "site `{site}` has not joined: call Join first"
             )));
         }
-        self.maybe_close(&mut st).await.map_err(internal)?;
+        if let Some(job) = self.maybe_close(&mut st).await.map_err(internal)? {
+            drop(st);
+            self.run_close(Some(job)).await.map_err(internal)?;
+            st = self.state.lock().await;
+        }
         let c = &self.config;
         let kind = if self.done(&st) {
             TaskKind::Done
-        } else if st.submitted.contains(&site) {
+        } else if st.closing || st.submitted.contains(&site) {
+            // While the round is being aggregated there is nothing to train on yet.
             TaskKind::Wait
         } else {
             TaskKind::Train
@@ -1072,7 +1208,12 @@ impl FederationApi for Federation {
             .into_iter()
             .map(|r| RoundStatus {
                 round: r.round,
-                state: r.state,
+                // In memory only: the database says "open" until the close is recorded.
+                state: if st.closing && r.round == st.round && r.state == "open" {
+                    "closing".into()
+                } else {
+                    r.state
+                },
                 // Round r produced global model r + 1.
                 site_metrics: metrics
                     .iter()

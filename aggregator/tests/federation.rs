@@ -31,6 +31,18 @@ async fn start(
     CancellationToken,
     tempfile::TempDir,
 ) {
+    start_with(rounds, min_sites, model(1.0)).await
+}
+
+async fn start_with(
+    rounds: u32,
+    min_sites: u32,
+    initial: Tensors,
+) -> (
+    FederationClient<Channel>,
+    CancellationToken,
+    tempfile::TempDir,
+) {
     let blobs = tempfile::tempdir().unwrap();
     let config = Config {
         database_url: "sqlite::memory:".into(),
@@ -48,7 +60,7 @@ async fn start(
         local_epochs: 1,
         learning_rate: 0.1,
         batch_size: 8,
-        initial_model: Some(model(1.0).to_safetensors()),
+        initial_model: Some(initial.to_safetensors()),
         tls: None,
         enroll: vec![],
         max_concurrent_uploads: 4,
@@ -341,5 +353,68 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
     assert!(st.done && st.rounds[0].state == "closed");
     let m2 = download(&mut c, 2).await;
     assert_eq!(m2.data[1], vec![1.5; 3]);
+    token.cancel();
+}
+
+/// While a round is aggregated the state lock is released: status and task requests are
+/// answered meanwhile (the round shows as "closing" and sites are told to wait), and the
+/// update that completed the round is acknowledged once it has closed.
+#[tokio::test]
+async fn requests_are_answered_while_a_round_is_aggregated() {
+    // 16 M parameters (64 MB per update): the close reads, hashes and averages 128 MB and
+    // writes 64 MB, long enough to be seen from another connection.
+    let n = 16 << 20;
+    let big = move |v: f32| Tensors {
+        names: vec!["w".into()],
+        shapes: vec![vec![n]],
+        data: vec![vec![v; n]],
+    };
+    let (mut c, token, _blobs) = start_with(1, 2, big(1.0)).await;
+    for s in ["A", "B"] {
+        c.join(JoinRequest { site: s.into() }).await.unwrap();
+    }
+    submit(&mut c, msgs("A", 1, 10, &big(2.0).to_safetensors(), None))
+        .await
+        .unwrap();
+    let mut last = c.clone();
+    let closing = tokio::spawn(async move {
+        submit(
+            &mut last,
+            msgs("B", 1, 30, &big(4.0).to_safetensors(), None),
+        )
+        .await
+    });
+    let mut seen_closing = 0;
+    loop {
+        // The task first: if the status after it still shows the round closing, the task
+        // was answered before the close ended, and must be a wait.
+        let t = c
+            .next_task(NextTaskRequest { site: "A".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+        if st.rounds[0].state == "closing" {
+            seen_closing += 1;
+            assert_eq!(st.current_round, 1);
+            assert_eq!((t.kind, t.round), (TaskKind::Wait as i32, 1));
+        } else if st.rounds[0].state == "closed" {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        closing.await.unwrap().unwrap(),
+        2,
+        "B's update completed round 1"
+    );
+    assert!(
+        seen_closing > 0,
+        "no status answer came while round 1 was being aggregated"
+    );
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(st.done && st.rounds[0].state == "closed");
+    // Updates are deltas: 1 + 0.25 · 2 + 0.75 · 4 = 4.5
+    assert!(download(&mut c, 2).await.data[0].iter().all(|&x| x == 4.5));
     token.cancel();
 }
