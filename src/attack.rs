@@ -317,7 +317,8 @@ fn frequency(a: &FrequencyArgs) -> Result<Value> {
         ..Default::default()
     };
     // (reference name, defence, victim sequences, reference sequences)
-    let settings: Vec<(&str, &str, &[Vec<i64>], &[Vec<i64>])> = vec![
+    type Setting<'a> = (&'a str, &'a str, &'a [Vec<i64>], &'a [Vec<i64>]);
+    let settings: Vec<Setting> = vec![
         ("news (Lee corpus)", "none", &all, &news),
         ("in-domain (train split)", "none", &test, &train),
         (
