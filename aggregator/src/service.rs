@@ -424,8 +424,7 @@ impl Federation {
             Ok(r) => r,
             Err(e) => {
                 // It panicked before it could clear the mark: the round stays open.
-                self.state.lock().await.closing = false;
-                self.closed.notify_waiters();
+                self.end_closing(&mut *self.state.lock().await);
                 Err(AggregatorError::Blob(format!(
                     "round close task failed: {e}"
                 )))
@@ -441,9 +440,15 @@ impl Federation {
             Ok(a) => self.finish_close(&mut st, &job, a).await,
             Err(e) => Err(e),
         };
+        self.end_closing(&mut st);
+        r
+    }
+
+    /// Clear the closing mark (under the state lock) and wake what waits in
+    /// [`Federation::settled`].
+    fn end_closing(&self, st: &mut State) {
         st.closing = false;
         self.closed.notify_waiters();
-        r
     }
 
     /// Aggregate a round from its persisted updates and write the next global model (and
