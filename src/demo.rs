@@ -269,6 +269,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         tls: Some(TlsFiles::in_dir(&pki, "aggregator")),
         enroll: FEDERATION_SITES.iter().map(|s| (*s).to_owned()).collect(),
         max_concurrent_uploads: 4,
+        direct_io: fedee_aggregator::blobs::DirectIo::Auto,
     };
     let agg = tokio::spawn(fedee_aggregator::run(
         agg_config,

@@ -565,6 +565,7 @@ pub(crate) async fn federate(
         tls: Some(TlsFiles::in_dir(pki, "aggregator")),
         enroll: SITE_GROUPS.iter().map(|s| (*s).to_owned()).collect(),
         max_concurrent_uploads: 4,
+        direct_io: fedee_aggregator::blobs::DirectIo::Auto,
     };
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -111,6 +111,14 @@ pub struct AggregatorArgs {
     /// further sites wait their turn. Raise it on fast disks with many sites.
     #[arg(long, default_value_t = 4)]
     pub max_concurrent_uploads: usize,
+    /// Write updates with direct I/O (O_DIRECT, bypassing the page cache) in rounds whose
+    /// updates add up to more than this: `auto` (the size at which Linux starts writing dirty
+    /// pages back, vm.dirty_background_ratio of available memory, logged at start), a size
+    /// in MB (0: every round), or `off`. A large round then ingests at the disk's direct
+    /// write rate instead of being throttled by the page cache's write-back, and its close
+    /// reads the updates from disk. Ignored where the filesystem refuses O_DIRECT.
+    #[arg(long, value_name = "auto|off|MB", default_value = "auto")]
+    pub direct_io: crate::blobs::DirectIo,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -159,6 +167,7 @@ pub async fn run(a: AggregatorArgs) -> Result<()> {
         tls: a.transport.resolve("aggregator")?,
         enroll: a.enroll,
         max_concurrent_uploads: a.max_concurrent_uploads,
+        direct_io: a.direct_io,
     };
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(a.listen)

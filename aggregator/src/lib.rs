@@ -100,6 +100,9 @@ pub struct Config {
     /// Updates received at the same time; further uploads wait (their bytes stay in the
     /// sender's flow-control window). Each upload in progress holds about 2 MiB.
     pub max_concurrent_uploads: usize,
+    /// Which rounds' updates are written with direct I/O, bypassing the page cache: by
+    /// default those larger than the kernel's background write-back threshold.
+    pub direct_io: blobs::DirectIo,
 }
 
 impl Config {

@@ -237,7 +237,7 @@ impl Federation {
             );
         }
         let store = Store::connect(&config.database_url).await?;
-        let blobs = BlobStore::open(&config.blob_dir)?;
+        let blobs = BlobStore::open_with(&config.blob_dir, config.direct_io)?;
         for name in &config.enroll {
             store.enroll(name).await?;
         }
@@ -307,6 +307,7 @@ impl Federation {
             round = latest,
             rounds = config.rounds,
             updates_in_round = state.submitted.len(),
+            direct_io_above_bytes = blobs.direct_io_above(),
             "federation started"
         );
         let svc = Self {
@@ -770,7 +771,7 @@ impl Federation {
             .update(h.round, &h.site)
             .await
             .map_err(internal)?;
-        let (limit, mut check) = {
+        let (expected, round_bytes, mut check) = {
             let st = self.state.lock().await;
             if !st.sites.contains(&h.site) {
                 return Err((
@@ -782,7 +783,8 @@ impl Federation {
                 stale(&st, &h, self.config.rounds)?;
             }
             (
-                st.global_size + 4096,
+                st.global_size,
+                st.global_size * st.active().len().max(1) as u64,
                 StreamCheck::new(&st.global.names, &st.global.shapes),
             )
         };
@@ -794,9 +796,14 @@ impl Federation {
             .acquire_owned()
             .await
             .map_err(|_| (Reject::Internal, Status::unavailable("shutting down")))?;
-        let mut cursor = ChunkCursor::new(limit);
+        let mut cursor = ChunkCursor::new(expected + 4096);
         let blobs = self.blobs.clone();
-        let mut w = blocking(move || blobs.writer()).await.map_err(internal)?;
+        // An update has the global model's layout, so about its size: the updates of a round
+        // too large for the page cache to absorb bypass it (direct I/O), see
+        // `BlobStore::update_writer`.
+        let mut w = blocking(move || blobs.update_writer(round_bytes))
+            .await
+            .map_err(internal)?;
         while let Some(msg) = stream.message().await.map_err(refuse(Reject::Stream))? {
             match msg.msg {
                 Some(submit_update_message::Msg::Chunk(c)) => {

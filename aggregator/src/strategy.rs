@@ -173,8 +173,9 @@ impl ServerState {
 }
 
 /// Values per slice, summed over the round's updates, when aggregating from files: with `k`
-/// updates each is read `SLICE_VALUES / k` values at a time (8 MiB of f32 in all), so memory does not
-/// grow with the number of sites.
+/// updates each is read `SLICE_VALUES / k` values at a time (8 MiB of f32 in all, twice: one
+/// slice is aggregated while the next is read), so memory does not grow with the number of
+/// sites.
 const SLICE_VALUES: usize = 1 << 21;
 
 /// The next global values of one slice of coordinates, appended to `out`.
@@ -319,8 +320,8 @@ pub fn aggregate(
 
 /// As [`aggregate`], reading the updates (and the prior server state, laid out as
 /// [`ServerState::names`]) from files slice by slice: memory is the global model, the next
-/// one, FedOpt's moments if any, and `SLICE_VALUES` f32 of read buffers, whatever the number
-/// of sites.
+/// one, FedOpt's moments if any, and two sets of `SLICE_VALUES` f32 read buffers (the slice
+/// being aggregated and the next one, read meanwhile), whatever the number of sites.
 ///
 /// # Errors
 /// IO errors reading the files.
@@ -354,32 +355,65 @@ fn aggregate_files_in_slices(
     }
     let largest = global.data.iter().map(Vec::len).max().unwrap_or(0);
     let per = (slice_values / updates.len()).clamp(1 << 12, largest.max(1 << 12));
-    let mut bufs = vec![vec![0f32; per.min(largest)]; updates.len()];
-    let mut data = Vec::with_capacity(k);
-    for (i, g) in global.data.iter().enumerate() {
-        let mut out = Vec::with_capacity(g.len());
-        for start in (0..g.len()).step_by(per) {
-            let len = per.min(g.len() - start);
-            // The files are read (positioned read, SHA-256 as read, decode) on all cores at
-            // once; the aggregation below runs in site order, so the bits do not depend on
-            // the number of threads.
-            bufs.par_iter_mut()
-                .zip(updates.par_iter_mut())
-                .try_for_each(|(buf, (_, f))| f.read(i, start, &mut buf[..len]))?;
-            let ups: Vec<(u64, &[f32])> = updates
-                .iter()
-                .zip(&bufs)
-                .map(|((n, _), b)| (*n, &b[..len]))
-                .collect();
-            let moments = state.as_mut().map(|s| {
-                (
-                    &mut s.m.data[i][start..start + len],
-                    &mut s.v.data[i][start..start + len],
-                )
-            });
-            aggregate_slice(strategy, &g[start..start + len], &ups, moments, &mut out);
-        }
-        data.push(out);
+    // Every slice, in order: (tensor, first value, number of values).
+    let slices: Vec<(usize, usize, usize)> = global
+        .data
+        .iter()
+        .enumerate()
+        .flat_map(|(i, g)| {
+            (0..g.len())
+                .step_by(per)
+                .map(move |s| (i, s, per.min(g.len() - s)))
+        })
+        .collect();
+    let read = |updates: &mut [(u64, FileTensors)], bufs: &mut [Vec<f32>], (i, start, len)| {
+        // The files are read (positioned read, SHA-256 as read, decode) on all cores at once.
+        bufs.par_iter_mut()
+            .zip(updates.par_iter_mut())
+            .try_for_each(|(buf, (_, f))| f.read(i, start, &mut buf[..len]))
+    };
+    let mut cur = vec![vec![0f32; per.min(largest)]; updates.len()];
+    let mut next = cur.clone();
+    let mut data: Vec<Vec<f32>> = global
+        .data
+        .iter()
+        .map(|g| Vec::with_capacity(g.len()))
+        .collect();
+    if let Some(&first) = slices.first() {
+        read(updates, &mut cur, first)?;
+    }
+    let weights: Vec<u64> = updates.iter().map(|(n, _)| *n).collect();
+    for (j, &(i, start, len)) in slices.iter().enumerate() {
+        // The next slice is read while this one is aggregated; the aggregation runs in site
+        // order, so the bits do not depend on the number of threads.
+        let (got, ()) = rayon::join(
+            || match slices.get(j + 1) {
+                Some(&s) => read(updates, &mut next, s),
+                None => Ok(()),
+            },
+            || {
+                let ups: Vec<(u64, &[f32])> = weights
+                    .iter()
+                    .zip(&cur)
+                    .map(|(n, b)| (*n, &b[..len]))
+                    .collect();
+                let moments = state.as_mut().map(|s| {
+                    (
+                        &mut s.m.data[i][start..start + len],
+                        &mut s.v.data[i][start..start + len],
+                    )
+                });
+                aggregate_slice(
+                    strategy,
+                    &global.data[i][start..start + len],
+                    &ups,
+                    moments,
+                    &mut data[i],
+                );
+            },
+        );
+        got?;
+        std::mem::swap(&mut cur, &mut next);
     }
     Ok((with_data(global, data), state))
 }

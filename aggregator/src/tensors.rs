@@ -220,7 +220,31 @@ pub struct FileTensors {
     hasher: Sha256,
     hashed: u64,
     bytes: Vec<u8>,
+    /// File offset up to which read-ahead has been requested.
+    prefetched: u64,
 }
+
+/// How far past a read [`FileTensors::read`] asks the kernel to read ahead: at least this, or
+/// twice the read. A round's close reads many update files a slice at a time; files written
+/// with direct I/O are not in the page cache, and asking for the next slices of every file at
+/// once keeps the disk busy while the current slice is aggregated (the 16 × 100 M close went
+/// from 13–14 s to 12 s on this project's test machine, BENCHMARKS.md).
+const READ_AHEAD_MIN: u64 = 4 << 20;
+
+/// Ask the kernel to read `len` bytes of `file` from `offset` into the page cache in the
+/// background (`posix_fadvise(POSIX_FADV_WILLNEED)`). A hint: its result is ignored.
+#[cfg(target_os = "linux")]
+fn read_ahead(file: &File, offset: u64, len: u64) {
+    let _ = rustix::fs::fadvise(
+        file,
+        offset,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::WillNeed,
+    );
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_ahead(_: &File, _: u64, _: u64) {}
 
 impl FileTensors {
     /// Open `path`, parse and validate its header (F32 only, offsets contiguous and matching
@@ -252,6 +276,7 @@ impl FileTensors {
             hasher,
             hashed: data_start,
             bytes: Vec::new(),
+            prefetched: 0,
         })
     }
 
@@ -281,6 +306,14 @@ impl FileTensors {
         self.file.read_exact_at(&mut self.bytes, at).map_err(|e| {
             AggregatorError::Blob(format!("reading tensor `{}`: {e}", self.names[t]))
         })?;
+        let end = at + self.bytes.len() as u64;
+        let ahead = (2 * self.bytes.len() as u64).max(READ_AHEAD_MIN);
+        // Renewed once half the window is used, so each call asks for new bytes only.
+        if end + ahead / 2 > self.prefetched {
+            let from = self.prefetched.max(end);
+            read_ahead(&self.file, from, end + ahead - from);
+            self.prefetched = end + ahead;
+        }
         if at == self.hashed {
             self.hasher.update(&self.bytes);
             self.hashed += self.bytes.len() as u64;

@@ -1,6 +1,7 @@
 //! The federation service over real gRPC on loopback: FedAvg rounds, and every kind of bad
 //! update rejected with a clear status while accepted updates are kept.
 
+use fedee_aggregator::blobs::DirectIo;
 use fedee_aggregator::tensors::Tensors;
 use fedee_aggregator::{Config, run};
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
@@ -31,13 +32,14 @@ async fn start(
     CancellationToken,
     tempfile::TempDir,
 ) {
-    start_with(rounds, min_sites, model(1.0)).await
+    start_with(rounds, min_sites, model(1.0), DirectIo::Auto).await
 }
 
 async fn start_with(
     rounds: u32,
     min_sites: u32,
     initial: Tensors,
+    direct_io: DirectIo,
 ) -> (
     FederationClient<Channel>,
     CancellationToken,
@@ -64,6 +66,7 @@ async fn start_with(
         tls: None,
         enroll: vec![],
         max_concurrent_uploads: 4,
+        direct_io,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -361,15 +364,17 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
 /// update that completed the round is acknowledged once it has closed.
 #[tokio::test]
 async fn requests_are_answered_while_a_round_is_aggregated() {
-    // 16 M parameters (64 MB per update): the close reads, hashes and averages 128 MB and
-    // writes 64 MB, long enough to be seen from another connection.
+    // 16 Mi parameters (64 MiB per update): the close reads, hashes and averages 128 MiB and
+    // writes 64 MiB, long enough to be seen from another connection. The updates are written
+    // with direct I/O (every round, not only large ones), so the close reads files that
+    // bypassed the page cache and the FedAvg result below checks that path end to end.
     let n = 16 << 20;
     let big = move |v: f32| Tensors {
         names: vec!["w".into()],
         shapes: vec![vec![n]],
         data: vec![vec![v; n]],
     };
-    let (mut c, token, _blobs) = start_with(1, 2, big(1.0)).await;
+    let (mut c, token, _blobs) = start_with(1, 2, big(1.0), DirectIo::Above(0)).await;
     for s in ["A", "B"] {
         c.join(JoinRequest { site: s.into() }).await.unwrap();
     }
