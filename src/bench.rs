@@ -96,6 +96,12 @@ pub enum BenchCommand {
         /// The aggregator's --max-concurrent-uploads.
         #[arg(long, default_value_t = 4)]
         max_concurrent_uploads: usize,
+        /// The aggregator's --direct-io: `auto` (rounds over the kernel's background
+        /// write-back threshold bypass the page cache), `off`, or a round size in MB (0:
+        /// every round). Column `direct` shows what each cell used.
+        #[arg(long, default_value = "auto", value_name = "auto|off|MB",
+              value_parser = |s: &str| s.parse::<fedee_aggregator::blobs::DirectIo>().map(|_| s.to_owned()))]
+        direct_io: String,
         /// Where the aggregator's database and blobs go (needs sites × model size free).
         #[arg(long, default_value = "target/bench-work")]
         work_dir: PathBuf,
@@ -239,6 +245,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             sites,
             params,
             max_concurrent_uploads,
+            direct_io,
             work_dir,
             python,
             no_flower,
@@ -260,6 +267,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                         &sites,
                         &params,
                         max_concurrent_uploads,
+                        &direct_io,
                         &work_dir,
                         flower,
                     )

@@ -118,7 +118,13 @@ fn aggregator_command() -> Result<(Command, &'static str)> {
     Ok((cmd, "fedee aggregator"))
 }
 
-fn start_aggregator(work: &Path, pki: &Path, sites: &[String], uploads: usize) -> Result<Running> {
+fn start_aggregator(
+    work: &Path,
+    pki: &Path,
+    sites: &[String],
+    uploads: usize,
+    direct_io: &str,
+) -> Result<Running> {
     let (mut cmd, binary) = aggregator_command()?;
     cmd.args(["--listen", "127.0.0.1:0", "--database-url"])
         .arg(format!(
@@ -133,7 +139,8 @@ fn start_aggregator(work: &Path, pki: &Path, sites: &[String], uploads: usize) -
         .arg(pki)
         .args(["--rounds", "1", "--round-timeout", "36000"])
         .args(["--min-sites", &sites.len().to_string()])
-        .args(["--max-concurrent-uploads", &uploads.to_string()]);
+        .args(["--max-concurrent-uploads", &uploads.to_string()])
+        .args(["--direct-io", direct_io]);
     for s in sites {
         cmd.args(["--enroll", s]);
     }
@@ -194,6 +201,7 @@ fn run_cell(
     sites: usize,
     params: usize,
     uploads: usize,
+    direct_io: &str,
     flower: Option<&FlowerSide>,
 ) -> Result<Cell> {
     let work = tempfile::Builder::new()
@@ -228,7 +236,7 @@ fn run_cell(
     // Chunks are zero-copy slices of this one buffer (only each site's last chunk is copied).
     let template = fedee_proto::Bytes::from(template);
 
-    let mut agg = start_aggregator(work.path(), &pki, &names, uploads)?;
+    let mut agg = start_aggregator(work.path(), &pki, &names, uploads, direct_io)?;
     let pid = agg.child.id();
     let rss_idle_mb = proc_mb(pid, "VmRSS:")?;
     eprintln!(
@@ -328,6 +336,19 @@ fn run_cell(
             .with_context(|| format!("the `round closed` log line has no {k}"))
     };
     let next_sha = field("global_model")?;
+    // Whether this round's updates bypassed the page cache: the aggregator logs its threshold
+    // at start (absent when direct I/O is off or the filesystem refuses it) and applies it to
+    // model size × sites.
+    let direct_above = agg
+        .log
+        .lock()
+        .expect("log")
+        .lines()
+        .find(|l| l.contains("federation started"))
+        .and_then(|l| l.split("direct_io_above_bytes=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok());
+    let direct_io = direct_above.is_some_and(|t| (model_bytes * sites) as u64 > t);
     let aggregate_s = field("aggregate_ms")?.parse::<f64>()? / 1e3;
     let model_mb = model_bytes as f64 / 1e6;
     let total_mb = model_mb * sites as f64;
@@ -343,6 +364,8 @@ fn run_cell(
         "ingest_seconds": total_s - aggregate_s,
         "ingest_mb_per_s": total_mb / (total_s - aggregate_s),
         "round_mb_per_s": total_mb / total_s,
+        "direct_io": direct_io,
+        "direct_io_above_bytes": direct_above,
         "aggregator_binary": agg.binary,
         "idle_rss_mb": rss_idle_mb,
         "peak_rss_mb": peak_rss_mb,
@@ -477,6 +500,7 @@ pub fn bench(
     sites: &[usize],
     params: &[usize],
     uploads: usize,
+    direct_io: &str,
     work_root: &Path,
     flower: Option<FlowerSide>,
 ) -> Result<serde_json::Value> {
@@ -487,7 +511,7 @@ pub fn bench(
     let mut cells = Vec::new();
     for &p in params {
         for &s in sites {
-            let cell = run_cell(&rt, work_root, s, p, uploads, flower.as_ref())?;
+            let cell = run_cell(&rt, work_root, s, p, uploads, direct_io, flower.as_ref())?;
             let r = &cell.json;
             eprintln!(
                 "aggregate: {s} sites × {:.0} MB: {:.0} MB/s ingest, aggregated in {:.2} s, peak RSS {:.0} MB",
@@ -500,7 +524,7 @@ pub fn bench(
         }
     }
     println!(
-        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7}",
+        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7} {:>6}",
         "sites",
         "params",
         "model MB",
@@ -515,10 +539,11 @@ pub fn bench(
         "t ratio",
         "m ratio",
         "disk",
-        "status"
+        "status",
+        "direct"
     );
     println!(
-        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7}",
+        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7} {:>6}",
         "",
         "",
         "",
@@ -533,7 +558,8 @@ pub fn bench(
         "fl/fe",
         "fl/fe",
         "MB/s",
-        "max s"
+        "max s",
+        "I/O"
     );
     for c in &cells {
         let r = &c.json;
@@ -545,7 +571,7 @@ pub fn bench(
                 .map_or("-".into(), |v| format!("{v:.d$}"))
         };
         println!(
-            "{:>5} {:>7.1}M {:>8.1} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7}",
+            "{:>5} {:>7.1}M {:>8.1} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7} {:>6}",
             c.sites,
             c.params as f64 / 1e6,
             c.model_mb,
@@ -561,6 +587,7 @@ pub fn bench(
             f2("flower_over_fedee_peak_rss_ratio"),
             f("disk_write_mb_per_s"),
             f2("status_max_seconds"),
+            if r["direct_io"] == true { "yes" } else { "no" },
         );
     }
     println!(
@@ -568,7 +595,8 @@ pub fn bench(
          number of sites; ingest ≥ 300 MB/s. Client and aggregator share this machine's cores. \
          disk: sustained write bandwidth of the work folder (1 GiB + fsync, probed after each \
          cell), the ceiling for durable ingest. status: the slowest answer to a Status request \
-         sent every 100 ms through ingest and the round close.",
+         sent every 100 ms through ingest and the round close. direct I/O: whether the \
+         round's updates bypassed the page cache (--direct-io).",
         cells
             .first()
             .and_then(|c| c.json["aggregator_binary"].as_str())
@@ -579,6 +607,7 @@ pub fn bench(
         "strategy": "fedavg",
         "transport": "gRPC over loopback, mutual TLS (rustls), 1 MiB chunks",
         "max_concurrent_uploads": uploads,
+        "direct_io_setting": direct_io,
         "rows": cells.into_iter().map(|c| c.json).collect::<Vec<_>>(),
     }))
 }
