@@ -118,7 +118,7 @@ const FALLBACK_DIRECT_IO_ABOVE: u64 = 2 << 30;
 /// A round whose updates fit under it is absorbed by the page cache, and its close reads the
 /// updates from memory. A larger one is written back while it arrives and, past
 /// `vm.dirty_ratio`, throttled to the disk's buffered write rate: on this project's test
-/// machine (24 GiB, threshold about 2 GB) rounds of 5.6–6.4 GB ingested at 220–300 MB/s
+/// machine (24 GiB, threshold about 2.4 GB) rounds of 5.6–6.4 GB ingested at 220–300 MB/s
 /// buffered and 400–480 MB/s with direct I/O (BENCHMARKS.md).
 fn write_back_threshold() -> u64 {
     let read = |p: &str| std::fs::read_to_string(p).ok();
