@@ -83,6 +83,18 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// The value of `KEY=` in the first line of the aggregator's log that contains `marker`.
+    fn log_field(&self, marker: &str, key: &str) -> Option<String> {
+        self.log
+            .lock()
+            .expect("log")
+            .lines()
+            .find(|l| l.contains(marker))
+            .and_then(|l| l.split(&format!("{key}=")).nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .map(str::to_owned)
+    }
+
     fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
         let t = Instant::now();
         while !self.log.lock().expect("log").contains(needle) {
@@ -319,34 +331,16 @@ fn run_cell(
     agg.wait_for("round closed", Duration::from_secs(3600))?;
     let total_s = t0.elapsed().as_secs_f64();
     let peak_rss_mb = proc_mb(pid, "VmHWM:")?;
-    let closed = agg
-        .log
-        .lock()
-        .expect("log")
-        .lines()
-        .find(|l| l.contains("round closed"))
-        .map(str::to_owned)
-        .context("no `round closed` log line")?;
     let field = |k: &str| {
-        closed
-            .split(&format!("{k}="))
-            .nth(1)
-            .and_then(|v| v.split_whitespace().next())
-            .map(str::to_owned)
-            .with_context(|| format!("the `round closed` log line has no {k}"))
+        agg.log_field("round closed", k)
+            .with_context(|| format!("no `round closed` log line with {k}"))
     };
     let next_sha = field("global_model")?;
     // Whether this round's updates bypassed the page cache: the aggregator logs its threshold
     // at start (absent when direct I/O is off or the filesystem refuses it) and applies it to
     // model size × sites.
     let direct_above = agg
-        .log
-        .lock()
-        .expect("log")
-        .lines()
-        .find(|l| l.contains("federation started"))
-        .and_then(|l| l.split("direct_io_above_bytes=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
+        .log_field("federation started", "direct_io_above_bytes")
         .and_then(|v| v.parse::<u64>().ok());
     let direct_io = direct_above.is_some_and(|t| (model_bytes * sites) as u64 > t);
     let aggregate_s = field("aggregate_ms")?.parse::<f64>()? / 1e3;

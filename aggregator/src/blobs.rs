@@ -382,14 +382,15 @@ impl BlobStore {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        let direct_above = match (direct, probe_direct_io(&dir)) {
-            (DirectIo::Off, _) => None,
-            (DirectIo::Auto, Ok(())) => Some(write_back_threshold()),
-            (DirectIo::Above(b), Ok(())) => Some(b),
-            (_, Err(e)) => {
+        // Probed only when direct I/O may be used.
+        let direct_above = match direct {
+            DirectIo::Off => None,
+            _ if let Err(e) = probe_direct_io(&dir) => {
                 tracing::info!(folder = %dir.display(), error = %e, "direct I/O unavailable: all updates are written through the page cache");
                 None
             }
+            DirectIo::Auto => Some(write_back_threshold()),
+            DirectIo::Above(b) => Some(b),
         };
         Ok(Self { dir, direct_above })
     }
