@@ -148,7 +148,8 @@ struct SiteArgs {
     retries: u32,
     /// Gaussian sampler for the DP noise: `fast` (CSPRNG + ziggurat, released values rounded
     /// to a grid of about a millionth of the noise std against floating-point attacks) or
-    /// `exact` (OpenDP's exact sampler; about 6.5 s per million parameters).
+    /// `exact` (OpenDP's exact sampler on every core; about 15 core-seconds per million
+    /// parameters).
     #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
     noise: String,
     /// This site's privacy ledger (JSON; one entry per round: unit, mechanism, q, σ, steps,
