@@ -181,7 +181,8 @@ fn date() -> String {
     time::OffsetDateTime::now_utc().date().to_string()
 }
 
-/// What machine the figures come from.
+/// What machine the figures come from: CPU, cores, OS, the libtorch this process loaded and
+/// the GPUs `nvidia-smi` lists (name, driver, memory), for the CUDA rows of issue 6.
 pub fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -196,7 +197,65 @@ pub fn machine() -> serde_json::Value {
         "cpu": cpu,
         "logical_cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "os": std::env::consts::OS,
+        "libtorch": libtorch(),
+        "cuda_devices_visible": tch::Cuda::device_count(),
+        "gpus": gpus(),
     })
+}
+
+/// The libtorch this process runs on: the folder `libtorch_cpu.so` was mapped from (the
+/// build's rpath, or `LD_LIBRARY_PATH` on a GPU machine) and the version written in the
+/// `torch/version.py` beside it (`2.11.0+cu130`; `null` outside a Python torch package).
+fn libtorch() -> serde_json::Value {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let Some(lib) = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+    else {
+        return serde_json::Value::Null;
+    };
+    let dir = std::path::Path::new(lib).parent();
+    let field = |key: &str| {
+        let py = std::fs::read_to_string(dir?.parent()?.join("version.py")).ok()?;
+        // `__version__ = '2.11.0+cu130'`, `cuda: Optional[str] = '13.0'` (or `None`).
+        py.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_once('='))
+            .map(|(_, v)| v.trim().trim_matches('\'').to_owned())
+            .filter(|v| v != "None")
+    };
+    json!({
+        "dir": dir.map(|d| d.display().to_string()),
+        "version": field("__version__ "),
+        "cuda_version": field("cuda:"),
+    })
+}
+
+/// Each GPU as `nvidia-smi` reports it; empty where it is not installed.
+fn gpus() -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,driver_version,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
+        .output();
+    let Some(out) = out.ok().filter(|o| o.status.success()) else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').map(str::trim).collect();
+            (f.len() == 3).then(|| {
+                json!({
+                    "name": f[0],
+                    "driver": f[1],
+                    "memory_mib": f[2].parse::<u64>().ok(),
+                })
+            })
+        })
+        .collect()
 }
 
 fn write_json(path: Option<&PathBuf>, v: &serde_json::Value) -> Result<()> {
@@ -223,6 +282,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let with_machine = |mut doc: serde_json::Value| {
         doc["machine"] = machine();
         doc["date"] = json!(date());
+        eprintln!("machine: {}", doc["machine"]);
         doc
     };
     match cmd {
@@ -296,7 +356,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             fast_values,
             exact_values,
             json,
-        } => noise(fast_values, exact_values, json.as_ref()),
+        } => write_json(
+            json.as_ref(),
+            &with_machine(noise(fast_values, exact_values)?),
+        ),
         BenchCommand::FlambyHeart {
             data,
             seeds,
@@ -315,7 +378,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-fn noise(fast_values: usize, exact_values: usize, json_path: Option<&PathBuf>) -> Result<()> {
+fn noise(fast_values: usize, exact_values: usize) -> Result<serde_json::Value> {
     let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
     let mut rows = Vec::new();
     // The fast sampler runs on the caller's thread (one CSPRNG stream); the exact one on
@@ -366,14 +429,10 @@ fn noise(fast_values: usize, exact_values: usize, json_path: Option<&PathBuf>) -
     println!(
         "fast / exact throughput ratio, one thread each: {ratio:.0}  (goal for fast: ≥ 2e7 values/s); exact on {cores} threads / 1 thread: {speedup:.2}"
     );
-    write_json(
-        json_path,
-        &json!({
-            "benchmark": "noise",
-            "machine": machine(),
-            "rows": rows,
-            "fast_over_exact_ratio": ratio,
-            "exact_parallel_speedup_ratio": speedup,
-        }),
-    )
+    Ok(json!({
+        "benchmark": "noise",
+        "rows": rows,
+        "fast_over_exact_ratio": ratio,
+        "exact_parallel_speedup_ratio": speedup,
+    }))
 }
