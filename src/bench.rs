@@ -138,7 +138,7 @@ pub enum BenchCommand {
         /// Values drawn with the fast sampler.
         #[arg(long, default_value_t = 20_000_000)]
         fast_values: usize,
-        /// Values drawn with the exact sampler, each way (about 17 s per million per core).
+        /// Values drawn with the exact sampler, each way (about 15 s per million per core).
         #[arg(long, default_value_t = 300_000)]
         exact_values: usize,
         /// Also write the figures as JSON.

@@ -7,7 +7,7 @@
 //! * [`Sampler::Exact`]: OpenDP's `make_gaussian` over f32 vectors (discrete Gaussian noise on
 //!   the grid of every f32 value, `2^-149`, sampled with exact rational arithmetic: Canonne,
 //!   Kamath & Steinke, "The Discrete Gaussian for Differential Privacy", NeurIPS 2020), run on
-//!   slices of [`EXACT_SLICE`] values in parallel on rayon's pool. About 17 µs per value per
+//!   slices of [`EXACT_SLICE`] values in parallel on rayon's pool. About 15 µs per value per
 //!   core on a 2-core EPYC (`fedee bench noise`).
 //!
 //! # Security
@@ -17,8 +17,8 @@
 //! coarse power-of-two grid (Mironov's "snapping" idea) discards those bits; the grid is about
 //! a millionth of the noise std, so utility is unchanged. This is a guard, not a proof: the
 //! accounting assumes an ideal Gaussian. Use `Exact` where a formal guarantee on the sampler
-//! itself is required and its cost is acceptable: at about 17 µs per value per core, a
-//! 1 M-parameter update takes about 17 core-seconds and a 22.6 M MiniLM update about 6.5
+//! itself is required and its cost is acceptable: at about 15 µs per value per core, a
+//! 1 M-parameter update takes about 15 core-seconds and a 22.6 M MiniLM update about 6
 //! core-minutes per round (`fedee bench noise`).
 
 use opendp::domains::{AtomDomain, VectorDomain};
@@ -95,7 +95,7 @@ pub fn add_noise<R: Rng + ?Sized>(
     Ok(())
 }
 
-/// Values per parallel task of the exact sampler (about 0.15 s of work each).
+/// Values per parallel task of the exact sampler (about 0.12 s of work each).
 pub const EXACT_SLICE: usize = 8192;
 
 /// OpenDP's Gaussian mechanism on one slice of the values.
@@ -103,8 +103,9 @@ pub const EXACT_SLICE: usize = 8192;
 /// The measurement is over `VectorDomain<AtomDomain<f32>>` with the default `k` (`2^-149`, the
 /// spacing of the smallest f32): every input is already on that grid, so OpenDP adds no
 /// rounding distance to the sensitivity and its zCDP map is the ideal `ρ = Δ²/(2·std²)` of a
-/// Gaussian, as the accountants assume ([`crate::SiteLevelAccountant::spent`], [`crate::rdp`]). Over f64 the same noise took 3.5× as
-/// long (`2^-1074` grid, wider integers) and was then rounded to f32 a second time.
+/// Gaussian, as the accountants assume ([`crate::SiteLevelAccountant::spent`],
+/// [`crate::rdp`]). Over f64 the same noise took 3.7× as long (`2^-1074` grid, wider
+/// integers) and was then rounded to f32 a second time.
 ///
 /// # Security
 /// OpenDP's vector mechanism draws every coordinate independently from the same discrete
