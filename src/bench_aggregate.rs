@@ -261,7 +261,11 @@ fn run_cell(
         let mut clients = Vec::new();
         for s in &names {
             let mut c = connect(&addr, &pki, s).await?;
-            c.join(JoinRequest { site: s.clone() }).await?;
+            c.join(JoinRequest {
+                site: s.clone(),
+                ..Default::default()
+            })
+            .await?;
             clients.push(c);
         }
         // An operator's dashboard on its own connection, asking for the status every 100 ms

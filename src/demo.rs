@@ -270,6 +270,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         enroll: FEDERATION_SITES.iter().map(|s| (*s).to_owned()).collect(),
         max_concurrent_uploads: 4,
         direct_io: fedee_aggregator::blobs::DirectIo::Auto,
+        spec: None,
     };
     let agg = tokio::spawn(fedee_aggregator::run(
         agg_config,
@@ -294,7 +295,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let sc = fedee_site_agent::SiteConfig {
             aggregator: agg_url.clone(),
             site: (*name).to_owned(),
-            task: Box::new(fedee_site_agent::task::HeartTask::new(&data, cfg, device)),
+            task: Box::new(fedee_site_agent::task::TabularTask::heart(
+                &data, cfg, device,
+            )),
             device,
             seed: args
                 .reproducible
@@ -304,6 +307,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             noise: fedee_dp::noise::Sampler::Fast,
             ledger: None,
             epsilon_budget: None,
+            spec_sha256: None,
             tls: Some(TlsFiles::in_dir(&pki, name)),
         };
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));

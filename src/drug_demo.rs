@@ -566,6 +566,7 @@ pub(crate) async fn federate(
         enroll: SITE_GROUPS.iter().map(|s| (*s).to_owned()).collect(),
         max_concurrent_uploads: 4,
         direct_io: fedee_aggregator::blobs::DirectIo::Auto,
+        spec: None,
     };
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -600,6 +601,7 @@ pub(crate) async fn federate(
                 noise: fedee_dp::noise::Sampler::Fast,
                 ledger: None,
                 epsilon_budget: None,
+                spec_sha256: None,
                 tls: Some(TlsFiles::in_dir(pki, group)),
             },
         )));

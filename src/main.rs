@@ -10,7 +10,6 @@ mod flamby;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -46,11 +45,14 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the federation service (rounds, FedAvg, privacy accounting).
     Aggregator(fedee_aggregator::cli::AggregatorArgs),
-    /// Run a site agent next to a hospital's data.
-    Site(SiteArgs),
+    /// Run a site agent next to a hospital's data (trains what the federation spec says).
+    Site(fedee_site_agent::cli::SiteArgs),
+    /// Scaffold a federation spec (federation.toml) from a data file.
+    Init(fedee_site_agent::cli::InitArgs),
     /// Run the trainer service (EE models and encrypted batches only; never keys).
     Trainer(TrainerArgs),
-    /// Create an initial global model (safetensors) for the aggregator.
+    /// Create an initial global model (safetensors) for the aggregator: the MLP of a
+    /// federation spec, or the demo's heart MLP.
     InitModel(InitModelArgs),
     /// Show an aggregator's rounds, sites' accuracy and the privacy spent.
     Status {
@@ -122,49 +124,6 @@ enum CertsCommand {
 }
 
 #[derive(clap::Args)]
-struct SiteArgs {
-    /// Aggregator address (host:port; the scheme follows --tls-dir / --insecure).
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    aggregator: String,
-    #[command(flatten)]
-    transport: TransportArgs,
-    /// Hospital / site name: Cleveland, Hungary, Switzerland or "VA Long Beach".
-    #[arg(long)]
-    site: String,
-    /// Path to heart_disease_uci.csv (`make data` fetches it).
-    #[arg(long, default_value = "data/cache/heart_disease_uci.csv")]
-    data: PathBuf,
-    /// Hidden units of the MLP (must match the global model).
-    #[arg(long, default_value_t = demo::HIDDEN)]
-    hidden: usize,
-    /// Device: cpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Retries of a call that fails at the transport level (aggregator down or restarting),
-    /// with exponential backoff from 0.5 s doubling to 30 s, plus jitter; 9 retries wait about
-    /// 2.5 minutes in all. Repeats are safe: the aggregator acknowledges an update it already
-    /// has without counting it twice. Refusals are never retried.
-    #[arg(long, default_value_t = 9)]
-    retries: u32,
-    /// Gaussian sampler for the DP noise: `fast` (CSPRNG + ziggurat, released values rounded
-    /// to a grid of about a millionth of the noise std against floating-point attacks) or
-    /// `exact` (OpenDP's exact sampler on every core; about 15 core-seconds per million
-    /// parameters).
-    #[arg(long, default_value = "fast", value_parser = ["fast", "exact"])]
-    noise: String,
-    /// This site's privacy ledger (JSON; one entry per round: unit, mechanism, q, σ, steps,
-    /// cumulative ε at δ). Kept across runs: never delete it while the data is in use.
-    /// [default: fedee-privacy-ledger-SITE.json]
-    #[arg(long)]
-    ledger: Option<PathBuf>,
-    /// The site's privacy budget ε (at the federation's δ). Before each round the site
-    /// computes what its ledger would reach; over budget, it refuses to train and stops,
-    /// naming spent, requested and budget.
-    #[arg(long)]
-    epsilon_budget: Option<f64>,
-}
-
-#[derive(clap::Args)]
 struct TrainerArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50052")]
@@ -181,7 +140,10 @@ struct InitModelArgs {
     /// Output path (safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// Hidden units.
+    /// The federation spec whose model to create (its MLP's inputs, hidden sizes, classes).
+    #[arg(long, conflicts_with = "hidden")]
+    spec: Option<PathBuf>,
+    /// Without --spec: hidden units of the demo's heart MLP.
     #[arg(long, default_value_t = demo::HIDDEN)]
     hidden: usize,
     /// Seed of the initial weights.
@@ -191,13 +153,16 @@ struct InitModelArgs {
 
 #[derive(Subcommand)]
 enum EeCommand {
-    /// Generate secret keys (file written with permissions 0600): for the heart-disease MLP,
-    /// or with --bert-config for a BERT classifier.
+    /// Generate secret keys (file written with permissions 0600): for the MLP of a federation
+    /// spec (--spec), the demo's heart-disease MLP, or with --bert-config a BERT classifier.
     Keygen {
         /// Output key file (JSON). Keep it private; never send it to a server.
         #[arg(long)]
         out: PathBuf,
-        /// Hidden units of the MLP.
+        /// The federation spec whose model the keys are for (its MLP's sizes and activation).
+        #[arg(long, conflicts_with_all = ["hidden", "bert_config"])]
+        spec: Option<PathBuf>,
+        /// Hidden units of the demo's heart MLP (without --spec).
         #[arg(long, default_value_t = demo::HIDDEN)]
         hidden: usize,
         /// Group of the MLP's input key: signed-permutation (default; AdamW-exact), permutation,
@@ -280,28 +245,26 @@ struct TransformFiles {
     /// The BERT config.json, for keys of a BERT classifier (e.g. data/cache/minilm/config.json).
     #[arg(long)]
     bert_config: Option<PathBuf>,
+    /// The federation spec of an MLP model (its activation decides which hidden keys are
+    /// exact); without it, an MLP's sizes come from the model and ReLU is assumed.
+    #[arg(long, conflicts_with = "bert_config")]
+    spec: Option<PathBuf>,
+}
+
+/// Read and validate a federation spec file.
+fn read_spec(p: &std::path::Path) -> Result<fedee_spec::FederationSpec> {
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("reading the federation spec {}", p.display()))?;
+    fedee_spec::FederationSpec::from_toml(&text)
+        .with_context(|| format!("{} is not a valid federation spec", p.display()))
 }
 
 pub(crate) fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            if !tch::Cuda::is_available() {
-                bail!("--device cuda: no CUDA device is visible to libtorch (use --device cpu)");
-            }
-            Ok(Device::Cuda(0))
-        }
-        d => bail!("unknown device `{d}`: use cpu or cuda"),
-    }
+    fedee_site_agent::cli::parse_device(s)
 }
 
 fn mlp_config(hidden: usize) -> MlpConfig {
-    MlpConfig {
-        in_features: fedee_site_agent::heart::NUM_FEATURES,
-        hidden,
-        out_features: 2,
-        activation: Activation::Relu,
-    }
+    fedee_site_agent::cli::heart_mlp(hidden)
 }
 
 #[tokio::main]
@@ -316,36 +279,8 @@ async fn main() -> Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(b) => bench::run(b),
         Command::Aggregator(a) => fedee_aggregator::cli::run(a).await,
-        Command::Site(s) => {
-            let device = parse_device(&s.device)?;
-            let data = fedee_site_agent::heart::load_standardized(&s.data, &s.site)?;
-            let task = fedee_site_agent::task::HeartTask::new(&data, mlp_config(s.hidden), device);
-            let tls = s.transport.resolve(&s.site)?;
-            let report = fedee_site_agent::run(fedee_site_agent::SiteConfig {
-                aggregator: format!("{}://{}", s.transport.scheme(), s.aggregator),
-                tls,
-                site: s.site.clone(),
-                task: Box::new(task),
-                device,
-                seed: None,
-                poll_interval: Duration::from_millis(200),
-                retry: fedee_site_agent::client::Retry {
-                    attempts: s.retries + 1,
-                    ..Default::default()
-                },
-                noise: s.noise.parse()?,
-                ledger: Some(s.ledger.clone().unwrap_or_else(|| {
-                    PathBuf::from(format!(
-                        "fedee-privacy-ledger-{}.json",
-                        s.site.replace(' ', "_")
-                    ))
-                })),
-                epsilon_budget: s.epsilon_budget,
-            })
-            .await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
-        }
+        Command::Site(s) => fedee_site_agent::cli::run(s).await,
+        Command::Init(i) => fedee_site_agent::cli::init(i),
         Command::Trainer(t) => {
             let config = fedee_trainer::Config {
                 device: parse_device(&t.device)?,
@@ -366,7 +301,11 @@ async fn main() -> Result<()> {
         }
         Command::InitModel(i) => {
             tch::manual_seed(i.seed);
-            let m = Mlp::new(mlp_config(i.hidden), Device::Cpu, Kind::Float)?;
+            let cfg = match &i.spec {
+                Some(p) => fedee_site_agent::task::mlp_config(&read_spec(p)?)?,
+                None => mlp_config(i.hidden),
+            };
+            let m = Mlp::new(cfg, Device::Cpu, Kind::Float)?;
             std::fs::write(&i.out, state_to_safetensors(&m.state())?)
                 .with_context(|| format!("writing {}", i.out.display()))?;
             eprintln!(
@@ -397,6 +336,13 @@ async fn main() -> Result<()> {
                 st.noise_multiplier,
                 st.delta
             );
+            if !st.spec_sha256.is_empty() {
+                println!(
+                    "spec: {} (sha256 {})",
+                    st.spec_summary,
+                    &st.spec_sha256[..12.min(st.spec_sha256.len())]
+                );
+            }
             println!(
                 "DP mode: {}",
                 if st.dp_mode.is_empty() {
@@ -504,6 +450,7 @@ fn ee(cmd: EeCommand) -> Result<()> {
     match cmd {
         EeCommand::Keygen {
             out,
+            spec,
             hidden,
             input_key,
             offset,
@@ -525,7 +472,11 @@ fn ee(cmd: EeCommand) -> Result<()> {
                     (keys, format!("BERT classifier, {profile:?} profile"))
                 }
                 None => {
-                    let spec = mlp_config(hidden).key_spec();
+                    let cfg = match &spec {
+                        Some(p) => fedee_site_agent::task::mlp_config(&read_spec(p)?)?,
+                        None => mlp_config(hidden),
+                    };
+                    let spec = cfg.key_spec();
                     let groups = [("input".to_owned(), input_key)].into_iter().collect();
                     let keys = KeySet::generate(&spec, &groups, offset, &mut rng)?;
                     (
@@ -603,15 +554,29 @@ enum Direction {
 fn spec_for(
     k: &KeySet,
     state: &fedee_encrypt::StateDict,
-    bert_config: Option<&std::path::Path>,
+    files: &TransformFiles,
 ) -> Result<fedee_encrypt::KeySpec> {
+    let bert_config = files.bert_config.as_deref();
     match k.architecture.as_str() {
         "mlp" => {
-            let hidden = state
-                .get("fc1.bias")
-                .map(|t| t.size()[0] as usize)
-                .context("model has no `fc1.bias`: it is not an fedee MLP, but the keys are")?;
-            Ok(mlp_config(hidden).key_spec())
+            if let Some(p) = &files.spec {
+                return Ok(fedee_site_agent::task::mlp_config(&read_spec(p)?)?.key_spec());
+            }
+            let size = |name: &str, dim: usize| {
+                state
+                    .get(name)
+                    .map(|t| t.size()[dim] as usize)
+                    .with_context(|| {
+                        format!("model has no `{name}`: it is not an fedee MLP, but the keys are")
+                    })
+            };
+            Ok(MlpConfig {
+                in_features: size("fc1.weight", 1)?,
+                hidden: size("fc1.bias", 0)?,
+                out_features: size("fc2.bias", 0)?,
+                activation: Activation::Relu,
+            }
+            .key_spec())
         }
         "bert-classifier" => {
             let path = bert_config.context(
@@ -630,15 +595,12 @@ fn spec_for(
 
 fn transform_file(files: &TransformFiles, dir: Direction) -> Result<()> {
     let TransformFiles {
-        keys,
-        model,
-        out,
-        bert_config,
+        keys, model, out, ..
     } = files;
     let k = KeySet::load(keys)?;
     let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
     let state = state_from_safetensors(&bytes, Device::Cpu)?;
-    let spec = spec_for(&k, &state, bert_config.as_deref())?;
+    let spec = spec_for(&k, &state, files)?;
     let t = std::time::Instant::now();
     let result = match dir {
         Direction::Encrypt => fedee_encrypt::transform_state(&spec, &k, &state)?,

@@ -51,7 +51,12 @@ async fn uninterrupted(dir: &Path, db: &str) -> Vec<u8> {
     let agg = Aggregator::start(dir, "127.0.0.1:0", &args(db));
     let mut c = agg.client().await;
     for (s, _) in SITES {
-        c.join(JoinRequest { site: s.into() }).await.unwrap();
+        c.join(JoinRequest {
+            site: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     for (i, (s, n)) in SITES.iter().enumerate() {
         submit(&mut c, update_msgs(s, 1, *n, &tensors(10 + i as u64, 0.01)))
@@ -67,7 +72,12 @@ async fn interrupted(dir: &Path, db: &str) -> Vec<u8> {
     let addr = agg.addr.clone();
     let mut c = agg.client().await;
     for (s, _) in SITES {
-        c.join(JoinRequest { site: s.into() }).await.unwrap();
+        c.join(JoinRequest {
+            site: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     for (i, (s, n)) in SITES[..2].iter().enumerate() {
         let k = submit(&mut c, update_msgs(s, 1, *n, &tensors(10 + i as u64, 0.01)))

@@ -8,7 +8,7 @@ use fedee_aggregator::tensors::Tensors;
 use fedee_encrypt::StateDict;
 use fedee_model::{Activation, Mlp, MlpConfig, state_from_safetensors, state_to_safetensors};
 use fedee_site_agent::heart::{NUM_FEATURES, load_standardized};
-use fedee_site_agent::task::{HeartTask, LocalTask, RoundSettings};
+use fedee_site_agent::task::{LocalTask, RoundSettings, TabularTask};
 use rand::SeedableRng;
 use tch::{Device, Kind};
 
@@ -35,9 +35,9 @@ fn run(strategy: Strategy, poison: bool) -> f64 {
         out_features: 2,
         activation: Activation::Relu,
     };
-    let mut tasks: Vec<HeartTask> = HOSPITALS
+    let mut tasks: Vec<TabularTask> = HOSPITALS
         .iter()
-        .map(|h| HeartTask::new(&load_standardized(&csv, h).unwrap(), cfg, Device::Cpu))
+        .map(|h| TabularTask::heart(&load_standardized(&csv, h).unwrap(), cfg, Device::Cpu))
         .collect();
     tch::manual_seed(0);
     let mut global = to_tensors(&Mlp::new(cfg, Device::Cpu, Kind::Float).unwrap().state());

@@ -75,7 +75,12 @@ async fn deadlines_quorum_failed_rounds_and_metrics() {
     );
     let mut c = agg.client().await;
     for s in ["A", "B", "C"] {
-        c.join(JoinRequest { site: s.into() }).await.unwrap();
+        c.join(JoinRequest {
+            site: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     // Round 1: two of three sites. Not every enrolled site reported, so the round stays open
     // until its deadline, then closes on the quorum.
@@ -214,7 +219,12 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
     );
     let mut c = agg.client().await;
     for s in ["A", "B"] {
-        c.join(JoinRequest { site: s.into() }).await.unwrap();
+        c.join(JoinRequest {
+            site: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     let good = update(5);
     assert_eq!(

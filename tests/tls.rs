@@ -86,7 +86,10 @@ async fn join(addr: &str, tls: ClientTlsConfig, site: &str) -> Result<(), String
         .map_err(|e| format!("{e:?}"))?;
     let ch = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
     FederationClient::new(ch)
-        .join(JoinRequest { site: site.into() })
+        .join(JoinRequest {
+            site: site.into(),
+            ..Default::default()
+        })
         .await
         .map(|_| ())
         .map_err(|s| {
@@ -220,7 +223,8 @@ async fn mutual_tls_admits_only_enrolled_sites_with_valid_certificates() {
         assert!(
             FederationClient::new(ch)
                 .join(JoinRequest {
-                    site: "Cleveland".into()
+                    site: "Cleveland".into(),
+                    ..Default::default()
                 })
                 .await
                 .is_err()

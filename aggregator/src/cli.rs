@@ -119,8 +119,43 @@ pub struct AggregatorArgs {
     /// reads the updates from disk. Ignored where the filesystem refuses O_DIRECT.
     #[arg(long, value_name = "auto|off|MB", default_value = "auto")]
     pub direct_io: crate::blobs::DirectIo,
+    /// Federation spec (TOML; `fedee init --data FILE --label COLUMN` scaffolds one): task,
+    /// features, model, local training, rounds, quorum, deadline, strategy and DP. Validated
+    /// before any port is bound, stored with the federation (restart with the same file) and
+    /// served to sites, which train what it says on their own data. The flags it covers
+    /// (--rounds, --min-sites, --round-timeout, --strategy, --dp-mode, --noise-multiplier,
+    /// ...) are refused next to it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "rounds", "min_sites", "round_timeout", "dp_mode", "strategy", "server_lr",
+        "trim_fraction", "proximal_mu", "clipping_norm", "noise_multiplier", "delta",
+        "local_epochs", "learning_rate", "batch_size",
+    ])]
+    pub spec: Option<PathBuf>,
     #[command(flatten)]
     pub transport: TransportArgs,
+}
+
+/// Settings the spec decides when `--spec` is given (the flags otherwise).
+fn apply_spec(a: &mut AggregatorArgs, s: &fedee_spec::FederationSpec) {
+    let f = &s.federation;
+    a.rounds = f.rounds;
+    a.min_sites = f.min_sites;
+    a.round_timeout = f.round_timeout_s;
+    a.strategy = f.strategy.clone();
+    a.server_lr = f.server_lr;
+    a.trim_fraction = f.trim_fraction;
+    a.proximal_mu = f.proximal_mu;
+    let p = &s.privacy;
+    a.dp_mode = match p.mode {
+        fedee_spec::PrivacyMode::Site => "site".into(),
+        fedee_spec::PrivacyMode::Record => "record".into(),
+    };
+    a.clipping_norm = p.clipping_norm;
+    a.noise_multiplier = p.noise_multiplier;
+    a.delta = p.delta;
+    a.local_epochs = s.training.epochs;
+    a.learning_rate = s.training.learning_rate;
+    a.batch_size = s.training.batch_size;
 }
 
 /// Run the aggregator until its rounds are done or SIGINT/SIGTERM (then drain in-flight calls
@@ -129,7 +164,27 @@ pub struct AggregatorArgs {
 /// # Errors
 /// Bad flags (naming the flag), an unreadable initial model, a port that cannot be bound, or
 /// the service failing (see [`crate::AggregatorError`]).
-pub async fn run(a: AggregatorArgs) -> Result<()> {
+pub async fn run(mut a: AggregatorArgs) -> Result<()> {
+    let spec = match a.spec.clone() {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("reading the federation spec {}", p.display()))?;
+            let spec = fedee_spec::SignedSpec::parse(&text)
+                .with_context(|| format!("{} is not a valid federation spec", p.display()))?;
+            apply_spec(&mut a, &spec.spec);
+            notice(
+                false,
+                &format!(
+                    "federation spec {} (sha256 {}): {}",
+                    p.display(),
+                    &spec.sha256[..12],
+                    spec.spec.summary()
+                ),
+            );
+            Some(spec)
+        }
+        None => None,
+    };
     let initial_model = a
         .initial_model
         .as_ref()
@@ -168,6 +223,7 @@ pub async fn run(a: AggregatorArgs) -> Result<()> {
         enroll: a.enroll,
         max_concurrent_uploads: a.max_concurrent_uploads,
         direct_io: a.direct_io,
+        spec,
     };
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(a.listen)

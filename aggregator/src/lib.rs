@@ -103,6 +103,9 @@ pub struct Config {
     /// Which rounds' updates are written with direct I/O, bypassing the page cache: by
     /// default those larger than the kernel's background write-back threshold.
     pub direct_io: blobs::DirectIo,
+    /// The federation spec, stored with the federation and served to sites (`GetSpec`); the
+    /// initial model must have its MLP's parameter shapes. `None`: sites bring their own task.
+    pub spec: Option<fedee_spec::SignedSpec>,
 }
 
 impl Config {

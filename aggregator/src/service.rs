@@ -7,10 +7,10 @@ use std::sync::Arc;
 use fedee_dp::SiteLevelAccountant;
 use fedee_proto::v1::federation_server::{Federation as FederationApi, FederationServer};
 use fedee_proto::v1::{
-    Chunk, DownloadModelRequest, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse,
-    MetricsAck, MetricsReport, NextTaskRequest, PrivacyEntry, RoundStatus, SiteMetric, SitePrivacy,
-    StatusRequest, StatusResponse, SubmitUpdateMessage, SubmitUpdateResponse, Task, TaskKind,
-    UpdateHeader, submit_update_message,
+    Chunk, DownloadModelRequest, GetSpecRequest, JoinRequest, JoinResponse, LeaveRequest,
+    LeaveResponse, MetricsAck, MetricsReport, NextTaskRequest, PrivacyEntry, RoundStatus,
+    SiteMetric, SitePrivacy, SpecResponse, StatusRequest, StatusResponse, SubmitUpdateMessage,
+    SubmitUpdateResponse, Task, TaskKind, UpdateHeader, submit_update_message,
 };
 use fedee_proto::{CHUNK_SIZE, ChunkCursor};
 use futures::Stream;
@@ -39,6 +39,66 @@ fn validate(
     })?;
     f.check_finite().map_err(|e| (Reject::Tensors, e))?;
     Ok(pending)
+}
+
+/// A federation keeps the spec it started with: a restart must name the same file (or none,
+/// if it started without one).
+async fn check_spec(
+    store: &Store,
+    spec: Option<&fedee_spec::SignedSpec>,
+) -> Result<(), AggregatorError> {
+    let fresh = store.latest_model().await?.is_none();
+    let stored = store.spec().await?;
+    let bad = |m: String| Err(AggregatorError::Config(m));
+    match (stored, spec) {
+        (None, None) => Ok(()),
+        (None, Some(_)) if fresh => Ok(()),
+        (Some((_, sha)), Some(s)) if sha == s.sha256 => Ok(()),
+        (None, Some(s)) => bad(format!(
+            "this database holds a federation started without a spec, so --spec (sha256 {}) cannot apply to it: use a new --database-url and --blob-dir for the spec's federation",
+            &s.sha256[..12]
+        )),
+        (Some((_, sha)), None) => bad(format!(
+            "this federation was started with a federation spec (sha256 {}): restart with the same --spec file",
+            &sha[..12.min(sha.len())]
+        )),
+        (Some((_, sha)), Some(s)) => bad(format!(
+            "this federation runs the federation spec with sha256 {}, but --spec has sha256 {}: a spec cannot change once a federation started; restart with the original file, or start a new federation (new --database-url and --blob-dir)",
+            &sha[..12.min(sha.len())],
+            &s.sha256[..12]
+        )),
+    }
+}
+
+/// The initial model must be the spec's MLP: the same parameter names and shapes.
+fn model_fits_spec(
+    names: &[String],
+    shapes: &[Vec<usize>],
+    spec: &fedee_spec::FederationSpec,
+) -> Result<(), AggregatorError> {
+    let Some(mlp) = spec.mlp() else {
+        return Ok(()); // BERT: the checkpoint's shapes are checked by the sites.
+    };
+    let want = mlp.parameter_shapes();
+    let got: std::collections::BTreeMap<String, Vec<usize>> =
+        names.iter().cloned().zip(shapes.iter().cloned()).collect();
+    if got != want {
+        let describe = |m: &std::collections::BTreeMap<String, Vec<usize>>| {
+            m.iter()
+                .map(|(n, s)| format!("{n} {s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(AggregatorError::Config(format!(
+            "the initial model does not fit the federation spec: it has {}, the spec's MLP ({} encoded features, hidden {:?}, {} classes) needs {}; create it with `fedee init-model --spec SPEC --out FILE`",
+            describe(&got),
+            mlp.in_features,
+            mlp.hidden,
+            mlp.out_features,
+            describe(&want)
+        )));
+    }
+    Ok(())
 }
 
 /// Stream a blob file in 1 MiB chunks, read on a blocking thread a few chunks ahead, its
@@ -238,6 +298,7 @@ impl Federation {
         }
         let store = Store::connect(&config.database_url).await?;
         let blobs = BlobStore::open_with(&config.blob_dir, config.direct_io)?;
+        check_spec(&store, config.spec.as_ref()).await?;
         for name in &config.enroll {
             store.enroll(name).await?;
         }
@@ -259,8 +320,14 @@ impl Federation {
                 let bad =
                     |e: AggregatorError| AggregatorError::Config(format!("initial model: {e}"));
                 let (names, shapes) = FileTensors::layout(pending.path()).map_err(bad)?;
+                if let Some(spec) = &config.spec {
+                    model_fits_spec(&names, &shapes, &spec.spec)?;
+                }
                 let pending = validate(pending, &names, &shapes).map_err(|(_, e)| bad(e))?;
                 let sha = blobs.commit(pending)?;
+                if let Some(spec) = &config.spec {
+                    store.set_spec(&spec.text, &spec.sha256).await?;
+                }
                 store.init(&sha).await?;
                 1
             }
@@ -1025,10 +1092,42 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl FederationApi for Federation {
+    async fn get_spec(
+        &self,
+        _req: Request<GetSpecRequest>,
+    ) -> Result<Response<SpecResponse>, Status> {
+        // Any consortium peer may read it (the TLS layer verified its certificate).
+        Ok(Response::new(match &self.config.spec {
+            Some(s) => SpecResponse {
+                toml: s.text.clone(),
+                sha256: s.sha256.clone(),
+            },
+            None => SpecResponse::default(),
+        }))
+    }
+
     #[tracing::instrument(skip_all, fields(site = %req.get_ref().site))]
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let claimed = req.get_ref().site.clone();
         let site = self.identify(&req, &claimed).await?;
+        let ours = self.config.spec.as_ref().map_or("", |s| s.sha256.as_str());
+        let theirs = req.get_ref().spec_sha256.as_str();
+        if theirs != ours {
+            tracing::warn!(
+                spec = ours,
+                site_spec = theirs,
+                "join refused: spec mismatch"
+            );
+            return Err(Status::failed_precondition(if ours.is_empty() {
+                format!(
+                    "site `{site}` joined with federation spec {theirs}, but this federation runs without a spec"
+                )
+            } else {
+                format!(
+                    "site `{site}` must join with the federation spec it checked its data against (GetSpec); it named `{theirs}`, this federation runs spec {ours}: restart the site so it reads the current spec"
+                )
+            }));
+        }
         if !valid_site_name(&site) {
             return Err(Status::invalid_argument(format!(
                 "site name `{site}` is invalid: use 1-128 letters, digits, spaces, '-', '_' or '.'"
@@ -1053,6 +1152,7 @@ impl FederationApi for Federation {
             site,
             min_sites: self.config.min_sites,
             total_rounds: self.config.rounds,
+            spec_sha256: ours.to_owned(),
         }))
     }
 
@@ -1258,6 +1358,18 @@ impl FederationApi for Federation {
                 .map(|(s, r)| format!("{s}: {r}"))
                 .collect(),
             ended_reason: st.ended.clone().unwrap_or_default(),
+            spec_sha256: self
+                .config
+                .spec
+                .as_ref()
+                .map(|s| s.sha256.clone())
+                .unwrap_or_default(),
+            spec_summary: self
+                .config
+                .spec
+                .as_ref()
+                .map(|s| s.spec.summary())
+                .unwrap_or_default(),
         }))
     }
 }

@@ -268,6 +268,35 @@ impl Store {
             .collect()
     }
 
+    /// The stored federation spec: `(toml, sha256)`.
+    pub async fn spec(&self) -> Result<Option<(String, String)>, AggregatorError> {
+        let row = sqlx::query("SELECT toml, sha256 FROM federation_spec WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(|r| {
+            Ok((
+                r.try_get::<String, _>("toml").map_err(db)?,
+                r.try_get::<String, _>("sha256").map_err(db)?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Store the federation spec (once, before the initial model).
+    pub async fn set_spec(&self, toml: &str, sha256: &str) -> Result<(), AggregatorError> {
+        sqlx::query(
+            "INSERT INTO federation_spec (id, sha256, toml, stored_at) VALUES (1, $1, $2, $3)",
+        )
+        .bind(sha256)
+        .bind(toml)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
     /// Record the initial global model (model 1, already in the blob store) and open round 1
     /// (its deadline is set once the quorum has joined).
     pub async fn init(&self, sha256: &str) -> Result<(), AggregatorError> {

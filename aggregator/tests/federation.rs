@@ -67,6 +67,7 @@ async fn start_with(
         enroll: vec![],
         max_concurrent_uploads: 4,
         direct_io,
+        spec: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -131,7 +132,12 @@ async fn download(c: &mut FederationClient<Channel>, model: u32) -> Tensors {
 async fn fedavg_rounds_weighted_by_num_examples() {
     let (mut c, token, _blobs) = start(2, 2).await;
     for s in ["A", "B"] {
-        c.join(JoinRequest { site: s.into() }).await.unwrap();
+        c.join(JoinRequest {
+            site: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     let t = c
         .next_task(NextTaskRequest { site: "A".into() })
@@ -194,7 +200,12 @@ async fn fedavg_rounds_weighted_by_num_examples() {
 async fn bad_updates_are_rejected_and_accepted_ones_kept() {
     let (mut c, token, _blobs) = start(1, 3).await;
     for s in ["A", "B", "C"] {
-        c.join(JoinRequest { site: s.into() }).await.unwrap();
+        c.join(JoinRequest {
+            site: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     let good = model(0.5).to_safetensors();
     assert_eq!(
@@ -376,7 +387,12 @@ async fn requests_are_answered_while_a_round_is_aggregated() {
     };
     let (mut c, token, _blobs) = start_with(1, 2, big(1.0), DirectIo::Above(0)).await;
     for s in ["A", "B"] {
-        c.join(JoinRequest { site: s.into() }).await.unwrap();
+        c.join(JoinRequest {
+            site: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     submit(&mut c, msgs("A", 1, 10, &big(2.0).to_safetensors(), None))
         .await

@@ -50,6 +50,10 @@ pub struct SiteConfig {
     /// The site's ε budget (at the federation's δ): training that would exceed it is refused
     /// and the site stops. `None`: no limit (the spend is still accounted and reported).
     pub epsilon_budget: Option<f64>,
+    /// SHA-256 of the federation spec the task was built from ([`fetch_spec`]), named at
+    /// Join: the aggregator refuses a site that checked its data against another spec.
+    /// `None` for a federation without a spec.
+    pub spec_sha256: Option<String>,
 }
 
 /// Retries with exponential backoff and jitter for calls that fail at the transport level
@@ -153,6 +157,30 @@ struct Link {
 }
 
 impl Link {
+    /// A lazily connected channel to `aggregator` (reconnects after failures).
+    fn connect(
+        aggregator: &str,
+        tls: Option<&fedee_proto::pki::TlsFiles>,
+        retry: Retry,
+    ) -> Result<Self, SiteError> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(aggregator.to_owned())
+            .map_err(|e| SiteError::Tls(format!("aggregator url `{aggregator}`: {e}")))?;
+        if let Some(t) = tls {
+            let tls = t.client().map_err(|e| SiteError::Tls(e.to_string()))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| SiteError::Tls(e.to_string()))?;
+        }
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        Ok(Self {
+            client: FederationClient::new(channel).max_decoding_message_size(8 << 20),
+            url: aggregator.to_owned(),
+            retry,
+        })
+    }
+
     /// Run `f` until it succeeds, fails with a refusal, or the attempts are spent.
     async fn call<T, F, Fut>(&mut self, call: &'static str, mut f: F) -> Result<T, SiteError>
     where
@@ -208,33 +236,54 @@ async fn download(
         .map_err(|e| tonic::Status::data_loss(format!("model {model} stream: {e}")))
 }
 
+/// The federation spec the aggregator serves, parsed and validated, with its hash checked
+/// against the served one; `None` when the federation runs without a spec. Retried like every
+/// call (the aggregator may start after the site).
+///
+/// # Errors
+/// Transport failures after every retry, a refusal, or a spec this build cannot run
+/// ([`SiteError::Spec`]).
+pub async fn fetch_spec(
+    aggregator: &str,
+    tls: Option<&fedee_proto::pki::TlsFiles>,
+    retry: Retry,
+) -> Result<Option<fedee_spec::SignedSpec>, SiteError> {
+    let mut link = Link::connect(aggregator, tls, retry)?;
+    let served = link
+        .call("GetSpec", |mut c| async move {
+            c.get_spec(fedee_proto::v1::GetSpecRequest {}).await
+        })
+        .await?
+        .into_inner();
+    if served.toml.is_empty() {
+        return Ok(None);
+    }
+    let spec = fedee_spec::SignedSpec::parse(&served.toml)?;
+    if spec.sha256 != served.sha256 {
+        return Err(SiteError::Unsupported(format!(
+            "the aggregator served a federation spec whose SHA-256 is {} but named it {}: refusing to train on it",
+            spec.sha256, served.sha256
+        )));
+    }
+    Ok(Some(spec))
+}
+
 /// Run the site until the federation is done.
 ///
 /// # Errors
 /// Connection failures, refusals by the aggregator, or model errors; each names the cause.
 pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(cfg.aggregator.clone())
-        .map_err(|e| SiteError::Tls(format!("aggregator url `{}`: {e}", cfg.aggregator)))?;
-    if let Some(t) = &cfg.tls {
-        let tls = t.client().map_err(|e| SiteError::Tls(e.to_string()))?;
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| SiteError::Tls(e.to_string()))?;
-    }
     // Connect on first use and reconnect after failures (the aggregator may start later or
     // restart); each call is retried per `cfg.retry`.
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(10))
-        .connect_lazy();
-    let mut link = Link {
-        client: FederationClient::new(channel).max_decoding_message_size(8 << 20),
-        url: cfg.aggregator.clone(),
-        retry: cfg.retry,
-    };
+    let mut link = Link::connect(&cfg.aggregator, cfg.tls.as_ref(), cfg.retry)?;
     let site = cfg.site.clone();
+    let spec_sha256 = cfg.spec_sha256.clone().unwrap_or_default();
     link.call("Join", |mut c| {
-        let site = site.clone();
-        async move { c.join(JoinRequest { site }).await }
+        let req = JoinRequest {
+            site: site.clone(),
+            spec_sha256: spec_sha256.clone(),
+        };
+        async move { c.join(req).await }
     })
     .await?;
     tracing::info!(site = %cfg.site, train = cfg.task.num_examples(), test = cfg.task.num_test_examples(), "joined");

@@ -39,29 +39,8 @@ pub const HOSPITALS: [&str; 4] = ["Cleveland", "Hungary", "Switzerland", "VA Lon
 /// Seed of the train/test split (fixed, so every run and every party sees the same split).
 pub const SPLIT_SEED: u64 = 42;
 
-/// Examples: `x` is `(n, NUM_FEATURES)` row-major f32, `y` is `(n,)` labels in {0, 1}.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Examples {
-    /// Features, row-major.
-    pub x: Vec<f32>,
-    /// Labels (1 = heart disease, `num > 0`).
-    pub y: Vec<i64>,
-}
-
-impl Examples {
-    /// Number of examples.
-    pub fn len(&self) -> usize {
-        self.y.len()
-    }
-    /// Whether there are no examples.
-    pub fn is_empty(&self) -> bool {
-        self.y.is_empty()
-    }
-    fn push(&mut self, row: &[f32], y: i64) {
-        self.x.extend_from_slice(row);
-        self.y.push(y);
-    }
-}
+/// Examples: here `x` is `(n, NUM_FEATURES)` and `y` is 1 for heart disease (`num > 0`).
+pub use crate::table::Examples;
 
 /// One hospital's train and test splits.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,16 +2,22 @@
 //! libtorch, clips and noises its update, and submits it to the aggregator. Only outbound
 //! connections; raw records never leave the process.
 //!
+//! * [`table`]: a site's own tabular data, read as the federation spec says.
+//! * [`infer`]: `fedee init`, a commented spec scaffolded from a data file.
 //! * [`heart`]: the UCI Heart Disease partitions (FLamby preparation).
-//! * [`task`]: what a site trains ([`task::LocalTask`]: the heart MLP, a BERT classifier).
+//! * [`task`]: what a site trains ([`task::LocalTask`]: an MLP on tabular data, a BERT
+//!   classifier), built from the spec by [`task::from_spec`].
 //! * [`train`]: local training, the update, clipping and noise.
 //! * [`client`]: the federation loop over gRPC.
 
+pub mod cli;
 pub mod client;
 pub mod dpsgd;
 pub mod drugs;
 pub mod heart;
+pub mod infer;
 pub mod ledger;
+pub mod table;
 pub mod task;
 pub mod train;
 
@@ -23,6 +29,12 @@ pub enum SiteError {
     /// Local data is missing or malformed.
     #[error("data: {0}")]
     Data(String),
+    /// The site's data cannot satisfy the federation spec (names file, line, column, value).
+    #[error(transparent)]
+    Table(#[from] table::DataError),
+    /// The federation spec served by the aggregator is invalid or cannot run here.
+    #[error(transparent)]
+    Spec(#[from] fedee_spec::SpecError),
     /// The aggregator refused a call.
     #[error("aggregator refused {call}: {status}")]
     Rpc {

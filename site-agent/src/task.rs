@@ -1,15 +1,18 @@
 //! What a site trains: a [`LocalTask`] owns the site's data and model architecture, evaluates a
 //! global model and trains it locally. The federation loop in `client` is the same for all.
+//! [`from_spec`] builds the task a federation spec describes on the site's own data.
 
 use fedee_encrypt::StateDict;
-use fedee_model::{Architecture, Input, Mlp, MlpConfig, Model, OptimizerSpec};
+use fedee_model::{Activation, Architecture, Input, Mlp, MlpConfig, Model, OptimizerSpec};
+use fedee_spec::FederationSpec;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::SiteError;
 use crate::dpsgd::DpSgd;
-use crate::heart::{NUM_FEATURES, Partition};
+use crate::heart::Partition;
+use crate::table::{DataReport, Examples, RowFilter};
 use crate::train::{LocalTraining, to_tensors, train_local};
 
 /// Settings the aggregator sends for one round.
@@ -67,27 +70,143 @@ pub trait LocalTask: Send {
     }
 }
 
-/// The heart-disease MLP on one hospital's partition (SGD with momentum 0.9).
-pub struct HeartTask {
+/// An MLP on encoded tabular examples (`x (n, in_features)` f32, `y (n,)` class indices),
+/// trained with a fresh optimizer each round at the round's learning rate.
+pub struct TabularTask {
     cfg: MlpConfig,
     device: Device,
+    optimizer: OptimizerSpec,
     train: (Tensor, Tensor),
     test: (Tensor, Tensor),
 }
 
-impl HeartTask {
-    /// A task over a standardised partition.
-    pub fn new(data: &Partition, cfg: MlpConfig, device: Device) -> Self {
+impl TabularTask {
+    /// A task over encoded splits; `optimizer`'s learning rate is replaced by each round's.
+    pub fn new(
+        train: &Examples,
+        test: &Examples,
+        cfg: MlpConfig,
+        optimizer: OptimizerSpec,
+        device: Device,
+    ) -> Self {
         Self {
             cfg,
             device,
-            train: to_tensors(&data.train, NUM_FEATURES, device, Kind::Float),
-            test: to_tensors(&data.test, NUM_FEATURES, device, Kind::Float),
+            optimizer,
+            train: to_tensors(train, cfg.in_features, device, Kind::Float),
+            test: to_tensors(test, cfg.in_features, device, Kind::Float),
         }
+    }
+
+    /// The heart-disease MLP on one hospital's standardised partition (SGD, momentum 0.9).
+    pub fn heart(data: &Partition, cfg: MlpConfig, device: Device) -> Self {
+        let sgd = OptimizerSpec::Sgd {
+            lr: 0.0,
+            momentum: 0.9,
+            weight_decay: 0.0,
+        };
+        Self::new(&data.train, &data.test, cfg, sgd, device)
     }
 }
 
-impl HeartTask {
+/// `o` with learning rate `lr`.
+fn with_lr(o: OptimizerSpec, lr: f64) -> OptimizerSpec {
+    match o {
+        OptimizerSpec::Sgd {
+            momentum,
+            weight_decay,
+            ..
+        } => OptimizerSpec::Sgd {
+            lr,
+            momentum,
+            weight_decay,
+        },
+        OptimizerSpec::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            ..
+        } => OptimizerSpec::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        },
+    }
+}
+
+/// The MLP a tabular spec describes.
+///
+/// # Errors
+/// [`SiteError::Unsupported`] for a spec without an MLP (text tasks).
+pub fn mlp_config(spec: &FederationSpec) -> Result<MlpConfig, SiteError> {
+    let m = spec.mlp().ok_or_else(|| {
+        SiteError::Unsupported(format!(
+            "the federation spec's model is {:?}, not an MLP",
+            spec.model.kind
+        ))
+    })?;
+    Ok(MlpConfig {
+        in_features: m.in_features,
+        // Validation allows exactly one hidden layer.
+        hidden: m.hidden[0],
+        out_features: m.out_features,
+        activation: if m.activation == "gelu" {
+            Activation::Gelu
+        } else {
+            Activation::Relu
+        },
+    })
+}
+
+/// The local optimizer a spec describes (learning rate set per round).
+pub fn optimizer(spec: &FederationSpec) -> OptimizerSpec {
+    let t = &spec.training;
+    match t.optimizer {
+        fedee_spec::Optimizer::Sgd => OptimizerSpec::Sgd {
+            lr: t.learning_rate,
+            momentum: t.momentum,
+            weight_decay: t.weight_decay,
+        },
+        fedee_spec::Optimizer::Adamw => OptimizerSpec::AdamW {
+            lr: t.learning_rate,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: t.weight_decay,
+        },
+    }
+}
+
+/// The task a federation spec describes, on this site's data file (`filter` selects the
+/// site's rows of a shared file). Prints nothing; the caller shows the [`DataReport`].
+///
+/// # Errors
+/// [`SiteError::Table`] when the data cannot satisfy the spec (a missing column, a cell that
+/// is not its column's type, a label outside the classes, one class only, too few rows);
+/// [`SiteError::Unsupported`] for text tasks, whose site side is not built yet.
+pub fn from_spec(
+    spec: &FederationSpec,
+    data: &std::path::Path,
+    filter: Option<&RowFilter>,
+    device: Device,
+) -> Result<(Box<dyn LocalTask>, DataReport), SiteError> {
+    match spec.task.kind {
+        fedee_spec::TaskKind::TabularClassification => {
+            let cfg = mlp_config(spec)?;
+            let d = crate::table::load(spec, data, filter)?;
+            let task = TabularTask::new(&d.train, &d.test, cfg, optimizer(spec), device);
+            Ok((Box::new(task), d.report))
+        }
+        fedee_spec::TaskKind::TextClassification => Err(SiteError::Unsupported(
+            "text-classification specs are not run by `fedee site` yet (the drug-review demo, `fedee demo --task drug-reviews`, federates a BERT classifier through its own code); use a tabular-classification spec".into(),
+        )),
+    }
+}
+
+impl TabularTask {
     /// A copy of `state` as f32 on this task's device.
     fn on_device(&self, state: &StateDict) -> StateDict {
         state
@@ -97,7 +216,7 @@ impl HeartTask {
     }
 }
 
-impl LocalTask for HeartTask {
+impl LocalTask for TabularTask {
     fn num_examples(&self) -> u64 {
         self.train.1.size()[0] as u64
     }
@@ -118,11 +237,7 @@ impl LocalTask for HeartTask {
         let local = LocalTraining {
             epochs: s.epochs,
             batch_size: s.batch_size,
-            optimizer: OptimizerSpec::Sgd {
-                lr: s.learning_rate,
-                momentum: 0.9,
-                weight_decay: 0.0,
-            },
+            optimizer: with_lr(self.optimizer, s.learning_rate),
         };
         let anchor = self.on_device(global);
         let proximal = (s.proximal_mu > 0.0).then_some((&anchor, s.proximal_mu));

@@ -9,7 +9,7 @@ use rand::seq::SliceRandom;
 use tch::{Device, Kind, Tensor};
 
 use crate::SiteError;
-use crate::heart::Examples;
+use crate::table::Examples;
 
 /// Examples as tensors on `device`: `x (n, features)` of `kind`, `y (n,)` int64.
 pub fn to_tensors(ex: &Examples, features: usize, device: Device, kind: Kind) -> (Tensor, Tensor) {

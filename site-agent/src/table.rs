@@ -1,0 +1,691 @@
+//! A site's tabular data, read as its federation spec says: the label and typed feature
+//! columns of a CSV file (the `csv` crate), messy cells cleaned, rows of one site selected
+//! with `--where COLUMN=VALUE`, split (stratified) into train / validation / test, missing
+//! values dropped or imputed, numeric columns standardised, and a data report.
+//!
+//! Cells are trimmed; blank, `NA`, `N/A`, `NaN`, `null` and `?` are missing
+//! ([`fedee_spec::MISSING_TOKENS`]); booleans accept Yes/No, Y/N, true/false, T/F and 0/1.
+//! A cell that cannot be read as its column's type stops the load with its line, column and
+//! value: a value is never guessed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use fedee_spec::{FeatureType, FederationSpec, MissingPolicy, Standardize, is_missing};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+/// Examples: `x` is `(n, features)` row-major f32, `y` is `(n,)` class indices.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Examples {
+    /// Features, row-major.
+    pub x: Vec<f32>,
+    /// Class indices.
+    pub y: Vec<i64>,
+}
+
+impl Examples {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+    /// Whether there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+    /// Append one example.
+    pub fn push(&mut self, row: &[f32], y: i64) {
+        self.x.extend_from_slice(row);
+        self.y.push(y);
+    }
+}
+
+/// Data errors: each names the file, and where it applies the line, column and value.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file cannot be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error.
+        #[source]
+        source: csv::Error,
+    },
+    /// The file has no header line (empty file).
+    #[error("{path} is empty: a header line naming the columns is needed")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A column the spec (or `--where`) needs is not in the header.
+    #[error(
+        "{path} has no column `{column}` (needed as {role}); its columns are: {available}. Rename the column in the file or fix the federation spec"
+    )]
+    MissingColumn {
+        /// The file.
+        path: PathBuf,
+        /// The column.
+        column: String,
+        /// Why it is needed (label, feature, `--where`).
+        role: &'static str,
+        /// The header's columns.
+        available: String,
+    },
+    /// A cell cannot be read as its column's type.
+    #[error(
+        "{path} line {line}, column `{column}`: `{value}` is not {expected}; fix the cell, leave it blank if it is missing, or change the column's type in the spec"
+    )]
+    Unparseable {
+        /// The file.
+        path: PathBuf,
+        /// Line in the file (the header is line 1).
+        line: u64,
+        /// Column name.
+        column: String,
+        /// The cell as written.
+        value: String,
+        /// What the spec expects.
+        expected: String,
+    },
+    /// A label value that belongs to no class of the spec.
+    #[error(
+        "{path} line {line}: label `{value}` in column `{column}` is not one of the federation's classes ({classes}); map it to a class in the spec (task.classes) or remove the row"
+    )]
+    UnknownClass {
+        /// The file.
+        path: PathBuf,
+        /// Line in the file.
+        line: u64,
+        /// The label column.
+        column: String,
+        /// The cell.
+        value: String,
+        /// The classes' label values.
+        classes: String,
+    },
+    /// No usable row (after `--where` and the missing-value policy).
+    #[error("{path}{selection}: no usable rows ({detail}); check --where and the file")]
+    NoRows {
+        /// The file.
+        path: PathBuf,
+        /// ` (where COLUMN=VALUE)`, or empty.
+        selection: String,
+        /// Counts of what was read and left out.
+        detail: String,
+    },
+    /// The site's data holds examples of fewer than two classes.
+    #[error(
+        "{path}{selection}: every usable row is of class `{class}`; a site needs examples of at least two classes to train a classifier"
+    )]
+    OneClass {
+        /// The file.
+        path: PathBuf,
+        /// ` (where COLUMN=VALUE)`, or empty.
+        selection: String,
+        /// The only class.
+        class: String,
+    },
+    /// Too few rows for the spec's splits.
+    #[error(
+        "{path}{selection}: {rows} usable rows leave no training examples after the validation ({validation}) and test ({test}) splits; lower data.validation_fraction / data.test_fraction or add rows"
+    )]
+    TooFew {
+        /// The file.
+        path: PathBuf,
+        /// ` (where COLUMN=VALUE)`, or empty.
+        selection: String,
+        /// Usable rows.
+        rows: usize,
+        /// Validation fraction.
+        validation: f64,
+        /// Test fraction.
+        test: f64,
+    },
+    /// A `--where` argument that is not `COLUMN=VALUE`.
+    #[error("--where `{0}`: write COLUMN=VALUE, e.g. --where dataset=Cleveland")]
+    BadFilter(String),
+}
+
+/// Rows of one site in a shared file: `COLUMN=VALUE` (both trimmed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFilter {
+    /// Column name.
+    pub column: String,
+    /// Value selecting this site's rows.
+    pub value: String,
+}
+
+impl std::str::FromStr for RowFilter {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self, DataError> {
+        match s.split_once('=') {
+            Some((c, v)) if !c.trim().is_empty() => Ok(Self {
+                column: c.trim().to_owned(),
+                value: v.trim().to_owned(),
+            }),
+            _ => Err(DataError::BadFilter(s.to_owned())),
+        }
+    }
+}
+
+/// What a site read, counted; printed at the site before training. Only aggregate counts.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DataReport {
+    /// The file.
+    pub file: String,
+    /// `COLUMN=VALUE` of `--where`, if any.
+    pub selection: Option<String>,
+    /// Data rows in the file.
+    pub rows_read: usize,
+    /// Rows selected by `--where` (all rows without it).
+    pub rows_selected: usize,
+    /// Rows left out: label missing.
+    pub dropped_missing_label: usize,
+    /// Rows left out: a feature missing (policy `drop-row`).
+    pub dropped_missing_features: usize,
+    /// Rows used.
+    pub rows_used: usize,
+    /// Used rows per class, in class order.
+    pub class_counts: Vec<(String, usize)>,
+    /// Missing cells per column among selected rows (columns with none are left out).
+    pub missing: BTreeMap<String, usize>,
+    /// Split sizes.
+    pub train: usize,
+    /// Validation split size.
+    pub validation: usize,
+    /// Test split size.
+    pub test: usize,
+}
+
+impl std::fmt::Display for DataReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sel = self
+            .selection
+            .as_deref()
+            .map(|s| format!(" where {s}"))
+            .unwrap_or_default();
+        writeln!(
+            f,
+            "data: {}{sel}: {} rows read, {} selected, {} used ({} without label, {} with a missing feature left out)",
+            self.file,
+            self.rows_read,
+            self.rows_selected,
+            self.rows_used,
+            self.dropped_missing_label,
+            self.dropped_missing_features
+        )?;
+        let classes: Vec<String> = self
+            .class_counts
+            .iter()
+            .map(|(c, n)| format!("{c} = {n}"))
+            .collect();
+        writeln!(f, "  classes: {}", classes.join(", "))?;
+        if !self.missing.is_empty() {
+            let m: Vec<String> = self
+                .missing
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            writeln!(f, "  missing cells: {}", m.join(", "))?;
+        }
+        write!(
+            f,
+            "  split: train {}, validation {}, test {}",
+            self.train, self.validation, self.test
+        )
+    }
+}
+
+/// A site's encoded tabular data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TabularData {
+    /// Model inputs per example ([`FederationSpec::in_features`]).
+    pub features: usize,
+    /// Training split.
+    pub train: Examples,
+    /// Validation split (model selection only).
+    pub validation: Examples,
+    /// Test split (reported metrics).
+    pub test: Examples,
+    /// What was read.
+    pub report: DataReport,
+}
+
+/// One feature column's position in the file and its offset in the encoded row.
+struct Column<'a> {
+    index: usize,
+    offset: usize,
+    feature: &'a fedee_spec::Feature,
+}
+
+fn column(
+    headers: &csv::StringRecord,
+    name: &str,
+    role: &'static str,
+    path: &Path,
+) -> Result<usize, DataError> {
+    headers
+        .iter()
+        .position(|h| h.trim() == name)
+        .ok_or_else(|| DataError::MissingColumn {
+            path: path.to_owned(),
+            column: name.to_owned(),
+            role,
+            available: headers
+                .iter()
+                .map(|h| format!("`{}`", h.trim()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Read `path` (CSV with a header line) as `spec` says, keeping the rows `filter` selects.
+///
+/// # Errors
+/// [`DataError`]: an unreadable or empty file, a missing column, a cell that is not its
+/// column's type, a label outside the classes, no usable rows, a single class, or too few
+/// rows for the splits. Each names the file, line, column and value where they apply.
+pub fn load(
+    spec: &FederationSpec,
+    path: &Path,
+    filter: Option<&RowFilter>,
+) -> Result<TabularData, DataError> {
+    let read = |source| DataError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_path(path)
+        .map_err(read)?;
+    let headers = rdr.headers().map_err(read)?.clone();
+    if headers.is_empty() || (headers.len() == 1 && headers[0].trim().is_empty()) {
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    let label = column(&headers, &spec.task.label, "the label", path)?;
+    let mut offset = 0;
+    let mut columns = Vec::with_capacity(spec.features.len());
+    for f in &spec.features {
+        columns.push(Column {
+            index: column(&headers, &f.name, "a feature", path)?,
+            offset,
+            feature: f,
+        });
+        offset += f.width();
+    }
+    let width = offset;
+    let where_col = filter
+        .map(|w| column(&headers, &w.column, "the --where column", path))
+        .transpose()?;
+    let selection = filter.map(|w| format!("{}={}", w.column, w.value));
+    let sel_text = selection
+        .as_deref()
+        .map(|s| format!(" (where {s})"))
+        .unwrap_or_default();
+    let mut report = DataReport {
+        file: path.display().to_string(),
+        selection: selection.clone(),
+        ..DataReport::default()
+    };
+    let classes: Vec<String> = spec
+        .task
+        .classes
+        .iter()
+        .flat_map(|c| c.values())
+        .map(|v| format!("`{v}`"))
+        .collect();
+    let mut by_class: Vec<Vec<Vec<f32>>> = vec![vec![]; spec.num_classes()];
+    let mut rec = csv::StringRecord::new();
+    while rdr.read_record(&mut rec).map_err(read)? {
+        report.rows_read += 1;
+        let line = rec.position().map_or(0, |p| p.line());
+        if let (Some(i), Some(w)) = (where_col, filter)
+            && rec.get(i).map(str::trim) != Some(w.value.as_str())
+        {
+            continue;
+        }
+        report.rows_selected += 1;
+        let cell = |i: usize| rec.get(i).unwrap_or("");
+        let mut row = vec![0f32; width];
+        let mut missing_feature = false;
+        for c in &columns {
+            let raw = cell(c.index);
+            if is_missing(raw) {
+                *report.missing.entry(c.feature.name.clone()).or_default() += 1;
+                missing_feature = true;
+                if c.feature.kind != FeatureType::Categorical {
+                    row[c.offset] = f32::NAN; // imputed after the split, or the row is dropped
+                }
+                continue;
+            }
+            let bad = |expected: String| DataError::Unparseable {
+                path: path.to_owned(),
+                line,
+                column: c.feature.name.clone(),
+                value: raw.to_owned(),
+                expected,
+            };
+            match c.feature.kind {
+                FeatureType::Numeric => {
+                    row[c.offset] =
+                        fedee_spec::parse_number(raw).ok_or_else(|| bad("a number".into()))? as f32;
+                }
+                FeatureType::Boolean => {
+                    row[c.offset] = match fedee_spec::parse_bool(raw) {
+                        Some(true) => 1.0,
+                        Some(false) => 0.0,
+                        None => return Err(bad("a boolean (Yes/No, Y/N, true/false, 0/1)".into())),
+                    };
+                }
+                FeatureType::Categorical => {
+                    let v = raw.trim();
+                    let level = c
+                        .feature
+                        .levels
+                        .iter()
+                        .position(|l| l.trim() == v)
+                        .or_else(|| {
+                            c.feature
+                                .levels
+                                .iter()
+                                .position(|l| l.trim().eq_ignore_ascii_case(v))
+                        })
+                        .ok_or_else(|| bad(format!("one of the levels {:?}", c.feature.levels)))?;
+                    row[c.offset + level] = 1.0;
+                }
+            }
+        }
+        let raw_label = cell(label);
+        if is_missing(raw_label) {
+            *report.missing.entry(spec.task.label.clone()).or_default() += 1;
+            report.dropped_missing_label += 1;
+            continue;
+        }
+        let class = spec
+            .class_of(raw_label)
+            .ok_or_else(|| DataError::UnknownClass {
+                path: path.to_owned(),
+                line,
+                column: spec.task.label.clone(),
+                value: raw_label.to_owned(),
+                classes: classes.join(", "),
+            })?;
+        if missing_feature && spec.data.missing == MissingPolicy::DropRow {
+            report.dropped_missing_features += 1;
+            continue;
+        }
+        by_class[class].push(row);
+    }
+    report.rows_used = by_class.iter().map(Vec::len).sum();
+    report.class_counts = spec
+        .task
+        .classes
+        .iter()
+        .zip(&by_class)
+        .map(|(c, rows)| (c.name().to_owned(), rows.len()))
+        .collect();
+    if report.rows_used == 0 {
+        return Err(DataError::NoRows {
+            path: path.to_owned(),
+            selection: sel_text,
+            detail: format!(
+                "{} rows read, {} selected, {} without label, {} with a missing feature",
+                report.rows_read,
+                report.rows_selected,
+                report.dropped_missing_label,
+                report.dropped_missing_features
+            ),
+        });
+    }
+    let present: Vec<usize> = (0..by_class.len())
+        .filter(|&c| !by_class[c].is_empty())
+        .collect();
+    if present.len() < 2 {
+        return Err(DataError::OneClass {
+            path: path.to_owned(),
+            selection: sel_text,
+            class: spec.task.classes[present[0]].name().to_owned(),
+        });
+    }
+    // Stratified split: each class shuffled with the spec's seed, then cut into test,
+    // validation and train.
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(spec.data.split_seed);
+    let (mut train, mut validation, mut test) = Default::default();
+    for (class, rows) in by_class.iter_mut().enumerate() {
+        rows.shuffle(&mut rng);
+        let n = rows.len() as f64;
+        let n_test = (n * spec.data.test_fraction).round() as usize;
+        let n_val = (n * spec.data.validation_fraction).round() as usize;
+        for (i, r) in rows.iter().enumerate() {
+            let dst: &mut Examples = if i < n_test {
+                &mut test
+            } else if i < n_test + n_val {
+                &mut validation
+            } else {
+                &mut train
+            };
+            dst.push(r, class as i64);
+        }
+    }
+    if train.is_empty() || test.is_empty() {
+        return Err(DataError::TooFew {
+            path: path.to_owned(),
+            selection: sel_text,
+            rows: report.rows_used,
+            validation: spec.data.validation_fraction,
+            test: spec.data.test_fraction,
+        });
+    }
+    report.train = train.len();
+    report.validation = validation.len();
+    report.test = test.len();
+    let mut data = TabularData {
+        features: width,
+        train,
+        validation,
+        test,
+        report,
+    };
+    data.impute_and_standardize(spec, &columns);
+    Ok(data)
+}
+
+impl TabularData {
+    /// Fill missing numeric/boolean inputs with the training split's column mean (policy
+    /// `impute`), then standardise numeric columns with the training split's mean and std
+    /// (constant columns get std 1).
+    fn impute_and_standardize(&mut self, spec: &FederationSpec, columns: &[Column<'_>]) {
+        for c in columns {
+            if c.feature.kind == FeatureType::Categorical {
+                continue;
+            }
+            let j = c.offset;
+            let w = self.features;
+            let values: Vec<f64> = self
+                .train
+                .x
+                .chunks_exact(w)
+                .map(|r| f64::from(r[j]))
+                .filter(|v| !v.is_nan())
+                .collect();
+            let n = values.len().max(1) as f64;
+            let mean = values.iter().sum::<f64>() / n;
+            let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let std = if std > 1e-8 { std } else { 1.0 };
+            let scale = c.feature.kind == FeatureType::Numeric
+                && spec.data.standardize == Standardize::Site;
+            for ex in [&mut self.train, &mut self.validation, &mut self.test] {
+                for r in ex.x.chunks_exact_mut(w) {
+                    if r[j].is_nan() {
+                        r[j] = mean as f32;
+                    }
+                    if scale {
+                        r[j] = ((f64::from(r[j]) - mean) / std) as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &str) -> FederationSpec {
+        FederationSpec::from_toml(&format!(
+            r#"
+version = 1
+[task]
+kind = "tabular-classification"
+label = "outcome"
+classes = ["no", {{ name = "yes", values = ["yes", "maybe"] }}]
+[[features]]
+name = "age"
+type = "numeric"
+[[features]]
+name = "smoker"
+type = "boolean"
+[[features]]
+name = "ward"
+type = "categorical"
+levels = ["A", "B"]
+[model]
+kind = "mlp"
+hidden = [4]
+[privacy]
+mode = "site"
+noise_multiplier = 1.0
+[data]
+validation_fraction = 0.2
+test_fraction = 0.2
+{extra}
+"#
+        ))
+        .unwrap()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    fn rows(n: usize, site: &str) -> String {
+        (0..n)
+            .map(|i| {
+                let out = ["no", "yes", "maybe"][i % 3];
+                let smoker = ["Yes", " n ", "TRUE", "0"][i % 4];
+                let ward = ["A", " b "][i % 2];
+                format!("{i},{site},{}, {smoker},{ward},{out}\n", 30 + i)
+            })
+            .collect()
+    }
+
+    const HEADER: &str = "id,hospital,age,smoker,ward,outcome\n";
+
+    #[test]
+    fn reads_messy_cells_selects_a_site_and_splits() {
+        let mut text = String::from(HEADER);
+        text += &rows(40, "North");
+        text += &rows(20, "South");
+        text += "900,North,NA,yes,A,no\n"; // missing feature: dropped
+        text += "901,North,50,yes,A,?\n"; // missing label: dropped
+        let f = file(&text);
+        let filter: RowFilter = " hospital = North ".parse().unwrap();
+        let d = load(&spec(""), f.path(), Some(&filter)).unwrap();
+        let r = &d.report;
+        assert_eq!(
+            (r.rows_read, r.rows_selected, r.rows_used),
+            (62, 42, 40),
+            "{r}"
+        );
+        assert_eq!(
+            (r.dropped_missing_features, r.dropped_missing_label),
+            (1, 1)
+        );
+        assert_eq!(r.missing["age"], 1);
+        assert_eq!(r.class_counts, vec![("no".into(), 14), ("yes".into(), 26)]);
+        assert_eq!(d.features, 4);
+        assert_eq!(r.train + r.validation + r.test, 40);
+        assert_eq!((r.test, r.validation), (8, 8), "stratified 20 % each: {r}");
+        // Numeric column standardised on train; boolean and one-hot stay 0/1.
+        let ages: Vec<f32> = d.train.x.chunks_exact(4).map(|x| x[0]).collect();
+        let mean = ages.iter().sum::<f32>() / ages.len() as f32;
+        assert!(mean.abs() < 1e-5, "{mean}");
+        for x in d.train.x.chunks_exact(4) {
+            assert!(x[1] == 0.0 || x[1] == 1.0);
+            assert_eq!(x[2] + x[3], 1.0, "one-hot ward");
+        }
+        assert!(r.to_string().contains("classes: no = 14, yes = 26"), "{r}");
+        // Same data, same split.
+        let again = load(&spec(""), f.path(), Some(&filter)).unwrap();
+        assert_eq!(again, d);
+    }
+
+    #[test]
+    fn imputes_when_the_spec_says_so() {
+        let mut text = String::from(HEADER);
+        text += &rows(30, "North");
+        text += "900,North,,yes,,no\n";
+        let f = file(&text);
+        let d = load(&spec("missing = \"impute\""), f.path(), None).unwrap();
+        assert_eq!(d.report.rows_used, 31);
+        let all: Vec<&[f32]> = [&d.train, &d.validation, &d.test]
+            .iter()
+            .flat_map(|e| e.x.chunks_exact(4))
+            .collect();
+        assert!(all.iter().all(|r| r.iter().all(|v| v.is_finite())));
+        assert_eq!(
+            all.iter().filter(|r| r[2] + r[3] == 0.0).count(),
+            1,
+            "missing ward: all-zero one-hot"
+        );
+    }
+
+    #[test]
+    fn hostile_files_are_refused_with_line_column_and_value() {
+        let s = spec("");
+        let err = |text: &str| load(&s, file(text).path(), None).unwrap_err().to_string();
+        let e = err("id,age,smoker,ward\n1,2,yes,A\n");
+        assert!(
+            e.contains("no column `outcome`") && e.contains("`age`"),
+            "{e}"
+        );
+        let e = err(&format!("{HEADER}{}1,N,forty,yes,A,no\n", rows(9, "N")));
+        assert!(
+            e.contains("line 11") && e.contains("`age`") && e.contains("`forty`"),
+            "{e}"
+        );
+        let e = err(&format!("{HEADER}{}1,N,40,sometimes,A,no\n", rows(9, "N")));
+        assert!(e.contains("`sometimes` is not a boolean"), "{e}");
+        let e = err(&format!("{HEADER}{}1,N,40,yes,C,no\n", rows(9, "N")));
+        assert!(e.contains("`C` is not one of the levels"), "{e}");
+        let e = err(&format!("{HEADER}{}1,N,40,yes,A,dead\n", rows(9, "N")));
+        assert!(e.contains("label `dead`") && e.contains("`maybe`"), "{e}");
+        let e = err("");
+        assert!(e.contains("is empty"), "{e}");
+        let e = err(HEADER);
+        assert!(e.contains("no usable rows"), "{e}");
+        let e = err(&format!("{HEADER}1,N,40,yes,A,no\n2,N,41,no,B,no\n"));
+        assert!(e.contains("every usable row is of class `no`"), "{e}");
+        let e = err(&format!("{HEADER}1,N,40,yes,A,no\n2,N,41,no,B,yes\n"));
+        assert!(
+            e.contains("leave no training examples") || e.contains("usable rows"),
+            "{e}"
+        );
+        let e = err(&format!("{HEADER}1,N,40\n"));
+        assert!(e.contains("cannot read"), "ragged row: {e}");
+        let f = file(&format!("{HEADER}{}", rows(9, "N")));
+        let w: RowFilter = "ward_name=A".parse().unwrap();
+        let e = load(&s, f.path(), Some(&w)).unwrap_err().to_string();
+        assert!(
+            e.contains("no column `ward_name` (needed as the --where column)"),
+            "{e}"
+        );
+        assert!("nonsense".parse::<RowFilter>().is_err());
+    }
+}

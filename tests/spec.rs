@@ -1,0 +1,307 @@
+//! Bring your own data, end to end with the real binaries: `fedee init` scaffolds a spec from
+//! the UCI heart-disease file, `fedee init-model --spec` builds its model, the aggregator
+//! serves the spec, and three sites select their rows of the shared file with `--where`,
+//! check them against the spec, and federate. Hostile cases: a model that does not fit the
+//! spec, a site whose data cannot satisfy it, a site naming another spec, and a restart with
+//! a changed spec are each refused with a clear error, and nothing already accepted is lost.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{Aggregator, fedee, heart_csv};
+use fedee_proto::v1::{GetSpecRequest, JoinRequest, StatusRequest};
+
+const SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
+
+fn example_spec(rounds: u32) -> String {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/heart-disease/federation.toml"),
+    )
+    .unwrap();
+    assert!(text.contains("rounds = 10\n"));
+    text.replace("rounds = 10\n", &format!("rounds = {rounds}\n"))
+}
+
+fn site(dir: &Path, addr: &str, name: &str, data: &Path, filter: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fedee"));
+    c.args(["site", "--insecure", "--aggregator", addr, "--site", name])
+        .arg("--data")
+        .arg(data)
+        .args(["--where", filter, "--retries", "2"])
+        .args(["--ledger", &format!("{name}.ledger.json")])
+        .env("FEDEE_LOG", "warn")
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_from_a_spec_on_each_sites_own_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let csv = heart_csv();
+
+    // `fedee init` scaffolds a spec this build accepts, leaving out the id and site columns.
+    let out = fedee(
+        &[
+            "init",
+            "--data",
+            csv.to_str().unwrap(),
+            "--label",
+            "num",
+            "--site-column",
+            "dataset",
+            "--out",
+            "scaffold.toml",
+        ],
+        dir,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("record identifier") && err.contains("the site column"),
+        "{err}"
+    );
+    let scaffold = std::fs::read_to_string(dir.join("scaffold.toml")).unwrap();
+    let s = fedee_spec::FederationSpec::from_toml(&scaffold).unwrap();
+    let names: Vec<&str> = s.features.iter().map(|f| f.name.as_str()).collect();
+    assert!(
+        !names.contains(&"id") && !names.contains(&"dataset"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"cp") && names.contains(&"fbs"), "{names:?}");
+    assert_eq!(s.num_classes(), 5, "num takes the values 0..4");
+    let again = fedee(
+        &[
+            "init",
+            "--data",
+            csv.to_str().unwrap(),
+            "--label",
+            "num",
+            "--out",
+            "scaffold.toml",
+        ],
+        dir,
+    );
+    assert!(
+        !again.status.success(),
+        "an existing spec is not overwritten without --force"
+    );
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    // The example spec, shortened to two rounds, and its model.
+    std::fs::write(dir.join("federation.toml"), example_spec(2)).unwrap();
+    let out = fedee(
+        &[
+            "init-model",
+            "--spec",
+            "federation.toml",
+            "--out",
+            "g0.safetensors",
+        ],
+        dir,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A model that does not fit the spec (the demo's 15-input heart MLP) is refused at start.
+    assert!(
+        fedee(&["init-model", "--out", "demo.safetensors"], dir)
+            .status
+            .success()
+    );
+    let out = fedee(
+        &[
+            "aggregator",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--spec",
+            "federation.toml",
+            "--initial-model",
+            "demo.safetensors",
+            "--database-url",
+            "sqlite://bad.db?mode=rwc",
+            "--blob-dir",
+            "bad-blobs",
+        ],
+        dir,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("does not fit the federation spec") && err.contains("fc1.weight [8, 15]"),
+        "{err}"
+    );
+    // Flags the spec covers are refused next to it.
+    let out = fedee(
+        &[
+            "aggregator",
+            "--insecure",
+            "--spec",
+            "federation.toml",
+            "--rounds",
+            "3",
+        ],
+        dir,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rounds"));
+
+    let db = "sqlite://agg.db?mode=rwc";
+    let agg = Aggregator::start(
+        dir,
+        "127.0.0.1:0",
+        &[
+            "--insecure",
+            "--spec",
+            "federation.toml",
+            "--initial-model",
+            "g0.safetensors",
+            "--database-url",
+            db,
+            "--blob-dir",
+            "blobs",
+        ],
+    );
+    let mut c = agg.client().await;
+    let served = c.get_spec(GetSpecRequest {}).await.unwrap().into_inner();
+    assert_eq!(served.toml, example_spec(2));
+    assert_eq!(served.sha256.len(), 64);
+
+    // A site whose file lacks the label column refuses to join, and the federation does not
+    // count it.
+    let bad = dir.join("no-label.csv");
+    let text = std::fs::read_to_string(&csv)
+        .unwrap()
+        .replacen(",num\n", ",outcome\n", 1);
+    std::fs::write(&bad, text).unwrap();
+    let out = site(dir, &agg.addr, "Cleveland", &bad, "dataset=Cleveland")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot join") && err.contains("no column `num`") && err.contains("`outcome`"),
+        "{err}"
+    );
+    // A site naming another spec is refused at Join.
+    let refused = c
+        .join(JoinRequest {
+            site: "Hungary".into(),
+            spec_sha256: "0".repeat(64),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains(&served.sha256),
+        "{}",
+        refused.message()
+    );
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(
+        st.sites.is_empty(),
+        "refused sites are not members: {:?}",
+        st.sites
+    );
+
+    // Three sites, each on its own rows of the shared file.
+    let children: Vec<_> = SITES
+        .iter()
+        .map(|s| {
+            site(dir, &agg.addr, s, &csv, &format!("dataset={s}"))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (child, s) in children.into_iter().zip(SITES) {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{s}: {err}");
+        assert!(
+            err.contains(&format!("where dataset={s}")) && err.contains("classes: 0 = "),
+            "{s} prints its data report: {err}"
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            report["rounds_trained"],
+            serde_json::json!([1, 2]),
+            "{report}"
+        );
+        let ledger = report["privacy"].as_array().unwrap();
+        assert_eq!(
+            ledger[0]["unit"], "patient record",
+            "the spec's DP mode: {report}"
+        );
+        assert_eq!(ledger[0]["noise_multiplier"], 4.0);
+    }
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(st.done, "{st:?}");
+    assert_eq!(st.spec_sha256, served.sha256);
+    assert!(st.spec_summary.contains("MLP 16"), "{}", st.spec_summary);
+    assert_eq!(st.dp_mode, "record");
+    assert_eq!(st.rounds.len(), 2);
+    for r in &st.rounds {
+        assert_eq!(r.state, "closed");
+        assert_eq!(r.site_metrics.len(), 3, "{r:?}");
+        for m in &r.site_metrics {
+            assert!((0.0..=1.0).contains(&m.test_accuracy) && m.num_test_examples > 0);
+        }
+    }
+    let status = fedee(&["status", "--insecure", "--aggregator", &agg.addr], dir);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("spec: TabularClassification"), "{text}");
+    drop(agg);
+
+    // A restart with a changed spec is refused; the federation's state is untouched.
+    std::fs::write(dir.join("changed.toml"), example_spec(3)).unwrap();
+    let out = fedee(
+        &[
+            "aggregator",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--spec",
+            "changed.toml",
+            "--database-url",
+            db,
+            "--blob-dir",
+            "blobs",
+        ],
+        dir,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("a spec cannot change once a federation started"),
+        "{err}"
+    );
+    let agg = Aggregator::start(
+        dir,
+        "127.0.0.1:0",
+        &[
+            "--insecure",
+            "--spec",
+            "federation.toml",
+            "--database-url",
+            db,
+            "--blob-dir",
+            "blobs",
+        ],
+    );
+    let st = agg
+        .client()
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.done && st.rounds.len() == 2, "{st:?}");
+}
