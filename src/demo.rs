@@ -307,7 +307,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             noise: fedee_dp::noise::Sampler::Fast,
             ledger: None,
             epsilon_budget: None,
-            spec_sha256: None,
+            spec: None,
             tls: Some(TlsFiles::in_dir(&pki, name)),
         };
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));

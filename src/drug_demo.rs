@@ -601,7 +601,7 @@ pub(crate) async fn federate(
                 noise: fedee_dp::noise::Sampler::Fast,
                 ledger: None,
                 epsilon_budget: None,
-                spec_sha256: None,
+                spec: None,
                 tls: Some(TlsFiles::in_dir(pki, group)),
             },
         )));

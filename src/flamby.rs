@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use fedee_aggregator::strategy::{FedOpt, ServerState, Strategy, aggregate};
 use fedee_aggregator::tensors::Tensors;
 use fedee_dp::noise::{Sampler, add_noise};
-use fedee_dp::rdp::RdpAccountant;
+use fedee_dp::rdp::calibrate_sigma;
 use fedee_site_agent::heart::{NUM_FEATURES, load_standardized};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -126,30 +126,6 @@ fn accuracy(w: &Tensor, b: &Tensor, x: &Tensor, y: &Tensor) -> f64 {
         .to_kind(Kind::Double)
         .mean(Kind::Double)
         .double_value(&[])
-}
-
-/// The σ at which `steps` Poisson-subsampled Gaussian steps at rate `q` reach `epsilon` at
-/// `delta` (bisection on fedee's RDP accountant).
-pub fn calibrate_sigma(q: f64, steps: u64, epsilon: f64, delta: f64) -> Result<f64> {
-    let eps = |s: f64| -> Result<f64> {
-        let mut a = RdpAccountant::default();
-        a.add(q, s, steps)?;
-        Ok(a.epsilon(delta).0)
-    };
-    let (mut lo, mut hi) = (0.1, 100.0);
-    anyhow::ensure!(
-        eps(hi)? <= epsilon,
-        "ε = {epsilon} is out of reach at σ = 100"
-    );
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        if eps(mid)? > epsilon {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(hi)
 }
 
 /// Local training: `LOCAL_UPDATES` SGD steps on batches of `BATCH` (cyclic shuffled epochs),
@@ -431,6 +407,7 @@ pub fn bench(
                         eps,
                         delta,
                     )
+                    .map_err(anyhow::Error::from)
                 })
                 .collect::<Result<Vec<f64>>>()?,
             None => vec![],
@@ -485,22 +462,4 @@ pub fn bench(
         "published": PUBLISHED.iter().map(|(n, a)| json!({"strategy": n, "mean_accuracy": a})).collect::<Vec<_>>(),
         "rows": rows,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn calibrated_sigma_reaches_the_target_epsilon() {
-        let (q, steps, delta) = (4.0 / 200.0, 1500, 1e-4);
-        let s = calibrate_sigma(q, steps, 1.0, delta).unwrap();
-        let mut a = RdpAccountant::default();
-        a.add(q, s, steps).unwrap();
-        let eps = a.epsilon(delta).0;
-        assert!(eps <= 1.0 && eps > 0.999, "σ = {s} gives ε = {eps}");
-        let mut b = RdpAccountant::default();
-        b.add(q, s * 0.9, steps).unwrap();
-        assert!(b.epsilon(delta).0 > 1.0, "a smaller σ must spend more");
-    }
 }

@@ -326,14 +326,18 @@ async fn main() -> Result<()> {
                 .status(fedee_proto::v1::StatusRequest {})
                 .await?
                 .into_inner();
+            let sigma = if st.noise_multiplier == 0.0 && st.dp_mode == "record" {
+                "σ calibrated at each site".to_owned()
+            } else {
+                format!("σ = {}", st.noise_multiplier)
+            };
             println!(
-                "sites: {}\nround: {}{}\nprivacy unit: {}; C = {}, σ = {}, δ = {:e}",
+                "sites: {}\nround: {}{}\nprivacy unit: {}; C = {}, {sigma}, δ = {:e}",
                 st.sites.join(", "),
                 st.current_round,
                 if st.done { " (done)" } else { "" },
                 st.privacy_unit,
                 st.clipping_norm,
-                st.noise_multiplier,
                 st.delta
             );
             if !st.spec_sha256.is_empty() {
@@ -378,13 +382,25 @@ async fn main() -> Result<()> {
                     .iter()
                     .map(|m| format!("{} {:.3}", m.site, m.test_accuracy))
                     .collect();
+                // Weighted by each site's test examples.
+                let n: u64 = r.site_metrics.iter().map(|m| m.num_test_examples).sum();
+                let weighted = if n > 0 {
+                    let sum: f64 = r
+                        .site_metrics
+                        .iter()
+                        .map(|m| m.test_accuracy * m.num_test_examples as f64)
+                        .sum();
+                    format!(" (weighted {:.3})", sum / n as f64)
+                } else {
+                    String::new()
+                };
                 let why = if r.reason.is_empty() {
                     String::new()
                 } else {
                     format!(" ({})", r.reason)
                 };
                 println!(
-                    "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}{why}",
+                    "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}{weighted}{why}",
                     r.round,
                     r.state,
                     r.rho,

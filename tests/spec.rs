@@ -221,6 +221,7 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
                 .unwrap()
         })
         .collect();
+    let mut sigmas = vec![];
     for (child, s) in children.into_iter().zip(SITES) {
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -240,8 +241,15 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
             ledger[0]["unit"], "patient record",
             "the spec's DP mode: {report}"
         );
-        assert_eq!(ledger[0]["noise_multiplier"], 4.0);
+        // Each site calibrated its own σ to spend the spec's target ε = 1 over both rounds.
+        let eps = ledger[1]["epsilon"].as_f64().unwrap();
+        assert!(eps <= 1.0 && eps > 0.95, "{s}: ε = {eps}");
+        sigmas.push(ledger[0]["noise_multiplier"].as_f64().unwrap());
     }
+    assert!(
+        sigmas[2] > sigmas[0] && sigmas[2] > sigmas[1],
+        "Switzerland, the smallest site, needs the most noise: {sigmas:?}"
+    );
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.done, "{st:?}");
     assert_eq!(st.spec_sha256, served.sha256);

@@ -135,8 +135,13 @@ pub struct AggregatorArgs {
     pub transport: TransportArgs,
 }
 
-/// Settings the spec decides when `--spec` is given (the flags otherwise).
-fn apply_spec(a: &mut AggregatorArgs, s: &fedee_spec::FederationSpec) {
+/// Settings the spec decides when `--spec` is given (the flags otherwise). A target ε is
+/// turned into σ here in site mode (one σ for every round); in record mode each site
+/// calibrates its own, and the task carries σ = 0 ("calibrated at the site").
+///
+/// # Errors
+/// A target ε out of reach over the spec's rounds.
+fn apply_spec(a: &mut AggregatorArgs, s: &fedee_spec::FederationSpec) -> Result<()> {
     let f = &s.federation;
     a.rounds = f.rounds;
     a.min_sites = f.min_sites;
@@ -151,11 +156,20 @@ fn apply_spec(a: &mut AggregatorArgs, s: &fedee_spec::FederationSpec) {
         fedee_spec::PrivacyMode::Record => "record".into(),
     };
     a.clipping_norm = p.clipping_norm;
-    a.noise_multiplier = p.noise_multiplier;
+    a.noise_multiplier = match (p.noise_multiplier, p.target_epsilon, p.mode) {
+        (Some(sigma), _, _) => sigma,
+        (None, Some(eps), fedee_spec::PrivacyMode::Site) => {
+            fedee_dp::SiteLevelAccountant::calibrate(f.rounds, eps, p.delta)
+                .context("privacy.target_epsilon")?
+                .get()
+        }
+        (None, _, _) => 0.0,
+    };
     a.delta = p.delta;
     a.local_epochs = s.training.epochs;
     a.learning_rate = s.training.learning_rate;
     a.batch_size = s.training.batch_size;
+    Ok(())
 }
 
 /// Run the aggregator until its rounds are done or SIGINT/SIGTERM (then drain in-flight calls
@@ -171,7 +185,7 @@ pub async fn run(mut a: AggregatorArgs) -> Result<()> {
                 .with_context(|| format!("reading the federation spec {}", p.display()))?;
             let spec = fedee_spec::SignedSpec::parse(&text)
                 .with_context(|| format!("{} is not a valid federation spec", p.display()))?;
-            apply_spec(&mut a, &spec.spec);
+            apply_spec(&mut a, &spec.spec)?;
             notice(
                 false,
                 &format!(

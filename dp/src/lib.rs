@@ -263,6 +263,35 @@ impl SiteLevelAccountant {
     }
 }
 
+impl SiteLevelAccountant {
+    /// The noise multiplier at which `rounds` rounds spend `epsilon` at `delta` (bisection on
+    /// [`SiteLevelAccountant::spent`]; the result spends at most `epsilon`). `C` cancels out:
+    /// each round's ρ is `1/(2σ²)`.
+    ///
+    /// # Errors
+    /// [`DpError::Parameter`] for a target outside `(0, ∞)` or out of reach at `σ = 1000`;
+    /// [`DpError::Delta`] unless `0 < δ < 1`.
+    pub fn calibrate(rounds: u32, epsilon: f64, delta: f64) -> Result<NoiseMultiplier, DpError> {
+        if !(epsilon.is_finite() && epsilon > 0.0) {
+            return Err(DpError::Parameter(format!(
+                "target ε must be a positive number, got {epsilon}"
+            )));
+        }
+        let c = ClippingNorm::new(1.0)?;
+        let eps = |s: f64| {
+            Self::new(c, NoiseMultiplier::new(s)?, delta)?
+                .spent(rounds)
+                .map(|p| p.epsilon)
+        };
+        let s = rdp::bisect_sigma(epsilon, 0.01, 1000.0, eps)?.ok_or_else(|| {
+            DpError::Parameter(format!(
+                "ε = {epsilon} at δ = {delta:e} is out of reach over {rounds} rounds even at σ = 1000: lower the rounds or raise the target"
+            ))
+        })?;
+        NoiseMultiplier::new(s)
+    }
+}
+
 /// The classical zCDP → (ε, δ) conversion `ε = ρ + 2·sqrt(ρ·ln(1/δ))` (Bun & Steinke 2016,
 /// Prop. 1.3): an upper bound on the tight conversion.
 pub fn classical_epsilon(rho: f64, delta: f64) -> f64 {
@@ -273,6 +302,26 @@ pub fn classical_epsilon(rho: f64, delta: f64) -> f64 {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn site_level_calibration_spends_the_target() {
+        let s = SiteLevelAccountant::calibrate(10, 1.0, 1e-5).unwrap();
+        let c = ClippingNorm::new(2.0).unwrap();
+        let eps = |sigma: f64| {
+            SiteLevelAccountant::new(c, NoiseMultiplier::new(sigma).unwrap(), 1e-5)
+                .unwrap()
+                .spent(10)
+                .unwrap()
+                .epsilon
+        };
+        assert!(
+            eps(s.get()) <= 1.0 && eps(s.get()) > 0.999,
+            "σ = {}",
+            s.get()
+        );
+        assert!(eps(s.get() * 0.99) > 1.0);
+        assert!(SiteLevelAccountant::calibrate(10, -1.0, 1e-5).is_err());
+    }
 
     #[test]
     fn clipping_bounds_norm_and_keeps_small_updates() {

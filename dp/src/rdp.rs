@@ -191,9 +191,75 @@ impl RdpAccountant {
     }
 }
 
+/// Bisection for the smallest `σ` in `[lo, hi]` with `eps(σ) ≤ target` (`eps` decreasing in
+/// `σ`); `None` when even `hi` spends more.
+pub(crate) fn bisect_sigma(
+    target: f64,
+    lo: f64,
+    hi: f64,
+    mut eps: impl FnMut(f64) -> Result<f64, DpError>,
+) -> Result<Option<f64>, DpError> {
+    if eps(hi)? > target {
+        return Ok(None);
+    }
+    let (mut lo, mut hi) = (lo, hi);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if eps(mid)? > target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(hi))
+}
+
+/// The noise multiplier at which `steps` Poisson-subsampled Gaussian steps at rate `q` spend
+/// `epsilon` at `delta` (bisection on this accountant, to a relative precision far below any
+/// noise that matters; the result spends at most `epsilon`).
+///
+/// # Errors
+/// [`DpError::Parameter`] for a target outside `(0, ∞)`, `q` outside `(0, 1]`, or a target
+/// out of reach at `σ = 1000` (too many steps for so small an ε).
+pub fn calibrate_sigma(q: f64, steps: u64, epsilon: f64, delta: f64) -> Result<f64, DpError> {
+    if !(epsilon.is_finite() && epsilon > 0.0) || !(q > 0.0 && q <= 1.0) {
+        return Err(DpError::Parameter(format!(
+            "calibration needs a target ε > 0 and a sampling rate in (0, 1], got ε = {epsilon}, q = {q}"
+        )));
+    }
+    let eps = |s: f64| {
+        let mut a = RdpAccountant::default();
+        a.add(q, s, steps)?;
+        Ok(a.epsilon(delta).0)
+    };
+    bisect_sigma(epsilon, 0.01, 1000.0, eps)?.ok_or_else(|| {
+        DpError::Parameter(format!(
+            "ε = {epsilon} at δ = {delta:e} is out of reach for {steps} steps at q = {q:.4} even at σ = 1000: lower the steps (epochs, rounds) or raise the target"
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calibrated_sigma_reaches_the_target_epsilon() {
+        let (q, steps, delta) = (4.0 / 200.0, 1500, 1e-4);
+        let s = calibrate_sigma(q, steps, 1.0, delta).unwrap();
+        let mut a = RdpAccountant::default();
+        a.add(q, s, steps).unwrap();
+        let eps = a.epsilon(delta).0;
+        assert!(eps <= 1.0 && eps > 0.999, "σ = {s} gives ε = {eps}");
+        let mut b = RdpAccountant::default();
+        b.add(q, s * 0.9, steps).unwrap();
+        assert!(b.epsilon(delta).0 > 1.0, "a smaller σ must spend more");
+        assert!(
+            calibrate_sigma(1.0, 1_000_000, 1e-3, 1e-5).is_err(),
+            "out of reach"
+        );
+        assert!(calibrate_sigma(0.1, 10, 0.0, 1e-5).is_err());
+    }
 
     #[test]
     fn full_batch_is_the_gaussian_mechanism() {

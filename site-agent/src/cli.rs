@@ -136,7 +136,7 @@ pub async fn run(s: SiteArgs) -> Result<()> {
         ..Default::default()
     };
     let spec = crate::client::fetch_spec(&url, tls.as_ref(), retry).await?;
-    let (task, spec_sha256) = match &spec {
+    let task = match &spec {
         Some(spec) => {
             notice(
                 false,
@@ -156,7 +156,7 @@ pub async fn run(s: SiteArgs) -> Result<()> {
                     },
                 )?;
             notice(false, &report.to_string());
-            (task, Some(spec.sha256.clone()))
+            task
         }
         None => {
             if filter.is_some() {
@@ -171,7 +171,7 @@ pub async fn run(s: SiteArgs) -> Result<()> {
                 heart_mlp(s.hidden),
                 device,
             ));
-            (task, None)
+            task
         }
     };
     let report = crate::run(crate::SiteConfig {
@@ -191,7 +191,7 @@ pub async fn run(s: SiteArgs) -> Result<()> {
             ))
         })),
         epsilon_budget: s.epsilon_budget,
-        spec_sha256,
+        spec,
     })
     .await?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -50,10 +50,11 @@ pub struct SiteConfig {
     /// The site's ε budget (at the federation's δ): training that would exceed it is refused
     /// and the site stops. `None`: no limit (the spend is still accounted and reported).
     pub epsilon_budget: Option<f64>,
-    /// SHA-256 of the federation spec the task was built from ([`fetch_spec`]), named at
-    /// Join: the aggregator refuses a site that checked its data against another spec.
-    /// `None` for a federation without a spec.
-    pub spec_sha256: Option<String>,
+    /// The federation spec the task was built from ([`fetch_spec`]). Its hash is named at
+    /// Join (the aggregator refuses a site that checked its data against another spec), and
+    /// every task's DP settings must be the spec's ([`agreed_privacy`]). `None` for a
+    /// federation without a spec.
+    pub spec: Option<fedee_spec::SignedSpec>,
 }
 
 /// Retries with exponential backoff and jitter for calls that fail at the transport level
@@ -268,6 +269,128 @@ pub async fn fetch_spec(
     Ok(Some(spec))
 }
 
+/// The DP settings of one round's task: `(C, σ, mode, δ)`. Without a spec they are the task's
+/// (an aggregator that sends no mode or δ predates record-level DP: site mode, δ = 1e-5).
+/// With one, the task must carry exactly the spec's mode, `C`, δ, epochs and batch size,
+/// and its σ; for a spec with a target ε, site mode checks the aggregator's σ against the
+/// same calibration, and record mode calibrates this site's own σ to its sampling rate
+/// `batch / n` and `rounds × epochs × ⌈n / batch⌉` DP-SGD steps (cached in `calibrated`).
+///
+/// # Errors
+/// [`SiteError::Refused`] naming the setting when the task departs from the spec;
+/// [`SiteError::Dp`] for values no mechanism accepts.
+///
+/// # Security
+/// A site that agreed to a spec spends no more than the spec allows, whatever the
+/// aggregator's tasks say (a changed σ mid-federation is refused).
+pub fn agreed_privacy(
+    task: &fedee_proto::v1::Task,
+    spec: Option<&fedee_spec::FederationSpec>,
+    n: u64,
+    calibrated: &mut Option<f64>,
+) -> Result<(ClippingNorm, NoiseMultiplier, DpMode, f64), SiteError> {
+    let Some(spec) = spec else {
+        let mode: DpMode = if task.dp_mode.is_empty() {
+            DpMode::Site
+        } else {
+            task.dp_mode.parse()?
+        };
+        let delta = if task.delta > 0.0 { task.delta } else { 1e-5 };
+        return Ok((
+            ClippingNorm::new(task.clipping_norm)?,
+            NoiseMultiplier::new(task.noise_multiplier)?,
+            mode,
+            delta,
+        ));
+    };
+    let p = &spec.privacy;
+    let mode = match p.mode {
+        fedee_spec::PrivacyMode::Site => DpMode::Site,
+        fedee_spec::PrivacyMode::Record => DpMode::Record,
+    };
+    let refuse = |what: &str, sent: String, agreed: String| {
+        Err(SiteError::Refused(format!(
+            "round {}: the aggregator sent {what} = {sent}, but the federation spec this site agreed to says {agreed}; the site does not train on settings it did not agree to",
+            task.round
+        )))
+    };
+    if task.dp_mode != mode.as_str() {
+        return refuse(
+            "dp_mode",
+            format!("{:?}", task.dp_mode),
+            mode.as_str().into(),
+        );
+    }
+    if task.clipping_norm != p.clipping_norm {
+        return refuse(
+            "clipping_norm",
+            task.clipping_norm.to_string(),
+            p.clipping_norm.to_string(),
+        );
+    }
+    if task.delta != p.delta {
+        return refuse("delta", task.delta.to_string(), p.delta.to_string());
+    }
+    let t = &spec.training;
+    if task.local_epochs != t.epochs || task.batch_size != t.batch_size {
+        return refuse(
+            "epochs / batch size",
+            format!("{} / {}", task.local_epochs, task.batch_size),
+            format!("{} / {}", t.epochs, t.batch_size),
+        );
+    }
+    let sigma = match (p.noise_multiplier, p.target_epsilon, mode) {
+        (Some(s), _, _) => s,
+        (None, Some(eps), DpMode::Site) => {
+            fedee_dp::SiteLevelAccountant::calibrate(spec.federation.rounds, eps, p.delta)?.get()
+        }
+        (None, Some(eps), DpMode::Record) => match *calibrated {
+            Some(s) => s,
+            None => {
+                let b = u64::from(t.batch_size);
+                let q = (b as f64 / n.max(1) as f64).min(1.0);
+                let steps = u64::from(spec.federation.rounds) * u64::from(t.epochs) * n.div_ceil(b);
+                let s = fedee_dp::rdp::calibrate_sigma(q, steps, eps, p.delta)?;
+                tracing::info!(
+                    sigma = s,
+                    q,
+                    steps,
+                    target_epsilon = eps,
+                    "σ calibrated to this site's data"
+                );
+                *calibrated = Some(s);
+                s
+            }
+        },
+        (None, None, _) => {
+            return Err(SiteError::Refused(
+                "the federation spec states no noise".into(),
+            ));
+        }
+    };
+    // Record mode with a target ε: the task carries 0 and the site decides.
+    let expected = if p.noise_multiplier.is_none() && mode == DpMode::Record {
+        0.0
+    } else {
+        sigma
+    };
+    // A NaN σ compares false, so it fails this check.
+    let agreed = (task.noise_multiplier - expected).abs() <= 1e-9 * expected.max(1.0);
+    if !agreed {
+        return refuse(
+            "noise_multiplier",
+            task.noise_multiplier.to_string(),
+            expected.to_string(),
+        );
+    }
+    Ok((
+        ClippingNorm::new(p.clipping_norm)?,
+        NoiseMultiplier::new(sigma)?,
+        mode,
+        p.delta,
+    ))
+}
+
 /// Run the site until the federation is done.
 ///
 /// # Errors
@@ -277,7 +400,11 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     // restart); each call is retried per `cfg.retry`.
     let mut link = Link::connect(&cfg.aggregator, cfg.tls.as_ref(), cfg.retry)?;
     let site = cfg.site.clone();
-    let spec_sha256 = cfg.spec_sha256.clone().unwrap_or_default();
+    let spec_sha256 = cfg
+        .spec
+        .as_ref()
+        .map(|s| s.sha256.clone())
+        .unwrap_or_default();
     link.call("Join", |mut c| {
         let req = JoinRequest {
             site: site.clone(),
@@ -300,6 +427,8 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     };
     let mut ledger = crate::ledger::Ledger::open(cfg.ledger.as_deref())?;
     let mut evaluated = 0u32;
+    // Record mode with a target ε: this site's σ, calibrated once.
+    let mut calibrated = None;
     loop {
         let task = link
             .call("NextTask", |mut c| {
@@ -347,16 +476,9 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             learning_rate: task.learning_rate,
             proximal_mu: task.proximal_mu,
         };
-        let c = ClippingNorm::new(task.clipping_norm)?;
-        let sigma = NoiseMultiplier::new(task.noise_multiplier)?;
-        // An aggregator that sends no mode or δ predates record-level DP: site mode, δ = 1e-5.
-        let mode: DpMode = if task.dp_mode.is_empty() {
-            DpMode::Site
-        } else {
-            task.dp_mode.parse()?
-        };
-        let delta = if task.delta > 0.0 { task.delta } else { 1e-5 };
         let n = cfg.task.num_examples();
+        let spec = cfg.spec.as_ref().map(|s| &s.spec);
+        let (c, sigma, mode, delta) = agreed_privacy(&task, spec, n, &mut calibrated)?;
         let planned = match mode {
             DpMode::Site => Planned {
                 sampling_rate: 1.0,
@@ -500,5 +622,131 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         }
         tracing::info!(site = %cfg.site, round = task.round, loss, update_norm = norm, bytes = blob.len(), "update submitted");
         report.rounds_trained.push(task.round);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedee_proto::v1::Task;
+
+    fn spec(privacy: &str) -> fedee_spec::FederationSpec {
+        fedee_spec::FederationSpec::from_toml(&format!(
+            r#"
+version = 1
+[task]
+kind = "tabular-classification"
+label = "y"
+classes = ["0", "1"]
+[[features]]
+name = "x"
+type = "numeric"
+[model]
+kind = "mlp"
+hidden = [4]
+[training]
+epochs = 2
+batch_size = 10
+[federation]
+rounds = 5
+[privacy]
+{privacy}
+"#
+        ))
+        .unwrap()
+    }
+
+    fn task(mode: &str, sigma: f64) -> Task {
+        Task {
+            round: 1,
+            dp_mode: mode.into(),
+            clipping_norm: 1.0,
+            noise_multiplier: sigma,
+            delta: 1e-5,
+            local_epochs: 2,
+            batch_size: 10,
+            ..Task::default()
+        }
+    }
+
+    #[test]
+    fn a_task_that_departs_from_the_spec_is_refused() {
+        let s = spec("mode = \"site\"\nnoise_multiplier = 2.0");
+        let mut cal = None;
+        let ok = agreed_privacy(&task("site", 2.0), Some(&s), 100, &mut cal).unwrap();
+        assert_eq!((ok.1.get(), ok.2, ok.3), (2.0, DpMode::Site, 1e-5));
+        let hostile = [
+            Task {
+                noise_multiplier: 0.0,
+                ..task("site", 2.0)
+            },
+            Task {
+                noise_multiplier: 1.0,
+                ..task("site", 2.0)
+            },
+            Task {
+                noise_multiplier: f64::NAN,
+                ..task("site", 2.0)
+            },
+            Task {
+                clipping_norm: 100.0,
+                ..task("site", 2.0)
+            },
+            Task {
+                delta: 1.0,
+                ..task("site", 2.0)
+            },
+            Task {
+                delta: 1e300,
+                ..task("site", 2.0)
+            },
+            Task {
+                local_epochs: 50,
+                ..task("site", 2.0)
+            },
+            task("record", 2.0),
+            task("", 2.0),
+        ];
+        for t in hostile {
+            let e = agreed_privacy(&t, Some(&s), 100, &mut cal).unwrap_err();
+            assert!(
+                matches!(&e, SiteError::Refused(m) if m.contains("federation spec this site agreed to")),
+                "{t:?}: {e}"
+            );
+        }
+        // Without a spec the task decides (the demo's federations).
+        assert!(agreed_privacy(&task("site", 0.5), None, 100, &mut cal).is_ok());
+    }
+
+    #[test]
+    fn a_target_epsilon_is_calibrated_to_the_sites_own_data() {
+        let s = spec("mode = \"record\"\ntarget_epsilon = 1.0");
+        let (mut small, mut large) = (None, None);
+        let a = agreed_privacy(&task("record", 0.0), Some(&s), 40, &mut small).unwrap();
+        let b = agreed_privacy(&task("record", 0.0), Some(&s), 4000, &mut large).unwrap();
+        assert!(
+            a.1.get() > b.1.get(),
+            "a small site needs more noise: {a:?} {b:?}"
+        );
+        for (n, sigma) in [(40u64, a.1.get()), (4000, b.1.get())] {
+            let q = 10.0 / n as f64;
+            let steps = 5 * 2 * n.div_ceil(10);
+            let mut acc = fedee_dp::rdp::RdpAccountant::default();
+            acc.add(q, sigma, steps).unwrap();
+            let eps = acc.epsilon(1e-5).0;
+            assert!(eps <= 1.0 && eps > 0.99, "n = {n}: ε = {eps}");
+        }
+        // The aggregator must not send its own σ here.
+        let e = agreed_privacy(&task("record", 3.0), Some(&s), 40, &mut small).unwrap_err();
+        assert!(matches!(e, SiteError::Refused(_)), "{e}");
+        // Site mode: one σ for every site, the aggregator's calibration checked.
+        let s = spec("mode = \"site\"\ntarget_epsilon = 1.0");
+        let sigma = fedee_dp::SiteLevelAccountant::calibrate(5, 1.0, 1e-5)
+            .unwrap()
+            .get();
+        let mut cal = None;
+        let ok = agreed_privacy(&task("site", sigma), Some(&s), 40, &mut cal).unwrap();
+        assert_eq!(ok.1.get(), sigma);
+        assert!(agreed_privacy(&task("site", sigma * 0.5), Some(&s), 40, &mut cal).is_err());
     }
 }

@@ -69,6 +69,9 @@ pub enum SiteError {
     /// The privacy ledger cannot be read or written.
     #[error("privacy ledger: {0}")]
     Ledger(String),
+    /// The aggregator asked for something the site did not agree to (names the setting).
+    #[error("refusing the aggregator's task: {0}")]
+    Refused(String),
     /// TLS material could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),

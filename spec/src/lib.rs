@@ -383,7 +383,8 @@ pub enum PrivacyMode {
     Record,
 }
 
-/// Differential privacy. The noise multiplier has no default: a federation states it.
+/// Differential privacy. The noise has no default: a federation states either the noise
+/// multiplier or the ε it may spend over all its rounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Privacy {
@@ -392,8 +393,15 @@ pub struct Privacy {
     /// Clipping norm `C` (of a site's update, or of an example's gradient).
     #[serde(default = "one")]
     pub clipping_norm: f64,
-    /// Noise multiplier `σ` (noise std `σC`).
-    pub noise_multiplier: f64,
+    /// Noise multiplier `σ` (noise std `σC`), the same at every site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// Instead of `σ`: the ε (at `delta`) the whole federation may spend. Site mode: the
+    /// aggregator calibrates one `σ` for all rounds. Record mode: each site calibrates its
+    /// own `σ` to its own sampling rate and number of DP-SGD steps, so every site spends at
+    /// most this ε.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_epsilon: Option<f64>,
     /// δ at which ε is accounted.
     #[serde(default = "default_delta")]
     pub delta: f64,
@@ -854,13 +862,32 @@ impl FederationSpec {
                 "e.g. clipping_norm = 1.0",
             ));
         }
-        if !(p.noise_multiplier.is_finite() && p.noise_multiplier > 0.0) {
-            return Err(invalid(
-                "privacy.noise_multiplier",
-                p.noise_multiplier,
-                "σ must be positive: without noise there is no differential privacy",
-                "e.g. noise_multiplier = 1.0",
-            ));
+        match (p.noise_multiplier, p.target_epsilon) {
+            (Some(s), None) if !(s.is_finite() && s > 0.0) => {
+                return Err(invalid(
+                    "privacy.noise_multiplier",
+                    s,
+                    "σ must be positive: without noise there is no differential privacy",
+                    "e.g. noise_multiplier = 1.0",
+                ));
+            }
+            (None, Some(e)) if !(e.is_finite() && e > 0.0 && e <= 100.0) => {
+                return Err(invalid(
+                    "privacy.target_epsilon",
+                    e,
+                    "the target ε must be in (0, 100]",
+                    "e.g. target_epsilon = 1.0",
+                ));
+            }
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(invalid(
+                    "privacy",
+                    (p.noise_multiplier, p.target_epsilon),
+                    "state exactly one of noise_multiplier (σ) and target_epsilon (ε over the whole federation)",
+                    "e.g. target_epsilon = 1.0",
+                ));
+            }
+            _ => {}
         }
         if !(p.delta.is_finite() && p.delta > 0.0 && p.delta < 1e-2) {
             return Err(invalid(
@@ -938,8 +965,13 @@ impl FederationSpec {
             ),
         };
         let p = &self.privacy;
+        let noise = match (p.noise_multiplier, p.target_epsilon) {
+            (Some(s), _) => format!("σ = {s}"),
+            (None, Some(e)) => format!("target ε = {e} (σ calibrated)"),
+            (None, None) => "no noise".into(),
+        };
         format!(
-            "{:?} of `{}` ({} classes); model {model}; {} rounds, quorum {}, {}; DP {:?}-level, C = {}, σ = {}, δ = {:e}",
+            "{:?} of `{}` ({} classes); model {model}; {} rounds, quorum {}, {}; DP {:?}-level, C = {}, {noise}, δ = {:e}",
             self.task.kind,
             self.task.label,
             self.num_classes(),
@@ -948,7 +980,6 @@ impl FederationSpec {
             self.federation.strategy,
             p.mode,
             p.clipping_norm,
-            p.noise_multiplier,
             p.delta
         )
     }
@@ -1069,6 +1100,17 @@ noise_multiplier = 1.0
                 "privacy.noise_multiplier",
             ),
             (
+                "noise_multiplier = 1.0",
+                "target_epsilon = -1.0",
+                "privacy.target_epsilon",
+            ),
+            (
+                "noise_multiplier = 1.0",
+                "noise_multiplier = 1.0\ntarget_epsilon = 1.0",
+                "privacy",
+            ),
+            ("noise_multiplier = 1.0", "", "privacy"),
+            (
                 "mode = \"record\"",
                 "mode = \"record\"\ndelta = 1.0",
                 "privacy.delta",
@@ -1130,8 +1172,8 @@ noise_multiplier = 1.0
         let e = with("hidden = [8]", "hidden = [8]\nhiden = 3").unwrap_err();
         assert!(matches!(e, SpecError::Parse(_)));
         assert!(e.to_string().contains("hiden"), "{e}");
-        let e = with("noise_multiplier = 1.0", "").unwrap_err();
-        assert!(e.to_string().contains("noise_multiplier"), "{e}");
+        let e = with("mode = \"record\"", "").unwrap_err();
+        assert!(e.to_string().contains("mode"), "{e}");
     }
 
     #[test]
