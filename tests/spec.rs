@@ -11,6 +11,179 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{Aggregator, fedee, heart_csv};
+
+fn clinical(name: &str) -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/cache/clinical")
+        .join(name);
+    assert!(p.exists(), "{} is missing: run `make data`", p.display());
+    p
+}
+
+/// Scaffold a spec from `data` with `fedee init`, edit it with `edits` (each must apply), run
+/// a federation of `sites` (name, file, `--where`), and return the final status.
+async fn federate(
+    dir: &Path,
+    data: &Path,
+    init: &[&str],
+    edits: &[(&str, &str)],
+    sites: &[(&str, &Path, &str)],
+) -> fedee_proto::v1::StatusResponse {
+    let mut args = vec![
+        "init",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        "spec.toml",
+    ];
+    args.extend(init);
+    let out = fedee(&args, dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut spec = std::fs::read_to_string(dir.join("spec.toml")).unwrap();
+    for (from, to) in edits {
+        assert!(spec.contains(from), "`{from}` not in the scaffold:\n{spec}");
+        spec = spec.replacen(from, to, 1);
+    }
+    std::fs::write(dir.join("spec.toml"), &spec).unwrap();
+    let out = fedee(
+        &[
+            "init-model",
+            "--spec",
+            "spec.toml",
+            "--out",
+            "g0.safetensors",
+        ],
+        dir,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agg = Aggregator::start(
+        dir,
+        "127.0.0.1:0",
+        &[
+            "--insecure",
+            "--spec",
+            "spec.toml",
+            "--initial-model",
+            "g0.safetensors",
+            "--database-url",
+            "sqlite://agg.db?mode=rwc",
+            "--blob-dir",
+            "blobs",
+        ],
+    );
+    let children: Vec<_> = sites
+        .iter()
+        .map(|(name, file, filter)| site(dir, &agg.addr, name, file, filter).spawn().unwrap())
+        .collect();
+    for (child, (name, ..)) in children.into_iter().zip(sites) {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {err}");
+        assert!(
+            err.contains("rows read") && err.contains("split: train"),
+            "{name}: {err}"
+        );
+    }
+    let st = agg
+        .client()
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.done, "{st:?}");
+    st
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clinical_tables_federate_from_scaffolded_specs() {
+    // GBSG2 (breast cancer, 686 patients): no site column, so two hospitals each hold half.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let text = std::fs::read_to_string(clinical("gbsg2.csv")).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let (mut a, mut b) = (format!("{header}\n"), format!("{header}\n"));
+    for (i, l) in lines.enumerate() {
+        if i % 2 == 0 { &mut a } else { &mut b }.push_str(&format!("{l}\n"));
+    }
+    std::fs::write(dir.join("north.csv"), a).unwrap();
+    std::fs::write(dir.join("south.csv"), b).unwrap();
+    let st = federate(
+        dir,
+        &dir.join("north.csv"),
+        &["--label", "cens"],
+        &[
+            ("rounds = 20", "rounds = 3"),
+            ("mode = \"record\"", "mode = \"site\""),
+        ],
+        &[
+            ("North", &dir.join("north.csv"), ""),
+            ("South", &dir.join("south.csv"), ""),
+        ],
+    )
+    .await;
+    assert!(
+        st.spec_summary.contains("of `cens` (2 classes)"),
+        "{}",
+        st.spec_summary
+    );
+    assert_eq!(st.rounds.len(), 3);
+    assert!(
+        st.rounds
+            .iter()
+            .all(|r| r.state == "closed" && r.site_metrics.len() == 2)
+    );
+
+    // NCCTG lung cancer: the institution column `inst` names the site; missing cells imputed.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let lung = clinical("lung.csv");
+    let st = federate(
+        dir,
+        &lung,
+        &["--label", "status", "--site-column", "inst"],
+        &[
+            ("rounds = 20", "rounds = 2"),
+            ("min_sites = 2", "min_sites = 3"),
+            ("missing = \"drop-row\"", "missing = \"impute\""),
+        ],
+        &[
+            ("Inst1", &lung, "inst=1.0"),
+            ("Inst12", &lung, "inst=12.0"),
+            ("Inst13", &lung, "inst=13.0"),
+        ],
+    )
+    .await;
+    assert!(
+        st.spec_summary.contains("of `status` (2 classes)"),
+        "{}",
+        st.spec_summary
+    );
+    assert!(
+        st.rounds
+            .iter()
+            .all(|r| r.state == "closed" && r.site_metrics.len() == 3)
+    );
+    let tested: u64 = st.rounds[0]
+        .site_metrics
+        .iter()
+        .map(|m| m.num_test_examples)
+        .sum();
+    assert_eq!(
+        tested,
+        9 + 6 + 5,
+        "25 % of 36, 23 and 20 patients, stratified"
+    );
+}
 use fedee_proto::v1::{GetSpecRequest, JoinRequest, StatusRequest};
 
 const SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
@@ -29,12 +202,15 @@ fn site(dir: &Path, addr: &str, name: &str, data: &Path, filter: &str) -> Comman
     c.args(["site", "--insecure", "--aggregator", addr, "--site", name])
         .arg("--data")
         .arg(data)
-        .args(["--where", filter, "--retries", "2"])
+        .args(["--retries", "2"])
         .args(["--ledger", &format!("{name}.ledger.json")])
         .env("FEDEE_LOG", "warn")
         .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if !filter.is_empty() {
+        c.args(["--where", filter]);
+    }
     c
 }
 

@@ -93,7 +93,8 @@ fn looks_like_id(name: &str) -> bool {
     camel.is_some_and(|head| head.chars().last().is_some_and(char::is_lowercase))
 }
 
-/// Infer a spec from `path` (CSV with a header line) with `label` as the label column.
+/// Infer a spec from `path` (CSV with a header line, or Parquet) with `label` as the label
+/// column.
 ///
 /// # Errors
 /// [`DataError`] for an unreadable or empty file, a missing label or site column, or a label
@@ -103,39 +104,11 @@ pub fn scaffold(
     label: &str,
     site_column: Option<&str>,
 ) -> Result<Scaffold, DataError> {
-    let read = |source| DataError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let mut rdr = csv::Reader::from_path(path).map_err(read)?;
-    let headers: Vec<String> = rdr
-        .headers()
-        .map_err(read)?
-        .iter()
-        .map(|h| h.trim().to_owned())
-        .collect();
-    if headers.iter().all(String::is_empty) {
-        return Err(DataError::Empty {
-            path: path.to_owned(),
-        });
-    }
-    let missing_column = |column: &str, role| DataError::MissingColumn {
-        path: path.to_owned(),
-        column: column.to_owned(),
-        role,
-        available: headers
-            .iter()
-            .map(|h| format!("`{h}`"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    };
-    if !headers.iter().any(|h| h == label) {
-        return Err(missing_column(label, "the label"));
-    }
-    if let Some(s) = site_column
-        && !headers.iter().any(|h| h == s)
-    {
-        return Err(missing_column(s, "the site column"));
+    let rdr = crate::table::open(path)?;
+    let headers = rdr.headers.clone();
+    crate::table::column(&headers, label, "the label", path)?;
+    if let Some(s) = site_column {
+        crate::table::column(&headers, s, "the site column", path)?;
     }
     let mut stats: Vec<Stats> = headers
         .iter()
@@ -149,8 +122,8 @@ pub fn scaffold(
         })
         .collect();
     let mut rows = 0;
-    for rec in rdr.records() {
-        let rec = rec.map_err(read)?;
+    for rec in rdr {
+        let (_, rec) = rec?;
         rows += 1;
         for (s, cell) in stats.iter_mut().zip(rec.iter()) {
             if is_missing(cell) {
@@ -250,10 +223,12 @@ pub fn scaffold(
     })
 }
 
-/// Every value distinct, and either text (a code) or a run of consecutive integers.
+/// Every row has a value, every value is distinct, and they are text (a code) or a run of
+/// consecutive integers (a row number).
 fn is_sequence_or_unique_code(s: &Stats) -> bool {
     let distinct = s.counts.len();
     distinct == s.present
+        && s.missing == 0
         && s.present >= 20
         && (!s.numeric || (s.integer && s.max - s.min + 1.0 == s.present as f64))
 }

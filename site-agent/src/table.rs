@@ -1,5 +1,6 @@
 //! A site's tabular data, read as its federation spec says: the label and typed feature
-//! columns of a CSV file (the `csv` crate), messy cells cleaned, rows of one site selected
+//! columns of a CSV file (the `csv` crate) or a Parquet file (arrow-rs `parquet`, by the
+//! `.parquet` / `.pq` extension; nulls are missing), messy cells cleaned, rows of one site selected
 //! with `--where COLUMN=VALUE`, split (stratified) into train / validation / test, missing
 //! values dropped or imputed, numeric columns standardised, and a data report.
 //!
@@ -43,7 +44,7 @@ impl Examples {
 /// Data errors: each names the file, and where it applies the line, column and value.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// The file cannot be opened or read.
+    /// The file cannot be opened or read as CSV.
     #[error("cannot read {path}: {source}")]
     Read {
         /// The file.
@@ -51,6 +52,17 @@ pub enum DataError {
         /// The reader's error.
         #[source]
         source: csv::Error,
+    },
+    /// The file cannot be opened or read as Parquet.
+    #[error(
+        "cannot read {path} as Parquet: {source} (supported: flat schemas; uncompressed, Snappy, LZ4, gzip or zstd pages)"
+    )]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// The reader's error.
+        #[source]
+        source: parquet::errors::ParquetError,
     },
     /// The file has no header line (empty file).
     #[error("{path} is empty: a header line naming the columns is needed")]
@@ -74,13 +86,13 @@ pub enum DataError {
     },
     /// A cell cannot be read as its column's type.
     #[error(
-        "{path} line {line}, column `{column}`: `{value}` is not {expected}; fix the cell, leave it blank if it is missing, or change the column's type in the spec"
+        "{path} {at}, column `{column}`: `{value}` is not {expected}; fix the cell, leave it blank if it is missing, or change the column's type in the spec"
     )]
     Unparseable {
         /// The file.
         path: PathBuf,
-        /// Line in the file (the header is line 1).
-        line: u64,
+        /// Where: `line N` of a CSV file (the header is line 1), `row N` of a Parquet file.
+        at: Location,
         /// Column name.
         column: String,
         /// The cell as written.
@@ -90,13 +102,13 @@ pub enum DataError {
     },
     /// A label value that belongs to no class of the spec.
     #[error(
-        "{path} line {line}: label `{value}` in column `{column}` is not one of the federation's classes ({classes}); map it to a class in the spec (task.classes) or remove the row"
+        "{path} {at}: label `{value}` in column `{column}` is not one of the federation's classes ({classes}); map it to a class in the spec (task.classes) or remove the row"
     )]
     UnknownClass {
         /// The file.
         path: PathBuf,
-        /// Line in the file.
-        line: u64,
+        /// Where in the file.
+        at: Location,
         /// The label column.
         column: String,
         /// The cell.
@@ -145,6 +157,134 @@ pub enum DataError {
     /// A `--where` argument that is not `COLUMN=VALUE`.
     #[error("--where `{0}`: write COLUMN=VALUE, e.g. --where dataset=Cleveland")]
     BadFilter(String),
+}
+
+/// Where a row is in its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// Line of a CSV file (the header is line 1).
+    Line(u64),
+    /// Row of a Parquet file, from 1.
+    Row(u64),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Line(n) => write!(f, "line {n}"),
+            Self::Row(n) => write!(f, "row {n}"),
+        }
+    }
+}
+
+/// A data file's rows as text cells: the header, then each row with its location.
+pub struct Rows {
+    /// Column names (trimmed).
+    pub headers: Vec<String>,
+    rows: Box<dyn Iterator<Item = Result<(Location, Vec<String>), DataError>>>,
+}
+
+impl Iterator for Rows {
+    type Item = Result<(Location, Vec<String>), DataError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rows.next()
+    }
+}
+
+/// Whether `path` is read as Parquet (extension `.parquet` or `.pq`, any case).
+pub fn is_parquet(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("pq"))
+}
+
+/// Open a data file: Parquet by extension ([`is_parquet`]), CSV otherwise. CSV rows must all
+/// have the header's number of cells; Parquet values become text (numbers in Rust's shortest
+/// form, so an integer column reads `1`, a double `1.5`), nulls become empty (missing) cells.
+///
+/// # Errors
+/// [`DataError::Read`] / [`DataError::Parquet`] when the file cannot be opened or decoded;
+/// [`DataError::Empty`] without a header. Later rows report their own errors.
+pub fn open(path: &Path) -> Result<Rows, DataError> {
+    if is_parquet(path) {
+        open_parquet(path)
+    } else {
+        open_csv(path)
+    }
+}
+
+fn open_csv(path: &Path) -> Result<Rows, DataError> {
+    let owned = path.to_owned();
+    let read = move |source| DataError::Read {
+        path: owned.clone(),
+        source,
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_path(path)
+        .map_err(&read)?;
+    let headers: Vec<String> = rdr
+        .headers()
+        .map_err(&read)?
+        .iter()
+        .map(|h| h.trim().to_owned())
+        .collect();
+    if headers.iter().all(String::is_empty) {
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    let rows = rdr.into_records().map(move |r| {
+        let r = r.map_err(&read)?;
+        let at = Location::Line(r.position().map_or(0, |p| p.line()));
+        Ok((at, r.iter().map(str::to_owned).collect()))
+    });
+    Ok(Rows {
+        headers,
+        rows: Box::new(rows),
+    })
+}
+
+fn open_parquet(path: &Path) -> Result<Rows, DataError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let owned = path.to_owned();
+    let bad = move |source| DataError::Parquet {
+        path: owned.clone(),
+        source,
+    };
+    let reader = SerializedFileReader::try_from(path).map_err(&bad)?;
+    let headers: Vec<String> = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name().trim().to_owned())
+        .collect();
+    if headers.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    let cell = |f: &Field| match f {
+        Field::Null => String::new(),
+        Field::Str(s) => s.clone(),
+        Field::Bool(b) => b.to_string(),
+        Field::Float(v) => v.to_string(),
+        Field::Double(v) => v.to_string(),
+        other => other.to_string(),
+    };
+    let rows = reader.into_iter().enumerate().map(move |(i, row)| {
+        let row = row.map_err(&bad)?;
+        let cells = row.get_column_iter().map(|(_, f)| cell(f)).collect();
+        Ok((Location::Row(i as u64 + 1), cells))
+    });
+    Ok(Rows {
+        headers,
+        rows: Box::new(rows),
+    })
 }
 
 /// Rows of one site in a shared file: `COLUMN=VALUE` (both trimmed).
@@ -259,28 +399,30 @@ struct Column<'a> {
     feature: &'a fedee_spec::Feature,
 }
 
-fn column(
-    headers: &csv::StringRecord,
+/// The index of column `name`, or an error listing the columns there are.
+pub(crate) fn column(
+    headers: &[String],
     name: &str,
     role: &'static str,
     path: &Path,
 ) -> Result<usize, DataError> {
     headers
         .iter()
-        .position(|h| h.trim() == name)
+        .position(|h| h == name)
         .ok_or_else(|| DataError::MissingColumn {
             path: path.to_owned(),
             column: name.to_owned(),
             role,
             available: headers
                 .iter()
-                .map(|h| format!("`{}`", h.trim()))
+                .map(|h| format!("`{h}`"))
                 .collect::<Vec<_>>()
                 .join(", "),
         })
 }
 
-/// Read `path` (CSV with a header line) as `spec` says, keeping the rows `filter` selects.
+/// Read `path` (CSV with a header line, or Parquet) as `spec` says, keeping the rows
+/// `filter` selects.
 ///
 /// # Errors
 /// [`DataError`]: an unreadable or empty file, a missing column, a cell that is not its
@@ -291,20 +433,8 @@ pub fn load(
     path: &Path,
     filter: Option<&RowFilter>,
 ) -> Result<TabularData, DataError> {
-    let read = |source| DataError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let mut rdr = csv::ReaderBuilder::new()
-        .flexible(false)
-        .from_path(path)
-        .map_err(read)?;
-    let headers = rdr.headers().map_err(read)?.clone();
-    if headers.is_empty() || (headers.len() == 1 && headers[0].trim().is_empty()) {
-        return Err(DataError::Empty {
-            path: path.to_owned(),
-        });
-    }
+    let rows = open(path)?;
+    let headers = rows.headers.clone();
     let label = column(&headers, &spec.task.label, "the label", path)?;
     let mut offset = 0;
     let mut columns = Vec::with_capacity(spec.features.len());
@@ -338,17 +468,16 @@ pub fn load(
         .map(|v| format!("`{v}`"))
         .collect();
     let mut by_class: Vec<Vec<Vec<f32>>> = vec![vec![]; spec.num_classes()];
-    let mut rec = csv::StringRecord::new();
-    while rdr.read_record(&mut rec).map_err(read)? {
+    for row in rows {
+        let (at, rec) = row?;
         report.rows_read += 1;
-        let line = rec.position().map_or(0, |p| p.line());
         if let (Some(i), Some(w)) = (where_col, filter)
-            && rec.get(i).map(str::trim) != Some(w.value.as_str())
+            && rec.get(i).map(|c| c.trim()) != Some(w.value.as_str())
         {
             continue;
         }
         report.rows_selected += 1;
-        let cell = |i: usize| rec.get(i).unwrap_or("");
+        let cell = |i: usize| rec.get(i).map_or("", String::as_str);
         let mut row = vec![0f32; width];
         let mut missing_feature = false;
         for c in &columns {
@@ -363,7 +492,7 @@ pub fn load(
             }
             let bad = |expected: String| DataError::Unparseable {
                 path: path.to_owned(),
-                line,
+                at,
                 column: c.feature.name.clone(),
                 value: raw.to_owned(),
                 expected,
@@ -408,7 +537,7 @@ pub fn load(
             .class_of(raw_label)
             .ok_or_else(|| DataError::UnknownClass {
                 path: path.to_owned(),
-                line,
+                at,
                 column: spec.task.label.clone(),
                 value: raw_label.to_owned(),
                 classes: classes.join(", "),
@@ -644,6 +773,130 @@ test_fraction = 0.2
             1,
             "missing ward: all-zero one-hot"
         );
+    }
+
+    /// The rows of `rows(n, site)` (plus one with a missing age) as a Parquet file: `id` and
+    /// `age` as optional doubles, `smoker` as a boolean, the rest as UTF-8 strings.
+    fn parquet_file(n: usize, site: &str) -> tempfile::NamedTempFile {
+        use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use std::sync::Arc;
+        let f = tempfile::Builder::new()
+            .suffix(".parquet")
+            .tempfile()
+            .unwrap();
+        let schema = Arc::new(
+            parquet::schema::parser::parse_message_type(
+                "message rows { REQUIRED DOUBLE id; REQUIRED BYTE_ARRAY hospital (UTF8); \
+                 OPTIONAL DOUBLE age; REQUIRED BOOLEAN smoker; REQUIRED BYTE_ARRAY ward (UTF8); \
+                 REQUIRED BYTE_ARRAY outcome (UTF8); }",
+            )
+            .unwrap(),
+        );
+        let props = Arc::new(
+            WriterProperties::builder()
+                .set_compression(parquet::basic::Compression::SNAPPY)
+                .build(),
+        );
+        let mut w = SerializedFileWriter::new(f.reopen().unwrap(), schema, props).unwrap();
+        let mut g = w.next_row_group().unwrap();
+        let text = |v: Vec<String>| {
+            v.into_iter()
+                .map(|t| ByteArray::from(t.into_bytes()))
+                .collect::<Vec<_>>()
+        };
+        let m = n + 1;
+        let mut col = 0;
+        while let Some(mut c) = g.next_column().unwrap() {
+            match col {
+                0 => {
+                    let ids: Vec<f64> = (0..m).map(|i| i as f64).collect();
+                    c.typed::<DoubleType>()
+                        .write_batch(&ids, None, None)
+                        .unwrap();
+                }
+                1 => {
+                    let v = text(vec![site.to_owned(); m]);
+                    c.typed::<ByteArrayType>()
+                        .write_batch(&v, None, None)
+                        .unwrap();
+                }
+                2 => {
+                    // The extra last row has no age (definition level 0).
+                    let ages: Vec<f64> = (0..n).map(|i| (30 + i) as f64).collect();
+                    let def: Vec<i16> = (0..m).map(|i| i16::from(i < n)).collect();
+                    c.typed::<DoubleType>()
+                        .write_batch(&ages, Some(&def), None)
+                        .unwrap();
+                }
+                3 => {
+                    let v: Vec<bool> = (0..m).map(|i| [true, false, true, false][i % 4]).collect();
+                    c.typed::<BoolType>().write_batch(&v, None, None).unwrap();
+                }
+                4 => {
+                    let v = text((0..m).map(|i| ["A", " b "][i % 2].to_owned()).collect());
+                    c.typed::<ByteArrayType>()
+                        .write_batch(&v, None, None)
+                        .unwrap();
+                }
+                _ => {
+                    let v = text(
+                        (0..m)
+                            .map(|i| ["no", "yes", "maybe"][i % 3].to_owned())
+                            .collect(),
+                    );
+                    c.typed::<ByteArrayType>()
+                        .write_batch(&v, None, None)
+                        .unwrap();
+                }
+            }
+            c.close().unwrap();
+            col += 1;
+        }
+        g.close().unwrap();
+        w.close().unwrap();
+        f
+    }
+
+    #[test]
+    fn parquet_reads_like_the_same_csv() {
+        let n = 40;
+        let pq = parquet_file(n, "North");
+        let mut text = String::from(HEADER);
+        text += &rows(n, "North");
+        text += &format!(
+            "{n},North,,yes,{},{}\n",
+            ["A", " b "][n % 2],
+            ["no", "yes", "maybe"][n % 3]
+        );
+        let csv = file(&text);
+        let filter: RowFilter = "hospital=North".parse().unwrap();
+        let a = load(&spec(""), pq.path(), Some(&filter)).unwrap();
+        let b = load(&spec(""), csv.path(), Some(&filter)).unwrap();
+        assert_eq!(a.report.missing["age"], 1, "a null is a missing cell");
+        assert_eq!(a.report.dropped_missing_features, 1);
+        assert_eq!(
+            (a.train, a.validation, a.test),
+            (b.train, b.validation, b.test)
+        );
+        // `fedee init` reads Parquet too: `id` (0, 1, 2, … as doubles) is a record identifier.
+        let s = crate::infer::scaffold(pq.path(), "outcome", Some("hospital")).unwrap();
+        let scaffolded = fedee_spec::FederationSpec::from_toml(&s.toml).unwrap();
+        let names: Vec<&str> = scaffolded
+            .features
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(names, ["age", "smoker", "ward"], "{}", s.toml);
+        // A file that is not Parquet is refused as such.
+        let fake = tempfile::Builder::new()
+            .suffix(".parquet")
+            .tempfile()
+            .unwrap();
+        std::fs::write(fake.path(), "id,age\n1,2\n").unwrap();
+        let e = load(&spec(""), fake.path(), None).unwrap_err().to_string();
+        assert!(e.contains("as Parquet"), "{e}");
     }
 
     #[test]
