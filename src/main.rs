@@ -382,25 +382,14 @@ async fn main() -> Result<()> {
                     .iter()
                     .map(|m| format!("{} {:.3}", m.site, m.test_accuracy))
                     .collect();
-                // Weighted by each site's test examples.
-                let n: u64 = r.site_metrics.iter().map(|m| m.num_test_examples).sum();
-                let weighted = if n > 0 {
-                    let sum: f64 = r
-                        .site_metrics
-                        .iter()
-                        .map(|m| m.test_accuracy * m.num_test_examples as f64)
-                        .sum();
-                    format!(" (weighted {:.3})", sum / n as f64)
-                } else {
-                    String::new()
-                };
+                let weighted = weighted_metrics(&r.site_metrics);
                 let why = if r.reason.is_empty() {
                     String::new()
                 } else {
                     format!(" ({})", r.reason)
                 };
                 println!(
-                    "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}{weighted}{why}",
+                    "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}{why}{weighted}",
                     r.round,
                     r.state,
                     r.rho,
@@ -557,6 +546,36 @@ fn ee(cmd: EeCommand) -> Result<()> {
             transform_file(&files, Direction::Rotate(new_keys))
         }
         EeCommand::Attack(a) => attack::run(a),
+    }
+}
+
+/// `\n    weighted: accuracy …, balanced …, macro-F1 …, AUROC …`: each metric's mean over the
+/// sites that reported it, weighted by their test examples (empty without metrics).
+fn weighted_metrics(ms: &[fedee_proto::v1::SiteMetric]) -> String {
+    type Get = fn(&fedee_proto::v1::SiteMetric) -> Option<f64>;
+    let columns: [(&str, Get); 4] = [
+        ("accuracy", |m| Some(m.test_accuracy)),
+        ("balanced accuracy", |m| m.balanced_accuracy),
+        ("macro-F1", |m| m.macro_f1),
+        ("AUROC", |m| m.auroc),
+    ];
+    let parts: Vec<String> = columns
+        .iter()
+        .filter_map(|(name, get)| {
+            let (mut sum, mut n) = (0.0, 0u64);
+            for m in ms {
+                if let Some(v) = get(m) {
+                    sum += v * m.num_test_examples as f64;
+                    n += m.num_test_examples;
+                }
+            }
+            (n > 0).then(|| format!("{name} {:.3}", sum / n as f64))
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("\n    weighted: {}", parts.join(", "))
     }
 }
 

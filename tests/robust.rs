@@ -74,7 +74,7 @@ fn run(strategy: Strategy, poison: bool) -> f64 {
             continue;
         }
         let n = t.num_test_examples() as f64;
-        correct += t.evaluate(&g).unwrap() * n;
+        correct += t.evaluate(&g).unwrap().accuracy * n;
         total += n;
     }
     correct / total

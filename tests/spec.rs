@@ -344,6 +344,8 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
             db,
             "--blob-dir",
             "blobs",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
     );
     let mut c = agg.client().await;
@@ -437,11 +439,43 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
         assert_eq!(r.site_metrics.len(), 3, "{r:?}");
         for m in &r.site_metrics {
             assert!((0.0..=1.0).contains(&m.test_accuracy) && m.num_test_examples > 0);
+            let b = m.balanced_accuracy.unwrap();
+            let f = m.macro_f1.unwrap();
+            assert!(
+                (0.0..=1.0).contains(&b) && (0.0..=1.0).contains(&f),
+                "{m:?}"
+            );
+            // Switzerland's test split holds one class only: no AUROC there.
+            assert_eq!(m.auroc.is_some(), m.site != "Switzerland", "{m:?}");
         }
     }
+    let scraped = agg.scrape().await;
+    for metric in ["test accuracy", "balanced accuracy", "macro-F1", "AUROC"] {
+        let series =
+            format!("fedee_aggregator_site_test_metric{{site=\"Cleveland\",metric=\"{metric}\"}}");
+        assert!(scraped.contains(&series), "{series} missing:\n{scraped}");
+    }
+    // Out-of-range metrics are refused and change nothing.
+    let bad = c
+        .report_metrics(fedee_proto::v1::MetricsReport {
+            site: "Cleveland".into(),
+            model: 1,
+            test_accuracy: 0.5,
+            num_test_examples: 10,
+            auroc: Some(1.5),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("AUROC 1.5"), "{}", bad.message());
     let status = fedee(&["status", "--insecure", "--aggregator", &agg.addr], dir);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("spec: TabularClassification"), "{text}");
+    assert!(
+        text.contains("weighted: accuracy") && text.contains("macro-F1") && text.contains("AUROC"),
+        "{text}"
+    );
     drop(agg);
 
     // A restart with a changed spec is refused; the federation's state is untouched.

@@ -10,6 +10,7 @@
 //! | `fedee_aggregator_updates_rejected_total` | counter | `reason` (see [`Reject`]) |
 //! | `fedee_aggregator_update_bytes_total` | counter | (bytes of accepted updates) |
 //! | `fedee_aggregator_round_duration_seconds` | histogram | (open to closed or failed) |
+//! | `fedee_aggregator_site_test_metric` | gauge | `site`, `metric` (test accuracy, balanced accuracy, macro-F1, AUROC of the latest model a site evaluated) |
 //!
 //! Counters restart at zero with the process, as Prometheus expects; the database keeps the
 //! durable record (rounds, updates, rejections).
@@ -77,6 +78,12 @@ struct Reason {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SiteMetricLabels {
+    site: String,
+    metric: &'static str,
+}
+
 /// The aggregator's metrics (cheap to clone: handles to shared atomics).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -88,6 +95,7 @@ pub struct Metrics {
     rejected: Family<Reason, Counter>,
     bytes: Counter,
     round_duration: Histogram,
+    site_metrics: Family<SiteMetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -110,6 +118,7 @@ impl Metrics {
             bytes: Counter::default(),
             // 0.25 s … ~68 min.
             round_duration: Histogram::new(exponential_buckets(0.25, 2.0, 15)),
+            site_metrics: Family::default(),
         };
         r.register("rounds", "Rounds ended, by outcome", m.rounds.clone());
         r.register(
@@ -138,10 +147,23 @@ impl Metrics {
             "Seconds from a round opening to it closing or failing",
             m.round_duration.clone(),
         );
+        r.register(
+            "site_test_metric",
+            "A site's test metric of the latest global model it evaluated",
+            m.site_metrics.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    pub(crate) fn set_site_metric(&self, site: &str, metric: &'static str, value: f64) {
+        let labels = SiteMetricLabels {
+            site: site.to_owned(),
+            metric,
+        };
+        self.site_metrics.get_or_create(&labels).set(value);
     }
 
     pub(crate) fn round_ended(&self, failed: bool, seconds: f64) {

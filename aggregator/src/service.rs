@@ -1245,11 +1245,20 @@ impl FederationApi for Federation {
         let claimed = req.get_ref().site.clone();
         self.identify(&req, &claimed).await?;
         let m = req.into_inner();
-        if !(0.0..=1.0).contains(&m.test_accuracy) {
-            return Err(Status::invalid_argument(format!(
-                "test accuracy {} is not in [0, 1]",
-                m.test_accuracy
-            )));
+        let values = [
+            ("test accuracy", Some(m.test_accuracy)),
+            ("balanced accuracy", m.balanced_accuracy),
+            ("macro-F1", m.macro_f1),
+            ("AUROC", m.auroc),
+        ];
+        for (name, v) in values {
+            if let Some(v) = v
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "{name} {v} is not in [0, 1]"
+                )));
+            }
         }
         if !self.state.lock().await.sites.contains(&m.site) {
             return Err(Status::not_found(format!(
@@ -1263,9 +1272,17 @@ impl FederationApi for Federation {
                 site: m.site,
                 test_accuracy: m.test_accuracy,
                 num_test_examples: m.num_test_examples,
+                balanced_accuracy: m.balanced_accuracy,
+                macro_f1: m.macro_f1,
+                auroc: m.auroc,
             })
             .await
             .map_err(internal)?;
+        for (name, v) in values {
+            if let Some(v) = v {
+                self.metrics.set_site_metric(&claimed, name, v);
+            }
+        }
         Ok(Response::new(MetricsAck {}))
     }
 
@@ -1334,6 +1351,9 @@ impl FederationApi for Federation {
                         site: m.site.clone(),
                         test_accuracy: m.test_accuracy,
                         num_test_examples: m.num_test_examples,
+                        balanced_accuracy: m.balanced_accuracy,
+                        macro_f1: m.macro_f1,
+                        auroc: m.auroc,
                     })
                     .collect(),
                 rho: r.rho.unwrap_or(0.0),

@@ -73,6 +73,12 @@ pub struct MetricRow {
     pub test_accuracy: f64,
     /// Size of the site's test split.
     pub num_test_examples: u64,
+    /// Balanced accuracy, if reported.
+    pub balanced_accuracy: Option<f64>,
+    /// Macro-F1, if reported.
+    pub macro_f1: Option<f64>,
+    /// AUROC (binary tasks), if reported.
+    pub auroc: Option<f64>,
 }
 
 /// One round of a site's privacy ledger, as the site reported it.
@@ -574,14 +580,19 @@ impl Store {
     /// Record (or replace) a site's evaluation of a global model.
     pub async fn insert_metric(&self, m: &MetricRow) -> Result<(), AggregatorError> {
         sqlx::query(
-            "INSERT INTO metrics (model, site, test_accuracy, num_test_examples) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO metrics (model, site, test_accuracy, num_test_examples, balanced_accuracy, macro_f1, auroc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (model, site) DO UPDATE SET test_accuracy = excluded.test_accuracy, \
-             num_test_examples = excluded.num_test_examples",
+             num_test_examples = excluded.num_test_examples, balanced_accuracy = excluded.balanced_accuracy, \
+             macro_f1 = excluded.macro_f1, auroc = excluded.auroc",
         )
         .bind(i64::from(m.model))
         .bind(&m.site)
         .bind(m.test_accuracy)
         .bind(m.num_test_examples as i64)
+        .bind(m.balanced_accuracy)
+        .bind(m.macro_f1)
+        .bind(m.auroc)
         .execute(&self.pool)
         .await
         .map_err(db)?;
@@ -590,7 +601,7 @@ impl Store {
 
     /// All evaluations.
     pub async fn metrics(&self) -> Result<Vec<MetricRow>, AggregatorError> {
-        let rows = sqlx::query("SELECT model, site, test_accuracy, num_test_examples FROM metrics ORDER BY model, site")
+        let rows = sqlx::query("SELECT model, site, test_accuracy, num_test_examples, balanced_accuracy, macro_f1, auroc FROM metrics ORDER BY model, site")
             .fetch_all(&self.pool)
             .await
             .map_err(db)?;
@@ -601,6 +612,9 @@ impl Store {
                     site: r.try_get("site").map_err(db)?,
                     test_accuracy: r.try_get("test_accuracy").map_err(db)?,
                     num_test_examples: r.try_get::<i64, _>("num_test_examples").map_err(db)? as u64,
+                    balanced_accuracy: r.try_get("balanced_accuracy").map_err(db)?,
+                    macro_f1: r.try_get("macro_f1").map_err(db)?,
+                    auroc: r.try_get("auroc").map_err(db)?,
                 })
             })
             .collect()

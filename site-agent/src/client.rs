@@ -103,6 +103,8 @@ pub struct Evaluation {
     pub model: u32,
     /// Accuracy on the site's test split.
     pub test_accuracy: f64,
+    /// All metrics on the site's test split.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// What a site did.
@@ -447,12 +449,15 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         let global = state_from_safetensors(&bytes, cfg.device)?;
         if evaluated < task.round {
             // Local compute blocks this worker thread, not the runtime's other tasks.
-            let acc = tokio::task::block_in_place(|| cfg.task.evaluate(&global))?;
+            let m = tokio::task::block_in_place(|| cfg.task.evaluate(&global))?;
             let metrics = MetricsReport {
                 site: cfg.site.clone(),
                 model: task.round,
-                test_accuracy: acc,
+                test_accuracy: m.accuracy,
                 num_test_examples: cfg.task.num_test_examples(),
+                balanced_accuracy: Some(m.balanced_accuracy),
+                macro_f1: Some(m.macro_f1),
+                auroc: m.auroc,
             };
             link.call("ReportMetrics", |mut c| {
                 let metrics = metrics.clone();
@@ -461,7 +466,8 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             .await?;
             report.evaluations.push(Evaluation {
                 model: task.round,
-                test_accuracy: acc,
+                test_accuracy: m.accuracy,
+                metrics: m,
             });
             evaluated = task.round;
         }

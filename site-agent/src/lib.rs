@@ -17,6 +17,7 @@ pub mod drugs;
 pub mod heart;
 pub mod infer;
 pub mod ledger;
+pub mod metrics;
 pub mod table;
 pub mod task;
 pub mod train;

@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::SiteError;
 use crate::dpsgd::DpSgd;
 use crate::heart::Partition;
+use crate::metrics::{Metrics, classification};
 use crate::table::{DataReport, Examples, RowFilter};
 use crate::train::{LocalTraining, to_tensors, train_local};
 
@@ -34,11 +35,11 @@ pub trait LocalTask: Send {
     fn num_examples(&self) -> u64;
     /// Test examples.
     fn num_test_examples(&self) -> u64;
-    /// Accuracy of `global` on the local test split.
+    /// Metrics of `global` on the local test split.
     ///
     /// # Errors
     /// If `global` does not fit the architecture.
-    fn evaluate(&mut self, global: &StateDict) -> Result<f64, SiteError>;
+    fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError>;
     /// Train from `global`; returns the local model and the last epoch's mean loss.
     ///
     /// # Errors
@@ -180,6 +181,14 @@ pub fn optimizer(spec: &FederationSpec) -> OptimizerSpec {
     }
 }
 
+/// [`classification`] metrics of `logits (n, k)` against labels `y (n,)`, on any device.
+fn scored(logits: &Tensor, y: &Tensor, k: usize) -> Result<Metrics, SiteError> {
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).contiguous().view(-1);
+    let scores = Vec::<f32>::try_from(cpu(&logits.to_kind(Kind::Float)))?;
+    let labels = Vec::<i64>::try_from(cpu(y))?;
+    Ok(classification(&scores, k, &labels))
+}
+
 /// The task a federation spec describes, on this site's data file (`filter` selects the
 /// site's rows of a shared file). Prints nothing; the caller shows the [`DataReport`].
 ///
@@ -223,9 +232,10 @@ impl LocalTask for TabularTask {
     fn num_test_examples(&self) -> u64 {
         self.test.1.size()[0] as u64
     }
-    fn evaluate(&mut self, global: &StateDict) -> Result<f64, SiteError> {
+    fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError> {
         let m = Mlp::from_state(self.cfg, global, self.device, Kind::Float)?;
-        Ok(m.accuracy(&self.test.0, &self.test.1))
+        let logits = tch::no_grad(|| m.forward(&self.test.0));
+        scored(&logits, &self.test.1, self.cfg.out_features)
     }
     fn train(
         &mut self,
@@ -313,15 +323,22 @@ impl LocalTask for TextTask {
     fn num_test_examples(&self) -> u64 {
         self.test.len() as u64
     }
-    fn evaluate(&mut self, global: &StateDict) -> Result<f64, SiteError> {
+    fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError> {
         let m = Model::from_state(self.arch, global, self.device, Kind::Float)?;
-        let mut correct = 0i64;
+        let (mut logits, mut labels) = (vec![], vec![]);
         for rows in self.test.iter().collect::<Vec<_>>().chunks(32) {
             let (input, y) = self.batch(rows);
-            let pred = tch::no_grad(|| m.forward(&input))?.argmax(-1, false);
-            correct += pred.eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+            logits.push(tch::no_grad(|| m.forward(&input))?);
+            labels.push(y);
         }
-        Ok(correct as f64 / self.test.len().max(1) as f64)
+        if logits.is_empty() {
+            return Ok(classification(&[], self.arch.num_classes(), &[]));
+        }
+        scored(
+            &Tensor::cat(&logits, 0),
+            &Tensor::cat(&labels, 0),
+            self.arch.num_classes(),
+        )
     }
     fn train(
         &mut self,
