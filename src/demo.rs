@@ -1,8 +1,11 @@
 //! `fedee demo`: the main job end to end on one machine, every party talking gRPC over
 //! loopback.
 //!
-//! 1. An aggregator (SQLite file, port 0) and three site agents (Cleveland, Hungary,
-//!    Switzerland) run FedAvg with site-level DP.
+//! 1. An aggregator (SQLite file, port 0) serving the federation spec
+//!    (`examples/heart-disease/federation.toml`) and three site agents (Cleveland, Hungary,
+//!    Switzerland) reading their rows of the shared file as it says run FedAvg with
+//!    record-level DP (each site's σ calibrated so it spends at most the spec's ε). The same
+//!    library calls as `fedee aggregator --spec` and `fedee site --where`.
 //! 2. Pharma (VA Long Beach data) generates EE keys, transforms the global model, uploads it to
 //!    a trainer, fine-tunes it with AdamW on encrypted batches, downloads and decrypts it, and
 //!    runs the same fine-tuning in plaintext to compare.
@@ -13,19 +16,17 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_encrypt::{
     KeySet, check_trainable, decrypt_outputs, decrypt_state, encrypt_inputs, encrypt_labels,
     transform_state,
 };
 use fedee_model::{
-    Input, Mlp, MlpConfig, OptimizerSpec, batch_to_safetensors, state_from_safetensors,
-    state_to_safetensors,
+    Input, Mlp, OptimizerSpec, batch_to_safetensors, state_from_safetensors, state_to_safetensors,
 };
 use fedee_proto::pki::TlsFiles;
 use fedee_proto::v1::StatusRequest;
 use fedee_proto::v1::federation_client::FederationClient;
-use fedee_site_agent::heart::{self, NUM_FEATURES};
+use fedee_site_agent::table::RowFilter;
 use fedee_site_agent::train::to_tensors;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -34,12 +35,8 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use tokio_util::sync::CancellationToken;
 
-/// Hidden units of the demo MLP.
-pub const HIDDEN: usize = 8;
-/// The federation defaults, the same as `fedee aggregator`'s.
-pub use fedee_aggregator::cli::{
-    BATCH_SIZE, CLIPPING_NORM, LEARNING_RATE, LOCAL_EPOCHS, NOISE_MULTIPLIER,
-};
+/// Hidden units of the heart MLP of federations without a spec.
+pub const HIDDEN: usize = fedee_site_agent::cli::HEART_HIDDEN;
 
 const FEDERATION_SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
 const PHARMA_SITE: &str = "VA Long Beach";
@@ -92,27 +89,17 @@ pub struct DemoArgs {
     /// (0 skips the federated part).
     #[arg(long, default_value_t = 2)]
     pub(crate) federation_rounds: u32,
-    /// FedAvg rounds.
-    #[arg(long, default_value_t = 20)]
-    rounds: u32,
-    /// L2 clipping norm C of each site's update.
-    #[arg(long, default_value_t = CLIPPING_NORM)]
-    clipping_norm: f64,
-    /// Noise multiplier σ (noise std σ·C per coordinate). Must be > 0 in the demo.
-    #[arg(long, default_value_t = NOISE_MULTIPLIER)]
-    noise_multiplier: f64,
-    /// δ at which ε is reported.
-    #[arg(long, default_value_t = 1e-5)]
-    delta: f64,
-    /// Hidden units of the MLP.
-    #[arg(long, default_value_t = HIDDEN)]
-    hidden: usize,
-    /// Local epochs per round at each site.
-    #[arg(long, default_value_t = LOCAL_EPOCHS)]
-    local_epochs: u32,
-    /// Local SGD learning rate (momentum 0.9).
-    #[arg(long, default_value_t = LEARNING_RATE)]
-    learning_rate: f64,
+    /// The federation spec: task, features, model, local training, rounds and DP (each site
+    /// selects its rows with `dataset = SITE`).
+    #[arg(long, default_value = "examples/heart-disease/federation.toml")]
+    spec: PathBuf,
+    /// Override the spec's number of rounds.
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Override the spec's privacy with this target ε per site over the whole federation
+    /// (at the spec's δ; record-level DP keeps its unit, a patient record).
+    #[arg(long)]
+    target_epsilon: Option<f64>,
     /// Epochs of EE fine-tuning on VA Long Beach.
     #[arg(long, default_value_t = 10)]
     finetune_epochs: u32,
@@ -143,14 +130,24 @@ struct RoundReport {
     epsilon: f64,
 }
 
+/// One site's privacy after the federation (its ledger's last entry).
+#[derive(Serialize)]
+struct SitePrivacyReport {
+    epsilon: f64,
+    noise_multiplier: f64,
+    sampling_rate: f64,
+    steps_per_round: u64,
+}
+
 #[derive(Serialize)]
 struct PrivacyReport {
     unit: String,
-    rho: f64,
-    epsilon: f64,
     delta: f64,
-    noise_multiplier: f64,
     clipping_norm: f64,
+    target_epsilon: Option<f64>,
+    /// The largest ε any site spent.
+    max_epsilon: f64,
+    sites: BTreeMap<String, SitePrivacyReport>,
 }
 
 #[derive(Serialize)]
@@ -174,6 +171,9 @@ struct InferenceReport {
 
 #[derive(Serialize)]
 struct Report {
+    spec_sha256: String,
+    /// Each site's data report (rows, classes, split sizes), and pharma's.
+    data: BTreeMap<String, fedee_site_agent::table::DataReport>,
     rounds: Vec<RoundReport>,
     final_weighted_accuracy: f64,
     privacy: PrivacyReport,
@@ -181,15 +181,6 @@ struct Report {
     ee_inference: InferenceReport,
     device: String,
     wall_seconds: f64,
-}
-
-fn model_config(hidden: usize) -> MlpConfig {
-    MlpConfig {
-        in_features: NUM_FEATURES,
-        hidden,
-        out_features: 2,
-        activation: fedee_model::Activation::Relu,
-    }
 }
 
 fn max_abs_diff(a: &fedee_encrypt::StateDict, b: &fedee_encrypt::StateDict) -> f64 {
@@ -223,22 +214,32 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "f64" => Kind::Double,
         d => bail!("--finetune-dtype {d}: use f32 or f64"),
     };
-    if args.noise_multiplier <= 0.0 {
-        bail!(
-            "--noise-multiplier {} must be > 0: the demo always runs with DP noise",
-            args.noise_multiplier
-        );
-    }
-    let clipping_norm = ClippingNorm::new(args.clipping_norm)?;
-    let noise_multiplier = NoiseMultiplier::new(args.noise_multiplier)?;
     if !args.data.exists() {
         bail!(
             "{} does not exist: run `make data` (or pass --data PATH to heart_disease_uci.csv)",
             args.data.display()
         );
     }
-    let cfg = model_config(args.hidden);
-    cfg.validate()?;
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("reading the federation spec {}", args.spec.display()))?;
+    let mut spec = fedee_spec::FederationSpec::from_toml(&text)
+        .with_context(|| format!("{} is not a valid federation spec", args.spec.display()))?;
+    if let Some(r) = args.rounds {
+        spec.federation.rounds = r;
+    }
+    if let Some(eps) = args.target_epsilon {
+        spec.privacy.target_epsilon = Some(eps);
+        spec.privacy.noise_multiplier = None;
+    }
+    spec.federation.min_sites = FEDERATION_SITES.len() as u32;
+    let signed = fedee_spec::SignedSpec::from_spec(&spec)?;
+    let rounds = spec.federation.rounds;
+    let cfg = fedee_site_agent::task::mlp_config(&spec)?;
+    let site_rows = |name: &str| RowFilter {
+        column: "dataset".into(),
+        value: name.into(),
+    };
+    let mut data_reports = BTreeMap::new();
     let work = tempdir()?;
 
     // --- 1. Federation -----------------------------------------------------------------
@@ -252,52 +253,35 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let agg_config = fedee_aggregator::Config {
         database_url: format!("sqlite://{}?mode=rwc", work.join("aggregator.db").display()),
         blob_dir: work.join("blobs"),
-        round_timeout: Duration::from_secs(600),
-        metrics_listen: None,
-        rounds: args.rounds,
-        min_sites: FEDERATION_SITES.len() as u32,
-        clipping_norm,
-        noise_multiplier,
-        dp_mode: fedee_dp::DpMode::Site,
-        strategy: fedee_aggregator::strategy::Strategy::FedAvg,
-        proximal_mu: 0.0,
-        delta: args.delta,
-        local_epochs: args.local_epochs,
-        learning_rate: args.learning_rate,
-        batch_size: BATCH_SIZE,
         initial_model: Some(state_to_safetensors(&initial.state())?),
         tls: Some(TlsFiles::in_dir(&pki, "aggregator")),
         enroll: FEDERATION_SITES.iter().map(|s| (*s).to_owned()).collect(),
-        max_concurrent_uploads: 4,
-        direct_io: fedee_aggregator::blobs::DirectIo::Auto,
-        spec: None,
-    };
+        ..fedee_aggregator::Config::default()
+    }
+    .with_spec(signed.clone())?;
     let agg = tokio::spawn(fedee_aggregator::run(
         agg_config,
         agg_listener,
         shutdown.clone(),
     ));
     eprintln!(
-        "[demo] aggregator at {agg_url}; {} rounds of FedAvg over {} with C = {}, σ = {}",
-        args.rounds,
-        FEDERATION_SITES.join(", "),
-        args.clipping_norm,
-        args.noise_multiplier
+        "[demo] aggregator at {agg_url}; spec {}: {}",
+        &signed.sha256[..12],
+        spec.summary()
     );
     let mut sites = Vec::new();
     for (i, name) in FEDERATION_SITES.iter().enumerate() {
-        let data = heart::load_standardized(&args.data, name)?;
+        let (task, data) =
+            fedee_site_agent::task::from_spec(&spec, &args.data, Some(&site_rows(name)), device)?;
         eprintln!(
-            "[demo] site {name}: {} train / {} test records",
-            data.train.len(),
-            data.test.len()
+            "[demo] site {name}: {} train / {} validation / {} test records",
+            data.train, data.validation, data.test
         );
+        data_reports.insert((*name).to_owned(), data);
         let sc = fedee_site_agent::SiteConfig {
             aggregator: agg_url.clone(),
             site: (*name).to_owned(),
-            task: Box::new(fedee_site_agent::task::TabularTask::heart(
-                &data, cfg, device,
-            )),
+            task,
             device,
             seed: args
                 .reproducible
@@ -307,7 +291,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             noise: fedee_dp::noise::Sampler::Fast,
             ledger: None,
             epsilon_budget: None,
-            spec: None,
+            spec: Some(signed.clone()),
             tls: Some(TlsFiles::in_dir(&pki, name)),
         };
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));
@@ -317,7 +301,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut printed = 0;
     loop {
         let st = fed.status(StatusRequest {}).await?.into_inner();
-        printed = print_closed_rounds(&st, printed, args.rounds);
+        printed = print_closed_rounds(&st, printed, rounds);
         // A site that finishes early has failed: stop waiting and report it below.
         if st.done || sites.iter().any(|s| s.is_finished()) {
             break;
@@ -332,15 +316,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // Sites report their evaluation of the final model before they finish: read the status
     // only now.
     let st = fed.status(StatusRequest {}).await?.into_inner();
-    print_closed_rounds(&st, printed, args.rounds);
+    print_closed_rounds(&st, printed, rounds);
     if !st.done {
         bail!(
             "the federation did not finish: round {} of {}",
             st.current_round,
-            args.rounds
+            rounds
         );
     }
-    let mut rounds = Vec::new();
+    let mut rounds_report = Vec::new();
     for r in &st.rounds {
         let site_accuracy: BTreeMap<String, f64> = r
             .site_metrics
@@ -354,38 +338,67 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .map(|m| m.test_accuracy * m.num_test_examples as f64)
             .sum::<f64>()
             / n.max(1) as f64;
-        rounds.push(RoundReport {
+        rounds_report.push(RoundReport {
             round: r.round,
             site_accuracy,
             weighted_accuracy: weighted,
             epsilon: r.epsilon,
         });
     }
-    let last = st.rounds.last().context("no rounds")?;
-    let final_weighted_accuracy = rounds.last().map(|r| r.weighted_accuracy).unwrap_or(0.0);
+    let round_reports = rounds_report;
+    let final_weighted_accuracy = round_reports
+        .last()
+        .map(|r| r.weighted_accuracy)
+        .unwrap_or(0.0);
+    let sites_privacy: BTreeMap<String, SitePrivacyReport> = st
+        .site_privacy
+        .iter()
+        .filter_map(|sp| {
+            let e = sp.entry.as_ref()?;
+            Some((
+                sp.site.clone(),
+                SitePrivacyReport {
+                    epsilon: e.epsilon,
+                    noise_multiplier: e.noise_multiplier,
+                    sampling_rate: e.sampling_rate,
+                    steps_per_round: e.steps,
+                },
+            ))
+        })
+        .collect();
+    let max_epsilon = sites_privacy
+        .values()
+        .map(|p| p.epsilon)
+        .fold(0.0, f64::max);
     eprintln!(
-        "[demo] federation done: final weighted test accuracy {final_weighted_accuracy:.3}, ε = {:.3e} at δ = {:e}",
-        last.epsilon, st.delta
+        "[demo] federation done: final weighted test accuracy {final_weighted_accuracy:.3}; every site spent ε ≤ {max_epsilon:.3} at δ = {:e} (unit: {})",
+        st.delta, st.privacy_unit
     );
+    for (site, p) in &sites_privacy {
+        eprintln!(
+            "[demo]   {site}: ε = {:.3} with σ = {:.3} at q = {:.3}, {} DP-SGD steps per round",
+            p.epsilon, p.noise_multiplier, p.sampling_rate, p.steps_per_round
+        );
+    }
     let privacy = PrivacyReport {
         unit: st.privacy_unit.clone(),
-        rho: last.rho,
-        epsilon: last.epsilon,
         delta: st.delta,
-        noise_multiplier: st.noise_multiplier,
         clipping_norm: st.clipping_norm,
+        target_epsilon: spec.privacy.target_epsilon,
+        max_epsilon,
+        sites: sites_privacy,
     };
 
     // --- 2. Pharma: EE fine-tuning at the trainer --------------------------------------
-    let global_bytes = download_model(&mut fed, args.rounds + 1).await?;
+    let global_bytes = download_model(&mut fed, rounds + 1).await?;
     let global = state_from_safetensors(&global_bytes, Device::Cpu)?;
     let global: fedee_encrypt::StateDict = global
         .into_iter()
         .map(|(k, v)| (k, v.to_kind(kind)))
         .collect();
-    let spec = cfg.key_spec();
+    let key_spec = cfg.key_spec();
     let keys = KeySet::generate(
-        &spec,
+        &key_spec,
         &BTreeMap::new(),
         false,
         &mut ChaCha20Rng::from_os_rng(),
@@ -397,8 +410,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         eps: 1e-8,
         weight_decay: 1e-2,
     };
-    check_trainable(&spec, &keys, optimizer.family())?;
-    let ee_model = state_to_safetensors(&transform_state(&spec, &keys, &global)?)?;
+    check_trainable(&key_spec, &keys, optimizer.family())?;
+    let ee_model = state_to_safetensors(&transform_state(&key_spec, &keys, &global)?)?;
     eprintln!(
         "[demo] pharma: EE keys generated (input: signed permutation, hidden and labels: permutations); EE model {} bytes",
         ee_model.len()
@@ -427,9 +440,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .await?;
     eprintln!("[demo] trainer at {trainer_url}: job {job} created");
 
-    let va = heart::load_standardized(&args.data, PHARMA_SITE)?;
-    let (xtr, ytr) = to_tensors(&va.train, NUM_FEATURES, Device::Cpu, kind);
-    let (xte, yte) = to_tensors(&va.test, NUM_FEATURES, Device::Cpu, kind);
+    // Pharma reads its own records with the same spec, so its inputs mean what the sites' do.
+    let va = fedee_site_agent::table::load(&spec, &args.data, Some(&site_rows(PHARMA_SITE)))?;
+    data_reports.insert(PHARMA_SITE.to_owned(), va.report.clone());
+    let (xtr, ytr) = to_tensors(&va.train, va.features, Device::Cpu, kind);
+    let (xte, yte) = to_tensors(&va.test, va.features, Device::Cpu, kind);
     let mut plain = Mlp::from_state(cfg, &global, Device::Cpu, kind)?;
     let va_accuracy_before = plain.accuracy(&xte, &yte);
     let mut popt = plain.optimizer(&optimizer)?;
@@ -441,13 +456,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         idx.shuffle(&mut rng);
         let mut batches = Vec::new();
         let mut plain_losses = Vec::new();
-        for b in idx.chunks(BATCH_SIZE as usize) {
+        for b in idx.chunks(spec.training.batch_size as usize) {
             let bi = Tensor::from_slice(b);
             let (x, y) = (xtr.index_select(0, &bi), ytr.index_select(0, &bi));
             plain_losses.push(plain.train_step(&mut popt, &x, &y));
             let (xe, ye) = (
-                encrypt_inputs(&spec, &keys, &x)?,
-                encrypt_labels(&spec, &keys, &y)?,
+                encrypt_inputs(&key_spec, &keys, &x)?,
+                encrypt_labels(&key_spec, &keys, &y)?,
             );
             batches.push(batch_to_safetensors(&Input::Features(xe), Some(&ye))?);
         }
@@ -461,7 +476,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         );
     }
     let tuned_ee = state_from_safetensors(&tc.export_model(&job).await?, Device::Cpu)?;
-    let tuned = decrypt_state(&spec, &keys, &tuned_ee)?;
+    let tuned = decrypt_state(&key_spec, &keys, &tuned_ee)?;
     let max_abs_weight_diff = max_abs_diff(&tuned, &plain.state());
     let decrypted_model = Mlp::from_state(cfg, &tuned, Device::Cpu, kind)?;
     let va_accuracy_after = decrypted_model.accuracy(&xte, &yte);
@@ -470,14 +485,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
 
     // --- 3. Encrypted inference -----------------------------------------------------------
-    let enc = encrypt_inputs(&spec, &keys, &xte)?;
+    let enc = encrypt_inputs(&key_spec, &keys, &xte)?;
     let out = tc
         .predict(&job, batch_to_safetensors(&Input::Features(enc), None)?)
         .await?;
     let logits_enc = state_from_safetensors(&out, Device::Cpu)?
         .remove("logits")
         .context("Predict returned no logits")?;
-    let logits = decrypt_outputs(&spec, &keys, &logits_enc)?;
+    let logits = decrypt_outputs(&key_spec, &keys, &logits_enc)?;
     let reference = tch::no_grad(|| plain.forward(&xte));
     let max_abs_logit_diff = (&logits - &reference)
         .abs()
@@ -503,7 +518,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     agg.await.context("aggregator task panicked")??;
     trainer.await.context("trainer task panicked")??;
     let report = Report {
-        rounds,
+        spec_sha256: signed.sha256.clone(),
+        data: data_reports,
+        rounds: round_reports,
         final_weighted_accuracy,
         privacy,
         ee_finetune: FinetuneReport {

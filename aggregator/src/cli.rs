@@ -135,57 +135,19 @@ pub struct AggregatorArgs {
     pub transport: TransportArgs,
 }
 
-/// Settings the spec decides when `--spec` is given (the flags otherwise). A target ε is
-/// turned into σ here in site mode (one σ for every round); in record mode each site
-/// calibrates its own, and the task carries σ = 0 ("calibrated at the site").
-///
-/// # Errors
-/// A target ε out of reach over the spec's rounds.
-fn apply_spec(a: &mut AggregatorArgs, s: &fedee_spec::FederationSpec) -> Result<()> {
-    let f = &s.federation;
-    a.rounds = f.rounds;
-    a.min_sites = f.min_sites;
-    a.round_timeout = f.round_timeout_s;
-    a.strategy = f.strategy.clone();
-    a.server_lr = f.server_lr;
-    a.trim_fraction = f.trim_fraction;
-    a.proximal_mu = f.proximal_mu;
-    let p = &s.privacy;
-    a.dp_mode = match p.mode {
-        fedee_spec::PrivacyMode::Site => "site".into(),
-        fedee_spec::PrivacyMode::Record => "record".into(),
-    };
-    a.clipping_norm = p.clipping_norm;
-    a.noise_multiplier = match (p.noise_multiplier, p.target_epsilon, p.mode) {
-        (Some(sigma), _, _) => sigma,
-        (None, Some(eps), fedee_spec::PrivacyMode::Site) => {
-            fedee_dp::SiteLevelAccountant::calibrate(f.rounds, eps, p.delta)
-                .context("privacy.target_epsilon")?
-                .get()
-        }
-        (None, _, _) => 0.0,
-    };
-    a.delta = p.delta;
-    a.local_epochs = s.training.epochs;
-    a.learning_rate = s.training.learning_rate;
-    a.batch_size = s.training.batch_size;
-    Ok(())
-}
-
 /// Run the aggregator until its rounds are done or SIGINT/SIGTERM (then drain in-flight calls
 /// for at most [`fedee_proto::cli::GRACE_PERIOD`]).
 ///
 /// # Errors
 /// Bad flags (naming the flag), an unreadable initial model, a port that cannot be bound, or
 /// the service failing (see [`crate::AggregatorError`]).
-pub async fn run(mut a: AggregatorArgs) -> Result<()> {
+pub async fn run(a: AggregatorArgs) -> Result<()> {
     let spec = match a.spec.clone() {
         Some(p) => {
             let text = std::fs::read_to_string(&p)
                 .with_context(|| format!("reading the federation spec {}", p.display()))?;
             let spec = fedee_spec::SignedSpec::parse(&text)
                 .with_context(|| format!("{} is not a valid federation spec", p.display()))?;
-            apply_spec(&mut a, &spec.spec)?;
             notice(
                 false,
                 &format!(
@@ -237,7 +199,11 @@ pub async fn run(mut a: AggregatorArgs) -> Result<()> {
         enroll: a.enroll,
         max_concurrent_uploads: a.max_concurrent_uploads,
         direct_io: a.direct_io,
-        spec,
+        spec: None,
+    };
+    let config = match spec {
+        Some(s) => config.with_spec(s)?,
+        None => config,
     };
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(a.listen)

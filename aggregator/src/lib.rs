@@ -50,8 +50,10 @@ pub enum AggregatorError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Federation settings.
-#[derive(Debug, Clone)]
+/// Federation settings. `Default` gives the CLI's defaults (an in-memory-free SQLite file in
+/// the working directory, site-level DP with σ = 0.1 over 20 rounds, and so on); `Debug`
+/// hides the database password.
+#[derive(Clone)]
 pub struct Config {
     /// sqlx database URL: `sqlite://aggregator.db?mode=rwc` (embedded) or
     /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
@@ -108,7 +110,113 @@ pub struct Config {
     pub spec: Option<fedee_spec::SignedSpec>,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://fedee-aggregator.db?mode=rwc".into(),
+            blob_dir: PathBuf::from("fedee-blobs"),
+            round_timeout: Duration::from_secs(600),
+            metrics_listen: None,
+            rounds: 20,
+            min_sites: 3,
+            dp_mode: fedee_dp::DpMode::Site,
+            clipping_norm: ClippingNorm::new(cli::CLIPPING_NORM).expect("positive"),
+            noise_multiplier: NoiseMultiplier::new(cli::NOISE_MULTIPLIER).expect("positive"),
+            strategy: strategy::Strategy::FedAvg,
+            proximal_mu: 0.0,
+            delta: 1e-5,
+            local_epochs: cli::LOCAL_EPOCHS,
+            learning_rate: cli::LEARNING_RATE,
+            batch_size: cli::BATCH_SIZE,
+            initial_model: None,
+            tls: None,
+            enroll: vec![],
+            max_concurrent_uploads: 4,
+            direct_io: blobs::DirectIo::Auto,
+            spec: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &store::redact_password(&self.database_url))
+            .field("blob_dir", &self.blob_dir)
+            .field("round_timeout", &self.round_timeout)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("rounds", &self.rounds)
+            .field("min_sites", &self.min_sites)
+            .field("dp_mode", &self.dp_mode)
+            .field("clipping_norm", &self.clipping_norm)
+            .field("noise_multiplier", &self.noise_multiplier)
+            .field("strategy", &self.strategy)
+            .field("proximal_mu", &self.proximal_mu)
+            .field("delta", &self.delta)
+            .field("local_epochs", &self.local_epochs)
+            .field("learning_rate", &self.learning_rate)
+            .field("batch_size", &self.batch_size)
+            .field(
+                "initial_model",
+                &self
+                    .initial_model
+                    .as_ref()
+                    .map(|m| format!("{} bytes", m.len())),
+            )
+            .field("tls", &self.tls)
+            .field("enroll", &self.enroll)
+            .field("max_concurrent_uploads", &self.max_concurrent_uploads)
+            .field("direct_io", &self.direct_io)
+            .field("spec", &self.spec.as_ref().map(|s| &s.sha256))
+            .finish()
+    }
+}
+
 impl Config {
+    /// This config with the settings a federation spec decides: rounds, quorum, deadline,
+    /// strategy, DP mode, `C`, `σ`, δ and local training; the spec is stored with the
+    /// federation and served to sites. A target ε becomes `σ` here in site mode (one `σ` for
+    /// every round); in record mode each site calibrates its own and tasks carry `σ = 0`.
+    ///
+    /// # Errors
+    /// [`AggregatorError::Config`] for a strategy this build lacks; [`AggregatorError::Dp`]
+    /// for a target ε out of reach over the spec's rounds.
+    pub fn with_spec(mut self, signed: fedee_spec::SignedSpec) -> Result<Self, AggregatorError> {
+        let s = &signed.spec;
+        let f = &s.federation;
+        let p = &s.privacy;
+        self.rounds = f.rounds;
+        self.min_sites = f.min_sites;
+        self.round_timeout = Duration::from_secs_f64(f.round_timeout_s);
+        self.strategy = strategy::Strategy::parse(
+            &f.strategy,
+            strategy::FedOpt {
+                lr: f.server_lr,
+                ..Default::default()
+            },
+            f.trim_fraction,
+        )?;
+        self.proximal_mu = f.proximal_mu;
+        self.dp_mode = match p.mode {
+            fedee_spec::PrivacyMode::Site => fedee_dp::DpMode::Site,
+            fedee_spec::PrivacyMode::Record => fedee_dp::DpMode::Record,
+        };
+        self.clipping_norm = ClippingNorm::new(p.clipping_norm)?;
+        self.noise_multiplier = match (p.noise_multiplier, p.target_epsilon, p.mode) {
+            (Some(sigma), _, _) => NoiseMultiplier::new(sigma)?,
+            (None, Some(eps), fedee_spec::PrivacyMode::Site) => {
+                fedee_dp::SiteLevelAccountant::calibrate(f.rounds, eps, p.delta)?
+            }
+            (None, _, _) => NoiseMultiplier::new(0.0)?,
+        };
+        self.delta = p.delta;
+        self.local_epochs = s.training.epochs;
+        self.learning_rate = s.training.learning_rate;
+        self.batch_size = s.training.batch_size;
+        self.spec = Some(signed);
+        Ok(self)
+    }
+
     /// # Errors
     /// [`AggregatorError::Config`] naming the first bad value.
     pub fn validate(&self) -> Result<(), AggregatorError> {

@@ -64,6 +64,9 @@ pub enum SpecError {
     /// the line and the key).
     #[error("federation spec: {0}")]
     Parse(#[source] toml::de::Error),
+    /// The spec cannot be written as TOML (a bug: every spec type serializes).
+    #[error("federation spec: cannot write it as TOML: {0}")]
+    Serialize(#[source] toml::ser::Error),
     /// A value outside what fedee can run.
     #[error("federation spec: `{key}` = {value}: {problem}; {fix}")]
     Invalid {
@@ -456,6 +459,15 @@ pub struct SignedSpec {
 }
 
 impl SignedSpec {
+    /// Sign a spec built or edited in code: it is written as TOML (comments are not kept),
+    /// and that text is parsed and validated like a file.
+    ///
+    /// # Errors
+    /// As [`FederationSpec::from_toml`].
+    pub fn from_spec(spec: &FederationSpec) -> Result<Self, SpecError> {
+        Self::parse(&toml::to_string(spec).map_err(SpecError::Serialize)?)
+    }
+
     /// Parse and validate `text`.
     ///
     /// # Errors
@@ -1069,6 +1081,16 @@ noise_multiplier = 1.0
         assert_eq!(shapes["fc2.weight"], vec![2, 8]);
         assert_eq!(shapes["fc2.bias"], vec![2]);
         assert!(s.summary().contains("MLP 4"));
+    }
+
+    #[test]
+    fn a_spec_edited_in_code_signs_and_round_trips() {
+        let mut s = FederationSpec::from_toml(HEART).unwrap();
+        s.federation.rounds = 3;
+        let signed = SignedSpec::from_spec(&s).unwrap();
+        assert_eq!(signed.spec, s);
+        s.federation.rounds = 0;
+        assert!(SignedSpec::from_spec(&s).is_err(), "still validated");
     }
 
     #[test]
