@@ -12,6 +12,19 @@ use std::process::{Command, Stdio};
 
 use common::{Aggregator, fedee, heart_csv};
 
+/// `fedee init-model --spec SPEC --out g0.safetensors` in `dir`, which must succeed.
+fn init_model(dir: &Path, spec: &str) {
+    let out = fedee(
+        &["init-model", "--spec", spec, "--out", "g0.safetensors"],
+        dir,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn clinical(name: &str) -> std::path::PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("data/cache/clinical")
@@ -49,21 +62,7 @@ async fn federate(
         spec = spec.replacen(from, to, 1);
     }
     std::fs::write(dir.join("spec.toml"), &spec).unwrap();
-    let out = fedee(
-        &[
-            "init-model",
-            "--spec",
-            "spec.toml",
-            "--out",
-            "g0.safetensors",
-        ],
-        dir,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_model(dir, "spec.toml");
     let agg = Aggregator::start(
         dir,
         "127.0.0.1:0",
@@ -270,21 +269,7 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
 
     // The example spec, shortened to two rounds, and its model.
     std::fs::write(dir.join("federation.toml"), example_spec(2)).unwrap();
-    let out = fedee(
-        &[
-            "init-model",
-            "--spec",
-            "federation.toml",
-            "--out",
-            "g0.safetensors",
-        ],
-        dir,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_model(dir, "federation.toml");
 
     // A model that does not fit the spec (the demo's 15-input heart MLP) is refused at start.
     assert!(

@@ -222,7 +222,7 @@ pub(crate) fn bisect_sigma(
 /// [`DpError::Parameter`] for a target outside `(0, ∞)`, `q` outside `(0, 1]`, or a target
 /// out of reach at `σ = 1000` (too many steps for so small an ε).
 pub fn calibrate_sigma(q: f64, steps: u64, epsilon: f64, delta: f64) -> Result<f64, DpError> {
-    if !(epsilon.is_finite() && epsilon > 0.0) || !(q > 0.0 && q <= 1.0) {
+    if !(epsilon.is_finite() && epsilon > 0.0 && q > 0.0 && q <= 1.0) {
         return Err(DpError::Parameter(format!(
             "calibration needs a target ε > 0 and a sampling rate in (0, 1], got ε = {epsilon}, q = {q}"
         )));

@@ -162,7 +162,7 @@ pub fn scaffold(
     for (name, s) in headers.iter().zip(&stats) {
         let distinct = s.counts.len();
         let kind = if name == label {
-            if distinct > MAX_CLASSES || distinct < 2 {
+            if !(2..=MAX_CLASSES).contains(&distinct) {
                 return Err(DataError::NoRows {
                     path: path.to_owned(),
                     selection: String::new(),

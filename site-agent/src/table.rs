@@ -177,15 +177,18 @@ impl std::fmt::Display for Location {
     }
 }
 
+/// One row of a data file: where it is, and its cells as text.
+pub type Row = (Location, Vec<String>);
+
 /// A data file's rows as text cells: the header, then each row with its location.
 pub struct Rows {
     /// Column names (trimmed).
     pub headers: Vec<String>,
-    rows: Box<dyn Iterator<Item = Result<(Location, Vec<String>), DataError>>>,
+    rows: Box<dyn Iterator<Item = Result<Row, DataError>>>,
 }
 
 impl Iterator for Rows {
-    type Item = Result<(Location, Vec<String>), DataError>;
+    type Item = Result<Row, DataError>;
     fn next(&mut self) -> Option<Self::Item> {
         self.rows.next()
     }

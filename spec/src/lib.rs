@@ -1058,7 +1058,7 @@ noise_multiplier = 1.0
     fn key_of(e: SpecError) -> String {
         match e {
             SpecError::Invalid { key, .. } => key,
-            SpecError::Parse(p) => panic!("parse error, not a validation error: {p}"),
+            other => panic!("not a validation error: {other}"),
         }
     }
 
