@@ -159,7 +159,8 @@ enum EeCommand {
         /// Output key file (JSON). Keep it private; never send it to a server.
         #[arg(long)]
         out: PathBuf,
-        /// The federation spec whose model the keys are for (its MLP's sizes and activation).
+        /// The federation spec whose model the keys are for (an MLP's sizes and activation, or
+        /// a BERT checkpoint's config.json and the spec's classes).
         #[arg(long, conflicts_with_all = ["hidden", "bert_config"])]
         spec: Option<PathBuf>,
         /// Hidden units of the demo's heart MLP (without --spec).
@@ -245,8 +246,9 @@ struct TransformFiles {
     /// The BERT config.json, for keys of a BERT classifier (e.g. data/cache/minilm/config.json).
     #[arg(long)]
     bert_config: Option<PathBuf>,
-    /// The federation spec of an MLP model (its activation decides which hidden keys are
-    /// exact); without it, an MLP's sizes come from the model and ReLU is assumed.
+    /// The federation spec of the model (an MLP's activation decides which hidden keys are
+    /// exact; a BERT spec names its checkpoint); without it, an MLP's sizes come from the
+    /// model and ReLU is assumed.
     #[arg(long, conflicts_with = "bert_config")]
     spec: Option<PathBuf>,
 }
@@ -300,17 +302,22 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::InitModel(i) => {
-            tch::manual_seed(i.seed);
-            let cfg = match &i.spec {
-                Some(p) => fedee_site_agent::task::mlp_config(&read_spec(p)?)?,
-                None => mlp_config(i.hidden),
+            let state = match &i.spec {
+                Some(p) => fedee_site_agent::task::initial_model(&read_spec(p)?, i.seed)?,
+                None => {
+                    tch::manual_seed(i.seed);
+                    Mlp::new(mlp_config(i.hidden), Device::Cpu, Kind::Float)?.state()
+                }
             };
-            let m = Mlp::new(cfg, Device::Cpu, Kind::Float)?;
-            std::fs::write(&i.out, state_to_safetensors(&m.state())?)
+            std::fs::write(&i.out, state_to_safetensors(&state)?)
                 .with_context(|| format!("writing {}", i.out.display()))?;
+            let n: i64 = state
+                .values()
+                .map(tch::Tensor::numel)
+                .map(|n| n as i64)
+                .sum();
             eprintln!(
-                "wrote initial model ({} parameters) to {}",
-                m.config.num_parameters(),
+                "wrote initial model ({n} parameters) to {}",
                 i.out.display()
             );
             Ok(())
@@ -464,10 +471,19 @@ fn ee(cmd: EeCommand) -> Result<()> {
             profile,
         } => {
             let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
-            let (keys, what) = match bert_config {
-                Some(path) => {
-                    let bert = fedee_model::BertConfig::from_file(&path)?;
-                    let cfg = fedee_model::BertClassifierConfig { bert, num_labels };
+            let spec = spec.as_deref().map(read_spec).transpose()?;
+            let bert = match (&spec, bert_config) {
+                (Some(s), _) if s.model.kind == fedee_spec::ModelKind::Bert => {
+                    Some(fedee_site_agent::task::bert_classifier(s)?)
+                }
+                (_, Some(path)) => Some(fedee_model::BertClassifierConfig {
+                    bert: fedee_model::BertConfig::from_file(&path)?,
+                    num_labels,
+                }),
+                _ => None,
+            };
+            let (keys, what) = match bert {
+                Some(cfg) => {
                     let keys = KeySet::generate(
                         &cfg.key_spec(),
                         &cfg.key_groups(profile),
@@ -478,7 +494,7 @@ fn ee(cmd: EeCommand) -> Result<()> {
                 }
                 None => {
                     let cfg = match &spec {
-                        Some(p) => fedee_site_agent::task::mlp_config(&read_spec(p)?)?,
+                        Some(s) => fedee_site_agent::task::mlp_config(s)?,
                         None => mlp_config(hidden),
                     };
                     let spec = cfg.key_spec();
@@ -614,6 +630,9 @@ fn spec_for(
             .key_spec())
         }
         "bert-classifier" => {
+            if let Some(p) = &files.spec {
+                return Ok(fedee_site_agent::task::bert_classifier(&read_spec(p)?)?.key_spec());
+            }
             let path = bert_config.context(
                 "the keys are for a BERT classifier: pass --bert-config (e.g. data/cache/minilm/config.json)",
             )?;

@@ -508,3 +508,95 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
         .into_inner();
     assert!(st.done && st.rounds.len() == 2, "{st:?}");
 }
+
+/// A text federation from its spec: all-MiniLM-L6-v2 plus a fresh head, one site on a JSONL
+/// export, the other on its rows of the original TSV (`--where condition=Birth Control`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_federation_fine_tunes_a_bert_checkpoint_from_its_spec() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let minilm = root.join("data/cache/minilm");
+    let tsv = root.join("data/cache/drugs/drugsComTrain.tsv");
+    assert!(
+        minilm.join("model.safetensors").exists() && tsv.exists(),
+        "run `make data`"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // North's export: 40 reviews of other conditions, as JSONL.
+    let rows = fedee_site_agent::table::open(&tsv).unwrap();
+    let col = |n: &str| rows.headers.iter().position(|h| h == n).unwrap();
+    let (review, rating, condition) = (col("review"), col("rating"), col("condition"));
+    let mut north = String::new();
+    for row in rows
+        .filter_map(Result::ok)
+        .filter(|(_, r)| r[condition] != "Birth Control")
+        .take(40)
+    {
+        let r = row.1;
+        let obj = serde_json::json!({"review": r[review], "rating": r[rating], "id": 7});
+        north.push_str(&format!("{obj}\n"));
+    }
+    std::fs::write(dir.join("north.jsonl"), north).unwrap();
+    let spec = std::fs::read_to_string(root.join("examples/drug-reviews/federation.toml"))
+        .unwrap()
+        .replace(
+            "checkpoint = \"data/cache/minilm\"",
+            &format!("checkpoint = {:?}", minilm.to_str().unwrap()),
+        )
+        .replace("max_tokens = 128", "max_tokens = 32")
+        .replace("rounds = 2", "rounds = 1");
+    assert!(spec.contains("max_tokens = 32") && spec.contains("rounds = 1"));
+    std::fs::write(dir.join("spec.toml"), spec).unwrap();
+    init_model(dir, "spec.toml");
+    let agg = Aggregator::start(
+        dir,
+        "127.0.0.1:0",
+        &[
+            "--insecure",
+            "--spec",
+            "spec.toml",
+            "--initial-model",
+            "g0.safetensors",
+            "--database-url",
+            "sqlite://agg.db?mode=rwc",
+            "--blob-dir",
+            "blobs",
+        ],
+    );
+    let children = [
+        site(dir, &agg.addr, "North", &dir.join("north.jsonl"), "")
+            .spawn()
+            .unwrap(),
+        site(dir, &agg.addr, "South", &tsv, "condition=Birth Control")
+            .spawn()
+            .unwrap(),
+    ];
+    for (child, name) in children.into_iter().zip(["North", "South"]) {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {err}");
+        assert!(
+            err.contains("rows read") && err.contains("classes: negative = "),
+            "{name}: {err}"
+        );
+    }
+    let st = agg
+        .client()
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.done, "{st:?}");
+    assert!(st.spec_summary.contains("BERT from"), "{}", st.spec_summary);
+    assert_eq!(st.rounds.len(), 1);
+    assert_eq!(st.rounds[0].state, "closed");
+    let metrics = &st.rounds[0].site_metrics;
+    assert_eq!(metrics.len(), 2, "{metrics:?}");
+    for m in metrics {
+        assert!(
+            m.macro_f1.is_some() && m.auroc.is_none(),
+            "three classes: {m:?}"
+        );
+    }
+}

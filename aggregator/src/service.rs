@@ -1113,6 +1113,12 @@ impl FederationApi for Federation {
         let ours = self.config.spec.as_ref().map_or("", |s| s.sha256.as_str());
         let theirs = req.get_ref().spec_sha256.as_str();
         if theirs != ours {
+            // A peer's string goes into logs and replies only if it looks like a hash.
+            let theirs = if theirs.len() <= 64 && theirs.bytes().all(|b| b.is_ascii_hexdigit()) {
+                theirs
+            } else {
+                "(not a SHA-256)"
+            };
             tracing::warn!(
                 spec = ours,
                 site_spec = theirs,

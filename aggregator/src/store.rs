@@ -289,10 +289,13 @@ impl Store {
         .transpose()
     }
 
-    /// Store the federation spec (once, before the initial model).
+    /// Store the federation spec, before the initial model. Idempotent: a start that crashed
+    /// between this and [`Store::init`] retries with the same spec (a different one is
+    /// refused before this is reached).
     pub async fn set_spec(&self, toml: &str, sha256: &str) -> Result<(), AggregatorError> {
         sqlx::query(
-            "INSERT INTO federation_spec (id, sha256, toml, stored_at) VALUES (1, $1, $2, $3)",
+            "INSERT INTO federation_spec (id, sha256, toml, stored_at) VALUES (1, $1, $2, $3) \
+             ON CONFLICT (id) DO NOTHING",
         )
         .bind(sha256)
         .bind(toml)
@@ -645,5 +648,24 @@ impl Store {
             .await
             .map_err(db)?;
         row.try_get("n").map_err(db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A start that crashed after storing the spec but before the initial model retries
+    /// cleanly; the stored spec is the first one.
+    #[tokio::test]
+    async fn storing_the_spec_twice_keeps_the_first() {
+        let store = Store::connect("sqlite::memory:").await.unwrap();
+        assert_eq!(store.spec().await.unwrap(), None);
+        store.set_spec("version = 1", "aa").await.unwrap();
+        store.set_spec("version = 1", "aa").await.unwrap();
+        assert_eq!(
+            store.spec().await.unwrap(),
+            Some(("version = 1".to_owned(), "aa".to_owned()))
+        );
     }
 }

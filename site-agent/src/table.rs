@@ -64,6 +64,28 @@ pub enum DataError {
         #[source]
         source: parquet::errors::ParquetError,
     },
+    /// A JSONL line that is not a JSON object.
+    #[error(
+        "{path} line {line}: not a JSON object ({source}); JSONL files hold one object per line"
+    )]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Line in the file, from 1.
+        line: u64,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The file has no header line (empty file).
     #[error("{path} is empty: a header line naming the columns is needed")]
     Empty {
@@ -201,22 +223,87 @@ pub fn is_parquet(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("pq"))
 }
 
-/// Open a data file: Parquet by extension ([`is_parquet`]), CSV otherwise. CSV rows must all
-/// have the header's number of cells; Parquet values become text (numbers in Rust's shortest
-/// form, so an integer column reads `1`, a double `1.5`), nulls become empty (missing) cells.
+/// Open a data file by its extension: Parquet ([`is_parquet`]), JSONL (`.jsonl`, `.ndjson`:
+/// one JSON object per line, the first line's keys are the columns), TSV (`.tsv`, `.tab`),
+/// CSV otherwise. CSV and TSV rows must all have the header's number of cells; Parquet and
+/// JSON values become text (numbers in Rust's shortest form, so an integer column reads `1`,
+/// a double `1.5`), nulls and absent keys become empty (missing) cells.
 ///
 /// # Errors
 /// [`DataError::Read`] / [`DataError::Parquet`] when the file cannot be opened or decoded;
 /// [`DataError::Empty`] without a header. Later rows report their own errors.
 pub fn open(path: &Path) -> Result<Rows, DataError> {
-    if is_parquet(path) {
-        open_parquet(path)
-    } else {
-        open_csv(path)
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        _ if is_parquet(path) => open_parquet(path),
+        Some("jsonl" | "ndjson") => open_jsonl(path),
+        Some("tsv" | "tab") => open_csv(path, b'\t'),
+        _ => open_csv(path, b','),
     }
 }
 
-fn open_csv(path: &Path) -> Result<Rows, DataError> {
+/// A JSON value as a cell: strings as they are, null as missing, the rest as JSON text.
+fn json_cell(v: Option<&serde_json::Value>) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn open_jsonl(path: &Path) -> Result<Rows, DataError> {
+    use std::io::BufRead;
+    let io = |source| DataError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut lines = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?)
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !matches!(l, Ok(l) if l.trim().is_empty()));
+    let object = {
+        let path = path.to_owned();
+        move |(i, line): (usize, std::io::Result<String>)| {
+            let line_no = i as u64 + 1;
+            let text = line.map_err(|source| DataError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+                .map(|o| (line_no, o))
+                .map_err(|source| DataError::Json {
+                    path: path.clone(),
+                    line: line_no,
+                    source,
+                })
+        }
+    };
+    let Some(first) = lines.next() else {
+        return Err(DataError::Empty {
+            path: path.to_owned(),
+        });
+    };
+    let (first_line, first) = object(first)?;
+    let headers: Vec<String> = first.keys().map(|k| k.trim().to_owned()).collect();
+    let keys: Vec<String> = first.keys().cloned().collect();
+    let cells = move |o: &serde_json::Map<String, serde_json::Value>| {
+        keys.iter().map(|k| json_cell(o.get(k))).collect::<Vec<_>>()
+    };
+    let head = std::iter::once(Ok((Location::Line(first_line), cells(&first))));
+    let rest = lines.map(move |l| {
+        let (n, o) = object(l)?;
+        Ok((Location::Line(n), cells(&o)))
+    });
+    Ok(Rows {
+        headers,
+        rows: Box::new(head.chain(rest)),
+    })
+}
+
+fn open_csv(path: &Path, delimiter: u8) -> Result<Rows, DataError> {
     let owned = path.to_owned();
     let read = move |source| DataError::Read {
         path: owned.clone(),
@@ -224,6 +311,7 @@ fn open_csv(path: &Path) -> Result<Rows, DataError> {
     };
     let mut rdr = csv::ReaderBuilder::new()
         .flexible(false)
+        .delimiter(delimiter)
         .from_path(path)
         .map_err(&read)?;
     let headers: Vec<String> = rdr
@@ -424,6 +512,165 @@ pub(crate) fn column(
         })
 }
 
+/// A row's inputs as read: complete, with a missing cell that the policy may impute, or
+/// unusable (dropped and counted).
+enum Read<T> {
+    Complete(T),
+    Incomplete(T),
+    Unusable,
+}
+
+/// The rows of `path` that `filter` selects, read by `parse` and grouped by class, with the
+/// counts of the data report. Shared by tabular and text data: the label column, `--where`,
+/// missing labels, labels outside the classes, the missing-value policy, and the checks that
+/// some rows and two classes remain.
+fn read_by_class<T>(
+    spec: &FederationSpec,
+    path: &Path,
+    filter: Option<&RowFilter>,
+    rows: Rows,
+    mut parse: impl FnMut(&[String], Location, &mut DataReport) -> Result<Read<T>, DataError>,
+) -> Result<(Vec<Vec<T>>, DataReport), DataError> {
+    let headers = &rows.headers;
+    let label = column(headers, &spec.task.label, "the label", path)?;
+    let where_col = filter
+        .map(|w| column(headers, &w.column, "the --where column", path))
+        .transpose()?;
+    let mut report = DataReport {
+        file: path.display().to_string(),
+        selection: filter.map(|w| format!("{}={}", w.column, w.value)),
+        ..DataReport::default()
+    };
+    let classes: Vec<String> = spec
+        .task
+        .classes
+        .iter()
+        .flat_map(|c| c.values())
+        .map(|v| format!("`{v}`"))
+        .collect();
+    let mut by_class: Vec<Vec<T>> = (0..spec.num_classes()).map(|_| Vec::new()).collect();
+    for row in rows {
+        let (at, rec) = row?;
+        report.rows_read += 1;
+        if let (Some(i), Some(w)) = (where_col, filter)
+            && rec.get(i).map(|c| c.trim()) != Some(w.value.as_str())
+        {
+            continue;
+        }
+        report.rows_selected += 1;
+        let input = parse(&rec, at, &mut report)?;
+        let raw_label = rec.get(label).map_or("", String::as_str);
+        if is_missing(raw_label) {
+            *report.missing.entry(spec.task.label.clone()).or_default() += 1;
+            report.dropped_missing_label += 1;
+            continue;
+        }
+        let class = spec
+            .class_of(raw_label)
+            .ok_or_else(|| DataError::UnknownClass {
+                path: path.to_owned(),
+                at,
+                column: spec.task.label.clone(),
+                value: raw_label.to_owned(),
+                classes: classes.join(", "),
+            })?;
+        match input {
+            Read::Complete(x) => by_class[class].push(x),
+            Read::Incomplete(x) if spec.data.missing == MissingPolicy::Impute => {
+                by_class[class].push(x);
+            }
+            Read::Incomplete(_) | Read::Unusable => report.dropped_missing_features += 1,
+        }
+    }
+    report.rows_used = by_class.iter().map(Vec::len).sum();
+    report.class_counts = spec
+        .task
+        .classes
+        .iter()
+        .zip(&by_class)
+        .map(|(c, rows)| (c.name().to_owned(), rows.len()))
+        .collect();
+    let selection = selection_text(&report);
+    if report.rows_used == 0 {
+        return Err(DataError::NoRows {
+            path: path.to_owned(),
+            selection,
+            detail: format!(
+                "{} rows read, {} selected, {} without label, {} with a missing feature",
+                report.rows_read,
+                report.rows_selected,
+                report.dropped_missing_label,
+                report.dropped_missing_features
+            ),
+        });
+    }
+    let present: Vec<usize> = (0..by_class.len())
+        .filter(|&c| !by_class[c].is_empty())
+        .collect();
+    if present.len() < 2 {
+        return Err(DataError::OneClass {
+            path: path.to_owned(),
+            selection,
+            class: spec.task.classes[present[0]].name().to_owned(),
+        });
+    }
+    Ok((by_class, report))
+}
+
+/// ` (where COLUMN=VALUE)`, or empty.
+fn selection_text(report: &DataReport) -> String {
+    report
+        .selection
+        .as_deref()
+        .map(|s| format!(" (where {s})"))
+        .unwrap_or_default()
+}
+
+/// Stratified split: each class shuffled with the spec's seed, then cut into test,
+/// validation and train (`round(n · fraction)` per class); returns `[train, validation,
+/// test]` of `(example, class)` and fills the report's split sizes.
+///
+/// # Errors
+/// [`DataError::TooFew`] when the training or test split is empty.
+fn split<T>(
+    spec: &FederationSpec,
+    path: &Path,
+    by_class: Vec<Vec<T>>,
+    report: &mut DataReport,
+) -> Result<[Vec<(T, i64)>; 3], DataError> {
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(spec.data.split_seed);
+    let mut out: [Vec<(T, i64)>; 3] = Default::default();
+    for (class, mut rows) in by_class.into_iter().enumerate() {
+        rows.shuffle(&mut rng);
+        let n = rows.len() as f64;
+        let n_test = (n * spec.data.test_fraction).round() as usize;
+        let n_val = (n * spec.data.validation_fraction).round() as usize;
+        for (i, r) in rows.into_iter().enumerate() {
+            let dst = if i < n_test {
+                2
+            } else if i < n_test + n_val {
+                1
+            } else {
+                0
+            };
+            out[dst].push((r, class as i64));
+        }
+    }
+    if out[0].is_empty() || out[2].is_empty() {
+        return Err(DataError::TooFew {
+            path: path.to_owned(),
+            selection: selection_text(report),
+            rows: report.rows_used,
+            validation: spec.data.validation_fraction,
+            test: spec.data.test_fraction,
+        });
+    }
+    report.train = out[0].len();
+    report.validation = out[1].len();
+    report.test = out[2].len();
+    Ok(out)
+}
+
 /// Read `path` (CSV with a header line, or Parquet) as `spec` says, keeping the rows
 /// `filter` selects.
 ///
@@ -437,54 +684,22 @@ pub fn load(
     filter: Option<&RowFilter>,
 ) -> Result<TabularData, DataError> {
     let rows = open(path)?;
-    let headers = rows.headers.clone();
-    let label = column(&headers, &spec.task.label, "the label", path)?;
     let mut offset = 0;
     let mut columns = Vec::with_capacity(spec.features.len());
     for f in &spec.features {
         columns.push(Column {
-            index: column(&headers, &f.name, "a feature", path)?,
+            index: column(&rows.headers, &f.name, "a feature", path)?,
             offset,
             feature: f,
         });
         offset += f.width();
     }
     let width = offset;
-    let where_col = filter
-        .map(|w| column(&headers, &w.column, "the --where column", path))
-        .transpose()?;
-    let selection = filter.map(|w| format!("{}={}", w.column, w.value));
-    let sel_text = selection
-        .as_deref()
-        .map(|s| format!(" (where {s})"))
-        .unwrap_or_default();
-    let mut report = DataReport {
-        file: path.display().to_string(),
-        selection: selection.clone(),
-        ..DataReport::default()
-    };
-    let classes: Vec<String> = spec
-        .task
-        .classes
-        .iter()
-        .flat_map(|c| c.values())
-        .map(|v| format!("`{v}`"))
-        .collect();
-    let mut by_class: Vec<Vec<Vec<f32>>> = vec![vec![]; spec.num_classes()];
-    for row in rows {
-        let (at, rec) = row?;
-        report.rows_read += 1;
-        if let (Some(i), Some(w)) = (where_col, filter)
-            && rec.get(i).map(|c| c.trim()) != Some(w.value.as_str())
-        {
-            continue;
-        }
-        report.rows_selected += 1;
-        let cell = |i: usize| rec.get(i).map_or("", String::as_str);
+    let parse = |rec: &[String], at: Location, report: &mut DataReport| {
         let mut row = vec![0f32; width];
         let mut missing_feature = false;
         for c in &columns {
-            let raw = cell(c.index);
+            let raw = rec.get(c.index).map_or("", String::as_str);
             if is_missing(raw) {
                 *report.missing.entry(c.feature.name.clone()).or_default() += 1;
                 missing_feature = true;
@@ -530,99 +745,75 @@ pub fn load(
                 }
             }
         }
-        let raw_label = cell(label);
-        if is_missing(raw_label) {
-            *report.missing.entry(spec.task.label.clone()).or_default() += 1;
-            report.dropped_missing_label += 1;
-            continue;
+        Ok(if missing_feature {
+            Read::Incomplete(row)
+        } else {
+            Read::Complete(row)
+        })
+    };
+    let (by_class, mut report) = read_by_class(spec, path, filter, rows, parse)?;
+    let [train, validation, test] = split(spec, path, by_class, &mut report)?;
+    let examples = |rows: Vec<(Vec<f32>, i64)>| {
+        let mut ex = Examples::default();
+        for (r, y) in rows {
+            ex.push(&r, y);
         }
-        let class = spec
-            .class_of(raw_label)
-            .ok_or_else(|| DataError::UnknownClass {
-                path: path.to_owned(),
-                at,
-                column: spec.task.label.clone(),
-                value: raw_label.to_owned(),
-                classes: classes.join(", "),
-            })?;
-        if missing_feature && spec.data.missing == MissingPolicy::DropRow {
-            report.dropped_missing_features += 1;
-            continue;
-        }
-        by_class[class].push(row);
-    }
-    report.rows_used = by_class.iter().map(Vec::len).sum();
-    report.class_counts = spec
-        .task
-        .classes
-        .iter()
-        .zip(&by_class)
-        .map(|(c, rows)| (c.name().to_owned(), rows.len()))
-        .collect();
-    if report.rows_used == 0 {
-        return Err(DataError::NoRows {
-            path: path.to_owned(),
-            selection: sel_text,
-            detail: format!(
-                "{} rows read, {} selected, {} without label, {} with a missing feature",
-                report.rows_read,
-                report.rows_selected,
-                report.dropped_missing_label,
-                report.dropped_missing_features
-            ),
-        });
-    }
-    let present: Vec<usize> = (0..by_class.len())
-        .filter(|&c| !by_class[c].is_empty())
-        .collect();
-    if present.len() < 2 {
-        return Err(DataError::OneClass {
-            path: path.to_owned(),
-            selection: sel_text,
-            class: spec.task.classes[present[0]].name().to_owned(),
-        });
-    }
-    // Stratified split: each class shuffled with the spec's seed, then cut into test,
-    // validation and train.
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(spec.data.split_seed);
-    let (mut train, mut validation, mut test) = Default::default();
-    for (class, rows) in by_class.iter_mut().enumerate() {
-        rows.shuffle(&mut rng);
-        let n = rows.len() as f64;
-        let n_test = (n * spec.data.test_fraction).round() as usize;
-        let n_val = (n * spec.data.validation_fraction).round() as usize;
-        for (i, r) in rows.iter().enumerate() {
-            let dst: &mut Examples = if i < n_test {
-                &mut test
-            } else if i < n_test + n_val {
-                &mut validation
-            } else {
-                &mut train
-            };
-            dst.push(r, class as i64);
-        }
-    }
-    if train.is_empty() || test.is_empty() {
-        return Err(DataError::TooFew {
-            path: path.to_owned(),
-            selection: sel_text,
-            rows: report.rows_used,
-            validation: spec.data.validation_fraction,
-            test: spec.data.test_fraction,
-        });
-    }
-    report.train = train.len();
-    report.validation = validation.len();
-    report.test = test.len();
+        ex
+    };
     let mut data = TabularData {
         features: width,
-        train,
-        validation,
-        test,
+        train: examples(train),
+        validation: examples(validation),
+        test: examples(test),
         report,
     };
     data.impute_and_standardize(spec, &columns);
     Ok(data)
+}
+
+/// A site's text examples, `(text, class)`, per split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextData {
+    /// Training split.
+    pub train: Vec<(String, i64)>,
+    /// Validation split.
+    pub validation: Vec<(String, i64)>,
+    /// Test split.
+    pub test: Vec<(String, i64)>,
+    /// What was read.
+    pub report: DataReport,
+}
+
+/// Read the text column and the label of `path` (CSV, TSV, Parquet or JSONL) as a text
+/// spec says, keeping the rows `filter` selects. Rows with an empty text are left out.
+///
+/// # Errors
+/// As [`load`].
+pub fn load_text(
+    spec: &FederationSpec,
+    path: &Path,
+    filter: Option<&RowFilter>,
+) -> Result<TextData, DataError> {
+    let rows = open(path)?;
+    let name = spec.task.text.clone().unwrap_or_default();
+    let text = column(&rows.headers, &name, "the text", path)?;
+    let parse = |rec: &[String], _: Location, report: &mut DataReport| {
+        let t = rec.get(text).map_or("", |t| t.trim());
+        Ok(if t.is_empty() {
+            *report.missing.entry(name.clone()).or_default() += 1;
+            Read::Unusable
+        } else {
+            Read::Complete(t.to_owned())
+        })
+    };
+    let (by_class, mut report) = read_by_class(spec, path, filter, rows, parse)?;
+    let [train, validation, test] = split(spec, path, by_class, &mut report)?;
+    Ok(TextData {
+        train,
+        validation,
+        test,
+        report,
+    })
 }
 
 impl TabularData {

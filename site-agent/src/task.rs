@@ -195,7 +195,7 @@ fn scored(logits: &Tensor, y: &Tensor, k: usize) -> Result<Metrics, SiteError> {
 /// # Errors
 /// [`SiteError::Table`] when the data cannot satisfy the spec (a missing column, a cell that
 /// is not its column's type, a label outside the classes, one class only, too few rows);
-/// [`SiteError::Unsupported`] for text tasks, whose site side is not built yet.
+/// [`SiteError::Model`] for a BERT checkpoint that cannot be read.
 pub fn from_spec(
     spec: &FederationSpec,
     data: &std::path::Path,
@@ -209,9 +209,77 @@ pub fn from_spec(
             let task = TabularTask::new(&d.train, &d.test, cfg, optimizer(spec), device);
             Ok((Box::new(task), d.report))
         }
-        fedee_spec::TaskKind::TextClassification => Err(SiteError::Unsupported(
-            "text-classification specs are not run by `fedee site` yet (the drug-review demo, `fedee demo --task drug-reviews`, federates a BERT classifier through its own code); use a tabular-classification spec".into(),
-        )),
+        fedee_spec::TaskKind::TextClassification => {
+            let cfg = bert_classifier(spec)?;
+            let tok = fedee_model::text::TextTokenizer::from_file(
+                &checkpoint(spec).join("tokenizer.json"),
+                spec.data.max_tokens,
+            )?;
+            let d = crate::table::load_text(spec, data, filter)?;
+            let ids = |rows: &[(String, i64)]| {
+                rows.iter()
+                    .map(|(t, y)| Ok((tok.ids(t)?, *y)))
+                    .collect::<Result<Vec<_>, fedee_model::ModelError>>()
+            };
+            let task = TextTask::new(
+                Architecture::BertClassifier(cfg),
+                ids(&d.train)?,
+                ids(&d.test)?,
+                device,
+            );
+            Ok((Box::new(task), d.report))
+        }
+    }
+}
+
+/// The checkpoint folder of a BERT spec (relative paths are relative to the working
+/// directory).
+fn checkpoint(spec: &FederationSpec) -> &std::path::Path {
+    std::path::Path::new(spec.model.checkpoint.as_deref().unwrap_or_default())
+}
+
+/// The BERT classifier a text spec describes: the checkpoint's `config.json` and a head of
+/// the spec's classes.
+///
+/// # Errors
+/// [`SiteError::Unsupported`] for a spec without a BERT model; [`SiteError::Model`] for an
+/// unreadable `config.json`.
+pub fn bert_classifier(
+    spec: &FederationSpec,
+) -> Result<fedee_model::BertClassifierConfig, SiteError> {
+    if spec.model.kind != fedee_spec::ModelKind::Bert {
+        return Err(SiteError::Unsupported(format!(
+            "the federation spec's model is {:?}, not BERT",
+            spec.model.kind
+        )));
+    }
+    Ok(fedee_model::BertClassifierConfig {
+        bert: fedee_model::BertConfig::from_file(&checkpoint(spec).join("config.json"))?,
+        num_labels: spec.num_classes(),
+    })
+}
+
+/// The initial global model of a spec (f32, CPU): a fresh MLP, or the BERT checkpoint's
+/// weights with a fresh classification head; `seed` draws the fresh weights.
+///
+/// # Errors
+/// A checkpoint that cannot be read or does not fit its `config.json`.
+pub fn initial_model(spec: &FederationSpec, seed: i64) -> Result<StateDict, SiteError> {
+    tch::manual_seed(seed);
+    match spec.model.kind {
+        fedee_spec::ModelKind::Mlp => {
+            Ok(Mlp::new(mlp_config(spec)?, Device::Cpu, Kind::Float)?.state())
+        }
+        fedee_spec::ModelKind::Bert => {
+            let cfg = bert_classifier(spec)?;
+            let mut state = fedee_model::bert::load_pretrained(
+                &checkpoint(spec).join("model.safetensors"),
+                &cfg.bert,
+                Device::Cpu,
+            )?;
+            state.extend(cfg.init_head(Kind::Float));
+            Ok(state)
+        }
     }
 }
 
