@@ -274,7 +274,13 @@ fn render(path: &Path, rows: usize, label: &str, columns: &[ColumnInference]) ->
          # (one-hot). Remove a table to leave a column out."
     );
     for c in columns {
-        let missing = if c.missing > 0 {
+        let missing = if c.missing * 5 > rows {
+            format!(
+                ", {} missing: with missing = \"drop-row\" this column alone drops {:.0} % of the rows; consider removing it",
+                c.missing,
+                100.0 * c.missing as f64 / rows as f64
+            )
+        } else if c.missing > 0 {
             format!(", {} missing", c.missing)
         } else {
             String::new()
@@ -396,10 +402,36 @@ mod tests {
         assert_eq!(names, ["age", "sex", "smoker", "blood"]);
         assert_eq!(spec.num_classes(), 3);
         assert_eq!(spec.in_features(), 1 + 2 + 1 + 4);
-        assert!(s.toml.contains("1 missing"), "{}", s.toml);
+        assert!(s.toml.contains("1 missing\n"), "{}", s.toml);
+        assert!(
+            !s.toml.contains("consider removing"),
+            "1 of 60 is not mostly missing"
+        );
         // The scaffold reads its own file.
         let d = crate::table::load(&spec, f.path(), None).unwrap();
         assert_eq!(d.report.rows_used, 59);
+    }
+
+    #[test]
+    fn a_mostly_missing_column_is_flagged() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let mut text = String::from("a,b,y\n");
+        for i in 0..20 {
+            let b = if i % 3 == 0 {
+                format!("{i}")
+            } else {
+                "NA".into()
+            };
+            text += &format!("{},{b},{}\n", i % 7, i % 2);
+        }
+        std::fs::write(f.path(), text).unwrap();
+        let s = scaffold(f.path(), "y", None).unwrap();
+        let line = s
+            .toml
+            .lines()
+            .find(|l| l.contains("13 missing"))
+            .unwrap_or_default();
+        assert!(line.contains("drops 65 % of the rows"), "{}", s.toml);
     }
 
     #[test]
