@@ -218,3 +218,118 @@ pub async fn run(a: AggregatorArgs) -> Result<()> {
     notice(false, "aggregator stopped");
     Ok(())
 }
+
+/// `fedee status`'s text: sites, rounds, the spec, privacy per site, and each round's metrics
+/// per site and weighted by test examples.
+pub fn render_status(st: &fedee_proto::v1::StatusResponse) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+
+    let sigma = if st.noise_multiplier == 0.0 && st.dp_mode == "record" {
+        "σ calibrated at each site".to_owned()
+    } else {
+        format!("σ = {}", st.noise_multiplier)
+    };
+    let _ = writeln!(
+        out,
+        "sites: {}\nround: {}{}\nprivacy unit: {}; C = {}, {sigma}, δ = {:e}",
+        st.sites.join(", "),
+        st.current_round,
+        if st.done { " (done)" } else { "" },
+        st.privacy_unit,
+        st.clipping_norm,
+        st.delta
+    );
+    if !st.spec_sha256.is_empty() {
+        let _ = writeln!(
+            out,
+            "spec: {} (sha256 {})",
+            st.spec_summary,
+            &st.spec_sha256[..12.min(st.spec_sha256.len())]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "DP mode: {}",
+        if st.dp_mode.is_empty() {
+            "site"
+        } else {
+            &st.dp_mode
+        }
+    );
+    for d in &st.departed {
+        let _ = writeln!(out, "  left: {d}");
+    }
+    if !st.ended_reason.is_empty() {
+        let _ = writeln!(out, "{}", st.ended_reason);
+    }
+    for sp in &st.site_privacy {
+        if let Some(e) = &sp.entry {
+            let _ = writeln!(
+                out,
+                "  {} after round {}: ε = {:.4} at δ = {:e} (unit: {}; {} steps at q = {:.4}, σ = {})",
+                sp.site,
+                sp.round,
+                e.epsilon,
+                e.delta,
+                e.unit,
+                e.steps,
+                e.sampling_rate,
+                e.noise_multiplier
+            );
+        }
+    }
+    for r in &st.rounds {
+        let accs: Vec<String> = r
+            .site_metrics
+            .iter()
+            .map(|m| format!("{} {:.3}", m.site, m.test_accuracy))
+            .collect();
+        let weighted = weighted_metrics(&r.site_metrics);
+        let why = if r.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.reason)
+        };
+        let _ = writeln!(
+            out,
+            "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}{why}{weighted}",
+            r.round,
+            r.state,
+            r.rho,
+            r.epsilon,
+            accs.join(", ")
+        );
+    }
+    out
+}
+
+/// `\n    weighted: accuracy …, balanced …, macro-F1 …, AUROC …`: each metric's mean over the
+/// sites that reported it, weighted by their test examples (empty without metrics).
+fn weighted_metrics(ms: &[fedee_proto::v1::SiteMetric]) -> String {
+    type Get = fn(&fedee_proto::v1::SiteMetric) -> Option<f64>;
+    let columns: [(&str, Get); 4] = [
+        ("accuracy", |m| Some(m.test_accuracy)),
+        ("balanced accuracy", |m| m.balanced_accuracy),
+        ("macro-F1", |m| m.macro_f1),
+        ("AUROC", |m| m.auroc),
+    ];
+    let parts: Vec<String> = columns
+        .iter()
+        .filter_map(|(name, get)| {
+            let (mut sum, mut n) = (0.0, 0u64);
+            for m in ms {
+                if let Some(v) = get(m) {
+                    sum += v * m.num_test_examples as f64;
+                    n += m.num_test_examples;
+                }
+            }
+            (n > 0).then(|| format!("{name} {:.3}", sum / n as f64))
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("\n    weighted: {}", parts.join(", "))
+    }
+}
