@@ -12,6 +12,24 @@ use std::process::{Command, Stdio};
 
 use common::{Aggregator, fedee, heart_csv};
 
+/// `fedee aggregator --insecure --spec SPEC` on `dir`'s `agg.db` and `blobs`, plus `extra`.
+fn spec_aggregator(dir: &Path, spec: &str, extra: &[&str]) -> Aggregator {
+    let mut args = vec![
+        "--insecure",
+        "--spec",
+        spec,
+        "--database-url",
+        DB,
+        "--blob-dir",
+        "blobs",
+    ];
+    args.extend(extra);
+    Aggregator::start(dir, "127.0.0.1:0", &args)
+}
+
+/// The aggregator database of these tests, in each test's directory.
+const DB: &str = "sqlite://agg.db?mode=rwc";
+
 /// `fedee init-model --spec SPEC --out g0.safetensors` in `dir`, which must succeed.
 fn init_model(dir: &Path, spec: &str) {
     let out = fedee(
@@ -63,21 +81,7 @@ async fn federate(
     }
     std::fs::write(dir.join("spec.toml"), &spec).unwrap();
     init_model(dir, "spec.toml");
-    let agg = Aggregator::start(
-        dir,
-        "127.0.0.1:0",
-        &[
-            "--insecure",
-            "--spec",
-            "spec.toml",
-            "--initial-model",
-            "g0.safetensors",
-            "--database-url",
-            "sqlite://agg.db?mode=rwc",
-            "--blob-dir",
-            "blobs",
-        ],
-    );
+    let agg = spec_aggregator(dir, "spec.toml", &["--initial-model", "g0.safetensors"]);
     let children: Vec<_> = sites
         .iter()
         .map(|(name, file, filter)| site(dir, &agg.addr, name, file, filter).spawn().unwrap())
@@ -315,20 +319,13 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rounds"));
 
-    let db = "sqlite://agg.db?mode=rwc";
-    let agg = Aggregator::start(
+    let db = DB;
+    let agg = spec_aggregator(
         dir,
-        "127.0.0.1:0",
+        "federation.toml",
         &[
-            "--insecure",
-            "--spec",
-            "federation.toml",
             "--initial-model",
             "g0.safetensors",
-            "--database-url",
-            db,
-            "--blob-dir",
-            "blobs",
             "--metrics-listen",
             "127.0.0.1:0",
         ],
@@ -486,19 +483,7 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
         err.contains("a spec cannot change once a federation started"),
         "{err}"
     );
-    let agg = Aggregator::start(
-        dir,
-        "127.0.0.1:0",
-        &[
-            "--insecure",
-            "--spec",
-            "federation.toml",
-            "--database-url",
-            db,
-            "--blob-dir",
-            "blobs",
-        ],
-    );
+    let agg = spec_aggregator(dir, "federation.toml", &[]);
     let st = agg
         .client()
         .await
@@ -548,21 +533,7 @@ async fn a_text_federation_fine_tunes_a_bert_checkpoint_from_its_spec() {
     assert!(spec.contains("max_tokens = 32") && spec.contains("rounds = 1"));
     std::fs::write(dir.join("spec.toml"), spec).unwrap();
     init_model(dir, "spec.toml");
-    let agg = Aggregator::start(
-        dir,
-        "127.0.0.1:0",
-        &[
-            "--insecure",
-            "--spec",
-            "spec.toml",
-            "--initial-model",
-            "g0.safetensors",
-            "--database-url",
-            "sqlite://agg.db?mode=rwc",
-            "--blob-dir",
-            "blobs",
-        ],
-    );
+    let agg = spec_aggregator(dir, "spec.toml", &["--initial-model", "g0.safetensors"]);
     let children = [
         site(dir, &agg.addr, "North", &dir.join("north.jsonl"), "")
             .spawn()
