@@ -82,6 +82,17 @@ async fn federate(
     std::fs::write(dir.join("spec.toml"), &spec).unwrap();
     init_model(dir, "spec.toml");
     let agg = spec_aggregator(dir, "spec.toml", &["--initial-model", "g0.safetensors"]);
+    run_sites(dir, &agg, sites, "split: train").await
+}
+
+/// Run `sites` (name, file, `--where`) against `agg` until they finish; each must succeed and
+/// print its data report (with `report` in it). Returns the finished federation's status.
+async fn run_sites(
+    dir: &Path,
+    agg: &Aggregator,
+    sites: &[(&str, &Path, &str)],
+    report: &str,
+) -> fedee_proto::v1::StatusResponse {
     let children: Vec<_> = sites
         .iter()
         .map(|(name, file, filter)| site(dir, &agg.addr, name, file, filter).spawn().unwrap())
@@ -91,7 +102,7 @@ async fn federate(
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{name}: {err}");
         assert!(
-            err.contains("rows read") && err.contains("split: train"),
+            err.contains("rows read") && err.contains(report),
             "{name}: {err}"
         );
     }
@@ -534,31 +545,12 @@ async fn a_text_federation_fine_tunes_a_bert_checkpoint_from_its_spec() {
     std::fs::write(dir.join("spec.toml"), spec).unwrap();
     init_model(dir, "spec.toml");
     let agg = spec_aggregator(dir, "spec.toml", &["--initial-model", "g0.safetensors"]);
-    let children = [
-        site(dir, &agg.addr, "North", &dir.join("north.jsonl"), "")
-            .spawn()
-            .unwrap(),
-        site(dir, &agg.addr, "South", &tsv, "condition=Birth Control")
-            .spawn()
-            .unwrap(),
+    let north = dir.join("north.jsonl");
+    let sites = [
+        ("North", north.as_path(), ""),
+        ("South", tsv.as_path(), "condition=Birth Control"),
     ];
-    for (child, name) in children.into_iter().zip(["North", "South"]) {
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{name}: {err}");
-        assert!(
-            err.contains("rows read") && err.contains("classes: negative = "),
-            "{name}: {err}"
-        );
-    }
-    let st = agg
-        .client()
-        .await
-        .status(StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(st.done, "{st:?}");
+    let st = run_sites(dir, &agg, &sites, "classes: negative = ").await;
     assert!(st.spec_summary.contains("BERT from"), "{}", st.spec_summary);
     assert_eq!(st.rounds.len(), 1);
     assert_eq!(st.rounds[0].state, "closed");

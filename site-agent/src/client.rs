@@ -276,7 +276,8 @@ pub async fn fetch_spec(
 /// With one, the task must carry exactly the spec's mode, `C`, δ, epochs and batch size,
 /// and its σ; for a spec with a target ε, site mode checks the aggregator's σ against the
 /// same calibration, and record mode calibrates this site's own σ to its sampling rate
-/// `batch / n` and `rounds × epochs × ⌈n / batch⌉` DP-SGD steps (cached in `calibrated`).
+/// `batch / n` and `rounds × epochs × ⌈n / batch⌉` DP-SGD steps (either is computed once and
+/// cached in `calibrated`).
 ///
 /// # Errors
 /// [`SiteError::Refused`] naming the setting when the task departs from the spec;
@@ -343,27 +344,28 @@ pub fn agreed_privacy(
     }
     let sigma = match (p.noise_multiplier, p.target_epsilon, mode) {
         (Some(s), _, _) => s,
+        (None, Some(_), _) if calibrated.is_some() => calibrated.unwrap_or_default(),
         (None, Some(eps), DpMode::Site) => {
-            fedee_dp::SiteLevelAccountant::calibrate(spec.federation.rounds, eps, p.delta)?.get()
+            let s = fedee_dp::SiteLevelAccountant::calibrate(spec.federation.rounds, eps, p.delta)?
+                .get();
+            *calibrated = Some(s);
+            s
         }
-        (None, Some(eps), DpMode::Record) => match *calibrated {
-            Some(s) => s,
-            None => {
-                let b = u64::from(t.batch_size);
-                let q = (b as f64 / n.max(1) as f64).min(1.0);
-                let steps = u64::from(spec.federation.rounds) * u64::from(t.epochs) * n.div_ceil(b);
-                let s = fedee_dp::rdp::calibrate_sigma(q, steps, eps, p.delta)?;
-                tracing::info!(
-                    sigma = s,
-                    q,
-                    steps,
-                    target_epsilon = eps,
-                    "σ calibrated to this site's data"
-                );
-                *calibrated = Some(s);
-                s
-            }
-        },
+        (None, Some(eps), DpMode::Record) => {
+            let b = u64::from(t.batch_size);
+            let q = (b as f64 / n.max(1) as f64).min(1.0);
+            let steps = u64::from(spec.federation.rounds) * u64::from(t.epochs) * n.div_ceil(b);
+            let s = fedee_dp::rdp::calibrate_sigma(q, steps, eps, p.delta)?;
+            tracing::info!(
+                sigma = s,
+                q,
+                steps,
+                target_epsilon = eps,
+                "σ calibrated to this site's data"
+            );
+            *calibrated = Some(s);
+            s
+        }
         (None, None, _) => {
             return Err(SiteError::Refused(
                 "the federation spec states no noise".into(),
@@ -429,7 +431,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     };
     let mut ledger = crate::ledger::Ledger::open(cfg.ledger.as_deref())?;
     let mut evaluated = 0u32;
-    // Record mode with a target ε: this site's σ, calibrated once.
+    // A spec with a target ε: the σ calibrated from it, computed once.
     let mut calibrated = None;
     loop {
         let task = link
