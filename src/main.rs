@@ -51,6 +51,10 @@ enum Command {
     Init(fedee_site_agent::cli::InitArgs),
     /// Run the trainer service (EE models and encrypted batches only; never keys).
     Trainer(TrainerArgs),
+    /// Fine-tune a model at the trainer under EE on your own data file (key holder).
+    Finetune(fedee_client::cli::FinetuneArgs),
+    /// Class probabilities for your records from an EE model at the trainer (key holder).
+    Predict(fedee_client::cli::PredictArgs),
     /// Create an initial global model (safetensors) for the aggregator: the MLP of a
     /// federation spec, or the demo's heart MLP.
     InitModel(InitModelArgs),
@@ -283,6 +287,8 @@ async fn main() -> Result<()> {
         Command::Aggregator(a) => fedee_aggregator::cli::run(a).await,
         Command::Site(s) => fedee_site_agent::cli::run(s).await,
         Command::Init(i) => fedee_site_agent::cli::init(i),
+        Command::Finetune(a) => fedee_client::cli::finetune(a).await,
+        Command::Predict(a) => fedee_client::cli::predict(a).await,
         Command::Trainer(t) => {
             let config = fedee_trainer::Config {
                 device: parse_device(&t.device)?,

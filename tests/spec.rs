@@ -43,6 +43,15 @@ fn init_model(dir: &Path, spec: &str) {
     );
 }
 
+/// A file of the repository, as a string path.
+fn root_file(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(rel)
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 fn clinical(name: &str) -> std::path::PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("data/cache/clinical")
@@ -52,14 +61,15 @@ fn clinical(name: &str) -> std::path::PathBuf {
 }
 
 /// Scaffold a spec from `data` with `fedee init`, edit it with `edits` (each must apply), run
-/// a federation of `sites` (name, file, `--where`), and return the final status.
+/// a federation of `sites` (name, file, `--where`), and return the final status and the
+/// (still running) aggregator.
 async fn federate(
     dir: &Path,
     data: &Path,
     init: &[&str],
     edits: &[(&str, &str)],
     sites: &[(&str, &Path, &str)],
-) -> fedee_proto::v1::StatusResponse {
+) -> (fedee_proto::v1::StatusResponse, Aggregator) {
     let mut args = vec![
         "init",
         "--data",
@@ -82,7 +92,125 @@ async fn federate(
     std::fs::write(dir.join("spec.toml"), &spec).unwrap();
     init_model(dir, "spec.toml");
     let agg = spec_aggregator(dir, "spec.toml", &["--initial-model", "g0.safetensors"]);
-    run_sites(dir, &agg, sites, "split: train").await
+    (run_sites(dir, &agg, sites, "split: train").await, agg)
+}
+
+/// Run `fedee ARGS` in `dir`; it must succeed. Returns its stderr.
+fn ok(args: &[&str], dir: &Path) -> String {
+    let out = fedee(args, dir);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "fedee {args:?}: {err}");
+    err
+}
+
+/// The number after `key` in `text` (e.g. `max |Δp| = 1.2e-7`).
+fn figure(text: &str, key: &str) -> f64 {
+    let rest = &text[text
+        .find(key)
+        .unwrap_or_else(|| panic!("no `{key}` in {text}"))
+        + key.len()..];
+    rest.split(|c: char| c.is_whitespace() || c == ',')
+        .find(|w| !w.is_empty())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no number after `{key}` in {text}"))
+}
+
+/// The key holder after a federation of `rounds` rounds: download the global model, generate
+/// keys for `spec.toml`, start a trainer, `fedee finetune --verify --dtype f64` on `data` (rows of
+/// `filter`), then `fedee predict --verify` on `records` with the fine-tuned model. Checks
+/// that the decrypted EE fine-tuning equals plaintext fine-tuning and that the decrypted
+/// predictions equal the plaintext model's; returns the predictions CSV and the trainer.
+fn finetune_and_predict(
+    dir: &Path,
+    agg: &Aggregator,
+    rounds: u32,
+    data: &Path,
+    filter: &str,
+    records: &Path,
+) -> (String, common::Service) {
+    let model = (rounds + 1).to_string();
+    ok(
+        &[
+            "download-model",
+            "--aggregator",
+            &agg.addr,
+            "--insecure",
+            "--model",
+            &model,
+            "--out",
+            "global.safetensors",
+        ],
+        dir,
+    );
+    ok(
+        &["ee", "keygen", "--spec", "spec.toml", "--out", "keys.json"],
+        dir,
+    );
+    let trainer = common::Service::start_role(dir, "trainer", "127.0.0.1:0", &["--insecure"]);
+    let data = data.to_str().unwrap();
+    let mut args = vec![
+        "finetune",
+        "--trainer",
+        &trainer.addr,
+        "--insecure",
+        "--spec",
+        "spec.toml",
+        "--keys",
+        "keys.json",
+        "--model",
+        "global.safetensors",
+        "--data",
+        data,
+        "--out",
+        "tuned.safetensors",
+        "--epochs",
+        "2",
+        "--dtype",
+        "f64",
+        "--verify",
+        "--report",
+        "finetune.json",
+    ];
+    if !filter.is_empty() {
+        args.extend(["--where", filter]);
+    }
+    let err = ok(&args, dir);
+    assert!(
+        err.contains("split: train") && err.contains("epoch 2/2"),
+        "{err}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("finetune.json")).unwrap()).unwrap();
+    let dw = report["max_abs_weight_diff"].as_f64().unwrap();
+    assert!(
+        dw < 1e-9,
+        "decrypted EE vs plaintext fine-tuning (f64): {dw}"
+    );
+    assert!(report["steps"].as_u64().unwrap() > 0, "{report}");
+    let err = ok(
+        &[
+            "predict",
+            "--trainer",
+            &trainer.addr,
+            "--insecure",
+            "--spec",
+            "spec.toml",
+            "--keys",
+            "keys.json",
+            "--model",
+            "tuned.safetensors",
+            "--data",
+            records.to_str().unwrap(),
+            "--out",
+            "predictions.csv",
+            "--verify",
+        ],
+        dir,
+    );
+    assert!(figure(&err, "max |Δp| =") < 1e-4, "{err}");
+    assert_eq!(figure(&err, "argmax agreement"), 1.0, "{err}");
+    let csv = std::fs::read_to_string(dir.join("predictions.csv")).unwrap();
+    (csv, trainer)
 }
 
 /// Run `sites` (name, file, `--where`) against `agg` until they finish; each must succeed and
@@ -125,13 +253,25 @@ async fn clinical_tables_federate_from_scaffolded_specs() {
     let text = std::fs::read_to_string(clinical("gbsg2.csv")).unwrap();
     let mut lines = text.lines();
     let header = lines.next().unwrap();
-    let (mut a, mut b) = (format!("{header}\n"), format!("{header}\n"));
+    // Two hospitals and pharma each hold a third; pharma's new patients come without the label.
+    let mut parts = [0, 1, 2].map(|_| format!("{header}\n"));
     for (i, l) in lines.enumerate() {
-        if i % 2 == 0 { &mut a } else { &mut b }.push_str(&format!("{l}\n"));
+        parts[i % 3].push_str(&format!("{l}\n"));
     }
-    std::fs::write(dir.join("north.csv"), a).unwrap();
-    std::fs::write(dir.join("south.csv"), b).unwrap();
-    let st = federate(
+    for (name, part) in ["north.csv", "south.csv", "pharma.csv"].iter().zip(&parts) {
+        std::fs::write(dir.join(name), part).unwrap();
+    }
+    let cens = header.split(',').position(|c| c == "cens").unwrap();
+    let unlabelled: String = parts[2]
+        .lines()
+        .map(|l| {
+            let mut cells: Vec<&str> = l.split(',').collect();
+            cells.remove(cens);
+            cells.join(",") + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("new-patients.csv"), unlabelled).unwrap();
+    let (st, agg) = federate(
         dir,
         &dir.join("north.csv"),
         &["--label", "cens"],
@@ -156,12 +296,106 @@ async fn clinical_tables_federate_from_scaffolded_specs() {
             .iter()
             .all(|r| r.state == "closed" && r.site_metrics.len() == 2)
     );
+    // Pharma fine-tunes the global model under EE on its third and predicts for new patients.
+    let (csv, trainer) = finetune_and_predict(
+        dir,
+        &agg,
+        3,
+        &dir.join("pharma.csv"),
+        "",
+        &dir.join("new-patients.csv"),
+    );
+    let mut out = csv.lines();
+    assert_eq!(
+        out.next(),
+        Some("record,predicted,p_0,p_1,note"),
+        "no label column: {csv}"
+    );
+    let rows: Vec<&str> = out.collect();
+    assert_eq!(
+        rows.len(),
+        parts[2].lines().count() - 1,
+        "one row per record"
+    );
+    for r in &rows {
+        let c: Vec<&str> = r.split(',').collect();
+        let (p0, p1): (f64, f64) = (c[2].parse().unwrap(), c[3].parse().unwrap());
+        assert!(
+            (p0 + p1 - 1.0).abs() < 1e-5 && ["0", "1"].contains(&c[1]),
+            "{r}"
+        );
+    }
+    // Hostile: the federation's global model carries no preprocessing; the keys of another
+    // model do not fit; a job lost in a trainer restart fails cleanly. No output is written.
+    let job = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(dir.join("finetune.json")).unwrap(),
+    )
+    .unwrap()["job"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let predict = |model: &str, keys: &str, trainer: &str, job: Option<&str>| {
+        let mut a = vec![
+            "predict",
+            "--trainer",
+            trainer,
+            "--insecure",
+            "--spec",
+            "spec.toml",
+            "--keys",
+            keys,
+            "--model",
+            model,
+            "--data",
+            "new-patients.csv",
+            "--out",
+            "refused.csv",
+        ];
+        a.extend(job.iter().flat_map(|j| ["--job", *j]));
+        let out = fedee(&a, dir);
+        assert!(!out.status.success());
+        assert!(!dir.join("refused.csv").exists());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = predict("global.safetensors", "keys.json", &trainer.addr, None);
+    assert!(err.contains("carries no preprocessing figures"), "{err}");
+    ok(
+        &[
+            "ee",
+            "keygen",
+            "--bert-config",
+            &root_file("data/cache/minilm/config.json"),
+            "--out",
+            "bert-keys.json",
+        ],
+        dir,
+    );
+    let err = predict("tuned.safetensors", "bert-keys.json", &trainer.addr, None);
+    assert!(
+        err.contains("the key file is for a `bert-classifier` model"),
+        "{err}"
+    );
+    let addr = trainer.addr.clone();
+    trainer.sigkill();
+    let restarted = common::Service::start_role(dir, "trainer", &addr, &["--insecure"]);
+    let err = predict(
+        "tuned.safetensors",
+        "keys.json",
+        &restarted.addr,
+        Some(&job),
+    );
+    assert!(
+        err.contains(&format!(
+            "prediction stopped at the trainer (job {job}); nothing was written"
+        )),
+        "{err}"
+    );
 
     // NCCTG lung cancer: the institution column `inst` names the site; missing cells imputed.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let lung = clinical("lung.csv");
-    let st = federate(
+    let (st, _agg) = federate(
         dir,
         &lung,
         &["--label", "status", "--site-column", "inst"],
@@ -522,17 +756,20 @@ async fn a_text_federation_fine_tunes_a_bert_checkpoint_from_its_spec() {
     let rows = fedee_site_agent::table::open(&tsv).unwrap();
     let col = |n: &str| rows.headers.iter().position(|h| h == n).unwrap();
     let (review, rating, condition) = (col("review"), col("rating"), col("condition"));
-    let mut north = String::new();
-    for row in rows
+    // Pharma's: the next 30 of them.
+    let (mut north, mut pharma) = (String::new(), String::new());
+    for (i, row) in rows
         .filter_map(Result::ok)
         .filter(|(_, r)| r[condition] != "Birth Control")
-        .take(40)
+        .take(70)
+        .enumerate()
     {
         let r = row.1;
         let obj = serde_json::json!({"review": r[review], "rating": r[rating], "id": 7});
-        north.push_str(&format!("{obj}\n"));
+        if i < 40 { &mut north } else { &mut pharma }.push_str(&format!("{obj}\n"));
     }
     std::fs::write(dir.join("north.jsonl"), north).unwrap();
+    std::fs::write(dir.join("pharma.jsonl"), pharma).unwrap();
     let spec = std::fs::read_to_string(root.join("examples/drug-reviews/federation.toml"))
         .unwrap()
         .replace(
@@ -562,4 +799,14 @@ async fn a_text_federation_fine_tunes_a_bert_checkpoint_from_its_spec() {
             "three classes: {m:?}"
         );
     }
+    // Pharma fine-tunes the federated MiniLM under EE and queries it with encrypted tokens.
+    let pharma = dir.join("pharma.jsonl");
+    let (csv, _trainer) = finetune_and_predict(dir, &agg, 1, &pharma, "", &pharma);
+    let mut out = csv.lines();
+    assert_eq!(
+        out.next(),
+        Some("record,predicted,p_negative,p_neutral,p_positive,label,note"),
+        "{csv}"
+    );
+    assert_eq!(out.count(), 30, "one row per review: {csv}");
 }

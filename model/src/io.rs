@@ -2,6 +2,8 @@
 //!
 //! Only F32 and F64 tensors are written or accepted. Tensors are moved to the CPU for writing.
 
+use std::collections::BTreeMap;
+
 use fedee_encrypt::StateDict;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use tch::{Device, Kind, Tensor};
@@ -26,6 +28,18 @@ fn dtype_of(t: &Tensor, name: &str) -> Result<Dtype, ModelError> {
 /// # Errors
 /// [`ModelError::Dtype`] for a tensor that is not f32, f64 or i64.
 pub fn state_to_safetensors(state: &StateDict) -> Result<Vec<u8>, ModelError> {
+    state_to_safetensors_with(state, &BTreeMap::new())
+}
+
+/// [`state_to_safetensors`] with string metadata in the header's `__metadata__` (left out
+/// when `metadata` is empty).
+///
+/// # Errors
+/// As [`state_to_safetensors`].
+pub fn state_to_safetensors_with(
+    state: &StateDict,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, ModelError> {
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(state.len());
     for (name, t) in state {
         let dtype = dtype_of(t, name)?;
@@ -45,7 +59,23 @@ pub fn state_to_safetensors(state: &StateDict) -> Result<Vec<u8>, ModelError> {
             )
         })
         .collect();
-    safetensors::serialize(views, None).map_err(|e| ModelError::Safetensors(e.to_string()))
+    let metadata = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+    safetensors::serialize(views, metadata).map_err(|e| ModelError::Safetensors(e.to_string()))
+}
+
+/// The string metadata of safetensors bytes (`__metadata__`; empty when there is none).
+///
+/// # Errors
+/// [`ModelError::Safetensors`] for a malformed header.
+pub fn safetensors_metadata(bytes: &[u8]) -> Result<BTreeMap<String, String>, ModelError> {
+    let (_, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    Ok(meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
 }
 
 /// Parse safetensors bytes into a state dict of F32/F64 tensors on `device`.
@@ -285,6 +315,19 @@ mod tests {
             assert_eq!(back[k].kind(), v.kind());
             assert!(back[k].equal(v), "{k}");
         }
+    }
+
+    #[test]
+    fn metadata_round_trips_and_stays_optional() {
+        let mut s = StateDict::new();
+        s.insert("a".into(), Tensor::from_slice(&[1.0f32, 2.0]));
+        let meta: BTreeMap<String, String> = [("k".to_owned(), "{\"v\":1}".to_owned())].into();
+        let bytes = state_to_safetensors_with(&s, &meta).unwrap();
+        assert_eq!(safetensors_metadata(&bytes).unwrap(), meta);
+        assert!(state_from_safetensors(&bytes, Device::Cpu).unwrap()["a"].equal(&s["a"]));
+        let plain = state_to_safetensors(&s).unwrap();
+        assert!(safetensors_metadata(&plain).unwrap().is_empty());
+        assert!(safetensors_metadata(b"garbage").is_err());
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub mod text;
 pub use arch::{Architecture, Input, Model, cross_entropy};
 pub use bert::{BertClassifierConfig, BertConfig, Profile};
 pub use io::{
-    batch_from_safetensors, batch_to_safetensors, state_from_safetensors, state_to_safetensors,
+    batch_from_safetensors, batch_to_safetensors, safetensors_metadata, state_from_safetensors,
+    state_to_safetensors, state_to_safetensors_with,
 };
 pub use mlp::{Activation, Mlp, MlpConfig, OptimizerSpec};
 

@@ -179,6 +179,11 @@ pub enum DataError {
     /// A `--where` argument that is not `COLUMN=VALUE`.
     #[error("--where `{0}`: write COLUMN=VALUE, e.g. --where dataset=Cleveland")]
     BadFilter(String),
+    /// A model's preprocessing figures do not fit the spec.
+    #[error(
+        "the model's preprocessing does not fit the federation spec: {0}; use the model that was fine-tuned under this spec"
+    )]
+    Preprocessing(String),
 }
 
 /// Where a row is in its file.
@@ -481,6 +486,9 @@ pub struct TabularData {
     pub test: Examples,
     /// What was read.
     pub report: DataReport,
+    /// The imputation and standardisation fitted on the training split and applied to all
+    /// three splits.
+    pub preprocessing: Preprocessing,
 }
 
 /// One feature column's position in the file and its offset in the encoded row.
@@ -684,27 +692,79 @@ pub fn load(
     filter: Option<&RowFilter>,
 ) -> Result<TabularData, DataError> {
     let rows = open(path)?;
-    let mut offset = 0;
-    let mut columns = Vec::with_capacity(spec.features.len());
-    for f in &spec.features {
-        columns.push(Column {
-            index: column(&rows.headers, &f.name, "a feature", path)?,
-            offset,
-            feature: f,
-        });
-        offset += f.width();
-    }
-    let width = offset;
+    let enc = Encoder::new(spec, &rows.headers, path)?;
     let parse = |rec: &[String], at: Location, report: &mut DataReport| {
-        let mut row = vec![0f32; width];
+        enc.encode(rec, at, path, &mut report.missing)
+    };
+    let (by_class, mut report) = read_by_class(spec, path, filter, rows, parse)?;
+    let [train, validation, test] = split(spec, path, by_class, &mut report)?;
+    let examples = |rows: Vec<(Vec<f32>, i64)>| {
+        let mut ex = Examples::default();
+        for (r, y) in rows {
+            ex.push(&r, y);
+        }
+        ex
+    };
+    let (mut train, mut validation, mut test) =
+        (examples(train), examples(validation), examples(test));
+    let preprocessing = Preprocessing::fit(spec, &enc, &train);
+    for ex in [&mut train, &mut validation, &mut test] {
+        preprocessing.apply(&mut ex.x);
+    }
+    Ok(TabularData {
+        features: enc.width,
+        train,
+        validation,
+        test,
+        report,
+        preprocessing,
+    })
+}
+
+/// The feature columns of a spec located in a file's header: each cell parsed as its type and
+/// written at its offset of the encoded row (categorical features one-hot).
+struct Encoder<'a> {
+    columns: Vec<Column<'a>>,
+    width: usize,
+}
+
+impl<'a> Encoder<'a> {
+    fn new(spec: &'a FederationSpec, headers: &[String], path: &Path) -> Result<Self, DataError> {
+        let mut offset = 0;
+        let mut columns = Vec::with_capacity(spec.features.len());
+        for f in &spec.features {
+            columns.push(Column {
+                index: column(headers, &f.name, "a feature", path)?,
+                offset,
+                feature: f,
+            });
+            offset += f.width();
+        }
+        Ok(Self {
+            columns,
+            width: offset,
+        })
+    }
+
+    /// One row's inputs; a missing numeric or boolean cell is NaN (imputed later, or the row
+    /// is dropped), a missing categorical cell all zeros. Missing cells are counted in
+    /// `missing` by column.
+    fn encode(
+        &self,
+        rec: &[String],
+        at: Location,
+        path: &Path,
+        missing: &mut BTreeMap<String, usize>,
+    ) -> Result<Read<Vec<f32>>, DataError> {
+        let mut row = vec![0f32; self.width];
         let mut missing_feature = false;
-        for c in &columns {
+        for c in &self.columns {
             let raw = rec.get(c.index).map_or("", String::as_str);
             if is_missing(raw) {
-                *report.missing.entry(c.feature.name.clone()).or_default() += 1;
+                *missing.entry(c.feature.name.clone()).or_default() += 1;
                 missing_feature = true;
                 if c.feature.kind != FeatureType::Categorical {
-                    row[c.offset] = f32::NAN; // imputed after the split, or the row is dropped
+                    row[c.offset] = f32::NAN;
                 }
                 continue;
             }
@@ -750,25 +810,283 @@ pub fn load(
         } else {
             Read::Complete(row)
         })
-    };
-    let (by_class, mut report) = read_by_class(spec, path, filter, rows, parse)?;
-    let [train, validation, test] = split(spec, path, by_class, &mut report)?;
-    let examples = |rows: Vec<(Vec<f32>, i64)>| {
-        let mut ex = Examples::default();
-        for (r, y) in rows {
-            ex.push(&r, y);
+    }
+}
+
+/// How a tabular model's inputs were imputed and standardised: for each numeric or boolean
+/// feature, the training split's mean (filled in for a missing cell under `missing =
+/// "impute"`) and standard deviation (a numeric feature becomes `(v − mean) / std` under
+/// `standardize = "site"`; a constant column gets std 1). Fitted on the training split of the
+/// data that trains a model; predictions must use the same figures, so a fine-tuned model
+/// carries them (`fedee finetune` writes them into the safetensors metadata).
+///
+/// # Security
+/// These are aggregate statistics of the data owner's training split (a mean and a standard
+/// deviation per column). They stay with the plaintext model: EE models are written without
+/// metadata, so the trainer never receives them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Preprocessing {
+    /// Model inputs per example.
+    pub features: usize,
+    /// One entry per numeric or boolean feature, in spec order.
+    pub columns: Vec<ColumnStats>,
+}
+
+/// One feature's figures in [`Preprocessing`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ColumnStats {
+    /// Feature (column) name.
+    pub name: String,
+    /// Its position in the encoded row.
+    pub offset: usize,
+    /// Training-split mean (fills a missing cell).
+    pub mean: f64,
+    /// Training-split standard deviation (population; 1 for a constant column).
+    pub std: f64,
+    /// Whether the value is standardised (numeric features under `standardize = "site"`).
+    pub scale: bool,
+}
+
+impl Preprocessing {
+    /// Metadata key under which a model file carries its preprocessing (JSON).
+    pub const METADATA_KEY: &'static str = "fedee.preprocessing";
+
+    fn fit(spec: &FederationSpec, enc: &Encoder<'_>, train: &Examples) -> Self {
+        let w = enc.width;
+        let columns = enc
+            .columns
+            .iter()
+            .filter(|c| c.feature.kind != FeatureType::Categorical)
+            .map(|c| {
+                let values: Vec<f64> = train
+                    .x
+                    .chunks_exact(w)
+                    .map(|r| f64::from(r[c.offset]))
+                    .filter(|v| !v.is_nan())
+                    .collect();
+                let n = values.len().max(1) as f64;
+                let mean = values.iter().sum::<f64>() / n;
+                let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+                ColumnStats {
+                    name: c.feature.name.clone(),
+                    offset: c.offset,
+                    mean,
+                    std: if std > 1e-8 { std } else { 1.0 },
+                    scale: c.feature.kind == FeatureType::Numeric
+                        && spec.data.standardize == Standardize::Site,
+                }
+            })
+            .collect();
+        Self {
+            features: w,
+            columns,
         }
-        ex
+    }
+
+    /// Impute and standardise row-major `(n, features)` inputs in place.
+    pub fn apply(&self, x: &mut [f32]) {
+        for r in x.chunks_exact_mut(self.features) {
+            for c in &self.columns {
+                let v = &mut r[c.offset];
+                if v.is_nan() {
+                    *v = c.mean as f32;
+                }
+                if c.scale {
+                    *v = ((f64::from(*v) - c.mean) / c.std) as f32;
+                }
+            }
+        }
+    }
+
+    /// Whether these figures were fitted for `spec`'s features (same names, offsets and
+    /// width, and the spec's standardisation).
+    ///
+    /// # Errors
+    /// [`DataError::Preprocessing`] naming the first difference.
+    pub fn check(&self, spec: &FederationSpec) -> Result<(), DataError> {
+        let mismatch = |detail: String| Err(DataError::Preprocessing(detail));
+        if self.features != spec.in_features() {
+            return mismatch(format!(
+                "fitted for {} inputs, the spec's features encode to {}",
+                self.features,
+                spec.in_features()
+            ));
+        }
+        let mut offset = 0;
+        let mut expected = Vec::new();
+        for f in &spec.features {
+            if f.kind != FeatureType::Categorical {
+                expected.push((
+                    f.name.as_str(),
+                    offset,
+                    f.kind == FeatureType::Numeric && spec.data.standardize == Standardize::Site,
+                ));
+            }
+            offset += f.width();
+        }
+        let found: Vec<(&str, usize, bool)> = self
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.offset, c.scale))
+            .collect();
+        if found != expected {
+            return mismatch(format!(
+                "fitted for the columns {found:?} (name, offset, standardised), the spec has {expected:?}"
+            ));
+        }
+        if let Some(c) = self
+            .columns
+            .iter()
+            .find(|c| !c.mean.is_finite() || !c.std.is_finite() || c.std <= 0.0)
+        {
+            return mismatch(format!(
+                "column `{}` has mean {} and std {}: both must be finite and the std positive",
+                c.name, c.mean, c.std
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One row of a file to predict on, in file order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Where it is in the file.
+    pub at: Location,
+    /// The value of the `--id-column`, if one was named.
+    pub id: Option<String>,
+    /// The row's class, when the file has the label column and the value is one of the
+    /// classes (used to report accuracy; never needed).
+    pub label: Option<i64>,
+    /// Index of its input among the records' inputs, or why it has none (a missing feature
+    /// under `missing = "drop-row"`, or an empty text).
+    pub input: Result<usize, String>,
+}
+
+/// Rows to predict on: their inputs (only the rows that have one) and every selected row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Records<T> {
+    /// Inputs: encoded feature rows (`Vec<f32>`, imputed and standardised) or texts.
+    pub inputs: Vec<T>,
+    /// Every selected row, in file order.
+    pub rows: Vec<Record>,
+}
+
+/// Read the rows of `path` that `filter` selects for prediction. Unlike [`load`] the label
+/// column is optional (used only to report accuracy) and nothing is split; each row is
+/// encoded with `parse` and kept in file order.
+fn read_records<T>(
+    spec: &FederationSpec,
+    path: &Path,
+    filter: Option<&RowFilter>,
+    id_column: Option<&str>,
+    rows: Rows,
+    mut parse: impl FnMut(&[String], Location) -> Result<Result<T, String>, DataError>,
+) -> Result<Records<T>, DataError> {
+    let headers = rows.headers.clone();
+    let label = headers.iter().position(|h| *h == spec.task.label);
+    let id = id_column
+        .map(|c| column(&headers, c, "the --id-column", path))
+        .transpose()?;
+    let where_col = filter
+        .map(|w| column(&headers, &w.column, "the --where column", path))
+        .transpose()?;
+    let mut out = Records {
+        inputs: Vec::new(),
+        rows: Vec::new(),
     };
-    let mut data = TabularData {
-        features: width,
-        train: examples(train),
-        validation: examples(validation),
-        test: examples(test),
-        report,
+    for row in rows {
+        let (at, rec) = row?;
+        if let (Some(i), Some(w)) = (where_col, filter)
+            && rec.get(i).map(|c| c.trim()) != Some(w.value.as_str())
+        {
+            continue;
+        }
+        let input = parse(&rec, at)?.map(|x| {
+            out.inputs.push(x);
+            out.inputs.len() - 1
+        });
+        out.rows.push(Record {
+            at,
+            id: id.map(|i| rec.get(i).map_or("", |c| c.trim()).to_owned()),
+            label: label
+                .and_then(|i| rec.get(i))
+                .and_then(|v| spec.class_of(v))
+                .map(|c| c as i64),
+            input,
+        });
+    }
+    if out.rows.is_empty() {
+        return Err(DataError::NoRows {
+            path: path.to_owned(),
+            selection: filter
+                .map(|w| format!(" (where {}={})", w.column, w.value))
+                .unwrap_or_default(),
+            detail: "no data rows to predict on".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// Tabular rows of `path` to predict on, encoded as `spec` says and imputed and standardised
+/// with `prep` (the figures the model was trained with). A row with a missing feature gets no
+/// input under `missing = "drop-row"` (its [`Record::input`] says which column).
+///
+/// # Errors
+/// As [`load`] for unreadable files, missing feature columns and cells that are not their
+/// column's type; [`DataError::Preprocessing`] if `prep` was fitted for other features.
+pub fn load_records(
+    spec: &FederationSpec,
+    prep: &Preprocessing,
+    path: &Path,
+    filter: Option<&RowFilter>,
+    id_column: Option<&str>,
+) -> Result<Records<Vec<f32>>, DataError> {
+    prep.check(spec)?;
+    let rows = open(path)?;
+    let enc = Encoder::new(spec, &rows.headers, path)?;
+    let parse = |rec: &[String], at: Location| {
+        let mut missing = BTreeMap::new();
+        Ok(match enc.encode(rec, at, path, &mut missing)? {
+            Read::Incomplete(_) if spec.data.missing == MissingPolicy::DropRow => {
+                let cols: Vec<String> = missing.keys().map(|c| format!("`{c}`")).collect();
+                Err(format!(
+                    "missing {} (the spec's policy is drop-row)",
+                    cols.join(", ")
+                ))
+            }
+            Read::Complete(mut x) | Read::Incomplete(mut x) => {
+                prep.apply(&mut x);
+                Ok(x)
+            }
+            Read::Unusable => Err("unusable".into()),
+        })
     };
-    data.impute_and_standardize(spec, &columns);
-    Ok(data)
+    read_records(spec, path, filter, id_column, rows, parse)
+}
+
+/// Text rows of `path` to predict on (the spec's text column); an empty text gets no input.
+///
+/// # Errors
+/// As [`load_text`] for unreadable files and a missing text column.
+pub fn load_text_records(
+    spec: &FederationSpec,
+    path: &Path,
+    filter: Option<&RowFilter>,
+    id_column: Option<&str>,
+) -> Result<Records<String>, DataError> {
+    let rows = open(path)?;
+    let name = spec.task.text.clone().unwrap_or_default();
+    let text = column(&rows.headers, &name, "the text", path)?;
+    let parse = |rec: &[String], _: Location| {
+        let t = rec.get(text).map_or("", |t| t.trim());
+        Ok(if t.is_empty() {
+            Err(format!("empty `{name}`"))
+        } else {
+            Ok(t.to_owned())
+        })
+    };
+    read_records(spec, path, filter, id_column, rows, parse)
 }
 
 /// A site's text examples, `(text, class)`, per split.
@@ -814,44 +1132,6 @@ pub fn load_text(
         test,
         report,
     })
-}
-
-impl TabularData {
-    /// Fill missing numeric/boolean inputs with the training split's column mean (policy
-    /// `impute`), then standardise numeric columns with the training split's mean and std
-    /// (constant columns get std 1).
-    fn impute_and_standardize(&mut self, spec: &FederationSpec, columns: &[Column<'_>]) {
-        for c in columns {
-            if c.feature.kind == FeatureType::Categorical {
-                continue;
-            }
-            let j = c.offset;
-            let w = self.features;
-            let values: Vec<f64> = self
-                .train
-                .x
-                .chunks_exact(w)
-                .map(|r| f64::from(r[j]))
-                .filter(|v| !v.is_nan())
-                .collect();
-            let n = values.len().max(1) as f64;
-            let mean = values.iter().sum::<f64>() / n;
-            let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
-            let std = if std > 1e-8 { std } else { 1.0 };
-            let scale = c.feature.kind == FeatureType::Numeric
-                && spec.data.standardize == Standardize::Site;
-            for ex in [&mut self.train, &mut self.validation, &mut self.test] {
-                for r in ex.x.chunks_exact_mut(w) {
-                    if r[j].is_nan() {
-                        r[j] = mean as f32;
-                    }
-                    if scale {
-                        r[j] = ((f64::from(r[j]) - mean) / std) as f32;
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -967,6 +1247,59 @@ test_fraction = 0.2
             1,
             "missing ward: all-zero one-hot"
         );
+    }
+
+    #[test]
+    fn records_to_predict_use_the_fitted_figures_in_file_order() {
+        let mut text = String::from(HEADER);
+        text += &rows(30, "North");
+        let f = file(&text);
+        let d = load(&spec(""), f.path(), None).unwrap();
+        let prep = &d.preprocessing;
+        assert_eq!(prep.columns.len(), 2, "age and smoker: {prep:?}");
+        assert!(prep.columns[0].scale && !prep.columns[1].scale);
+        prep.check(&spec("")).unwrap();
+        // The same rows read as records encode exactly as the training split did.
+        let r = load_records(&spec(""), prep, f.path(), None, Some("id")).unwrap();
+        assert_eq!(r.rows.len(), 30);
+        for (x, y) in d.train.x.chunks_exact(4).zip(&d.train.y) {
+            let found = r
+                .inputs
+                .iter()
+                .zip(&r.rows)
+                .any(|(i, rec)| i == x && rec.label == Some(*y));
+            assert!(found, "{x:?} not among the records");
+        }
+        // No label column needed; a missing feature under drop-row keeps its row with a note;
+        // a bad cell is refused with its line.
+        let g = file("id,age,smoker,ward\n7,40,yes,A\n8,,no,B\n");
+        let r = load_records(&spec(""), prep, g.path(), None, Some("id")).unwrap();
+        assert_eq!(r.inputs.len(), 1);
+        assert_eq!(r.rows[0].id.as_deref(), Some("7"));
+        assert_eq!((r.rows[0].at, r.rows[0].label), (Location::Line(2), None));
+        assert!(
+            r.rows[1].input.as_ref().unwrap_err().contains("`age`"),
+            "{:?}",
+            r.rows[1]
+        );
+        let r = load_records(&spec("missing = \"impute\""), prep, g.path(), None, None).unwrap();
+        assert_eq!(r.inputs.len(), 2);
+        assert!(
+            r.inputs[1][0].abs() < 1e-5,
+            "imputed with the fitted mean, then scaled: {}",
+            r.inputs[1][0]
+        );
+        let bad = file("id,age,smoker,ward\n7,forty,yes,A\n");
+        let e = load_records(&spec(""), prep, bad.path(), None, None).unwrap_err();
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("forty"),
+            "{e}"
+        );
+        // Figures fitted for other features are refused.
+        let mut other = prep.clone();
+        other.columns[0].name = "weight".into();
+        let e = load_records(&spec(""), &other, g.path(), None, None).unwrap_err();
+        assert!(e.to_string().contains("weight"), "{e}");
     }
 
     /// The rows of `rows(n, site)` (plus one with a missing age) as a Parquet file: `id` and

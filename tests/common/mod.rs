@@ -25,27 +25,37 @@ pub fn fedee(args: &[&str], dir: &Path) -> std::process::Output {
 }
 
 /// A running `fedee aggregator` whose stderr is collected; killed (SIGKILL) on drop.
-pub struct Aggregator {
+pub type Aggregator = Service;
+
+/// A running fedee service (`fedee aggregator` or `fedee trainer`) whose stderr is
+/// collected; killed (SIGKILL) on drop.
+pub struct Service {
     pub child: Child,
     pub addr: String,
     pub metrics: Option<String>,
     pub log: Arc<Mutex<String>>,
 }
 
-impl Drop for Aggregator {
+impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Aggregator {
+impl Service {
     /// Start `fedee aggregator --listen LISTEN ARGS` in `dir` (FEDEE_LOG=info) and wait until
     /// it listens (and serves metrics, if `--metrics-listen` is among the args).
     pub fn start(dir: &Path, listen: &str, args: &[&str]) -> Self {
+        Self::start_role(dir, "aggregator", listen, args)
+    }
+
+    /// Start `fedee ROLE --listen LISTEN ARGS` (`aggregator` or `trainer`) in `dir` and wait
+    /// until it prints `ROLE listening on ADDR`.
+    pub fn start_role(dir: &Path, role: &str, listen: &str, args: &[&str]) -> Self {
         let wants_metrics = args.contains(&"--metrics-listen");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fedee"))
-            .args(["aggregator", "--listen", listen])
+            .args([role, "--listen", listen])
             .args(args)
             .current_dir(dir)
             .env("FEDEE_LOG", "info")
@@ -59,12 +69,9 @@ impl Aggregator {
         while addr.is_none() || (wants_metrics && metrics.is_none()) {
             let Some(Ok(line)) = lines.next() else {
                 let _ = child.wait();
-                panic!(
-                    "aggregator exited before listening:\n{}",
-                    log.lock().unwrap()
-                );
+                panic!("{role} exited before listening:\n{}", log.lock().unwrap());
             };
-            if let Some(a) = line.strip_prefix("aggregator listening on ") {
+            if let Some(a) = line.strip_prefix(&format!("{role} listening on ")) {
                 addr = Some(a.trim().to_owned());
             }
             if line.contains("serving Prometheus metrics") {

@@ -1,0 +1,334 @@
+//! The key holder's command line: `fedee finetune` and `fedee predict`. Glue over
+//! [`crate::finetune`] and [`crate::predict`]: argument checks, a progress bar on stderr,
+//! atomic output files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use fedee_model::OptimizerSpec;
+use fedee_proto::cli::TransportArgs;
+use fedee_site_agent::table::RowFilter;
+use fedee_trainer::TrainerClient;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tch::Kind;
+
+use crate::finetune::{LocalData, Options, Progress};
+use crate::predict::{Job, Rows};
+use crate::{Keyed, write_atomically};
+
+/// The trainer and the files every key-holder command needs.
+#[derive(clap::Args)]
+pub struct Common {
+    /// Trainer address (host:port; the scheme follows --tls-dir / --insecure).
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    pub trainer: String,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// The federation spec (how to read the data file, and the model).
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// The secret key file for the spec's model (`fedee ee keygen --spec SPEC --out KEYS`).
+    /// It never leaves this machine.
+    #[arg(long)]
+    pub keys: PathBuf,
+    /// The data file: CSV, TSV, Parquet or JSONL with the spec's columns.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Keep only the rows whose COLUMN is VALUE, e.g. --where dataset=VA.
+    #[arg(long = "where", value_name = "COLUMN=VALUE")]
+    pub filter: Option<String>,
+}
+
+impl Common {
+    fn filter(&self) -> Result<Option<RowFilter>> {
+        Ok(self.filter.as_deref().map(str::parse).transpose()?)
+    }
+
+    async fn connect(&self) -> Result<TrainerClient> {
+        let tls = self.transport.resolve("pharma")?;
+        let url = format!("{}://{}", self.transport.scheme(), self.trainer);
+        Ok(TrainerClient::connect(&url, tls.as_ref()).await?)
+    }
+}
+
+/// Fine-tune a model at the trainer under EE on your own data file.
+///
+/// Reads --data as the spec says and splits it (the spec's validation and test fractions and
+/// seed), encrypts --model with --keys and uploads it as a job, streams the encrypted training
+/// split for --epochs, reports test metrics (from encrypted predictions) before and after,
+/// then downloads the fine-tuned EE model, decrypts it and writes it to --out with the
+/// figures its inputs were standardised with (for `fedee predict`). The job stays at the
+/// trainer (its id is printed) until the trainer restarts. Nothing is written if the trainer
+/// stops part way.
+#[derive(clap::Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The plaintext model to start from (safetensors), e.g. the global model from `fedee
+    /// download-model`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Where the fine-tuned plaintext model goes (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Passes over the training split (0: only evaluate, and record the preprocessing).
+    #[arg(long, default_value_t = 5)]
+    pub epochs: u32,
+    /// Examples per batch [default: the spec's training batch size].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub learning_rate: f64,
+    /// Optimizer: adamw (exact under permutation-type keys, the keygen default) or sgd (exact
+    /// under orthogonal input keys too).
+    #[arg(long, default_value = "adamw", value_parser = ["adamw", "sgd"])]
+    pub optimizer: String,
+    /// Weight decay.
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    /// The dtype the trainer computes in: f32, or f64 for decrypted weights equal to
+    /// plaintext training to ~1e-12.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f64"])]
+    pub dtype: String,
+    /// Seed of the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also fine-tune the plaintext model here on the same batches and print the largest
+    /// weight difference from the decrypted EE model (doubles the work; a check of EE).
+    #[arg(long)]
+    pub verify: bool,
+    /// Write the run's figures as JSON here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+/// Class probabilities for the records of a data file, from an EE model at the trainer.
+///
+/// Reads --data as the spec says (tabular rows standardised with the figures --model was
+/// fine-tuned with; no label column needed), encrypts the records, asks the trainer, decrypts
+/// the answers and writes one CSV row per record to --out: `record` (its line or row),
+/// the --id-column value, `predicted`, `p_CLASS` per class, `label` when the file has the
+/// label column, and `note` for a row that could not be predicted (a missing feature under
+/// the drop-row policy, an empty text). Without --job, --model is encrypted and uploaded as
+/// a new job first.
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The plaintext model (from `fedee finetune`): its preprocessing figures, and the model
+    /// uploaded when --job is not given.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Use this job at the trainer (printed by `fedee finetune`) instead of uploading --model.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// A column copied into the output to identify each record (e.g. a patient id).
+    #[arg(long)]
+    pub id_column: Option<String>,
+    /// Where the predictions go (CSV).
+    #[arg(long, default_value = "predictions.csv")]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Records per Predict call.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Also run --model here on the plaintext records and print the largest probability
+    /// difference (a check of EE).
+    #[arg(long)]
+    pub verify: bool,
+}
+
+fn refuse_overwrite(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        bail!(
+            "{} exists: pass --force to replace it, or choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+fn metrics_line(m: &fedee_site_agent::metrics::Metrics) -> String {
+    let auroc = m
+        .auroc
+        .map(|a| format!(", AUROC {a:.3}"))
+        .unwrap_or_default();
+    format!(
+        "accuracy {:.3}, balanced accuracy {:.3}, macro-F1 {:.3}{auroc}",
+        m.accuracy, m.balanced_accuracy, m.macro_f1
+    )
+}
+
+/// `fedee finetune`.
+///
+/// # Errors
+/// Any [`crate::KeyHolderError`], with context.
+pub async fn finetune(args: FinetuneArgs) -> Result<()> {
+    refuse_overwrite(&args.out, args.force)?;
+    let c = &args.common;
+    let keyed = Keyed::open(&c.spec, &c.keys)?;
+    let (global, _) = keyed.read_model(&args.model)?;
+    let data = LocalData::load(&keyed, &c.data, c.filter()?.as_ref())?;
+    eprintln!("{}", data.report);
+    let optimizer = match args.optimizer.as_str() {
+        "sgd" => OptimizerSpec::Sgd {
+            lr: args.learning_rate,
+            momentum: 0.0,
+            weight_decay: args.weight_decay,
+        },
+        _ => OptimizerSpec::AdamW {
+            lr: args.learning_rate,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: args.weight_decay,
+        },
+    };
+    let opts = Options {
+        epochs: args.epochs,
+        batch_size: args
+            .batch_size
+            .unwrap_or(keyed.spec.spec.training.batch_size as usize),
+        optimizer,
+        kind: if args.dtype == "f64" {
+            Kind::Double
+        } else {
+            Kind::Float
+        },
+        seed: args.seed,
+        verify: args.verify,
+    };
+    let mut tc = c.connect().await?;
+    eprintln!(
+        "uploading the EE model of {} to the trainer at {}",
+        args.model.display(),
+        c.trainer
+    );
+    let pb = bar(0, "epoch {prefix} [{bar:30}] {pos}/{len} steps, loss {msg}");
+    let (tuned, report) =
+        crate::finetune::finetune(&mut tc, &keyed, &global, &data, &opts, |p| match p {
+            Progress::Epoch { epoch, steps } => {
+                pb.set_prefix(format!("{epoch}/{}", opts.epochs));
+                pb.set_length(steps);
+                pb.set_position(0);
+            }
+            Progress::Step { loss, .. } => {
+                pb.inc(1);
+                pb.set_message(format!("{loss:.4}"));
+            }
+            Progress::EpochDone { epoch, loss } => {
+                pb.suspend(|| {
+                    eprintln!(
+                        "epoch {epoch}/{}: mean encrypted loss {loss:.4}",
+                        opts.epochs
+                    );
+                });
+            }
+        })
+        .await?;
+    pb.finish_and_clear();
+    let bytes = crate::finetune::model_file(&keyed, &tuned, data.preprocessing.as_ref())?;
+    write_atomically(&args.out, |f| std::io::Write::write_all(f, &bytes))?;
+    eprintln!(
+        "test split ({} records), encrypted predictions: before {}; after {}",
+        data.test.y.len(),
+        metrics_line(&report.test_before),
+        metrics_line(&report.test_after)
+    );
+    if let Some(v) = &report.validation_after {
+        eprintln!("validation split after: {}", metrics_line(v));
+    }
+    if let Some(d) = report.max_abs_weight_diff {
+        eprintln!("verify: decrypted EE model vs plaintext fine-tuning here: max |Δw| = {d:.3e}");
+    }
+    eprintln!(
+        "wrote {} ({} steps); the trainer keeps the EE model as job {} (use `fedee predict --job {}`)",
+        args.out.display(),
+        report.steps,
+        report.job,
+        report.job
+    );
+    if let Some(path) = &args.report {
+        let json = serde_json::to_vec_pretty(&report)?;
+        write_atomically(path, |f| std::io::Write::write_all(f, &json))?;
+    }
+    Ok(())
+}
+
+/// `fedee predict`.
+///
+/// # Errors
+/// Any [`crate::KeyHolderError`], with context.
+pub async fn predict(args: PredictArgs) -> Result<()> {
+    refuse_overwrite(&args.out, args.force)?;
+    let c = &args.common;
+    let keyed = Keyed::open(&c.spec, &c.keys)?;
+    let (state, meta) = keyed.read_model(&args.model)?;
+    let prep = keyed.preprocessing(&args.model, &meta)?;
+    let rows = Rows::load(
+        &keyed,
+        prep.as_ref(),
+        &c.data,
+        c.filter()?.as_ref(),
+        args.id_column.as_deref(),
+    )?;
+    let mut tc = c.connect().await?;
+    let job = match &args.job {
+        Some(id) => Job::Existing(id.clone()),
+        None => Job::Upload(
+            state
+                .iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
+        ),
+    };
+    let pb = bar(
+        rows.inputs.len() as u64,
+        "predict [{bar:30}] {pos}/{len} records",
+    );
+    let p = crate::predict::predict(
+        &mut tc,
+        &keyed,
+        job,
+        &rows,
+        args.batch_size,
+        args.verify.then_some(&state),
+        |done, _| pb.set_position(done as u64),
+    )
+    .await?;
+    pb.finish_and_clear();
+    crate::predict::write_csv(&args.out, &keyed, &rows, args.id_column.as_deref(), &p)?;
+    eprintln!(
+        "wrote {}: {} records predicted, {} without a prediction (see `note`), job {}",
+        args.out.display(),
+        p.predicted,
+        p.skipped,
+        p.job
+    );
+    if let Some(a) = p.accuracy {
+        eprintln!("accuracy against the file's label column: {a:.3}");
+    }
+    if let Some(v) = p.verify {
+        eprintln!(
+            "verify: encrypted vs plaintext here: max |Δp| = {:.3e}, argmax agreement {:.3}",
+            v.max_abs_probability_diff, v.argmax_agreement
+        );
+    }
+    Ok(())
+}
