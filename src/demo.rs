@@ -6,33 +6,26 @@
 //!    Switzerland) reading their rows of the shared file as it says run FedAvg with
 //!    record-level DP (each site's σ calibrated so it spends at most the spec's ε). The same
 //!    library calls as `fedee aggregator --spec` and `fedee site --where`.
-//! 2. Pharma (VA Long Beach data) generates EE keys, transforms the global model, uploads it to
-//!    a trainer, fine-tunes it with AdamW on encrypted batches, downloads and decrypts it, and
-//!    runs the same fine-tuning in plaintext to compare.
-//! 3. An inference client encrypts VA test records, calls Predict, and decrypts.
+//! 2. Pharma (VA Long Beach data) generates EE keys and fine-tunes the global model at a
+//!    trainer with the calls of `fedee finetune --verify` (the same fine-tuning runs in
+//!    plaintext to compare).
+//! 3. Encrypted inference on the VA test records with the calls of `fedee predict --verify`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fedee_encrypt::{
-    KeySet, check_trainable, decrypt_outputs, decrypt_state, encrypt_inputs, encrypt_labels,
-    transform_state,
-};
-use fedee_model::{
-    Input, Mlp, OptimizerSpec, batch_to_safetensors, state_from_safetensors, state_to_safetensors,
-};
+use fedee_encrypt::KeySet;
+use fedee_model::{Mlp, OptimizerSpec, state_from_safetensors, state_to_safetensors};
 use fedee_proto::pki::TlsFiles;
 use fedee_proto::v1::StatusRequest;
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_site_agent::table::RowFilter;
-use fedee_site_agent::train::to_tensors;
 use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 use tokio_util::sync::CancellationToken;
 
 /// Hidden units of the heart MLP of federations without a spec.
@@ -166,7 +159,7 @@ struct FinetuneReport {
 struct InferenceReport {
     records: usize,
     argmax_agreement: f64,
-    max_abs_logit_diff: f64,
+    max_abs_probability_diff: f64,
 }
 
 #[derive(Serialize)]
@@ -181,18 +174,6 @@ struct Report {
     ee_inference: InferenceReport,
     device: String,
     wall_seconds: f64,
-}
-
-fn max_abs_diff(a: &fedee_encrypt::StateDict, b: &fedee_encrypt::StateDict) -> f64 {
-    a.iter()
-        .map(|(k, v)| {
-            (v - &b[k])
-                .abs()
-                .max()
-                .to_kind(Kind::Double)
-                .double_value(&[])
-        })
-        .fold(0.0, f64::max)
 }
 
 /// Run the demo.
@@ -389,13 +370,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         sites: sites_privacy,
     };
 
-    // --- 2. Pharma: EE fine-tuning at the trainer --------------------------------------
-    let global_bytes = download_model(&mut fed, rounds + 1).await?;
-    let global = state_from_safetensors(&global_bytes, Device::Cpu)?;
-    let global: fedee_encrypt::StateDict = global
-        .into_iter()
-        .map(|(k, v)| (k, v.to_kind(kind)))
-        .collect();
+    // --- 2. Pharma: EE fine-tuning at the trainer (the calls of `fedee finetune`) --------
+    let global = state_from_safetensors(&download_model(&mut fed, rounds + 1).await?, Device::Cpu)?;
     let key_spec = cfg.key_spec();
     let keys = KeySet::generate(
         &key_spec,
@@ -403,20 +379,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         false,
         &mut ChaCha20Rng::from_os_rng(),
     )?;
-    let optimizer = OptimizerSpec::AdamW {
-        lr: args.finetune_lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 1e-2,
-    };
-    check_trainable(&key_spec, &keys, optimizer.family())?;
-    let ee_model = state_to_safetensors(&transform_state(&key_spec, &keys, &global)?)?;
+    let keyed = fedee_client::Keyed::new(signed.clone(), keys)?;
     eprintln!(
-        "[demo] pharma: EE keys generated (input: signed permutation, hidden and labels: permutations); EE model {} bytes",
-        ee_model.len()
+        "[demo] pharma: EE keys generated (input: signed permutation, hidden and labels: permutations)"
     );
-
     let trainer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let trainer_url = format!("https://{}", trainer_listener.local_addr()?);
     let trainer = tokio::spawn(fedee_trainer::run(
@@ -429,86 +395,59 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         shutdown.clone(),
     ));
     let mut tc = connect_trainer_with_retry(&trainer_url, Some(&pharma_tls)).await?;
-    let dtype = args.finetune_dtype.clone();
-    let job = tc
-        .create_job(
-            &fedee_model::Architecture::Mlp(cfg),
-            &optimizer,
-            &dtype,
-            &ee_model,
-        )
-        .await?;
-    eprintln!("[demo] trainer at {trainer_url}: job {job} created");
-
     // Pharma reads its own records with the same spec, so its inputs mean what the sites' do.
-    let va = fedee_site_agent::table::load(&spec, &args.data, Some(&site_rows(PHARMA_SITE)))?;
+    let va =
+        fedee_client::finetune::LocalData::load(&keyed, &args.data, Some(&site_rows(PHARMA_SITE)))?;
     data_reports.insert(PHARMA_SITE.to_owned(), va.report.clone());
-    let (xtr, ytr) = to_tensors(&va.train, va.features, Device::Cpu, kind);
-    let (xte, yte) = to_tensors(&va.test, va.features, Device::Cpu, kind);
-    let mut plain = Mlp::from_state(cfg, &global, Device::Cpu, kind)?;
-    let va_accuracy_before = plain.accuracy(&xte, &yte);
-    let mut popt = plain.optimizer(&optimizer)?;
-    let mut rng = ChaCha20Rng::seed_from_u64(args.seed);
-    let mut steps = 0u64;
-    let mut final_loss = f64::NAN;
-    for epoch in 1..=args.finetune_epochs {
-        let mut idx: Vec<i64> = (0..va.train.len() as i64).collect();
-        idx.shuffle(&mut rng);
-        let mut batches = Vec::new();
-        let mut plain_losses = Vec::new();
-        for b in idx.chunks(spec.training.batch_size as usize) {
-            let bi = Tensor::from_slice(b);
-            let (x, y) = (xtr.index_select(0, &bi), ytr.index_select(0, &bi));
-            plain_losses.push(plain.train_step(&mut popt, &x, &y));
-            let (xe, ye) = (
-                encrypt_inputs(&key_spec, &keys, &x)?,
-                encrypt_labels(&key_spec, &keys, &y)?,
+    let optimizer = OptimizerSpec::AdamW {
+        lr: args.finetune_lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 1e-2,
+    };
+    let opts = fedee_client::finetune::Options {
+        epochs: args.finetune_epochs,
+        batch_size: spec.training.batch_size as usize,
+        optimizer,
+        kind,
+        seed: args.seed,
+        verify: true,
+    };
+    let (tuned, ft) = fedee_client::finetune::finetune(&mut tc, &keyed, &global, &va, &opts, |p| {
+        if let fedee_client::finetune::Progress::EpochDone { epoch, loss } = p {
+            eprintln!(
+                "[demo] fine-tune epoch {epoch}/{}: encrypted loss {loss:.4}",
+                args.finetune_epochs
             );
-            batches.push(batch_to_safetensors(&Input::Features(xe), Some(&ye))?);
         }
-        let losses = tc.train(&job, batches, |_, _| {}).await?;
-        steps += losses.len() as u64;
-        final_loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
-        let plain_loss = plain_losses.iter().sum::<f64>() / plain_losses.len().max(1) as f64;
-        eprintln!(
-            "[demo] fine-tune epoch {epoch}/{}: encrypted loss {final_loss:.4} (plaintext {plain_loss:.4}), {steps} steps",
-            args.finetune_epochs
-        );
-    }
-    let tuned_ee = state_from_safetensors(&tc.export_model(&job).await?, Device::Cpu)?;
-    let tuned = decrypt_state(&key_spec, &keys, &tuned_ee)?;
-    let max_abs_weight_diff = max_abs_diff(&tuned, &plain.state());
-    let decrypted_model = Mlp::from_state(cfg, &tuned, Device::Cpu, kind)?;
-    let va_accuracy_after = decrypted_model.accuracy(&xte, &yte);
+    })
+    .await?;
+    let max_abs_weight_diff = ft.max_abs_weight_diff.unwrap_or(f64::NAN);
     eprintln!(
-        "[demo] decrypted EE model vs plaintext fine-tuning: max |Δw| = {max_abs_weight_diff:.3e}; VA accuracy {va_accuracy_before:.3} → {va_accuracy_after:.3}"
+        "[demo] trainer at {trainer_url}, job {}: decrypted EE model vs plaintext fine-tuning: max |Δw| = {max_abs_weight_diff:.3e}; VA test accuracy {:.3} → {:.3}",
+        ft.job, ft.test_before.accuracy, ft.test_after.accuracy
     );
 
-    // --- 3. Encrypted inference -----------------------------------------------------------
-    let enc = encrypt_inputs(&key_spec, &keys, &xte)?;
-    let out = tc
-        .predict(&job, batch_to_safetensors(&Input::Features(enc), None)?)
-        .await?;
-    let logits_enc = state_from_safetensors(&out, Device::Cpu)?
-        .remove("logits")
-        .context("Predict returned no logits")?;
-    let logits = decrypt_outputs(&key_spec, &keys, &logits_enc)?;
-    let reference = tch::no_grad(|| plain.forward(&xte));
-    let max_abs_logit_diff = (&logits - &reference)
-        .abs()
-        .max()
-        .to_kind(Kind::Double)
-        .double_value(&[]);
-    let agree = logits
-        .argmax(-1, false)
-        .eq_tensor(&reference.argmax(-1, false));
-    let argmax_agreement = agree
-        .to_kind(Kind::Double)
-        .mean(Kind::Double)
-        .double_value(&[]);
+    // --- 3. Encrypted inference (the calls of `fedee predict`) ---------------------------
+    let p = fedee_client::predict::predict(
+        &mut tc,
+        &keyed,
+        fedee_client::predict::Job::Existing(ft.job.clone()),
+        &va.test.inputs,
+        256,
+        Some(&tuned),
+        |_, _| {},
+    )
+    .await?;
+    let v = p
+        .verify
+        .context("predict ran without its plaintext check")?;
     eprintln!(
-        "[demo] encrypted inference on {} VA test records: argmax agreement {argmax_agreement:.3}, max |Δlogit| = {max_abs_logit_diff:.3e}",
-        va.test.len()
+        "[demo] encrypted inference on {} VA test records: argmax agreement {:.3}, max |Δp| = {:.3e}",
+        va.test.y.len(),
+        v.argmax_agreement,
+        v.max_abs_probability_diff
     );
     eprintln!(
         "[demo] note: EE is a change of basis, not semantic encryption; the trainer sees shapes, losses and value multisets (SECURITY.md)"
@@ -524,19 +463,19 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         final_weighted_accuracy,
         privacy,
         ee_finetune: FinetuneReport {
-            steps,
+            steps: ft.steps,
             epochs: args.finetune_epochs,
-            dtype,
+            dtype: args.finetune_dtype.clone(),
             optimizer,
             max_abs_weight_diff,
-            va_accuracy_before,
-            va_accuracy_after,
-            final_loss,
+            va_accuracy_before: ft.test_before.accuracy,
+            va_accuracy_after: ft.test_after.accuracy,
+            final_loss: ft.final_loss,
         },
         ee_inference: InferenceReport {
-            records: va.test.len(),
-            argmax_agreement,
-            max_abs_logit_diff,
+            records: va.test.y.len(),
+            argmax_agreement: v.argmax_agreement,
+            max_abs_probability_diff: v.max_abs_probability_diff,
         },
         device: format!("{device:?}"),
         wall_seconds: start.elapsed().as_secs_f64(),

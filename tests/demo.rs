@@ -92,7 +92,10 @@ fn demo_runs_the_main_job_end_to_end() {
     );
     assert!(inf["records"].as_u64().unwrap() > 20);
     assert_eq!(inf["argmax_agreement"].as_f64().unwrap(), 1.0);
-    assert!(inf["max_abs_logit_diff"].as_f64().unwrap() <= 1e-5, "{inf}");
+    assert!(
+        inf["max_abs_probability_diff"].as_f64().unwrap() <= 1e-5,
+        "{inf}"
+    );
     assert!(r["wall_seconds"].as_f64().unwrap() > 0.0);
 }
 

@@ -306,7 +306,7 @@ pub async fn predict(args: PredictArgs) -> Result<()> {
         &mut tc,
         &keyed,
         job,
-        &rows,
+        &rows.inputs,
         args.batch_size,
         args.verify.then_some(&state),
         |done, _| pb.set_position(done as u64),
@@ -317,11 +317,11 @@ pub async fn predict(args: PredictArgs) -> Result<()> {
     eprintln!(
         "wrote {}: {} records predicted, {} without a prediction (see `note`), job {}",
         args.out.display(),
-        p.predicted,
-        p.skipped,
+        rows.inputs.len(),
+        rows.skipped(),
         p.job
     );
-    if let Some(a) = p.accuracy {
+    if let Some(a) = rows.accuracy(&p, keyed.arch.num_classes()) {
         eprintln!("accuracy against the file's label column: {a:.3}");
     }
     if let Some(v) = p.verify {

@@ -118,8 +118,14 @@ impl Keyed {
             path: spec.to_owned(),
             source,
         })?;
-        let spec = SignedSpec::parse(&text)?;
-        let keys = KeySet::load(keys)?;
+        Self::new(SignedSpec::parse(&text)?, KeySet::load(keys)?)
+    }
+
+    /// [`Keyed::open`] on a spec and keys already in memory.
+    ///
+    /// # Errors
+    /// As [`Keyed::open`].
+    pub fn new(spec: SignedSpec, keys: KeySet) -> Result<Self> {
         let (arch, tokenizer) = match spec.spec.task.kind {
             TaskKind::TabularClassification => (
                 Architecture::Mlp(fedee_site_agent::task::mlp_config(&spec.spec)?),

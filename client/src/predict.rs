@@ -85,23 +85,22 @@ impl Rows {
     }
 }
 
-/// Probabilities for each input, and what the run did.
-#[derive(Debug, Clone, serde::Serialize)]
+/// Probabilities for each input, from the trainer's answers.
+#[derive(Debug, Clone)]
 pub struct Predictions {
     /// The job that answered.
     pub job: String,
     /// `(inputs, classes)` row-major probabilities, in input order.
-    #[serde(skip)]
     pub probabilities: Vec<f32>,
-    /// Inputs predicted.
-    pub predicted: usize,
-    /// Rows without an input (their notes say why).
-    pub skipped: usize,
-    /// Accuracy over the rows whose label column holds one of the classes, if any.
-    pub accuracy: Option<f64>,
-    /// With `verify`: largest |Δp| between the decrypted answers and the plaintext model run
-    /// here on the plaintext records, and the fraction of equal argmax.
+    /// With `verify`: the decrypted answers against the plaintext model run here.
     pub verify: Option<Verify>,
+}
+
+impl Predictions {
+    /// The top class of each input.
+    pub fn classes(&self, k: usize) -> Vec<usize> {
+        argmax(&self.probabilities, k)
+    }
 }
 
 /// Encrypted against plaintext predictions.
@@ -113,9 +112,19 @@ pub struct Verify {
     pub argmax_agreement: f64,
 }
 
-/// Ask the trainer for the class probabilities of `rows`, `batch_size` inputs per call.
-/// `on_batch(done, total)` is called after each batch. With `verify`, `plain` (the plaintext
-/// model) is also run here and compared.
+fn argmax(p: &[f32], k: usize) -> Vec<usize> {
+    p.chunks_exact(k)
+        .map(|r| {
+            (0..k)
+                .max_by(|&a, &b| r[a].total_cmp(&r[b]))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Ask the trainer for the class probabilities of `inputs`, `batch_size` per call.
+/// `on_batch(done, total)` is called after each batch. With `verify`, that plaintext model is
+/// also run here on the plaintext inputs and compared.
 ///
 /// # Errors
 /// The trainer refusing the model or a batch; [`KeyHolderError::Interrupted`] when a job
@@ -124,7 +133,7 @@ pub async fn predict(
     tc: &mut TrainerClient,
     keyed: &Keyed,
     job: Job,
-    rows: &Rows,
+    inputs: &Inputs,
     batch_size: usize,
     verify: Option<&StateDict>,
     mut on_batch: impl FnMut(usize, usize),
@@ -151,13 +160,13 @@ pub async fn predict(
     let plain = verify
         .map(|s| Model::from_state(keyed.arch, s, Device::Cpu, kind))
         .transpose()?;
-    let n = rows.inputs.len();
+    let n = inputs.len();
     let k = keyed.arch.num_classes();
     let mut probabilities = Vec::with_capacity(n * k);
     let mut reference = Vec::new();
     let idx: Vec<usize> = (0..n).collect();
     for b in idx.chunks(batch_size.max(1)) {
-        let x = rows.inputs.batch(b, kind);
+        let x = inputs.batch(b, kind);
         let bytes = fedee_model::batch_to_safetensors(&keyed.encrypt(&x)?, None)?;
         let answer =
             tc.predict(&job, bytes)
@@ -181,38 +190,19 @@ pub async fn predict(
             let l = tch::no_grad(|| m.forward(&x))?;
             reference.extend(crate::probabilities(&l)?);
         }
-        on_batch((b[b.len() - 1]) + 1, n);
+        on_batch(b[b.len() - 1] + 1, n);
     }
-    let argmax = |p: &[f32]| -> Vec<usize> {
-        p.chunks_exact(k)
-            .map(|r| {
-                (0..k)
-                    .max_by(|&a, &b| r[a].total_cmp(&r[b]))
-                    .unwrap_or_default()
-            })
-            .collect()
-    };
-    let predicted = argmax(&probabilities);
-    let labelled: Vec<(usize, i64)> = rows
-        .records
-        .iter()
-        .filter_map(|r| Some((*r.input.as_ref().ok()?, r.label?)))
-        .collect();
-    let accuracy = (!labelled.is_empty()).then(|| {
-        labelled
-            .iter()
-            .filter(|(i, y)| predicted[*i] as i64 == *y)
-            .count() as f64
-            / labelled.len() as f64
-    });
     let verify = plain.map(|_| {
         let max_abs_probability_diff = probabilities
             .iter()
             .zip(&reference)
             .map(|(a, b)| f64::from((a - b).abs()))
             .fold(0.0, f64::max);
-        let r = argmax(&reference);
-        let agree = predicted.iter().zip(&r).filter(|(a, b)| a == b).count();
+        let agree = argmax(&probabilities, k)
+            .iter()
+            .zip(&argmax(&reference, k))
+            .filter(|(a, b)| a == b)
+            .count();
         Verify {
             max_abs_probability_diff,
             argmax_agreement: agree as f64 / n.max(1) as f64,
@@ -221,11 +211,32 @@ pub async fn predict(
     Ok(Predictions {
         job,
         probabilities,
-        predicted: n,
-        skipped: rows.records.len() - n,
-        accuracy,
         verify,
     })
+}
+
+impl Rows {
+    /// Rows without a prediction (their notes say why).
+    pub fn skipped(&self) -> usize {
+        self.records.iter().filter(|r| r.input.is_err()).count()
+    }
+
+    /// Accuracy of `p` over the rows whose label column holds one of the classes, if any.
+    pub fn accuracy(&self, p: &Predictions, k: usize) -> Option<f64> {
+        let top = p.classes(k);
+        let labelled: Vec<(usize, i64)> = self
+            .records
+            .iter()
+            .filter_map(|r| Some((*r.input.as_ref().ok()?, r.label?)))
+            .collect();
+        (!labelled.is_empty()).then(|| {
+            labelled
+                .iter()
+                .filter(|(i, y)| top[*i] as i64 == *y)
+                .count() as f64
+                / labelled.len() as f64
+        })
+    }
 }
 
 /// Write one CSV row per record: `record` (line or row in the input file), the `--id-column`
@@ -273,10 +284,7 @@ pub fn write_csv(
         match &r.input {
             Ok(i) => {
                 let probs = &p.probabilities[i * k..(i + 1) * k];
-                let top = (0..k)
-                    .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
-                    .unwrap_or_default();
-                line.push(classes[top].to_owned());
+                line.push(classes[argmax(probs, k)[0]].to_owned());
                 line.extend(probs.iter().map(|v| format!("{v:.6}")));
             }
             Err(_) => {
