@@ -93,6 +93,11 @@ pub struct DemoArgs {
     /// (at the spec's δ; record-level DP keeps its unit, a patient record).
     #[arg(long)]
     target_epsilon: Option<f64>,
+    /// Override the spec's standardisation: site (each site's own statistics) or federated
+    /// (a DP statistics round before round 1; the spec's ranges and
+    /// statistics_noise_multiplier).
+    #[arg(long, value_parser = ["site", "federated"])]
+    standardize: Option<String>,
     /// Epochs of EE fine-tuning on VA Long Beach.
     #[arg(long, default_value_t = 10)]
     finetune_epochs: u32,
@@ -207,6 +212,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .with_context(|| format!("{} is not a valid federation spec", args.spec.display()))?;
     if let Some(r) = args.rounds {
         spec.federation.rounds = r;
+    }
+    match args.standardize.as_deref() {
+        Some("federated") => spec.data.standardize = fedee_spec::Standardize::Federated,
+        Some("site") => spec.data.standardize = fedee_spec::Standardize::Site,
+        _ => {}
     }
     if let Some(eps) = args.target_epsilon {
         spec.privacy.target_epsilon = Some(eps);

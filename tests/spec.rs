@@ -810,3 +810,103 @@ async fn a_text_federation_fine_tunes_a_bert_checkpoint_from_its_spec() {
     );
     assert_eq!(out.count(), 30, "one row per review: {csv}");
 }
+
+/// Federated standardisation: before round 1 each site sends noisy per-feature statistics
+/// once (recorded in its ledger as round 0), the aggregator serves their sums, and training
+/// then spends the rest of the spec's ε. Statistics that do not fit the spec are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_standardisation_pools_noisy_statistics_before_round_one() {
+    use fedee_proto::v1::{FeatureStatistics, StatisticsRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let csv = heart_csv();
+    let spec = example_spec(1).replace("standardize = \"site\"", "standardize = \"federated\"");
+    assert!(spec.contains("standardize = \"federated\""));
+    std::fs::write(dir.join("spec.toml"), &spec).unwrap();
+    init_model(dir, "spec.toml");
+    let agg = spec_aggregator(dir, "spec.toml", &["--initial-model", "g0.safetensors"]);
+    let mut c = agg.client().await;
+    let sha = c
+        .get_spec(GetSpecRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sha256;
+    let ask = |features: Vec<FeatureStatistics>| StatisticsRequest {
+        site: "Cleveland".into(),
+        features,
+    };
+    let early = c.submit_statistics(ask(vec![])).await.unwrap_err();
+    assert_eq!(early.code(), tonic::Code::NotFound, "{early:?}");
+    c.join(JoinRequest {
+        site: "Cleveland".into(),
+        spec_sha256: sha,
+    })
+    .await
+    .unwrap();
+    let stat = |feature: &str, count: f64| FeatureStatistics {
+        feature: feature.into(),
+        count,
+        sum: 1.0,
+        sum_squares: 1.0,
+    };
+    let wrong = c
+        .submit_statistics(ask(vec![stat("age", 3.0)]))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::InvalidArgument);
+    assert!(
+        wrong.message().contains("\"trestbps\""),
+        "{}",
+        wrong.message()
+    );
+    let names = [
+        "age", "trestbps", "chol", "fbs", "thalch", "exang", "oldpeak",
+    ];
+    let nan: Vec<_> = names.iter().map(|n| stat(n, f64::NAN)).collect();
+    let bad = c.submit_statistics(ask(nan)).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    let waiting = c.submit_statistics(ask(vec![])).await.unwrap().into_inner();
+    assert!(
+        !waiting.ready && !waiting.submitted && waiting.needed == 3,
+        "{waiting:?}"
+    );
+
+    let children: Vec<_> = SITES
+        .iter()
+        .map(|s| {
+            site(dir, &agg.addr, s, &csv, &format!("dataset={s}"))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (child, s) in children.into_iter().zip(SITES) {
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{s}: {err}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ledger = report["privacy"].as_array().unwrap();
+        assert_eq!(ledger.len(), 2, "{report}");
+        assert_eq!(ledger[0]["round"], 0, "{report}");
+        assert_eq!(ledger[0]["mechanism"], "gaussian_statistics_rdp");
+        assert_eq!(ledger[0]["noise_multiplier"], 10.0);
+        let (stats, total) = (
+            ledger[0]["epsilon"].as_f64().unwrap(),
+            ledger[1]["epsilon"].as_f64().unwrap(),
+        );
+        assert!(stats > 0.1 && stats < total, "{s}: {stats} then {total}");
+        assert!(
+            total <= 1.0 && total > 0.95,
+            "{s}: the target ε covers both: {total}"
+        );
+    }
+    let done = c.submit_statistics(ask(vec![])).await.unwrap().into_inner();
+    assert!(done.ready && done.submitted && done.sites == 3, "{done:?}");
+    let got: Vec<&str> = done.totals.iter().map(|t| t.feature.as_str()).collect();
+    assert_eq!(got, names);
+    // Noisy, but about the 370 training records of the three sites.
+    let n = done.totals[0].count;
+    assert!((100.0..600.0).contains(&n), "{n}");
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(st.done && st.rounds[0].state == "closed", "{st:?}");
+}

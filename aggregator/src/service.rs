@@ -7,10 +7,11 @@ use std::sync::Arc;
 use fedee_dp::SiteLevelAccountant;
 use fedee_proto::v1::federation_server::{Federation as FederationApi, FederationServer};
 use fedee_proto::v1::{
-    Chunk, DownloadModelRequest, GetSpecRequest, JoinRequest, JoinResponse, LeaveRequest,
-    LeaveResponse, MetricsAck, MetricsReport, NextTaskRequest, PrivacyEntry, RoundStatus,
-    SiteMetric, SitePrivacy, SpecResponse, StatusRequest, StatusResponse, SubmitUpdateMessage,
-    SubmitUpdateResponse, Task, TaskKind, UpdateHeader, submit_update_message,
+    Chunk, DownloadModelRequest, FeatureStatistics, GetSpecRequest, JoinRequest, JoinResponse,
+    LeaveRequest, LeaveResponse, MetricsAck, MetricsReport, NextTaskRequest, PrivacyEntry,
+    RoundStatus, SiteMetric, SitePrivacy, SpecResponse, StatisticsRequest, StatisticsResponse,
+    StatusRequest, StatusResponse, SubmitUpdateMessage, SubmitUpdateResponse, Task, TaskKind,
+    UpdateHeader, submit_update_message,
 };
 use fedee_proto::{CHUNK_SIZE, ChunkCursor};
 use futures::Stream;
@@ -1104,6 +1105,98 @@ impl FederationApi for Federation {
             },
             None => SpecResponse::default(),
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(site = %req.get_ref().site))]
+    async fn submit_statistics(
+        &self,
+        req: Request<StatisticsRequest>,
+    ) -> Result<Response<StatisticsResponse>, Status> {
+        let claimed = req.get_ref().site.clone();
+        let site = self.identify(&req, &claimed).await?;
+        let Some(spec) = self
+            .config
+            .spec
+            .as_ref()
+            .filter(|s| s.spec.statistics_sigma().is_some())
+        else {
+            return Err(Status::failed_precondition(
+                "this federation's spec does not standardise with federated statistics (data.standardize = \"federated\")",
+            ));
+        };
+        if !self.state.lock().await.sites.contains(&site) {
+            return Err(Status::not_found(format!("site `{site}` has not joined")));
+        }
+        let features = &req.get_ref().features;
+        if !features.is_empty() {
+            let expected: Vec<String> = spec
+                .spec
+                .statistics_features()
+                .into_iter()
+                .map(|f| f.0)
+                .collect();
+            let names: Vec<&str> = features.iter().map(|f| f.feature.as_str()).collect();
+            if names != expected.iter().map(String::as_str).collect::<Vec<_>>() {
+                return Err(Status::invalid_argument(format!(
+                    "statistics must cover the spec's numeric and boolean features {expected:?} in order; got {} entries",
+                    names.len()
+                )));
+            }
+            if let Some(f) = features.iter().find(|f| {
+                ![f.count, f.sum, f.sum_squares]
+                    .iter()
+                    .all(|v| v.is_finite())
+            }) {
+                return Err(Status::invalid_argument(format!(
+                    "statistics of `{}` are not finite numbers",
+                    f.feature
+                )));
+            }
+            let json = serde_json::to_string(
+                &features
+                    .iter()
+                    .map(|f| (f.feature.as_str(), f.count, f.sum, f.sum_squares))
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(|e| Status::internal(e.to_string()))?;
+            let stored = self
+                .store
+                .insert_statistics(&site, &json)
+                .await
+                .map_err(internal)?;
+            tracing::info!(stored, "statistics received");
+        }
+        let rows = self.store.statistics().await.map_err(internal)?;
+        let needed = self.config.min_sites;
+        let mut response = StatisticsResponse {
+            ready: rows.len() >= needed as usize,
+            sites: rows.len() as u32,
+            needed,
+            submitted: rows.iter().any(|(s, _)| *s == site),
+            totals: vec![],
+        };
+        if response.ready {
+            let mut totals: Vec<FeatureStatistics> = spec
+                .spec
+                .statistics_features()
+                .into_iter()
+                .map(|f| FeatureStatistics {
+                    feature: f.0,
+                    ..Default::default()
+                })
+                .collect();
+            for (_, json) in rows.iter().take(needed as usize) {
+                let parsed: Vec<(String, f64, f64, f64)> =
+                    serde_json::from_str(json).map_err(|e| Status::internal(e.to_string()))?;
+                for (t, (_, n, s, ss)) in totals.iter_mut().zip(parsed) {
+                    t.count += n;
+                    t.sum += s;
+                    t.sum_squares += ss;
+                }
+            }
+            response.totals = totals;
+        }
+        Ok(Response::new(response))
     }
 
     #[tracing::instrument(skip_all, fields(site = %req.get_ref().site))]

@@ -550,6 +550,39 @@ impl Store {
             .collect()
     }
 
+    /// Store `site`'s statistics (JSON) unless it has some already; returns whether these were
+    /// stored.
+    pub async fn insert_statistics(&self, site: &str, json: &str) -> Result<bool, AggregatorError> {
+        let r = sqlx::query(
+            "INSERT INTO site_statistics (site, seq, features, stored_at) \
+             SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3 FROM site_statistics WHERE true \
+             ON CONFLICT (site) DO NOTHING",
+        )
+        .bind(site)
+        .bind(json)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Every site's statistics (site, JSON), in the order they were stored.
+    pub async fn statistics(&self) -> Result<Vec<(String, String)>, AggregatorError> {
+        let rows = sqlx::query("SELECT site, features FROM site_statistics ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("site").map_err(db)?,
+                    r.try_get("features").map_err(db)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Record that `site` left the federation (idempotent: the first reason stays).
     pub async fn insert_departure(&self, site: &str, reason: &str) -> Result<(), AggregatorError> {
         sqlx::query(

@@ -55,7 +55,13 @@ impl LocalData {
         let spec = &keyed.spec.spec;
         match &keyed.tokenizer {
             None => {
-                let d = fedee_site_agent::table::load(spec, path, filter)?;
+                let mut d = fedee_site_agent::table::load(spec, path, filter)?;
+                if spec.statistics_sigma().is_some() {
+                    // Under federated standardisation the key holder, who is not a site,
+                    // standardises with its own training split's figures.
+                    let own = d.preprocessing.clone();
+                    d.apply(&own);
+                }
                 let split = |e: fedee_site_agent::table::Examples| Split {
                     inputs: Inputs::Features {
                         x: e.x,

@@ -222,19 +222,35 @@ pub(crate) fn bisect_sigma(
 /// [`DpError::Parameter`] for a target outside `(0, ∞)`, `q` outside `(0, 1]`, or a target
 /// out of reach at `σ = 1000` (too many steps for so small an ε).
 pub fn calibrate_sigma(q: f64, steps: u64, epsilon: f64, delta: f64) -> Result<f64, DpError> {
+    calibrate_sigma_after(&RdpAccountant::default(), q, steps, epsilon, delta)
+}
+
+/// [`calibrate_sigma`] when `spent` has already been spent (e.g. a federated statistics
+/// round): the `σ` at which `spent` plus the steps stay within `epsilon`.
+///
+/// # Errors
+/// As [`calibrate_sigma`]; also when `spent` alone reaches `epsilon`.
+pub fn calibrate_sigma_after(
+    spent: &RdpAccountant,
+    q: f64,
+    steps: u64,
+    epsilon: f64,
+    delta: f64,
+) -> Result<f64, DpError> {
     if !(epsilon.is_finite() && epsilon > 0.0 && q > 0.0 && q <= 1.0) {
         return Err(DpError::Parameter(format!(
             "calibration needs a target ε > 0 and a sampling rate in (0, 1], got ε = {epsilon}, q = {q}"
         )));
     }
     let eps = |s: f64| {
-        let mut a = RdpAccountant::default();
+        let mut a = spent.clone();
         a.add(q, s, steps)?;
         Ok(a.epsilon(delta).0)
     };
     bisect_sigma(epsilon, 0.01, 1000.0, eps)?.ok_or_else(|| {
         DpError::Parameter(format!(
-            "ε = {epsilon} at δ = {delta:e} is out of reach for {steps} steps at q = {q:.4} even at σ = 1000: lower the steps (epochs, rounds) or raise the target"
+            "ε = {epsilon} at δ = {delta:e} is out of reach for {steps} steps at q = {q:.4} even at σ = 1000 (ε already spent before them: {:.3}): lower the steps (epochs, rounds), raise the target, or spend less before",
+            spent.epsilon(delta).0
         ))
     })
 }
@@ -259,6 +275,22 @@ mod tests {
             "out of reach"
         );
         assert!(calibrate_sigma(0.1, 10, 0.0, 1e-5).is_err());
+    }
+
+    #[test]
+    fn calibration_leaves_room_for_what_was_spent() {
+        let (q, steps, delta) = (0.05, 200, 1e-5);
+        let mut spent = RdpAccountant::default();
+        spent.add(1.0, 20.0, 1).unwrap();
+        let alone = calibrate_sigma(q, steps, 1.0, delta).unwrap();
+        let after = calibrate_sigma_after(&spent, q, steps, 1.0, delta).unwrap();
+        assert!(after > alone, "{after} vs {alone}");
+        spent.add(q, after, steps).unwrap();
+        let eps = spent.epsilon(delta).0;
+        assert!(eps <= 1.0 && eps > 0.999, "{eps}");
+        let mut all = RdpAccountant::default();
+        all.add(1.0, 0.5, 1).unwrap();
+        assert!(calibrate_sigma_after(&all, q, steps, 1.0, delta).is_err());
     }
 
     #[test]

@@ -355,7 +355,12 @@ pub fn agreed_privacy(
             let b = u64::from(t.batch_size);
             let q = (b as f64 / n.max(1) as f64).min(1.0);
             let steps = u64::from(spec.federation.rounds) * u64::from(t.epochs) * n.div_ceil(b);
-            let s = fedee_dp::rdp::calibrate_sigma(q, steps, eps, p.delta)?;
+            // The federated statistics (spent once before round 1) leave less for training.
+            let mut spent = fedee_dp::rdp::RdpAccountant::default();
+            if let Some(s) = spec.statistics_sigma() {
+                spent.add(1.0, s, 1)?;
+            }
+            let s = fedee_dp::rdp::calibrate_sigma_after(&spent, q, steps, eps, p.delta)?;
             tracing::info!(
                 sigma = s,
                 q,
@@ -395,6 +400,131 @@ pub fn agreed_privacy(
     ))
 }
 
+/// The statistics round of `standardize = "federated"`: unless the aggregator already has
+/// this site's statistics (a restart) or the sums are final, compute them, add noise, record
+/// the release in the ledger, and send them; then wait for the pooled sums and standardise
+/// the task's data with them.
+///
+/// # Errors
+/// A budget the release would exceed ([`SiteError::Refused`]), ledger failures, refusals by
+/// the aggregator.
+async fn federated_statistics(
+    link: &mut Link,
+    cfg: &mut SiteConfig,
+    ledger: &mut crate::ledger::Ledger,
+    sigma: f64,
+    rng: &mut ChaCha20Rng,
+) -> Result<(), SiteError> {
+    use fedee_proto::v1::{FeatureStatistics as Wire, StatisticsRequest};
+    let Some(spec) = cfg.spec.as_ref().map(|s| s.spec.clone()) else {
+        return Ok(());
+    };
+    let site = cfg.site.clone();
+    let ask = |features: Vec<Wire>| StatisticsRequest {
+        site: site.clone(),
+        features,
+    };
+    let req = ask(vec![]);
+    let mut answer = link
+        .call("SubmitStatistics", |mut c| {
+            let req = req.clone();
+            async move { c.submit_statistics(req).await }
+        })
+        .await?
+        .into_inner();
+    if !answer.ready && !answer.submitted {
+        let mut stats = cfg.task.statistics().ok_or_else(|| {
+            SiteError::Unsupported("this task cannot compute federated statistics".into())
+        })?;
+        let delta = spec.privacy.delta;
+        let planned = crate::ledger::Planned {
+            sampling_rate: 1.0,
+            noise_multiplier: sigma,
+            steps: 1,
+        };
+        let (after, rdp_order, rdp) = ledger.spend_with(Some(planned), delta)?;
+        if let Some(budget) = cfg.epsilon_budget
+            && after > budget
+        {
+            return Err(SiteError::Refused(format!(
+                "the federated statistics would bring this site's ε to {after:.3}, over its budget {budget}"
+            )));
+        }
+        if let Some(target) = spec.privacy.target_epsilon
+            && after >= target
+        {
+            return Err(SiteError::Refused(format!(
+                "the federated statistics alone would spend ε = {after:.3} of the spec's target_epsilon = {target}, leaving nothing for training: raise privacy.statistics_noise_multiplier (now {sigma})"
+            )));
+        }
+        let sensitivity = crate::statistics::sensitivity(&spec);
+        crate::statistics::add_noise(&mut stats, sigma, sensitivity, cfg.noise, rng)?;
+        // Recorded before the statistics leave the site.
+        ledger.record(crate::ledger::Entry {
+            round: 0,
+            unit: DpMode::Record.unit().into(),
+            mechanism: "gaussian_statistics_rdp".into(),
+            sampling_rate: 1.0,
+            noise_multiplier: sigma,
+            clipping_norm: sensitivity,
+            steps: 1,
+            epsilon: after,
+            delta,
+            rdp_order,
+            rdp,
+            at_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })?;
+        tracing::info!(site = %cfg.site, epsilon = after, delta, "federated statistics sent");
+        let req = ask(stats
+            .into_iter()
+            .map(|s| Wire {
+                feature: s.feature,
+                count: s.count,
+                sum: s.sum,
+                sum_squares: s.sum_squares,
+            })
+            .collect());
+        answer = link
+            .call("SubmitStatistics", |mut c| {
+                let req = req.clone();
+                async move { c.submit_statistics(req).await }
+            })
+            .await?
+            .into_inner();
+    }
+    let req = ask(vec![]);
+    while !answer.ready {
+        tokio::time::sleep(cfg.poll_interval).await;
+        answer = link
+            .call("SubmitStatistics", |mut c| {
+                let req = req.clone();
+                async move { c.submit_statistics(req).await }
+            })
+            .await?
+            .into_inner();
+    }
+    let totals: Vec<crate::statistics::FeatureStatistics> = answer
+        .totals
+        .into_iter()
+        .map(|t| crate::statistics::FeatureStatistics {
+            feature: t.feature,
+            count: t.count,
+            sum: t.sum,
+            sum_squares: t.sum_squares,
+        })
+        .collect();
+    let prep = crate::statistics::preprocessing(&spec, &totals)?;
+    let figures: Vec<String> = prep
+        .columns
+        .iter()
+        .map(|c| format!("{} {:.3} ± {:.3}", c.name, c.mean, c.std))
+        .collect();
+    tracing::info!(site = %cfg.site, sites = answer.needed, figures = %figures.join(", "), "standardising with the federation's pooled statistics (mean ± std)");
+    cfg.task.apply_preprocessing(&prep)
+}
+
 /// Run the site until the federation is done.
 ///
 /// # Errors
@@ -430,6 +560,9 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         stopped: None,
     };
     let mut ledger = crate::ledger::Ledger::open(cfg.ledger.as_deref())?;
+    if let Some(sigma) = cfg.spec.as_ref().and_then(|s| s.spec.statistics_sigma()) {
+        federated_statistics(&mut link, &mut cfg, &mut ledger, sigma, &mut rng).await?;
+    }
     let mut evaluated = 0u32;
     // A spec with a target ε: the σ calibrated from it, computed once.
     let mut calibrated = None;

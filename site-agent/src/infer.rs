@@ -334,7 +334,10 @@ fn render(path: &Path, rows: usize, label: &str, columns: &[ColumnInference]) ->
          validation_fraction = 0.15  # held out per site for model selection\n\
          test_fraction = 0.25        # held out per site for the reported metrics\n\
          split_seed = 42\n\
-         standardize = \"site\"        # numeric columns: (x - mean) / std of the site's train split\n\n\
+         standardize = \"site\"        # numeric columns: (x - mean) / std of the site's train split;\n\
+         \x20                           # or \"federated\": pooled DP statistics before round 1 (needs\n\
+         \x20                           # range = [low, high] on each numeric feature, record-level\n\
+         \x20                           # privacy and privacy.statistics_noise_multiplier)\n\n\
          [model]\n\
          kind = \"mlp\"\n\
          hidden = [32]\n\

@@ -7,6 +7,7 @@
 //! * [`heart`]: the UCI Heart Disease partitions (FLamby preparation).
 //! * [`task`]: what a site trains ([`task::LocalTask`]: an MLP on tabular data, a BERT
 //!   classifier), built from the spec by [`task::from_spec`].
+//! * [`statistics`]: federated preprocessing (the statistics round before round 1).
 //! * [`train`]: local training, the update, clipping and noise.
 //! * [`client`]: the federation loop over gRPC.
 
@@ -18,6 +19,7 @@ pub mod heart;
 pub mod infer;
 pub mod ledger;
 pub mod metrics;
+pub mod statistics;
 pub mod table;
 pub mod task;
 pub mod train;

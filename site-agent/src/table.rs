@@ -487,7 +487,8 @@ pub struct TabularData {
     /// What was read.
     pub report: DataReport,
     /// The imputation and standardisation fitted on the training split and applied to all
-    /// three splits.
+    /// three splits (under `standardize = "federated"`: fitted, not applied; the splits stay
+    /// raw, missing cells NaN, until [`TabularData::apply`]).
     pub preprocessing: Preprocessing,
 }
 
@@ -708,8 +709,11 @@ pub fn load(
     let (mut train, mut validation, mut test) =
         (examples(train), examples(validation), examples(test));
     let preprocessing = Preprocessing::fit(spec, &enc, &train);
-    for ex in [&mut train, &mut validation, &mut test] {
-        preprocessing.apply(&mut ex.x);
+    // Under federated standardisation the pooled figures come later (`TabularData::apply`).
+    if spec.data.standardize != Standardize::Federated {
+        for ex in [&mut train, &mut validation, &mut test] {
+            preprocessing.apply(&mut ex.x);
+        }
     }
     Ok(TabularData {
         features: enc.width,
@@ -719,6 +723,18 @@ pub fn load(
         report,
         preprocessing,
     })
+}
+
+impl TabularData {
+    /// Impute and standardise the raw splits of a `standardize = "federated"` load with
+    /// `prep` (the federation's pooled figures, or the holder's own [`TabularData::preprocessing`]
+    /// outside a federation), which becomes this data's preprocessing.
+    pub fn apply(&mut self, prep: &Preprocessing) {
+        for ex in [&mut self.train, &mut self.validation, &mut self.test] {
+            prep.apply(&mut ex.x);
+        }
+        self.preprocessing = prep.clone();
+    }
 }
 
 /// The feature columns of a spec located in a file's header: each cell parsed as its type and
@@ -843,7 +859,7 @@ pub struct ColumnStats {
     pub mean: f64,
     /// Training-split standard deviation (population; 1 for a constant column).
     pub std: f64,
-    /// Whether the value is standardised (numeric features under `standardize = "site"`).
+    /// Whether the value is standardised (numeric features, unless `standardize = "none"`).
     pub scale: bool,
 }
 
@@ -873,7 +889,7 @@ impl Preprocessing {
                     mean,
                     std: if std > 1e-8 { std } else { 1.0 },
                     scale: c.feature.kind == FeatureType::Numeric
-                        && spec.data.standardize == Standardize::Site,
+                        && spec.data.standardize != Standardize::None,
                 }
             })
             .collect();
@@ -919,7 +935,7 @@ impl Preprocessing {
                 expected.push((
                     f.name.as_str(),
                     offset,
-                    f.kind == FeatureType::Numeric && spec.data.standardize == Standardize::Site,
+                    f.kind == FeatureType::Numeric && spec.data.standardize != Standardize::None,
                 ));
             }
             offset += f.width();

@@ -13,7 +13,7 @@ use crate::SiteError;
 use crate::dpsgd::DpSgd;
 use crate::heart::Partition;
 use crate::metrics::{Metrics, classification};
-use crate::table::{DataReport, Examples, RowFilter};
+use crate::table::{DataReport, Examples, Preprocessing, RowFilter, TabularData};
 use crate::train::{LocalTraining, to_tensors, train_local};
 
 /// Settings the aggregator sends for one round.
@@ -69,6 +69,21 @@ pub trait LocalTask: Send {
             "record-level DP (DP-SGD) has vectorized per-example gradients for the MLP only; run this federation with --dp-mode site".into(),
         ))
     }
+    /// Under `standardize = "federated"`: the training split's statistics before noise
+    /// ([`crate::statistics::local`]); `None` for tasks that take no federated statistics.
+    fn statistics(&self) -> Option<Vec<crate::statistics::FeatureStatistics>> {
+        None
+    }
+    /// Impute and standardise with the federation's pooled figures.
+    ///
+    /// # Errors
+    /// [`SiteError::Unsupported`] for tasks that take no federated statistics.
+    fn apply_preprocessing(&mut self, prep: &Preprocessing) -> Result<(), SiteError> {
+        let _ = prep;
+        Err(SiteError::Unsupported(
+            "this task takes no federated statistics".into(),
+        ))
+    }
 }
 
 /// An MLP on encoded tabular examples (`x (n, in_features)` f32, `y (n,)` class indices),
@@ -79,6 +94,9 @@ pub struct TabularTask {
     optimizer: OptimizerSpec,
     train: (Tensor, Tensor),
     test: (Tensor, Tensor),
+    /// Under `standardize = "federated"`: the raw data (missing cells NaN) and its spec,
+    /// until the pooled figures arrive.
+    raw: Option<(Box<TabularData>, FederationSpec)>,
 }
 
 impl TabularTask {
@@ -96,6 +114,7 @@ impl TabularTask {
             optimizer,
             train: to_tensors(train, cfg.in_features, device, Kind::Float),
             test: to_tensors(test, cfg.in_features, device, Kind::Float),
+            raw: None,
         }
     }
 
@@ -206,8 +225,12 @@ pub fn from_spec(
         fedee_spec::TaskKind::TabularClassification => {
             let cfg = mlp_config(spec)?;
             let d = crate::table::load(spec, data, filter)?;
-            let task = TabularTask::new(&d.train, &d.test, cfg, optimizer(spec), device);
-            Ok((Box::new(task), d.report))
+            let mut task = TabularTask::new(&d.train, &d.test, cfg, optimizer(spec), device);
+            let report = d.report.clone();
+            if spec.statistics_sigma().is_some() {
+                task.raw = Some((Box::new(d), spec.clone()));
+            }
+            Ok((Box::new(task), report))
         }
         fedee_spec::TaskKind::TextClassification => {
             let cfg = bert_classifier(spec)?;
@@ -284,6 +307,17 @@ pub fn initial_model(spec: &FederationSpec, seed: i64) -> Result<StateDict, Site
 }
 
 impl TabularTask {
+    /// Refuse to use raw data before the federation's figures are applied.
+    fn ready(&self) -> Result<(), SiteError> {
+        match self.raw {
+            Some(_) => Err(SiteError::Unsupported(
+                "the federated statistics have not been applied yet (standardize = \"federated\")"
+                    .into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// A copy of `state` as f32 on this task's device.
     fn on_device(&self, state: &StateDict) -> StateDict {
         state
@@ -297,10 +331,27 @@ impl LocalTask for TabularTask {
     fn num_examples(&self) -> u64 {
         self.train.1.size()[0] as u64
     }
+    fn statistics(&self) -> Option<Vec<crate::statistics::FeatureStatistics>> {
+        let (d, spec) = self.raw.as_ref()?;
+        Some(crate::statistics::local(spec, &d.train, d.features))
+    }
+    fn apply_preprocessing(&mut self, prep: &Preprocessing) -> Result<(), SiteError> {
+        let Some((mut d, spec)) = self.raw.take() else {
+            return Err(SiteError::Unsupported(
+                "this site's spec does not standardise with federated statistics".into(),
+            ));
+        };
+        prep.check(&spec)?;
+        d.apply(prep);
+        self.train = to_tensors(&d.train, self.cfg.in_features, self.device, Kind::Float);
+        self.test = to_tensors(&d.test, self.cfg.in_features, self.device, Kind::Float);
+        Ok(())
+    }
     fn num_test_examples(&self) -> u64 {
         self.test.1.size()[0] as u64
     }
     fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError> {
+        self.ready()?;
         let m = Mlp::from_state(self.cfg, global, self.device, Kind::Float)?;
         let logits = tch::no_grad(|| m.forward(&self.test.0));
         scored(&logits, &self.test.1, self.cfg.out_features)
@@ -311,6 +362,7 @@ impl LocalTask for TabularTask {
         s: &RoundSettings,
         rng: &mut ChaCha20Rng,
     ) -> Result<(StateDict, f64), SiteError> {
+        self.ready()?;
         let mut m = Mlp::from_state(self.cfg, global, self.device, Kind::Float)?;
         let local = LocalTraining {
             epochs: s.epochs,
@@ -330,6 +382,7 @@ impl LocalTask for TabularTask {
         steps: u64,
         rng: &mut ChaCha20Rng,
     ) -> Result<(StateDict, f64), SiteError> {
+        self.ready()?;
         self.cfg.check_state(global)?;
         let mut state = self.on_device(global);
         let loss = crate::dpsgd::train(

@@ -202,6 +202,11 @@ pub struct Feature {
     /// Levels of a categorical column, in one-hot order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub levels: Vec<String>,
+    /// `[low, high]` of a numeric column: public bounds the federated statistics clip values
+    /// to (their DP sensitivity). Required for numeric columns under
+    /// `standardize = "federated"`; values outside still reach the model unclipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<[f64; 2]>,
 }
 
 impl Feature {
@@ -235,6 +240,12 @@ pub enum Standardize {
     Site,
     /// Raw values.
     None,
+    /// `(x − mean) / std` with the federation's pooled statistics: before round 1 each site
+    /// sends per-feature count, sum and sum of squares (values clipped to the feature's
+    /// `range`, Gaussian noise at `privacy.statistics_noise_multiplier`, recorded in its
+    /// privacy ledger); the aggregator sums them and every site standardises and imputes
+    /// with the same figures. Record-level privacy only.
+    Federated,
 }
 
 /// How each site reads and splits its data.
@@ -408,6 +419,13 @@ pub struct Privacy {
     /// δ at which ε is accounted.
     #[serde(default = "default_delta")]
     pub delta: f64,
+    /// Noise multiplier of the federated statistics (`data.standardize = "federated"`): each
+    /// site's per-feature (count, sum, sum of squares) of values scaled by the ranges to
+    /// `[−½, ½]` gets Gaussian noise of std `σ_s · √(21d/16)` (`d` numeric and boolean
+    /// features; `√(21d/16)` is one record's L2 sensitivity). Spends `α / (2σ_s²)` Rényi DP
+    /// once, in every site's ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistics_noise_multiplier: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -747,6 +765,44 @@ impl FederationSpec {
                 "e.g. test_fraction = 0.25",
             ));
         }
+        if d.standardize == Standardize::Federated {
+            if self.privacy.mode != PrivacyMode::Record {
+                return Err(invalid(
+                    "data.standardize",
+                    "federated",
+                    "the federated statistics protect patient records, and site-level privacy has no record unit to account them in",
+                    "use privacy.mode = \"record\", or standardize = \"site\"",
+                ));
+            }
+            match self.privacy.statistics_noise_multiplier {
+                Some(s) if s.is_finite() && s > 0.0 => {}
+                s => {
+                    return Err(invalid(
+                        "privacy.statistics_noise_multiplier",
+                        s,
+                        "standardize = \"federated\" needs the noise of the statistics round",
+                        "e.g. statistics_noise_multiplier = 5.0",
+                    ));
+                }
+            }
+            for f in self
+                .features
+                .iter()
+                .filter(|f| f.kind == FeatureType::Numeric)
+            {
+                match f.range {
+                    Some([lo, hi]) if lo.is_finite() && hi.is_finite() && lo < hi => {}
+                    r => {
+                        return Err(invalid(
+                            format!("features.{}.range", f.name),
+                            r,
+                            "standardize = \"federated\" needs public bounds for every numeric feature (the statistics clip to them)",
+                            "e.g. range = [0, 120] for an age in years",
+                        ));
+                    }
+                }
+            }
+        }
         if self.task.kind == TaskKind::TextClassification && !(8..=4096).contains(&d.max_tokens) {
             return Err(invalid(
                 "data.max_tokens",
@@ -934,6 +990,33 @@ impl FederationSpec {
             .position(|c| c.values().iter().any(|v| v.trim() == label))
     }
 
+    /// The features the federated statistics cover (numeric and boolean, in spec order):
+    /// name, offset in the encoded row, and the public `[low, high]` values are clipped to
+    /// (`[0, 1]` for booleans).
+    pub fn statistics_features(&self) -> Vec<(String, usize, [f64; 2])> {
+        let mut offset = 0;
+        let mut out = Vec::new();
+        for f in &self.features {
+            match f.kind {
+                FeatureType::Numeric => {
+                    out.push((f.name.clone(), offset, f.range.unwrap_or([0.0, 1.0])));
+                }
+                FeatureType::Boolean => out.push((f.name.clone(), offset, [0.0, 1.0])),
+                FeatureType::Categorical => {}
+            }
+            offset += f.width();
+        }
+        out
+    }
+
+    /// The statistics round's noise multiplier, when the spec standardises with federated
+    /// statistics.
+    pub fn statistics_sigma(&self) -> Option<f64> {
+        (self.data.standardize == Standardize::Federated)
+            .then_some(self.privacy.statistics_noise_multiplier)
+            .flatten()
+    }
+
     /// Model inputs of the encoded features (one per numeric or boolean column, one per
     /// level of a categorical column).
     pub fn in_features(&self) -> usize {
@@ -1103,6 +1186,51 @@ noise_multiplier = 1.0
             "the hash covers the text, comments included"
         );
         assert_eq!(a.sha256.len(), 64);
+    }
+
+    #[test]
+    fn federated_standardisation_needs_ranges_record_mode_and_its_noise() {
+        let fed = |age: &str, privacy: &str| {
+            FederationSpec::from_toml(
+                &HEART
+                    .replacen("name = \"age\"\ntype = \"numeric\"", age, 1)
+                    .replacen(
+                        "[model]",
+                        "[data]\nstandardize = \"federated\"\n\n[model]",
+                        1,
+                    )
+                    .replacen("mode = \"record\"\nnoise_multiplier = 1.0", privacy, 1),
+            )
+        };
+        let age = "name = \"age\"\ntype = \"numeric\"\nrange = [0, 120]";
+        let ok = "mode = \"record\"\nnoise_multiplier = 1.0\nstatistics_noise_multiplier = 5.0";
+        let s = fed(age, ok).unwrap();
+        assert_eq!(s.statistics_sigma(), Some(5.0));
+        assert_eq!(
+            s.statistics_features(),
+            vec![
+                ("age".into(), 0, [0.0, 120.0]),
+                ("fbs".into(), 3, [0.0, 1.0])
+            ]
+        );
+        assert_eq!(
+            FederationSpec::from_toml(HEART).unwrap().statistics_sigma(),
+            None
+        );
+        let key = |r: Result<FederationSpec, SpecError>| key_of(r.unwrap_err());
+        assert_eq!(
+            key(fed("name = \"age\"\ntype = \"numeric\"", ok)),
+            "features.age.range"
+        );
+        let flipped = "name = \"age\"\ntype = \"numeric\"\nrange = [120, 0]";
+        assert_eq!(key(fed(flipped, ok)), "features.age.range");
+        let no_noise = "mode = \"record\"\nnoise_multiplier = 1.0";
+        assert_eq!(
+            key(fed(age, no_noise)),
+            "privacy.statistics_noise_multiplier"
+        );
+        let site = "mode = \"site\"\nnoise_multiplier = 1.0\nstatistics_noise_multiplier = 5.0";
+        assert_eq!(key(fed(age, site)), "data.standardize");
     }
 
     #[test]
