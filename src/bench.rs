@@ -168,8 +168,13 @@ pub enum BenchCommand {
         #[arg(long)]
         adam: bool,
         /// Raw features, not standardised per hospital (as FLamby).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pooled_standardization")]
         raw_features: bool,
+        /// Standardise every hospital with the mean and std of the union of the four
+        /// training sets (the exact figures `standardize = "federated"` estimates under DP)
+        /// instead of each hospital's own.
+        #[arg(long)]
+        pooled_standardization: bool,
         /// Also write the figures as JSON (`rows` of {strategy, dp, mean_accuracy, per_seed}).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -368,10 +373,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             server_lr,
             adam,
             raw_features,
+            pooled_standardization,
             json,
         } => {
-            let mut doc =
-                crate::flamby::bench(&data, seeds, lr, dp_lr, server_lr, adam, raw_features)?;
+            let features = if raw_features {
+                crate::flamby::Features::Raw
+            } else if pooled_standardization {
+                crate::flamby::Features::Pooled
+            } else {
+                crate::flamby::Features::PerHospital
+            };
+            let mut doc = crate::flamby::bench(&data, seeds, lr, dp_lr, server_lr, adam, features)?;
             doc["machine"] = machine();
             write_json(json.as_ref(), &doc)
         }

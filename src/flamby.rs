@@ -64,16 +64,53 @@ pub struct Run {
     pub adam: bool,
 }
 
-fn load(csv: &Path, raw: bool) -> Result<Vec<Site>> {
-    HOSPITALS
+/// How the features reach the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Features {
+    /// As parsed (FLamby's pipeline).
+    Raw,
+    /// Standardised with each hospital's own training mean and std.
+    PerHospital,
+    /// Standardised with the mean and std of the union of the training sets.
+    Pooled,
+}
+
+impl Features {
+    fn describe(self) -> &'static str {
+        match self {
+            Features::Raw => "raw (as FLamby)",
+            Features::PerHospital => "standardised per hospital",
+            Features::Pooled => "standardised with the pooled training statistics",
+        }
+    }
+}
+
+fn load(csv: &Path, features: Features) -> Result<Vec<Site>> {
+    let mut parts = HOSPITALS
         .iter()
         .map(|h| {
-            let p = if raw {
-                fedee_site_agent::heart::load(csv, h)
-            } else {
-                load_standardized(csv, h)
+            match features {
+                Features::PerHospital => load_standardized(csv, h),
+                Features::Raw | Features::Pooled => fedee_site_agent::heart::load(csv, h),
             }
-            .with_context(|| format!("loading {h}"))?;
+            .with_context(|| format!("loading {h}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if features == Features::Pooled {
+        let mut union = fedee_site_agent::heart::Examples::default();
+        for p in &parts {
+            union.x.extend_from_slice(&p.train.x);
+            union.y.extend_from_slice(&p.train.y);
+        }
+        let s = fedee_site_agent::heart::Standardizer::fit(&union);
+        for p in &mut parts {
+            s.apply(&mut p.train);
+            s.apply(&mut p.test);
+        }
+    }
+    Ok(parts
+        .into_iter()
+        .map(|p| {
             let t = |e: &fedee_site_agent::heart::Examples| {
                 (
                     Tensor::from_slice(&e.x)
@@ -84,15 +121,15 @@ fn load(csv: &Path, raw: bool) -> Result<Vec<Site>> {
             };
             let (x, y) = t(&p.train);
             let (xt, yt) = t(&p.test);
-            Ok(Site {
+            Site {
                 x,
                 y,
                 xt,
                 yt,
                 n: p.train.len(),
-            })
+            }
         })
-        .collect()
+        .collect())
 }
 
 /// Parameters as `Tensors` (names `b`, `w`) <-> tch.
@@ -293,9 +330,9 @@ pub fn bench(
     dp_lr: f64,
     server_lr: f64,
     adam: bool,
-    raw: bool,
+    features: Features,
 ) -> Result<serde_json::Value> {
-    let sites = load(csv, raw)?;
+    let sites = load(csv, features)?;
     let fedopt = FedOpt {
         lr: server_lr,
         ..FedOpt::default()
@@ -458,7 +495,7 @@ pub fn bench(
     );
     Ok(json!({
         "benchmark": "flamby-heart",
-        "protocol": {"hospitals": HOSPITALS, "model": "logistic regression", "rounds": ROUNDS, "local_updates": LOCAL_UPDATES, "batch_size": BATCH, "local_optimizer": if adam { "adam" } else { "sgd" }, "features": if raw { "raw (as FLamby)" } else { "standardised per hospital" }, "learning_rate": lr, "dp_learning_rate": dp_lr, "dp_clipping_norm": 1.0, "server_learning_rate": server_lr, "seeds": seeds, "metric": "mean of per-hospital test accuracies"},
+        "protocol": {"hospitals": HOSPITALS, "model": "logistic regression", "rounds": ROUNDS, "local_updates": LOCAL_UPDATES, "batch_size": BATCH, "local_optimizer": if adam { "adam" } else { "sgd" }, "features": features.describe(), "learning_rate": lr, "dp_learning_rate": dp_lr, "dp_clipping_norm": 1.0, "server_learning_rate": server_lr, "seeds": seeds, "metric": "mean of per-hospital test accuracies"},
         "published": PUBLISHED.iter().map(|(n, a)| json!({"strategy": n, "mean_accuracy": a})).collect::<Vec<_>>(),
         "rows": rows,
     }))

@@ -50,3 +50,54 @@ fn aggregate_bench_runs_a_real_round_and_reports_figures() {
         0
     );
 }
+
+/// `fedee bench flamby-heart` stays runnable with pooled standardisation: one seed, JSON with
+/// every strategy's row and the feature preparation named.
+#[test]
+fn flamby_heart_bench_runs_with_pooled_standardisation() {
+    let csv =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/cache/heart_disease_uci.csv");
+    assert!(csv.exists(), "run `make data`");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("flamby.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args([
+            "bench",
+            "flamby-heart",
+            "--seeds",
+            "1",
+            "--pooled-standardization",
+        ])
+        .arg("--data")
+        .arg(&csv)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        doc["protocol"]["features"],
+        "standardised with the pooled training statistics"
+    );
+    let rows = doc["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "{doc}");
+    for r in rows {
+        let a = r["mean_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{r}");
+    }
+    let both = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args([
+            "bench",
+            "flamby-heart",
+            "--raw-features",
+            "--pooled-standardization",
+        ])
+        .output()
+        .unwrap();
+    assert!(!both.status.success(), "raw and pooled features conflict");
+}
