@@ -51,8 +51,9 @@ fn aggregate_bench_runs_a_real_round_and_reports_figures() {
     );
 }
 
-/// `fedee bench flamby-heart` stays runnable with pooled standardisation: one seed, JSON with
-/// every strategy's row and the feature preparation named.
+/// `fedee bench flamby-heart` stays runnable with pooled standardisation and tuning on
+/// validation: one seed, JSON with every strategy's row, its chosen configuration and its
+/// validation grid, and the feature preparation named.
 #[test]
 fn flamby_heart_bench_runs_with_pooled_standardisation() {
     let csv =
@@ -67,6 +68,7 @@ fn flamby_heart_bench_runs_with_pooled_standardisation() {
             "--seeds",
             "1",
             "--pooled-standardization",
+            "--tune",
         ])
         .arg("--data")
         .arg(&csv)
@@ -86,9 +88,20 @@ fn flamby_heart_bench_runs_with_pooled_standardisation() {
     );
     let rows = doc["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 8, "{doc}");
+    assert_eq!(doc["protocol"]["tuned_on_validation"], true);
     for r in rows {
         let a = r["mean_accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&a), "{r}");
+        let grid = r["tuning"]["grid"].as_array().unwrap();
+        let adaptive = ["FedAdam", "FedYogi"].contains(&r["strategy"].as_str().unwrap());
+        assert_eq!(grid.len(), if adaptive { 9 } else { 3 }, "{r}");
+        let chosen = r["configuration"].as_str().unwrap();
+        let best = grid
+            .iter()
+            .map(|g| g["validation_accuracy"].as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        let row = grid.iter().find(|g| g["configuration"] == chosen).unwrap();
+        assert_eq!(row["validation_accuracy"].as_f64().unwrap(), best, "{r}");
     }
     let both = Command::new(env!("CARGO_BIN_EXE_fedee"))
         .args([
