@@ -570,21 +570,7 @@ pub fn bench(csv: &Path, o: &Options) -> Result<serde_json::Value> {
         };
         let run = &run;
         let config = describe(run);
-        let sigmas = match run.dp {
-            Some((eps, delta, _)) => sites
-                .iter()
-                .map(|st| {
-                    calibrate_sigma(
-                        BATCH as f64 / st.n as f64,
-                        ROUNDS as u64 * LOCAL_UPDATES,
-                        eps,
-                        delta,
-                    )
-                    .map_err(anyhow::Error::from)
-                })
-                .collect::<Result<Vec<f64>>>()?,
-            None => vec![],
-        };
+        let sigmas = sigmas_for(&sites, run)?;
         let per_seed = (0..seeds)
             .map(|s| run_once(&sites, run, &sigmas, s))
             .collect::<Result<Vec<f64>>>()?;

@@ -569,15 +569,21 @@ impl Store {
 
     /// Every site's statistics (site, JSON), in the order they were stored.
     pub async fn statistics(&self) -> Result<Vec<(String, String)>, AggregatorError> {
-        let rows = sqlx::query("SELECT site, features FROM site_statistics ORDER BY seq")
-            .fetch_all(&self.pool)
+        self.text_pairs("SELECT site, features AS second FROM site_statistics ORDER BY seq")
             .await
-            .map_err(db)?;
+    }
+
+    /// The rows of `sql`, which selects two text columns named `site` and `second`.
+    async fn text_pairs(
+        &self,
+        sql: &'static str,
+    ) -> Result<Vec<(String, String)>, AggregatorError> {
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await.map_err(db)?;
         rows.iter()
             .map(|r| {
                 Ok((
                     r.try_get("site").map_err(db)?,
-                    r.try_get("features").map_err(db)?,
+                    r.try_get("second").map_err(db)?,
                 ))
             })
             .collect()
@@ -599,18 +605,8 @@ impl Store {
 
     /// Sites that left, with their reasons, by name.
     pub async fn departures(&self) -> Result<Vec<(String, String)>, AggregatorError> {
-        let rows = sqlx::query("SELECT site, reason FROM departures ORDER BY site")
-            .fetch_all(&self.pool)
+        self.text_pairs("SELECT site, reason AS second FROM departures ORDER BY site")
             .await
-            .map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("site").map_err(db)?,
-                    r.try_get("reason").map_err(db)?,
-                ))
-            })
-            .collect()
     }
 
     /// Record (or replace) a site's evaluation of a global model.

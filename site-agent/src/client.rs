@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 
 use crate::SiteError;
 use crate::dpsgd::DpSgd;
-use crate::ledger::{Entry, Planned};
+use crate::ledger::Planned;
 use crate::task::{LocalTask, RoundSettings};
 use crate::train::dp_update;
 use fedee_dp::DpMode;
@@ -442,7 +442,7 @@ async fn federated_statistics(
             noise_multiplier: sigma,
             steps: 1,
         };
-        let (after, rdp_order, rdp) = ledger.spend_with(Some(planned), delta)?;
+        let after = ledger.epsilon_with(Some(planned), delta)?;
         if let Some(budget) = cfg.epsilon_budget
             && after > budget
         {
@@ -460,22 +460,14 @@ async fn federated_statistics(
         let sensitivity = crate::statistics::sensitivity(&spec);
         crate::statistics::add_noise(&mut stats, sigma, sensitivity, cfg.noise, rng)?;
         // Recorded before the statistics leave the site.
-        ledger.record(crate::ledger::Entry {
-            round: 0,
-            unit: DpMode::Record.unit().into(),
-            mechanism: "gaussian_statistics_rdp".into(),
-            sampling_rate: 1.0,
-            noise_multiplier: sigma,
-            clipping_norm: sensitivity,
-            steps: 1,
-            epsilon: after,
+        ledger.record_planned(
+            0,
+            DpMode::Record.unit(),
+            "gaussian_statistics_rdp",
+            planned,
+            sensitivity,
             delta,
-            rdp_order,
-            rdp,
-            at_unix_s: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        })?;
+        )?;
         tracing::info!(site = %cfg.site, epsilon = after, delta, "federated statistics sent");
         let req = ask(stats
             .into_iter()
@@ -636,7 +628,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             }
         };
         let spent = ledger.epsilon_with(None, delta)?;
-        let (after, rdp_order, rdp) = ledger.spend_with(Some(planned), delta)?;
+        let after = ledger.epsilon_with(Some(planned), delta)?;
         if let Some(budget) = cfg.epsilon_budget
             && after > budget
         {
@@ -701,22 +693,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         };
         // Recorded before the update leaves the site: a crash after this point over-counts,
         // never under-counts.
-        ledger.record(Entry {
-            round: task.round,
-            unit: mode.unit().into(),
-            mechanism: mechanism.into(),
-            sampling_rate: planned.sampling_rate,
-            noise_multiplier: planned.noise_multiplier,
-            clipping_norm: c.get(),
-            steps: planned.steps,
-            epsilon: after,
-            delta,
-            rdp_order,
-            rdp,
-            at_unix_s: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        })?;
+        ledger.record_planned(task.round, mode.unit(), mechanism, planned, c.get(), delta)?;
         tracing::info!(site = %cfg.site, round = task.round, unit = mode.unit(), epsilon = after, delta, "privacy spent");
         let privacy = PrivacyEntry {
             unit: mode.unit().into(),

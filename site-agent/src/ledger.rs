@@ -135,6 +135,40 @@ impl Ledger {
         self.entries.iter().any(|e| e.round == round)
     }
 
+    /// Record `planned` as `round`'s entry (its cumulative ε, Rényi order and RDP computed
+    /// here, stamped now) and persist; returns the cumulative ε.
+    ///
+    /// # Errors
+    /// As [`Ledger::spend_with`] and [`Ledger::record`].
+    pub fn record_planned(
+        &mut self,
+        round: u32,
+        unit: &str,
+        mechanism: &str,
+        planned: Planned,
+        clipping_norm: f64,
+        delta: f64,
+    ) -> Result<f64, SiteError> {
+        let (epsilon, rdp_order, rdp) = self.spend_with(Some(planned), delta)?;
+        self.record(Entry {
+            round,
+            unit: unit.into(),
+            mechanism: mechanism.into(),
+            sampling_rate: planned.sampling_rate,
+            noise_multiplier: planned.noise_multiplier,
+            clipping_norm,
+            steps: planned.steps,
+            epsilon,
+            delta,
+            rdp_order,
+            rdp,
+            at_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })?;
+        Ok(epsilon)
+    }
+
     /// Append an entry and persist the ledger (written to a temporary file, fsynced, renamed).
     ///
     /// # Errors
