@@ -166,13 +166,20 @@ impl Link {
         tls: Option<&fedee_proto::pki::TlsFiles>,
         retry: Retry,
     ) -> Result<Self, SiteError> {
-        let mut endpoint = tonic::transport::Endpoint::from_shared(aggregator.to_owned())
-            .map_err(|e| SiteError::Tls(format!("aggregator url `{aggregator}`: {e}")))?;
+        let mut endpoint =
+            tonic::transport::Endpoint::from_shared(aggregator.to_owned()).map_err(|source| {
+                SiteError::Endpoint {
+                    url: aggregator.to_owned(),
+                    source,
+                }
+            })?;
         if let Some(t) = tls {
-            let tls = t.client().map_err(|e| SiteError::Tls(e.to_string()))?;
             endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| SiteError::Tls(e.to_string()))?;
+                .tls_config(t.client()?)
+                .map_err(|source| SiteError::TlsConfig {
+                    url: aggregator.to_owned(),
+                    source,
+                })?;
         }
         let channel = endpoint
             .connect_timeout(Duration::from_secs(10))

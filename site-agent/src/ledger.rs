@@ -74,13 +74,14 @@ impl Ledger {
     pub fn open(path: Option<&Path>) -> Result<Self, SiteError> {
         let entries = match path {
             Some(p) if p.exists() => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| SiteError::Ledger(format!("reading {}: {e}", p.display())))?;
-                serde_json::from_str(&text).map_err(|e| {
-                    SiteError::Ledger(format!(
-                        "{} is not a fedee privacy ledger ({e}); restore it from backup — deleting it would forget privacy already spent",
-                        p.display()
-                    ))
+                let text = std::fs::read_to_string(p).map_err(|source| SiteError::LedgerIo {
+                    path: p.to_owned(),
+                    action: "read",
+                    source,
+                })?;
+                serde_json::from_str(&text).map_err(|source| SiteError::LedgerCorrupt {
+                    path: p.to_owned(),
+                    source,
                 })?
             }
             _ => vec![],
@@ -178,10 +179,10 @@ impl Ledger {
         if let Some(first) = self.entries.first()
             && first.unit != e.unit
         {
-            return Err(SiteError::Ledger(format!(
-                "this ledger protects `{}` but the federation now asks for `{}`: use a separate --ledger per unit",
-                first.unit, e.unit
-            )));
+            return Err(SiteError::LedgerUnit {
+                protects: first.unit.clone(),
+                asked: e.unit,
+            });
         }
         self.entries.push(e);
         if let Some(p) = &self.path {
@@ -190,15 +191,17 @@ impl Ledger {
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| {
-                SiteError::Ledger(format!("temporary file in {}: {e}", dir.display()))
-            })?;
+            let write = |source| SiteError::LedgerIo {
+                path: p.to_owned(),
+                action: "write",
+                source,
+            };
+            let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write)?;
             let text = serde_json::to_string_pretty(&self.entries).expect("entries serialize");
             tmp.write_all(text.as_bytes())
                 .and_then(|()| tmp.as_file().sync_all())
-                .map_err(|e| SiteError::Ledger(format!("writing {}: {e}", p.display())))?;
-            tmp.persist(p)
-                .map_err(|e| SiteError::Ledger(format!("writing {}: {}", p.display(), e.error)))?;
+                .map_err(write)?;
+            tmp.persist(p).map_err(|e| write(e.error))?;
         }
         Ok(())
     }
@@ -244,9 +247,34 @@ mod tests {
         assert!(l2.epsilon_with(Some(planned), 1e-5).unwrap() > e1);
         assert!(l2.has_round(1) && !l2.has_round(2));
         let mut l3 = l2.clone();
-        assert!(l3.record(entry(2, "site update")).is_err());
+        let mixed = l3.record(entry(2, "site update")).unwrap_err();
+        assert!(
+            matches!(&mixed, SiteError::LedgerUnit { protects, .. } if protects == "patient record"),
+            "{mixed}"
+        );
+        // record_planned records what epsilon_with foresaw.
+        let foreseen = l3.epsilon_with(Some(planned), 1e-5).unwrap();
+        let recorded = l3
+            .record_planned(
+                2,
+                "patient record",
+                "subsampled_gaussian_rdp",
+                planned,
+                1.0,
+                1e-5,
+            )
+            .unwrap();
+        assert_eq!(recorded, foreseen);
+        assert_eq!(l3.entries()[1].epsilon, recorded);
         std::fs::write(&p, "{not json").unwrap();
-        let err = Ledger::open(Some(&p)).unwrap_err().to_string();
-        assert!(err.contains("forget privacy already spent"), "{err}");
+        let err = Ledger::open(Some(&p)).unwrap_err();
+        assert!(
+            err.to_string().contains("forget privacy already spent"),
+            "{err}"
+        );
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the parser's error is kept as the source"
+        );
     }
 }

@@ -70,14 +70,62 @@ pub enum SiteError {
     #[error("{0}")]
     Unsupported(String),
     /// The privacy ledger cannot be read or written.
-    #[error("privacy ledger: {0}")]
-    Ledger(String),
+    #[error("privacy ledger {path}: cannot {action} it")]
+    LedgerIo {
+        /// The ledger file (or the folder of its temporary file).
+        path: std::path::PathBuf,
+        /// What failed: read, write.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The privacy ledger exists but is not one (never reset: that would forget privacy
+    /// already spent).
+    #[error(
+        "{path} is not a fedee privacy ledger; restore it from backup (deleting it would forget privacy already spent)"
+    )]
+    LedgerCorrupt {
+        /// The ledger file.
+        path: std::path::PathBuf,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The federation asks for another unit of privacy than the ledger protects.
+    #[error(
+        "this ledger protects `{protects}` but the federation now asks for `{asked}`: use a separate --ledger per unit"
+    )]
+    LedgerUnit {
+        /// The ledger's unit.
+        protects: String,
+        /// The unit asked for.
+        asked: String,
+    },
     /// The aggregator asked for something the site did not agree to (names the setting).
     #[error("refusing the aggregator's task: {0}")]
     Refused(String),
+    /// The aggregator address is not a URL the transport accepts.
+    #[error("aggregator address `{url}`")]
+    Endpoint {
+        /// The address given.
+        url: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
     /// TLS material could not be loaded.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] fedee_proto::pki::PkiError),
+    /// The TLS configuration was refused by the transport.
+    #[error("TLS configuration for {url}")]
+    TlsConfig {
+        /// The aggregator address.
+        url: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
     /// libtorch error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
