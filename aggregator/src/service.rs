@@ -1127,14 +1127,15 @@ impl FederationApi for Federation {
         if !self.state.lock().await.sites.contains(&site) {
             return Err(Status::not_found(format!("site `{site}` has not joined")));
         }
+        // The spec's numeric and boolean features, in order: what every site sends and sums.
+        let expected: Vec<String> = spec
+            .spec
+            .statistics_features()
+            .into_iter()
+            .map(|f| f.0)
+            .collect();
         let features = &req.get_ref().features;
         if !features.is_empty() {
-            let expected: Vec<String> = spec
-                .spec
-                .statistics_features()
-                .into_iter()
-                .map(|f| f.0)
-                .collect();
             let names: Vec<&str> = features.iter().map(|f| f.feature.as_str()).collect();
             if names != expected.iter().map(String::as_str).collect::<Vec<_>>() {
                 return Err(Status::invalid_argument(format!(
@@ -1176,12 +1177,10 @@ impl FederationApi for Federation {
             totals: vec![],
         };
         if response.ready {
-            let mut totals: Vec<FeatureStatistics> = spec
-                .spec
-                .statistics_features()
+            let mut totals: Vec<FeatureStatistics> = expected
                 .into_iter()
-                .map(|f| FeatureStatistics {
-                    feature: f.0,
+                .map(|feature| FeatureStatistics {
+                    feature,
                     ..Default::default()
                 })
                 .collect();
