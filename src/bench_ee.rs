@@ -60,7 +60,7 @@ impl Models {
     /// `(name, architecture, batch size)` of each benchmarked model.
     fn rows(&self) -> [(&'static str, Architecture, i64); 2] {
         [
-            ("mlp", Architecture::Mlp(self.mlp), self.mlp_batch),
+            ("mlp", Architecture::Mlp(self.mlp.clone()), self.mlp_batch),
             (
                 "minilm",
                 Architecture::BertClassifier(self.minilm),
@@ -89,7 +89,7 @@ impl Models {
         Ok(Self {
             mlp: MlpConfig {
                 in_features: fedee_site_agent::heart::NUM_FEATURES,
-                hidden,
+                hidden: vec![hidden],
                 out_features: 2,
                 activation: fedee_model::Activation::Relu,
             },
@@ -107,7 +107,7 @@ impl Models {
 fn random_state(arch: &Architecture) -> StateDict {
     tch::manual_seed(7);
     match arch {
-        Architecture::Mlp(c) => fedee_model::Mlp::new(*c, Device::Cpu, Kind::Float)
+        Architecture::Mlp(c) => fedee_model::Mlp::new(c.clone(), Device::Cpu, Kind::Float)
             .expect("valid MLP config")
             .state(),
         Architecture::BertClassifier(c) => c.init_random(Kind::Float),
@@ -169,8 +169,8 @@ fn overhead_row(
     };
     let keys = KeySet::generate(&spec, &groups, false, &mut ChaCha20Rng::seed_from_u64(3))?;
     let ee_state = transform_state(&spec, &keys, &state)?;
-    let mut plain = Model::from_state(arch, &state, device, Kind::Float)?;
-    let mut ee = Model::from_state(arch, &ee_state, device, Kind::Float)?;
+    let mut plain = Model::from_state(arch.clone(), &state, device, Kind::Float)?;
+    let mut ee = Model::from_state(arch.clone(), &ee_state, device, Kind::Float)?;
     let opt = optimizer(&arch);
     let (mut popt, mut eopt) = (plain.optimizer(&opt)?, ee.optimizer(&opt)?);
     let (input, y) = batch(&arch, n, seq, device);
@@ -424,7 +424,7 @@ pub fn train(
     for (name, arch, n) in models.rows() {
         eprintln!("train: {name}: fedee (tch) …");
         let state = random_state(&arch);
-        let mut model = Model::from_state(arch, &state, device, Kind::Float)?;
+        let mut model = Model::from_state(arch.clone(), &state, device, Kind::Float)?;
         let mut opt = model.optimizer(&optimizer(&arch))?;
         let (input, y) = batch(&arch, n, models.seq_len, device);
         let reps = if name == "mlp" { 100 * reps } else { reps };

@@ -235,7 +235,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     // --- 1. Federation -----------------------------------------------------------------
     tch::manual_seed(args.seed as i64);
-    let initial = Mlp::new(cfg, Device::Cpu, Kind::Float)?;
+    let initial = Mlp::new(cfg.clone(), Device::Cpu, Kind::Float)?;
     let shutdown = CancellationToken::new();
     let agg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let agg_url = format!("https://{}", agg_listener.local_addr()?);

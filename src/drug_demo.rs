@@ -304,7 +304,7 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
     let enc_seconds = t_enc.elapsed().as_secs_f64();
 
     // The same fine-tuning in plaintext, locally.
-    let mut plain = Model::from_state(arch, &state, device, Kind::Float)?;
+    let mut plain = Model::from_state(arch.clone(), &state, device, Kind::Float)?;
     let mut popt = plain.optimizer(&opt)?;
     let t_plain = Instant::now();
     for (e, idx) in order.iter().enumerate() {
@@ -588,7 +588,7 @@ pub(crate) async fn federate(
             te.len()
         );
         sites.insert(group.to_owned(), (tr.len(), te.len()));
-        let task = fedee_site_agent::task::TextTask::new(arch, tr, te, device);
+        let task = fedee_site_agent::task::TextTask::new(arch.clone(), tr, te, device);
         handles.push(tokio::spawn(fedee_site_agent::run(
             fedee_site_agent::SiteConfig {
                 aggregator: url.clone(),

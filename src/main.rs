@@ -527,10 +527,22 @@ fn spec_for(
                         format!("model has no `{name}`: it is not an fedee MLP, but the keys are")
                     })
             };
+            // Layers fc1 … fcK: every bias but the last is a hidden layer.
+            let layers = (1..)
+                .take_while(|k| state.contains_key(&format!("fc{k}.bias")))
+                .count();
+            if layers < 2 {
+                bail!(
+                    "model has no `fc1.bias` and `fc2.bias`: it is not an fedee MLP, but the keys are"
+                );
+            }
+            let hidden = (1..layers)
+                .map(|k| size(&format!("fc{k}.bias"), 0))
+                .collect::<Result<_>>()?;
             Ok(MlpConfig {
                 in_features: size("fc1.weight", 1)?,
-                hidden: size("fc1.bias", 0)?,
-                out_features: size("fc2.bias", 0)?,
+                hidden,
+                out_features: size(&format!("fc{layers}.bias"), 0)?,
                 activation: Activation::Relu,
             }
             .key_spec())

@@ -31,13 +31,19 @@ fn run(strategy: Strategy, poison: bool) -> f64 {
     assert!(csv.exists(), "{} missing: run `make data`", csv.display());
     let cfg = MlpConfig {
         in_features: NUM_FEATURES,
-        hidden: 8,
+        hidden: vec![8],
         out_features: 2,
         activation: Activation::Relu,
     };
     let mut tasks: Vec<TabularTask> = HOSPITALS
         .iter()
-        .map(|h| TabularTask::heart(&load_standardized(&csv, h).unwrap(), cfg, Device::Cpu))
+        .map(|h| {
+            TabularTask::heart(
+                &load_standardized(&csv, h).unwrap(),
+                cfg.clone(),
+                Device::Cpu,
+            )
+        })
         .collect();
     tch::manual_seed(0);
     let mut global = to_tensors(&Mlp::new(cfg, Device::Cpu, Kind::Float).unwrap().state());

@@ -278,6 +278,8 @@ async fn clinical_tables_federate_from_scaffolded_specs() {
         &[
             ("rounds = 20", "rounds = 3"),
             ("mode = \"record\"", "mode = \"site\""),
+            // Two hidden layers: four EE keys, through fine-tuning and prediction.
+            ("hidden = [32]", "hidden = [16, 8]"),
         ],
         &[
             ("North", &dir.join("north.csv"), ""),
@@ -286,7 +288,7 @@ async fn clinical_tables_federate_from_scaffolded_specs() {
     )
     .await;
     assert!(
-        st.spec_summary.contains("of `cens` (2 classes)"),
+        st.spec_summary.contains("of `cens` (2 classes)") && st.spec_summary.contains("[16, 8] →"),
         "{}",
         st.spec_summary
     );
@@ -403,6 +405,8 @@ async fn clinical_tables_federate_from_scaffolded_specs() {
             ("rounds = 20", "rounds = 2"),
             ("min_sites = 2", "min_sites = 3"),
             ("missing = \"drop-row\"", "missing = \"impute\""),
+            // Three hidden layers under record-level DP-SGD.
+            ("hidden = [32]", "hidden = [16, 8, 8]"),
         ],
         &[
             ("Inst1", &lung, "inst=1.0"),
@@ -412,7 +416,8 @@ async fn clinical_tables_federate_from_scaffolded_specs() {
     )
     .await;
     assert!(
-        st.spec_summary.contains("of `status` (2 classes)"),
+        st.spec_summary.contains("of `status` (2 classes)")
+            && st.spec_summary.contains("[16, 8, 8] →"),
         "{}",
         st.spec_summary
     );

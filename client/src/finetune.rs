@@ -241,7 +241,7 @@ pub async fn finetune(
     let test_before = evaluate(tc, keyed, &job, &data.test, opts.batch_size, opts.kind).await?;
 
     let mut plain = if opts.verify {
-        let m = Model::from_state(keyed.arch, &global, Device::Cpu, opts.kind)?;
+        let m = Model::from_state(keyed.arch.clone(), &global, Device::Cpu, opts.kind)?;
         let o = m.optimizer(&opts.optimizer)?;
         Some((m, o))
     } else {

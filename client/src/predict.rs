@@ -158,7 +158,7 @@ pub async fn predict(
         .and_then(|s| s.values().next().map(Tensor::kind))
         .unwrap_or(Kind::Float);
     let plain = verify
-        .map(|s| Model::from_state(keyed.arch, s, Device::Cpu, kind))
+        .map(|s| Model::from_state(keyed.arch.clone(), s, Device::Cpu, kind))
         .transpose()?;
     let n = inputs.len();
     let k = keyed.arch.num_classes();

@@ -12,10 +12,10 @@ use crate::bert::{self, BertClassifierConfig};
 use crate::mlp::{self, MlpConfig, OptimizerSpec};
 
 /// An architecture and its configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "architecture", content = "config", rename_all = "kebab-case")]
 pub enum Architecture {
-    /// One-hidden-layer MLP on feature vectors.
+    /// MLP on feature vectors.
     Mlp(MlpConfig),
     /// BERT encoder + mean pooling + linear head on token ids.
     BertClassifier(BertClassifierConfig),

@@ -1,6 +1,6 @@
 //! fedee model architectures in tch, their safetensors IO, and their EE key specs.
 //!
-//! * [`mlp`]: a one-hidden-layer MLP for tabular data (the federated model of the main job).
+//! * [`mlp`]: an MLP (one or more hidden layers) for tabular data (the federated model of the main job).
 //! * [`bert`]: a BERT encoder with mean pooling and a classification head (Hugging Face names).
 //! * [`arch`]: both behind one [`Architecture`], and a trainable [`Model`] of either.
 //! * [`io`]: state dicts to and from safetensors bytes, with name/shape/dtype checks.
@@ -17,7 +17,7 @@ pub use io::{
     batch_from_safetensors, batch_to_safetensors, safetensors_metadata, state_from_safetensors,
     state_to_safetensors, state_to_safetensors_with,
 };
-pub use mlp::{Activation, Mlp, MlpConfig, OptimizerSpec};
+pub use mlp::{Activation, MAX_HIDDEN_LAYERS, Mlp, MlpConfig, OptimizerSpec};
 
 /// Errors of model construction, loading and training.
 #[derive(Debug, thiserror::Error)]

@@ -1,13 +1,15 @@
-//! A one-hidden-layer MLP for tabular classification, and its EE key spec.
+//! A multilayer perceptron for tabular classification, and its EE key spec.
 //!
-//! `logits = fc2(act(fc1(x)))` with `x: (batch, in_features)`, `logits: (batch, out_features)`.
-//! Parameters (names as in PyTorch's `nn.Linear`): `fc1.weight (hidden, in_features)`,
-//! `fc1.bias (hidden,)`, `fc2.weight (out_features, hidden)`, `fc2.bias (out_features,)`.
+//! `logits = fc(L+1)(act(… act(fc1(x))))` with `x: (batch, in_features)`,
+//! `logits: (batch, out_features)` and `L = hidden.len() ≥ 1` hidden layers. Parameters (names
+//! as in PyTorch's `nn.Linear`): `fcK.weight (out_K, in_K)` and `fcK.bias (out_K,)` for
+//! `K = 1 … L+1`, where `in_1 = in_features`, `out_K = hidden[K-1]` for hidden layers and
+//! `out_(L+1) = out_features`.
 
 use std::collections::BTreeMap;
 
 use fedee_encrypt::{InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
@@ -24,48 +26,103 @@ pub enum Activation {
     Gelu,
 }
 
+impl Activation {
+    /// Apply the activation elementwise.
+    pub fn apply(self, z: &Tensor) -> Tensor {
+        match self {
+            Activation::Relu => z.relu(),
+            Activation::Gelu => z.gelu("none"),
+        }
+    }
+}
+
 /// MLP shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MlpConfig {
     /// Number of input features.
     pub in_features: usize,
-    /// Hidden units.
-    pub hidden: usize,
+    /// Hidden layer sizes, first to last (at least one). Files written before multi-layer
+    /// MLPs hold one number here; it is read as a one-element list.
+    #[serde(deserialize_with = "one_or_many")]
+    pub hidden: Vec<usize>,
     /// Number of classes (logits).
     pub out_features: usize,
     /// Hidden activation.
     pub activation: Activation,
 }
 
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Hidden {
+        One(usize),
+        Many(Vec<usize>),
+    }
+    Ok(match Hidden::deserialize(d)? {
+        Hidden::One(h) => vec![h],
+        Hidden::Many(v) => v,
+    })
+}
+
+/// Most hidden layers an MLP may have.
+pub const MAX_HIDDEN_LAYERS: usize = 8;
+
 impl MlpConfig {
     /// Architecture name used in key specs and trainer jobs.
     pub const ARCHITECTURE: &'static str = "mlp";
 
     /// # Errors
-    /// [`ModelError::Config`] if a dimension is zero or there are fewer than 2 classes.
+    /// [`ModelError::Config`] if a dimension is zero, there is no hidden layer or more than
+    /// [`MAX_HIDDEN_LAYERS`], or there are fewer than 2 classes.
     pub fn validate(&self) -> Result<(), ModelError> {
-        if self.in_features == 0 || self.hidden == 0 || self.out_features < 2 {
+        if self.in_features == 0
+            || self.hidden.is_empty()
+            || self.hidden.len() > MAX_HIDDEN_LAYERS
+            || self.hidden.contains(&0)
+            || self.out_features < 2
+        {
             return Err(ModelError::Config(format!(
-                "in_features, hidden must be > 0 and out_features >= 2, got {self:?}"
+                "in_features and every hidden size must be > 0, with 1 to {MAX_HIDDEN_LAYERS} hidden layers and out_features >= 2, got {self:?}"
             )));
         }
         Ok(())
     }
 
+    /// Layer widths `[in_features, hidden…, out_features]`.
+    fn dims(&self) -> Vec<usize> {
+        let mut dims = vec![self.in_features];
+        dims.extend(&self.hidden);
+        dims.push(self.out_features);
+        dims
+    }
+
+    /// Parameter names `(fcK.weight, fcK.bias)` for `K = 1 … L+1`.
+    pub fn layers(&self) -> Vec<(String, String)> {
+        (1..=self.hidden.len() + 1)
+            .map(|k| (format!("fc{k}.weight"), format!("fc{k}.bias")))
+            .collect()
+    }
+
+    /// Name of the key on hidden layer `k` (1-based): `hidden` for a one-hidden-layer MLP
+    /// (as key files have always said), `hidden1`, `hidden2`, … otherwise.
+    pub fn hidden_key(&self, k: usize) -> String {
+        if self.hidden.len() == 1 {
+            "hidden".to_owned()
+        } else {
+            format!("hidden{k}")
+        }
+    }
+
     /// Expected parameter shapes by name.
     pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
-        let (i, h, o) = (
-            self.in_features as i64,
-            self.hidden as i64,
-            self.out_features as i64,
-        );
-        BTreeMap::from([
-            ("fc1.weight".into(), vec![h, i]),
-            ("fc1.bias".into(), vec![h]),
-            ("fc2.weight".into(), vec![o, h]),
-            ("fc2.bias".into(), vec![o]),
-        ])
+        let dims = self.dims();
+        let mut out = BTreeMap::new();
+        for ((w, b), d) in self.layers().into_iter().zip(dims.windows(2)) {
+            out.insert(w, vec![d[1] as i64, d[0] as i64]);
+            out.insert(b, vec![d[1] as i64]);
+        }
+        out
     }
 
     /// Number of parameters.
@@ -77,15 +134,16 @@ impl MlpConfig {
     }
 
     /// The EE key spec: `input` on the features (any invertible key is exact for inference;
-    /// training needs a signed permutation for AdamW), `hidden` on the hidden units
-    /// (permutation, or `P·D` under ReLU), `label` on the classes (a permutation, since
-    /// softmax/cross-entropy commute with permutations only).
+    /// training needs a signed permutation for AdamW), one key per hidden layer (permutation,
+    /// or `P·D` under ReLU; see [`MlpConfig::hidden_key`]), `label` on the classes (a
+    /// permutation, since softmax/cross-entropy commute with permutations only). Layer `K`'s
+    /// weight carries `(key of its output, key of its input)`, its bias the output key.
     pub fn key_spec(&self) -> KeySpec {
         let hidden_allowed = match self.activation {
             Activation::Relu => vec![KeyGroup::Permutation, KeyGroup::Monomial],
             Activation::Gelu => vec![KeyGroup::Permutation],
         };
-        let keys = BTreeMap::from([
+        let mut keys = BTreeMap::from([
             (
                 "input".to_owned(),
                 KeyDecl {
@@ -102,15 +160,6 @@ impl MlpConfig {
                 },
             ),
             (
-                "hidden".to_owned(),
-                KeyDecl {
-                    dim: self.hidden,
-                    allowed: hidden_allowed,
-                    why: format!("{:?} must commute with the hidden key", self.activation),
-                    heads: None,
-                },
-            ),
-            (
                 "label".to_owned(),
                 KeyDecl {
                     dim: self.out_features,
@@ -120,13 +169,28 @@ impl MlpConfig {
                 },
             ),
         ]);
+        // Key names per layer boundary: input, hidden…, label.
+        let mut names = vec!["input".to_owned()];
+        for (k, &dim) in self.hidden.iter().enumerate() {
+            let name = self.hidden_key(k + 1);
+            keys.insert(
+                name.clone(),
+                KeyDecl {
+                    dim,
+                    allowed: hidden_allowed.clone(),
+                    why: format!("{:?} must commute with the hidden key", self.activation),
+                    heads: None,
+                },
+            );
+            names.push(name);
+        }
+        names.push("label".to_owned());
         let k = |n: &str| Some(KeyRef::new(n));
-        let params = BTreeMap::from([
-            ("fc1.weight".to_owned(), vec![k("hidden"), k("input")]),
-            ("fc1.bias".to_owned(), vec![k("hidden")]),
-            ("fc2.weight".to_owned(), vec![k("label"), k("hidden")]),
-            ("fc2.bias".to_owned(), vec![k("label")]),
-        ]);
+        let mut params = BTreeMap::new();
+        for ((w, b), pair) in self.layers().into_iter().zip(names.windows(2)) {
+            params.insert(w, vec![k(&pair[1]), k(&pair[0])]);
+            params.insert(b, vec![k(&pair[1])]);
+        }
         KeySpec {
             architecture: Self::ARCHITECTURE.into(),
             keys,
@@ -143,7 +207,7 @@ impl MlpConfig {
     /// # Errors
     /// [`ModelError::Name`] or [`ModelError::Shape`] naming the tensor.
     pub fn check_state(&self, state: &StateDict) -> Result<(), ModelError> {
-        crate::arch::Architecture::Mlp(*self).check_state(state)
+        crate::arch::Architecture::Mlp(self.clone()).check_state(state)
     }
 }
 
@@ -151,12 +215,16 @@ impl MlpConfig {
 ///
 /// `x`: `(batch, in_features)` of the state's dtype. Returns `(batch, out_features)` logits.
 pub fn forward(cfg: &MlpConfig, state: &StateDict, x: &Tensor) -> Tensor {
-    let h = x.linear(&state["fc1.weight"], Some(&state["fc1.bias"]));
-    let h = match cfg.activation {
-        Activation::Relu => h.relu(),
-        Activation::Gelu => h.gelu("none"),
-    };
-    h.linear(&state["fc2.weight"], Some(&state["fc2.bias"]))
+    let layers = cfg.layers();
+    let last = layers.len() - 1;
+    let mut h = x.shallow_clone();
+    for (k, (w, b)) in layers.iter().enumerate() {
+        h = h.linear(&state[w], Some(&state[b]));
+        if k < last {
+            h = cfg.activation.apply(&h);
+        }
+    }
+    h
 }
 
 /// A trainable MLP: a [`Model`] of [`Architecture::Mlp`] with feature-tensor conveniences.
@@ -176,13 +244,14 @@ impl Mlp {
         config.validate()?;
         let vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
-        let (i, h, o) = (
-            config.in_features as i64,
-            config.hidden as i64,
-            config.out_features as i64,
-        );
-        let _ = nn::linear(&root / "fc1", i, h, Default::default());
-        let _ = nn::linear(&root / "fc2", h, o, Default::default());
+        for (k, d) in config.dims().windows(2).enumerate() {
+            let _ = nn::linear(
+                &root / format!("fc{}", k + 1),
+                d[0] as i64,
+                d[1] as i64,
+                Default::default(),
+            );
+        }
         let init: StateDict = vs.variables().into_iter().collect();
         Self::from_state(config, &init, device, kind)
     }
@@ -199,8 +268,8 @@ impl Mlp {
     ) -> Result<Self, ModelError> {
         config.validate()?;
         Ok(Self {
+            model: Model::from_state(Architecture::Mlp(config.clone()), state, device, kind)?,
             config,
-            model: Model::from_state(Architecture::Mlp(config), state, device, kind)?,
         })
     }
 

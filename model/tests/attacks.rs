@@ -218,7 +218,7 @@ fn hill_climbing_beats_rank_matching_on_a_substitution_cipher() {
 fn rotation_rekeys_without_changing_the_plaintext_model() {
     let cfg = MlpConfig {
         in_features: 5,
-        hidden: 8,
+        hidden: vec![8],
         out_features: 2,
         activation: Activation::Relu,
     };

@@ -169,7 +169,7 @@ fn twenty_adamw_steps_on_encrypted_batches_match_plaintext_training() {
         eps: 1e-8,
         weight_decay: 0.01,
     };
-    let mut plain = Model::from_state(arch, &state, Device::Cpu, Kind::Double).unwrap();
+    let mut plain = Model::from_state(arch.clone(), &state, Device::Cpu, Kind::Double).unwrap();
     let ee_state = transform_state(&spec, &keys, &state).unwrap();
     let mut ee = Model::from_state(arch, &ee_state, Device::Cpu, Kind::Double).unwrap();
     let (mut o1, mut o2) = (plain.optimizer(&opt).unwrap(), ee.optimizer(&opt).unwrap());

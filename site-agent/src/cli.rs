@@ -114,7 +114,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
 pub fn heart_mlp(hidden: usize) -> fedee_model::MlpConfig {
     fedee_model::MlpConfig {
         in_features: crate::heart::NUM_FEATURES,
-        hidden,
+        hidden: vec![hidden],
         out_features: 2,
         activation: fedee_model::Activation::Relu,
     }

@@ -12,12 +12,13 @@
 //! `aᵢ` is the layer's input activation and `gᵢ = ∂(Σⱼℓⱼ)/∂zᵢ` its backpropagated gradient (as
 //! Opacus does for `nn.Linear`). One backward pass of the summed loss to the pre-activations
 //! gives every `gᵢ`; the per-example squared norm is `‖gᵢ‖²(‖aᵢ‖² + 1)` (the "ghost norm"),
-//! and the clipped sum is `(f ⊙ g)ᵀ a` with clip factors `fᵢ = min(1, C/‖∇ᵢ‖)`.
+//! and the clipped sum is `(f ⊙ g)ᵀ a` with clip factors `fᵢ = min(1, C/‖∇ᵢ‖)`. The same holds
+//! layer by layer for an MLP of any depth: `‖∇ᵢ‖² = Σ_layers ‖gᵢ‖²(‖aᵢ‖² + 1)`.
 
 use fedee_dp::noise::{Sampler, add_noise};
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_encrypt::StateDict;
-use fedee_model::{Activation, MlpConfig};
+use fedee_model::MlpConfig;
 use rand::Rng;
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -36,8 +37,6 @@ pub struct DpSgd {
     pub sampler: Sampler,
 }
 
-const LAYERS: [(&str, &str); 2] = [("fc1.weight", "fc1.bias"), ("fc2.weight", "fc2.bias")];
-
 /// The sum over the batch of per-example gradients, each clipped to L2 norm `c`, and the
 /// per-example gradient norms before clipping.
 ///
@@ -50,23 +49,35 @@ pub fn clipped_gradient_sum(
     y: &Tensor,
     c: f64,
 ) -> (StateDict, Tensor, f64) {
-    // Pre-activations as graph leaves: one backward pass gives g for both layers.
-    let z1 = x
-        .linear(&state["fc1.weight"], Some(&state["fc1.bias"]))
-        .detach()
-        .set_requires_grad(true);
-    let a1 = match cfg.activation {
-        Activation::Relu => z1.relu(),
-        Activation::Gelu => z1.gelu("none"),
-    };
-    let z2 = a1.linear(&state["fc2.weight"], Some(&state["fc2.bias"]));
-    let loss = fedee_model::cross_entropy(&z2, y); // mean, reported only
-    let sum = z2
-        .log_softmax(-1, z2.kind())
-        .nll_loss_nd::<Tensor>(y, None, Reduction::Sum, -100);
-    let grads = Tensor::run_backward(&[&sum], &[&z1, &z2], false, false);
-    let a1 = a1.detach();
-    let inputs = [x.shallow_clone(), a1];
+    let layers = cfg.layers();
+    // Layer inputs a₀ = x, a_k = act(z_k) (detached), and pre-activations z_k. The first
+    // pre-activation is a graph leaf; one backward pass of the summed loss to every z_k gives
+    // each layer's per-example gᵢ.
+    let mut inputs = vec![x.shallow_clone()];
+    let mut pre = Vec::with_capacity(layers.len());
+    for (k, (w, b)) in layers.iter().enumerate() {
+        let a = if k == 0 {
+            x.shallow_clone()
+        } else {
+            cfg.activation.apply(&pre[k - 1])
+        };
+        if k > 0 {
+            inputs.push(a.detach());
+        }
+        let z = a.linear(&state[w], Some(&state[b]));
+        pre.push(if k == 0 {
+            z.detach().set_requires_grad(true)
+        } else {
+            z
+        });
+    }
+    let logits = pre.last().expect("at least two layers");
+    let loss = fedee_model::cross_entropy(logits, y); // mean, reported only
+    let sum =
+        logits
+            .log_softmax(-1, logits.kind())
+            .nll_loss_nd::<Tensor>(y, None, Reduction::Sum, -100);
+    let grads = Tensor::run_backward(&[&sum], &pre.iter().collect::<Vec<_>>(), false, false);
     // ‖∇ᵢ‖² = Σ_layers ‖gᵢ‖² (‖aᵢ‖² + 1)
     let mut sq = Tensor::zeros([x.size()[0]], (x.kind(), x.device()));
     for (g, a) in grads.iter().zip(&inputs) {
@@ -77,10 +88,10 @@ pub fn clipped_gradient_sum(
     let norms = sq.sqrt();
     let factors = (c / (&norms + 1e-12)).clamp_max(1.0);
     let mut out = StateDict::new();
-    for ((g, a), (w, b)) in grads.iter().zip(&inputs).zip(LAYERS) {
+    for ((g, a), (w, b)) in grads.iter().zip(&inputs).zip(layers) {
         let fg = g * factors.unsqueeze(1);
-        out.insert(w.to_owned(), fg.transpose(0, 1).matmul(a));
-        out.insert(b.to_owned(), fg.sum_dim_intlist(0, false, fg.kind()));
+        out.insert(w, fg.transpose(0, 1).matmul(a));
+        out.insert(b, fg.sum_dim_intlist(0, false, fg.kind()));
     }
     (out, norms, loss.double_value(&[]))
 }
@@ -159,7 +170,7 @@ pub fn train<R: Rng + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedee_model::Mlp;
+    use fedee_model::{Activation, Mlp};
 
     /// Reference: one backward pass per example, full parameter gradients, clipped and summed.
     fn loop_reference(
@@ -204,14 +215,20 @@ mod tests {
     #[test]
     fn vectorized_per_example_gradients_match_a_loop_of_backward_passes() {
         tch::manual_seed(3);
-        for activation in [Activation::Relu, Activation::Gelu] {
+        let cases = [
+            (Activation::Relu, vec![5]),
+            (Activation::Gelu, vec![5]),
+            (Activation::Relu, vec![6, 4, 5]),
+            (Activation::Gelu, vec![4, 6]),
+        ];
+        for (activation, hidden) in cases {
             let cfg = MlpConfig {
                 in_features: 7,
-                hidden: 5,
+                hidden,
                 out_features: 3,
                 activation,
             };
-            let m = Mlp::new(cfg, Device::Cpu, Kind::Double).unwrap();
+            let m = Mlp::new(cfg.clone(), Device::Cpu, Kind::Double).unwrap();
             let state = m.state();
 
             let x = Tensor::randn([9, 7], (Kind::Double, Device::Cpu)) * 3.0;

@@ -340,8 +340,8 @@ fn render(path: &Path, rows: usize, label: &str, columns: &[ColumnInference]) ->
          \x20                           # privacy and privacy.statistics_noise_multiplier)\n\n\
          [model]\n\
          kind = \"mlp\"\n\
-         hidden = [32]\n\
-         activation = \"relu\"\n\n\
+         hidden = [32]               # one size per hidden layer, e.g. [64, 32]; at most 8 layers\n\
+         activation = \"relu\"         # or \"gelu\"\n\n\
          [training]                  # local training at each site, per round\n\
          epochs = 2\n\
          batch_size = 16\n\

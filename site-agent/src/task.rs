@@ -109,11 +109,11 @@ impl TabularTask {
         device: Device,
     ) -> Self {
         Self {
-            cfg,
             device,
             optimizer,
             train: to_tensors(train, cfg.in_features, device, Kind::Float),
             test: to_tensors(test, cfg.in_features, device, Kind::Float),
+            cfg,
             raw: None,
         }
     }
@@ -170,8 +170,7 @@ pub fn mlp_config(spec: &FederationSpec) -> Result<MlpConfig, SiteError> {
     })?;
     Ok(MlpConfig {
         in_features: m.in_features,
-        // Validation allows exactly one hidden layer.
-        hidden: m.hidden[0],
+        hidden: m.hidden,
         out_features: m.out_features,
         activation: if m.activation == "gelu" {
             Activation::Gelu
@@ -352,7 +351,7 @@ impl LocalTask for TabularTask {
     }
     fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError> {
         self.ready()?;
-        let m = Mlp::from_state(self.cfg, global, self.device, Kind::Float)?;
+        let m = Mlp::from_state(self.cfg.clone(), global, self.device, Kind::Float)?;
         let logits = tch::no_grad(|| m.forward(&self.test.0));
         scored(&logits, &self.test.1, self.cfg.out_features)
     }
@@ -363,7 +362,7 @@ impl LocalTask for TabularTask {
         rng: &mut ChaCha20Rng,
     ) -> Result<(StateDict, f64), SiteError> {
         self.ready()?;
-        let mut m = Mlp::from_state(self.cfg, global, self.device, Kind::Float)?;
+        let mut m = Mlp::from_state(self.cfg.clone(), global, self.device, Kind::Float)?;
         let local = LocalTraining {
             epochs: s.epochs,
             batch_size: s.batch_size,
@@ -445,7 +444,7 @@ impl LocalTask for TextTask {
         self.test.len() as u64
     }
     fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError> {
-        let m = Model::from_state(self.arch, global, self.device, Kind::Float)?;
+        let m = Model::from_state(self.arch.clone(), global, self.device, Kind::Float)?;
         let (mut logits, mut labels) = (vec![], vec![]);
         for rows in self.test.iter().collect::<Vec<_>>().chunks(32) {
             let (input, y) = self.batch(rows);
@@ -467,7 +466,7 @@ impl LocalTask for TextTask {
         s: &RoundSettings,
         rng: &mut ChaCha20Rng,
     ) -> Result<(StateDict, f64), SiteError> {
-        let mut m = Model::from_state(self.arch, global, self.device, Kind::Float)?;
+        let mut m = Model::from_state(self.arch.clone(), global, self.device, Kind::Float)?;
         let spec = OptimizerSpec::AdamW {
             lr: s.learning_rate,
             beta1: 0.9,

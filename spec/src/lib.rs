@@ -44,6 +44,9 @@ use sha2::{Digest, Sha256};
 /// The spec format this build reads (`version = 1`).
 pub const VERSION: u32 = 1;
 
+/// Most hidden layers an MLP may have (the same limit as `fedee_model::MAX_HIDDEN_LAYERS`).
+pub const MAX_HIDDEN_LAYERS: usize = 8;
+
 /// Strategies the aggregator implements (`[federation] strategy`).
 pub const STRATEGIES: [&str; 6] = [
     "fedavg",
@@ -686,12 +689,12 @@ impl FederationSpec {
                         "remove model.checkpoint",
                     ));
                 }
-                if m.hidden.len() != 1 {
+                if m.hidden.is_empty() || m.hidden.len() > MAX_HIDDEN_LAYERS {
                     return Err(invalid(
                         "model.hidden",
                         &m.hidden,
-                        "fedee's MLP has exactly one hidden layer today (its EE key spec and DP-SGD per-example gradients are written for it)",
-                        "write one size, e.g. hidden = [32]",
+                        format!("an MLP needs 1 to {MAX_HIDDEN_LAYERS} hidden layers"),
+                        "list the hidden layer sizes, e.g. hidden = [32] or hidden = [64, 32]",
                     ));
                 }
                 if m.hidden.iter().any(|&h| h == 0 || h > 1 << 16) {
@@ -1239,6 +1242,11 @@ noise_multiplier = 1.0
             ("version = 1", "version = 2", "version"),
             ("hidden = [8]", "hidden = []", "model.hidden"),
             ("hidden = [8]", "hidden = [0]", "model.hidden"),
+            (
+                "hidden = [8]",
+                "hidden = [8, 8, 8, 8, 8, 8, 8, 8, 8]",
+                "model.hidden",
+            ),
             (
                 "noise_multiplier = 1.0",
                 "noise_multiplier = 0.0",

@@ -229,10 +229,11 @@ impl Trainer for TrainerService {
             )));
         }
         let device = self.config.device;
+        let arch = cfg.clone();
         let job = blocking(move || {
             let state = state_from_safetensors(&bytes, device)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let model = Model::from_state(cfg, &state, device, kind)
+            let model = Model::from_state(arch, &state, device, kind)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let opt = model
                 .optimizer(&opt_spec)
