@@ -1,24 +1,18 @@
 //! `fedee`: one CLI for every fedee role. Thin glue over the library crates.
 
-mod attack;
-mod bench;
-mod bench_aggregate;
-mod bench_ee;
-mod demo;
-mod drug_demo;
-mod flamby;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use fedee_encrypt::{KeyGroup, KeySet};
+use fedee_lab::{attack, bench, demo};
 use fedee_model::{Activation, Mlp, MlpConfig, state_from_safetensors, state_to_safetensors};
 use fedee_proto::cli::{
     TransportArgs, init_tracing, notice, serve_with_grace, shutdown_on_signals,
 };
 use fedee_proto::pki::Role;
+use fedee_site_agent::client::{Link, Retry};
 use rand::SeedableRng;
 use tch::{Device, Kind};
 
@@ -148,7 +142,7 @@ struct InitModelArgs {
     #[arg(long, conflicts_with = "hidden")]
     spec: Option<PathBuf>,
     /// Without --spec: hidden units of the demo's heart MLP.
-    #[arg(long, default_value_t = demo::HIDDEN)]
+    #[arg(long, default_value_t = fedee_site_agent::cli::HEART_HIDDEN)]
     hidden: usize,
     /// Seed of the initial weights.
     #[arg(long, default_value_t = 0)]
@@ -168,7 +162,7 @@ enum EeCommand {
         #[arg(long, conflicts_with_all = ["hidden", "bert_config"])]
         spec: Option<PathBuf>,
         /// Hidden units of the demo's heart MLP (without --spec).
-        #[arg(long, default_value_t = demo::HIDDEN)]
+        #[arg(long, default_value_t = fedee_site_agent::cli::HEART_HIDDEN)]
         hidden: usize,
         /// Group of the MLP's input key: signed-permutation (default; AdamW-exact), permutation,
         /// orthogonal (SGD-exact), monomial or invertible (inference only).
@@ -265,7 +259,7 @@ fn read_spec(p: &std::path::Path) -> Result<fedee_spec::FederationSpec> {
         .with_context(|| format!("{} is not a valid federation spec", p.display()))
 }
 
-pub(crate) fn parse_device(s: &str) -> Result<Device> {
+fn parse_device(s: &str) -> Result<Device> {
     fedee_site_agent::cli::parse_device(s)
 }
 
@@ -334,11 +328,9 @@ async fn main() -> Result<()> {
         } => {
             let tls = transport.resolve("pharma")?;
             let url = format!("{}://{aggregator}", transport.scheme());
-            let mut c = demo::connect_with_retry(&url, tls.as_ref()).await?;
-            let st = c
-                .status(fedee_proto::v1::StatusRequest {})
-                .await?
-                .into_inner();
+            let st = Link::connect(&url, tls.as_ref(), Retry::default())?
+                .status()
+                .await?;
             print!("{}", fedee_aggregator::cli::render_status(&st));
             Ok(())
         }
@@ -350,8 +342,9 @@ async fn main() -> Result<()> {
         } => {
             let tls = transport.resolve("pharma")?;
             let url = format!("{}://{aggregator}", transport.scheme());
-            let mut c = demo::connect_with_retry(&url, tls.as_ref()).await?;
-            let bytes = demo::download_model(&mut c, model).await?;
+            let bytes = Link::connect(&url, tls.as_ref(), Retry::default())?
+                .download_model(model)
+                .await?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             eprintln!(
                 "wrote global model {model} ({} bytes) to {}",

@@ -152,8 +152,9 @@ fn source_chain(status: &tonic::Status) -> String {
     out
 }
 
-/// The connection to the aggregator and the retry policy.
-struct Link {
+/// The connection to the aggregator and the retry policy: what sites, demos, benches and the
+/// CLI's `status` / `download-model` use to talk to the federation.
+pub struct Link {
     client: FederationClient<Channel>,
     url: String,
     retry: Retry,
@@ -161,7 +162,11 @@ struct Link {
 
 impl Link {
     /// A lazily connected channel to `aggregator` (reconnects after failures).
-    fn connect(
+    ///
+    /// # Errors
+    /// [`SiteError::Endpoint`] for a malformed URL, [`SiteError::Tls`] /
+    /// [`SiteError::TlsConfig`] for unreadable or unusable certificates.
+    pub fn connect(
         aggregator: &str,
         tls: Option<&fedee_proto::pki::TlsFiles>,
         retry: Retry,
@@ -189,6 +194,29 @@ impl Link {
             url: aggregator.to_owned(),
             retry,
         })
+    }
+
+    /// The federation's status (rounds, sites, privacy), retried like every call.
+    ///
+    /// # Errors
+    /// [`SiteError::Transport`] after the retries, [`SiteError::Rpc`] for a refusal.
+    pub async fn status(&mut self) -> Result<fedee_proto::v1::StatusResponse, SiteError> {
+        Ok(self
+            .call("Status", |mut c| async move {
+                c.status(fedee_proto::v1::StatusRequest {}).await
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Global model `model` (1 = the initial model, `r + 1` = after round `r`) as safetensors
+    /// bytes, reassembled from its chunks with size and SHA-256 checked.
+    ///
+    /// # Errors
+    /// [`SiteError::Transport`] after the retries, [`SiteError::Rpc`] for a refusal or a
+    /// corrupt stream (`DATA_LOSS`).
+    pub async fn download_model(&mut self, model: u32) -> Result<Vec<u8>, SiteError> {
+        self.call("DownloadModel", |c| download(c, model)).await
     }
 
     /// Run `f` until it succeeds, fails with a refusal, or the attempts are spent.
@@ -575,7 +603,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             continue;
         }
         let round = task.round;
-        let bytes = link.call("DownloadModel", |c| download(c, round)).await?;
+        let bytes = link.download_model(round).await?;
         let global = state_from_safetensors(&bytes, cfg.device)?;
         if evaluated < task.round {
             // Local compute blocks this worker thread, not the runtime's other tasks.

@@ -606,14 +606,14 @@ pub(crate) async fn federate(
             },
         )));
     }
-    let mut fed =
-        crate::demo::connect_with_retry(&url, Some(&TlsFiles::in_dir(pki, "pharma"))).await?;
+    let mut fed = fedee_site_agent::client::Link::connect(
+        &url,
+        Some(&TlsFiles::in_dir(pki, "pharma")),
+        fedee_site_agent::client::Retry::default(),
+    )?;
     let mut printed = 0;
     loop {
-        let st = fed
-            .status(fedee_proto::v1::StatusRequest {})
-            .await?
-            .into_inner();
+        let st = fed.status().await?;
         printed = crate::demo::print_closed_rounds(&st, printed, args.federation_rounds);
         if st.done || handles.iter().any(|h| h.is_finished()) {
             break;
@@ -625,10 +625,7 @@ pub(crate) async fn federate(
             .context("site task panicked")?
             .context("site agent failed")?;
     }
-    let st = fed
-        .status(fedee_proto::v1::StatusRequest {})
-        .await?
-        .into_inner();
+    let st = fed.status().await?;
     if !st.done {
         bail!("the drug-review federation did not finish");
     }
@@ -642,7 +639,7 @@ pub(crate) async fn federate(
                 .collect(),
         );
     }
-    let update_bytes = crate::demo::download_model(&mut fed, 1).await?.len();
+    let update_bytes = fed.download_model(1).await?.len();
     let epsilon = st.rounds.last().map(|r| r.epsilon).unwrap_or(0.0);
     shutdown.cancel();
     agg.await.context("aggregator task panicked")??;

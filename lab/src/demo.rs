@@ -19,17 +19,13 @@ use anyhow::{Context, Result, bail};
 use fedee_encrypt::KeySet;
 use fedee_model::{Mlp, OptimizerSpec, state_from_safetensors, state_to_safetensors};
 use fedee_proto::pki::TlsFiles;
-use fedee_proto::v1::StatusRequest;
-use fedee_proto::v1::federation_client::FederationClient;
+use fedee_site_agent::client::{Link, Retry};
 use fedee_site_agent::table::RowFilter;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use tch::{Device, Kind};
 use tokio_util::sync::CancellationToken;
-
-/// Hidden units of the heart MLP of federations without a spec.
-pub const HIDDEN: usize = fedee_site_agent::cli::HEART_HIDDEN;
 
 const FEDERATION_SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
 const PHARMA_SITE: &str = "VA Long Beach";
@@ -288,10 +284,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         sites.push(tokio::spawn(fedee_site_agent::run(sc)));
     }
     // Progress: one line per closed round, from the aggregator's status.
-    let mut fed = connect_with_retry(&agg_url, Some(&pharma_tls)).await?;
+    let mut fed = Link::connect(&agg_url, Some(&pharma_tls), Retry::default())?;
     let mut printed = 0;
     loop {
-        let st = fed.status(StatusRequest {}).await?.into_inner();
+        let st = fed.status().await?;
         printed = print_closed_rounds(&st, printed, rounds);
         // A site that finishes early has failed: stop waiting and report it below.
         if st.done || sites.iter().any(|s| s.is_finished()) {
@@ -306,7 +302,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     // Sites report their evaluation of the final model before they finish: read the status
     // only now.
-    let st = fed.status(StatusRequest {}).await?.into_inner();
+    let st = fed.status().await?;
     print_closed_rounds(&st, printed, rounds);
     if !st.done {
         bail!(
@@ -381,7 +377,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
 
     // --- 2. Pharma: EE fine-tuning at the trainer (the calls of `fedee finetune`) --------
-    let global = state_from_safetensors(&download_model(&mut fed, rounds + 1).await?, Device::Cpu)?;
+    let global = state_from_safetensors(&fed.download_model(rounds + 1).await?, Device::Cpu)?;
     let key_spec = cfg.key_spec();
     let keys = KeySet::generate(
         &key_spec,
@@ -532,28 +528,6 @@ fn tempdir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-pub(crate) async fn connect_with_retry(
-    url: &str,
-    tls: Option<&TlsFiles>,
-) -> Result<FederationClient<tonic::transport::Channel>> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())?;
-    if let Some(t) = tls {
-        endpoint = endpoint.tls_config(t.client()?)?;
-    }
-    let mut last = None;
-    for _ in 0..50 {
-        match endpoint.connect().await {
-            Ok(ch) => return Ok(FederationClient::new(ch).max_decoding_message_size(8 << 20)),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!(
-        "cannot reach the aggregator at {url}: {}",
-        last.map(|e| format!("{e:?}")).unwrap_or_default()
-    )
-}
-
 pub(crate) async fn connect_trainer_with_retry(
     url: &str,
     tls: Option<&TlsFiles>,
@@ -586,19 +560,4 @@ pub(crate) fn demo_pki(dir: &std::path::Path, sites: &[&str]) -> Result<PathBuf>
         issue(&pki, Role::Site, s, 0, 1)?;
     }
     Ok(pki)
-}
-
-pub(crate) async fn download_model(
-    fed: &mut FederationClient<tonic::transport::Channel>,
-    model: u32,
-) -> Result<Vec<u8>> {
-    let mut s = fed
-        .download_model(fedee_proto::v1::DownloadModelRequest { model })
-        .await?
-        .into_inner();
-    let mut r = fedee_proto::Reassembler::new(fedee_proto::MAX_BLOB_SIZE);
-    while let Some(c) = s.message().await? {
-        r.push(c)?;
-    }
-    Ok(r.finish()?)
 }

@@ -1,0 +1,24 @@
+//! fedee's lab: what runs the product end to end and measures it, built only on the library
+//! crates' public interfaces (the same calls `fedee site`, `fedee finetune` and `fedee predict`
+//! make). The `fedee` binary dispatches `fedee demo`, `fedee bench …` and `fedee ee attack …`
+//! here.
+//!
+//! * [`demo`]: the main job (heart disease federation → EE fine-tuning → encrypted inference)
+//!   and `drug_demo`, its text twin on drug reviews.
+//! * [`bench`]: benchmarks that print a table and write JSON with units in the keys
+//!   (`bench_ee`, `bench_aggregate`, `flamby`).
+//! * [`attack`]: the attacks an honest-but-curious server runs on EE models, scored with the
+//!   key holder's keys.
+
+pub mod attack;
+pub mod bench;
+mod bench_aggregate;
+mod bench_ee;
+pub mod demo;
+mod drug_demo;
+mod flamby;
+
+/// `cpu` or `cuda` (checked against what libtorch sees).
+fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
+    fedee_site_agent::cli::parse_device(s)
+}
