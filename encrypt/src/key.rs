@@ -7,50 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::EncryptError;
-
-/// The group a key is drawn from, weakest to richest (ee-math.md, "Keys").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeyGroup {
-    /// Index shuffle `P`.
-    Permutation,
-    /// Shuffle and sign flips `S` (orthogonal).
-    SignedPermutation,
-    /// `P·D` with `D` positive diagonal.
-    Monomial,
-    /// Haar-random orthogonal `Q`.
-    Orthogonal,
-    /// General invertible `T`.
-    Invertible,
-}
-
-impl std::fmt::Display for KeyGroup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            KeyGroup::Permutation => "a permutation",
-            KeyGroup::SignedPermutation => "a signed permutation",
-            KeyGroup::Monomial => "monomial (P·D)",
-            KeyGroup::Orthogonal => "orthogonal",
-            KeyGroup::Invertible => "general invertible",
-        })
-    }
-}
-
-impl std::str::FromStr for KeyGroup {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "permutation" => Ok(Self::Permutation),
-            "signed-permutation" => Ok(Self::SignedPermutation),
-            "monomial" => Ok(Self::Monomial),
-            "orthogonal" => Ok(Self::Orthogonal),
-            "invertible" => Ok(Self::Invertible),
-            _ => Err(format!(
-                "unknown key group `{s}`: use permutation, signed-permutation, monomial, orthogonal or invertible"
-            )),
-        }
-    }
-}
+use fedee_model::keyspec::KeyGroup;
 
 /// A key's secret material. Convention: `K` acts on a vector as `(K x)[i] = Σ_j K[i][j] x[j]`;
 /// for the index-based groups `(K x)[i] = s[i] · x[perm[i]]`.

@@ -1,14 +1,14 @@
 //! Equivariant encryption (EE): a secret change of basis applied to a model's parameters and
 //! to its inputs and outputs, so that `decrypt(F'(encrypt(x))) = F(x)`.
 //!
-//! Source of the math: `shared/design/ee-math.md` and `key-spec.md` (one rule for every
-//! parameter, `W' = R · W · C⁻¹`, the idea of Git Re-Basin's `PermutationSpec`, Ainsworth et
-//! al. 2022).
+//! Source of the math: SECURITY.md, "The math" (one rule for every parameter,
+//! `W' = R · W · C⁻¹`, the idea of Git Re-Basin's `PermutationSpec`, Ainsworth et al. 2022).
 //!
 //! * [`Key`]: one secret key acting on one axis (permutation, signed permutation, monomial,
 //!   orthogonal, invertible).
-//! * [`KeySpec`]: declared by each architecture; which key acts on which axis of which
-//!   parameter, and on the model's inputs and outputs.
+//! * [`KeySpec`]: declared by each architecture (the types live in `fedee_model::keyspec`,
+//!   re-exported here); which key acts on which axis of which parameter, and on the model's
+//!   inputs and outputs.
 //! * [`KeySet`]: the secret material for a spec (serde; written 0600 by [`KeySet::save`]).
 //! * [`transform_state`] / [`decrypt_state`]: the one generic transform.
 //! * [`encrypt_inputs`], [`encrypt_labels`], [`decrypt_outputs`], [`decrypt_labels`].
@@ -27,11 +27,13 @@ mod key;
 mod spec;
 pub mod volume;
 
-pub use key::{Key, KeyGroup, KeyMaterial};
+pub use fedee_model::keyspec::{
+    Heads, InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, Optimizer, StateDict,
+};
+pub use key::{Key, KeyMaterial};
 pub use spec::{
-    Heads, InputKind, KeyDecl, KeyRef, KeySet, KeySpec, Optimizer, StateDict, check_trainable,
-    decrypt_labels, decrypt_outputs, decrypt_state, encrypt_indices, encrypt_inputs,
-    encrypt_labels, encrypt_token_ids, rotate, transform_state, verify_inference,
+    KeySet, check_trainable, decrypt_labels, decrypt_outputs, decrypt_state, encrypt_indices,
+    encrypt_inputs, encrypt_labels, encrypt_token_ids, rotate, transform_state, verify_inference,
 };
 
 /// Errors of key generation, transformation and verification.
@@ -64,7 +66,7 @@ pub enum EncryptError {
         allowed: String,
         why: String,
     },
-    /// A key/optimizer pair that breaks training equivariance (ee-math.md, "Training under EE").
+    /// A key/optimizer pair that breaks training equivariance (SECURITY.md, "The math").
     #[error(
         "refusing to train with {optimizer}: key `{key}` is {group}, and {optimizer} is not equivariant under {group} keys, so training would silently diverge from plaintext training; {fix}"
     )]

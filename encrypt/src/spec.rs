@@ -1,4 +1,5 @@
-//! Key specs, key sets, and the one generic transform `W' = R · W · C⁻¹` (key-spec.md).
+//! Key sets, and the one generic transform `W' = R · W · C⁻¹` over a model's key spec
+//! (`fedee_model::keyspec`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,113 +8,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::{EncryptError, Key, KeyGroup};
-
-/// A model's parameters by name. Tensors are f32 or f64, on any device.
-pub type StateDict = BTreeMap<String, Tensor>;
-
-/// A reference from one axis of a parameter to a key. `dual` selects `K⁻ᵀ` instead of `K`
-/// (embedding tables and attention `W_k` need it; see key-spec.md).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyRef {
-    /// Name of the key.
-    pub key: String,
-    /// Use the dual `K⁻ᵀ`.
-    #[serde(default)]
-    pub dual: bool,
-}
-
-impl KeyRef {
-    /// The key itself.
-    pub fn new(key: &str) -> Self {
-        Self {
-            key: key.to_owned(),
-            dual: false,
-        }
-    }
-}
-
-/// A key the architecture declares: its dimension and the groups allowed on it by the layers
-/// it passes through (e.g. GELU commutes with permutations only).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyDecl {
-    /// Dimension of the axis.
-    pub dim: usize,
-    /// Groups the architecture allows; the first is the default for key generation.
-    pub allowed: Vec<KeyGroup>,
-    /// Why the list is what it is (shown in errors).
-    pub why: String,
-    /// For attention: the axis is `count` heads of `dim / count` units. The key must be
-    /// block-diagonal per head (`M_h`, of the key's group) times a head permutation shared by
-    /// every key of the same `group` (a layer's Q/K and V/O keys must move heads alike).
-    #[serde(default)]
-    pub heads: Option<Heads>,
-}
-
-/// Head structure of an attention key (see [`KeyDecl::heads`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Heads {
-    /// Number of heads.
-    pub count: usize,
-    /// Keys with the same group name share one head permutation.
-    pub group: String,
-}
-
-/// What the model's input is, and so how [`KeySpec::input`] encrypts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum InputKind {
-    /// Feature vectors `(batch, features)`: `x' = T x + δ` ([`encrypt_inputs`]).
-    #[default]
-    Features,
-    /// Token ids `(batch, seq)` under a vocabulary permutation ([`encrypt_token_ids`]).
-    TokenIds,
-}
-
-/// Which key acts on which axis of which parameter, and on the model's inputs and outputs.
-///
-/// Axis 0 of a parameter is its row (output) axis and gets the key itself; every other axis is
-/// a column (input) axis and gets the dual, so a linear `W (out, in)` with row key `R` and
-/// column key `C` becomes `W' = R W C⁻¹` and a 1-D bias with row key `R` becomes `b' = R b`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KeySpec {
-    /// Architecture name, e.g. `mlp`.
-    pub architecture: String,
-    /// Declared keys.
-    pub keys: BTreeMap<String, KeyDecl>,
-    /// Per parameter, one optional key per axis.
-    pub params: BTreeMap<String, Vec<Option<KeyRef>>>,
-    /// Key on the inputs: the features of `(batch, in_features)` inputs, or the vocabulary
-    /// for token ids (see `input_kind`).
-    pub input: String,
-    /// What the input is.
-    #[serde(default)]
-    pub input_kind: InputKind,
-    /// Key on the outputs (last axis of logits) and on class labels.
-    pub output: String,
-    /// The first linear layer `(weight, bias)`, into whose bias an input offset δ folds;
-    /// `None` when the architecture allows no offset.
-    pub input_layer: Option<(String, String)>,
-}
-
-/// Training optimizers whose equivariance [`check_trainable`] knows (ee-math.md table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Optimizer {
-    /// SGD, with or without momentum and weight decay.
-    Sgd,
-    /// Adam or AdamW.
-    AdamW,
-}
-
-impl std::fmt::Display for Optimizer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Optimizer::Sgd => "SGD",
-            Optimizer::AdamW => "AdamW",
-        })
-    }
-}
+use crate::{EncryptError, Key};
+use fedee_model::keyspec::{InputKind, KeyDecl, KeyGroup, KeySpec, Optimizer, StateDict};
 
 /// The secret material for one key spec.
 ///
@@ -378,8 +274,8 @@ fn apply_keys(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateD
 }
 
 /// Transform a plaintext state dict into the EE model: every parameter `W' = R W C⁻¹` per the
-/// spec, then the input offset folded into the first bias, `b' = R b − W' δ` (ee-math.md,
-/// "Layer rules").
+/// spec, then the input offset folded into the first bias, `b' = R b − W' δ` (SECURITY.md,
+/// "The math").
 ///
 /// # Errors
 /// Name, axis or shape mismatches between `state`, `spec` and `keys`, each naming the parameter.
@@ -479,7 +375,7 @@ pub fn rotate<R: Rng + ?Sized>(
 ///
 /// # Security
 /// Deterministic: equal rows give equal ciphertext rows. `in_features + 1` known pairs recover
-/// `T` and `δ` by one linear solve (ee-math.md, "Attacks").
+/// `T` and `δ` by one linear solve (SECURITY.md, "Measured attacks").
 ///
 /// # Errors
 /// [`EncryptError::Shape`] if the last axis does not match the input key.
@@ -570,7 +466,7 @@ fn map_indices(
 ///
 /// # Security
 /// A substitution cipher: equal ids give equal encrypted ids, so token frequencies and
-/// positions stay visible (ee-math.md, "Attacks": frequency analysis).
+/// positions stay visible (SECURITY.md, "Measured attacks": frequency analysis).
 ///
 /// # Errors
 /// [`EncryptError::InvalidKey`] if the input key is not a permutation or an id is out of range.
@@ -602,7 +498,7 @@ pub fn decrypt_labels(spec: &KeySpec, keys: &KeySet, y: &Tensor) -> Result<Tenso
 }
 
 /// Refuse a key set under which training with `optimizer` would not stay equivariant
-/// (ee-math.md, "Training under EE"): AdamW needs (signed) permutations on every trained
+/// (SECURITY.md, "The math"): AdamW needs (signed) permutations on every trained
 /// parameter; SGD also accepts orthogonal keys; no optimizer accepts monomial or general
 /// invertible keys, or an input offset.
 ///

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use fedee_encrypt::{KeySpec, StateDict};
+use crate::keyspec::{KeySpec, StateDict};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use fedee_encrypt::{Heads, InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
+use crate::keyspec::{Heads, InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 

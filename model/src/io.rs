@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use fedee_encrypt::StateDict;
+use crate::keyspec::StateDict;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use tch::{Device, Kind, Tensor};
 

@@ -4,10 +4,13 @@
 //! * [`bert`]: a BERT encoder with mean pooling and a classification head (Hugging Face names).
 //! * [`arch`]: both behind one [`Architecture`], and a trainable [`Model`] of either.
 //! * [`io`]: state dicts to and from safetensors bytes, with name/shape/dtype checks.
+//! * [`keyspec`]: the key-spec types each architecture declares (no key material: the trainer
+//!   links this crate and never the one that holds keys).
 
 pub mod arch;
 pub mod bert;
 pub mod io;
+pub mod keyspec;
 pub mod mlp;
 pub mod text;
 
@@ -17,6 +20,7 @@ pub use io::{
     batch_from_safetensors, batch_to_safetensors, safetensors_metadata, state_from_safetensors,
     state_to_safetensors, state_to_safetensors_with,
 };
+pub use keyspec::{KeyGroup, KeySpec, StateDict};
 pub use mlp::{Activation, MAX_HIDDEN_LAYERS, Mlp, MlpConfig, OptimizerSpec};
 
 /// Errors of model construction, loading and training.

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use fedee_encrypt::{InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
+use crate::keyspec::{InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
 use serde::{Deserialize, Deserializer, Serialize};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
@@ -355,11 +355,11 @@ pub enum OptimizerSpec {
 }
 
 impl OptimizerSpec {
-    /// The optimizer family, for [`fedee_encrypt::check_trainable`].
-    pub fn family(&self) -> fedee_encrypt::Optimizer {
+    /// The optimizer family, for `fedee_encrypt::check_trainable`.
+    pub fn family(&self) -> crate::keyspec::Optimizer {
         match self {
-            OptimizerSpec::AdamW { .. } => fedee_encrypt::Optimizer::AdamW,
-            OptimizerSpec::Sgd { .. } => fedee_encrypt::Optimizer::Sgd,
+            OptimizerSpec::AdamW { .. } => crate::keyspec::Optimizer::AdamW,
+            OptimizerSpec::Sgd { .. } => crate::keyspec::Optimizer::Sgd,
         }
     }
 }

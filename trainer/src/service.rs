@@ -333,7 +333,7 @@ impl Trainer for TrainerService {
                 .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
             let logits = tch::no_grad(|| j.model.forward(&to_kind(input, j.kind)))
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let mut s = fedee_encrypt::StateDict::new();
+            let mut s = fedee_model::StateDict::new();
             s.insert("logits".into(), logits);
             state_to_safetensors(&s).map_err(|e| Status::internal(e.to_string()))
         })

@@ -1,5 +1,5 @@
 //! Frequency analysis of encrypted token ids: EE encrypts token ids with one fixed vocabulary
-//! permutation, a static substitution cipher (ee-math.md, "Attacks"). A passive server counts
+//! permutation, a static substitution cipher (SECURITY.md, "Measured attacks"). A passive server counts
 //! ciphertext unigrams and bigrams and matches them against a public reference corpus.
 //!
 //! The attack (classical substitution-cipher cryptanalysis, e.g. Jakobsen 1995, "A fast method

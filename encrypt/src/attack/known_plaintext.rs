@@ -1,4 +1,4 @@
-//! Known-plaintext attacks on tabular inputs `x' = T x + δ` (ee-math.md, "Attacks"): an
+//! Known-plaintext attacks on tabular inputs `x' = T x + δ` (SECURITY.md, "Measured attacks"): an
 //! attacker who knows `k` plaintext rows of encrypted inputs it saw (e.g. a few patients it
 //! can identify, or published records) recovers the key.
 //!

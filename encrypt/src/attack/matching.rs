@@ -1,5 +1,5 @@
 //! Key recovery by matching an EE model against public plaintext weights or activations
-//! (ee-math.md, "Attacks": weight matching, activation statistics).
+//! (SECURITY.md, "Measured attacks": weight matching, activation statistics).
 //!
 //! A permutation key leaves every value of a parameter in place up to index order, so the
 //! server compares index-order-free descriptions of each channel with the public model's:

@@ -1,4 +1,4 @@
-//! Attacks on fedee's own EE, to measure what it hides (ee-math.md, "Attacks"; SECURITY.md
+//! Attacks on fedee's own EE, to measure what it hides (SECURITY.md, "Measured attacks"; SECURITY.md
 //! publishes the figures `fedee ee attack` measures with these functions).
 //!
 //! Each attack is what an honest-but-curious server can compute from what it is given: the
