@@ -5,7 +5,6 @@ use fedee_aggregator::blobs::DirectIo;
 use fedee_aggregator::tensors::Tensors;
 use fedee_aggregator::{Config, run};
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
-use fedee_proto::chunks;
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_proto::v1::{
     DownloadModelRequest, JoinRequest, NextTaskRequest, StatusRequest, SubmitUpdateMessage,
@@ -96,14 +95,7 @@ fn msgs(
         sha256: sha.unwrap_or_else(|| hex::encode(Sha256::digest(blob))),
         privacy: None,
     };
-    std::iter::once(submit_update_message::Msg::Header(header))
-        .chain(
-            chunks(blob)
-                .into_iter()
-                .map(submit_update_message::Msg::Chunk),
-        )
-        .map(|m| SubmitUpdateMessage { msg: Some(m) })
-        .collect()
+    fedee_proto::update_messages(header, blob)
 }
 
 async fn submit(

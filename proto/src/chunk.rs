@@ -32,6 +32,19 @@ pub enum ChunkError {
     Truncated { received: u64, declared: u64 },
 }
 
+/// The `SubmitUpdate` stream of one update: its header, then `blob` in [`chunks`]. The
+/// header's `sha256` must be the blob's (the aggregator checks it).
+pub fn update_messages(
+    header: crate::v1::UpdateHeader,
+    blob: &[u8],
+) -> Vec<crate::v1::SubmitUpdateMessage> {
+    use crate::v1::submit_update_message::Msg;
+    std::iter::once(Msg::Header(header))
+        .chain(chunks(blob).into_iter().map(Msg::Chunk))
+        .map(|m| crate::v1::SubmitUpdateMessage { msg: Some(m) })
+        .collect()
+}
+
 /// Split `blob` into chunks of at most [`CHUNK_SIZE`] bytes (one empty chunk for an empty blob).
 pub fn chunks(blob: &[u8]) -> Vec<Chunk> {
     let total_size = blob.len() as u64;

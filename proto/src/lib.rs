@@ -12,6 +12,8 @@ pub mod v1 {
 mod chunk;
 pub mod cli;
 pub mod pki;
-pub use chunk::{CHUNK_SIZE, ChunkCursor, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks};
+pub use chunk::{
+    CHUNK_SIZE, ChunkCursor, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks, update_messages,
+};
 /// The byte buffer type of [`v1::Chunk::data`] (cheap to clone and slice).
 pub use prost::bytes::Bytes;

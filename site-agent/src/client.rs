@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
-use fedee_model::{state_from_safetensors, state_to_safetensors};
+use fedee_model::{StateDict, state_from_safetensors, state_to_safetensors};
 use fedee_proto::v1::federation_client::FederationClient;
 use fedee_proto::v1::{
     DownloadModelRequest, JoinRequest, LeaveRequest, MetricsReport, NextTaskRequest, PrivacyEntry,
-    SubmitUpdateMessage, TaskKind, UpdateHeader, submit_update_message,
+    TaskKind, UpdateHeader,
 };
-use fedee_proto::{MAX_BLOB_SIZE, Reassembler, chunks};
+use fedee_proto::{MAX_BLOB_SIZE, Reassembler};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
@@ -217,6 +217,87 @@ impl Link {
     /// corrupt stream (`DATA_LOSS`).
     pub async fn download_model(&mut self, model: u32) -> Result<Vec<u8>, SiteError> {
         self.call("DownloadModel", |c| download(c, model)).await
+    }
+
+    /// Join the federation as `site`, agreeing to the spec with this SHA-256 (empty: none).
+    ///
+    /// # Errors
+    /// As [`Link::status`]; a refusal names the reason (unknown site, other spec, …).
+    pub async fn join(&mut self, site: &str, spec_sha256: String) -> Result<(), SiteError> {
+        let req = JoinRequest {
+            site: site.to_owned(),
+            spec_sha256,
+        };
+        self.call("Join", |mut c| {
+            let req = req.clone();
+            async move { c.join(req).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The site's next task (wait, train round `r`, or done).
+    ///
+    /// # Errors
+    /// As [`Link::status`].
+    pub async fn next_task(&mut self, site: &str) -> Result<fedee_proto::v1::Task, SiteError> {
+        let site = site.to_owned();
+        Ok(self
+            .call("NextTask", |mut c| {
+                let site = site.clone();
+                async move { c.next_task(NextTaskRequest { site }).await }
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Report a global model's test metrics (idempotent at the aggregator).
+    ///
+    /// # Errors
+    /// As [`Link::status`].
+    pub async fn report_metrics(&mut self, metrics: MetricsReport) -> Result<(), SiteError> {
+        self.call("ReportMetrics", |mut c| {
+            let metrics = metrics.clone();
+            async move { c.report_metrics(metrics).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Leave the federation, saying why.
+    ///
+    /// # Errors
+    /// As [`Link::status`].
+    pub async fn leave(&mut self, site: &str, reason: &str) -> Result<(), SiteError> {
+        let req = LeaveRequest {
+            site: site.to_owned(),
+            reason: reason.to_owned(),
+        };
+        self.call("Leave", |mut c| {
+            let req = req.clone();
+            async move { c.leave(req).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Submit one update: `header` (its `sha256` must be `blob`'s), then `blob` in chunks.
+    /// A repeat of an acknowledged update is acknowledged again without counting twice.
+    ///
+    /// # Errors
+    /// As [`Link::status`]; `FAILED_PRECONDITION` when the round has ended.
+    pub async fn submit_update(
+        &mut self,
+        header: UpdateHeader,
+        blob: &[u8],
+    ) -> Result<(), SiteError> {
+        let msgs = fedee_proto::update_messages(header, blob);
+        self.call("SubmitUpdate", |mut c| {
+            let msgs = msgs.clone();
+            async move { c.submit_update(futures::stream::iter(msgs)).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// Run `f` until it succeeds, fails with a refusal, or the attempts are spent.
@@ -548,7 +629,9 @@ async fn federated_statistics(
     cfg.task.apply_preprocessing(&prep)
 }
 
-/// Run the site until the federation is done.
+/// Run the site until the federation is done: join, the statistics round when the spec asks
+/// for one, then per task: download the global model, evaluate it once, plan the round's
+/// privacy spend against the site's budget, train (the training step), record, submit.
 ///
 /// # Errors
 /// Connection failures, refusals by the aggregator, or model errors; each names the cause.
@@ -556,20 +639,9 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     // Connect on first use and reconnect after failures (the aggregator may start later or
     // restart); each call is retried per `cfg.retry`.
     let mut link = Link::connect(&cfg.aggregator, cfg.tls.as_ref(), cfg.retry)?;
-    let site = cfg.site.clone();
-    let spec_sha256 = cfg
-        .spec
-        .as_ref()
-        .map(|s| s.sha256.clone())
-        .unwrap_or_default();
-    link.call("Join", |mut c| {
-        let req = JoinRequest {
-            site: site.clone(),
-            spec_sha256: spec_sha256.clone(),
-        };
-        async move { c.join(req).await }
-    })
-    .await?;
+    let spec_sha256 = cfg.spec.as_ref().map(|s| s.sha256.clone());
+    link.join(&cfg.site, spec_sha256.unwrap_or_default())
+        .await?;
     tracing::info!(site = %cfg.site, train = cfg.task.num_examples(), test = cfg.task.num_test_examples(), "joined");
     let mut rng = match cfg.seed {
         Some(s) => ChaCha20Rng::seed_from_u64(s),
@@ -590,43 +662,20 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     // A spec with a target ε: the σ calibrated from it, computed once.
     let mut calibrated = None;
     loop {
-        let task = link
-            .call("NextTask", |mut c| {
-                let site = site.clone();
-                async move { c.next_task(NextTaskRequest { site }).await }
-            })
-            .await?
-            .into_inner();
+        let task = link.next_task(&cfg.site).await?;
         let kind = TaskKind::try_from(task.kind).unwrap_or(TaskKind::Unspecified);
         if kind == TaskKind::Wait || kind == TaskKind::Unspecified {
             tokio::time::sleep(cfg.poll_interval).await;
             continue;
         }
-        let round = task.round;
-        let bytes = link.download_model(round).await?;
-        let global = state_from_safetensors(&bytes, cfg.device)?;
+        let global = state_from_safetensors(&link.download_model(task.round).await?, cfg.device)?;
         if evaluated < task.round {
             // Local compute blocks this worker thread, not the runtime's other tasks.
             let m = tokio::task::block_in_place(|| cfg.task.evaluate(&global))?;
-            let metrics = MetricsReport {
-                site: cfg.site.clone(),
-                model: task.round,
-                test_accuracy: m.accuracy,
-                num_test_examples: cfg.task.num_test_examples(),
-                balanced_accuracy: Some(m.balanced_accuracy),
-                macro_f1: Some(m.macro_f1),
-                auroc: m.auroc,
-            };
-            link.call("ReportMetrics", |mut c| {
-                let metrics = metrics.clone();
-                async move { c.report_metrics(metrics).await }
-            })
-            .await?;
-            report.evaluations.push(Evaluation {
-                model: task.round,
-                test_accuracy: m.accuracy,
-                metrics: m,
-            });
+            let n_test = cfg.task.num_test_examples();
+            report
+                .evaluations
+                .push(report_metrics(&mut link, &cfg.site, n_test, task.round, m).await?);
             evaluated = task.round;
         }
         if kind == TaskKind::Done {
@@ -643,21 +692,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         let n = cfg.task.num_examples();
         let spec = cfg.spec.as_ref().map(|s| &s.spec);
         let (c, sigma, mode, delta) = agreed_privacy(&task, spec, n, &mut calibrated)?;
-        let planned = match mode {
-            DpMode::Site => Planned {
-                sampling_rate: 1.0,
-                noise_multiplier: sigma.get(),
-                steps: 1,
-            },
-            DpMode::Record => {
-                let b = u64::from(settings.batch_size.max(1));
-                Planned {
-                    sampling_rate: (b as f64 / n.max(1) as f64).min(1.0),
-                    noise_multiplier: sigma.get(),
-                    steps: u64::from(settings.epochs) * n.div_ceil(b),
-                }
-            }
-        };
+        let planned = plan(mode, &settings, n, sigma);
         let spent = ledger.epsilon_with(None, delta)?;
         let after = ledger.epsilon_with(Some(planned), delta)?;
         if let Some(budget) = cfg.epsilon_budget
@@ -670,54 +705,22 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
                 task.round
             );
             tracing::warn!("{msg}");
-            let (site, reason) = (cfg.site.clone(), msg.clone());
-            link.call("Leave", |mut c| {
-                let req = LeaveRequest {
-                    site: site.clone(),
-                    reason: reason.clone(),
-                };
-                async move { c.leave(req).await }
-            })
-            .await?;
+            link.leave(&cfg.site, &msg).await?;
             report.privacy = ledger.entries().to_vec();
             report.stopped = Some(msg);
             return Ok(report);
         }
-        let (update, norm, loss) = match mode {
-            DpMode::Site => {
-                let (local, loss) =
-                    tokio::task::block_in_place(|| cfg.task.train(&global, &settings, &mut rng))?;
-                let (update, norm) = tokio::task::block_in_place(|| {
-                    dp_update(&local, &global, c, sigma, cfg.noise, &mut rng)
-                })?;
-                (update, norm, loss)
-            }
-            DpMode::Record => {
-                let dp = DpSgd {
-                    clipping_norm: c,
-                    noise_multiplier: sigma,
-                    sampling_rate: planned.sampling_rate,
-                    sampler: cfg.noise,
-                };
-                let (local, loss) = tokio::task::block_in_place(|| {
-                    cfg.task
-                        .train_dpsgd(&global, &settings, &dp, planned.steps, &mut rng)
-                })?;
-                // DP-SGD already protects every record: the update is released as trained.
-                let update: fedee_encrypt::StateDict = global
-                    .iter()
-                    .map(|(k, g)| {
-                        (
-                            k.clone(),
-                            (&local[k] - g)
-                                .to_kind(tch::Kind::Float)
-                                .to_device(tch::Device::Cpu),
-                        )
-                    })
-                    .collect();
-                (update, f64::NAN, loss)
-            }
-        };
+        let (update, norm, loss) = tokio::task::block_in_place(|| {
+            train_update(
+                &mut cfg,
+                &global,
+                &settings,
+                mode,
+                (c, sigma),
+                planned,
+                &mut rng,
+            )
+        })?;
         let mechanism = match mode {
             DpMode::Site => "gaussian_zcdp",
             DpMode::Record => "subsampled_gaussian_rdp",
@@ -726,40 +729,24 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         // never under-counts.
         ledger.record_planned(task.round, mode.unit(), mechanism, planned, c.get(), delta)?;
         tracing::info!(site = %cfg.site, round = task.round, unit = mode.unit(), epsilon = after, delta, "privacy spent");
-        let privacy = PrivacyEntry {
-            unit: mode.unit().into(),
-            mechanism: mechanism.into(),
-            sampling_rate: planned.sampling_rate,
-            noise_multiplier: planned.noise_multiplier,
-            steps: planned.steps,
-            epsilon: after,
-            delta,
-        };
         let blob = state_to_safetensors(&update)?;
         let header = UpdateHeader {
             site: cfg.site.clone(),
             round: task.round,
             num_examples: cfg.task.num_examples(),
             sha256: hex::encode(Sha256::digest(&blob)),
-            privacy: Some(privacy),
+            privacy: Some(PrivacyEntry {
+                unit: mode.unit().into(),
+                mechanism: mechanism.into(),
+                sampling_rate: planned.sampling_rate,
+                noise_multiplier: planned.noise_multiplier,
+                steps: planned.steps,
+                epsilon: after,
+                delta,
+            }),
         };
-        let msgs: Vec<SubmitUpdateMessage> =
-            std::iter::once(submit_update_message::Msg::Header(header))
-                .chain(
-                    chunks(&blob)
-                        .into_iter()
-                        .map(submit_update_message::Msg::Chunk),
-                )
-                .map(|m| SubmitUpdateMessage { msg: Some(m) })
-                .collect();
-        let submitted = link
-            .call("SubmitUpdate", |mut c| {
-                let msgs = msgs.clone();
-                async move { c.submit_update(futures::stream::iter(msgs)).await }
-            })
-            .await;
-        match submitted {
-            Ok(_) => {}
+        match link.submit_update(header, &blob).await {
+            Ok(()) => {}
             // The round ended (deadline) while this site trained: take the next task.
             Err(SiteError::Rpc { status, .. })
                 if status.code() == tonic::Code::FailedPrecondition =>
@@ -771,6 +758,96 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         }
         tracing::info!(site = %cfg.site, round = task.round, loss, update_norm = norm, bytes = blob.len(), "update submitted");
         report.rounds_trained.push(task.round);
+    }
+}
+
+/// Report global model `model`'s metrics on the site's test split.
+async fn report_metrics(
+    link: &mut Link,
+    site: &str,
+    num_test_examples: u64,
+    model: u32,
+    m: crate::metrics::Metrics,
+) -> Result<Evaluation, SiteError> {
+    link.report_metrics(MetricsReport {
+        site: site.to_owned(),
+        model,
+        test_accuracy: m.accuracy,
+        num_test_examples,
+        balanced_accuracy: Some(m.balanced_accuracy),
+        macro_f1: Some(m.macro_f1),
+        auroc: m.auroc,
+    })
+    .await?;
+    Ok(Evaluation {
+        model,
+        test_accuracy: m.accuracy,
+        metrics: m,
+    })
+}
+
+/// What one round will spend, from the agreed mode and σ: one release of the whole update
+/// (site mode) or `epochs · ⌈n / b⌉` DP-SGD steps at sampling rate `b / n` (record mode).
+pub fn plan(mode: DpMode, settings: &RoundSettings, n: u64, sigma: NoiseMultiplier) -> Planned {
+    match mode {
+        DpMode::Site => Planned {
+            sampling_rate: 1.0,
+            noise_multiplier: sigma.get(),
+            steps: 1,
+        },
+        DpMode::Record => {
+            let b = u64::from(settings.batch_size.max(1));
+            Planned {
+                sampling_rate: (b as f64 / n.max(1) as f64).min(1.0),
+                noise_multiplier: sigma.get(),
+                steps: u64::from(settings.epochs) * n.div_ceil(b),
+            }
+        }
+    }
+}
+
+/// The training step: local training from `global`, then the update the site releases, its
+/// norm before clipping (NaN under DP-SGD) and the mean training loss. Site mode clips the
+/// whole update to `C` and adds `N(0, (σC)²)`; record mode runs DP-SGD, which already protects
+/// every record, and releases the update as trained.
+fn train_update(
+    cfg: &mut SiteConfig,
+    global: &StateDict,
+    settings: &RoundSettings,
+    mode: DpMode,
+    (c, sigma): (ClippingNorm, NoiseMultiplier),
+    planned: Planned,
+    rng: &mut ChaCha20Rng,
+) -> Result<(StateDict, f64, f64), SiteError> {
+    match mode {
+        DpMode::Site => {
+            let (local, loss) = cfg.task.train(global, settings, rng)?;
+            let (update, norm) = dp_update(&local, global, c, sigma, cfg.noise, rng)?;
+            Ok((update, norm, loss))
+        }
+        DpMode::Record => {
+            let dp = DpSgd {
+                clipping_norm: c,
+                noise_multiplier: sigma,
+                sampling_rate: planned.sampling_rate,
+                sampler: cfg.noise,
+            };
+            let (local, loss) = cfg
+                .task
+                .train_dpsgd(global, settings, &dp, planned.steps, rng)?;
+            let update: StateDict = global
+                .iter()
+                .map(|(k, g)| {
+                    (
+                        k.clone(),
+                        (&local[k] - g)
+                            .to_kind(tch::Kind::Float)
+                            .to_device(tch::Device::Cpu),
+                    )
+                })
+                .collect();
+            Ok((update, f64::NAN, loss))
+        }
     }
 }
 

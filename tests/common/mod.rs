@@ -7,11 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fedee_proto::Reassembler;
 use fedee_proto::v1::federation_client::FederationClient;
-use fedee_proto::v1::{
-    DownloadModelRequest, SubmitUpdateMessage, UpdateHeader, submit_update_message,
-};
-use fedee_proto::{Reassembler, chunks};
+use fedee_proto::v1::{DownloadModelRequest, SubmitUpdateMessage, UpdateHeader};
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 
@@ -212,14 +210,7 @@ pub fn update_msgs(site: &str, round: u32, n: u64, blob: &[u8]) -> Vec<SubmitUpd
         sha256: hex::encode(Sha256::digest(blob)),
         privacy: None,
     };
-    std::iter::once(submit_update_message::Msg::Header(header))
-        .chain(
-            chunks(blob)
-                .into_iter()
-                .map(submit_update_message::Msg::Chunk),
-        )
-        .map(|m| SubmitUpdateMessage { msg: Some(m) })
-        .collect()
+    fedee_proto::update_messages(header, blob)
 }
 
 pub async fn submit(
