@@ -259,10 +259,6 @@ fn read_spec(p: &std::path::Path) -> Result<fedee_spec::FederationSpec> {
         .with_context(|| format!("{} is not a valid federation spec", p.display()))
 }
 
-fn parse_device(s: &str) -> Result<Device> {
-    fedee_site_agent::cli::parse_device(s)
-}
-
 fn mlp_config(hidden: usize) -> MlpConfig {
     fedee_site_agent::cli::heart_mlp(hidden)
 }
@@ -285,7 +281,7 @@ async fn main() -> Result<()> {
         Command::Predict(a) => fedee_client::cli::predict(a).await,
         Command::Trainer(t) => {
             let config = fedee_trainer::Config {
-                device: parse_device(&t.device)?,
+                device: fedee_site_agent::cli::parse_device(&t.device)?,
                 tls: t.transport.resolve("trainer")?,
                 ..Default::default()
             };

@@ -299,7 +299,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::EeOverhead { models, json } => {
             tch::set_num_threads(models.threads());
-            let device = crate::parse_device(&models.device)?;
+            let device = fedee_site_agent::cli::parse_device(&models.device)?;
             let doc = crate::bench_ee::ee_overhead(&models.models()?, models.reps, device)?;
             write_json(json.as_ref(), &with_machine(doc))
         }
@@ -353,7 +353,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             python,
             json,
         } => {
-            let device = crate::parse_device(&models.device)?;
+            let device = fedee_site_agent::cli::parse_device(&models.device)?;
             let doc = crate::bench_ee::train(
                 &models.models()?,
                 models.reps,

@@ -190,7 +190,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| "demo-report.json".into());
     let start = Instant::now();
-    let device = crate::parse_device(&args.device)?;
+    let device = fedee_site_agent::cli::parse_device(&args.device)?;
     let kind = match args.finetune_dtype.as_str() {
         "f32" => Kind::Float,
         "f64" => Kind::Double,

@@ -133,7 +133,7 @@ fn max_abs_diff(a: &StateDict, b: &StateDict) -> f64 {
 /// Missing model or data files (with the command that fetches them), or any party failing.
 pub async fn run(args: &DemoArgs) -> Result<()> {
     let start = Instant::now();
-    let device = crate::parse_device(&args.device)?;
+    let device = fedee_site_agent::cli::parse_device(&args.device)?;
     let model_dir = &args.model_dir;
     let drugs_dir = &args.drugs_dir;
     for p in [

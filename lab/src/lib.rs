@@ -17,8 +17,3 @@ mod bench_ee;
 pub mod demo;
 mod drug_demo;
 mod flamby;
-
-/// `cpu` or `cuda` (checked against what libtorch sees).
-fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
-    fedee_site_agent::cli::parse_device(s)
-}

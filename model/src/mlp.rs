@@ -65,8 +65,8 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> 
     })
 }
 
-/// Most hidden layers an MLP may have.
-pub const MAX_HIDDEN_LAYERS: usize = 8;
+/// Most hidden layers an MLP may have (the federation spec's limit).
+pub use fedee_spec::MAX_HIDDEN_LAYERS;
 
 impl MlpConfig {
     /// Architecture name used in key specs and trainer jobs.

@@ -300,6 +300,23 @@ impl Link {
         .map(drop)
     }
 
+    /// One `SubmitStatistics` call (an empty list only asks).
+    ///
+    /// # Errors
+    /// As [`Link::status`]; a refusal names the bad statistics.
+    pub async fn submit_statistics(
+        &mut self,
+        req: &fedee_proto::v1::StatisticsRequest,
+    ) -> Result<fedee_proto::v1::StatisticsResponse, SiteError> {
+        Ok(self
+            .call("SubmitStatistics", |mut c| {
+                let req = req.clone();
+                async move { c.submit_statistics(req).await }
+            })
+            .await?
+            .into_inner())
+    }
+
     /// Run `f` until it succeeds, fails with a refusal, or the attempts are spent.
     async fn call<T, F, Fut>(&mut self, call: &'static str, mut f: F) -> Result<T, SiteError>
     where
@@ -516,20 +533,6 @@ pub fn agreed_privacy(
     ))
 }
 
-/// One `SubmitStatistics` call (an empty list only asks), retried as every call is.
-async fn submit_statistics(
-    link: &mut Link,
-    req: &fedee_proto::v1::StatisticsRequest,
-) -> Result<fedee_proto::v1::StatisticsResponse, SiteError> {
-    Ok(link
-        .call("SubmitStatistics", |mut c| {
-            let req = req.clone();
-            async move { c.submit_statistics(req).await }
-        })
-        .await?
-        .into_inner())
-}
-
 /// The statistics round of `standardize = "federated"`: unless the aggregator already has
 /// this site's statistics (a restart) or the sums are final, compute them, add noise, record
 /// the release in the ledger, and send them; then wait for the pooled sums and standardise
@@ -555,7 +558,7 @@ async fn federated_statistics(
         features,
     };
     let req = ask(vec![]);
-    let mut answer = submit_statistics(link, &req).await?;
+    let mut answer = link.submit_statistics(&req).await?;
     if !answer.ready && !answer.submitted {
         let mut stats = cfg.task.statistics().ok_or_else(|| {
             SiteError::Unsupported("this task cannot compute federated statistics".into())
@@ -602,12 +605,12 @@ async fn federated_statistics(
                 sum_squares: s.sum_squares,
             })
             .collect());
-        answer = submit_statistics(link, &req).await?;
+        answer = link.submit_statistics(&req).await?;
     }
     let req = ask(vec![]);
     while !answer.ready {
         tokio::time::sleep(cfg.poll_interval).await;
-        answer = submit_statistics(link, &req).await?;
+        answer = link.submit_statistics(&req).await?;
     }
     let totals: Vec<crate::statistics::FeatureStatistics> = answer
         .totals

@@ -54,22 +54,18 @@ pub fn clipped_gradient_sum(
     // pre-activation is a graph leaf; one backward pass of the summed loss to every z_k gives
     // each layer's per-example gᵢ.
     let mut inputs = vec![x.shallow_clone()];
-    let mut pre = Vec::with_capacity(layers.len());
+    let mut pre: Vec<Tensor> = Vec::with_capacity(layers.len());
     for (k, (w, b)) in layers.iter().enumerate() {
-        let a = if k == 0 {
-            x.shallow_clone()
+        let z = if k == 0 {
+            x.linear(&state[w], Some(&state[b]))
+                .detach()
+                .set_requires_grad(true)
         } else {
-            cfg.activation.apply(&pre[k - 1])
-        };
-        if k > 0 {
+            let a = cfg.activation.apply(&pre[k - 1]);
             inputs.push(a.detach());
-        }
-        let z = a.linear(&state[w], Some(&state[b]));
-        pre.push(if k == 0 {
-            z.detach().set_requires_grad(true)
-        } else {
-            z
-        });
+            a.linear(&state[w], Some(&state[b]))
+        };
+        pre.push(z);
     }
     let logits = pre.last().expect("at least two layers");
     let loss = fedee_model::cross_entropy(logits, y); // mean, reported only

@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 /// The spec format this build reads (`version = 1`).
 pub const VERSION: u32 = 1;
 
-/// Most hidden layers an MLP may have (the same limit as `fedee_model::MAX_HIDDEN_LAYERS`).
+/// Most hidden layers an MLP may have (`fedee_model` re-exports it for `MlpConfig`).
 pub const MAX_HIDDEN_LAYERS: usize = 8;
 
 /// Strategies the aggregator implements (`[federation] strategy`).
