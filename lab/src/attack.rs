@@ -417,19 +417,20 @@ fn shuffle_cost(d: &TextData, text: &Text, keys: &KeySet) -> Result<Value> {
     let mut rng = ChaCha20Rng::seed_from_u64(d.seed);
     let (mut ids_s, mut emb_s, mut diff, mut tokens) = (0.0, 0.0, 0.0f64, 0usize);
     let batches: Vec<&[Vec<i64>]> = seqs.chunks(16).take(8).collect();
+    let ee = cfg.check_state(&ee)?;
     for chunk in &batches {
         let (ids, mask) = pad(chunk);
         tokens += chunk.iter().map(Vec::len).sum::<usize>();
         let t = Instant::now();
         let enc = encrypt_token_ids(&spec, keys, &ids)?;
         ids_s += t.elapsed().as_secs_f64();
-        let reference = bert::classify(&cfg, &ee, &enc, &mask);
+        let reference = bert::classify(&cfg, ee, &enc, &mask);
         // Client: embed, then shuffle every sequence's positions.
         let t = Instant::now();
         let enc = encrypt_token_ids(&spec, keys, &ids)?;
-        let (xs, ms) = bert::embed_and_shuffle(&cfg.bert, &ee, &enc, &mask, &mut rng);
+        let (xs, ms) = bert::embed_and_shuffle(&cfg.bert, ee, &enc, &mask, &mut rng);
         emb_s += t.elapsed().as_secs_f64();
-        let shuffled = bert::classify_embedded(&cfg, &ee, &xs, &ms);
+        let shuffled = bert::classify_embedded(&cfg, ee, &xs, &ms);
         diff = diff.max((shuffled - reference).abs().max().double_value(&[]));
     }
     let n = batches.len() as f64;
@@ -777,7 +778,7 @@ fn activation_stats(a: &ActivationArgs) -> Result<Value> {
             } else {
                 ids
             };
-            let hs = bert::encode_layers(&cfg.bert, state, &ids, &mask);
+            let hs = bert::encode_layers(&cfg.bert, cfg.check_state(state)?, &ids, &mask);
             let keep = mask.view([-1]).nonzero().squeeze_dim(1);
             for (l, h) in hs.into_iter().enumerate() {
                 per_layer[l].push(

@@ -354,8 +354,9 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         let Input::Tokens { ids: enc_ids, .. } = &enc else {
             unreachable!("token batch")
         };
+        let tuned = cfg.check_state(&tuned_ee)?;
         let (xs, ms) = tch::no_grad(|| {
-            bert::embed_and_shuffle(&cfg.bert, &tuned_ee, enc_ids, &mask, &mut shuffle_rng)
+            bert::embed_and_shuffle(&cfg.bert, tuned, enc_ids, &mask, &mut shuffle_rng)
         });
         let emb_batch = batch_to_safetensors(&Input::Embedded { x: xs, mask: ms }, None)?;
         embedded.bytes_embedded += emb_batch.len() as u64;

@@ -1,15 +1,17 @@
-//! Architectures behind one interface, and a trainable model holding any of them. The trainer
-//! uses this: it only needs the architecture's name and config, never keys.
+//! Every architecture behind one [`Architecture`]: the dispatcher over the leaf layers
+//! ([`crate::mlp`], [`crate::bert`]). The trainer uses this: it only needs the architecture
+//! and its config, never keys.
 
 use std::collections::BTreeMap;
 
 use crate::keyspec::{KeySpec, StateDict};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor, nn};
+use tch::Tensor;
 
 use crate::ModelError;
 use crate::bert::{self, BertClassifierConfig};
-use crate::mlp::{self, MlpConfig, OptimizerSpec};
+use crate::mlp::{self, MlpConfig};
+use crate::state::Checked;
 
 /// An architecture and its configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,37 +85,56 @@ impl Architecture {
         }
     }
 
+    /// Check `state` against this architecture: exactly its tensors, with its shapes.
+    ///
     /// # Errors
     /// [`ModelError::Name`]/[`ModelError::Shape`] naming the first tensor that does not fit.
-    pub fn check_state(&self, state: &StateDict) -> Result<(), ModelError> {
-        let shapes = self.shapes();
-        for (name, expected) in &shapes {
-            let t = state.get(name).ok_or_else(|| ModelError::Name {
-                name: name.clone(),
-                problem: "is missing".into(),
-            })?;
-            if &t.size() != expected {
-                return Err(ModelError::Shape {
-                    name: name.clone(),
-                    expected: expected.clone(),
-                    found: t.size(),
-                });
-            }
-        }
-        if let Some(name) = state.keys().find(|n| !shapes.contains_key(*n)) {
-            return Err(ModelError::Name {
-                name: name.clone(),
-                problem: format!("is not a parameter of {}", self.name()),
-            });
-        }
-        Ok(())
+    pub fn check_state<'a>(&self, state: &'a StateDict) -> Result<Checked<'a>, ModelError> {
+        Checked::new(&self.shapes(), state, self.name())
     }
 
-    /// Logits `(batch, classes)` of any state dict of this architecture (plaintext or EE).
+    /// Validate the configuration (dimensions, number of classes).
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] naming the bad value.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        match self {
+            Architecture::Mlp(c) => c.validate(),
+            Architecture::BertClassifier(c) => c.validate(),
+        }
+    }
+
+    /// The configuration alone as JSON (what a trainer job carries next to [`Self::name`]).
+    pub fn config_json(&self) -> String {
+        match self {
+            Architecture::Mlp(c) => serde_json::to_string(c),
+            Architecture::BertClassifier(c) => serde_json::to_string(c),
+        }
+        .expect("configs serialize")
+    }
+
+    /// The architecture named `name` with the configuration `config_json` (the inverse of
+    /// [`Self::name`] and [`Self::config_json`]), validated.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] for an unknown name, a config that does not parse (naming the
+    /// field), or one that fails [`Self::validate`].
+    pub fn from_parts(name: &str, config_json: &str) -> Result<Self, ModelError> {
+        let config: serde_json::Value = serde_json::from_str(config_json)
+            .map_err(|e| ModelError::Config(format!("config of `{name}` is not JSON: {e}")))?;
+        let tagged = serde_json::json!({ "architecture": name, "config": config });
+        let arch: Self = serde_json::from_value(tagged)
+            .map_err(|e| ModelError::Config(format!("architecture `{name}`: {e}")))?;
+        arch.validate()?;
+        Ok(arch)
+    }
+
+    /// Logits `(batch, classes)` of a state dict of this architecture (plaintext or EE),
+    /// checked by [`Self::check_state`].
     ///
     /// # Errors
     /// [`ModelError::Config`] if the input kind does not fit the architecture.
-    pub fn forward(&self, state: &StateDict, input: &Input) -> Result<Tensor, ModelError> {
+    pub fn forward(&self, state: Checked<'_>, input: &Input) -> Result<Tensor, ModelError> {
         match (self, input) {
             (Architecture::Mlp(c), Input::Features(x)) => Ok(mlp::forward(c, state, x)),
             (Architecture::BertClassifier(c), Input::Tokens { ids, mask }) => {
@@ -130,154 +151,89 @@ impl Architecture {
     }
 }
 
-/// Build an optimizer over a `VarStore`.
-///
-/// # Errors
-/// [`ModelError::Torch`] if libtorch refuses it.
-pub fn build_optimizer(
-    vs: &nn::VarStore,
-    spec: &OptimizerSpec,
-) -> Result<nn::Optimizer, ModelError> {
-    use nn::OptimizerConfig;
-    Ok(match spec {
-        OptimizerSpec::AdamW {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } => nn::AdamW {
-            beta1: *beta1,
-            beta2: *beta2,
-            wd: *weight_decay,
-            eps: *eps,
-            amsgrad: false,
-        }
-        .build(vs, *lr)?,
-        OptimizerSpec::Sgd {
-            lr,
-            momentum,
-            weight_decay,
-        } => nn::Sgd {
-            momentum: *momentum,
-            dampening: 0.0,
-            wd: *weight_decay,
-            nesterov: false,
-        }
-        .build(vs, *lr)?,
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mlp::Activation;
+    use tch::{Device, Kind};
 
-/// A trainable model of any [`Architecture`]: parameters in a tch `VarStore`.
-pub struct Model {
-    /// Architecture.
-    pub arch: Architecture,
-    vs: nn::VarStore,
-    params: StateDict,
-}
-
-impl Model {
-    /// A model holding a copy of `state`, as `kind` on `device`.
-    ///
-    /// # Errors
-    /// If `state` does not fit `arch`.
-    pub fn from_state(
-        arch: Architecture,
-        state: &StateDict,
-        device: Device,
-        kind: Kind,
-    ) -> Result<Self, ModelError> {
-        arch.check_state(state)?;
-        let mut vs = nn::VarStore::new(device);
-        // New variables take the store's kind: set it first, or f64 state would be truncated.
-        vs.set_kind(kind);
-        for (name, t) in state {
-            // tch variable names cannot contain '.': nest paths instead ("a.b.c" = a / b, "c").
-            let mut parts: Vec<&str> = name.split('.').collect();
-            let last = parts.pop().expect("non-empty name");
-            let path = parts.iter().fold(vs.root(), |p, s| p / *s);
-            let _ = path.f_var_copy(last, &t.to_kind(kind).to_device(device))?;
-        }
-        let params: StateDict = vs.variables().into_iter().collect();
-        if let Some((name, t)) = params.iter().find(|(_, t)| t.kind() != kind) {
-            return Err(ModelError::Dtype {
-                name: name.clone(),
-                dtype: format!("{:?} (wanted {kind:?})", t.kind()),
-            });
-        }
-        Ok(Self { arch, vs, params })
+    fn mlp() -> Architecture {
+        Architecture::Mlp(MlpConfig {
+            in_features: 3,
+            hidden: vec![4, 2],
+            out_features: 2,
+            activation: Activation::Relu,
+        })
     }
 
-    /// A detached copy of the parameters.
-    pub fn state(&self) -> StateDict {
-        self.params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.detach().copy()))
-            .collect()
+    #[test]
+    fn parts_round_trip_and_bad_parts_are_named() {
+        let a = mlp();
+        assert_eq!(
+            Architecture::from_parts(a.name(), &a.config_json()).unwrap(),
+            a
+        );
+        let err = |name: &str, json: &str| {
+            Architecture::from_parts(name, json)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("resnet", &a.config_json());
+        assert!(e.contains("resnet") && e.contains("mlp"), "{e}");
+        let e = err(
+            "mlp",
+            r#"{"in_features":3,"hidden":[4],"out_features":2,"activation":"relu","extra":1}"#,
+        );
+        assert!(e.contains("extra"), "{e}");
+        let e = err(
+            "mlp",
+            r#"{"in_features":3,"hidden":[4],"out_features":1,"activation":"relu"}"#,
+        );
+        assert!(e.contains("out_features"), "{e}");
+        assert!(err("mlp", "not json").contains("not JSON"));
     }
 
-    /// Logits for `input`.
-    ///
-    /// # Errors
-    /// As [`Architecture::forward`].
-    pub fn forward(&self, input: &Input) -> Result<Tensor, ModelError> {
-        self.arch.forward(&self.params, input)
-    }
+    #[test]
+    fn forward_needs_a_checked_state_and_the_check_names_the_tensor() {
+        let a = mlp();
+        let state: StateDict = a
+            .shapes()
+            .into_iter()
+            .map(|(n, s)| (n, Tensor::randn(&s, (Kind::Float, Device::Cpu))))
+            .collect();
+        let x = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+        let logits = a
+            .forward(a.check_state(&state).unwrap(), &Input::Features(x))
+            .unwrap();
+        assert_eq!(logits.size(), [5, 2]);
 
-    /// An optimizer over this model's parameters.
-    ///
-    /// # Errors
-    /// As [`build_optimizer`].
-    pub fn optimizer(&self, spec: &OptimizerSpec) -> Result<nn::Optimizer, ModelError> {
-        build_optimizer(&self.vs, spec)
-    }
+        let copy =
+            |s: &StateDict| -> StateDict { s.iter().map(|(k, v)| (k.clone(), v.copy())).collect() };
+        let mut missing = copy(&state);
+        missing.remove("fc2.weight");
+        let e = a.check_state(&missing).err().unwrap().to_string();
+        assert!(e.contains("fc2.weight") && e.contains("missing"), "{e}");
 
-    /// One optimizer step; returns the batch's mean cross-entropy before the step.
-    ///
-    /// # Errors
-    /// As [`Architecture::forward`].
-    pub fn train_step(
-        &mut self,
-        opt: &mut nn::Optimizer,
-        input: &Input,
-        y: &Tensor,
-    ) -> Result<f64, ModelError> {
-        self.train_step_proximal(opt, input, y, None)
-    }
+        let mut wrong = copy(&state);
+        wrong.insert(
+            "fc3.bias".into(),
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        );
+        let e = a.check_state(&wrong).err().unwrap().to_string();
+        assert!(
+            e.contains("fc3.bias") && e.contains("[2]") && e.contains("[3]"),
+            "{e}"
+        );
 
-    /// One optimizer step on the cross-entropy plus, with `Some((anchor, μ))`, the FedProx
-    /// proximal term `μ/2 Σ ‖w − anchor‖²` (Li et al., "Federated Optimization in
-    /// Heterogeneous Networks", MLSys 2020, eq. 2); `anchor` is the round's global model on
-    /// this model's device and dtype. Returns the batch's mean cross-entropy before the step.
-    ///
-    /// # Errors
-    /// As [`Architecture::forward`]; [`ModelError::Name`] if `anchor` lacks a parameter.
-    pub fn train_step_proximal(
-        &mut self,
-        opt: &mut nn::Optimizer,
-        input: &Input,
-        y: &Tensor,
-        proximal: Option<(&StateDict, f64)>,
-    ) -> Result<f64, ModelError> {
-        let ce = cross_entropy(&self.forward(input)?, y);
-        let mut loss = ce.shallow_clone();
-        if let Some((anchor, mu)) = proximal.filter(|p| p.1 > 0.0) {
-            for (name, p) in &self.params {
-                let a = anchor.get(name).ok_or_else(|| ModelError::Name {
-                    name: name.clone(),
-                    problem: "is missing from the FedProx anchor".into(),
-                })?;
-                loss += (p - a).square().sum(p.kind()) * (mu / 2.0);
-            }
-        }
-        opt.backward_step(&loss);
-        Ok(ce.double_value(&[]))
+        let mut extra = state;
+        extra.insert(
+            "fc9.bias".into(),
+            Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+        );
+        let e = a.check_state(&extra).err().unwrap().to_string();
+        assert!(
+            e.contains("fc9.bias") && e.contains("not a parameter"),
+            "{e}"
+        );
     }
-}
-
-/// Mean cross-entropy of `logits (batch, classes)` against `y (batch,)` int64, computed in the
-/// logits' dtype. (tch's `cross_entropy_for_logits` computes the log-softmax in f32 whatever
-/// the dtype, which silently limited f64 training to f32 precision.)
-pub fn cross_entropy(logits: &Tensor, y: &Tensor) -> Tensor {
-    logits.log_softmax(-1, logits.kind()).nll_loss(y)
 }

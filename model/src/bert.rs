@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::ModelError;
+use crate::state::Checked;
 
 /// BERT hyper-parameters, read from a Hugging Face `config.json` (other fields are ignored).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -191,6 +192,28 @@ impl std::str::FromStr for Profile {
 impl BertClassifierConfig {
     /// Architecture name used in key specs and trainer jobs.
     pub const ARCHITECTURE: &'static str = "bert-classifier";
+
+    /// # Errors
+    /// [`ModelError::Config`] for an invalid encoder config or fewer than 2 labels.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.bert.validate()?;
+        if self.num_labels < 2 {
+            return Err(ModelError::Config(format!(
+                "num_labels must be at least 2, got {}",
+                self.num_labels
+            )));
+        }
+        Ok(())
+    }
+
+    /// Check that `state` holds exactly the classifier's tensors (encoder and head) with
+    /// their shapes; the forward passes of this module take the result.
+    ///
+    /// # Errors
+    /// [`ModelError::Name`] or [`ModelError::Shape`] naming the tensor.
+    pub fn check_state<'a>(&self, state: &'a StateDict) -> Result<Checked<'a>, ModelError> {
+        Checked::new(&self.shapes(), state, Self::ARCHITECTURE)
+    }
 
     /// Parameter shapes: the encoder's and the head's.
     pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
@@ -421,13 +444,15 @@ pub fn load_pretrained(
     Ok(out)
 }
 
-fn p<'a>(state: &'a StateDict, name: &str) -> &'a Tensor {
-    &state[name]
+fn p<'a>(state: Checked<'a>, name: &str) -> &'a Tensor {
+    state.get(name)
 }
 
 /// Last hidden states `(batch, seq, hidden)` for `ids`, `mask`: `(batch, seq)` int64.
-/// Token types are all 0. No dropout (exact, as EE tests require).
-pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) -> Tensor {
+/// Token types are all 0. No dropout (exact, as EE tests require). `state` is a classifier
+/// state checked by [`BertClassifierConfig::check_state`] (its encoder tensors are read);
+/// the forwards below take the same.
+pub fn encode(cfg: &BertConfig, state: Checked<'_>, ids: &Tensor, mask: &Tensor) -> Tensor {
     encode_layers(cfg, state, ids, mask)
         .pop()
         .expect("at least the embedding output")
@@ -438,7 +463,7 @@ pub fn encode(cfg: &BertConfig, state: &StateDict, ids: &Tensor, mask: &Tensor) 
 /// running the model observes.
 pub fn encode_layers(
     cfg: &BertConfig,
-    state: &StateDict,
+    state: Checked<'_>,
     ids: &Tensor,
     mask: &Tensor,
 ) -> Vec<Tensor> {
@@ -449,7 +474,7 @@ pub fn encode_layers(
 /// hidden)` for `ids (batch, seq)` int64. With client-side embeddings the key holder runs this
 /// on its own EE model and sends the result instead of token ids (positions are added here,
 /// so the client may then shuffle token order).
-pub fn embed(cfg: &BertConfig, state: &StateDict, ids: &Tensor) -> Tensor {
+pub fn embed(cfg: &BertConfig, state: Checked<'_>, ids: &Tensor) -> Tensor {
     let t = ids.size()[1];
     let h = cfg.hidden_size as i64;
     let dev = ids.device();
@@ -483,7 +508,7 @@ pub fn embed(cfg: &BertConfig, state: &StateDict, ids: &Tensor) -> Tensor {
 /// layers are equivariant to reordering the tokens (with their mask entries).
 pub fn encode_embedded(
     cfg: &BertConfig,
-    state: &StateDict,
+    state: Checked<'_>,
     x: &Tensor,
     mask: &Tensor,
 ) -> Vec<Tensor> {
@@ -557,7 +582,7 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Tensor {
 /// Logits `(batch, num_labels)` of the classifier.
 pub fn classify(
     cfg: &BertClassifierConfig,
-    state: &StateDict,
+    state: Checked<'_>,
     ids: &Tensor,
     mask: &Tensor,
 ) -> Tensor {
@@ -570,7 +595,7 @@ pub fn classify(
 /// ids up to float rounding (mean pooling and attention without a causal mask ignore order).
 pub fn classify_embedded(
     cfg: &BertClassifierConfig,
-    state: &StateDict,
+    state: Checked<'_>,
     x: &Tensor,
     mask: &Tensor,
 ) -> Tensor {
@@ -597,7 +622,7 @@ pub fn classify_embedded(
 /// the wire instead of 16, and the client keeps the embedding tables.
 pub fn embed_and_shuffle<R: rand::Rng + ?Sized>(
     cfg: &BertConfig,
-    ee: &StateDict,
+    ee: Checked<'_>,
     ids: &Tensor,
     mask: &Tensor,
     rng: &mut R,

@@ -2,26 +2,35 @@
 //!
 //! * [`mlp`]: an MLP (one or more hidden layers) for tabular data (the federated model of the main job).
 //! * [`bert`]: a BERT encoder with mean pooling and a classification head (Hugging Face names).
-//! * [`arch`]: both behind one [`Architecture`], and a trainable [`Model`] of either.
+//! * [`arch`]: both behind one [`Architecture`], the dispatcher over the leaf layers above.
+//! * [`state`]: a state dict [`Checked`] against an architecture, which the forwards take.
+//! * [`train`]: a trainable [`Model`] of any architecture, its optimizers, and [`Mlp`].
 //! * [`io`]: state dicts to and from safetensors bytes, with name/shape/dtype checks.
+//! * [`batch`]: trainer batches to and from safetensors bytes, checked against the
+//!   architecture.
 //! * [`keyspec`]: the key-spec types each architecture declares (no key material: the trainer
 //!   links this crate and never the one that holds keys).
 
 pub mod arch;
+pub mod batch;
 pub mod bert;
 pub mod io;
 pub mod keyspec;
 pub mod mlp;
+pub mod state;
 pub mod text;
+pub mod train;
 
-pub use arch::{Architecture, Input, Model, cross_entropy};
+pub use arch::{Architecture, Input};
+pub use batch::{batch_from_safetensors, batch_to_safetensors};
 pub use bert::{BertClassifierConfig, BertConfig, Profile};
 pub use io::{
-    batch_from_safetensors, batch_to_safetensors, safetensors_metadata, state_from_safetensors,
-    state_to_safetensors, state_to_safetensors_with,
+    safetensors_metadata, state_from_safetensors, state_to_safetensors, state_to_safetensors_with,
 };
 pub use keyspec::{KeyGroup, KeySpec, StateDict};
-pub use mlp::{Activation, MAX_HIDDEN_LAYERS, Mlp, MlpConfig, OptimizerSpec};
+pub use mlp::{Activation, MAX_HIDDEN_LAYERS, MlpConfig};
+pub use state::Checked;
+pub use train::{Mlp, Model, OptimizerSpec, cross_entropy};
 
 /// Errors of model construction, loading and training.
 #[derive(Debug, thiserror::Error)]

@@ -10,11 +10,10 @@ use std::collections::BTreeMap;
 
 use crate::keyspec::{InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec, StateDict};
 use serde::{Deserialize, Deserializer, Serialize};
-use tch::nn;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use crate::ModelError;
-use crate::arch::{Architecture, Input, Model};
+use crate::state::Checked;
 
 /// Hidden-layer activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +89,7 @@ impl MlpConfig {
     }
 
     /// Layer widths `[in_features, hidden…, out_features]`.
-    fn dims(&self) -> Vec<usize> {
+    pub fn dims(&self) -> Vec<usize> {
         let mut dims = vec![self.in_features];
         dims.extend(&self.hidden);
         dims.push(self.out_features);
@@ -206,160 +205,23 @@ impl MlpConfig {
     ///
     /// # Errors
     /// [`ModelError::Name`] or [`ModelError::Shape`] naming the tensor.
-    pub fn check_state(&self, state: &StateDict) -> Result<(), ModelError> {
-        crate::arch::Architecture::Mlp(self.clone()).check_state(state)
+    pub fn check_state<'a>(&self, state: &'a StateDict) -> Result<Checked<'a>, ModelError> {
+        Checked::new(&self.shapes(), state, Self::ARCHITECTURE)
     }
 }
 
 /// The forward pass on any state dict of this architecture (plaintext or EE).
 ///
 /// `x`: `(batch, in_features)` of the state's dtype. Returns `(batch, out_features)` logits.
-pub fn forward(cfg: &MlpConfig, state: &StateDict, x: &Tensor) -> Tensor {
+pub fn forward(cfg: &MlpConfig, state: Checked<'_>, x: &Tensor) -> Tensor {
     let layers = cfg.layers();
     let last = layers.len() - 1;
     let mut h = x.shallow_clone();
     for (k, (w, b)) in layers.iter().enumerate() {
-        h = h.linear(&state[w], Some(&state[b]));
+        h = h.linear(state.get(w), Some(state.get(b)));
         if k < last {
             h = cfg.activation.apply(&h);
         }
     }
     h
-}
-
-/// A trainable MLP: a [`Model`] of [`Architecture::Mlp`] with feature-tensor conveniences.
-pub struct Mlp {
-    /// Shape.
-    pub config: MlpConfig,
-    model: Model,
-}
-
-impl Mlp {
-    /// A freshly initialised MLP (PyTorch's default `nn.Linear` init) of dtype `kind`.
-    /// Call `tch::manual_seed` first for reproducible weights.
-    ///
-    /// # Errors
-    /// [`ModelError::Config`] for an invalid config.
-    pub fn new(config: MlpConfig, device: Device, kind: Kind) -> Result<Self, ModelError> {
-        config.validate()?;
-        let vs = nn::VarStore::new(Device::Cpu);
-        let root = vs.root();
-        for (k, d) in config.dims().windows(2).enumerate() {
-            let _ = nn::linear(
-                &root / format!("fc{}", k + 1),
-                d[0] as i64,
-                d[1] as i64,
-                Default::default(),
-            );
-        }
-        let init: StateDict = vs.variables().into_iter().collect();
-        Self::from_state(config, &init, device, kind)
-    }
-
-    /// An MLP holding a copy of `state`, converted to `kind` on `device`.
-    ///
-    /// # Errors
-    /// [`ModelError::Name`]/[`ModelError::Shape`] if `state` does not fit `config`.
-    pub fn from_state(
-        config: MlpConfig,
-        state: &StateDict,
-        device: Device,
-        kind: Kind,
-    ) -> Result<Self, ModelError> {
-        config.validate()?;
-        Ok(Self {
-            model: Model::from_state(Architecture::Mlp(config.clone()), state, device, kind)?,
-            config,
-        })
-    }
-
-    /// A detached copy of the parameters.
-    pub fn state(&self) -> StateDict {
-        self.model.state()
-    }
-
-    /// Logits `(batch, out_features)` for `x: (batch, in_features)`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.model
-            .forward(&Input::Features(x.shallow_clone()))
-            .expect("features fit the MLP")
-    }
-
-    /// An optimizer over this model's parameters.
-    ///
-    /// # Errors
-    /// [`ModelError::Torch`] if libtorch refuses the optimizer.
-    pub fn optimizer(&self, spec: &OptimizerSpec) -> Result<nn::Optimizer, ModelError> {
-        self.model.optimizer(spec)
-    }
-
-    /// One optimizer step on a batch; returns the mean cross-entropy before the step.
-    ///
-    /// `x`: `(batch, in_features)`, `y`: `(batch,)` int64 class indices.
-    pub fn train_step(&mut self, opt: &mut nn::Optimizer, x: &Tensor, y: &Tensor) -> f64 {
-        self.model
-            .train_step(opt, &Input::Features(x.shallow_clone()), y)
-            .expect("features fit the MLP")
-    }
-
-    /// As [`Mlp::train_step`] with the FedProx proximal term `μ/2 Σ ‖w − anchor‖²`
-    /// (see [`Model::train_step_proximal`]).
-    pub fn train_step_proximal(
-        &mut self,
-        opt: &mut nn::Optimizer,
-        x: &Tensor,
-        y: &Tensor,
-        anchor: &StateDict,
-        mu: f64,
-    ) -> f64 {
-        self.model
-            .train_step_proximal(
-                opt,
-                &Input::Features(x.shallow_clone()),
-                y,
-                Some((anchor, mu)),
-            )
-            .expect("features and anchor fit the MLP")
-    }
-
-    /// Accuracy of argmax predictions on `(x, y)`.
-    pub fn accuracy(&self, x: &Tensor, y: &Tensor) -> f64 {
-        tch::no_grad(|| {
-            let pred = self.forward(x).argmax(-1, false);
-            pred.eq_tensor(y)
-                .to_kind(Kind::Double)
-                .mean(Kind::Double)
-                .double_value(&[])
-        })
-    }
-}
-
-/// Optimizer and its hyper-parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum OptimizerSpec {
-    /// AdamW (Loshchilov & Hutter 2019).
-    AdamW {
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        weight_decay: f64,
-    },
-    /// SGD with momentum.
-    Sgd {
-        lr: f64,
-        momentum: f64,
-        weight_decay: f64,
-    },
-}
-
-impl OptimizerSpec {
-    /// The optimizer family, for `fedee_encrypt::check_trainable`.
-    pub fn family(&self) -> crate::keyspec::Optimizer {
-        match self {
-            OptimizerSpec::AdamW { .. } => crate::keyspec::Optimizer::AdamW,
-            OptimizerSpec::Sgd { .. } => crate::keyspec::Optimizer::Sgd,
-        }
-    }
 }

@@ -55,8 +55,11 @@ fn sentence_embeddings_match_the_reference_implementation() {
             .collect();
         let ids = Tensor::from_slice(&ids).unsqueeze(0);
         let mask = ids.ones_like();
-        let pooled =
-            bert::mean_pool(&bert::encode(&cfg.bert, &state, &ids, &mask), &mask).squeeze_dim(0);
+        let pooled = bert::mean_pool(
+            &bert::encode(&cfg.bert, cfg.check_state(&state).unwrap(), &ids, &mask),
+            &mask,
+        )
+        .squeeze_dim(0);
         let normed = &pooled / pooled.norm();
         for (key, ours) in [("mean_pooled", &pooled), ("normalized", &normed)] {
             let reference: Vec<f32> = s[key]
@@ -121,20 +124,24 @@ fn hidden_states_and_logits_are_equivariant_in_both_profiles() {
     let spec = cfg.key_spec();
     tch::manual_seed(1);
     let (ids, mask) = batch(&cfg, 3, 12);
-    let plain_h = bert::encode(&cfg.bert, &state, &ids, &mask);
-    let plain_logits = bert::classify(&cfg, &state, &ids, &mask);
+    let plain_h = bert::encode(&cfg.bert, cfg.check_state(&state).unwrap(), &ids, &mask);
+    let plain_logits = bert::classify(&cfg, cfg.check_state(&state).unwrap(), &ids, &mask);
     for profile in [Profile::Finetune, Profile::Inference] {
         let keys = keyset(&spec, &cfg.key_groups(profile), 5);
         let ee = transform_state(&spec, &keys, &state).unwrap();
         let enc_ids = encrypt_token_ids(&spec, &keys, &ids).unwrap();
         assert!(!enc_ids.equal(&ids));
         // Hidden states come out in the residual basis: h' = P h.
-        let h_enc = bert::encode(&cfg.bert, &ee, &enc_ids, &mask);
+        let h_enc = bert::encode(&cfg.bert, cfg.check_state(&ee).unwrap(), &enc_ids, &mask);
         let residual = keys.keys["residual"].inverse();
         let h_dec = residual.apply(&h_enc, 2);
         let dh = (&h_dec - &plain_h).abs().max().double_value(&[]);
-        let logits =
-            decrypt_outputs(&spec, &keys, &bert::classify(&cfg, &ee, &enc_ids, &mask)).unwrap();
+        let logits = decrypt_outputs(
+            &spec,
+            &keys,
+            &bert::classify(&cfg, cfg.check_state(&ee).unwrap(), &enc_ids, &mask),
+        )
+        .unwrap();
         let dl = (&logits - &plain_logits).abs().max().double_value(&[]);
         eprintln!("{profile:?}: max |Δhidden| {dh:.2e}, max |Δlogit| {dl:.2e}");
         assert!(
@@ -268,9 +275,15 @@ fn client_side_embeddings_in_shuffled_order_give_the_same_logits_and_are_checked
     let (ids, mask) = batch(&cfg, 3, 12);
     let enc = encrypt_token_ids(&spec, &keys, &ids).unwrap();
     let _g = tch::no_grad_guard();
-    let want = bert::classify(&cfg, &ee, &enc, &mask);
+    let want = bert::classify(&cfg, cfg.check_state(&ee).unwrap(), &enc, &mask);
     let mut rng = ChaCha20Rng::seed_from_u64(11);
-    let (x, m) = bert::embed_and_shuffle(&cfg.bert, &ee, &enc, &mask, &mut rng);
+    let (x, m) = bert::embed_and_shuffle(
+        &cfg.bert,
+        cfg.check_state(&ee).unwrap(),
+        &enc,
+        &mask,
+        &mut rng,
+    );
     assert_ne!(
         Vec::<i64>::try_from(m.reshape([-1])).unwrap(),
         Vec::<i64>::try_from(mask.reshape([-1])).unwrap(),
@@ -287,7 +300,9 @@ fn client_side_embeddings_in_shuffled_order_give_the_same_logits_and_are_checked
     .unwrap();
     let (input, _) = fedee_model::batch_from_safetensors(&bytes, &arch, Device::Cpu).unwrap();
     assert!(matches!(input, Input::Embedded { .. }));
-    let got = arch.forward(&ee, &input).unwrap();
+    let got = arch
+        .forward(arch.check_state(&ee).unwrap(), &input)
+        .unwrap();
     let diff = (&got - &want).abs().max().double_value(&[]);
     assert!(
         diff < 1e-4,
@@ -296,7 +311,7 @@ fn client_side_embeddings_in_shuffled_order_give_the_same_logits_and_are_checked
     // Control: shuffling the vectors but not the mask changes the logits.
     let wrong = arch
         .forward(
-            &ee,
+            arch.check_state(&ee).unwrap(),
             &Input::Embedded {
                 x: x.shallow_clone(),
                 mask: mask.shallow_clone(),

@@ -100,8 +100,10 @@ fn inference_is_equivariant_for_every_allowed_group() {
             for hidden in spec.keys["hidden"].allowed.clone() {
                 for offset in [false, true] {
                     let k = keys(&cfg, &[("input", input), ("hidden", hidden)], offset, 11);
-                    let d = verify_inference(&spec, &k, &m.state(), &x, |s, x| forward(&cfg, s, x))
-                        .unwrap();
+                    let d = verify_inference(&spec, &k, &m.state(), &x, |s, x| {
+                        forward(&cfg, cfg.check_state(s).unwrap(), x)
+                    })
+                    .unwrap();
                     assert!(
                         d < 1e-10,
                         "{activation:?} input {input} hidden {hidden} offset {offset}: {d}"
@@ -206,8 +208,10 @@ fn a_deep_mlp_has_one_key_per_hidden_layer_and_stays_equivariant() {
                 max_diff(&ee, &m.state()) > 1e-3,
                 "every layer is transformed"
             );
-            let d =
-                verify_inference(&spec, &k, &m.state(), &x, |s, x| forward(&cfg, s, x)).unwrap();
+            let d = verify_inference(&spec, &k, &m.state(), &x, |s, x| {
+                forward(&cfg, cfg.check_state(s).unwrap(), x)
+            })
+            .unwrap();
             assert!(d < 1e-10, "hidden {hidden} offset {offset}: {d}");
             let back = decrypt_state(&spec, &k, &ee).unwrap();
             assert!(max_diff(&back, &m.state()) < 1e-12);

@@ -18,7 +18,7 @@
 use fedee_dp::noise::{Sampler, add_noise};
 use fedee_dp::{ClippingNorm, NoiseMultiplier};
 use fedee_encrypt::StateDict;
-use fedee_model::MlpConfig;
+use fedee_model::{Checked, MlpConfig};
 use rand::Rng;
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -40,11 +40,12 @@ pub struct DpSgd {
 /// The sum over the batch of per-example gradients, each clipped to L2 norm `c`, and the
 /// per-example gradient norms before clipping.
 ///
-/// `state`: the MLP's parameters (f32 or f64); `x: (B, in_features)`, `y: (B,)` int64. Returns
-/// gradients with the parameters' names and shapes, and norms `(B,)`.
+/// `state`: the MLP's parameters (f32 or f64), checked by [`MlpConfig::check_state`];
+/// `x: (B, in_features)`, `y: (B,)` int64. Returns gradients with the parameters' names and
+/// shapes, and norms `(B,)`.
 pub fn clipped_gradient_sum(
     cfg: &MlpConfig,
-    state: &StateDict,
+    state: Checked<'_>,
     x: &Tensor,
     y: &Tensor,
     c: f64,
@@ -57,13 +58,13 @@ pub fn clipped_gradient_sum(
     let mut pre: Vec<Tensor> = Vec::with_capacity(layers.len());
     for (k, (w, b)) in layers.iter().enumerate() {
         let z = if k == 0 {
-            x.linear(&state[w], Some(&state[b]))
+            x.linear(state.get(w), Some(state.get(b)))
                 .detach()
                 .set_requires_grad(true)
         } else {
             let a = cfg.activation.apply(&pre[k - 1]);
             inputs.push(a.detach());
-            a.linear(&state[w], Some(&state[b]))
+            a.linear(state.get(w), Some(state.get(b)))
         };
         pre.push(z);
     }
@@ -97,7 +98,8 @@ pub fn clipped_gradient_sum(
 /// Returns the mean loss over the steps that sampled at least one record.
 ///
 /// # Errors
-/// [`SiteError::Dp`] for a bad sampling rate or a noise-sampler failure.
+/// [`SiteError::Dp`] for a bad sampling rate or a noise-sampler failure, [`SiteError::Model`]
+/// if `state` does not fit `cfg`.
 pub fn train<R: Rng + ?Sized>(
     cfg: &MlpConfig,
     state: &mut StateDict,
@@ -129,7 +131,7 @@ pub fn train<R: Rng + ?Sized>(
             let bi = Tensor::from_slice(&idx).to_device(x.device());
             let (g, _, loss) = clipped_gradient_sum(
                 cfg,
-                state,
+                cfg.check_state(state)?,
                 &x.index_select(0, &bi),
                 &y.index_select(0, &bi),
                 c,
@@ -146,12 +148,11 @@ pub fn train<R: Rng + ?Sized>(
                 )
                 .expect("f32 gradient");
                 add_noise(&mut flat, std, dp.sampler, rng)?;
-                let noisy = Tensor::from_slice(&flat)
-                    .reshape(g.size())
-                    .to_kind(state[name].kind())
-                    .to_device(state[name].device());
-                let p = state.get_mut(name).expect("same names");
-                *p = &*p - noisy * (lr / expected);
+                let noisy = Tensor::from_slice(&flat).reshape(g.size());
+                let p = state
+                    .get_mut(name)
+                    .expect("the gradient has the state's names");
+                *p = &*p - noisy.to_kind(p.kind()).to_device(p.device()) * (lr / expected);
             }
             Ok(())
         })?;
@@ -188,7 +189,7 @@ mod tests {
                 .collect();
             let xi = x.narrow(0, i, 1);
             let yi = y.narrow(0, i, 1);
-            let logits = fedee_model::mlp::forward(cfg, &params, &xi);
+            let logits = fedee_model::mlp::forward(cfg, cfg.check_state(&params).unwrap(), &xi);
             let loss = fedee_model::cross_entropy(&logits, &yi);
             let names: Vec<&String> = params.keys().collect();
             let tensors: Vec<&Tensor> = params.values().collect();
@@ -230,7 +231,8 @@ mod tests {
             let x = Tensor::randn([9, 7], (Kind::Double, Device::Cpu)) * 3.0;
             let y = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 0, 1, 2]);
             for c in [0.05, 1.0, 100.0] {
-                let (v, norms, _) = clipped_gradient_sum(&cfg, &state, &x, &y, c);
+                let (v, norms, _) =
+                    clipped_gradient_sum(&cfg, cfg.check_state(&state).unwrap(), &x, &y, c);
                 let (r, ref_norms) = loop_reference(&cfg, &state, &x, &y, c);
                 let norms = Vec::<f64>::try_from(&norms).unwrap();
                 for (a, b) in norms.iter().zip(&ref_norms) {

@@ -111,11 +111,7 @@ impl TrainerClient {
         };
         let spec = JobSpec {
             architecture: arch.name().into(),
-            config_json: match arch {
-                Architecture::Mlp(c) => serde_json::to_string(c),
-                Architecture::BertClassifier(c) => serde_json::to_string(c),
-            }
-            .expect("configs serialize"),
+            config_json: arch.config_json(),
             optimizer: Some(optimizer),
             dtype: dtype.into(),
             model_size: ee_model.len() as u64,

@@ -5,8 +5,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use fedee_model::{
-    Architecture, BertClassifierConfig, Input, MlpConfig, Model, OptimizerSpec,
-    batch_from_safetensors, state_from_safetensors, state_to_safetensors,
+    Architecture, Input, Model, OptimizerSpec, batch_from_safetensors, state_from_safetensors,
+    state_to_safetensors,
 };
 use fedee_proto::v1::trainer_server::{Trainer, TrainerServer};
 use fedee_proto::v1::{
@@ -39,33 +39,8 @@ pub struct TrainerService {
 }
 
 fn parse_spec(spec: &JobSpec) -> Result<(Architecture, OptimizerSpec, Kind), Status> {
-    let bad_config = |e: String| {
-        Status::invalid_argument(format!("config_json for `{}`: {e}", spec.architecture))
-    };
-    let cfg = match spec.architecture.as_str() {
-        MlpConfig::ARCHITECTURE => {
-            let c: MlpConfig =
-                serde_json::from_str(&spec.config_json).map_err(|e| bad_config(e.to_string()))?;
-            c.validate().map_err(|e| bad_config(e.to_string()))?;
-            Architecture::Mlp(c)
-        }
-        BertClassifierConfig::ARCHITECTURE => {
-            let c: BertClassifierConfig =
-                serde_json::from_str(&spec.config_json).map_err(|e| bad_config(e.to_string()))?;
-            c.bert.validate().map_err(|e| bad_config(e.to_string()))?;
-            if c.num_labels < 2 {
-                return Err(bad_config("num_labels must be at least 2".into()));
-            }
-            Architecture::BertClassifier(c)
-        }
-        a => {
-            return Err(Status::invalid_argument(format!(
-                "unknown architecture `{a}`: this trainer serves `{}` and `{}`",
-                MlpConfig::ARCHITECTURE,
-                BertClassifierConfig::ARCHITECTURE
-            )));
-        }
-    };
+    let cfg = Architecture::from_parts(&spec.architecture, &spec.config_json)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let kind = match spec.dtype.as_str() {
         "f32" | "" => Kind::Float,
         "f64" => Kind::Double,
