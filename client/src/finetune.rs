@@ -172,9 +172,15 @@ pub struct Report {
     /// With `verify`: the largest |Δw| between the decrypted EE model and the same
     /// fine-tuning done in plaintext here.
     pub max_abs_weight_diff: Option<f64>,
+    /// With `verify`: test-split metrics of the plaintext fine-tuning, run here.
+    pub plaintext_test_after: Option<Metrics>,
+    /// With `verify`: the fraction of test examples whose top class from the trainer's
+    /// encrypted predictions equals the plaintext fine-tuned model's.
+    pub test_argmax_agreement: Option<f64>,
 }
 
-/// Metrics of the job's model on `split`, from encrypted batches of `batch_size`.
+/// Metrics of the job's model on `split`, from encrypted batches of `batch_size`, and the
+/// decrypted class probabilities `(n, classes)` row-major.
 async fn evaluate(
     tc: &mut TrainerClient,
     keyed: &Keyed,
@@ -182,7 +188,7 @@ async fn evaluate(
     split: &Split,
     batch_size: usize,
     kind: Kind,
-) -> Result<Metrics> {
+) -> Result<(Metrics, Vec<f32>)> {
     let n = split.y.len();
     let k = keyed.arch.num_classes();
     let mut scores = Vec::with_capacity(n * k);
@@ -202,7 +208,36 @@ async fn evaluate(
         )?;
         scores.extend(crate::probabilities(&logits)?);
     }
-    Ok(classification(&scores, k, &split.y))
+    Ok((classification(&scores, k, &split.y), scores))
+}
+
+/// The plaintext model's metrics on `split`, run here, and the fraction of examples whose
+/// top class equals the one in `encrypted` (the trainer's decrypted probabilities).
+fn compare_plaintext(
+    model: &Model,
+    split: &Split,
+    batch_size: usize,
+    kind: Kind,
+    encrypted: &[f32],
+) -> Result<(Metrics, f64)> {
+    let k = model.arch.num_classes();
+    let idx: Vec<usize> = (0..split.y.len()).collect();
+    let mut scores = Vec::with_capacity(split.y.len() * k);
+    for b in idx.chunks(batch_size.max(1)) {
+        let logits = tch::no_grad(|| model.forward(&split.inputs.batch(b, kind)))?;
+        scores.extend(crate::probabilities(&logits)?);
+    }
+    let top = |p: &[f32]| -> Vec<usize> {
+        p.chunks_exact(k)
+            .map(|r| (0..k).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap_or(0))
+            .collect()
+    };
+    let (a, b) = (top(&scores), top(encrypted));
+    let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    Ok((
+        classification(&scores, k, &split.y),
+        agree as f64 / a.len().max(1) as f64,
+    ))
 }
 
 /// Fine-tune `global` (the plaintext model) at the trainer on `data`'s training split.
@@ -238,7 +273,8 @@ pub async fn finetune(
         let what = what.to_owned();
         move |source| KeyHolderError::Interrupted { what, job, source }
     };
-    let test_before = evaluate(tc, keyed, &job, &data.test, opts.batch_size, opts.kind).await?;
+    let (test_before, _) =
+        evaluate(tc, keyed, &job, &data.test, opts.batch_size, opts.kind).await?;
 
     let mut plain = if opts.verify {
         let m = Model::from_state(keyed.arch.clone(), &global, Device::Cpu, opts.kind)?;
@@ -286,7 +322,8 @@ pub async fn finetune(
             loss: final_loss,
         });
     }
-    let test_after = evaluate(tc, keyed, &job, &data.test, opts.batch_size, opts.kind).await?;
+    let (test_after, test_scores) =
+        evaluate(tc, keyed, &job, &data.test, opts.batch_size, opts.kind).await?;
     let validation_after = if data.validation.y.is_empty() {
         None
     } else {
@@ -299,7 +336,8 @@ pub async fn finetune(
                 opts.batch_size,
                 opts.kind,
             )
-            .await?,
+            .await?
+            .0,
         )
     };
     let tuned_ee = fedee_model::state_from_safetensors(
@@ -309,7 +347,13 @@ pub async fn finetune(
         Device::Cpu,
     )?;
     let tuned = decrypt_state(&keyed.key_spec, &keyed.keys, &tuned_ee)?;
-    let max_abs_weight_diff = plain.map(|(m, _)| max_abs_diff(&tuned, &m.state()));
+    let max_abs_weight_diff = plain
+        .as_ref()
+        .map(|(m, _)| max_abs_diff(&tuned, &m.state()));
+    let compared = plain
+        .as_ref()
+        .map(|(m, _)| compare_plaintext(m, &data.test, opts.batch_size, opts.kind, &test_scores))
+        .transpose()?;
     Ok((
         tuned,
         Report {
@@ -323,6 +367,8 @@ pub async fn finetune(
             test_after,
             validation_after,
             max_abs_weight_diff,
+            plaintext_test_after: compared.map(|c| c.0),
+            test_argmax_agreement: compared.map(|c| c.1),
         },
     ))
 }

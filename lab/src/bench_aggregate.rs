@@ -222,7 +222,7 @@ fn run_cell(
         .with_context(|| format!("creating a work folder in {}", work_root.display()))?;
     let names: Vec<String> = (0..sites).map(|i| format!("site-{i:03}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let pki = crate::demo::demo_pki(work.path(), &refs)?;
+    let pki = crate::consortium::pki(work.path(), &refs)?;
     let global = synthetic(params, 1);
     let n_params: usize = global.data.iter().map(Vec::len).sum();
     {

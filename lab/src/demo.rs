@@ -13,22 +13,22 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::consortium::{Consortium, Federation, RoundReport, Site, read_spec, round_reports};
 use anyhow::{Context, Result, bail};
 use fedee_encrypt::KeySet;
-use fedee_model::{Mlp, OptimizerSpec, state_from_safetensors, state_to_safetensors};
-use fedee_proto::pki::TlsFiles;
-use fedee_site_agent::client::{Link, Retry};
+use fedee_model::{OptimizerSpec, state_from_safetensors};
 use fedee_site_agent::table::RowFilter;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use tch::{Device, Kind};
-use tokio_util::sync::CancellationToken;
 
 const FEDERATION_SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
 const PHARMA_SITE: &str = "VA Long Beach";
+/// The spec the main job runs unless `--spec` names another.
+const HEART_SPEC: &str = "examples/heart-disease/federation.toml";
 
 /// Which demo to run.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,17 +71,20 @@ pub struct DemoArgs {
     /// drug-reviews: batch size.
     #[arg(long, default_value_t = 16)]
     pub(crate) text_batch: usize,
-    /// drug-reviews: use only the first N train and N test reviews (quick runs).
+    /// drug-reviews: pharma's file holds only the first N reviews of drugsComTrain.tsv, and each
+    /// hospital's the first N/3 of its reviews in drugsComTest.tsv (quick runs).
     #[arg(long)]
     pub(crate) limit: Option<usize>,
-    /// drug-reviews: FedAvg rounds of the classifier across three condition-group sites
-    /// (0 skips the federated part).
+    /// drug-reviews: FedAvg rounds of the classifier across three hospitals holding reviews of
+    /// different conditions (0 skips the federated part; pharma then fine-tunes MiniLM with a
+    /// fresh head).
     #[arg(long, default_value_t = 2)]
     pub(crate) federation_rounds: u32,
-    /// The federation spec: task, features, model, local training, rounds and DP (each site
-    /// selects its rows with `dataset = SITE`).
-    #[arg(long, default_value = "examples/heart-disease/federation.toml")]
-    spec: PathBuf,
+    /// The federation spec: task, features, model, local training, rounds and DP [default:
+    /// examples/heart-disease/federation.toml, where each site selects its rows with
+    /// `dataset = SITE`; examples/drug-reviews/federation.toml for --task drug-reviews].
+    #[arg(long)]
+    pub(crate) spec: Option<PathBuf>,
     /// Override the spec's number of rounds.
     #[arg(long)]
     rounds: Option<u32>,
@@ -114,14 +117,6 @@ pub struct DemoArgs {
     /// sites draw from a ChaCha20 CSPRNG seeded by the OS.
     #[arg(long)]
     reproducible: bool,
-}
-
-#[derive(Serialize)]
-struct RoundReport {
-    round: u32,
-    site_accuracy: BTreeMap<String, f64>,
-    weighted_accuracy: f64,
-    epsilon: f64,
 }
 
 /// One site's privacy after the federation (its ledger's last entry).
@@ -202,10 +197,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             args.data.display()
         );
     }
-    let text = std::fs::read_to_string(&args.spec)
-        .with_context(|| format!("reading the federation spec {}", args.spec.display()))?;
-    let mut spec = fedee_spec::FederationSpec::from_toml(&text)
-        .with_context(|| format!("{} is not a valid federation spec", args.spec.display()))?;
+    let mut spec = read_spec(
+        args.spec
+            .as_deref()
+            .unwrap_or(std::path::Path::new(HEART_SPEC)),
+    )?;
     if let Some(r) = args.rounds {
         spec.federation.rounds = r;
     }
@@ -226,113 +222,29 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         column: "dataset".into(),
         value: name.into(),
     };
-    let mut data_reports = BTreeMap::new();
-    let work = tempdir()?;
 
     // --- 1. Federation -----------------------------------------------------------------
-    tch::manual_seed(args.seed as i64);
-    let initial = Mlp::new(cfg.clone(), Device::Cpu, Kind::Float)?;
-    let shutdown = CancellationToken::new();
-    let agg_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let agg_url = format!("https://{}", agg_listener.local_addr()?);
-    let pki = demo_pki(&work, &FEDERATION_SITES)?;
-    let pharma_tls = TlsFiles::in_dir(&pki, "pharma");
-    let agg_config = fedee_aggregator::Config {
-        database_url: format!("sqlite://{}?mode=rwc", work.join("aggregator.db").display()),
-        blob_dir: work.join("blobs"),
-        initial_model: Some(state_to_safetensors(&initial.state())?),
-        tls: Some(TlsFiles::in_dir(&pki, "aggregator")),
-        enroll: FEDERATION_SITES.iter().map(|s| (*s).to_owned()).collect(),
-        ..fedee_aggregator::Config::default()
-    }
-    .with_spec(signed.clone())?;
-    let agg = tokio::spawn(fedee_aggregator::run(
-        agg_config,
-        agg_listener,
-        shutdown.clone(),
-    ));
-    eprintln!(
-        "[demo] aggregator at {agg_url}; spec {}: {}",
-        &signed.sha256[..12],
-        spec.summary()
-    );
-    let mut sites = Vec::new();
-    for (i, name) in FEDERATION_SITES.iter().enumerate() {
-        let (task, data) =
-            fedee_site_agent::task::from_spec(&spec, &args.data, Some(&site_rows(name)), device)?;
-        eprintln!(
-            "[demo] site {name}: {} train / {} validation / {} test records",
-            data.train, data.validation, data.test
-        );
-        data_reports.insert((*name).to_owned(), data);
-        let sc = fedee_site_agent::SiteConfig {
-            aggregator: agg_url.clone(),
-            site: (*name).to_owned(),
-            task,
-            device,
+    let consortium = Consortium::new(&FEDERATION_SITES, device)?;
+    let initial = fedee_site_agent::task::initial_model(&spec, args.seed as i64)?;
+    let sites: Vec<Site> = FEDERATION_SITES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Site {
+            name: (*name).to_owned(),
+            data: args.data.clone(),
+            filter: Some(site_rows(name)),
             seed: args
                 .reproducible
                 .then(|| args.seed.wrapping_mul(1000) + i as u64),
-            poll_interval: Duration::from_millis(20),
-            retry: fedee_site_agent::client::Retry::default(),
-            noise: fedee_dp::noise::Sampler::Fast,
-            ledger: None,
-            epsilon_budget: None,
-            spec: Some(signed.clone()),
-            tls: Some(TlsFiles::in_dir(&pki, name)),
-        };
-        sites.push(tokio::spawn(fedee_site_agent::run(sc)));
-    }
-    // Progress: one line per closed round, from the aggregator's status.
-    let mut fed = Link::connect(&agg_url, Some(&pharma_tls), Retry::default())?;
-    let mut printed = 0;
-    loop {
-        let st = fed.status().await?;
-        printed = print_closed_rounds(&st, printed, rounds);
-        // A site that finishes early has failed: stop waiting and report it below.
-        if st.done || sites.iter().any(|s| s.is_finished()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for s in sites {
-        s.await
-            .context("site task panicked")?
-            .context("site agent failed")?;
-    }
-    // Sites report their evaluation of the final model before they finish: read the status
-    // only now.
-    let st = fed.status().await?;
-    print_closed_rounds(&st, printed, rounds);
-    if !st.done {
-        bail!(
-            "the federation did not finish: round {} of {}",
-            st.current_round,
-            rounds
-        );
-    }
-    let mut rounds_report = Vec::new();
-    for r in &st.rounds {
-        let site_accuracy: BTreeMap<String, f64> = r
-            .site_metrics
-            .iter()
-            .map(|m| (m.site.clone(), m.test_accuracy))
-            .collect();
-        let n: u64 = r.site_metrics.iter().map(|m| m.num_test_examples).sum();
-        let weighted = r
-            .site_metrics
-            .iter()
-            .map(|m| m.test_accuracy * m.num_test_examples as f64)
-            .sum::<f64>()
-            / n.max(1) as f64;
-        rounds_report.push(RoundReport {
-            round: r.round,
-            site_accuracy,
-            weighted_accuracy: weighted,
-            epsilon: r.epsilon,
-        });
-    }
-    let round_reports = rounds_report;
+        })
+        .collect();
+    let Federation {
+        status: st,
+        data: mut data_reports,
+        link: mut fed,
+        aggregator: agg,
+    } = consortium.federate(&signed, &initial, &sites).await?;
+    let round_reports = round_reports(&st);
     let final_weighted_accuracy = round_reports
         .last()
         .map(|r| r.weighted_accuracy)
@@ -389,18 +301,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     eprintln!(
         "[demo] pharma: EE keys generated (input: signed permutation, hidden and labels: permutations)"
     );
-    let trainer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let trainer_url = format!("https://{}", trainer_listener.local_addr()?);
-    let trainer = tokio::spawn(fedee_trainer::run(
-        fedee_trainer::Config {
-            device,
-            tls: Some(TlsFiles::in_dir(&pki, "trainer")),
-            ..Default::default()
-        },
-        trainer_listener,
-        shutdown.clone(),
-    ));
-    let mut tc = connect_trainer_with_retry(&trainer_url, Some(&pharma_tls)).await?;
+    let (mut tc, trainer) = consortium.trainer().await?;
     // Pharma reads its own records with the same spec, so its inputs mean what the sites' do.
     let va =
         fedee_client::finetune::LocalData::load(&keyed, &args.data, Some(&site_rows(PHARMA_SITE)))?;
@@ -431,7 +332,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     .await?;
     let max_abs_weight_diff = ft.max_abs_weight_diff.unwrap_or(f64::NAN);
     eprintln!(
-        "[demo] trainer at {trainer_url}, job {}: decrypted EE model vs plaintext fine-tuning: max |Δw| = {max_abs_weight_diff:.3e}; VA test accuracy {:.3} → {:.3}",
+        "[demo] trainer job {}: decrypted EE model vs plaintext fine-tuning: max |Δw| = {max_abs_weight_diff:.3e}; VA test accuracy {:.3} → {:.3}",
         ft.job, ft.test_before.accuracy, ft.test_after.accuracy
     );
 
@@ -459,7 +360,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "[demo] note: EE is a change of basis, not semantic encryption; the trainer sees shapes, losses and value multisets (SECURITY.md)"
     );
 
-    shutdown.cancel();
+    consortium.shutdown.cancel();
     agg.await.context("aggregator task panicked")??;
     trainer.await.context("trainer task panicked")??;
     let report = Report {
@@ -488,76 +389,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
     std::fs::write(&report_path, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing report {}", report_path.display()))?;
-    let _ = std::fs::remove_dir_all(&work);
     eprintln!(
         "[demo] report written to {} ({:.1} s)",
         report_path.display(),
         report.wall_seconds
     );
     Ok(())
-}
-
-/// Print one line per round closed since `printed`; returns the last round printed.
-pub(crate) fn print_closed_rounds(
-    st: &fedee_proto::v1::StatusResponse,
-    printed: u32,
-    total: u32,
-) -> u32 {
-    let mut last = printed;
-    for r in st
-        .rounds
-        .iter()
-        .filter(|r| r.state == "closed" && r.round > printed)
-    {
-        eprintln!(
-            "[demo] round {}/{total} closed: ε = {:.3e} (δ = {:e}, unit: {})",
-            r.round, r.epsilon, st.delta, st.privacy_unit
-        );
-        last = r.round;
-    }
-    last
-}
-
-fn tempdir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "fedee-demo-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-pub(crate) async fn connect_trainer_with_retry(
-    url: &str,
-    tls: Option<&TlsFiles>,
-) -> Result<fedee_trainer::TrainerClient> {
-    let mut last = None;
-    for _ in 0..50 {
-        match fedee_trainer::TrainerClient::connect(url, tls).await {
-            Ok(c) => return Ok(c),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!(
-        "cannot reach the trainer at {url}: {}",
-        last.map(|e| e.to_string()).unwrap_or_default()
-    )
-}
-
-/// The demo's consortium PKI, created fresh in `dir`: a CA, server certificates for the
-/// aggregator and the trainer, one site certificate per site, and a client certificate for
-/// pharma (the key holder).
-pub(crate) fn demo_pki(dir: &std::path::Path, sites: &[&str]) -> Result<PathBuf> {
-    use fedee_proto::pki::{Role, init_ca, issue};
-    let pki = dir.join("pki");
-    init_ca(&pki, "fedee demo consortium", 2)?;
-    issue(&pki, Role::Server, "aggregator", 0, 1)?;
-    issue(&pki, Role::Server, "trainer", 0, 1)?;
-    issue(&pki, Role::Client, "pharma", 0, 1)?;
-    for s in sites {
-        issue(&pki, Role::Site, s, 0, 1)?;
-    }
-    Ok(pki)
 }

@@ -14,6 +14,7 @@ pub mod attack;
 pub mod bench;
 mod bench_aggregate;
 mod bench_ee;
+mod consortium;
 pub mod demo;
 mod drug_demo;
 mod flamby;
