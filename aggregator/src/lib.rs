@@ -38,7 +38,19 @@ pub enum AggregatorError {
     InvalidUpdate(String),
     /// Database failure (details are logged, never sent to clients).
     #[error("database: {0}")]
-    Database(String),
+    Database(#[source] sqlx::Error),
+    /// The database cannot be opened (the URL without its password).
+    #[error("cannot open the database {url}: {source}")]
+    DatabaseOpen {
+        /// The database URL, password redacted.
+        url: String,
+        /// The cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The database schema cannot be migrated.
+    #[error("migrating the database schema: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
     /// Blob store failure (disk, corruption).
     #[error("blob store: {0}")]
     Blob(String),

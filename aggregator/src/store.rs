@@ -126,7 +126,7 @@ pub struct Store {
 }
 
 fn db(e: sqlx::Error) -> AggregatorError {
-    AggregatorError::Database(e.to_string())
+    AggregatorError::Database(e)
 }
 
 fn update_meta(r: &sqlx::any::AnyRow) -> Result<UpdateMeta, AggregatorError> {
@@ -207,14 +207,15 @@ impl Store {
             })
             .connect(url)
             .await
-            .map_err(|e| {
-                AggregatorError::Database(format!("cannot open {}: {e}", redact_password(url)))
+            .map_err(|source| AggregatorError::DatabaseOpen {
+                url: redact_password(url),
+                source,
             })?;
         let migrated = match backend {
             Backend::Sqlite => sqlx::migrate!("../migrations/sqlite").run(&pool).await,
             Backend::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await,
         };
-        migrated.map_err(|e| AggregatorError::Database(format!("migrating the schema: {e}")))?;
+        migrated.map_err(AggregatorError::Migrate)?;
         Ok(Self { pool })
     }
 

@@ -59,7 +59,7 @@ pub fn state_to_safetensors_with(
         })
         .collect();
     let metadata = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
-    safetensors::serialize(views, metadata).map_err(|e| ModelError::Safetensors(e.to_string()))
+    Ok(safetensors::serialize(views, metadata)?)
 }
 
 /// The string metadata of safetensors bytes (`__metadata__`; empty when there is none).
@@ -68,7 +68,7 @@ pub fn state_to_safetensors_with(
 /// [`ModelError::Safetensors`] for a malformed header.
 pub fn safetensors_metadata(bytes: &[u8]) -> Result<BTreeMap<String, String>, ModelError> {
     let (_, meta) =
-        SafeTensors::read_metadata(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+        SafeTensors::read_metadata(bytes)?;
     Ok(meta
         .metadata()
         .clone()
@@ -98,7 +98,7 @@ pub(crate) fn tensors_from_safetensors(
     bytes: &[u8],
     device: Device,
 ) -> Result<StateDict, ModelError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors(e.to_string()))?;
+    let st = SafeTensors::deserialize(bytes)?;
     let mut out = StateDict::new();
     for (name, view) in st.tensors() {
         let kind = match view.dtype() {

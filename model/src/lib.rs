@@ -35,9 +35,18 @@ pub use train::{Mlp, Model, OptimizerSpec, cross_entropy};
 /// Errors of model construction, loading and training.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    /// The safetensors bytes could not be parsed.
+    /// The safetensors bytes could not be parsed (or written).
     #[error("invalid safetensors: {0}")]
-    Safetensors(String),
+    Safetensors(#[from] safetensors::SafeTensorError),
+    /// A model file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A tensor's dtype is not f32 or f64.
     #[error("tensor `{name}` has dtype {dtype}; fedee models use F32 or F64")]
     Dtype { name: String, dtype: String },

@@ -24,7 +24,7 @@ pub enum PkiError {
     },
     /// Certificate generation or parsing failed.
     #[error("certificate: {0}")]
-    Cert(String),
+    Cert(#[source] rcgen::Error),
     /// A name that cannot be a certificate subject.
     #[error("invalid name `{0}`: use 1-64 letters, digits, '-', '_', '.' or spaces")]
     Name(String),
@@ -74,10 +74,6 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> PkiError + '_ {
         path: path.display().to_string(),
         source,
     }
-}
-
-fn cert_err(e: impl std::fmt::Display) -> PkiError {
-    PkiError::Cert(e.to_string())
 }
 
 fn write_private(path: &Path, data: &str) -> Result<(), PkiError> {
@@ -132,8 +128,8 @@ pub fn init_ca(dir: &Path, name: &str, days: i64) -> Result<(), PkiError> {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::minutes(5);
     params.not_after = now + time::Duration::days(days);
-    let key = KeyPair::generate().map_err(cert_err)?;
-    let cert = params.self_signed(&key).map_err(cert_err)?;
+    let key = KeyPair::generate().map_err(PkiError::Cert)?;
+    let cert = params.self_signed(&key).map_err(PkiError::Cert)?;
     let (pem, key_path) = paths(dir, "ca");
     std::fs::write(&pem, cert.pem()).map_err(io(&pem))?;
     write_private(&key_path, &key.serialize_pem())
@@ -156,8 +152,8 @@ pub fn issue(
     let (ca_pem, ca_key) = paths(dir, "ca");
     let ca_cert = std::fs::read_to_string(&ca_pem).map_err(io(&ca_pem))?;
     let ca_key = KeyPair::from_pem(&std::fs::read_to_string(&ca_key).map_err(io(&ca_key))?)
-        .map_err(cert_err)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).map_err(cert_err)?;
+        .map_err(PkiError::Cert)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).map_err(PkiError::Cert)?;
     let sans = match role {
         Role::Server => vec![
             "localhost".to_owned(),
@@ -166,7 +162,7 @@ pub fn issue(
         ],
         _ => vec![],
     };
-    let mut params = CertificateParams::new(sans).map_err(cert_err)?;
+    let mut params = CertificateParams::new(sans).map_err(PkiError::Cert)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     dn.push(DnType::OrganizationalUnitName, role.as_str());
@@ -179,8 +175,8 @@ pub fn issue(
         - time::Duration::minutes(5);
     params.not_before = start;
     params.not_after = start + time::Duration::days(days);
-    let key = KeyPair::generate().map_err(cert_err)?;
-    let cert = params.signed_by(&key, &issuer).map_err(cert_err)?;
+    let key = KeyPair::generate().map_err(PkiError::Cert)?;
+    let cert = params.signed_by(&key, &issuer).map_err(PkiError::Cert)?;
     let (pem, key_path) = paths(dir, name);
     std::fs::write(&pem, cert.pem()).map_err(io(&pem))?;
     write_private(&key_path, &key.serialize_pem())?;

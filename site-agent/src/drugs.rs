@@ -24,14 +24,22 @@ pub struct Review {
 /// Read a Drugs.com TSV file.
 ///
 /// # Errors
-/// [`SiteError::Data`] naming the file and the row for a missing column or unknown rating.
+/// [`SiteError::Csv`] for an unreadable file; [`SiteError::Data`] naming the file and the row
+/// for a missing column or unknown rating.
 pub fn load(path: &Path) -> Result<Vec<Review>, SiteError> {
-    let err = |m: String| SiteError::Data(format!("{}: {m}", path.display()));
+    let err = |problem: String| SiteError::Data {
+        path: path.to_owned(),
+        problem,
+    };
+    let csv = |source| SiteError::Csv {
+        path: path.to_owned(),
+        source,
+    };
     let mut rdr = csv::ReaderBuilder::new()
         .delimiter(b'\t')
         .from_path(path)
-        .map_err(|e| err(format!("{e} (run `make data` to fetch it)")))?;
-    let headers = rdr.headers().map_err(|e| err(e.to_string()))?.clone();
+        .map_err(csv)?;
+    let headers = rdr.headers().map_err(csv)?.clone();
     let col = |n: &str| {
         headers
             .iter()
@@ -41,7 +49,7 @@ pub fn load(path: &Path) -> Result<Vec<Review>, SiteError> {
     let (review, condition, rating) = (col("review")?, col("condition")?, col("rating")?);
     let mut out = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
-        let rec = rec.map_err(|e| err(e.to_string()))?;
+        let rec = rec.map_err(csv)?;
         let r = rec.get(rating).unwrap_or("");
         let label = CLASSES.iter().position(|c| *c == r).ok_or_else(|| {
             err(format!(

@@ -123,29 +123,29 @@ struct Columns {
 /// Load and prepare one hospital's partition from `heart_disease_uci.csv`.
 ///
 /// # Errors
-/// [`SiteError::Data`] if the file cannot be read, lacks a column, or `hospital` is unknown.
+/// [`SiteError::Csv`] if the file cannot be read; [`SiteError::Data`] if it lacks a column or
+/// `hospital` is unknown.
 pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
+    let data = |problem: String| SiteError::Data {
+        path: path.to_owned(),
+        problem,
+    };
+    let csv = |source| SiteError::Csv {
+        path: path.to_owned(),
+        source,
+    };
     if !HOSPITALS.contains(&hospital) {
-        return Err(SiteError::Data(format!(
+        return Err(data(format!(
             "unknown hospital `{hospital}`: use one of {}",
             HOSPITALS.join(", ")
         )));
     }
-    let mut rdr = csv::Reader::from_path(path).map_err(|e| {
-        SiteError::Data(format!(
-            "cannot read {}: {e} (run `make data` to fetch it)",
-            path.display()
-        ))
-    })?;
-    let headers = rdr
-        .headers()
-        .map_err(|e| SiteError::Data(format!("{}: {e}", path.display())))?
-        .clone();
+    let mut rdr = csv::Reader::from_path(path).map_err(csv)?;
+    let headers = rdr.headers().map_err(csv)?.clone();
     let col = |name: &str| {
         headers.iter().position(|h| h == name).ok_or_else(|| {
-            SiteError::Data(format!(
-                "{} has no column `{name}`: is it heart_disease_uci.csv?",
-                path.display()
+            data(format!(
+                "no column `{name}`: is it heart_disease_uci.csv?"
             ))
         })
     };
@@ -165,7 +165,7 @@ pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
     };
     let mut by_class: [Vec<Vec<f32>>; 2] = [vec![], vec![]];
     for rec in rdr.records() {
-        let rec = rec.map_err(|e| SiteError::Data(format!("{}: {e}", path.display())))?;
+        let rec = rec.map_err(csv)?;
         if rec.get(idx.dataset) != Some(hospital) {
             continue;
         }
@@ -185,10 +185,7 @@ pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
         }
     }
     if train.is_empty() || test.is_empty() {
-        return Err(SiteError::Data(format!(
-            "hospital `{hospital}` has no usable rows in {}",
-            path.display()
-        )));
+        return Err(data(format!("hospital `{hospital}` has no usable rows")));
     }
     Ok(Partition {
         hospital: hospital.to_owned(),

@@ -29,9 +29,24 @@ pub use client::{SiteConfig, SiteReport, run};
 /// Site agent errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
-    /// Local data is missing or malformed.
-    #[error("data: {0}")]
-    Data(String),
+    /// A data file of a federation without a spec (the heart and drug-review files) is not
+    /// what it should be: names the file and the problem.
+    #[error("{path}: {problem}")]
+    Data {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
+    /// A CSV or TSV file cannot be read or parsed.
+    #[error("cannot read {path}: {source} (`make data` fetches the demo files)")]
+    Csv {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: csv::Error,
+    },
     /// The site's data cannot satisfy the federation spec (names file, line, column, value).
     #[error(transparent)]
     Table(#[from] table::DataError),
