@@ -67,9 +67,11 @@ enum Command {
         aggregator: String,
         #[command(flatten)]
         transport: TransportArgs,
-        /// Global model number.
+        /// Global model number (1 = initial, r + 1 = the result of round r), `final` (the last
+        /// closed round's), or `selected` (the one with the best validation accuracy over the
+        /// sites' validation splits, as `fedee status` shows).
         #[arg(long)]
-        model: u32,
+        model: String,
         /// Output path (safetensors).
         #[arg(long)]
         out: PathBuf,
@@ -338,9 +340,31 @@ async fn main() -> Result<()> {
         } => {
             let tls = transport.resolve("pharma")?;
             let url = format!("{}://{aggregator}", transport.scheme());
-            let bytes = Link::connect(&url, tls.as_ref(), Retry::default())?
-                .download_model(model)
-                .await?;
+            let mut link = Link::connect(&url, tls.as_ref(), Retry::default())?;
+            let model = match model.as_str() {
+                "final" | "selected" => {
+                    let st = link.status().await?;
+                    let last = st
+                        .rounds
+                        .iter()
+                        .filter(|r| r.state == "closed")
+                        .map(|r| r.round + 1)
+                        .max();
+                    match (model.as_str(), st.selected_model) {
+                        ("selected", 0) => bail!(
+                            "no model is selected yet: no site has reported validation metrics for a closed round (the spec's validation_fraction may be 0); pass a model number or `final`"
+                        ),
+                        ("selected", m) => m,
+                        _ => last.context(
+                            "no round has closed yet: only model 1 (the initial model) exists",
+                        )?,
+                    }
+                }
+                n => n.parse().with_context(|| {
+                    format!("--model `{n}`: write a model number, `final` or `selected`")
+                })?,
+            };
+            let bytes = link.download_model(model).await?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             eprintln!(
                 "wrote global model {model} ({} bytes) to {}",

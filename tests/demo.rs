@@ -80,6 +80,16 @@ fn demo_runs_the_main_job_end_to_end() {
         r["final_weighted_accuracy"]
     );
     assert_eq!(r["data"]["Cleveland"]["rows_used"], 304, "{}", r["data"]);
+    // Pharma receives the model selected on the sites' validation splits: one that a closed
+    // round produced, whose weighted test accuracy the report gives.
+    let selected = r["selected_model"].as_u64().unwrap();
+    let rounds = r["rounds"].as_array().unwrap().len() as u64;
+    assert!(
+        (2..=rounds + 1).contains(&selected),
+        "selected {selected} of {rounds} rounds"
+    );
+    let acc = r["selected_weighted_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc), "{acc}");
 
     let ft = &r["ee_finetune"];
     assert!(ft["steps"].as_u64().unwrap() >= 3);

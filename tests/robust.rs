@@ -8,7 +8,7 @@ use fedee_aggregator::tensors::Tensors;
 use fedee_encrypt::StateDict;
 use fedee_model::{Activation, Mlp, MlpConfig, state_from_safetensors, state_to_safetensors};
 use fedee_site_agent::heart::{NUM_FEATURES, load_standardized};
-use fedee_site_agent::task::{LocalTask, RoundSettings, TabularTask};
+use fedee_site_agent::task::{HeldOut, LocalTask, RoundSettings, TabularTask};
 use rand::SeedableRng;
 use tch::{Device, Kind};
 
@@ -79,8 +79,8 @@ fn run(strategy: Strategy, poison: bool) -> f64 {
         if i == POISONER {
             continue;
         }
-        let n = t.num_test_examples() as f64;
-        correct += t.evaluate(&g).unwrap().accuracy * n;
+        let n = t.num_held_out(HeldOut::Test) as f64;
+        correct += t.evaluate(&g, HeldOut::Test).unwrap().accuracy * n;
         total += n;
     }
     correct / total

@@ -301,27 +301,44 @@ pub fn render_status(st: &fedee_proto::v1::StatusResponse) -> String {
             accs.join(", ")
         );
     }
+    if st.selected_model > 0 {
+        let _ = writeln!(
+            out,
+            "selected: global model {} (round {}), validation accuracy {:.3} weighted over the sites' validation splits; its test metrics above are the estimate to report (`fedee download-model --model selected`)",
+            st.selected_model,
+            st.selected_model - 1,
+            st.selected_validation_accuracy
+        );
+    }
     out
 }
 
-/// `\n    weighted: accuracy …, balanced …, macro-F1 …, AUROC …`: each metric's mean over the
-/// sites that reported it, weighted by their test examples (empty without metrics).
+/// `\n    weighted: accuracy …, balanced …, macro-F1 …, AUROC …, validation accuracy …`: each
+/// metric's mean over the sites that reported it, weighted by their test examples (validation
+/// accuracy by their validation examples); empty without metrics.
 fn weighted_metrics(ms: &[fedee_proto::v1::SiteMetric]) -> String {
     type Get = fn(&fedee_proto::v1::SiteMetric) -> Option<f64>;
-    let columns: [(&str, Get); 4] = [
+    let columns: [(&str, Get); 5] = [
         ("accuracy", |m| Some(m.test_accuracy)),
         ("balanced accuracy", |m| m.balanced_accuracy),
         ("macro-F1", |m| m.macro_f1),
         ("AUROC", |m| m.auroc),
+        ("validation accuracy", |m| m.validation_accuracy),
     ];
     let parts: Vec<String> = columns
         .iter()
         .filter_map(|(name, get)| {
             let (mut sum, mut n) = (0.0, 0u64);
             for m in ms {
+                // Validation figures weigh by validation examples, the others by test ones.
+                let w = if *name == "validation accuracy" {
+                    m.num_validation_examples
+                } else {
+                    m.num_test_examples
+                };
                 if let Some(v) = get(m) {
-                    sum += v * m.num_test_examples as f64;
-                    n += m.num_test_examples;
+                    sum += v * w as f64;
+                    n += w;
                 }
             }
             (n > 0).then(|| format!("{name} {:.3}", sum / n as f64))

@@ -235,6 +235,32 @@ struct CloseJob {
     server_state: Option<String>,
 }
 
+/// Model selection on validation splits: among `models` (those closed rounds produced), the
+/// one with the highest accuracy on the sites' validation splits, weighted by their
+/// validation examples; ties go to the earlier model. Returns the model and that accuracy, or
+/// `None` when no site reported validation metrics for any of them. Test metrics play no part,
+/// so the selected model's test accuracy stays an unbiased estimate.
+pub fn select_model(metrics: &[MetricRow], models: &[u32]) -> Option<(u32, f64)> {
+    let mut best: Option<(u32, f64)> = None;
+    for &model in models {
+        let (mut sum, mut n) = (0.0, 0u64);
+        for m in metrics.iter().filter(|m| m.model == model) {
+            if let Some(v) = m.validation_accuracy {
+                sum += v * m.num_validation_examples as f64;
+                n += m.num_validation_examples;
+            }
+        }
+        if n == 0 {
+            continue;
+        }
+        let acc = sum / n as f64;
+        if best.is_none_or(|(_, b)| acc > b) {
+            best = Some((model, acc));
+        }
+    }
+    best
+}
+
 fn internal(e: AggregatorError) -> Status {
     tracing::error!(error = %e, "internal error");
     Status::internal("internal error (see the aggregator log)")
@@ -1348,7 +1374,14 @@ impl FederationApi for Federation {
             ("balanced accuracy", m.balanced_accuracy),
             ("macro-F1", m.macro_f1),
             ("AUROC", m.auroc),
+            ("validation accuracy", m.validation_accuracy),
         ];
+        if m.validation_accuracy.is_some() != (m.num_validation_examples > 0) {
+            return Err(Status::invalid_argument(format!(
+                "validation accuracy {:?} with {} validation examples: send both or neither",
+                m.validation_accuracy, m.num_validation_examples
+            )));
+        }
         for (name, v) in values {
             if let Some(v) = v
                 && !(0.0..=1.0).contains(&v)
@@ -1373,6 +1406,8 @@ impl FederationApi for Federation {
                 balanced_accuracy: m.balanced_accuracy,
                 macro_f1: m.macro_f1,
                 auroc: m.auroc,
+                validation_accuracy: m.validation_accuracy,
+                num_validation_examples: m.num_validation_examples,
             })
             .await
             .map_err(internal)?;
@@ -1431,6 +1466,13 @@ impl FederationApi for Federation {
                 }),
             })
             .collect();
+        let closed: Vec<u32> = rounds
+            .iter()
+            .filter(|r| r.state == "closed")
+            .map(|r| r.round + 1)
+            .collect();
+        let (selected_model, selected_validation_accuracy) =
+            select_model(&metrics, &closed).unwrap_or((0, 0.0));
         let rounds = rounds
             .into_iter()
             .map(|r| RoundStatus {
@@ -1452,6 +1494,8 @@ impl FederationApi for Federation {
                         balanced_accuracy: m.balanced_accuracy,
                         macro_f1: m.macro_f1,
                         auroc: m.auroc,
+                        validation_accuracy: m.validation_accuracy,
+                        num_validation_examples: m.num_validation_examples,
                     })
                     .collect(),
                 rho: r.rho.unwrap_or(0.0),
@@ -1488,6 +1532,63 @@ impl FederationApi for Federation {
                 .as_ref()
                 .map(|s| s.spec.summary())
                 .unwrap_or_default(),
+            selected_model,
+            selected_validation_accuracy,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(model: u32, site: &str, test: f64, val: Option<(f64, u64)>) -> MetricRow {
+        MetricRow {
+            model,
+            site: site.into(),
+            test_accuracy: test,
+            num_test_examples: 10,
+            balanced_accuracy: None,
+            macro_f1: None,
+            auroc: None,
+            validation_accuracy: val.map(|v| v.0),
+            num_validation_examples: val.map_or(0, |v| v.1),
+        }
+    }
+
+    #[test]
+    fn the_model_is_selected_on_weighted_validation_accuracy_never_on_test() {
+        let m = vec![
+            // Model 2: best on test, worse on validation.
+            row(2, "a", 0.99, Some((0.60, 10))),
+            row(2, "b", 0.99, Some((0.70, 30))),
+            // Model 3: the small site is perfect, the large one better than in model 2.
+            row(3, "a", 0.10, Some((1.00, 10))),
+            row(3, "b", 0.10, Some((0.75, 30))),
+            // Model 4: not produced by a closed round.
+            row(4, "a", 1.0, Some((1.0, 10))),
+            row(4, "b", 1.0, Some((1.0, 30))),
+        ];
+        let (model, acc) = select_model(&m, &[2, 3]).unwrap();
+        assert_eq!(model, 3);
+        assert!((acc - (10.0 + 0.75 * 30.0) / 40.0).abs() < 1e-12, "{acc}");
+        // Weighted by validation examples: unweighted means (0.75 vs 0.60) would pick model 2.
+        let w = vec![
+            row(2, "a", 0.5, Some((0.9, 10))),
+            row(2, "b", 0.5, Some((0.6, 90))),
+            row(3, "a", 0.5, Some((0.5, 10))),
+            row(3, "b", 0.5, Some((0.7, 90))),
+        ];
+        assert_eq!(select_model(&w, &[2, 3]).unwrap().0, 3);
+        // A tie goes to the earlier model.
+        let tie = vec![
+            row(2, "a", 0.5, Some((0.8, 5))),
+            row(3, "a", 0.9, Some((0.8, 5))),
+        ];
+        assert_eq!(select_model(&tie, &[2, 3]).unwrap().0, 2);
+        // Without validation metrics there is nothing to select on.
+        let none = vec![row(2, "a", 0.9, None), row(3, "a", 0.95, None)];
+        assert_eq!(select_model(&none, &[2, 3]), None);
+        assert_eq!(select_model(&m, &[]), None);
     }
 }

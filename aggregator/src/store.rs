@@ -79,6 +79,10 @@ pub struct MetricRow {
     pub macro_f1: Option<f64>,
     /// AUROC (binary tasks), if reported.
     pub auroc: Option<f64>,
+    /// Accuracy on the site's validation split, if it has one.
+    pub validation_accuracy: Option<f64>,
+    /// Size of the site's validation split (0 without one).
+    pub num_validation_examples: u64,
 }
 
 /// One round of a site's privacy ledger, as the site reported it.
@@ -613,11 +617,14 @@ impl Store {
     /// Record (or replace) a site's evaluation of a global model.
     pub async fn insert_metric(&self, m: &MetricRow) -> Result<(), AggregatorError> {
         sqlx::query(
-            "INSERT INTO metrics (model, site, test_accuracy, num_test_examples, balanced_accuracy, macro_f1, auroc) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+            "INSERT INTO metrics (model, site, test_accuracy, num_test_examples, balanced_accuracy, macro_f1, auroc, \
+             validation_accuracy, num_validation_examples) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (model, site) DO UPDATE SET test_accuracy = excluded.test_accuracy, \
              num_test_examples = excluded.num_test_examples, balanced_accuracy = excluded.balanced_accuracy, \
-             macro_f1 = excluded.macro_f1, auroc = excluded.auroc",
+             macro_f1 = excluded.macro_f1, auroc = excluded.auroc, \
+             validation_accuracy = excluded.validation_accuracy, \
+             num_validation_examples = excluded.num_validation_examples",
         )
         .bind(i64::from(m.model))
         .bind(&m.site)
@@ -626,6 +633,8 @@ impl Store {
         .bind(m.balanced_accuracy)
         .bind(m.macro_f1)
         .bind(m.auroc)
+        .bind(m.validation_accuracy)
+        .bind(m.num_validation_examples as i64)
         .execute(&self.pool)
         .await
         .map_err(db)?;
@@ -634,7 +643,8 @@ impl Store {
 
     /// All evaluations.
     pub async fn metrics(&self) -> Result<Vec<MetricRow>, AggregatorError> {
-        let rows = sqlx::query("SELECT model, site, test_accuracy, num_test_examples, balanced_accuracy, macro_f1, auroc FROM metrics ORDER BY model, site")
+        let rows = sqlx::query("SELECT model, site, test_accuracy, num_test_examples, balanced_accuracy, macro_f1, auroc, \
+             validation_accuracy, num_validation_examples FROM metrics ORDER BY model, site")
             .fetch_all(&self.pool)
             .await
             .map_err(db)?;
@@ -648,6 +658,10 @@ impl Store {
                     balanced_accuracy: r.try_get("balanced_accuracy").map_err(db)?,
                     macro_f1: r.try_get("macro_f1").map_err(db)?,
                     auroc: r.try_get("auroc").map_err(db)?,
+                    validation_accuracy: r.try_get("validation_accuracy").map_err(db)?,
+                    num_validation_examples: r
+                        .try_get::<i64, _>("num_validation_examples")
+                        .map_err(db)? as u64,
                 })
             })
             .collect()

@@ -268,6 +268,23 @@ pub(crate) fn round_reports(st: &StatusResponse) -> Vec<RoundReport> {
         .collect()
 }
 
+/// The global model to hand on: the one selected on the sites' validation splits, or (when
+/// no site reported validation metrics) the last round's. Prints which and why.
+pub(crate) fn chosen_model(st: &StatusResponse, rounds: u32) -> u32 {
+    if st.selected_model > 0 {
+        eprintln!(
+            "[demo] selected global model {} (round {}) on the sites' validation splits: weighted validation accuracy {:.3}",
+            st.selected_model,
+            st.selected_model - 1,
+            st.selected_validation_accuracy
+        );
+        st.selected_model
+    } else {
+        eprintln!("[demo] no validation metrics: using the last round's model");
+        rounds + 1
+    }
+}
+
 /// Print one line per round closed since `printed`; returns the last round printed.
 pub(crate) fn print_closed_rounds(st: &StatusResponse, printed: u32, total: u32) -> u32 {
     let mut last = printed;

@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::consortium::{Consortium, Federation, RoundReport, Site, read_spec, round_reports};
+use crate::consortium::{
+    Consortium, Federation, RoundReport, Site, chosen_model, read_spec, round_reports,
+};
 use anyhow::{Context, Result, bail};
 use fedee_encrypt::KeySet;
 use fedee_model::{OptimizerSpec, state_from_safetensors};
@@ -165,6 +167,10 @@ struct Report {
     data: BTreeMap<String, fedee_site_agent::table::DataReport>,
     rounds: Vec<RoundReport>,
     final_weighted_accuracy: f64,
+    /// The global model selected on the sites' validation splits (the one pharma receives),
+    /// and its weighted test accuracy.
+    selected_model: u32,
+    selected_weighted_accuracy: f64,
     privacy: PrivacyReport,
     ee_finetune: FinetuneReport,
     ee_inference: InferenceReport,
@@ -289,7 +295,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
 
     // --- 2. Pharma: EE fine-tuning at the trainer (the calls of `fedee finetune`) --------
-    let global = state_from_safetensors(&fed.download_model(rounds + 1).await?, Device::Cpu)?;
+    let selected_model = chosen_model(&st, rounds);
+    let selected_weighted_accuracy = round_reports
+        .iter()
+        .find(|r| r.round + 1 == selected_model)
+        .map_or(f64::NAN, |r| r.weighted_accuracy);
+    let global = state_from_safetensors(&fed.download_model(selected_model).await?, Device::Cpu)?;
     let key_spec = cfg.key_spec();
     let keys = KeySet::generate(
         &key_spec,
@@ -368,6 +379,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         data: data_reports,
         rounds: round_reports,
         final_weighted_accuracy,
+        selected_model,
+        selected_weighted_accuracy,
         privacy,
         ee_finetune: FinetuneReport {
             steps: ft.steps,

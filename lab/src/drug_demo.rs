@@ -28,7 +28,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 use tch::{Device, Kind};
 
-use crate::consortium::{Consortium, RoundReport, Site, read_spec, round_reports};
+use crate::consortium::{Consortium, RoundReport, Site, chosen_model, read_spec, round_reports};
 use crate::demo::DemoArgs;
 
 /// The spec this demo runs unless `--spec` names another.
@@ -222,7 +222,9 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         data_reports.append(&mut fed.data);
         let st = &fed.status;
         let global = state_from_safetensors(
-            &fed.link.download_model(spec.federation.rounds + 1).await?,
+            &fed.link
+                .download_model(chosen_model(st, spec.federation.rounds))
+                .await?,
             Device::Cpu,
         )?;
         let report = FederationReport {

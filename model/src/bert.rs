@@ -420,11 +420,10 @@ pub fn load_pretrained(
     cfg: &BertConfig,
     device: Device,
 ) -> Result<StateDict, ModelError> {
-    let bytes = std::fs::read(path)
-        .map_err(|source| ModelError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let all = crate::io::tensors_from_safetensors(&bytes, device)?;
     let mut out = StateDict::new();
     for (name, expected) in cfg.shapes() {

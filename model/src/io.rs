@@ -67,8 +67,7 @@ pub fn state_to_safetensors_with(
 /// # Errors
 /// [`ModelError::Safetensors`] for a malformed header.
 pub fn safetensors_metadata(bytes: &[u8]) -> Result<BTreeMap<String, String>, ModelError> {
-    let (_, meta) =
-        SafeTensors::read_metadata(bytes)?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)?;
     Ok(meta
         .metadata()
         .clone()

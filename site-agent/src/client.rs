@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 use crate::SiteError;
 use crate::dpsgd::DpSgd;
 use crate::ledger::Planned;
-use crate::task::{LocalTask, RoundSettings};
+use crate::task::{HeldOut, LocalTask, RoundSettings};
 use crate::train::dp_update;
 use fedee_dp::DpMode;
 
@@ -103,8 +103,14 @@ pub struct Evaluation {
     pub model: u32,
     /// Accuracy on the site's test split.
     pub test_accuracy: f64,
+    /// Size of the test split.
+    pub num_test_examples: u64,
     /// All metrics on the site's test split.
     pub metrics: crate::metrics::Metrics,
+    /// Accuracy on the site's validation split (what model selection reads), if it has one.
+    pub validation_accuracy: Option<f64>,
+    /// Size of the validation split (0 without one).
+    pub num_validation_examples: u64,
 }
 
 /// What a site did.
@@ -645,7 +651,13 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     let spec_sha256 = cfg.spec.as_ref().map(|s| s.sha256.clone());
     link.join(&cfg.site, spec_sha256.unwrap_or_default())
         .await?;
-    tracing::info!(site = %cfg.site, train = cfg.task.num_examples(), test = cfg.task.num_test_examples(), "joined");
+    tracing::info!(
+        site = %cfg.site,
+        train = cfg.task.num_examples(),
+        validation = cfg.task.num_held_out(HeldOut::Validation),
+        test = cfg.task.num_held_out(HeldOut::Test),
+        "joined"
+    );
     let mut rng = match cfg.seed {
         Some(s) => ChaCha20Rng::seed_from_u64(s),
         None => ChaCha20Rng::from_os_rng(),
@@ -674,11 +686,11 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         let global = state_from_safetensors(&link.download_model(task.round).await?, cfg.device)?;
         if evaluated < task.round {
             // Local compute blocks this worker thread, not the runtime's other tasks.
-            let m = tokio::task::block_in_place(|| cfg.task.evaluate(&global))?;
-            let n_test = cfg.task.num_test_examples();
+            let e =
+                tokio::task::block_in_place(|| evaluate(cfg.task.as_mut(), &global, task.round))?;
             report
                 .evaluations
-                .push(report_metrics(&mut link, &cfg.site, n_test, task.round, m).await?);
+                .push(report_metrics(&mut link, &cfg.site, e).await?);
             evaluated = task.round;
         }
         if kind == TaskKind::Done {
@@ -764,29 +776,48 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     }
 }
 
-/// Report global model `model`'s metrics on the site's test split.
+/// Global model `model` on the site's held-out splits (validation only when it has one).
+fn evaluate(
+    task: &mut dyn LocalTask,
+    global: &StateDict,
+    model: u32,
+) -> Result<Evaluation, SiteError> {
+    let metrics = task.evaluate(global, HeldOut::Test)?;
+    let num_validation_examples = task.num_held_out(HeldOut::Validation);
+    let validation_accuracy = if num_validation_examples > 0 {
+        Some(task.evaluate(global, HeldOut::Validation)?.accuracy)
+    } else {
+        None
+    };
+    Ok(Evaluation {
+        model,
+        test_accuracy: metrics.accuracy,
+        num_test_examples: task.num_held_out(HeldOut::Test),
+        metrics,
+        validation_accuracy,
+        num_validation_examples,
+    })
+}
+
+/// Report an evaluation of a global model to the aggregator.
 async fn report_metrics(
     link: &mut Link,
     site: &str,
-    num_test_examples: u64,
-    model: u32,
-    m: crate::metrics::Metrics,
+    e: Evaluation,
 ) -> Result<Evaluation, SiteError> {
     link.report_metrics(MetricsReport {
         site: site.to_owned(),
-        model,
-        test_accuracy: m.accuracy,
-        num_test_examples,
-        balanced_accuracy: Some(m.balanced_accuracy),
-        macro_f1: Some(m.macro_f1),
-        auroc: m.auroc,
+        model: e.model,
+        test_accuracy: e.metrics.accuracy,
+        num_test_examples: e.num_test_examples,
+        balanced_accuracy: Some(e.metrics.balanced_accuracy),
+        macro_f1: Some(e.metrics.macro_f1),
+        auroc: e.metrics.auroc,
+        validation_accuracy: e.validation_accuracy,
+        num_validation_examples: e.num_validation_examples,
     })
     .await?;
-    Ok(Evaluation {
-        model,
-        test_accuracy: m.accuracy,
-        metrics: m,
-    })
+    Ok(e)
 }
 
 /// What one round will spend, from the agreed mode and σ: one release of the whole update

@@ -143,11 +143,10 @@ pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
     let mut rdr = csv::Reader::from_path(path).map_err(csv)?;
     let headers = rdr.headers().map_err(csv)?.clone();
     let col = |name: &str| {
-        headers.iter().position(|h| h == name).ok_or_else(|| {
-            data(format!(
-                "no column `{name}`: is it heart_disease_uci.csv?"
-            ))
-        })
+        headers
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| data(format!("no column `{name}`: is it heart_disease_uci.csv?")))
     };
     let idx = Columns {
         dataset: col("dataset")?,

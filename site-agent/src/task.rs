@@ -29,17 +29,27 @@ pub struct RoundSettings {
     pub proximal_mu: f64,
 }
 
+/// A split a site holds out from training and evaluates global models on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldOut {
+    /// For choosing among models (the federation's model selection); never reported as the
+    /// model's quality.
+    Validation,
+    /// For reporting the chosen model's quality; never used to choose.
+    Test,
+}
+
 /// A site's local learning problem.
 pub trait LocalTask: Send {
     /// Training examples (the FedAvg weight).
     fn num_examples(&self) -> u64;
-    /// Test examples.
-    fn num_test_examples(&self) -> u64;
-    /// Metrics of `global` on the local test split.
+    /// Examples in a held-out split (0: the site has no such split).
+    fn num_held_out(&self, split: HeldOut) -> u64;
+    /// Metrics of `global` on a held-out split.
     ///
     /// # Errors
     /// If `global` does not fit the architecture.
-    fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError>;
+    fn evaluate(&mut self, global: &StateDict, split: HeldOut) -> Result<Metrics, SiteError>;
     /// Train from `global`; returns the local model and the last epoch's mean loss.
     ///
     /// # Errors
@@ -93,6 +103,7 @@ pub struct TabularTask {
     device: Device,
     optimizer: OptimizerSpec,
     train: (Tensor, Tensor),
+    validation: (Tensor, Tensor),
     test: (Tensor, Tensor),
     /// Under `standardize = "federated"`: the raw data (missing cells NaN) and its spec,
     /// until the pooled figures arrive.
@@ -100,9 +111,11 @@ pub struct TabularTask {
 }
 
 impl TabularTask {
-    /// A task over encoded splits; `optimizer`'s learning rate is replaced by each round's.
+    /// A task over encoded splits (`validation` may be empty); `optimizer`'s learning rate is
+    /// replaced by each round's.
     pub fn new(
         train: &Examples,
+        validation: &Examples,
         test: &Examples,
         cfg: MlpConfig,
         optimizer: OptimizerSpec,
@@ -112,20 +125,29 @@ impl TabularTask {
             device,
             optimizer,
             train: to_tensors(train, cfg.in_features, device, Kind::Float),
+            validation: to_tensors(validation, cfg.in_features, device, Kind::Float),
             test: to_tensors(test, cfg.in_features, device, Kind::Float),
             cfg,
             raw: None,
         }
     }
 
-    /// The heart-disease MLP on one hospital's standardised partition (SGD, momentum 0.9).
+    /// The heart-disease MLP on one hospital's standardised partition (SGD, momentum 0.9; no
+    /// validation split).
     pub fn heart(data: &Partition, cfg: MlpConfig, device: Device) -> Self {
         let sgd = OptimizerSpec::Sgd {
             lr: 0.0,
             momentum: 0.9,
             weight_decay: 0.0,
         };
-        Self::new(&data.train, &data.test, cfg, sgd, device)
+        Self::new(
+            &data.train,
+            &crate::heart::Examples::default(),
+            &data.test,
+            cfg,
+            sgd,
+            device,
+        )
     }
 }
 
@@ -224,7 +246,14 @@ pub fn from_spec(
         fedee_spec::TaskKind::TabularClassification => {
             let cfg = mlp_config(spec)?;
             let d = crate::table::load(spec, data, filter)?;
-            let mut task = TabularTask::new(&d.train, &d.test, cfg, optimizer(spec), device);
+            let mut task = TabularTask::new(
+                &d.train,
+                &d.validation,
+                &d.test,
+                cfg,
+                optimizer(spec),
+                device,
+            );
             let report = d.report.clone();
             if spec.statistics_sigma().is_some() {
                 task.raw = Some((Box::new(d), spec.clone()));
@@ -246,6 +275,7 @@ pub fn from_spec(
             let task = TextTask::new(
                 Architecture::BertClassifier(cfg),
                 ids(&d.train)?,
+                ids(&d.validation)?,
                 ids(&d.test)?,
                 device,
             );
@@ -317,6 +347,13 @@ impl TabularTask {
         }
     }
 
+    fn held_out(&self, split: HeldOut) -> &(Tensor, Tensor) {
+        match split {
+            HeldOut::Validation => &self.validation,
+            HeldOut::Test => &self.test,
+        }
+    }
+
     /// A copy of `state` as f32 on this task's device.
     fn on_device(&self, state: &StateDict) -> StateDict {
         state
@@ -343,17 +380,24 @@ impl LocalTask for TabularTask {
         prep.check(&spec)?;
         d.apply(prep);
         self.train = to_tensors(&d.train, self.cfg.in_features, self.device, Kind::Float);
+        self.validation = to_tensors(
+            &d.validation,
+            self.cfg.in_features,
+            self.device,
+            Kind::Float,
+        );
         self.test = to_tensors(&d.test, self.cfg.in_features, self.device, Kind::Float);
         Ok(())
     }
-    fn num_test_examples(&self) -> u64 {
-        self.test.1.size()[0] as u64
+    fn num_held_out(&self, split: HeldOut) -> u64 {
+        self.held_out(split).1.size()[0] as u64
     }
-    fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError> {
+    fn evaluate(&mut self, global: &StateDict, split: HeldOut) -> Result<Metrics, SiteError> {
         self.ready()?;
         let m = Mlp::from_state(self.cfg.clone(), global, self.device, Kind::Float)?;
-        let logits = tch::no_grad(|| m.forward(&self.test.0));
-        scored(&logits, &self.test.1, self.cfg.out_features)
+        let (x, y) = self.held_out(split);
+        let logits = tch::no_grad(|| m.forward(x));
+        scored(&logits, y, self.cfg.out_features)
     }
     fn train(
         &mut self,
@@ -402,14 +446,16 @@ pub struct TextTask {
     arch: Architecture,
     device: Device,
     train: Vec<(Vec<i64>, i64)>,
+    validation: Vec<(Vec<i64>, i64)>,
     test: Vec<(Vec<i64>, i64)>,
 }
 
 impl TextTask {
-    /// A task over token-id sequences and labels.
+    /// A task over token-id sequences and labels (`validation` may be empty).
     pub fn new(
         arch: Architecture,
         train: Vec<(Vec<i64>, i64)>,
+        validation: Vec<(Vec<i64>, i64)>,
         test: Vec<(Vec<i64>, i64)>,
         device: Device,
     ) -> Self {
@@ -417,7 +463,15 @@ impl TextTask {
             arch,
             device,
             train,
+            validation,
             test,
+        }
+    }
+
+    fn held_out(&self, split: HeldOut) -> &[(Vec<i64>, i64)] {
+        match split {
+            HeldOut::Validation => &self.validation,
+            HeldOut::Test => &self.test,
         }
     }
 
@@ -440,13 +494,13 @@ impl LocalTask for TextTask {
     fn num_examples(&self) -> u64 {
         self.train.len() as u64
     }
-    fn num_test_examples(&self) -> u64 {
-        self.test.len() as u64
+    fn num_held_out(&self, split: HeldOut) -> u64 {
+        self.held_out(split).len() as u64
     }
-    fn evaluate(&mut self, global: &StateDict) -> Result<Metrics, SiteError> {
+    fn evaluate(&mut self, global: &StateDict, split: HeldOut) -> Result<Metrics, SiteError> {
         let m = Model::from_state(self.arch.clone(), global, self.device, Kind::Float)?;
         let (mut logits, mut labels) = (vec![], vec![]);
-        for rows in self.test.iter().collect::<Vec<_>>().chunks(32) {
+        for rows in self.held_out(split).iter().collect::<Vec<_>>().chunks(32) {
             let (input, y) = self.batch(rows);
             logits.push(tch::no_grad(|| m.forward(&input))?);
             labels.push(y);
