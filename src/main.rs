@@ -364,7 +364,16 @@ async fn main() -> Result<()> {
                     format!("--model `{n}`: write a model number, `final` or `selected`")
                 })?,
             };
-            let bytes = link.download_model(model).await?;
+            let mut bytes = link.download_model(model).await?;
+            let pooled = link.status().await?.pooled_statistics;
+            if !pooled.is_empty() {
+                // The figures every site standardised with, for the key holder's records.
+                bytes = fedee_client::with_pooled_statistics(&bytes, &pooled)?;
+                eprintln!(
+                    "the file carries the federation's pooled standardisation figures ({} features)",
+                    pooled.len()
+                );
+            }
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             eprintln!(
                 "wrote global model {model} ({} bytes) to {}",

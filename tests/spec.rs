@@ -920,4 +920,74 @@ async fn federated_standardisation_pools_noisy_statistics_before_round_one() {
     assert!((100.0..600.0).contains(&n), "{n}");
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.done && st.rounds[0].state == "closed", "{st:?}");
+    assert_eq!(
+        st.pooled_statistics, done.totals,
+        "status serves the pooled sums"
+    );
+
+    // The key holder standardises with the same pooled figures: `download-model` writes them
+    // into the file, and `finetune` uses them whatever rows it holds. Fitting the figures only
+    // (`--epochs 0`) on two hospitals' rows gives the same figures; a model file without them
+    // (the initial model) falls back to each file's own, which differ.
+    let got = ok(
+        &[
+            "download-model",
+            "--aggregator",
+            &agg.addr,
+            "--insecure",
+            "--model",
+            "final",
+            "--out",
+            "global.safetensors",
+        ],
+        dir,
+    );
+    assert!(got.contains("pooled standardisation figures"), "{got}");
+    ok(
+        &["ee", "keygen", "--spec", "spec.toml", "--out", "keys.json"],
+        dir,
+    );
+    let trainer = common::Service::start_role(dir, "trainer", "127.0.0.1:0", &["--insecure"]);
+    let csv = csv.to_str().unwrap();
+    let figures = |model: &str, hospital: &str| {
+        let out = format!("fit-{hospital}-{model}");
+        let err = ok(
+            &[
+                "finetune",
+                "--trainer",
+                &trainer.addr,
+                "--insecure",
+                "--spec",
+                "spec.toml",
+                "--keys",
+                "keys.json",
+                "--model",
+                model,
+                "--data",
+                csv,
+                "--where",
+                &format!("dataset={hospital}"),
+                "--out",
+                &out,
+                "--epochs",
+                "0",
+            ],
+            dir,
+        );
+        let meta =
+            fedee_model::safetensors_metadata(&std::fs::read(dir.join(&out)).unwrap()).unwrap();
+        (err, meta["fedee.preprocessing"].clone())
+    };
+    let (err_a, pooled_a) = figures("global.safetensors", "Cleveland");
+    let (_, pooled_b) = figures("global.safetensors", "Hungary");
+    assert!(err_a.contains("federation's pooled figures"), "{err_a}");
+    assert_eq!(
+        pooled_a, pooled_b,
+        "the same pooled figures for any key holder"
+    );
+    let (err_c, own_a) = figures("g0.safetensors", "Cleveland");
+    let (_, own_b) = figures("g0.safetensors", "Hungary");
+    assert!(err_c.contains("carries no pooled figures"), "{err_c}");
+    assert_ne!(own_a, own_b, "without them each file's own figures");
+    assert_ne!(own_a, pooled_a);
 }

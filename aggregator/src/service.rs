@@ -235,6 +235,36 @@ struct CloseJob {
     server_state: Option<String>,
 }
 
+/// The pooled statistics of a federated standardisation: per feature of `expected`, the sums
+/// of the first `needed` sites' stored statistics (`rows`: site, JSON); empty until `needed`
+/// sites have sent theirs.
+fn pooled_statistics(
+    expected: &[String],
+    rows: &[(String, String)],
+    needed: u32,
+) -> Result<Vec<FeatureStatistics>, Status> {
+    if rows.len() < needed as usize {
+        return Ok(vec![]);
+    }
+    let mut totals: Vec<FeatureStatistics> = expected
+        .iter()
+        .map(|feature| FeatureStatistics {
+            feature: feature.clone(),
+            ..Default::default()
+        })
+        .collect();
+    for (_, json) in rows.iter().take(needed as usize) {
+        let parsed: Vec<(String, f64, f64, f64)> =
+            serde_json::from_str(json).map_err(|e| Status::internal(e.to_string()))?;
+        for (t, (_, n, s, ss)) in totals.iter_mut().zip(parsed) {
+            t.count += n;
+            t.sum += s;
+            t.sum_squares += ss;
+        }
+    }
+    Ok(totals)
+}
+
 /// Model selection on validation splits: among `models` (those closed rounds produced), the
 /// one with the highest accuracy on the sites' validation splits, weighted by their
 /// validation examples; ties go to the earlier model. Returns the model and that accuracy, or
@@ -1195,33 +1225,13 @@ impl FederationApi for Federation {
         }
         let rows = self.store.statistics().await.map_err(internal)?;
         let needed = self.config.min_sites;
-        let mut response = StatisticsResponse {
+        Ok(Response::new(StatisticsResponse {
             ready: rows.len() >= needed as usize,
             sites: rows.len() as u32,
             needed,
             submitted: rows.iter().any(|(s, _)| *s == site),
-            totals: vec![],
-        };
-        if response.ready {
-            let mut totals: Vec<FeatureStatistics> = expected
-                .into_iter()
-                .map(|feature| FeatureStatistics {
-                    feature,
-                    ..Default::default()
-                })
-                .collect();
-            for (_, json) in rows.iter().take(needed as usize) {
-                let parsed: Vec<(String, f64, f64, f64)> =
-                    serde_json::from_str(json).map_err(|e| Status::internal(e.to_string()))?;
-                for (t, (_, n, s, ss)) in totals.iter_mut().zip(parsed) {
-                    t.count += n;
-                    t.sum += s;
-                    t.sum_squares += ss;
-                }
-            }
-            response.totals = totals;
-        }
-        Ok(Response::new(response))
+            totals: pooled_statistics(&expected, &rows, needed)?,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(site = %req.get_ref().site))]
@@ -1473,6 +1483,24 @@ impl FederationApi for Federation {
             .collect();
         let (selected_model, selected_validation_accuracy) =
             select_model(&metrics, &closed).unwrap_or((0, 0.0));
+        let pooled = match self
+            .config
+            .spec
+            .as_ref()
+            .filter(|s| s.spec.statistics_sigma().is_some())
+        {
+            Some(spec) => {
+                let expected: Vec<String> = spec
+                    .spec
+                    .statistics_features()
+                    .into_iter()
+                    .map(|f| f.0)
+                    .collect();
+                let rows = self.store.statistics().await.map_err(internal)?;
+                pooled_statistics(&expected, &rows, self.config.min_sites)?
+            }
+            None => vec![],
+        };
         let rounds = rounds
             .into_iter()
             .map(|r| RoundStatus {
@@ -1534,6 +1562,7 @@ impl FederationApi for Federation {
                 .unwrap_or_default(),
             selected_model,
             selected_validation_accuracy,
+            pooled_statistics: pooled,
         }))
     }
 }

@@ -183,8 +183,19 @@ pub async fn finetune(args: FinetuneArgs) -> Result<()> {
     refuse_overwrite(&args.out, args.force)?;
     let c = &args.common;
     let keyed = Keyed::open(&c.spec, &c.keys)?;
-    let (global, _) = keyed.read_model(&args.model)?;
-    let data = LocalData::load(&keyed, &c.data, c.filter()?.as_ref())?;
+    let (global, meta) = keyed.read_model(&args.model)?;
+    let pooled = keyed.pooled_preprocessing(&args.model, &meta)?;
+    if keyed.spec.spec.statistics_sigma().is_some() {
+        eprintln!(
+            "{}",
+            if pooled.is_some() {
+                "standardising with the federation's pooled figures (from the global model file)"
+            } else {
+                "warning: the spec standardises with federated statistics, but the model file carries no pooled figures (download it with `fedee download-model`): standardising with your own training split's figures, which the sites did not use"
+            }
+        );
+    }
+    let data = LocalData::load(&keyed, &c.data, c.filter()?.as_ref(), pooled.as_ref())?;
     eprintln!("{}", data.report);
     let optimizer = match args.optimizer.as_str() {
         "sgd" => OptimizerSpec::Sgd {

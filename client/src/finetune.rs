@@ -47,20 +47,26 @@ pub struct LocalData {
 }
 
 impl LocalData {
-    /// Read `path` (rows that `filter` selects) as `keyed`'s spec says.
+    /// Read `path` (rows that `filter` selects) as `keyed`'s spec says. Under federated
+    /// standardisation the records are standardised with `pooled` (the federation's figures,
+    /// [`Keyed::pooled_preprocessing`]) when given, else with this file's own training split's.
     ///
     /// # Errors
     /// [`KeyHolderError::Data`] naming file, line, column and value.
-    pub fn load(keyed: &Keyed, path: &std::path::Path, filter: Option<&RowFilter>) -> Result<Self> {
+    pub fn load(
+        keyed: &Keyed,
+        path: &std::path::Path,
+        filter: Option<&RowFilter>,
+        pooled: Option<&Preprocessing>,
+    ) -> Result<Self> {
         let spec = &keyed.spec.spec;
         match &keyed.tokenizer {
             None => {
                 let mut d = fedee_site_agent::table::load(spec, path, filter)?;
                 if spec.statistics_sigma().is_some() {
-                    // Under federated standardisation the key holder, who is not a site,
-                    // standardises with its own training split's figures.
-                    let own = d.preprocessing.clone();
-                    d.apply(&own);
+                    let figures = pooled.cloned().unwrap_or_else(|| d.preprocessing.clone());
+                    d.apply(&figures);
+                    d.preprocessing = figures;
                 }
                 let split = |e: fedee_site_agent::table::Examples| Split {
                     inputs: Inputs::Features {

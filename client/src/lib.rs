@@ -92,6 +92,33 @@ pub type Result<T, E = KeyHolderError> = std::result::Result<T, E>;
 /// Metadata key of the spec's SHA-256 in a model written by `fedee finetune`.
 pub const SPEC_SHA256_KEY: &str = "fedee.spec_sha256";
 
+/// Metadata key under which a global model downloaded from a federation with federated
+/// standardisation carries the pooled statistics its sites standardised with (JSON list of
+/// `[feature, count, sum, sum_squares]`).
+pub const POOLED_STATISTICS_KEY: &str = "fedee.pooled_statistics";
+
+/// `bytes` (a global model's safetensors) with the federation's pooled statistics in its
+/// metadata, so the key holder standardises its records with the figures every site used.
+///
+/// # Errors
+/// [`KeyHolderError::Model`] for bytes that are not a model.
+pub fn with_pooled_statistics(
+    bytes: &[u8],
+    pooled: &[fedee_proto::v1::FeatureStatistics],
+) -> Result<Vec<u8>> {
+    let mut meta = fedee_model::safetensors_metadata(bytes)?;
+    let rows: Vec<(&str, f64, f64, f64)> = pooled
+        .iter()
+        .map(|f| (f.feature.as_str(), f.count, f.sum, f.sum_squares))
+        .collect();
+    meta.insert(
+        POOLED_STATISTICS_KEY.to_owned(),
+        serde_json::to_string(&rows).expect("numbers serialize"),
+    );
+    let state = fedee_model::state_from_safetensors(bytes, Device::Cpu)?;
+    Ok(fedee_model::state_to_safetensors_with(&state, &meta)?)
+}
+
 /// A federation spec, its model's architecture, and the key file for that model: what every
 /// key-holder command starts from.
 pub struct Keyed {
@@ -198,6 +225,48 @@ impl Keyed {
             ))
         })?;
         Ok((state, meta))
+    }
+
+    /// Under federated standardisation, the federation's pooled preprocessing from a global
+    /// model's metadata ([`POOLED_STATISTICS_KEY`], written by `fedee download-model`);
+    /// `None` when the spec standardises per site or the file carries none.
+    ///
+    /// # Errors
+    /// [`KeyHolderError::Mismatch`] for metadata that does not parse or cover the spec's
+    /// features.
+    pub fn pooled_preprocessing(
+        &self,
+        path: &Path,
+        meta: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<Preprocessing>> {
+        let Some(json) = meta.get(POOLED_STATISTICS_KEY) else {
+            return Ok(None);
+        };
+        if self.spec.spec.statistics_sigma().is_none() {
+            return Ok(None);
+        }
+        let bad = |e: String| {
+            KeyHolderError::Mismatch(format!(
+                "{}: the `{POOLED_STATISTICS_KEY}` metadata {e}",
+                path.display()
+            ))
+        };
+        let rows: Vec<(String, f64, f64, f64)> =
+            serde_json::from_str(json).map_err(|e| bad(format!("is not valid JSON: {e}")))?;
+        let totals: Vec<fedee_site_agent::statistics::FeatureStatistics> = rows
+            .into_iter()
+            .map(|(feature, count, sum, sum_squares)| {
+                fedee_site_agent::statistics::FeatureStatistics {
+                    feature,
+                    count,
+                    sum,
+                    sum_squares,
+                }
+            })
+            .collect();
+        fedee_site_agent::statistics::preprocessing(&self.spec.spec, &totals)
+            .map(Some)
+            .map_err(|e| bad(e.to_string()))
     }
 
     /// The preprocessing a tabular model was fine-tuned with (its metadata), checked against

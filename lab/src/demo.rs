@@ -314,8 +314,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     let (mut tc, trainer) = consortium.trainer().await?;
     // Pharma reads its own records with the same spec, so its inputs mean what the sites' do.
-    let va =
-        fedee_client::finetune::LocalData::load(&keyed, &args.data, Some(&site_rows(PHARMA_SITE)))?;
+    let va = fedee_client::finetune::LocalData::load(
+        &keyed,
+        &args.data,
+        Some(&site_rows(PHARMA_SITE)),
+        None,
+    )?;
     data_reports.insert(PHARMA_SITE.to_owned(), va.report.clone());
     let optimizer = OptimizerSpec::AdamW {
         lr: args.finetune_lr,

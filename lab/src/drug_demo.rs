@@ -264,7 +264,7 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         keys.keys.len()
     );
     let keyed = fedee_client::Keyed::new(signed.clone(), keys)?;
-    let data = LocalData::load(&keyed, &pharma_tsv, None)?;
+    let data = LocalData::load(&keyed, &pharma_tsv, None, None)?;
     data_reports.insert("pharma".into(), data.report.clone());
     let majority = (0..CLASSES.len() as i64)
         .max_by_key(|c| data.train.y.iter().filter(|y| *y == c).count())

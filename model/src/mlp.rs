@@ -113,15 +113,20 @@ impl MlpConfig {
         }
     }
 
-    /// Expected parameter shapes by name.
+    /// Expected parameter shapes by name: the federation spec's
+    /// [`fedee_spec::MlpShape::parameter_shapes`] (one definition, which the libtorch-free
+    /// aggregator checks initial models against), as tch sizes.
     pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
-        let dims = self.dims();
-        let mut out = BTreeMap::new();
-        for ((w, b), d) in self.layers().into_iter().zip(dims.windows(2)) {
-            out.insert(w, vec![d[1] as i64, d[0] as i64]);
-            out.insert(b, vec![d[1] as i64]);
+        fedee_spec::MlpShape {
+            in_features: self.in_features,
+            hidden: self.hidden.clone(),
+            out_features: self.out_features,
+            activation: String::new(),
         }
-        out
+        .parameter_shapes()
+        .into_iter()
+        .map(|(name, shape)| (name, shape.into_iter().map(|d| d as i64).collect()))
+        .collect()
     }
 
     /// Number of parameters.
