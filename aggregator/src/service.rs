@@ -482,6 +482,22 @@ impl Federation {
         }
     }
 
+    /// Under federated standardisation, the spec's numeric and boolean features in order
+    /// (what every site sends and the pooled sums cover); `None` otherwise.
+    fn statistics_features(&self) -> Option<Vec<String>> {
+        self.config
+            .spec
+            .as_ref()
+            .filter(|s| s.spec.statistics_sigma().is_some())
+            .map(|s| {
+                s.spec
+                    .statistics_features()
+                    .into_iter()
+                    .map(|f| f.0)
+                    .collect()
+            })
+    }
+
     fn done(&self, st: &State) -> bool {
         st.round > self.config.rounds || st.ended.is_some()
     }
@@ -1170,12 +1186,7 @@ impl FederationApi for Federation {
     ) -> Result<Response<StatisticsResponse>, Status> {
         let claimed = req.get_ref().site.clone();
         let site = self.identify(&req, &claimed).await?;
-        let Some(spec) = self
-            .config
-            .spec
-            .as_ref()
-            .filter(|s| s.spec.statistics_sigma().is_some())
-        else {
+        let Some(expected) = self.statistics_features() else {
             return Err(Status::failed_precondition(
                 "this federation's spec does not standardise with federated statistics (data.standardize = \"federated\")",
             ));
@@ -1183,13 +1194,6 @@ impl FederationApi for Federation {
         if !self.state.lock().await.sites.contains(&site) {
             return Err(Status::not_found(format!("site `{site}` has not joined")));
         }
-        // The spec's numeric and boolean features, in order: what every site sends and sums.
-        let expected: Vec<String> = spec
-            .spec
-            .statistics_features()
-            .into_iter()
-            .map(|f| f.0)
-            .collect();
         let features = &req.get_ref().features;
         if !features.is_empty() {
             let names: Vec<&str> = features.iter().map(|f| f.feature.as_str()).collect();
@@ -1483,19 +1487,8 @@ impl FederationApi for Federation {
             .collect();
         let (selected_model, selected_validation_accuracy) =
             select_model(&metrics, &closed).unwrap_or((0, 0.0));
-        let pooled = match self
-            .config
-            .spec
-            .as_ref()
-            .filter(|s| s.spec.statistics_sigma().is_some())
-        {
-            Some(spec) => {
-                let expected: Vec<String> = spec
-                    .spec
-                    .statistics_features()
-                    .into_iter()
-                    .map(|f| f.0)
-                    .collect();
+        let pooled = match self.statistics_features() {
+            Some(expected) => {
                 let rows = self.store.statistics().await.map_err(internal)?;
                 pooled_statistics(&expected, &rows, self.config.min_sites)?
             }
