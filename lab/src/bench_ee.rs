@@ -252,7 +252,7 @@ fn overhead_row(
             dec.push(f);
         }
     }
-    // The EE model computes the same function: check it on this batch (ee-math.md).
+    // The EE model computes the same function: check it on this batch (SECURITY.md, "The math").
     let agree = tch::no_grad(|| -> Result<f64> {
         let p = plain.forward(&input)?;
         let e = decrypt_outputs(&spec, &keys, &ee.forward(&ee_input)?)?;

@@ -5,7 +5,7 @@
 //! `(batch, seq, hidden)`; pooled `(batch, hidden)`; logits `(batch, num_labels)`. Parameters
 //! are f32 or f64 (all the same dtype).
 //!
-//! The EE key spec follows ee-math.md ("Post-LN BERT") and key-spec.md: vocabulary permutation
+//! The EE key spec follows SECURITY.md ("The math", BERT): vocabulary permutation
 //! `Π_V`, residual permutation `P` (the LayerNorm affine is on the residual path), per layer a
 //! Q/K key and a V/O key that are block-diagonal per head with a shared head permutation, an
 //! FFN permutation `P_f`, and the label permutation `Π_L`.
@@ -168,7 +168,7 @@ pub struct BertClassifierConfig {
     pub num_labels: usize,
 }
 
-/// Which keys an EE BERT gets (see ee-math.md, "Training under EE").
+/// Which keys an EE BERT gets (SECURITY.md, "The math": which groups training keeps exact).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {

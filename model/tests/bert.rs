@@ -1,5 +1,5 @@
 //! BERT: parity with the Python reference implementation, and EE for transformers
-//! (ee-math.md, "Post-LN BERT"; "Training under EE").
+//! (SECURITY.md, "The math": BERT, and which keys training keeps exact).
 
 use std::path::PathBuf;
 

@@ -1,5 +1,6 @@
 //! EE on the MLP: round trip, inference equivariance for every allowed key group, training
-//! equivariance of AdamW and SGD, and refusal of pairs that break it (ee-math.md).
+//! equivariance of AdamW and SGD, and refusal of pairs that break it (SECURITY.md,
+//! "The math").
 
 use std::collections::BTreeMap;
 

@@ -4,7 +4,7 @@
 //! # Security
 //! The trainer never receives keys: its API (`fedee.v1.Trainer`) has no field for them. It
 //! sees the EE model's weights, encrypted inputs and encrypted labels, losses, and what
-//! ee-math.md lists under "What the server still sees" (shapes, architecture, label
+//! SECURITY.md lists under "What the trainer still sees" (shapes, architecture, label
 //! histograms, the multiset of values under permutation keys). It does not log tensor
 //! contents.
 
