@@ -20,6 +20,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 use serde_json::{Value, json};
+
+use crate::table::{self, Cell, col};
 use tch::{Device, Kind, Tensor};
 
 /// The attacks.
@@ -329,18 +331,6 @@ fn frequency(a: &FrequencyArgs) -> Result<Value> {
         ),
     ];
     let mut rows = Vec::new();
-    println!(
-        "{:<24} {:<22} {:>8} {:>9} {:>12} {:>12} {:>12} {:>12} {:>7}",
-        "reference",
-        "defence",
-        "tokens",
-        "distinct",
-        "unigram tok",
-        "unigram ids",
-        "climb tok",
-        "climb ids",
-        "s"
-    );
     for (name, defence, victim, reference) in settings {
         let model = BigramModel::new(&to_u32(reference), vocab);
         for &v in &a.volumes {
@@ -369,13 +359,9 @@ fn frequency(a: &FrequencyArgs) -> Result<Value> {
             let secs = t.elapsed().as_secs_f64();
             let (ut, ui) = score(&cipher, &uni, truth);
             let (ct, ci) = score(&cipher, &climbed, truth);
-            println!(
-                "{name:<24} {defence:<22} {n:>8} {:>9} {:>11.1}% {:>11.1}% {:>11.1}% {:>11.1}% {secs:>7.1}",
-                uni.len(),
-                100.0 * ut,
-                100.0 * ui,
-                100.0 * ct,
-                100.0 * ci
+            eprintln!(
+                "frequency: {name}, {defence}, {n} tokens: {:.1} % of tokens decoded ({secs:.1} s)",
+                100.0 * ct
             );
             rows.push(json!({
                 "reference": name,
@@ -390,6 +376,20 @@ fn frequency(a: &FrequencyArgs) -> Result<Value> {
             }));
         }
     }
+    table::print(
+        &[
+            col("reference", "reference", Cell::Text),
+            col("defence", "defence", Cell::Text),
+            col("tokens", "ciphertext_tokens", Cell::Text),
+            col("distinct", "distinct_ciphertext_ids", Cell::Text),
+            col("unigram tok", "unigram_token_share", Cell::Percent),
+            col("unigram ids", "unigram_distinct_id_share", Cell::Percent),
+            col("climb tok", "hill_climb_token_share", Cell::Percent),
+            col("climb ids", "hill_climb_distinct_id_share", Cell::Percent),
+            col("s", "attack_seconds", Cell::Fixed(1)),
+        ],
+        &rows,
+    );
     println!(
         "shares: of ciphertext tokens decoded to their plaintext token, and of distinct ciphertext ids mapped to the right token. Special tokens ([CLS], [SEP]) are included, as the server sees them. Token-order shuffling: the server is assumed still able to group equal tokens (an upper bound: with client-side embeddings it receives vectors, not ids)."
     );
@@ -483,16 +483,6 @@ fn known_plaintext(a: &KnownPlaintextArgs) -> Result<Value> {
         KeyGroup::Invertible,
     ];
     let held_out = 200i64;
-    println!(
-        "{:<22} {:>6} {:>6} {:>16} {:>16} {:>16} {:>16}",
-        "input key",
-        "offset",
-        "pairs",
-        "generic key err",
-        "generic data err",
-        "struct key err",
-        "struct data err"
-    );
     let mut rows = Vec::new();
     for group in groups {
         for offset in [false, true] {
@@ -523,16 +513,6 @@ fn known_plaintext(a: &KnownPlaintextArgs) -> Result<Value> {
                     let s = known_plaintext::structured(&known, &y, group);
                     known_plaintext::errors(&s, &t, &test, &y_test)
                 });
-                let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2e}"));
-                println!(
-                    "{:<22} {:>6} {k:>6} {:>16} {:>16} {:>16} {:>16}",
-                    group.to_string(),
-                    if offset { "δ" } else { "-" },
-                    f(Some(gk)),
-                    f(Some(gd)),
-                    f(structured.map(|s| s.0)),
-                    f(structured.map(|s| s.1)),
-                );
                 rows.push(json!({
                     "key_group": group,
                     "offset": offset,
@@ -545,6 +525,34 @@ fn known_plaintext(a: &KnownPlaintextArgs) -> Result<Value> {
             }
         }
     }
+    table::print(
+        &[
+            col("input key", "key_group", Cell::Text),
+            col("offset", "offset", Cell::Text),
+            col("pairs", "known_pairs", Cell::Text),
+            col(
+                "generic key err",
+                "generic_key_relative_error",
+                Cell::Sci(2),
+            ),
+            col(
+                "generic data err",
+                "generic_plaintext_relative_error",
+                Cell::Sci(2),
+            ),
+            col(
+                "struct key err",
+                "structured_key_relative_error",
+                Cell::Sci(2),
+            ),
+            col(
+                "struct data err",
+                "structured_plaintext_relative_error",
+                Cell::Sci(2),
+            ),
+        ],
+        &rows,
+    );
     println!(
         "errors: ‖T̂ − T‖/‖T‖ and ‖x̂ − x‖/‖x‖ on {held_out} held-out encrypted rows; 0 = recovered. {d} features: d + 1 = {} pairs recover any key (generic least squares).",
         d + 1
@@ -724,26 +732,19 @@ fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
             "recovered": r1,
         }));
     }
-    println!(
-        "{:<52} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "EE model", "steps", "residual", "vocab", "FFN", "Q/K", "V/O", "s"
+    table::print(
+        &[
+            col("EE model", "ee_model", Cell::Text),
+            col("steps", "finetune_steps", Cell::Text),
+            col("residual", "recovered/residual_share", Cell::Percent),
+            col("vocab", "recovered/vocab_share", Cell::Percent),
+            col("FFN", "recovered/ffn_share_mean", Cell::Percent),
+            col("Q/K", "recovered/qk_share_mean", Cell::Percent),
+            col("V/O", "recovered/vo_share_mean", Cell::Percent),
+            col("s", "recovered/attack_seconds", Cell::Fixed(1)),
+        ],
+        &rows,
     );
-    for r in &rows {
-        let g = |k: &str| 100.0 * r["recovered"][k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "{:<52} {:>6} {:>8.1}% {:>8.1}% {:>8.1}% {:>8.1}% {:>8.1}% {:>7.1}",
-            r["ee_model"].as_str().unwrap_or(""),
-            r["finetune_steps"],
-            g("residual_share"),
-            g("vocab_share"),
-            g("ffn_share_mean"),
-            g("qk_share_mean"),
-            g("vo_share_mean"),
-            r["recovered"]["attack_seconds"]
-                .as_f64()
-                .unwrap_or(f64::NAN)
-        );
-    }
     println!(
         "share of each key's indices recovered exactly (FFN, Q/K, V/O: mean over {layers} layers); invertible Q/K, V/O keys: share of key rows solved to relative error < 1e-3 (max relative error {:.1e}); the server needs only the EE model and the public all-MiniLM-L6-v2.",
         rows[1]["recovered"]["dense_key_max_relative_error"]
@@ -808,7 +809,6 @@ fn activation_stats(a: &ActivationArgs) -> Result<Value> {
         .collect();
     let victim = take_tokens(&all, max);
     let ee_states = states(&ee, &victim, true)?;
-    println!("{:>8} {:>10} {:>7}", "tokens", "residual", "s");
     let mut rows = Vec::new();
     for &n in &a.tokens {
         let t = Instant::now();
@@ -819,9 +819,20 @@ fn activation_stats(a: &ActivationArgs) -> Result<Value> {
         let got = matching::match_activations(&matching::channel_stats(&sub), &public_stats);
         let share = matching::share_correct(&matching::as_i64(&got), &truth);
         let secs = t.elapsed().as_secs_f64();
-        println!("{n:>8} {:>9.1}% {secs:>7.2}", 100.0 * share);
+        eprintln!(
+            "activation-stats: {n} tokens: {:.1} % ({secs:.2} s)",
+            100.0 * share
+        );
         rows.push(json!({"tokens_observed": n, "residual_share": share, "attack_seconds": secs}));
     }
+    table::print(
+        &[
+            col("tokens", "tokens_observed", Cell::Text),
+            col("residual", "residual_share", Cell::Percent),
+            col("s", "attack_seconds", Cell::Fixed(2)),
+        ],
+        &rows,
+    );
     println!(
         "residual channels (of {}) recovered from the mean and deviation of each channel at {} hidden states; public statistics from {} reference tokens.",
         cfg.bert.hidden_size,

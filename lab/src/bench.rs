@@ -10,6 +10,8 @@ use fedee_dp::noise::{Sampler, add_noise};
 use rand::SeedableRng;
 use serde_json::json;
 
+use crate::table::{self, Cell, col};
+
 /// The models of `ee-overhead` and `train`.
 #[derive(clap::Args)]
 pub struct ModelArgs {
@@ -408,6 +410,18 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
+/// One sampler's throughput.
+#[derive(serde::Serialize)]
+struct NoiseRow {
+    sampler: String,
+    threads: usize,
+    values: usize,
+    seconds: f64,
+    values_per_s: f64,
+    /// Standard deviation of the noise drawn (1 expected): a check that it ran.
+    sample_std: f64,
+}
+
 fn noise(fast_values: usize, exact_values: usize) -> Result<serde_json::Value> {
     let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
     let mut rows = Vec::new();
@@ -428,34 +442,29 @@ fn noise(fast_values: usize, exact_values: usize) -> Result<serde_json::Value> {
         pool.install(|| add_noise(&mut v, 1.0, sampler, &mut rng))?;
         let s = t.elapsed().as_secs_f64();
         // Keep the result alive and sanity-check it.
-        let std = (v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n as f64).sqrt();
-        rows.push(json!({
-            "sampler": format!("{sampler:?}").to_lowercase(),
-            "threads": threads,
-            "values": n,
-            "seconds": s,
-            "values_per_s": n as f64 / s,
-            "sample_std": std,
-        }));
+        let sample_std = (v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n as f64).sqrt();
+        rows.push(NoiseRow {
+            sampler: format!("{sampler:?}").to_lowercase(),
+            threads,
+            values: n,
+            seconds: s,
+            values_per_s: n as f64 / s,
+            sample_std,
+        });
     }
-    let rate = |i: usize| rows[i]["values_per_s"].as_f64().unwrap_or(f64::NAN);
-    let ratio = rate(0) / rate(1);
-    let speedup = rate(2) / rate(1);
-    println!(
-        "{:<8} {:>8} {:>12} {:>10} {:>16} {:>10}",
-        "sampler", "threads", "values", "seconds", "values per s", "std"
+    let ratio = rows[0].values_per_s / rows[1].values_per_s;
+    let speedup = rows[2].values_per_s / rows[1].values_per_s;
+    table::print(
+        &[
+            col("sampler", "sampler", Cell::Text),
+            col("threads", "threads", Cell::Text),
+            col("values", "values", Cell::Text),
+            col("seconds", "seconds", Cell::Fixed(3)),
+            col("values per s", "values_per_s", Cell::Sci(3)),
+            col("std", "sample_std", Cell::Fixed(4)),
+        ],
+        &rows,
     );
-    for r in &rows {
-        println!(
-            "{:<8} {:>8} {:>12} {:>10.3} {:>16.3e} {:>10.4}",
-            r["sampler"].as_str().unwrap_or(""),
-            r["threads"].as_u64().unwrap_or(0),
-            r["values"].as_u64().unwrap_or(0),
-            r["seconds"].as_f64().unwrap_or(0.0),
-            r["values_per_s"].as_f64().unwrap_or(0.0),
-            r["sample_std"].as_f64().unwrap_or(0.0)
-        );
-    }
     println!(
         "fast / exact throughput ratio, one thread each: {ratio:.0}  (goal for fast: ≥ 2e7 values/s); exact on {cores} threads / 1 thread: {speedup:.2}"
     );

@@ -23,6 +23,8 @@ use fedee_proto::v1::{
 };
 use fedee_proto::{CHUNK_SIZE, v1::Chunk};
 use serde_json::json;
+
+use crate::table::{self, col};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint};
 
@@ -201,8 +203,6 @@ async fn connect(addr: &str, pki: &Path, site: &str) -> Result<FederationClient<
 
 /// One cell's figures.
 struct Cell {
-    sites: usize,
-    params: usize,
     model_mb: f64,
     json: serde_json::Value,
 }
@@ -405,8 +405,6 @@ fn run_cell(
         }
     }
     Ok(Cell {
-        sites,
-        params: n_params,
         model_mb,
         json: row,
     })
@@ -521,71 +519,37 @@ pub fn bench(
             cells.push(cell);
         }
     }
-    println!(
-        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7} {:>6}",
-        "sites",
-        "params",
-        "model MB",
-        "ingest",
-        "round",
-        "agg s",
-        "peak RSS",
-        "goal",
-        "naive",
-        "flwr s",
-        "flwr RSS",
-        "t ratio",
-        "m ratio",
-        "disk",
-        "status",
-        "direct"
-    );
-    println!(
-        "{:>5} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7} {:>6}",
-        "",
-        "",
-        "",
-        "MB/s",
-        "MB/s",
-        "",
-        "MB",
-        "MB",
-        "MB",
-        "",
-        "MB",
-        "fl/fe",
-        "fl/fe",
-        "MB/s",
-        "max s",
-        "I/O"
-    );
-    for c in &cells {
-        let r = &c.json;
-        let f = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.0}"));
-        let f2 = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.2}"));
-        let fl = |k: &str, d: usize| {
-            r["flower"][k]
-                .as_f64()
-                .map_or("-".into(), |v| format!("{v:.d$}"))
-        };
-        println!(
-            "{:>5} {:>7.1}M {:>8.1} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7} {:>6}",
-            c.sites,
-            c.params as f64 / 1e6,
-            c.model_mb,
-            f("ingest_mb_per_s"),
-            f("round_mb_per_s"),
-            f2("aggregate_seconds"),
-            f("peak_rss_mb"),
-            f("peak_rss_goal_mb"),
-            f("naive_fedavg_mb"),
-            fl("aggregate_seconds", 2),
-            fl("peak_rss_mb", 0),
-            f2("flower_over_fedee_aggregate_time_ratio"),
-            f2("flower_over_fedee_peak_rss_ratio"),
-            f("disk_write_mb_per_s"),
-            f2("status_max_seconds"),
-            if r["direct_io"] == true { "yes" } else { "no" },
+    {
+        use table::Cell::{Fixed, Text};
+        let rows: Vec<&serde_json::Value> = cells.iter().map(|c| &c.json).collect();
+        table::print(
+            &[
+                col("sites", "sites", Text),
+                col("params", "parameters", Text),
+                col("model MB", "model_mb", Fixed(1)),
+                col("ingest MB/s", "ingest_mb_per_s", Fixed(0)),
+                col("round MB/s", "round_mb_per_s", Fixed(0)),
+                col("aggregate s", "aggregate_seconds", Fixed(2)),
+                col("peak RSS MB", "peak_rss_mb", Fixed(0)),
+                col("goal MB", "peak_rss_goal_mb", Fixed(0)),
+                col("naive MB", "naive_fedavg_mb", Fixed(0)),
+                col("Flower s", "flower/aggregate_seconds", Fixed(2)),
+                col("Flower RSS MB", "flower/peak_rss_mb", Fixed(0)),
+                col(
+                    "time Flower/fedee",
+                    "flower_over_fedee_aggregate_time_ratio",
+                    Fixed(2),
+                ),
+                col(
+                    "RSS Flower/fedee",
+                    "flower_over_fedee_peak_rss_ratio",
+                    Fixed(2),
+                ),
+                col("disk MB/s", "disk_write_mb_per_s", Fixed(0)),
+                col("status max s", "status_max_seconds", Fixed(2)),
+                col("direct I/O", "direct_io", Text),
+            ],
+            &rows,
         );
     }
     println!(

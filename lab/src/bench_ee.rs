@@ -17,8 +17,56 @@ use fedee_model::bert::{BertClassifierConfig, BertConfig, Profile};
 use fedee_model::{Architecture, Input, MlpConfig, Model, OptimizerSpec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+use serde::Serialize;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
+
+use crate::table::{self, Cell, col};
+
+/// One model's EE overhead (medians, seconds).
+#[derive(Serialize)]
+struct OverheadRow {
+    model: String,
+    parameters: usize,
+    batch: i64,
+    /// Tokens per sequence (BERT only).
+    seq_len: Option<i64>,
+    train_step_plain_seconds: f64,
+    train_step_ee_seconds: f64,
+    train_step_ratio: f64,
+    inference_plain_seconds: f64,
+    inference_ee_seconds: f64,
+    inference_ratio: f64,
+    client_encrypt_batch_seconds: f64,
+    client_decrypt_outputs_seconds: f64,
+    max_abs_logit_diff_after_training: f64,
+}
+
+/// Key generation and transform of one model and profile (medians, seconds, one thread).
+#[derive(Serialize)]
+struct TransformRow {
+    model: String,
+    profile: String,
+    parameters: usize,
+    keygen_seconds: f64,
+    transform_seconds: f64,
+    total_seconds: f64,
+    goal_seconds: f64,
+    transform_mb_per_s: f64,
+}
+
+/// fedee's train step against PyTorch eager's on the same model and batch (medians).
+#[derive(Serialize)]
+struct TrainRow {
+    model: String,
+    parameters: usize,
+    batch: i64,
+    optimizer: OptimizerSpec,
+    fedee_step_seconds: f64,
+    pytorch_step_seconds: f64,
+    speed_ratio: f64,
+    pytorch_version: serde_json::Value,
+}
 
 /// Median of `v` (sorted in place).
 fn median(v: &mut [f64]) -> f64 {
@@ -160,7 +208,7 @@ fn overhead_row(
     seq: i64,
     reps: usize,
     device: Device,
-) -> Result<serde_json::Value> {
+) -> Result<OverheadRow> {
     let state = random_state(&arch);
     let spec = arch.key_spec();
     let groups = match &arch {
@@ -264,21 +312,21 @@ fn overhead_row(
         median(&mut ip),
         median(&mut ie),
     );
-    Ok(json!({
-        "model": name,
-        "parameters": state.values().map(Tensor::numel).sum::<usize>(),
-        "batch": n,
-        "seq_len": if matches!(arch, Architecture::BertClassifier(_)) { json!(seq) } else { json!(null) },
-        "train_step_plain_seconds": tp,
-        "train_step_ee_seconds": te,
-        "train_step_ratio": te / tp,
-        "inference_plain_seconds": ip,
-        "inference_ee_seconds": ie,
-        "inference_ratio": ie / ip,
-        "client_encrypt_batch_seconds": median(&mut enc),
-        "client_decrypt_outputs_seconds": median(&mut dec),
-        "max_abs_logit_diff_after_training": agree,
-    }))
+    Ok(OverheadRow {
+        model: name.to_owned(),
+        parameters: state.values().map(Tensor::numel).sum(),
+        batch: n,
+        seq_len: matches!(arch, Architecture::BertClassifier(_)).then_some(seq),
+        train_step_plain_seconds: tp,
+        train_step_ee_seconds: te,
+        train_step_ratio: te / tp,
+        inference_plain_seconds: ip,
+        inference_ee_seconds: ie,
+        inference_ratio: ie / ip,
+        client_encrypt_batch_seconds: median(&mut enc),
+        client_decrypt_outputs_seconds: median(&mut dec),
+        max_abs_logit_diff_after_training: agree,
+    })
 }
 
 /// `fedee bench ee-overhead`.
@@ -290,35 +338,21 @@ pub fn ee_overhead(models: &Models, reps: usize, device: Device) -> Result<serde
         eprintln!("ee-overhead: {name}, batch {n}, {reps} repetitions …");
         rows.push(overhead_row(name, arch, n, models.seq_len, reps, device)?);
     }
-    println!(
-        "{:<7} {:>10} {:>11} {:>11} {:>7} {:>11} {:>11} {:>7} {:>11} {:>11}",
-        "model",
-        "params",
-        "train plain",
-        "train EE",
-        "ratio",
-        "infer plain",
-        "infer EE",
-        "ratio",
-        "encrypt",
-        "decrypt"
+    table::print(
+        &[
+            col("model", "model", Cell::Text),
+            col("params", "parameters", Cell::Text),
+            col("train plain", "train_step_plain_seconds", Cell::Millis),
+            col("train EE", "train_step_ee_seconds", Cell::Millis),
+            col("ratio", "train_step_ratio", Cell::Fixed(3)),
+            col("infer plain", "inference_plain_seconds", Cell::Millis),
+            col("infer EE", "inference_ee_seconds", Cell::Millis),
+            col("ratio", "inference_ratio", Cell::Fixed(3)),
+            col("encrypt", "client_encrypt_batch_seconds", Cell::Millis),
+            col("decrypt", "client_decrypt_outputs_seconds", Cell::Millis),
+        ],
+        &rows,
     );
-    for r in &rows {
-        let s = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "{:<7} {:>10} {:>9.3}ms {:>9.3}ms {:>7.3} {:>9.3}ms {:>9.3}ms {:>7.3} {:>9.3}ms {:>9.3}ms",
-            r["model"].as_str().unwrap_or(""),
-            r["parameters"].as_u64().unwrap_or(0),
-            1e3 * s("train_step_plain_seconds"),
-            1e3 * s("train_step_ee_seconds"),
-            s("train_step_ratio"),
-            1e3 * s("inference_plain_seconds"),
-            1e3 * s("inference_ee_seconds"),
-            s("inference_ratio"),
-            1e3 * s("client_encrypt_batch_seconds"),
-            1e3 * s("client_decrypt_outputs_seconds"),
-        );
-    }
     println!(
         "goal: EE / plaintext ≤ 1.02 (medians; encrypt/decrypt are the client's cost per batch)"
     );
@@ -369,36 +403,31 @@ pub fn transform(models: &Models, reps: usize) -> Result<serde_json::Value> {
                 drop(ee);
             }
             let (kg, tr) = (median(&mut kg), median(&mut tr));
-            rows.push(json!({
-                "model": name,
-                "profile": format!("{profile:?}").to_lowercase(),
-                "parameters": params,
-                "keygen_seconds": kg,
-                "transform_seconds": tr,
-                "total_seconds": kg + tr,
-                "goal_seconds": goal,
-                "transform_mb_per_s": 4.0 * params as f64 / 1e6 / tr,
-            }));
+            rows.push(TransformRow {
+                model: name.to_owned(),
+                profile: format!("{profile:?}").to_lowercase(),
+                parameters: params,
+                keygen_seconds: kg,
+                transform_seconds: tr,
+                total_seconds: kg + tr,
+                goal_seconds: goal,
+                transform_mb_per_s: 4.0 * params as f64 / 1e6 / tr,
+            });
         }
     }
-    println!(
-        "{:<20} {:<10} {:>11} {:>9} {:>10} {:>9} {:>6} {:>10}",
-        "model", "profile", "params", "keygen s", "transform", "total s", "goal", "MB/s"
+    table::print(
+        &[
+            col("model", "model", Cell::Text),
+            col("profile", "profile", Cell::Text),
+            col("params", "parameters", Cell::Text),
+            col("keygen s", "keygen_seconds", Cell::Fixed(3)),
+            col("transform s", "transform_seconds", Cell::Fixed(3)),
+            col("total s", "total_seconds", Cell::Fixed(3)),
+            col("goal s", "goal_seconds", Cell::Fixed(1)),
+            col("MB/s", "transform_mb_per_s", Cell::Fixed(0)),
+        ],
+        &rows,
     );
-    for r in &rows {
-        let s = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "{:<20} {:<10} {:>11} {:>9.3} {:>10.3} {:>9.3} {:>6.1} {:>10.0}",
-            r["model"].as_str().unwrap_or(""),
-            r["profile"].as_str().unwrap_or(""),
-            r["parameters"].as_u64().unwrap_or(0),
-            s("keygen_seconds"),
-            s("transform_seconds"),
-            s("total_seconds"),
-            s("goal_seconds"),
-            s("transform_mb_per_s"),
-        );
-    }
     println!("one thread (tch::set_num_threads(1)); medians of {reps}");
     Ok(json!({"benchmark": "transform", "threads": 1, "dtype": "f32", "rows": rows}))
 }
@@ -466,33 +495,28 @@ pub fn train(
         let py: serde_json::Value =
             serde_json::from_slice(&out.stdout).context("the PyTorch side printed no JSON")?;
         let torch_s = py["step_seconds"].as_f64().context("step_seconds")?;
-        rows.push(json!({
-            "model": name,
-            "parameters": state.values().map(Tensor::numel).sum::<usize>(),
-            "batch": n,
-            "optimizer": optimizer(&arch),
-            "fedee_step_seconds": fedee_s,
-            "pytorch_step_seconds": torch_s,
-            "speed_ratio": torch_s / fedee_s,
-            "pytorch_version": py["torch_version"],
-        }));
+        rows.push(TrainRow {
+            model: name.to_owned(),
+            parameters: state.values().map(Tensor::numel).sum(),
+            batch: n,
+            optimizer: optimizer(&arch),
+            fedee_step_seconds: fedee_s,
+            pytorch_step_seconds: torch_s,
+            speed_ratio: torch_s / fedee_s,
+            pytorch_version: py["torch_version"].clone(),
+        });
     }
-    println!(
-        "{:<7} {:>10} {:>6} {:>12} {:>13} {:>14}",
-        "model", "params", "batch", "fedee step", "PyTorch step", "PyTorch/fedee"
+    table::print(
+        &[
+            col("model", "model", Cell::Text),
+            col("params", "parameters", Cell::Text),
+            col("batch", "batch", Cell::Text),
+            col("fedee step", "fedee_step_seconds", Cell::Millis),
+            col("PyTorch step", "pytorch_step_seconds", Cell::Millis),
+            col("PyTorch/fedee", "speed_ratio", Cell::Fixed(3)),
+        ],
+        &rows,
     );
-    for r in &rows {
-        let s = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "{:<7} {:>10} {:>6} {:>10.3}ms {:>11.3}ms {:>14.3}",
-            r["model"].as_str().unwrap_or(""),
-            r["parameters"].as_u64().unwrap_or(0),
-            r["batch"].as_u64().unwrap_or(0),
-            1e3 * s("fedee_step_seconds"),
-            1e3 * s("pytorch_step_seconds"),
-            s("speed_ratio"),
-        );
-    }
     println!(
         "{threads} thread(s), f32, {device:?}, medians of {reps}; goal: PyTorch/fedee ≥ 1.0 (fedee no slower)"
     );

@@ -25,7 +25,34 @@ use fedee_dp::rdp::calibrate_sigma;
 use fedee_site_agent::heart::{NUM_FEATURES, load_standardized};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use serde::Serialize;
 use serde_json::json;
+
+use crate::table::{self, Cell, col};
+
+/// One strategy's accuracy over the seeds.
+#[derive(Serialize)]
+struct FlambyRow {
+    strategy: String,
+    /// What ran (learning rates, server optimizer, DP), chosen on validation with `--tune`.
+    configuration: String,
+    mean_accuracy: f64,
+    std_accuracy: f64,
+    per_seed: Vec<f64>,
+    /// DP-SGD's σ per hospital, calibrated to the row's ε (empty without DP).
+    noise_multipliers: Vec<f64>,
+    dp: Option<DpRow>,
+    /// The validation grid behind the configuration (`null` without `--tune`).
+    tuning: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct DpRow {
+    epsilon: f64,
+    delta: f64,
+    clipping_norm: f64,
+    unit: &'static str,
+}
 use tch::{Device, Kind, Tensor};
 
 const HOSPITALS: [&str; 4] = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"];
@@ -560,7 +587,6 @@ pub fn bench(csv: &Path, o: &Options) -> Result<serde_json::Value> {
         "FLamby Fed-Heart-Disease: 4 hospitals, logistic regression, {ROUNDS} rounds × {LOCAL_UPDATES} local {} updates (batch {BATCH}, lr {lr}; DP-SGD lr {dp_lr}, C = 1), {seeds} seeds; mean of per-hospital test accuracies",
         if adam { "Adam" } else { "SGD" }
     );
-    println!("{:<32} {:>8} {:>8}   per seed", "strategy", "mean", "std");
     let mut rows = vec![];
     for (name, run) in &rows_spec {
         let (run, tuning) = if tune {
@@ -578,37 +604,38 @@ pub fn bench(csv: &Path, o: &Options) -> Result<serde_json::Value> {
         let std = (per_seed.iter().map(|a| (a - mean).powi(2)).sum::<f64>()
             / per_seed.len() as f64)
             .sqrt();
-        println!(
-            "{name:<32} {mean:>8.3} {std:>8.3}   {}   ({config})",
-            per_seed
-                .iter()
-                .map(|a| format!("{a:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        if !sigmas.is_empty() {
-            println!(
-                "{:<32} noise multiplier per hospital: {}",
-                "",
-                HOSPITALS
-                    .iter()
-                    .zip(&sigmas)
-                    .map(|(h, s)| format!("{h} σ = {s:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        rows.push(json!({
-            "noise_multipliers": sigmas,
-            "strategy": name,
-            "dp": run.dp.map(|(e, d, c)| json!({"epsilon": e, "delta": d, "clipping_norm": c, "unit": "patient record"})),
-            "mean_accuracy": mean,
-            "std_accuracy": std,
-            "per_seed": per_seed,
-            "configuration": config,
-            "tuning": tuning,
-        }));
+        eprintln!("flamby-heart: {name}: mean accuracy {mean:.3} (std {std:.3})");
+        rows.push(FlambyRow {
+            noise_multipliers: sigmas,
+            strategy: (*name).to_owned(),
+            dp: run.dp.map(|(epsilon, delta, clipping_norm)| DpRow {
+                epsilon,
+                delta,
+                clipping_norm,
+                unit: "patient record",
+            }),
+            mean_accuracy: mean,
+            std_accuracy: std,
+            per_seed,
+            configuration: config,
+            tuning,
+        });
     }
+    table::print(
+        &[
+            col("strategy", "strategy", Cell::Text),
+            col("mean", "mean_accuracy", Cell::Fixed(3)),
+            col("std", "std_accuracy", Cell::Fixed(3)),
+            col("per seed", "per_seed", Cell::List(3)),
+            col(
+                "σ per hospital (Cleveland, Hungary, Switzerland, VA)",
+                "noise_multipliers",
+                Cell::List(3),
+            ),
+            col("configuration", "configuration", Cell::Text),
+        ],
+        &rows,
+    );
     println!(
         "FLamby published: {}",
         PUBLISHED

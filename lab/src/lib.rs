@@ -6,7 +6,7 @@
 //! * [`demo`]: the main job (heart disease federation → EE fine-tuning → encrypted inference)
 //!   and `drug_demo`, its text twin on drug reviews.
 //! * [`bench`]: benchmarks that print a table and write JSON with units in the keys
-//!   (`bench_ee`, `bench_aggregate`, `flamby`).
+//!   (`bench_ee`, `bench_aggregate`, `flamby`); `table` is the one printer of typed rows.
 //! * [`attack`]: the attacks an honest-but-curious server runs on EE models, scored with the
 //!   key holder's keys.
 
@@ -18,3 +18,4 @@ mod consortium;
 pub mod demo;
 mod drug_demo;
 mod flamby;
+mod table;
