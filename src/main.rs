@@ -340,47 +340,8 @@ async fn main() -> Result<()> {
         } => {
             let tls = transport.resolve("pharma")?;
             let url = format!("{}://{aggregator}", transport.scheme());
-            let mut link = Link::connect(&url, tls.as_ref(), Retry::default())?;
-            let model = match model.as_str() {
-                "final" | "selected" => {
-                    let st = link.status().await?;
-                    let last = st
-                        .rounds
-                        .iter()
-                        .filter(|r| r.state == "closed")
-                        .map(|r| r.round + 1)
-                        .max();
-                    match (model.as_str(), st.selected_model) {
-                        ("selected", 0) => bail!(
-                            "no model is selected yet: no site has reported validation metrics for a closed round (the spec's validation_fraction may be 0); pass a model number or `final`"
-                        ),
-                        ("selected", m) => m,
-                        _ => last.context(
-                            "no round has closed yet: only model 1 (the initial model) exists",
-                        )?,
-                    }
-                }
-                n => n.parse().with_context(|| {
-                    format!("--model `{n}`: write a model number, `final` or `selected`")
-                })?,
-            };
-            let mut bytes = link.download_model(model).await?;
-            let pooled = link.status().await?.pooled_statistics;
-            if !pooled.is_empty() {
-                // The figures every site standardised with, for the key holder's records.
-                bytes = fedee_client::with_pooled_statistics(&bytes, &pooled)?;
-                eprintln!(
-                    "the file carries the federation's pooled standardisation figures ({} features)",
-                    pooled.len()
-                );
-            }
-            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
-            eprintln!(
-                "wrote global model {model} ({} bytes) to {}",
-                bytes.len(),
-                out.display()
-            );
-            Ok(())
+            let link = Link::connect(&url, tls.as_ref(), Retry::default())?;
+            fedee_client::cli::download_model(link, &model, &out).await
         }
         Command::Ee(cmd) => ee(cmd),
         Command::Certs(CertsCommand::Init { dir, name, days }) => {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use fedee_model::OptimizerSpec;
 use fedee_proto::cli::TransportArgs;
 use fedee_site_agent::table::RowFilter;
@@ -341,5 +341,52 @@ pub async fn predict(args: PredictArgs) -> Result<()> {
             v.max_abs_probability_diff, v.argmax_agreement
         );
     }
+    Ok(())
+}
+
+/// `fedee download-model`: global model `model` (a number, `final` for the last closed
+/// round's, or `selected` for the one chosen on the sites' validation splits) written to
+/// `out`; under federated standardisation with the pooled figures in its metadata
+/// ([`crate::with_pooled_statistics`]). One Status call answers both.
+///
+/// # Errors
+/// An unknown `model`, no model selected or closed yet, or the aggregator's errors.
+pub async fn download_model(
+    mut link: fedee_site_agent::client::Link,
+    model: &str,
+    out: &Path,
+) -> Result<()> {
+    let st = link.status().await?;
+    let model: u32 = match model {
+        "selected" if st.selected_model == 0 => bail!(
+            "no model is selected yet: no site has reported validation metrics for a closed round (the spec's validation_fraction may be 0); pass a model number or `final`"
+        ),
+        "selected" => st.selected_model,
+        "final" => st
+            .rounds
+            .iter()
+            .filter(|r| r.state == "closed")
+            .map(|r| r.round + 1)
+            .max()
+            .context("no round has closed yet: only model 1 (the initial model) exists")?,
+        n => n.parse().with_context(|| {
+            format!("--model `{n}`: write a model number, `final` or `selected`")
+        })?,
+    };
+    let mut bytes = link.download_model(model).await?;
+    if !st.pooled_statistics.is_empty() {
+        // The figures every site standardised with, for the key holder's records.
+        bytes = crate::with_pooled_statistics(&bytes, &st.pooled_statistics)?;
+        eprintln!(
+            "the file carries the federation's pooled standardisation figures ({} features)",
+            st.pooled_statistics.len()
+        );
+    }
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "wrote global model {model} ({} bytes) to {}",
+        bytes.len(),
+        out.display()
+    );
     Ok(())
 }
