@@ -7,14 +7,14 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use fedee_encrypt::{KeyGroup, KeySet};
 use fedee_lab::{attack, bench, demo};
-use fedee_model::{Activation, Mlp, MlpConfig, state_from_safetensors, state_to_safetensors};
+use fedee_model::{state_from_safetensors, state_to_safetensors};
 use fedee_proto::cli::{
     TransportArgs, init_tracing, notice, serve_with_grace, shutdown_on_signals,
 };
 use fedee_proto::pki::Role;
 use fedee_site_agent::client::{Link, Retry};
 use rand::SeedableRng;
-use tch::{Device, Kind};
+use tch::Device;
 
 /// Federated learning with differential privacy, and fine-tuning and inference on
 /// equivariantly encrypted (EE) models.
@@ -140,12 +140,10 @@ struct InitModelArgs {
     /// Output path (safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// The federation spec whose model to create (its MLP's inputs, hidden sizes, classes).
-    #[arg(long, conflicts_with = "hidden")]
-    spec: Option<PathBuf>,
-    /// Without --spec: hidden units of the demo's heart MLP.
-    #[arg(long, default_value_t = fedee_site_agent::cli::HEART_HIDDEN)]
-    hidden: usize,
+    /// The federation spec whose model to create: an MLP of its inputs, hidden sizes and
+    /// classes, or its BERT checkpoint with a fresh classification head.
+    #[arg(long)]
+    spec: PathBuf,
     /// Seed of the initial weights.
     #[arg(long, default_value_t = 0)]
     seed: i64,
@@ -153,19 +151,21 @@ struct InitModelArgs {
 
 #[derive(Subcommand)]
 enum EeCommand {
-    /// Generate secret keys (file written with permissions 0600): for the MLP of a federation
-    /// spec (--spec), the demo's heart-disease MLP, or with --bert-config a BERT classifier.
+    /// Generate secret keys (file written with permissions 0600) for the model of a
+    /// federation spec (--spec), or for a BERT classifier of a Hugging Face config.json
+    /// (--bert-config).
     Keygen {
         /// Output key file (JSON). Keep it private; never send it to a server.
         #[arg(long)]
         out: PathBuf,
         /// The federation spec whose model the keys are for (an MLP's sizes and activation, or
         /// a BERT checkpoint's config.json and the spec's classes).
-        #[arg(long, conflicts_with_all = ["hidden", "bert_config"])]
+        #[arg(
+            long,
+            required_unless_present = "bert_config",
+            conflicts_with = "bert_config"
+        )]
         spec: Option<PathBuf>,
-        /// Hidden units of the demo's heart MLP (without --spec).
-        #[arg(long, default_value_t = fedee_site_agent::cli::HEART_HIDDEN)]
-        hidden: usize,
         /// Group of the MLP's input key: signed-permutation (default; AdamW-exact), permutation,
         /// orthogonal (SGD-exact), monomial or invertible (inference only).
         #[arg(long, default_value = "signed-permutation")]
@@ -246,10 +246,13 @@ struct TransformFiles {
     /// The BERT config.json, for keys of a BERT classifier (e.g. data/cache/minilm/config.json).
     #[arg(long)]
     bert_config: Option<PathBuf>,
-    /// The federation spec of the model (an MLP's activation decides which hidden keys are
-    /// exact; a BERT spec names its checkpoint); without it, an MLP's sizes come from the
-    /// model and ReLU is assumed.
-    #[arg(long, conflicts_with = "bert_config")]
+    /// The federation spec of the model (the key layout follows its MLP's sizes and
+    /// activation, or its BERT checkpoint's config.json and classes).
+    #[arg(
+        long,
+        required_unless_present = "bert_config",
+        conflicts_with = "bert_config"
+    )]
     spec: Option<PathBuf>,
 }
 
@@ -259,10 +262,6 @@ fn read_spec(p: &std::path::Path) -> Result<fedee_spec::FederationSpec> {
         .with_context(|| format!("reading the federation spec {}", p.display()))?;
     fedee_spec::FederationSpec::from_toml(&text)
         .with_context(|| format!("{} is not a valid federation spec", p.display()))
-}
-
-fn mlp_config(hidden: usize) -> MlpConfig {
-    fedee_site_agent::cli::heart_mlp(hidden)
 }
 
 #[tokio::main]
@@ -300,13 +299,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::InitModel(i) => {
-            let state = match &i.spec {
-                Some(p) => fedee_site_agent::task::initial_model(&read_spec(p)?, i.seed)?,
-                None => {
-                    tch::manual_seed(i.seed);
-                    Mlp::new(mlp_config(i.hidden), Device::Cpu, Kind::Float)?.state()
-                }
-            };
+            let state = fedee_site_agent::task::initial_model(&read_spec(&i.spec)?, i.seed)?;
             std::fs::write(&i.out, state_to_safetensors(&state)?)
                 .with_context(|| format!("writing {}", i.out.display()))?;
             let n: i64 = state
@@ -382,7 +375,6 @@ fn ee(cmd: EeCommand) -> Result<()> {
         EeCommand::Keygen {
             out,
             spec,
-            hidden,
             input_key,
             offset,
             bert_config,
@@ -412,10 +404,8 @@ fn ee(cmd: EeCommand) -> Result<()> {
                     (keys, format!("BERT classifier, {profile:?} profile"))
                 }
                 None => {
-                    let cfg = match &spec {
-                        Some(s) => fedee_site_agent::task::mlp_config(s)?,
-                        None => mlp_config(hidden),
-                    };
+                    let spec = spec.context("pass --spec or --bert-config")?;
+                    let cfg = fedee_site_agent::task::mlp_config(&spec)?;
                     let spec = cfg.key_spec();
                     let groups = [("input".to_owned(), input_key)].into_iter().collect();
                     let keys = KeySet::generate(&spec, &groups, offset, &mut rng)?;
@@ -490,62 +480,36 @@ enum Direction {
     Rotate(PathBuf),
 }
 
-/// The key spec of a key file's architecture, sized from the model.
+/// The key spec of the model a transform works on: the spec's model, or a BERT classifier
+/// of `--bert-config` with the model's number of classes; refused if the key file is for
+/// another architecture.
 fn spec_for(
     k: &KeySet,
     state: &fedee_encrypt::StateDict,
     files: &TransformFiles,
 ) -> Result<fedee_encrypt::KeySpec> {
-    let bert_config = files.bert_config.as_deref();
-    match k.architecture.as_str() {
-        "mlp" => {
-            if let Some(p) = &files.spec {
-                return Ok(fedee_site_agent::task::mlp_config(&read_spec(p)?)?.key_spec());
-            }
-            let size = |name: &str, dim: usize| {
-                state
-                    .get(name)
-                    .map(|t| t.size()[dim] as usize)
-                    .with_context(|| {
-                        format!("model has no `{name}`: it is not an fedee MLP, but the keys are")
-                    })
-            };
-            // Layers fc1 … fcK: every bias but the last is a hidden layer.
-            let layers = (1..)
-                .take_while(|k| state.contains_key(&format!("fc{k}.bias")))
-                .count();
-            if layers < 2 {
-                bail!(
-                    "model has no `fc1.bias` and `fc2.bias`: it is not an fedee MLP, but the keys are"
-                );
-            }
-            let hidden = (1..layers)
-                .map(|k| size(&format!("fc{k}.bias"), 0))
-                .collect::<Result<_>>()?;
-            Ok(MlpConfig {
-                in_features: size("fc1.weight", 1)?,
-                hidden,
-                out_features: size(&format!("fc{layers}.bias"), 0)?,
-                activation: Activation::Relu,
-            }
-            .key_spec())
-        }
-        "bert-classifier" => {
-            if let Some(p) = &files.spec {
-                return Ok(fedee_site_agent::task::bert_classifier(&read_spec(p)?)?.key_spec());
-            }
-            let path = bert_config.context(
-                "the keys are for a BERT classifier: pass --bert-config (e.g. data/cache/minilm/config.json)",
-            )?;
-            let bert = fedee_model::BertConfig::from_file(path)?;
+    let arch = match (&files.spec, &files.bert_config) {
+        (Some(p), _) => fedee_site_agent::task::architecture(&read_spec(p)?)?,
+        (None, Some(p)) => {
             let num_labels = state
                 .get("classifier.bias")
                 .map(|t| t.size()[0] as usize)
                 .context("model has no `classifier.bias`: it is not a BERT classifier")?;
-            Ok(fedee_model::BertClassifierConfig { bert, num_labels }.key_spec())
+            fedee_model::Architecture::BertClassifier(fedee_model::BertClassifierConfig {
+                bert: fedee_model::BertConfig::from_file(p)?,
+                num_labels,
+            })
         }
-        a => bail!("keys for unknown architecture `{a}`"),
+        (None, None) => bail!("pass --spec (the federation spec) or --bert-config"),
+    };
+    if arch.name() != k.architecture {
+        bail!(
+            "the keys are for a `{}` model, but the spec describes a `{}`: use the key file made for this model",
+            k.architecture,
+            arch.name()
+        );
     }
+    Ok(arch.key_spec())
 }
 
 fn transform_file(files: &TransformFiles, dir: Direction) -> Result<()> {

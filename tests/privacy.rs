@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Aggregator, fedee, heart_csv};
+use common::{Aggregator, fedee, heart_csv, heart_spec, spec_and_model};
 use fedee_dp::rdp::RdpAccountant;
 use fedee_proto::v1::StatusRequest;
 
@@ -34,33 +34,29 @@ fn epsilon(n: u64, rounds: u64) -> f64 {
 async fn sites_stop_at_their_record_level_budget_and_the_aggregator_shows_their_spend() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let out = fedee(&["init-model", "--out", "g0.safetensors"], dir);
-    assert!(out.status.success());
+    // The heart example at a fixed σ = 1 over 4 rounds (its quorum is 3 sites, batch 16, 2
+    // local epochs, C = 1).
+    let spec = heart_spec(&[
+        ("rounds = 10\n", "rounds = 4\n"),
+        ("target_epsilon = 1.0\n", "noise_multiplier = 1.0\n"),
+    ]);
+    spec_and_model(dir, &spec);
+    let parsed = fedee_spec::FederationSpec::from_toml(&spec).unwrap();
+    assert_eq!(
+        (parsed.training.batch_size, parsed.training.epochs),
+        (BATCH as u32, EPOCHS as u32)
+    );
     let agg = Aggregator::start(
         dir,
         "127.0.0.1:0",
         &[
             "--insecure",
+            "--spec",
+            "federation.toml",
             "--initial-model",
             "g0.safetensors",
             "--database-url",
             "sqlite://agg.db?mode=rwc",
-            "--dp-mode",
-            "record",
-            "--noise-multiplier",
-            "1.0",
-            "--clipping-norm",
-            "1.0",
-            "--rounds",
-            "4",
-            "--min-sites",
-            "3",
-            "--round-timeout",
-            "600",
-            "--batch-size",
-            "16",
-            "--local-epochs",
-            "2",
         ],
     );
     let csv = heart_csv();
@@ -68,10 +64,15 @@ async fn sites_stop_at_their_record_level_budget_and_the_aggregator_shows_their_
     let mut children = vec![];
     let mut expected = vec![];
     for s in SITES {
-        let n = fedee_site_agent::heart::load_standardized(&csv, s)
-            .unwrap()
-            .train
-            .len() as u64;
+        let filter = format!("dataset={s}");
+        let (task, _) = fedee_site_agent::task::from_spec(
+            &parsed,
+            &csv,
+            Some(&filter.parse().unwrap()),
+            tch::Device::Cpu,
+        )
+        .unwrap();
+        let n = task.num_examples();
         let (e2, e3) = (epsilon(n, 2), epsilon(n, 3));
         assert!(e3 > e2 * 1.01);
         let budget = e2 * (1.0 + 1e-9);
@@ -84,6 +85,7 @@ async fn sites_stop_at_their_record_level_budget_and_the_aggregator_shows_their_
                 .args(["site", "--insecure", "--aggregator", &agg.addr, "--site", s])
                 .arg("--data")
                 .arg(&csv)
+                .args(["--where", &filter])
                 .args(["--epsilon-budget", &budget.to_string()])
                 .args(["--ledger", &format!("{s}.ledger.json")])
                 .env("FEDEE_LOG", "warn")

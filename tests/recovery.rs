@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    Aggregator, download, fedee, heart_csv, noise, postgres_database, safetensors_f32, submit,
-    update_msgs,
+    Aggregator, download, heart_csv, heart_spec, noise, postgres_database, safetensors_f32,
+    spec_and_model, submit, update_msgs,
 };
 use fedee_proto::v1::{JoinRequest, StatusRequest};
 use tonic::Code;
@@ -183,23 +183,22 @@ async fn sigkill_mid_round_resumes_bit_identical_on_postgres() {
 fn site_agents_survive_an_aggregator_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let out = fedee(&["init-model", "--out", "g0.safetensors"], dir);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rounds = "40";
+    // The heart example over 40 rounds, with site-level DP (σ = 0.1: this test is about
+    // recovery, not privacy).
+    let spec = heart_spec(&[
+        ("rounds = 10\n", "rounds = 40\n"),
+        ("mode = \"record\"\n", "mode = \"site\"\n"),
+        ("target_epsilon = 1.0\n", "noise_multiplier = 0.1\n"),
+    ]);
+    spec_and_model(dir, &spec);
     let agg_args = [
         "--insecure",
+        "--spec",
+        "federation.toml",
         "--initial-model",
         "g0.safetensors",
         "--database-url",
         "sqlite://agg.db?mode=rwc",
-        "--rounds",
-        rounds,
-        "--min-sites",
-        "3",
     ];
     let agg = Aggregator::start(dir, "127.0.0.1:0", &agg_args);
     let addr = agg.addr.clone();
@@ -211,6 +210,7 @@ fn site_agents_survive_an_aggregator_restart() {
                 .args(["site", "--insecure", "--aggregator", &addr, "--site", s])
                 .arg("--data")
                 .arg(&csv)
+                .args(["--where", &format!("dataset={s}")])
                 .args(["--retries", "20"])
                 .env("FEDEE_LOG", "warn")
                 .current_dir(dir)

@@ -6,8 +6,10 @@
 use fedee_aggregator::strategy::{Strategy, aggregate};
 use fedee_aggregator::tensors::Tensors;
 use fedee_encrypt::StateDict;
-use fedee_model::{Activation, Mlp, MlpConfig, state_from_safetensors, state_to_safetensors};
-use fedee_site_agent::heart::{NUM_FEATURES, load_standardized};
+use fedee_lab::heart::{Examples, NUM_FEATURES, load_standardized};
+use fedee_model::{
+    Activation, Mlp, MlpConfig, OptimizerSpec, state_from_safetensors, state_to_safetensors,
+};
 use fedee_site_agent::task::{HeldOut, LocalTask, RoundSettings, TabularTask};
 use rand::SeedableRng;
 use tch::{Device, Kind};
@@ -38,9 +40,18 @@ fn run(strategy: Strategy, poison: bool) -> f64 {
     let mut tasks: Vec<TabularTask> = HOSPITALS
         .iter()
         .map(|h| {
-            TabularTask::heart(
-                &load_standardized(&csv, h).unwrap(),
+            let p = load_standardized(&csv, h).unwrap();
+            let sgd = OptimizerSpec::Sgd {
+                lr: 0.0,
+                momentum: 0.9,
+                weight_decay: 0.0,
+            };
+            TabularTask::new(
+                &p.train,
+                &Examples::default(),
+                &p.test,
                 cfg.clone(),
+                sgd,
                 Device::Cpu,
             )
         })

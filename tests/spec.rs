@@ -152,6 +152,58 @@ fn finetune_and_predict(
         &["ee", "keygen", "--spec", "spec.toml", "--out", "keys.json"],
         dir,
     );
+    // `fedee ee encrypt` / `decrypt` on the spec's model: a different model, then the same.
+    let transform = |verb: &str, model: &str, out: &str| {
+        ok(
+            &[
+                "ee",
+                verb,
+                "--spec",
+                "spec.toml",
+                "--keys",
+                "keys.json",
+                "--model",
+                model,
+                "--out",
+                out,
+            ],
+            dir,
+        )
+    };
+    transform("encrypt", "global.safetensors", "ee.safetensors");
+    transform("decrypt", "ee.safetensors", "back.safetensors");
+    let max_diff = |a: &str, b: &str| {
+        let read = |f: &str| {
+            fedee_model::state_from_safetensors(
+                &std::fs::read(dir.join(f)).unwrap(),
+                tch::Device::Cpu,
+            )
+            .unwrap()
+        };
+        let (a, b) = (read(a), read(b));
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    };
+    assert!(max_diff("global.safetensors", "ee.safetensors") > 1e-2);
+    let back = max_diff("global.safetensors", "back.safetensors");
+    assert!(back < 1e-5, "decrypt(encrypt(model)) differs by {back}");
+    let out = fedee(
+        &[
+            "ee",
+            "encrypt",
+            "--keys",
+            "keys.json",
+            "--model",
+            "global.safetensors",
+            "--out",
+            "x.safetensors",
+        ],
+        dir,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--spec"));
     let trainer = common::Service::start_role(dir, "trainer", "127.0.0.1:0", &["--insecure"]);
     let data = data.to_str().unwrap();
     let mut args = vec![
@@ -448,12 +500,7 @@ use fedee_proto::v1::{GetSpecRequest, JoinRequest, StatusRequest};
 const SITES: [&str; 3] = ["Cleveland", "Hungary", "Switzerland"];
 
 fn example_spec(rounds: u32) -> String {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/heart-disease/federation.toml"),
-    )
-    .unwrap();
-    assert!(text.contains("rounds = 10\n"));
-    text.replace("rounds = 10\n", &format!("rounds = {rounds}\n"))
+    common::heart_spec(&[("rounds = 10\n", &format!("rounds = {rounds}\n"))])
 }
 
 fn site(dir: &Path, addr: &str, name: &str, data: &Path, filter: &str) -> Command {
@@ -531,11 +578,25 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
     std::fs::write(dir.join("federation.toml"), example_spec(2)).unwrap();
     init_model(dir, "federation.toml");
 
-    // A model that does not fit the spec (the demo's 15-input heart MLP) is refused at start.
+    // A model that does not fit the spec (one of another spec's MLP) is refused at start.
+    std::fs::write(
+        dir.join("other.toml"),
+        common::heart_spec(&[("hidden = [8]", "hidden = [5]")]),
+    )
+    .unwrap();
     assert!(
-        fedee(&["init-model", "--out", "demo.safetensors"], dir)
-            .status
-            .success()
+        fedee(
+            &[
+                "init-model",
+                "--spec",
+                "other.toml",
+                "--out",
+                "demo.safetensors"
+            ],
+            dir
+        )
+        .status
+        .success()
     );
     let out = fedee(
         &[
@@ -557,7 +618,7 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("does not fit the federation spec") && err.contains("fc1.weight [8, 15]"),
+        err.contains("does not fit the federation spec") && err.contains("fc1.weight [5, "),
         "{err}"
     );
     // Flags the spec covers are refused next to it.
@@ -574,6 +635,31 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rounds"));
+    // A site trains only what a spec says: an aggregator without one is refused.
+    {
+        let plain = Aggregator::start(
+            dir,
+            "127.0.0.1:0",
+            &[
+                "--insecure",
+                "--initial-model",
+                "g0.safetensors",
+                "--database-url",
+                "sqlite://nospec.db?mode=rwc",
+                "--blob-dir",
+                "nospec-blobs",
+            ],
+        );
+        let out = site(dir, &plain.addr, "Cleveland", &csv, "dataset=Cleveland")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("serves no federation spec") && err.contains("--spec"),
+            "{err}"
+        );
+    }
 
     let db = DB;
     let agg = spec_aggregator(

@@ -120,13 +120,17 @@ fn client_tls(ca: &Path, cert_key: Option<(&Path, &Path)>) -> ClientTlsConfig {
 async fn mutual_tls_admits_only_enrolled_sites_with_valid_certificates() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    let heart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/heart-disease/federation.toml"
+    );
     // The consortium PKI through the CLI, as an operator would create it.
     for args in [
         vec!["certs", "init", "--dir", "pki"],
         vec!["certs", "issue", "--dir", "pki", "--server", "aggregator"],
         vec!["certs", "issue", "--dir", "pki", "--site", "Cleveland"],
         vec!["certs", "issue", "--dir", "pki", "--site", "Hungary"],
-        vec!["init-model", "--out", "g0.safetensors"],
+        vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
     ] {
         let out = fedee(&args, dir);
         assert!(
@@ -257,11 +261,15 @@ fn services_refuse_to_start_without_a_transport_choice() {
 async fn health_is_served_and_sigterm_drains_and_exits_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
+    let heart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/heart-disease/federation.toml"
+    );
     for args in [
         vec!["certs", "init", "--dir", "pki"],
         vec!["certs", "issue", "--dir", "pki", "--server", "aggregator"],
         vec!["certs", "issue", "--dir", "pki", "--client", "ops"],
-        vec!["init-model", "--out", "g0.safetensors"],
+        vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
     ] {
         assert!(fedee(&args, dir).status.success(), "{args:?}");
     }

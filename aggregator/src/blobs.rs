@@ -32,7 +32,7 @@ const TMP_PREFIX: &str = ".incoming-";
 /// SHA-256 of a file's bytes, lowercase hex, read in 1 MiB blocks.
 ///
 /// # Errors
-/// [`AggregatorError::Blob`] if the file cannot be read.
+/// [`AggregatorError::BlobIo`] if the file cannot be read.
 pub fn hash_file(path: &Path) -> Result<String, AggregatorError> {
     let mut f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
     let mut h = Sha256::new();
@@ -227,15 +227,14 @@ impl BlobWriter {
 
     /// Stop writing: the blob's SHA-256 is known, its file can be read back for validation
     /// ([`PendingBlob::path`]) before [`BlobStore::commit`] makes it durable. Dropping the
-    /// pending blob deletes the file.
-    ///
-    /// # Errors
+    /// pending blob deletes the file. A write error of the last bytes is kept and reported
+    /// by [`BlobStore::commit`].
     pub fn finish(mut self) -> PendingBlob {
         let sha = hex::encode(self.hasher.finalize_reset());
         // A write error can surface on the final write; keep it and report it at commit.
         let (tmp, error) = match self.sink {
             Sink::Buffered { mut file, .. } => {
-                let error = file.flush().err().map(|e| e.to_string());
+                let error = file.flush().err();
                 (file.into_parts().0, error)
             }
             Sink::Direct {
@@ -250,8 +249,7 @@ impl BlobWriter {
                     .as_file()
                     .write_all(&buf[start..start + padded])
                     .and_then(|()| tmp.as_file().set_len(self.len))
-                    .err()
-                    .map(|e| e.to_string());
+                    .err();
                 (tmp, error)
             }
         };
@@ -270,7 +268,7 @@ pub struct PendingBlob {
     tmp: tempfile::NamedTempFile,
     sha: String,
     len: u64,
-    error: Option<String>,
+    error: Option<std::io::Error>,
 }
 
 impl PendingBlob {
@@ -339,8 +337,9 @@ fn probe_direct_io(dir: &Path) -> Result<(), std::io::Error> {
     tmp.as_file().write_all(&buf[start..start + DIRECT_ALIGN])
 }
 
-fn io(what: String) -> impl FnOnce(std::io::Error) -> AggregatorError {
-    move |e| AggregatorError::Blob(format!("{what}: {e}"))
+/// An IO error's mapping, saying what was being done.
+pub(crate) fn io(what: String) -> impl FnOnce(std::io::Error) -> AggregatorError {
+    move |source| AggregatorError::BlobIo { what, source }
 }
 
 fn valid_sha(sha: &str) -> bool {
@@ -355,7 +354,7 @@ impl BlobStore {
     /// cache unless their round is large ([`DirectIo::Auto`]).
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] if the folder cannot be created.
+    /// [`AggregatorError::BlobIo`] if the folder cannot be created.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, AggregatorError> {
         Self::open_with(dir, DirectIo::Auto)
     }
@@ -365,7 +364,7 @@ impl BlobStore {
     /// one block to a temporary file).
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] if the folder cannot be created.
+    /// [`AggregatorError::BlobIo`] if the folder cannot be created.
     pub fn open_with(dir: impl Into<PathBuf>, direct: DirectIo) -> Result<Self, AggregatorError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(io(format!(
@@ -413,7 +412,7 @@ impl BlobStore {
     /// Store `bytes` durably; returns their SHA-256 (lowercase hex), the blob's name.
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] on IO failure (disk full, permissions).
+    /// [`AggregatorError::BlobIo`] on IO failure (disk full, permissions).
     pub fn put(&self, bytes: &[u8]) -> Result<String, AggregatorError> {
         let mut w = self.writer()?;
         w.write_all(bytes)
@@ -425,7 +424,7 @@ impl BlobStore {
     /// hashed as they are written, so a blob of any size needs O(1) memory.
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] if the temporary file cannot be created.
+    /// [`AggregatorError::BlobIo`] if the temporary file cannot be created.
     pub fn writer(&self) -> Result<BlobWriter, AggregatorError> {
         let tmp = tempfile::Builder::new()
             .prefix(TMP_PREFIX)
@@ -448,7 +447,7 @@ impl BlobStore {
     /// close reads the update from the disk rather than from memory.
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] if the temporary file cannot be created.
+    /// [`AggregatorError::BlobIo`] if the temporary file cannot be created.
     pub fn update_writer(&self, round_bytes: u64) -> Result<BlobWriter, AggregatorError> {
         if self.direct_above.is_none_or(|t| round_bytes <= t) {
             return self.writer();
@@ -474,13 +473,13 @@ impl BlobStore {
     /// name. If an intact blob of that name exists, the new file is dropped.
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] on IO failure.
+    /// [`AggregatorError::BlobIo`] on IO failure.
     pub fn commit(&self, pending: PendingBlob) -> Result<String, AggregatorError> {
         let PendingBlob {
             tmp, sha, error, ..
         } = pending;
         if let Some(e) = error {
-            return Err(AggregatorError::Blob(format!("writing blob {sha}: {e}")));
+            return Err(io(format!("writing blob {sha}"))(e));
         }
         let path = self.path(&sha);
         // Already there and intact: nothing to do (same name = same bytes).
@@ -496,7 +495,8 @@ impl BlobStore {
             .sync_all()
             .map_err(io(format!("writing blob {sha}")))?;
         tmp.persist(&path)
-            .map_err(|e| AggregatorError::Blob(format!("renaming blob {sha}: {}", e.error)))?;
+            .map_err(|e| e.error)
+            .map_err(io(format!("renaming blob {sha}")))?;
         std::fs::File::open(folder)
             .and_then(|d| d.sync_all())
             .map_err(io(format!("syncing {}", folder.display())))?;
@@ -528,8 +528,9 @@ impl BlobStore {
     /// The bytes of blob `sha`, checked against their name.
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] if the name is not a SHA-256, the file is missing, or its
-    /// bytes hash to something else (corruption, truncation).
+    /// [`AggregatorError::Blob`] if the name is not a SHA-256 or its bytes hash to something
+    /// else (corruption, truncation); [`AggregatorError::BlobIo`] if the file cannot be read
+    /// (missing).
     pub fn get(&self, sha: &str) -> Result<Vec<u8>, AggregatorError> {
         if !valid_sha(sha) {
             return Err(AggregatorError::Blob(format!(

@@ -51,9 +51,28 @@ pub enum AggregatorError {
     /// The database schema cannot be migrated.
     #[error("migrating the database schema: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
-    /// Blob store failure (disk, corruption).
+    /// The blob store's contents are wrong: a blob missing, corrupt (its bytes hash to
+    /// another name), or a name that is not a SHA-256.
     #[error("blob store: {0}")]
     Blob(String),
+    /// The blob store's disk failed (names what was being done).
+    #[error("blob store: {what}: {source}")]
+    BlobIo {
+        /// What was being done, naming the file or blob.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A worker task panicked or was cancelled (a bug: please report it with the log).
+    #[error("{what} failed: {source}")]
+    Worker {
+        /// The task.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// Privacy accounting failure.
     #[error("privacy accounting: {0}")]
     Dp(#[from] fedee_dp::DpError),

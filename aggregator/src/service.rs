@@ -325,7 +325,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, AggregatorError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| AggregatorError::Blob(format!("worker task failed: {e}")))?
+        .map_err(|source| AggregatorError::Worker {
+            what: "a blocking worker task",
+            source,
+        })?
 }
 
 impl Federation {
@@ -370,9 +373,8 @@ impl Federation {
                 })?;
                 // Checked in its file like an update (F32, finite), stored as given.
                 let mut w = blobs.writer()?;
-                std::io::Write::write_all(&mut w, bytes).map_err(|e| {
-                    AggregatorError::Blob(format!("writing the initial model: {e}"))
-                })?;
+                std::io::Write::write_all(&mut w, bytes)
+                    .map_err(crate::blobs::io("writing the initial model".into()))?;
                 let pending = w.finish();
                 let bad =
                     |e: AggregatorError| AggregatorError::Config(format!("initial model: {e}"));
@@ -394,7 +396,7 @@ impl Federation {
         // Read tensor by tensor from the file (no second copy of the model in memory).
         let path = blobs.existing_path(&global_sha)?;
         let global_size = std::fs::metadata(&path)
-            .map_err(|e| AggregatorError::Blob(format!("{}: {e}", path.display())))?
+            .map_err(crate::blobs::io(format!("reading {}", path.display())))?
             .len();
         let global = Tensors::from_file(&path, &global_sha)?;
         let submitted = store
@@ -563,12 +565,13 @@ impl Federation {
         let svc = self.clone();
         match tokio::spawn(async move { svc.close(job).await }).await {
             Ok(r) => r,
-            Err(e) => {
+            Err(source) => {
                 // It panicked before it could clear the mark: the round stays open.
                 self.end_closing(&mut *self.state.lock().await);
-                Err(AggregatorError::Blob(format!(
-                    "round close task failed: {e}"
-                )))
+                Err(AggregatorError::Worker {
+                    what: "the round close task",
+                    source,
+                })
             }
         }
     }
@@ -635,7 +638,7 @@ impl Federation {
             }
             let write = |f: &dyn Fn(&mut crate::blobs::BlobWriter) -> std::io::Result<()>| {
                 let mut w = blobs.writer()?;
-                f(&mut w).map_err(|e| AggregatorError::Blob(format!("writing a model: {e}")))?;
+                f(&mut w).map_err(crate::blobs::io("writing a model".into()))?;
                 let size = w.len();
                 Ok::<_, AggregatorError>((blobs.commit(w.finish())?, size))
             };
@@ -963,7 +966,7 @@ impl Federation {
                         }
                         std::io::Write::write_all(&mut w, &c.data)
                             .map(|()| (w, check, checked))
-                            .map_err(|e| AggregatorError::Blob(format!("writing an update: {e}")))
+                            .map_err(crate::blobs::io("writing an update".into()))
                     })
                     .await
                     .map_err(internal)?;

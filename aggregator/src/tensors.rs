@@ -66,12 +66,12 @@ pub fn write_safetensors<'a, W: Write>(
 ///
 /// # Errors
 /// [`AggregatorError::InvalidUpdate`] ("not valid safetensors: …") for a short file, a header
-/// length that does not fit, or a malformed header; [`AggregatorError::Blob`] for IO errors.
+/// length that does not fit, or a malformed header; [`AggregatorError::BlobIo`] for IO errors.
 #[allow(clippy::type_complexity)]
 fn read_header(
     path: &Path,
 ) -> Result<(File, u64, Vec<u8>, Vec<(String, TensorInfo)>), AggregatorError> {
-    let io = |e: std::io::Error| AggregatorError::Blob(format!("{}: {e}", path.display()));
+    let io = |e| crate::blobs::io(format!("reading {}", path.display()))(e);
     let bad = |m: String| invalid(format!("not valid safetensors: {m}"));
     let file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
@@ -297,15 +297,18 @@ impl FileTensors {
     /// Read values `start..start + out.len()` of reference tensor `t` into `out`.
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] on IO failure.
+    /// [`AggregatorError::BlobIo`] on IO failure.
     pub fn read(&mut self, t: usize, start: usize, out: &mut [f32]) -> Result<(), AggregatorError> {
         let (base, numel) = self.ranges[t];
         assert!(start + out.len() <= numel, "slice within tensor");
         let at = base + 4 * start as u64;
         self.bytes.resize(4 * out.len(), 0);
-        self.file.read_exact_at(&mut self.bytes, at).map_err(|e| {
-            AggregatorError::Blob(format!("reading tensor `{}`: {e}", self.names[t]))
-        })?;
+        self.file
+            .read_exact_at(&mut self.bytes, at)
+            .map_err(crate::blobs::io(format!(
+                "reading tensor `{}`",
+                self.names[t]
+            )))?;
         let end = at + self.bytes.len() as u64;
         let ahead = (2 * self.bytes.len() as u64).max(READ_AHEAD_MIN);
         // Renewed once half the window is used, so each call asks for new bytes only.
@@ -353,7 +356,8 @@ impl FileTensors {
     /// in order, else by reading the file again.
     ///
     /// # Errors
-    /// [`AggregatorError::Blob`] if they do not (corruption on disk) or on IO failure.
+    /// [`AggregatorError::Blob`] if they do not (corruption on disk);
+    /// [`AggregatorError::BlobIo`] on IO failure.
     pub fn verify_sha256(&mut self, sha: &str) -> Result<(), AggregatorError> {
         let got = if self.hashed == self.len {
             hex::encode(self.hasher.finalize_reset())
@@ -575,7 +579,8 @@ impl Tensors {
     ///
     /// # Errors
     /// [`AggregatorError::InvalidUpdate`] for a malformed file or non-finite values;
-    /// [`AggregatorError::Blob`] for IO errors or a hash mismatch.
+    /// [`AggregatorError::BlobIo`] for IO errors, [`AggregatorError::Blob`] for a hash
+    /// mismatch.
     pub fn from_file(path: &Path, sha: &str) -> Result<Self, AggregatorError> {
         let (names, shapes) = FileTensors::layout(path)?;
         let mut f =

@@ -153,8 +153,8 @@ struct Text {
     cfg: BertClassifierConfig,
     tok: TextTokenizer,
     /// Reviews, train split then test split.
-    train: Vec<fedee_site_agent::drugs::Review>,
-    test: Vec<fedee_site_agent::drugs::Review>,
+    train: Vec<crate::drugs::Review>,
+    test: Vec<crate::drugs::Review>,
 }
 
 impl TextData {
@@ -168,11 +168,11 @@ impl TextData {
         let bert = BertConfig::from_file(&self.model_dir.join("config.json"))?;
         let cfg = BertClassifierConfig {
             bert,
-            num_labels: fedee_site_agent::drugs::CLASSES.len(),
+            num_labels: crate::drugs::CLASSES.len(),
         };
         let tok = TextTokenizer::from_file(&self.model_dir.join("tokenizer.json"), self.max_len)?;
-        let train = fedee_site_agent::drugs::load(&self.drugs_dir.join("drugsComTrain.tsv"))?;
-        let test = fedee_site_agent::drugs::load(&self.drugs_dir.join("drugsComTest.tsv"))?;
+        let train = crate::drugs::load(&self.drugs_dir.join("drugsComTrain.tsv"))?;
+        let test = crate::drugs::load(&self.drugs_dir.join("drugsComTest.tsv"))?;
         Ok(Text {
             cfg,
             tok,
@@ -234,7 +234,7 @@ impl TextData {
     }
 }
 
-fn tokenize(tok: &TextTokenizer, rs: &[fedee_site_agent::drugs::Review]) -> Result<Vec<Vec<i64>>> {
+fn tokenize(tok: &TextTokenizer, rs: &[crate::drugs::Review]) -> Result<Vec<Vec<i64>>> {
     rs.iter()
         .map(|r| tok.ids(&r.text).map_err(Into::into))
         .collect()
@@ -363,17 +363,17 @@ fn frequency(a: &FrequencyArgs) -> Result<Value> {
                 "frequency: {name}, {defence}, {n} tokens: {:.1} % of tokens decoded ({secs:.1} s)",
                 100.0 * ct
             );
-            rows.push(json!({
-                "reference": name,
-                "defence": defence,
-                "ciphertext_tokens": n,
-                "distinct_ciphertext_ids": uni.len(),
-                "unigram_token_share": ut,
-                "unigram_distinct_id_share": ui,
-                "hill_climb_token_share": ct,
-                "hill_climb_distinct_id_share": ci,
-                "attack_seconds": secs,
-            }));
+            rows.push(FrequencyRow {
+                reference: name.to_owned(),
+                defence: defence.to_owned(),
+                ciphertext_tokens: n,
+                distinct_ciphertext_ids: uni.len(),
+                unigram_token_share: ut,
+                unigram_distinct_id_share: ui,
+                hill_climb_token_share: ct,
+                hill_climb_distinct_id_share: ci,
+                attack_seconds: secs,
+            });
         }
     }
     table::print(
@@ -464,12 +464,12 @@ fn shuffle_cost(d: &TextData, text: &Text, keys: &KeySet) -> Result<Value> {
 fn known_plaintext(a: &KnownPlaintextArgs) -> Result<Value> {
     need(&a.data)?;
     let mut x = Vec::new();
-    for h in fedee_site_agent::heart::HOSPITALS {
-        let p = fedee_site_agent::heart::load_standardized(&a.data, h)?;
+    for h in crate::heart::HOSPITALS {
+        let p = crate::heart::load_standardized(&a.data, h)?;
         x.extend(p.train.x);
         x.extend(p.test.x);
     }
-    let d = fedee_site_agent::heart::NUM_FEATURES;
+    let d = crate::heart::NUM_FEATURES;
     let n = x.len() / d;
     let x = Tensor::from_slice(&x)
         .view([n as i64, d as i64])
@@ -513,15 +513,15 @@ fn known_plaintext(a: &KnownPlaintextArgs) -> Result<Value> {
                     let s = known_plaintext::structured(&known, &y, group);
                     known_plaintext::errors(&s, &t, &test, &y_test)
                 });
-                rows.push(json!({
-                    "key_group": group,
-                    "offset": offset,
-                    "known_pairs": k,
-                    "generic_key_relative_error": gk,
-                    "generic_plaintext_relative_error": gd,
-                    "structured_key_relative_error": structured.map(|s| s.0),
-                    "structured_plaintext_relative_error": structured.map(|s| s.1),
-                }));
+                rows.push(KnownPlaintextRow {
+                    key_group: group,
+                    offset,
+                    known_pairs: k,
+                    generic_key_relative_error: gk,
+                    generic_plaintext_relative_error: gd,
+                    structured_key_relative_error: structured.map(|s| s.0),
+                    structured_plaintext_relative_error: structured.map(|s| s.1),
+                });
             }
         }
     }
@@ -575,7 +575,12 @@ fn perm_of(keys: &KeySet, name: &str) -> Result<Vec<i64>> {
 }
 
 /// Recover every permutation of an EE BERT from the public weights; shares recovered.
-fn recover_all(public: &StateDict, ee: &StateDict, keys: &KeySet, layers: usize) -> Result<Value> {
+fn recover_all(
+    public: &StateDict,
+    ee: &StateDict,
+    keys: &KeySet,
+    layers: usize,
+) -> Result<Recovered> {
     let t = Instant::now();
     let residual = matching::match_residual(public, ee);
     let res_share =
@@ -615,18 +620,15 @@ fn recover_all(public: &StateDict, ee: &StateDict, keys: &KeySet, layers: usize)
         vo.push(attn(&format!("vo{l}"), "attention.self.value.weight")?);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let mut out = json!({
-        "residual_share": res_share,
-        "vocab_share": vocab_share,
-        "ffn_share_mean": mean(&ffn),
-        "qk_share_mean": mean(&qk),
-        "vo_share_mean": mean(&vo),
-        "attack_seconds": t.elapsed().as_secs_f64(),
-    });
-    if dense_err > 0.0 {
-        out["dense_key_max_relative_error"] = json!(dense_err);
-    }
-    Ok(out)
+    Ok(Recovered {
+        residual_share: res_share,
+        vocab_share,
+        ffn_share_mean: mean(&ffn),
+        qk_share_mean: mean(&qk),
+        vo_share_mean: mean(&vo),
+        attack_seconds: t.elapsed().as_secs_f64(),
+        dense_key_max_relative_error: (dense_err > 0.0).then_some(dense_err),
+    })
 }
 
 fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
@@ -637,16 +639,16 @@ fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
     let layers = cfg.bert.num_hidden_layers;
     let mut rows = Vec::new();
     let r0 = recover_all(&public, &ee, &keys, layers)?;
-    rows.push(json!({"ee_model": "fresh (no fine-tuning)", "finetune_steps": 0, "recovered": r0}));
+    rows.push(MatchingRow::new("fresh (no fine-tuning)", 0, r0));
     // The inference profile: general invertible Q/K and V/O keys per head (not trainable).
     let inf_keys = d.keys_for(&cfg, Profile::Inference)?;
     let inf_ee = transform_state(&spec, &inf_keys, &public)?;
     let r_inf = recover_all(&public, &inf_ee, &inf_keys, layers)?;
-    rows.push(json!({
-        "ee_model": "inference profile (invertible Q/K, V/O keys)",
-        "finetune_steps": 0,
-        "recovered": r_inf,
-    }));
+    rows.push(MatchingRow::new(
+        "inference profile (invertible Q/K, V/O keys)",
+        0,
+        r_inf,
+    ));
     // Key rotation: its cost, and whether the attack works again on the re-keyed model.
     let t = Instant::now();
     let (new_keys, rotated) = fedee_encrypt::rotate(
@@ -662,13 +664,11 @@ fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
         "weight-matching: key rotation of the EE model took {rotate_seconds:.2} s; {:.1} MB to upload again",
         ee_bytes as f64 / 1e6
     );
-    rows.push(json!({
-        "ee_model": "after key rotation (fedee ee rotate)",
-        "finetune_steps": 0,
-        "rotate_seconds": rotate_seconds,
-        "reupload_bytes": ee_bytes,
-        "recovered": r_rot,
-    }));
+    rows.push(MatchingRow {
+        rotate_seconds: Some(rotate_seconds),
+        reupload_bytes: Some(ee_bytes),
+        ..MatchingRow::new("after key rotation (fedee ee rotate)", 0, r_rot)
+    });
     if a.finetune_steps > 0 {
         // The drug demo's encrypted fine-tuning, run here on the EE model (what the trainer
         // computes; equivariance makes it the transform of plaintext fine-tuning).
@@ -725,12 +725,14 @@ fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
             })
             .fold(0.0, f64::max);
         let r1 = recover_all(&public, &tuned, &keys, layers)?;
-        rows.push(json!({
-            "ee_model": "after encrypted AdamW fine-tuning (drug demo recipe)",
-            "finetune_steps": a.finetune_steps,
-            "max_relative_weight_drift": drift,
-            "recovered": r1,
-        }));
+        rows.push(MatchingRow {
+            max_relative_weight_drift: Some(drift),
+            ..MatchingRow::new(
+                "after encrypted AdamW fine-tuning (drug demo recipe)",
+                a.finetune_steps,
+                r1,
+            )
+        });
     }
     table::print(
         &[
@@ -747,8 +749,9 @@ fn weight_matching(a: &WeightMatchingArgs) -> Result<Value> {
     );
     println!(
         "share of each key's indices recovered exactly (FFN, Q/K, V/O: mean over {layers} layers); invertible Q/K, V/O keys: share of key rows solved to relative error < 1e-3 (max relative error {:.1e}); the server needs only the EE model and the public all-MiniLM-L6-v2.",
-        rows[1]["recovered"]["dense_key_max_relative_error"]
-            .as_f64()
+        rows[1]
+            .recovered
+            .dense_key_max_relative_error
             .unwrap_or(f64::NAN)
     );
     Ok(json!({
@@ -823,7 +826,11 @@ fn activation_stats(a: &ActivationArgs) -> Result<Value> {
             "activation-stats: {n} tokens: {:.1} % ({secs:.2} s)",
             100.0 * share
         );
-        rows.push(json!({"tokens_observed": n, "residual_share": share, "attack_seconds": secs}));
+        rows.push(ActivationRow {
+            tokens_observed: n,
+            residual_share: share,
+            attack_seconds: secs,
+        });
     }
     table::print(
         &[
@@ -846,4 +853,81 @@ fn activation_stats(a: &ActivationArgs) -> Result<Value> {
         "victim": "Drugs.com reviews, encrypted token ids",
         "rows": rows,
     }))
+}
+
+/// A row of `fedee ee attack frequency`: shares of tokens and distinct ids decoded.
+#[derive(serde::Serialize)]
+struct FrequencyRow {
+    reference: String,
+    defence: String,
+    ciphertext_tokens: usize,
+    distinct_ciphertext_ids: usize,
+    unigram_token_share: f64,
+    unigram_distinct_id_share: f64,
+    hill_climb_token_share: f64,
+    hill_climb_distinct_id_share: f64,
+    attack_seconds: f64,
+}
+
+/// A row of `fedee ee attack known-plaintext`: relative errors of the recovered key and
+/// plaintext (the structured attack only for permutation-like keys without an offset).
+#[derive(serde::Serialize)]
+struct KnownPlaintextRow {
+    key_group: KeyGroup,
+    offset: bool,
+    known_pairs: usize,
+    generic_key_relative_error: f64,
+    generic_plaintext_relative_error: f64,
+    structured_key_relative_error: Option<f64>,
+    structured_plaintext_relative_error: Option<f64>,
+}
+
+/// What weight matching recovers of one EE model's keys (shares of rows or channels mapped
+/// right).
+#[derive(serde::Serialize)]
+struct Recovered {
+    residual_share: f64,
+    vocab_share: f64,
+    ffn_share_mean: f64,
+    qk_share_mean: f64,
+    vo_share_mean: f64,
+    attack_seconds: f64,
+    /// The inference profile's invertible keys: how far the solved keys are from the truth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dense_key_max_relative_error: Option<f64>,
+}
+
+/// A row of `fedee ee attack weight-matching`: one EE model and what the attack recovers.
+#[derive(serde::Serialize)]
+struct MatchingRow {
+    ee_model: &'static str,
+    finetune_steps: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotate_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reupload_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_relative_weight_drift: Option<f64>,
+    recovered: Recovered,
+}
+
+impl MatchingRow {
+    fn new(ee_model: &'static str, finetune_steps: usize, recovered: Recovered) -> Self {
+        Self {
+            ee_model,
+            finetune_steps,
+            rotate_seconds: None,
+            reupload_bytes: None,
+            max_relative_weight_drift: None,
+            recovered,
+        }
+    }
+}
+
+/// A row of `fedee ee attack activation-stats`.
+#[derive(serde::Serialize)]
+struct ActivationRow {
+    tokens_observed: usize,
+    residual_share: f64,
+    attack_seconds: f64,
 }

@@ -201,10 +201,41 @@ async fn connect(addr: &str, pki: &Path, site: &str) -> Result<FederationClient<
     Ok(FederationClient::new(ch))
 }
 
-/// One cell's figures.
+/// One cell's figures: a row of the table and of the JSON document (units in the names).
+#[derive(serde::Serialize)]
 struct Cell {
+    sites: usize,
+    parameters: usize,
     model_mb: f64,
-    json: serde_json::Value,
+    update_mb_total: f64,
+    round_seconds: f64,
+    aggregate_seconds: f64,
+    ingest_seconds: f64,
+    ingest_mb_per_s: f64,
+    round_mb_per_s: f64,
+    /// Whether this round's updates bypassed the page cache.
+    direct_io: bool,
+    /// The aggregator's direct-I/O threshold (absent when off or refused by the filesystem).
+    direct_io_above_bytes: Option<u64>,
+    aggregator_binary: &'static str,
+    idle_rss_mb: f64,
+    peak_rss_mb: f64,
+    peak_rss_goal_mb: f64,
+    peak_rss_meets_goal: bool,
+    /// What FedAvg holding every update in memory would need.
+    naive_fedavg_mb: f64,
+    status_max_seconds: f64,
+    status_calls: u32,
+    /// Sustained write bandwidth of the work folder, probed right after the cell.
+    disk_write_mb_per_s: f64,
+    ingest_over_disk_write_ratio: f64,
+    /// Flower's side as its script reports it (or why it was skipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flower: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flower_over_fedee_aggregate_time_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flower_over_fedee_peak_rss_ratio: Option<f64>,
 }
 
 fn run_cell(
@@ -352,35 +383,39 @@ fn run_cell(
     let total_mb = model_mb * sites as f64;
     let rss_goal_mb = 2.5 * model_mb + 100.0;
     let naive_mb = (sites + 2) as f64 * model_mb;
-    let mut row = json!({
-        "sites": sites,
-        "parameters": n_params,
-        "model_mb": model_mb,
-        "update_mb_total": total_mb,
-        "round_seconds": total_s,
-        "aggregate_seconds": aggregate_s,
-        "ingest_seconds": total_s - aggregate_s,
-        "ingest_mb_per_s": total_mb / (total_s - aggregate_s),
-        "round_mb_per_s": total_mb / total_s,
-        "direct_io": direct_io,
-        "direct_io_above_bytes": direct_above,
-        "aggregator_binary": agg.binary,
-        "idle_rss_mb": rss_idle_mb,
-        "peak_rss_mb": peak_rss_mb,
-        "peak_rss_goal_mb": rss_goal_mb,
-        "peak_rss_meets_goal": peak_rss_mb <= rss_goal_mb,
-        "naive_fedavg_mb": naive_mb,
-        "status_max_seconds": status.0,
-        "status_calls": status.1,
-    });
+    let aggregator_binary = agg.binary;
     drop(agg);
     // The ceiling the disk sets: every update is written and fsynced before it is
     // acknowledged, so ingest cannot beat the disk's sustained write bandwidth, probed here
     // in the same folder right after the cell (it varies over time on shared disks).
     let disk = disk_write_mb_per_s(work.path(), DISK_PROBE_BYTES)?;
-    row["disk_write_mb_per_s"] = json!(disk);
-    row["ingest_over_disk_write_ratio"] =
-        json!(row["ingest_mb_per_s"].as_f64().unwrap_or(0.0) / disk);
+    let ingest_mb_per_s = total_mb / (total_s - aggregate_s);
+    let mut row = Cell {
+        sites,
+        parameters: n_params,
+        model_mb,
+        update_mb_total: total_mb,
+        round_seconds: total_s,
+        aggregate_seconds: aggregate_s,
+        ingest_seconds: total_s - aggregate_s,
+        ingest_mb_per_s,
+        round_mb_per_s: total_mb / total_s,
+        direct_io,
+        direct_io_above_bytes: direct_above,
+        aggregator_binary,
+        idle_rss_mb: rss_idle_mb,
+        peak_rss_mb,
+        peak_rss_goal_mb: rss_goal_mb,
+        peak_rss_meets_goal: peak_rss_mb <= rss_goal_mb,
+        naive_fedavg_mb: naive_mb,
+        status_max_seconds: status.0,
+        status_calls: status.1,
+        disk_write_mb_per_s: disk,
+        ingest_over_disk_write_ratio: ingest_mb_per_s / disk,
+        flower: None,
+        flower_over_fedee_aggregate_time_ratio: None,
+        flower_over_fedee_peak_rss_ratio: None,
+    };
     if let Some(f) = flower {
         let blobs = work.path().join("blobs");
         let path = |s: &str| blobs.join(&s[..2]).join(s);
@@ -389,25 +424,20 @@ fn run_cell(
             .enumerate()
             .map(|(i, s)| (path(s), 100 + i as u64))
             .collect();
-        row["flower"] = f.run(
+        let fl = f.run(
             &work.path().join("initial.safetensors"),
             &path(&next_sha),
             &updates,
             total_mb,
         )?;
-        if let Some(fl) = row["flower"].as_object() {
-            let secs = fl.get("aggregate_seconds").and_then(|v| v.as_f64());
-            let rss = fl.get("peak_rss_mb").and_then(|v| v.as_f64());
-            if let (Some(s), Some(r)) = (secs, rss) {
-                row["flower_over_fedee_aggregate_time_ratio"] = json!(s / aggregate_s);
-                row["flower_over_fedee_peak_rss_ratio"] = json!(r / peak_rss_mb);
-            }
+        let get = |k: &str| fl.get(k).and_then(serde_json::Value::as_f64);
+        if let (Some(s), Some(r)) = (get("aggregate_seconds"), get("peak_rss_mb")) {
+            row.flower_over_fedee_aggregate_time_ratio = Some(s / aggregate_s);
+            row.flower_over_fedee_peak_rss_ratio = Some(r / peak_rss_mb);
         }
+        row.flower = Some(fl);
     }
-    Ok(Cell {
-        model_mb,
-        json: row,
-    })
+    Ok(row)
 }
 
 /// Bytes the disk probe writes (1 GiB: past the point where page-cache writes are throttled
@@ -508,20 +538,15 @@ pub fn bench(
     for &p in params {
         for &s in sites {
             let cell = run_cell(&rt, work_root, s, p, uploads, direct_io, flower.as_ref())?;
-            let r = &cell.json;
             eprintln!(
                 "aggregate: {s} sites × {:.0} MB: {:.0} MB/s ingest, aggregated in {:.2} s, peak RSS {:.0} MB",
-                cell.model_mb,
-                r["ingest_mb_per_s"].as_f64().unwrap_or(0.0),
-                r["aggregate_seconds"].as_f64().unwrap_or(0.0),
-                r["peak_rss_mb"].as_f64().unwrap_or(0.0)
+                cell.model_mb, cell.ingest_mb_per_s, cell.aggregate_seconds, cell.peak_rss_mb
             );
             cells.push(cell);
         }
     }
     {
         use table::Cell::{Fixed, Text};
-        let rows: Vec<&serde_json::Value> = cells.iter().map(|c| &c.json).collect();
         table::print(
             &[
                 col("sites", "sites", Text),
@@ -549,7 +574,7 @@ pub fn bench(
                 col("status max s", "status_max_seconds", Fixed(2)),
                 col("direct I/O", "direct_io", Text),
             ],
-            &rows,
+            &cells,
         );
     }
     println!(
@@ -559,10 +584,7 @@ pub fn bench(
          cell), the ceiling for durable ingest. status: the slowest answer to a Status request \
          sent every 100 ms through ingest and the round close. direct I/O: whether the \
          round's updates bypassed the page cache (--direct-io).",
-        cells
-            .first()
-            .and_then(|c| c.json["aggregator_binary"].as_str())
-            .unwrap_or("-")
+        cells.first().map(|c| c.aggregator_binary).unwrap_or("-")
     );
     Ok(json!({
         "benchmark": "aggregate",
@@ -570,7 +592,7 @@ pub fn bench(
         "transport": "gRPC over loopback, mutual TLS (rustls), 1 MiB chunks",
         "max_concurrent_uploads": uploads,
         "direct_io_setting": direct_io,
-        "rows": cells.into_iter().map(|c| c.json).collect::<Vec<_>>(),
+        "rows": cells,
     }))
 }
 

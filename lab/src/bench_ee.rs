@@ -136,7 +136,7 @@ impl Models {
         })?;
         Ok(Self {
             mlp: MlpConfig {
-                in_features: fedee_site_agent::heart::NUM_FEATURES,
+                in_features: crate::heart::NUM_FEATURES,
                 hidden: vec![hidden],
                 out_features: 2,
                 activation: fedee_model::Activation::Relu,

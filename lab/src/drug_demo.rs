@@ -14,13 +14,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::drugs::{self, CLASSES};
 use anyhow::{Context, Result, bail};
 use fedee_client::Inputs;
 use fedee_client::finetune::{LocalData, Options, Progress};
 use fedee_encrypt::{KeySet, transform_state};
 use fedee_model::bert::{self, Profile};
 use fedee_model::{Input, OptimizerSpec, batch_to_safetensors, state_from_safetensors};
-use fedee_site_agent::drugs::{self, CLASSES};
 use fedee_site_agent::metrics::Metrics;
 use fedee_site_agent::table::DataReport;
 use rand::SeedableRng;

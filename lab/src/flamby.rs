@@ -17,12 +17,12 @@
 
 use std::path::Path;
 
+use crate::heart::{NUM_FEATURES, load_standardized};
 use anyhow::{Context, Result};
 use fedee_aggregator::strategy::{FedOpt, ServerState, Strategy, aggregate};
 use fedee_aggregator::tensors::Tensors;
 use fedee_dp::noise::{Sampler, add_noise};
 use fedee_dp::rdp::calibrate_sigma;
-use fedee_site_agent::heart::{NUM_FEATURES, load_standardized};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
@@ -118,18 +118,18 @@ fn load(csv: &Path, features: Features) -> Result<Vec<Site>> {
         .map(|h| {
             match features {
                 Features::PerHospital => load_standardized(csv, h),
-                Features::Raw | Features::Pooled => fedee_site_agent::heart::load(csv, h),
+                Features::Raw | Features::Pooled => crate::heart::load(csv, h),
             }
             .with_context(|| format!("loading {h}"))
         })
         .collect::<Result<Vec<_>>>()?;
     if features == Features::Pooled {
-        let mut union = fedee_site_agent::heart::Examples::default();
+        let mut union = crate::heart::Examples::default();
         for p in &parts {
             union.x.extend_from_slice(&p.train.x);
             union.y.extend_from_slice(&p.train.y);
         }
-        let s = fedee_site_agent::heart::Standardizer::fit(&union);
+        let s = crate::heart::Standardizer::fit(&union);
         for p in &mut parts {
             s.apply(&mut p.train);
             s.apply(&mut p.test);
@@ -138,7 +138,7 @@ fn load(csv: &Path, features: Features) -> Result<Vec<Site>> {
     Ok(parts
         .into_iter()
         .map(|p| {
-            let t = |e: &fedee_site_agent::heart::Examples| {
+            let t = |e: &crate::heart::Examples| {
                 (
                     Tensor::from_slice(&e.x)
                         .reshape([e.len() as i64, NUM_FEATURES as i64])

@@ -7,6 +7,9 @@
 //!   and `drug_demo`, its text twin on drug reviews.
 //! * [`bench`]: benchmarks that print a table and write JSON with units in the keys
 //!   (`bench_ee`, `bench_aggregate`, `flamby`); `table` is the one printer of typed rows.
+//! * [`heart`], [`drugs`]: the reference data sets as their peers prepare them (FLamby's
+//!   Fed-Heart-Disease; the Drugs.com reviews), for the benchmarks, attacks and demos that
+//!   compare with published figures. Sites read data through the federation spec instead.
 //! * [`attack`]: the attacks an honest-but-curious server runs on EE models, scored with the
 //!   key holder's keys.
 
@@ -17,5 +20,7 @@ mod bench_ee;
 mod consortium;
 pub mod demo;
 mod drug_demo;
+pub mod drugs;
 mod flamby;
+pub mod heart;
 mod table;

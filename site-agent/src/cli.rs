@@ -11,15 +11,11 @@ use tch::Device;
 
 use crate::table::RowFilter;
 
-/// Hidden units of the heart-disease MLP of federations without a spec (the demo's model).
-pub const HEART_HIDDEN: usize = 8;
-
 /// Run a site agent next to a hospital's data.
 ///
-/// With a federation spec (served by the aggregator) the site reads `--data` as the spec
-/// says (`--where COLUMN=VALUE` selects its rows of a shared file), prints a data report, and
-/// refuses to join if its data cannot satisfy the spec. Without one, it trains the demo's
-/// heart-disease MLP on the UCI hospital named by `--site`.
+/// The site fetches the federation spec from the aggregator, reads `--data` as the spec says
+/// (`--where COLUMN=VALUE` selects its rows of a shared file), prints a data report, and
+/// refuses to join if its data cannot satisfy the spec.
 #[derive(clap::Args)]
 pub struct SiteArgs {
     /// Aggregator address (host:port; the scheme follows --tls-dir / --insecure).
@@ -31,17 +27,14 @@ pub struct SiteArgs {
     /// certificate: DIR/NAME.pem).
     #[arg(long)]
     pub site: String,
-    /// The site's data: a CSV file with a header line (tabular specs). Without a spec:
-    /// heart_disease_uci.csv (`make data` fetches it).
-    #[arg(long, default_value = "data/cache/heart_disease_uci.csv")]
+    /// The site's data, read as the federation spec says: CSV (header line) or Parquet for
+    /// tabular tasks; CSV or JSONL with the text column for text tasks.
+    #[arg(long)]
     pub data: PathBuf,
     /// Keep only the rows whose COLUMN is VALUE (one site's rows of a shared file), e.g.
     /// --where dataset=Cleveland.
     #[arg(long = "where", value_name = "COLUMN=VALUE")]
     pub filter: Option<String>,
-    /// Without a spec: hidden units of the heart MLP (must match the global model).
-    #[arg(long, default_value_t = HEART_HIDDEN)]
-    pub hidden: usize,
     /// Device: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -110,16 +103,6 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-/// The heart MLP of federations without a spec.
-pub fn heart_mlp(hidden: usize) -> fedee_model::MlpConfig {
-    fedee_model::MlpConfig {
-        in_features: crate::heart::NUM_FEATURES,
-        hidden: vec![hidden],
-        out_features: 2,
-        activation: fedee_model::Activation::Relu,
-    }
-}
-
 /// `fedee site`: fetch the spec, check the data against it, join and train until done;
 /// prints the site's report (JSON) on stdout.
 ///
@@ -136,44 +119,28 @@ pub async fn run(s: SiteArgs) -> Result<()> {
         ..Default::default()
     };
     let spec = crate::client::fetch_spec(&url, tls.as_ref(), retry).await?;
-    let task = match &spec {
-        Some(spec) => {
-            notice(
-                false,
-                &format!(
-                    "federation spec {}: {}",
-                    &spec.sha256[..12],
-                    spec.spec.summary()
-                ),
-            );
-            let (task, report) =
-                crate::task::from_spec(&spec.spec, &s.data, filter.as_ref(), device).with_context(
-                    || {
-                        format!(
-                            "site `{}` cannot join: its data does not satisfy the federation spec",
-                            s.site
-                        )
-                    },
-                )?;
-            notice(false, &report.to_string());
-            task
-        }
-        None => {
-            if filter.is_some() {
-                bail!(
-                    "--where needs a federation spec, and the aggregator at {} serves none (start it with --spec)",
-                    s.aggregator
-                );
-            }
-            let data = crate::heart::load_standardized(&s.data, &s.site)?;
-            let task: Box<dyn crate::task::LocalTask> = Box::new(crate::task::TabularTask::heart(
-                &data,
-                heart_mlp(s.hidden),
-                device,
-            ));
-            task
-        }
+    let Some(spec) = spec else {
+        bail!(
+            "the aggregator at {} serves no federation spec, and a site trains only what a spec says: start the aggregator with --spec FILE (`fedee init --data FILE --label COLUMN` scaffolds one)",
+            s.aggregator
+        );
     };
+    notice(
+        false,
+        &format!(
+            "federation spec {}: {}",
+            &spec.sha256[..12],
+            spec.spec.summary()
+        ),
+    );
+    let (task, report) = crate::task::from_spec(&spec.spec, &s.data, filter.as_ref(), device)
+        .with_context(|| {
+            format!(
+                "site `{}` cannot join: its data does not satisfy the federation spec",
+                s.site
+            )
+        })?;
+    notice(false, &report.to_string());
     let report = crate::run(crate::SiteConfig {
         aggregator: url,
         tls,
@@ -191,7 +158,7 @@ pub async fn run(s: SiteArgs) -> Result<()> {
             ))
         })),
         epsilon_budget: s.epsilon_budget,
-        spec,
+        spec: Some(spec),
     })
     .await?;
     println!("{}", serde_json::to_string_pretty(&report)?);

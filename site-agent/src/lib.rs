@@ -4,7 +4,6 @@
 //!
 //! * [`table`]: a site's own tabular data, read as the federation spec says.
 //! * [`infer`]: `fedee init`, a commented spec scaffolded from a data file.
-//! * [`heart`]: the UCI Heart Disease partitions (FLamby preparation).
 //! * [`task`]: what a site trains ([`task::LocalTask`]: an MLP on tabular data, a BERT
 //!   classifier), built from the spec by [`task::from_spec`].
 //! * [`statistics`]: federated preprocessing (the statistics round before round 1).
@@ -14,8 +13,6 @@
 pub mod cli;
 pub mod client;
 pub mod dpsgd;
-pub mod drugs;
-pub mod heart;
 pub mod infer;
 pub mod ledger;
 pub mod metrics;
@@ -29,24 +26,6 @@ pub use client::{SiteConfig, SiteReport, run};
 /// Site agent errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
-    /// A data file of a federation without a spec (the heart and drug-review files) is not
-    /// what it should be: names the file and the problem.
-    #[error("{path}: {problem}")]
-    Data {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What is wrong, and the fix.
-        problem: String,
-    },
-    /// A CSV or TSV file cannot be read or parsed.
-    #[error("cannot read {path}: {source} (`make data` fetches the demo files)")]
-    Csv {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The cause.
-        #[source]
-        source: csv::Error,
-    },
     /// The site's data cannot satisfy the federation spec (names file, line, column, value).
     #[error(transparent)]
     Table(#[from] table::DataError),

@@ -11,7 +11,6 @@ use tch::{Device, Kind, Tensor};
 
 use crate::SiteError;
 use crate::dpsgd::DpSgd;
-use crate::heart::Partition;
 use crate::metrics::{Metrics, classification};
 use crate::table::{DataReport, Examples, Preprocessing, RowFilter, TabularData};
 use crate::train::{LocalTraining, to_tensors, train_local};
@@ -130,24 +129,6 @@ impl TabularTask {
             cfg,
             raw: None,
         }
-    }
-
-    /// The heart-disease MLP on one hospital's standardised partition (SGD, momentum 0.9; no
-    /// validation split).
-    pub fn heart(data: &Partition, cfg: MlpConfig, device: Device) -> Self {
-        let sgd = OptimizerSpec::Sgd {
-            lr: 0.0,
-            momentum: 0.9,
-            weight_decay: 0.0,
-        };
-        Self::new(
-            &data.train,
-            &crate::heart::Examples::default(),
-            &data.test,
-            cfg,
-            sgd,
-            device,
-        )
     }
 }
 
@@ -308,6 +289,19 @@ pub fn bert_classifier(
     Ok(fedee_model::BertClassifierConfig {
         bert: fedee_model::BertConfig::from_file(&checkpoint(spec).join("config.json"))?,
         num_labels: spec.num_classes(),
+    })
+}
+
+/// The model a spec describes: its MLP, or its BERT classifier.
+///
+/// # Errors
+/// As [`mlp_config`] and [`bert_classifier`].
+pub fn architecture(spec: &FederationSpec) -> Result<fedee_model::Architecture, SiteError> {
+    Ok(match spec.model.kind {
+        fedee_spec::ModelKind::Mlp => fedee_model::Architecture::Mlp(mlp_config(spec)?),
+        fedee_spec::ModelKind::Bert => {
+            fedee_model::Architecture::BertClassifier(bert_classifier(spec)?)
+        }
     })
 }
 

@@ -280,3 +280,46 @@ pub fn heart_csv() -> PathBuf {
     );
     p
 }
+
+/// The heart-disease example spec (`examples/heart-disease/federation.toml`) with each
+/// `(from, to)` edit applied once; every `from` must occur in it, so an edit cannot miss
+/// silently when the example changes.
+pub fn heart_spec(edits: &[(&str, &str)]) -> String {
+    let path = PathBuf::from(heart_example());
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "{} has no `{from}`", path.display());
+        text = text.replacen(from, to, 1);
+    }
+    text
+}
+
+/// Write `spec` to DIR/federation.toml and run `fedee init-model --spec federation.toml --out
+/// g0.safetensors` there, which must succeed.
+pub fn spec_and_model(dir: &Path, spec: &str) {
+    std::fs::write(dir.join("federation.toml"), spec).unwrap();
+    let out = fedee(
+        &[
+            "init-model",
+            "--spec",
+            "federation.toml",
+            "--out",
+            "g0.safetensors",
+        ],
+        dir,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The path of the heart-disease example spec, as a string.
+pub fn heart_example() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/heart-disease/federation.toml")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::SiteError;
+use anyhow::{Context, Result, bail};
 
 /// Class names, in label order.
 pub const CLASSES: [&str; 3] = ["negative", "neutral", "positive"];
@@ -24,38 +24,32 @@ pub struct Review {
 /// Read a Drugs.com TSV file.
 ///
 /// # Errors
-/// [`SiteError::Csv`] for an unreadable file; [`SiteError::Data`] naming the file and the row
-/// for a missing column or unknown rating.
-pub fn load(path: &Path) -> Result<Vec<Review>, SiteError> {
-    let err = |problem: String| SiteError::Data {
-        path: path.to_owned(),
-        problem,
-    };
-    let csv = |source| SiteError::Csv {
-        path: path.to_owned(),
-        source,
-    };
+/// An unreadable file, or one with a missing column or an unknown rating (naming the file and
+/// the row).
+pub fn load(path: &Path) -> Result<Vec<Review>> {
+    let at = || format!("reading {} (`make data` fetches it)", path.display());
     let mut rdr = csv::ReaderBuilder::new()
         .delimiter(b'\t')
         .from_path(path)
-        .map_err(csv)?;
-    let headers = rdr.headers().map_err(csv)?.clone();
+        .with_context(at)?;
+    let headers = rdr.headers().with_context(at)?.clone();
     let col = |n: &str| {
         headers
             .iter()
             .position(|h| h == n)
-            .ok_or_else(|| err(format!("no column `{n}`")))
+            .with_context(|| format!("{}: no column `{n}`", path.display()))
     };
     let (review, condition, rating) = (col("review")?, col("condition")?, col("rating")?);
     let mut out = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
-        let rec = rec.map_err(csv)?;
+        let rec = rec.with_context(at)?;
         let r = rec.get(rating).unwrap_or("");
-        let label = CLASSES.iter().position(|c| *c == r).ok_or_else(|| {
-            err(format!(
-                "row {}: rating `{r}` is not one of {CLASSES:?}",
+        let label = CLASSES.iter().position(|c| *c == r).with_context(|| {
+            format!(
+                "{}: row {}: rating `{r}` is not one of {CLASSES:?}",
+                path.display(),
                 i + 1
-            ))
+            )
         })?;
         let text =
             html_escape::decode_html_entities(rec.get(review).unwrap_or("").trim_matches('"'))
@@ -67,7 +61,7 @@ pub fn load(path: &Path) -> Result<Vec<Review>, SiteError> {
         });
     }
     if out.is_empty() {
-        return Err(err("no reviews".into()));
+        bail!("{}: no reviews", path.display());
     }
     Ok(out)
 }

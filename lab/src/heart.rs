@@ -9,7 +9,7 @@ use std::path::Path;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
-use crate::SiteError;
+use anyhow::{Context, Result, bail};
 
 /// Number of features after preparation.
 pub const NUM_FEATURES: usize = 15;
@@ -40,7 +40,7 @@ pub const HOSPITALS: [&str; 4] = ["Cleveland", "Hungary", "Switzerland", "VA Lon
 pub const SPLIT_SEED: u64 = 42;
 
 /// Examples: here `x` is `(n, NUM_FEATURES)` and `y` is 1 for heart disease (`num > 0`).
-pub use crate::table::Examples;
+pub use fedee_site_agent::table::Examples;
 
 /// One hospital's train and test splits.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,30 +123,24 @@ struct Columns {
 /// Load and prepare one hospital's partition from `heart_disease_uci.csv`.
 ///
 /// # Errors
-/// [`SiteError::Csv`] if the file cannot be read; [`SiteError::Data`] if it lacks a column or
-/// `hospital` is unknown.
-pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
-    let data = |problem: String| SiteError::Data {
-        path: path.to_owned(),
-        problem,
-    };
-    let csv = |source| SiteError::Csv {
-        path: path.to_owned(),
-        source,
-    };
+/// An unreadable file, a missing column, or an unknown `hospital`.
+pub fn load(path: &Path, hospital: &str) -> Result<Partition> {
     if !HOSPITALS.contains(&hospital) {
-        return Err(data(format!(
+        bail!(
             "unknown hospital `{hospital}`: use one of {}",
             HOSPITALS.join(", ")
-        )));
+        );
     }
-    let mut rdr = csv::Reader::from_path(path).map_err(csv)?;
-    let headers = rdr.headers().map_err(csv)?.clone();
+    let at = || format!("reading {} (`make data` fetches it)", path.display());
+    let mut rdr = csv::Reader::from_path(path).with_context(at)?;
+    let headers = rdr.headers().with_context(at)?.clone();
     let col = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| data(format!("no column `{name}`: is it heart_disease_uci.csv?")))
+        headers.iter().position(|h| h == name).with_context(|| {
+            format!(
+                "{}: no column `{name}`: is it heart_disease_uci.csv?",
+                path.display()
+            )
+        })
     };
     let idx = Columns {
         dataset: col("dataset")?,
@@ -164,7 +158,7 @@ pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
     };
     let mut by_class: [Vec<Vec<f32>>; 2] = [vec![], vec![]];
     for rec in rdr.records() {
-        let rec = rec.map_err(csv)?;
+        let rec = rec.with_context(at)?;
         if rec.get(idx.dataset) != Some(hospital) {
             continue;
         }
@@ -184,7 +178,10 @@ pub fn load(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
         }
     }
     if train.is_empty() || test.is_empty() {
-        return Err(data(format!("hospital `{hospital}` has no usable rows")));
+        bail!(
+            "{}: hospital `{hospital}` has no usable rows",
+            path.display()
+        );
     }
     Ok(Partition {
         hospital: hospital.to_owned(),
@@ -246,7 +243,7 @@ impl Standardizer {
 ///
 /// # Errors
 /// As [`load`].
-pub fn load_standardized(path: &Path, hospital: &str) -> Result<Partition, SiteError> {
+pub fn load_standardized(path: &Path, hospital: &str) -> Result<Partition> {
     let mut p = load(path, hospital)?;
     let s = Standardizer::fit(&p.train);
     s.apply(&mut p.train);
