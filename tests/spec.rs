@@ -92,7 +92,7 @@ async fn federate(
     std::fs::write(dir.join("spec.toml"), &spec).unwrap();
     init_model(dir, "spec.toml");
     let agg = spec_aggregator(dir, "spec.toml", &["--initial-model", "g0.safetensors"]);
-    (run_sites(dir, &agg, sites, "split: train").await, agg)
+    (run_sites(dir, &agg, sites, "split: train", &[]).await, agg)
 }
 
 /// Run `fedee ARGS` in `dir`; it must succeed. Returns its stderr.
@@ -278,10 +278,16 @@ async fn run_sites(
     agg: &Aggregator,
     sites: &[(&str, &Path, &str)],
     report: &str,
+    extra: &[&str],
 ) -> fedee_proto::v1::StatusResponse {
     let children: Vec<_> = sites
         .iter()
-        .map(|(name, file, filter)| site(dir, &agg.addr, name, file, filter).spawn().unwrap())
+        .map(|(name, file, filter)| {
+            site(dir, &agg.addr, name, file, filter)
+                .args(extra)
+                .spawn()
+                .unwrap()
+        })
         .collect();
     for (child, (name, ..)) in children.into_iter().zip(sites) {
         let out = child.wait_with_output().unwrap();
@@ -884,7 +890,17 @@ async fn a_text_federation_fine_tunes_a_bert_checkpoint_from_its_spec() {
         ("North", north.as_path(), ""),
         ("South", tsv.as_path(), "condition=Birth Control"),
     ];
-    let st = run_sites(dir, &agg, &sites, "classes: negative = ").await;
+    // The example's σ = 1e-5 gives no meaningful DP: a site's default policy refuses it,
+    // and the hospital must accept it explicitly.
+    let out = site(dir, &agg.addr, "North", &north, "").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("σ = 0.00001") && err.contains("--min-noise-multiplier"),
+        "{err}"
+    );
+    let accept = ["--min-noise-multiplier", "1e-5", "--epsilon-budget", "inf"];
+    let st = run_sites(dir, &agg, &sites, "classes: negative = ", &accept).await;
     assert!(st.spec_summary.contains("BERT from"), "{}", st.spec_summary);
     assert_eq!(st.rounds.len(), 1);
     assert_eq!(st.rounds[0].state, "closed");

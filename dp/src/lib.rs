@@ -294,7 +294,13 @@ impl SiteLevelAccountant {
 
 /// The classical zCDP → (ε, δ) conversion `ε = ρ + 2·sqrt(ρ·ln(1/δ))` (Bun & Steinke 2016,
 /// Prop. 1.3): an upper bound on the tight conversion.
+///
+/// # Security
+/// ∞ for a δ outside (0, 1) or a ρ that is negative or NaN (never a small figure).
 pub fn classical_epsilon(rho: f64, delta: f64) -> f64 {
+    if !(delta > 0.0 && delta < 1.0 && rho >= 0.0) {
+        return f64::INFINITY;
+    }
     rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt()
 }
 

@@ -122,9 +122,17 @@ pub fn rdp_step(q: f64, sigma: f64, alpha: f64) -> f64 {
     log_a / (alpha - 1.0)
 }
 
-/// `(ε, best order)` at `delta` from RDP values at `orders`.
+/// `(ε, best order)` at `delta` from RDP values at `orders` (Mironov 2017, Prop. 3, with the
+/// tighter conversion of Canonne, Kamath & Steinke 2020, Prop. 12).
+///
+/// # Security
+/// A δ outside (0, 1) (NaN included) gives ε = ∞: the formula would otherwise go negative for
+/// δ > 1 and report no spend, so a budget check could never fire.
 pub fn epsilon_from_rdp(orders: &[f64], rdp: &[f64], delta: f64) -> (f64, f64) {
     let mut best = (f64::INFINITY, f64::NAN);
+    if !(delta > 0.0 && delta < 1.0) {
+        return best;
+    }
     for (&a, &r) in orders.iter().zip(rdp) {
         let eps = r - (delta.ln() + a.ln()) / (a - 1.0) + ((a - 1.0) / a).ln();
         if eps.is_finite() && eps < best.0 {
@@ -258,6 +266,16 @@ pub fn calibrate_sigma_after(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delta_outside_zero_one_spends_everything() {
+        let mut acc = RdpAccountant::default();
+        acc.add(0.1, 1.0, 100).unwrap();
+        assert!(acc.epsilon(1e-5).0.is_finite());
+        for bad in [0.0, 1.0, 1e300, -1e-5, f64::NAN, f64::INFINITY] {
+            assert_eq!(acc.epsilon(bad).0, f64::INFINITY, "δ = {bad}");
+        }
+    }
 
     #[test]
     fn calibrated_sigma_reaches_the_target_epsilon() {

@@ -12,6 +12,7 @@ use fedee_model::{StateDict, state_to_safetensors};
 use fedee_proto::pki::TlsFiles;
 use fedee_proto::v1::StatusResponse;
 use fedee_site_agent::client::{Link, Retry};
+use fedee_site_agent::policy::PrivacyPolicy;
 use fedee_site_agent::table::{DataReport, RowFilter};
 use fedee_spec::{FederationSpec, SignedSpec};
 use serde::Serialize;
@@ -27,6 +28,36 @@ pub(crate) struct Site {
     pub filter: Option<RowFilter>,
     /// Seed of the site's shuffling and DP noise (debugging only; `None` draws from the OS).
     pub seed: Option<u64>,
+    /// What the site accepts ([`demo_policy`]).
+    pub policy: PrivacyPolicy,
+}
+
+/// The privacy policy of a demo's sites: the default (`fedee site`'s), loosened, loudly,
+/// only where the demo's own spec asks for less protection, as a hospital would have to do
+/// with explicit flags.
+pub(crate) fn demo_policy(spec: &fedee_spec::FederationSpec) -> PrivacyPolicy {
+    let mut p = PrivacyPolicy::default();
+    let privacy = &spec.privacy;
+    if let Some(s) = privacy.noise_multiplier
+        && s < p.min_noise_multiplier
+    {
+        eprintln!(
+            "[demo] WARNING: the spec's σ = {s} gives no meaningful differential privacy; the demo's sites accept it explicitly (fedee site --min-noise-multiplier {s} --epsilon-budget inf)"
+        );
+        p.min_noise_multiplier = s;
+        p.epsilon_budget = f64::INFINITY;
+    }
+    if let Some(t) = privacy.target_epsilon
+        && t > p.epsilon_budget
+    {
+        eprintln!(
+            "[demo] the spec targets ε = {t}, above a site's default budget of ε = {}; the demo's sites accept it explicitly (fedee site --epsilon-budget {t} --min-noise-multiplier 0)",
+            p.epsilon_budget
+        );
+        p.epsilon_budget = t;
+        p.min_noise_multiplier = 0.0;
+    }
+    p
 }
 
 /// A finished federation: the aggregator's last status, each site's data report, and the
@@ -139,8 +170,8 @@ impl Consortium {
                     retry: Retry::default(),
                     noise: fedee_dp::noise::Sampler::Fast,
                     ledger: None,
-                    epsilon_budget: None,
-                    spec: Some(signed.clone()),
+                    policy: s.policy.clone(),
+                    spec: signed.clone(),
                     tls: Some(self.tls(&s.name)),
                 },
             )));

@@ -232,6 +232,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // --- 1. Federation -----------------------------------------------------------------
     let consortium = Consortium::new(&FEDERATION_SITES, device)?;
     let initial = fedee_site_agent::task::initial_model(&spec, args.seed as i64)?;
+    let policy = crate::consortium::demo_policy(&spec);
     let sites: Vec<Site> = FEDERATION_SITES
         .iter()
         .enumerate()
@@ -242,6 +243,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             seed: args
                 .reproducible
                 .then(|| args.seed.wrapping_mul(1000) + i as u64),
+            policy: policy.clone(),
         })
         .collect();
     let Federation {

@@ -198,6 +198,7 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
     let consortium = Consortium::new(&SITE_GROUPS, device)?;
     let pharma_tsv = consortium.work.join("pharma.tsv");
     export(&train_tsv, &pharma_tsv, args.limit, |_| true)?;
+    let policy = crate::consortium::demo_policy(&spec);
     let mut sites = Vec::new();
     for group in SITE_GROUPS {
         let file = consortium.work.join(format!("{group}.tsv"));
@@ -209,6 +210,7 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
             data: file,
             filter: None,
             seed: None,
+            policy: policy.clone(),
         });
     }
 

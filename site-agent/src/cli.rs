@@ -55,11 +55,57 @@ pub struct SiteArgs {
     /// [default: fedee-privacy-ledger-SITE.json]
     #[arg(long)]
     pub ledger: Option<PathBuf>,
-    /// The site's privacy budget ε (at the federation's δ). Before each round the site
-    /// computes what its ledger would reach; over budget, it refuses to train and stops,
-    /// naming spent, requested and budget.
-    #[arg(long)]
-    pub epsilon_budget: Option<f64>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// The site's own privacy policy: what it accepts whatever the federation spec or the
+/// aggregator says. A federation outside it is refused before the site joins; a round
+/// outside it is refused and the site leaves.
+#[derive(clap::Args, Clone, Debug)]
+pub struct PolicyArgs {
+    /// The site's privacy budget ε (at the federation's δ), over its whole ledger. Before
+    /// each round the site computes what its ledger would reach; over budget, it refuses to
+    /// train and leaves, naming spent, requested and budget. A spec whose target ε is larger
+    /// is refused at join. `inf` turns the limit off (the spend is still accounted).
+    #[arg(long, default_value_t = crate::policy::DEFAULT_EPSILON_BUDGET)]
+    pub epsilon_budget: f64,
+    /// Smallest noise multiplier σ the site accepts (of its update in site mode, of DP-SGD's
+    /// per-example gradients in record mode).
+    #[arg(long, default_value_t = crate::policy::DEFAULT_MIN_NOISE_MULTIPLIER)]
+    pub min_noise_multiplier: f64,
+    /// Largest clipping norm C the site accepts.
+    #[arg(long, default_value_t = f64::INFINITY)]
+    pub max_clipping_norm: f64,
+    /// Largest δ the site accepts (δ < 1/n for its n training records is required too).
+    #[arg(long, default_value_t = crate::policy::DEFAULT_MAX_DELTA)]
+    pub max_delta: f64,
+    /// DP modes the site takes part in: `site` (unit: a site's update), `record` (DP-SGD;
+    /// unit: a patient record), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "site,record")]
+    pub dp_modes: Vec<String>,
+}
+
+impl PolicyArgs {
+    /// The policy these flags set.
+    ///
+    /// # Errors
+    /// An unknown DP mode, or values that are not a policy (named by flag).
+    pub fn policy(&self) -> Result<crate::policy::PrivacyPolicy> {
+        let p = crate::policy::PrivacyPolicy {
+            min_noise_multiplier: self.min_noise_multiplier,
+            max_clipping_norm: self.max_clipping_norm,
+            modes: self
+                .dp_modes
+                .iter()
+                .map(|m| m.parse())
+                .collect::<Result<_, _>>()?,
+            max_delta: self.max_delta,
+            epsilon_budget: self.epsilon_budget,
+        };
+        p.validate()?;
+        Ok(p)
+    }
 }
 
 /// Scaffold a commented federation spec from a data file: infers each column's type
@@ -157,8 +203,8 @@ pub async fn run(s: SiteArgs) -> Result<()> {
                 s.site.replace(' ', "_")
             ))
         })),
-        epsilon_budget: s.epsilon_budget,
-        spec: Some(spec),
+        policy: s.policy.policy()?,
+        spec,
     })
     .await?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use crate::SiteError;
 use crate::dpsgd::DpSgd;
 use crate::ledger::Planned;
+use crate::policy::RoundPrivacy;
 use crate::task::{HeldOut, LocalTask, RoundSettings};
 use crate::train::dp_update;
 use fedee_dp::DpMode;
@@ -47,14 +48,13 @@ pub struct SiteConfig {
     pub noise: fedee_dp::noise::Sampler,
     /// Where the site's privacy ledger is kept (`None`: in memory only).
     pub ledger: Option<std::path::PathBuf>,
-    /// The site's ε budget (at the federation's δ): training that would exceed it is refused
-    /// and the site stops. `None`: no limit (the spend is still accounted and reported).
-    pub epsilon_budget: Option<f64>,
+    /// What the site accepts (σ, C, modes, δ, ε budget), checked before joining and before
+    /// every round, whatever the spec and the aggregator say.
+    pub policy: crate::policy::PrivacyPolicy,
     /// The federation spec the task was built from ([`fetch_spec`]). Its hash is named at
     /// Join (the aggregator refuses a site that checked its data against another spec), and
-    /// every task's DP settings must be the spec's ([`agreed_privacy`]). `None` for a
-    /// federation without a spec.
-    pub spec: Option<fedee_spec::SignedSpec>,
+    /// every task's DP settings must be the spec's ([`agreed_privacy`]).
+    pub spec: fedee_spec::SignedSpec,
 }
 
 /// Retries with exponential backoff and jitter for calls that fail at the transport level
@@ -410,85 +410,26 @@ pub async fn fetch_spec(
     Ok(Some(spec))
 }
 
-/// The DP settings of one round's task: `(C, σ, mode, δ)`. Without a spec they are the task's
-/// (an aggregator that sends no mode or δ predates record-level DP: site mode, δ = 1e-5).
-/// With one, the task must carry exactly the spec's mode, `C`, δ, epochs and batch size,
-/// and its σ; for a spec with a target ε, site mode checks the aggregator's σ against the
-/// same calibration, and record mode calibrates this site's own σ to its sampling rate
-/// `batch / n` and `rounds × epochs × ⌈n / batch⌉` DP-SGD steps (either is computed once and
-/// cached in `calibrated`).
+/// The DP settings a spec sets for a site with `n` training records: its mode, `C`, δ and
+/// σ. For a spec with a target ε, site mode calibrates σ as the aggregator does (one σ for
+/// all rounds), and record mode calibrates this site's own σ to its sampling rate
+/// `batch / n` and `rounds × epochs × ⌈n / batch⌉` DP-SGD steps, after the federated
+/// statistics' spend.
 ///
 /// # Errors
-/// [`SiteError::Refused`] naming the setting when the task departs from the spec;
-/// [`SiteError::Dp`] for values no mechanism accepts.
-///
-/// # Security
-/// A site that agreed to a spec spends no more than the spec allows, whatever the
-/// aggregator's tasks say (a changed σ mid-federation is refused).
-pub fn agreed_privacy(
-    task: &fedee_proto::v1::Task,
-    spec: Option<&fedee_spec::FederationSpec>,
-    n: u64,
-    calibrated: &mut Option<f64>,
-) -> Result<(ClippingNorm, NoiseMultiplier, DpMode, f64), SiteError> {
-    let Some(spec) = spec else {
-        let mode: DpMode = if task.dp_mode.is_empty() {
-            DpMode::Site
-        } else {
-            task.dp_mode.parse()?
-        };
-        let delta = if task.delta > 0.0 { task.delta } else { 1e-5 };
-        return Ok((
-            ClippingNorm::new(task.clipping_norm)?,
-            NoiseMultiplier::new(task.noise_multiplier)?,
-            mode,
-            delta,
-        ));
-    };
+/// [`SiteError::Refused`] for a spec that states no noise; [`SiteError::Dp`] for values no
+/// mechanism accepts.
+pub fn spec_privacy(spec: &fedee_spec::FederationSpec, n: u64) -> Result<RoundPrivacy, SiteError> {
     let p = &spec.privacy;
+    let t = &spec.training;
     let mode = match p.mode {
         fedee_spec::PrivacyMode::Site => DpMode::Site,
         fedee_spec::PrivacyMode::Record => DpMode::Record,
     };
-    let refuse = |what: &str, sent: String, agreed: String| {
-        Err(SiteError::Refused(format!(
-            "round {}: the aggregator sent {what} = {sent}, but the federation spec this site agreed to says {agreed}; the site does not train on settings it did not agree to",
-            task.round
-        )))
-    };
-    if task.dp_mode != mode.as_str() {
-        return refuse(
-            "dp_mode",
-            format!("{:?}", task.dp_mode),
-            mode.as_str().into(),
-        );
-    }
-    if task.clipping_norm != p.clipping_norm {
-        return refuse(
-            "clipping_norm",
-            task.clipping_norm.to_string(),
-            p.clipping_norm.to_string(),
-        );
-    }
-    if task.delta != p.delta {
-        return refuse("delta", task.delta.to_string(), p.delta.to_string());
-    }
-    let t = &spec.training;
-    if task.local_epochs != t.epochs || task.batch_size != t.batch_size {
-        return refuse(
-            "epochs / batch size",
-            format!("{} / {}", task.local_epochs, task.batch_size),
-            format!("{} / {}", t.epochs, t.batch_size),
-        );
-    }
     let sigma = match (p.noise_multiplier, p.target_epsilon, mode) {
         (Some(s), _, _) => s,
-        (None, Some(_), _) if calibrated.is_some() => calibrated.unwrap_or_default(),
         (None, Some(eps), DpMode::Site) => {
-            let s = fedee_dp::SiteLevelAccountant::calibrate(spec.federation.rounds, eps, p.delta)?
-                .get();
-            *calibrated = Some(s);
-            s
+            fedee_dp::SiteLevelAccountant::calibrate(spec.federation.rounds, eps, p.delta)?.get()
         }
         (None, Some(eps), DpMode::Record) => {
             let b = u64::from(t.batch_size);
@@ -507,7 +448,6 @@ pub fn agreed_privacy(
                 target_epsilon = eps,
                 "σ calibrated to this site's data"
             );
-            *calibrated = Some(s);
             s
         }
         (None, None, _) => {
@@ -516,27 +456,112 @@ pub fn agreed_privacy(
             ));
         }
     };
-    // Record mode with a target ε: the task carries 0 and the site decides.
-    let expected = if p.noise_multiplier.is_none() && mode == DpMode::Record {
-        0.0
-    } else {
-        sigma
+    Ok(RoundPrivacy {
+        mode,
+        clipping_norm: p.clipping_norm,
+        noise_multiplier: sigma,
+        delta: p.delta,
+    })
+}
+
+/// The ε (at the spec's δ) this site's ledger would reach after every round of the
+/// federation: what it has spent already, the federated statistics if the spec has them,
+/// and `rounds` rounds at `agreed` with the spec's epochs and batch size on `n` records.
+///
+/// # Errors
+/// [`SiteError::Dp`] for values no mechanism accepts.
+pub fn federation_epsilon(
+    spec: &fedee_spec::FederationSpec,
+    agreed: &RoundPrivacy,
+    n: u64,
+    ledger: &crate::ledger::Ledger,
+) -> Result<f64, SiteError> {
+    let mut future = Vec::new();
+    if let Some(s) = spec.statistics_sigma() {
+        future.push(Planned {
+            sampling_rate: 1.0,
+            noise_multiplier: s,
+            steps: 1,
+        });
+    }
+    let settings = RoundSettings {
+        epochs: spec.training.epochs,
+        batch_size: spec.training.batch_size,
+        learning_rate: 0.0,
+        proximal_mu: 0.0,
     };
-    // A NaN σ compares false, so it fails this check.
-    let agreed = (task.noise_multiplier - expected).abs() <= 1e-9 * expected.max(1.0);
-    if !agreed {
+    let sigma = NoiseMultiplier::new(agreed.noise_multiplier)?;
+    let round = plan(agreed.mode, &settings, n, sigma);
+    future.extend(std::iter::repeat_n(round, spec.federation.rounds as usize));
+    Ok(ledger.spend_after(&future, agreed.delta)?.0)
+}
+
+/// The DP settings of one round's task, which must be exactly what the site agreed to:
+/// `agreed` ([`spec_privacy`]) for mode, `C`, δ and σ, and the spec's epochs and batch size.
+/// In record mode with a target ε the task carries σ = 0 (each site calibrates its own).
+///
+/// # Errors
+/// [`SiteError::Refused`] naming the setting when the task departs from the spec.
+///
+/// # Security
+/// A site that agreed to a spec spends no more than the spec allows, whatever the
+/// aggregator's tasks say (a changed σ mid-federation, a NaN, a δ ≥ 1 are refused).
+pub fn agreed_privacy(
+    task: &fedee_proto::v1::Task,
+    spec: &fedee_spec::FederationSpec,
+    agreed: &RoundPrivacy,
+) -> Result<(), SiteError> {
+    let refuse = |what: &str, sent: String, agreed: String| {
+        Err(SiteError::Refused(format!(
+            "round {}: the aggregator sent {what} = {sent}, but the federation spec this site agreed to says {agreed}; the site does not train on settings it did not agree to",
+            task.round
+        )))
+    };
+    if task.dp_mode != agreed.mode.as_str() {
         return refuse(
-            "noise_multiplier",
-            task.noise_multiplier.to_string(),
-            expected.to_string(),
+            "dp_mode",
+            format!("{:?}", task.dp_mode),
+            agreed.mode.as_str().into(),
         );
     }
-    Ok((
-        ClippingNorm::new(p.clipping_norm)?,
-        NoiseMultiplier::new(sigma)?,
-        mode,
-        p.delta,
-    ))
+    if task.clipping_norm != agreed.clipping_norm {
+        return refuse(
+            "clipping_norm",
+            format!("{:?}", task.clipping_norm),
+            format!("{:?}", agreed.clipping_norm),
+        );
+    }
+    if task.delta != agreed.delta {
+        return refuse(
+            "delta",
+            format!("{:?}", task.delta),
+            format!("{:?}", agreed.delta),
+        );
+    }
+    let t = &spec.training;
+    if task.local_epochs != t.epochs || task.batch_size != t.batch_size {
+        return refuse(
+            "epochs / batch size",
+            format!("{} / {}", task.local_epochs, task.batch_size),
+            format!("{} / {}", t.epochs, t.batch_size),
+        );
+    }
+    // Record mode with a target ε: the task carries 0 and the site decides.
+    let expected = if spec.privacy.noise_multiplier.is_none() && agreed.mode == DpMode::Record {
+        0.0
+    } else {
+        agreed.noise_multiplier
+    };
+    // A NaN σ compares false, so it fails this check.
+    let same = (task.noise_multiplier - expected).abs() <= 1e-9 * expected.max(1.0);
+    if !same {
+        return refuse(
+            "noise_multiplier",
+            format!("{:?}", task.noise_multiplier),
+            format!("{expected:?}"),
+        );
+    }
+    Ok(())
 }
 
 /// The statistics round of `standardize = "federated"`: unless the aggregator already has
@@ -555,9 +580,7 @@ async fn federated_statistics(
     rng: &mut ChaCha20Rng,
 ) -> Result<(), SiteError> {
     use fedee_proto::v1::{FeatureStatistics as Wire, StatisticsRequest};
-    let Some(spec) = cfg.spec.as_ref().map(|s| s.spec.clone()) else {
-        return Ok(());
-    };
+    let spec = cfg.spec.spec.clone();
     let site = cfg.site.clone();
     let ask = |features: Vec<Wire>| StatisticsRequest {
         site: site.clone(),
@@ -576,11 +599,10 @@ async fn federated_statistics(
             steps: 1,
         };
         let after = ledger.epsilon_with(Some(planned), delta)?;
-        if let Some(budget) = cfg.epsilon_budget
-            && after > budget
-        {
+        let budget = cfg.policy.epsilon_budget;
+        if !crate::policy::within_budget(after, budget) {
             return Err(SiteError::Refused(format!(
-                "the federated statistics would bring this site's ε to {after:.3}, over its budget {budget}"
+                "the federated statistics would bring this site's ε to {after:.3}, over its budget {budget} (--epsilon-budget)"
             )));
         }
         if let Some(target) = spec.privacy.target_epsilon
@@ -648,9 +670,27 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     // Connect on first use and reconnect after failures (the aggregator may start later or
     // restart); each call is retried per `cfg.retry`.
     let mut link = Link::connect(&cfg.aggregator, cfg.tls.as_ref(), cfg.retry)?;
-    let spec_sha256 = cfg.spec.as_ref().map(|s| s.sha256.clone());
-    link.join(&cfg.site, spec_sha256.unwrap_or_default())
-        .await?;
+    // The site's own policy, checked before it joins: the spec's settings and what the site
+    // will spend (its ledger so far plus the federation's planned rounds).
+    let n = cfg.task.num_examples();
+    cfg.policy.validate()?;
+    cfg.policy.check_target(&cfg.spec.spec)?;
+    let agreed = spec_privacy(&cfg.spec.spec, n)?;
+    cfg.policy.check(&agreed, n)?;
+    let mut ledger = crate::ledger::Ledger::open(cfg.ledger.as_deref())?;
+    let planned_total = federation_epsilon(&cfg.spec.spec, &agreed, n, &ledger)?;
+    let budget = cfg.policy.epsilon_budget;
+    if planned_total > budget {
+        tracing::warn!(
+            site = %cfg.site,
+            planned_epsilon = planned_total,
+            budget,
+            "the federation's rounds would take this site's ledger past its ε budget: it will train while the budget allows, then leave"
+        );
+    } else {
+        tracing::info!(site = %cfg.site, planned_epsilon = planned_total, budget, delta = agreed.delta, "privacy planned within budget");
+    }
+    link.join(&cfg.site, cfg.spec.sha256.clone()).await?;
     tracing::info!(
         site = %cfg.site,
         train = cfg.task.num_examples(),
@@ -669,13 +709,10 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         privacy: vec![],
         stopped: None,
     };
-    let mut ledger = crate::ledger::Ledger::open(cfg.ledger.as_deref())?;
-    if let Some(sigma) = cfg.spec.as_ref().and_then(|s| s.spec.statistics_sigma()) {
+    if let Some(sigma) = cfg.spec.spec.statistics_sigma() {
         federated_statistics(&mut link, &mut cfg, &mut ledger, sigma, &mut rng).await?;
     }
     let mut evaluated = 0u32;
-    // A spec with a target ε: the σ calibrated from it, computed once.
-    let mut calibrated = None;
     loop {
         let task = link.next_task(&cfg.site).await?;
         let kind = TaskKind::try_from(task.kind).unwrap_or(TaskKind::Unspecified);
@@ -704,15 +741,23 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             learning_rate: task.learning_rate,
             proximal_mu: task.proximal_mu,
         };
-        let n = cfg.task.num_examples();
-        let spec = cfg.spec.as_ref().map(|s| &s.spec);
-        let (c, sigma, mode, delta) = agreed_privacy(&task, spec, n, &mut calibrated)?;
+        if let Err(e) = agreed_privacy(&task, &cfg.spec.spec, &agreed)
+            .and_then(|()| cfg.policy.check(&agreed, n))
+        {
+            tracing::warn!(site = %cfg.site, round = task.round, "{e}");
+            link.leave(&cfg.site, &e.to_string()).await?;
+            return Err(e);
+        }
+        let (c, sigma, mode, delta) = (
+            ClippingNorm::new(agreed.clipping_norm)?,
+            NoiseMultiplier::new(agreed.noise_multiplier)?,
+            agreed.mode,
+            agreed.delta,
+        );
         let planned = plan(mode, &settings, n, sigma);
         let spent = ledger.epsilon_with(None, delta)?;
         let after = ledger.epsilon_with(Some(planned), delta)?;
-        if let Some(budget) = cfg.epsilon_budget
-            && after > budget
-        {
+        if !crate::policy::within_budget(after, budget) {
             let msg = format!(
                 "privacy budget: site `{}` has spent ε = {spent:.4} (δ = {delta:e}, unit: {}); round {} would bring it to ε = {after:.4}, over its budget of ε = {budget}; refusing to train",
                 cfg.site,
@@ -932,9 +977,12 @@ rounds = 5
     #[test]
     fn a_task_that_departs_from_the_spec_is_refused() {
         let s = spec("mode = \"site\"\nnoise_multiplier = 2.0");
-        let mut cal = None;
-        let ok = agreed_privacy(&task("site", 2.0), Some(&s), 100, &mut cal).unwrap();
-        assert_eq!((ok.1.get(), ok.2, ok.3), (2.0, DpMode::Site, 1e-5));
+        let agreed = spec_privacy(&s, 100).unwrap();
+        assert_eq!(
+            (agreed.noise_multiplier, agreed.mode, agreed.delta),
+            (2.0, DpMode::Site, 1e-5)
+        );
+        agreed_privacy(&task("site", 2.0), &s, &agreed).unwrap();
         let hostile = [
             Task {
                 noise_multiplier: 0.0,
@@ -968,27 +1016,25 @@ rounds = 5
             task("", 2.0),
         ];
         for t in hostile {
-            let e = agreed_privacy(&t, Some(&s), 100, &mut cal).unwrap_err();
+            let e = agreed_privacy(&t, &s, &agreed).unwrap_err();
             assert!(
                 matches!(&e, SiteError::Refused(m) if m.contains("federation spec this site agreed to")),
                 "{t:?}: {e}"
             );
         }
-        // Without a spec the task decides (the demo's federations).
-        assert!(agreed_privacy(&task("site", 0.5), None, 100, &mut cal).is_ok());
     }
 
     #[test]
     fn a_target_epsilon_is_calibrated_to_the_sites_own_data() {
         let s = spec("mode = \"record\"\ntarget_epsilon = 1.0");
-        let (mut small, mut large) = (None, None);
-        let a = agreed_privacy(&task("record", 0.0), Some(&s), 40, &mut small).unwrap();
-        let b = agreed_privacy(&task("record", 0.0), Some(&s), 4000, &mut large).unwrap();
+        let a = spec_privacy(&s, 40).unwrap();
+        let b = spec_privacy(&s, 4000).unwrap();
+        agreed_privacy(&task("record", 0.0), &s, &a).unwrap();
         assert!(
-            a.1.get() > b.1.get(),
+            a.noise_multiplier > b.noise_multiplier,
             "a small site needs more noise: {a:?} {b:?}"
         );
-        for (n, sigma) in [(40u64, a.1.get()), (4000, b.1.get())] {
+        for (n, sigma) in [(40u64, a.noise_multiplier), (4000, b.noise_multiplier)] {
             let q = 10.0 / n as f64;
             let steps = 5 * 2 * n.div_ceil(10);
             let mut acc = fedee_dp::rdp::RdpAccountant::default();
@@ -997,16 +1043,16 @@ rounds = 5
             assert!(eps <= 1.0 && eps > 0.99, "n = {n}: ε = {eps}");
         }
         // The aggregator must not send its own σ here.
-        let e = agreed_privacy(&task("record", 3.0), Some(&s), 40, &mut small).unwrap_err();
+        let e = agreed_privacy(&task("record", 3.0), &s, &a).unwrap_err();
         assert!(matches!(e, SiteError::Refused(_)), "{e}");
         // Site mode: one σ for every site, the aggregator's calibration checked.
         let s = spec("mode = \"site\"\ntarget_epsilon = 1.0");
         let sigma = fedee_dp::SiteLevelAccountant::calibrate(5, 1.0, 1e-5)
             .unwrap()
             .get();
-        let mut cal = None;
-        let ok = agreed_privacy(&task("site", sigma), Some(&s), 40, &mut cal).unwrap();
-        assert_eq!(ok.1.get(), sigma);
-        assert!(agreed_privacy(&task("site", sigma * 0.5), Some(&s), 40, &mut cal).is_err());
+        let agreed = spec_privacy(&s, 40).unwrap();
+        assert_eq!(agreed.noise_multiplier, sigma);
+        agreed_privacy(&task("site", sigma), &s, &agreed).unwrap();
+        assert!(agreed_privacy(&task("site", sigma * 0.5), &s, &agreed).is_err());
     }
 }

@@ -356,7 +356,10 @@ fn render(path: &Path, rows: usize, label: &str, columns: &[ColumnInference]) ->
          [privacy]\n\
          mode = \"record\"             # DP-SGD at each site, unit: one record; or \"site\" (a site's update)\n\
          clipping_norm = 1.0\n\
-         noise_multiplier = 1.0      # σ: larger is more private and less accurate\n\
+         target_epsilon = 1.0        # ε each site may spend over the whole federation; each site\n\
+         \x20                           # calibrates its own σ to its data (a small site needs more\n\
+         \x20                           # noise). Or noise_multiplier = σ, the same at every site.\n\
+         \x20                           # Sites refuse ε above their budget (default 10).\n\
          delta = 1e-5                # keep below 1 / (records at the smallest site)"
     );
     t

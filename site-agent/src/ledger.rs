@@ -115,11 +115,19 @@ impl Ledger {
         next: Option<Planned>,
         delta: f64,
     ) -> Result<(f64, f64, f64), SiteError> {
+        self.spend_after(next.as_slice(), delta)
+    }
+
+    /// Cumulative `(ε, α, RDP(α))` at `delta` of the recorded entries plus every `next`.
+    ///
+    /// # Errors
+    /// [`SiteError::Dp`] for out-of-range parameters.
+    pub fn spend_after(&self, next: &[Planned], delta: f64) -> Result<(f64, f64, f64), SiteError> {
         let mut acc = RdpAccountant::default();
         for e in &self.entries {
             acc.add(e.sampling_rate, e.noise_multiplier, e.steps)?;
         }
-        if let Some(p) = next {
+        for p in next {
             acc.add(p.sampling_rate, p.noise_multiplier, p.steps)?;
         }
         let (eps, order) = acc.epsilon(delta);

@@ -16,6 +16,7 @@ pub mod dpsgd;
 pub mod infer;
 pub mod ledger;
 pub mod metrics;
+pub mod policy;
 pub mod statistics;
 pub mod table;
 pub mod task;
