@@ -89,7 +89,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CertsCommand {
-    /// Create the consortium CA: DIR/ca.pem and DIR/ca.key (mode 0600).
+    /// Create the consortium CA: DIR/ca.pem and DIR/ca.key (mode 0600). Refuses to replace
+    /// an existing CA (that would invalidate every certificate it issued) without --force.
     Init {
         /// PKI directory.
         #[arg(long, default_value = "pki")]
@@ -100,26 +101,45 @@ enum CertsCommand {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: i64,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
     },
-    /// Issue a certificate signed by the CA: DIR/NAME.pem and DIR/NAME.key (mode 0600).
-    /// Exactly one of --site, --server, --client.
-    #[command(group(clap::ArgGroup::new("role").required(true).args(["site", "server", "client"])))]
+    /// Issue a certificate signed by the CA: DIR/NAME.pem and DIR/NAME.key (mode 0600), with
+    /// the role in its subject OU. Exactly one of --site, --aggregator, --trainer, --client,
+    /// --operator. Clients check the role of the service they reach: a site talks only to an
+    /// aggregator certificate, pharma only to a trainer one.
+    #[command(group(clap::ArgGroup::new("role").required(true).args(["site", "aggregator", "trainer", "client", "operator"])))]
     Issue {
         /// PKI directory holding the CA.
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
         /// A site agent's certificate; NAME is its identity at the aggregator.
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         site: Option<String>,
-        /// A service certificate (aggregator, trainer); valid for localhost and 127.0.0.1.
-        #[arg(long)]
-        server: Option<String>,
-        /// A trainer client's (or operator's) certificate.
-        #[arg(long)]
+        /// The aggregator's service certificate, valid for the --host names.
+        #[arg(long, value_name = "NAME")]
+        aggregator: Option<String>,
+        /// The trainer's service certificate, valid for the --host names.
+        #[arg(long, value_name = "NAME")]
+        trainer: Option<String>,
+        /// A trainer client's certificate (pharma, an inference client).
+        #[arg(long, value_name = "NAME")]
         client: Option<String>,
+        /// The consortium operator's certificate: `fedee status` with it shows every site's
+        /// figures; other certificates see only the federation's.
+        #[arg(long, value_name = "NAME")]
+        operator: Option<String>,
+        /// Service certificates: a DNS name or IP address clients dial (repeatable), e.g.
+        /// --host agg.example.org --host 10.0.0.5 [default: localhost and 127.0.0.1].
+        #[arg(long = "host", value_name = "DNS_OR_IP")]
+        hosts: Vec<String>,
         /// Validity in days (short-lived certificates are easier to trust).
         #[arg(long, default_value_t = 90)]
         days: i64,
+        /// Replace existing files of that name.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -337,8 +357,13 @@ async fn main() -> Result<()> {
             fedee_client::cli::download_model(link, &model, &out).await
         }
         Command::Ee(cmd) => ee(cmd),
-        Command::Certs(CertsCommand::Init { dir, name, days }) => {
-            fedee_proto::pki::init_ca(&dir, &name, days)?;
+        Command::Certs(CertsCommand::Init {
+            dir,
+            name,
+            days,
+            force,
+        }) => {
+            fedee_proto::pki::init_ca(&dir, &name, days, force)?;
             eprintln!(
                 "created CA `{name} CA` in {} (ca.pem; ca.key is 0600: keep it offline)",
                 dir.display()
@@ -348,19 +373,39 @@ async fn main() -> Result<()> {
         Command::Certs(CertsCommand::Issue {
             dir,
             site,
-            server,
+            aggregator,
+            trainer,
             client,
+            operator,
+            hosts,
             days,
+            force,
         }) => {
-            let (role, name) = match (site, server, client) {
-                (Some(n), _, _) => (Role::Site, n),
-                (_, Some(n), _) => (Role::Server, n),
-                (_, _, Some(n)) => (Role::Client, n),
-                _ => bail!("pass one of --site, --server, --client"),
+            let (role, name) = [
+                (Role::Site, site),
+                (Role::Aggregator, aggregator),
+                (Role::Trainer, trainer),
+                (Role::Client, client),
+                (Role::Operator, operator),
+            ]
+            .into_iter()
+            .find_map(|(r, n)| n.map(|n| (r, n)))
+            .context("pass one of --site, --aggregator, --trainer, --client, --operator")?;
+            if !hosts.is_empty() && !role.is_service() {
+                bail!("--host is for service certificates (--aggregator, --trainer)");
+            }
+            let req = fedee_proto::pki::CertRequest {
+                hosts,
+                ..fedee_proto::pki::CertRequest::new(role, &name, days)
             };
-            let (pem, key) = fedee_proto::pki::issue(&dir, role, &name, 0, days)?;
+            let (pem, key) = fedee_proto::pki::issue(&dir, &req, force)?;
+            let hosts = if role.is_service() {
+                format!(" for {}", req.sans().join(", "))
+            } else {
+                String::new()
+            };
             eprintln!(
-                "issued {} certificate `{name}` for {days} days: {} and {} (0600)",
+                "issued {} certificate `{name}`{hosts} for {days} days: {} and {} (0600)",
                 role.as_str(),
                 pem.display(),
                 key.display()

@@ -1,13 +1,14 @@
 //! Mutual TLS end to end: the real `fedee` aggregator binary over loopback, and clients with
 //! no certificate, a certificate from another CA, an expired certificate, and a valid
 //! certificate of a site that is not enrolled. Each is refused with a clear error, and the
-//! aggregator logs it.
+//! aggregator logs it. Clients pin the service they reach: its certificate must be valid for
+//! the host dialled and carry the expected role (a trainer cannot pose as the aggregator).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use fedee_proto::pki::{Role, TlsFiles, init_ca, issue};
+use fedee_proto::pki::{CertRequest, Role, TlsFiles, init_ca, issue};
 use fedee_proto::v1::JoinRequest;
 use fedee_proto::v1::federation_client::FederationClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -127,7 +128,14 @@ async fn mutual_tls_admits_only_enrolled_sites_with_valid_certificates() {
     // The consortium PKI through the CLI, as an operator would create it.
     for args in [
         vec!["certs", "init", "--dir", "pki"],
-        vec!["certs", "issue", "--dir", "pki", "--server", "aggregator"],
+        vec![
+            "certs",
+            "issue",
+            "--dir",
+            "pki",
+            "--aggregator",
+            "aggregator",
+        ],
         vec!["certs", "issue", "--dir", "pki", "--site", "Cleveland"],
         vec!["certs", "issue", "--dir", "pki", "--site", "Hungary"],
         vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
@@ -149,9 +157,18 @@ async fn mutual_tls_admits_only_enrolled_sites_with_valid_certificates() {
         assert_eq!(mode, 0o600);
     }
     // A rogue CA, and an expired certificate from the real CA.
-    init_ca(&dir.join("rogue"), "rogue", 10).unwrap();
-    issue(&dir.join("rogue"), Role::Site, "Cleveland", 0, 10).unwrap();
-    issue(&dir.join("pki"), Role::Site, "Expired", -10, 1).unwrap();
+    init_ca(&dir.join("rogue"), "rogue", 10, false).unwrap();
+    issue(
+        &dir.join("rogue"),
+        &CertRequest::new(Role::Site, "Cleveland", 10),
+        false,
+    )
+    .unwrap();
+    let expired = CertRequest {
+        valid_from_days: -10,
+        ..CertRequest::new(Role::Site, "Expired", 1)
+    };
+    issue(&dir.join("pki"), &expired, false).unwrap();
 
     let agg = start_aggregator(dir);
     let ca = dir.join("pki/ca.pem");
@@ -267,7 +284,14 @@ async fn health_is_served_and_sigterm_drains_and_exits_cleanly() {
     );
     for args in [
         vec!["certs", "init", "--dir", "pki"],
-        vec!["certs", "issue", "--dir", "pki", "--server", "aggregator"],
+        vec![
+            "certs",
+            "issue",
+            "--dir",
+            "pki",
+            "--aggregator",
+            "aggregator",
+        ],
         vec!["certs", "issue", "--dir", "pki", "--client", "ops"],
         vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
     ] {
@@ -322,4 +346,154 @@ async fn health_is_served_and_sigterm_drains_and_exits_cleanly() {
         log.contains("shutting down") && log.contains("aggregator stopped"),
         "{log}"
     );
+}
+
+/// A `fedee trainer` on a free loopback port with the certificate NAME of `dir/pki`.
+fn start_trainer(dir: &Path, name: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args(["trainer", "--listen", "127.0.0.1:0", "--tls-dir", "pki"])
+        .args(["--tls-name", name])
+        .current_dir(dir)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("trainer exited early").unwrap();
+        if let Some(a) = line.strip_prefix("trainer listening on ") {
+            break a.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    (child, addr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_pin_the_host_and_the_role_of_the_service_they_reach() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let heart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/heart-disease/federation.toml"
+    );
+    for args in [
+        vec!["certs", "init", "--dir", "pki"],
+        vec![
+            "certs",
+            "issue",
+            "--dir",
+            "pki",
+            "--aggregator",
+            "aggregator",
+        ],
+        vec!["certs", "issue", "--dir", "pki", "--trainer", "trainer"],
+        vec![
+            "certs",
+            "issue",
+            "--dir",
+            "pki",
+            "--trainer",
+            "elsewhere",
+            "--host",
+            "trainer.example.org",
+        ],
+        vec!["certs", "issue", "--dir", "pki", "--site", "Cleveland"],
+        vec!["certs", "issue", "--dir", "pki", "--client", "pharma"],
+        vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
+    ] {
+        let out = fedee(&args, dir);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Nothing is silently replaced.
+    for args in [
+        vec!["certs", "init", "--dir", "pki"],
+        vec!["certs", "issue", "--dir", "pki", "--site", "Cleveland"],
+    ] {
+        let before = std::fs::read(dir.join("pki/ca.pem")).unwrap();
+        let out = fedee(&args, dir);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("--force"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read(dir.join("pki/ca.pem")).unwrap(), before);
+    }
+    let agg = start_aggregator(dir);
+    let (mut trainer, trainer_addr) = start_trainer(dir, "trainer");
+    let (mut elsewhere, elsewhere_addr) = start_trainer(dir, "elsewhere");
+    let pki = dir.join("pki");
+    let site = TlsFiles::in_dir(&pki, "Cleveland");
+    let pharma = TlsFiles::in_dir(&pki, "pharma");
+    let dial = |addr: &str, files: &TlsFiles, role: Role| {
+        let (addr, files) = (format!("https://{addr}"), files.clone());
+        async move {
+            fedee_proto::pki::connect(&addr, Some(&files), role, std::time::Duration::from_secs(5))
+                .await
+                .unwrap()
+        }
+    };
+    // The right pairs connect, and the site is admitted.
+    let ch = dial(&agg.addr, &site, Role::Aggregator).await.unwrap();
+    FederationClient::new(ch)
+        .join(JoinRequest {
+            site: "Cleveland".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    dial(&trainer_addr, &pharma, Role::Trainer).await.unwrap();
+    // A trainer's certificate presented as the aggregator, and the other way round.
+    let err = format!(
+        "{:?}",
+        dial(&trainer_addr, &site, Role::Aggregator)
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("role `trainer`") && err.contains("talks only to the `aggregator`"),
+        "{err}"
+    );
+    let err = format!(
+        "{:?}",
+        dial(&agg.addr, &pharma, Role::Trainer).await.unwrap_err()
+    );
+    assert!(err.contains("role `aggregator`"), "{err}");
+    // A certificate for another host is refused, whatever its role.
+    let err = format!(
+        "{:?}",
+        dial(&elsewhere_addr, &pharma, Role::Trainer)
+            .await
+            .unwrap_err()
+    );
+    assert!(err.contains("NotValidForName"), "{err}");
+    // Through the real site agent: a trainer at the aggregator's address is refused.
+    let out = fedee(
+        &[
+            "site",
+            "--tls-dir",
+            "pki",
+            "--site",
+            "Cleveland",
+            "--aggregator",
+            &trainer_addr,
+            "--data",
+            "none.csv",
+            "--retries",
+            "0",
+        ],
+        dir,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("role `trainer`"),
+        "{err}"
+    );
+    for c in [&mut trainer, &mut elsewhere] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }

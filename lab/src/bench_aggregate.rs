@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::table::{self, col};
 use sha2::{Digest, Sha256};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Columns of every weight matrix of the synthetic model.
 const COLS: usize = 1024;
@@ -193,11 +193,13 @@ fn start_aggregator(
 }
 
 async fn connect(addr: &str, pki: &Path, site: &str) -> Result<FederationClient<Channel>> {
-    let tls = TlsFiles::in_dir(pki, site).client()?;
-    let ch = Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
-        .connect()
-        .await?;
+    let ch = fedee_proto::pki::connect(
+        &format!("https://{addr}"),
+        Some(&TlsFiles::in_dir(pki, site)),
+        fedee_proto::pki::Role::Aggregator,
+        Duration::from_secs(10),
+    )
+    .await??;
     Ok(FederationClient::new(ch))
 }
 

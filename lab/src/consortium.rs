@@ -262,14 +262,20 @@ impl Drop for Consortium {
 /// # Errors
 /// The files cannot be written.
 pub(crate) fn pki(dir: &Path, sites: &[&str]) -> Result<PathBuf> {
-    use fedee_proto::pki::{Role, init_ca, issue};
+    use fedee_proto::pki::{CertRequest, Role, init_ca, issue};
     let pki = dir.join("pki");
-    init_ca(&pki, "fedee demo consortium", 2)?;
-    issue(&pki, Role::Server, "aggregator", 0, 1)?;
-    issue(&pki, Role::Server, "trainer", 0, 1)?;
-    issue(&pki, Role::Client, "pharma", 0, 1)?;
-    for s in sites {
-        issue(&pki, Role::Site, s, 0, 1)?;
+    init_ca(&pki, "fedee demo consortium", 2, false)?;
+    let parties = [
+        (Role::Aggregator, "aggregator"),
+        (Role::Trainer, "trainer"),
+        (Role::Client, "pharma"),
+        (Role::Operator, "operator"),
+    ];
+    for (role, name) in parties
+        .into_iter()
+        .chain(sites.iter().map(|s| (Role::Site, *s)))
+    {
+        issue(&pki, &CertRequest::new(role, name, 1), false)?;
     }
     Ok(pki)
 }

@@ -170,31 +170,22 @@ impl Link {
     /// A lazily connected channel to `aggregator` (reconnects after failures).
     ///
     /// # Errors
-    /// [`SiteError::Endpoint`] for a malformed URL, [`SiteError::Tls`] /
-    /// [`SiteError::TlsConfig`] for unreadable or unusable certificates.
+    /// [`SiteError::Tls`] for a malformed URL or unreadable or unusable certificates.
+    ///
+    /// # Security
+    /// With TLS the aggregator must present a certificate valid for the host dialled and
+    /// carrying the `aggregator` role: a trainer's or a site's certificate is refused.
     pub fn connect(
         aggregator: &str,
         tls: Option<&fedee_proto::pki::TlsFiles>,
         retry: Retry,
     ) -> Result<Self, SiteError> {
-        let mut endpoint =
-            tonic::transport::Endpoint::from_shared(aggregator.to_owned()).map_err(|source| {
-                SiteError::Endpoint {
-                    url: aggregator.to_owned(),
-                    source,
-                }
-            })?;
-        if let Some(t) = tls {
-            endpoint = endpoint
-                .tls_config(t.client()?)
-                .map_err(|source| SiteError::TlsConfig {
-                    url: aggregator.to_owned(),
-                    source,
-                })?;
-        }
-        let channel = endpoint
-            .connect_timeout(Duration::from_secs(10))
-            .connect_lazy();
+        let channel = fedee_proto::pki::connect_lazy(
+            aggregator,
+            tls,
+            fedee_proto::pki::Role::Aggregator,
+            Duration::from_secs(10),
+        )?;
         Ok(Self {
             client: FederationClient::new(channel).max_decoding_message_size(8 << 20),
             url: aggregator.to_owned(),

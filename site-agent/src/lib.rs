@@ -100,27 +100,9 @@ pub enum SiteError {
     /// The aggregator asked for something the site did not agree to (names the setting).
     #[error("refusing the aggregator's task: {0}")]
     Refused(String),
-    /// The aggregator address is not a URL the transport accepts.
-    #[error("aggregator address `{url}`")]
-    Endpoint {
-        /// The address given.
-        url: String,
-        /// The transport's error.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// TLS material could not be loaded.
+    /// The aggregator address or the TLS material cannot be used.
     #[error("TLS: {0}")]
     Tls(#[from] fedee_proto::pki::PkiError),
-    /// The TLS configuration was refused by the transport.
-    #[error("TLS configuration for {url}")]
-    TlsConfig {
-        /// The aggregator address.
-        url: String,
-        /// The transport's error.
-        #[source]
-        source: tonic::transport::Error,
-    },
     /// libtorch error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

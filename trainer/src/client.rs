@@ -47,24 +47,31 @@ pub struct TrainerClient {
 }
 
 impl TrainerClient {
-    /// Connect to `url` (e.g. `http://127.0.0.1:50052`).
+    /// Connect to `url` (e.g. `http://127.0.0.1:50052`, or `https://` with `tls`).
     ///
     /// # Errors
-    /// [`ClientError::Connect`].
+    /// [`ClientError::Connect`] when the trainer cannot be reached or its certificate is
+    /// refused; [`ClientError::Tls`] for a malformed URL or unusable TLS files.
+    ///
+    /// # Security
+    /// With TLS the trainer must present a certificate valid for the host dialled and
+    /// carrying the `trainer` role.
     pub async fn connect(
         url: &str,
         tls: Option<&fedee_proto::pki::TlsFiles>,
     ) -> Result<Self, ClientError> {
-        let connect = |source| ClientError::Connect {
+        let channel = fedee_proto::pki::connect(
+            url,
+            tls,
+            fedee_proto::pki::Role::Trainer,
+            std::time::Duration::from_secs(10),
+        )
+        .await?
+        .map_err(|source| ClientError::Connect {
             url: url.to_owned(),
             source,
-        };
-        let mut endpoint =
-            tonic::transport::Endpoint::from_shared(url.to_owned()).map_err(connect)?;
-        if let Some(t) = tls {
-            endpoint = endpoint.tls_config(t.client()?).map_err(connect)?;
-        }
-        let inner = Grpc::new(endpoint.connect().await.map_err(connect)?);
+        })?;
+        let inner = Grpc::new(channel);
         Ok(Self {
             inner: inner.max_decoding_message_size(16 << 20),
         })
