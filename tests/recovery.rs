@@ -43,6 +43,9 @@ fn args(db: &str) -> Vec<&str> {
         "1",
         "--min-sites",
         "3",
+        // A test of recovery, not of privacy (σ = 0.1 by default).
+        "--max-epsilon",
+        "inf",
     ]
 }
 
@@ -199,6 +202,8 @@ fn site_agents_survive_an_aggregator_restart() {
         "g0.safetensors",
         "--database-url",
         "sqlite://agg.db?mode=rwc",
+        "--max-epsilon",
+        "inf",
     ];
     let agg = Aggregator::start(dir, "127.0.0.1:0", &agg_args);
     let addr = agg.addr.clone();

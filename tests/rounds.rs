@@ -63,6 +63,9 @@ async fn deadlines_quorum_failed_rounds_and_metrics() {
             "g0.safetensors",
             "--database-url",
             "sqlite://agg.db?mode=rwc",
+            // A test of rounds, not of privacy (σ = 0.1 by default).
+            "--max-epsilon",
+            "inf",
             "--rounds",
             "3",
             "--min-sites",
@@ -209,6 +212,9 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
             "g0.safetensors",
             "--database-url",
             "sqlite://agg.db?mode=rwc",
+            // A test of rounds, not of privacy (σ = 0.1 by default).
+            "--max-epsilon",
+            "inf",
             "--rounds",
             "1",
             "--min-sites",
@@ -378,6 +384,23 @@ fn json_logs_are_one_object_per_line() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     setup(dir);
+    // The flags' defaults (site-level σ = 0.1 over 20 rounds) protect nobody: refused
+    // before any port is bound, naming the ε and the flag that would accept it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args(["aggregator", "--listen", "127.0.0.1:0", "--insecure"])
+        .args(["--initial-model", "g0.safetensors"])
+        .args(["--database-url", "sqlite://refused.db?mode=rwc"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("plans ε = ")
+            && err.contains("above the limit ε = 10")
+            && err.contains("--max-epsilon"),
+        "{err}"
+    );
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fedee"))
         .args(["aggregator", "--listen", "127.0.0.1:0", "--insecure"])
         .args([
@@ -385,6 +408,8 @@ fn json_logs_are_one_object_per_line() {
             "g0.safetensors",
             "--metrics-listen",
             "127.0.0.1:0",
+            "--max-epsilon",
+            "inf",
         ])
         .args(["--database-url", "sqlite://agg.db?mode=rwc"])
         .current_dir(dir)

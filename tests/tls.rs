@@ -53,6 +53,9 @@ fn start_aggregator(dir: &Path) -> Aggregator {
             "sqlite://agg.db?mode=rwc",
             "--rounds",
             "1",
+            // A test of TLS, not of privacy (σ = 0.1 by default).
+            "--max-epsilon",
+            "inf",
         ])
         .current_dir(dir)
         .stderr(Stdio::piped())
@@ -399,6 +402,7 @@ async fn clients_pin_the_host_and_the_role_of_the_service_they_reach() {
         ],
         vec!["certs", "issue", "--dir", "pki", "--site", "Cleveland"],
         vec!["certs", "issue", "--dir", "pki", "--client", "pharma"],
+        vec!["certs", "issue", "--dir", "pki", "--operator", "ops"],
         vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
     ] {
         let out = fedee(&args, dir);
@@ -438,13 +442,42 @@ async fn clients_pin_the_host_and_the_role_of_the_service_they_reach() {
     };
     // The right pairs connect, and the site is admitted.
     let ch = dial(&agg.addr, &site, Role::Aggregator).await.unwrap();
-    FederationClient::new(ch)
+    let mut cleveland = FederationClient::new(ch);
+    cleveland
         .join(JoinRequest {
             site: "Cleveland".into(),
             ..Default::default()
         })
         .await
         .unwrap();
+    // Per-site figures are for the operator; other certificates see the federation's.
+    cleveland
+        .leave(fedee_proto::v1::LeaveRequest {
+            site: "Cleveland".into(),
+            reason: "privacy budget spent".into(),
+        })
+        .await
+        .unwrap();
+    let ops = TlsFiles::in_dir(&pki, "ops");
+    for (who, files, per_site) in [
+        ("operator", &ops, true),
+        ("site", &site, false),
+        ("pharma", &pharma, false),
+    ] {
+        let ch = dial(&agg.addr, files, Role::Aggregator).await.unwrap();
+        let st = FederationClient::new(ch)
+            .status(fedee_proto::v1::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(st.per_site, per_site, "{who}");
+        let departed = if per_site {
+            "Cleveland: privacy budget spent"
+        } else {
+            "Cleveland"
+        };
+        assert_eq!(st.departed, vec![departed.to_owned()], "{who}: {st:?}");
+    }
     dial(&trainer_addr, &pharma, Role::Trainer).await.unwrap();
     // A trainer's certificate presented as the aggregator, and the other way round.
     let err = format!(

@@ -131,6 +131,11 @@ pub struct AggregatorArgs {
         "local_epochs", "learning_rate", "batch_size",
     ])]
     pub spec: Option<PathBuf>,
+    /// The largest ε (at δ, for one site over the whole federation) this aggregator starts
+    /// with: a configuration that plans more is refused, naming its ε. Raise it only on
+    /// purpose (`inf` accepts anything). The planned ε is printed at start.
+    #[arg(long, default_value_t = crate::DEFAULT_MAX_EPSILON)]
+    pub max_epsilon: f64,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -200,12 +205,27 @@ pub async fn run(a: AggregatorArgs) -> Result<()> {
         max_concurrent_uploads: a.max_concurrent_uploads,
         direct_io: a.direct_io,
         spec: None,
+        max_epsilon: a.max_epsilon,
     };
     let config = match spec {
         Some(s) => config.with_spec(s)?,
         None => config,
     };
     config.validate()?;
+    let planned = config.planned_privacy()?;
+    let loud = planned.worst_case && planned.epsilon > config.max_epsilon;
+    notice(
+        loud,
+        &format!(
+            "{}privacy: a site spends up to ε = {:.4} at δ = {:e} over {} rounds ({}; unit: {})",
+            if loud { "WARNING: " } else { "" },
+            planned.epsilon,
+            config.delta,
+            config.rounds,
+            planned.how,
+            config.dp_mode.unit()
+        ),
+    );
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
@@ -267,17 +287,16 @@ pub fn render_status(st: &fedee_proto::v1::StatusResponse) -> String {
         if let Some(e) = &sp.entry {
             let _ = writeln!(
                 out,
-                "  {} after round {}: ε = {:.4} at δ = {:e} (unit: {}; {} steps at q = {:.4}, σ = {})",
-                sp.site,
-                sp.round,
-                e.epsilon,
-                e.delta,
-                e.unit,
-                e.steps,
-                e.sampling_rate,
-                e.noise_multiplier
+                "  {} after round {}: ε = {:.4} at δ = {:e} (unit: {}; {})",
+                sp.site, sp.round, e.epsilon, e.delta, e.unit, e.mechanism
             );
         }
+    }
+    if !st.per_site {
+        let _ = writeln!(
+            out,
+            "(per-site figures are shown to operator certificates only: fedee certs issue --operator NAME)"
+        );
     }
     for r in &st.rounds {
         let accs: Vec<String> = r
@@ -285,7 +304,7 @@ pub fn render_status(st: &fedee_proto::v1::StatusResponse) -> String {
             .iter()
             .map(|m| format!("{} {:.3}", m.site, m.test_accuracy))
             .collect();
-        let weighted = weighted_metrics(&r.site_metrics);
+        let weighted = r.weighted.as_ref().map(weighted_line).unwrap_or_default();
         let why = if r.reason.is_empty() {
             String::new()
         } else {
@@ -313,40 +332,18 @@ pub fn render_status(st: &fedee_proto::v1::StatusResponse) -> String {
     out
 }
 
-/// `\n    weighted: accuracy …, balanced …, macro-F1 …, AUROC …, validation accuracy …`: each
-/// metric's mean over the sites that reported it, weighted by their test examples (validation
-/// accuracy by their validation examples); empty without metrics.
-fn weighted_metrics(ms: &[fedee_proto::v1::SiteMetric]) -> String {
-    type Get = fn(&fedee_proto::v1::SiteMetric) -> Option<f64>;
-    let columns: [(&str, Get); 5] = [
-        ("accuracy", |m| Some(m.test_accuracy)),
-        ("balanced accuracy", |m| m.balanced_accuracy),
-        ("macro-F1", |m| m.macro_f1),
-        ("AUROC", |m| m.auroc),
-        ("validation accuracy", |m| m.validation_accuracy),
-    ];
-    let parts: Vec<String> = columns
-        .iter()
-        .filter_map(|(name, get)| {
-            let (mut sum, mut n) = (0.0, 0u64);
-            for m in ms {
-                // Validation figures weigh by validation examples, the others by test ones.
-                let w = if *name == "validation accuracy" {
-                    m.num_validation_examples
-                } else {
-                    m.num_test_examples
-                };
-                if let Some(v) = get(m) {
-                    sum += v * w as f64;
-                    n += w;
-                }
-            }
-            (n > 0).then(|| format!("{name} {:.3}", sum / n as f64))
-        })
-        .collect();
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("\n    weighted: {}", parts.join(", "))
-    }
+/// `\n    weighted: accuracy …, balanced …, macro-F1 …, AUROC …, validation accuracy …`: the
+/// metrics the aggregator weighted over the sites that reported them.
+fn weighted_line(w: &fedee_proto::v1::SiteMetric) -> String {
+    let parts: Vec<String> = [
+        ("accuracy", Some(w.test_accuracy)),
+        ("balanced accuracy", w.balanced_accuracy),
+        ("macro-F1", w.macro_f1),
+        ("AUROC", w.auroc),
+        ("validation accuracy", w.validation_accuracy),
+    ]
+    .into_iter()
+    .filter_map(|(name, v)| v.map(|v| format!("{name} {v:.3}")))
+    .collect();
+    format!("\n    weighted: {}", parts.join(", "))
 }

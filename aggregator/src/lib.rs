@@ -16,6 +16,7 @@ mod service;
 pub mod store;
 pub mod strategy;
 pub mod tensors;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -139,6 +140,26 @@ pub struct Config {
     /// The federation spec, stored with the federation and served to sites (`GetSpec`); the
     /// initial model must have its MLP's parameter shapes. `None`: sites bring their own task.
     pub spec: Option<fedee_spec::SignedSpec>,
+    /// The largest ε (at δ, for one site over the whole federation) the aggregator starts
+    /// with; [`Config::validate`] refuses a configuration that plans more. Raise it only on
+    /// purpose (`f64::INFINITY` accepts anything).
+    pub max_epsilon: f64,
+}
+
+/// The largest ε a federation may plan unless the coordinator raises the limit.
+pub const DEFAULT_MAX_EPSILON: f64 = 10.0;
+
+/// What a configuration plans to spend, for one site over the whole federation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedPrivacy {
+    /// ε at the configuration's δ (an upper bound in record mode with a fixed σ).
+    pub epsilon: f64,
+    /// How it was obtained, for the operator.
+    pub how: String,
+    /// Whether `epsilon` is only a worst case over sites this aggregator cannot see (record
+    /// mode with a fixed σ: a site's spend depends on its number of records, and each site
+    /// enforces its own budget). Such a plan is printed as a warning, not refused.
+    pub worst_case: bool,
 }
 
 impl Default for Config {
@@ -165,6 +186,7 @@ impl Default for Config {
             max_concurrent_uploads: 4,
             direct_io: blobs::DirectIo::Auto,
             spec: None,
+            max_epsilon: DEFAULT_MAX_EPSILON,
         }
     }
 }
@@ -199,6 +221,7 @@ impl std::fmt::Debug for Config {
             .field("max_concurrent_uploads", &self.max_concurrent_uploads)
             .field("direct_io", &self.direct_io)
             .field("spec", &self.spec.as_ref().map(|s| &s.sha256))
+            .field("max_epsilon", &self.max_epsilon)
             .finish()
     }
 }
@@ -286,7 +309,73 @@ impl Config {
         if self.batch_size == 0 || self.local_epochs == 0 {
             return bad("batch size and local epochs must be at least 1".into());
         }
+        let planned = self.planned_privacy()?;
+        if !planned.worst_case && (planned.epsilon.is_nan() || planned.epsilon > self.max_epsilon) {
+            return bad(format!(
+                "this configuration plans ε = {:.4} at δ = {:e} for a site ({}), above the limit ε = {}: raise σ (--noise-multiplier or the spec's privacy) or lower the rounds, or, to accept it on purpose, pass --max-epsilon {}",
+                planned.epsilon,
+                self.delta,
+                planned.how,
+                self.max_epsilon,
+                if planned.epsilon.is_finite() {
+                    format!("{:.0}", planned.epsilon.ceil())
+                } else {
+                    "inf".to_owned()
+                }
+            ));
+        }
         Ok(())
+    }
+
+    /// The ε one site spends over the whole federation under this configuration: site mode,
+    /// `rounds` Gaussian releases of its update at `σ` (zCDP through OpenDP, as `Status`
+    /// reports it); record mode with a target ε, the target (each site calibrates to it);
+    /// record mode with a fixed `σ`, the RDP of `rounds × local_epochs` DP-SGD steps at
+    /// sampling rate 1: what a site with at most `batch_size` records spends (a worst case:
+    /// larger sites spend less; [`PlannedPrivacy::worst_case`]).
+    ///
+    /// # Errors
+    /// [`AggregatorError::Dp`] for values no mechanism accepts.
+    pub fn planned_privacy(&self) -> Result<PlannedPrivacy, AggregatorError> {
+        let sigma = self.noise_multiplier.get();
+        let target = self
+            .spec
+            .as_ref()
+            .and_then(|s| s.spec.privacy.target_epsilon);
+        Ok(match (self.dp_mode, target) {
+            (fedee_dp::DpMode::Site, _) => PlannedPrivacy {
+                epsilon: fedee_dp::SiteLevelAccountant::new(
+                    self.clipping_norm,
+                    self.noise_multiplier,
+                    self.delta,
+                )?
+                .spent(self.rounds)?
+                .epsilon,
+                how: format!(
+                    "site-level: {} releases of its update at σ = {sigma}",
+                    self.rounds
+                ),
+                worst_case: false,
+            },
+            (fedee_dp::DpMode::Record, Some(t)) => PlannedPrivacy {
+                epsilon: t,
+                how: "record-level: each site calibrates its σ to the spec's target ε".into(),
+                worst_case: false,
+            },
+            (fedee_dp::DpMode::Record, None) => {
+                let steps = u64::from(self.rounds) * u64::from(self.local_epochs);
+                let mut acc = fedee_dp::rdp::RdpAccountant::default();
+                acc.add(1.0, sigma, steps)?;
+                PlannedPrivacy {
+                    epsilon: acc.epsilon(self.delta).0,
+                    how: format!(
+                        "record-level, worst case: {steps} DP-SGD steps at σ = {sigma} for a site with at most {} records; larger sites spend less, and each enforces its own budget",
+                        self.batch_size
+                    ),
+                    worst_case: true,
+                }
+            }
+        })
     }
 }
 

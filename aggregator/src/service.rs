@@ -1456,7 +1456,12 @@ impl FederationApi for Federation {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        self.authorize_reader(&req)?;
+        // Operators (and insecure mode, which has no identities) see every site's figures;
+        // other certificates the federation's.
+        let per_site = match fedee_proto::pki::peer_identity(&req)? {
+            None => true,
+            Some(p) => p.role == fedee_proto::pki::Role::Operator,
+        };
         // Hold the state lock while reading, so rounds, metrics and the current round form one
         // consistent snapshot (a round cannot close in between).
         let st = self.state.lock().await;
@@ -1525,6 +1530,11 @@ impl FederationApi for Federation {
                 rho: r.rho.unwrap_or(0.0),
                 epsilon: r.epsilon.unwrap_or(0.0),
                 reason: r.reason.unwrap_or_default(),
+                weighted: None,
+            })
+            .map(|mut r| {
+                r.weighted = crate::view::weighted(&r.site_metrics);
+                r
             })
             .collect();
         Ok(Response::new(StatusResponse {
@@ -1559,7 +1569,15 @@ impl FederationApi for Federation {
             selected_model,
             selected_validation_accuracy,
             pooled_statistics: pooled,
+            per_site: true,
         }))
+        .map(|r| {
+            if per_site {
+                r
+            } else {
+                Response::new(crate::view::federation_view(r.into_inner()))
+            }
+        })
     }
 }
 

@@ -67,6 +67,8 @@ async fn start_with(
         max_concurrent_uploads: 4,
         direct_io,
         spec: None,
+        // These tests are about rounds and aggregation, not privacy.
+        max_epsilon: f64::INFINITY,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -66,6 +66,8 @@ pub(crate) fn demo_policy(spec: &fedee_spec::FederationSpec) -> PrivacyPolicy {
 pub(crate) struct Federation {
     pub status: StatusResponse,
     pub data: BTreeMap<String, DataReport>,
+    /// Each site's own report (its ledger: σ, q and steps stay at the site).
+    pub sites: BTreeMap<String, fedee_site_agent::SiteReport>,
     pub link: Link,
     pub aggregator: JoinHandle<Result<(), fedee_aggregator::AggregatorError>>,
 }
@@ -135,6 +137,11 @@ impl Consortium {
             initial_model: Some(state_to_safetensors(initial)?),
             tls: Some(self.tls("aggregator")),
             enroll: sites.iter().map(|s| s.name.clone()).collect(),
+            // The coordinator accepts what the demo's sites accept ([`demo_policy`]).
+            max_epsilon: sites
+                .iter()
+                .map(|s| s.policy.epsilon_budget)
+                .fold(fedee_aggregator::DEFAULT_MAX_EPSILON, f64::max),
             ..fedee_aggregator::Config::default()
         }
         .with_spec(signed.clone())?;
@@ -176,7 +183,8 @@ impl Consortium {
                 },
             )));
         }
-        let mut link = Link::connect(&url, Some(&self.tls("pharma")), Retry::default())?;
+        // The coordinator watches with the operator's certificate (every site's figures).
+        let mut link = Link::connect(&url, Some(&self.tls("operator")), Retry::default())?;
         let mut printed = 0;
         loop {
             let st = link.status().await?;
@@ -187,10 +195,13 @@ impl Consortium {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let mut reports = BTreeMap::new();
         for a in agents {
-            a.await
+            let r = a
+                .await
                 .context("site task panicked")?
                 .context("site agent failed")?;
+            reports.insert(r.site.clone(), r);
         }
         // Sites report their evaluation of the final model before they finish: read the
         // status only now.
@@ -205,6 +216,7 @@ impl Consortium {
         Ok(Federation {
             status,
             data,
+            sites: reports,
             link,
             aggregator,
         })

@@ -249,6 +249,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let Federation {
         status: st,
         data: mut data_reports,
+        sites: site_reports,
         link: mut fed,
         aggregator: agg,
     } = consortium.federate(&signed, &initial, &sites).await?;
@@ -257,13 +258,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .last()
         .map(|r| r.weighted_accuracy)
         .unwrap_or(0.0);
-    let sites_privacy: BTreeMap<String, SitePrivacyReport> = st
-        .site_privacy
+    // From each site's own ledger: the aggregator gets only ε and δ.
+    let sites_privacy: BTreeMap<String, SitePrivacyReport> = site_reports
         .iter()
-        .filter_map(|sp| {
-            let e = sp.entry.as_ref()?;
+        .filter_map(|(site, r)| {
+            let e = r.privacy.last()?;
             Some((
-                sp.site.clone(),
+                site.clone(),
                 SitePrivacyReport {
                     epsilon: e.epsilon,
                     noise_multiplier: e.noise_multiplier,

@@ -784,14 +784,16 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         let header = UpdateHeader {
             site: cfg.site.clone(),
             round: task.round,
-            num_examples: cfg.task.num_examples(),
+            // The FedAvg weight, coarsened; q, σ and steps (which reveal the number of
+            // records) stay in the site's ledger.
+            num_examples: crate::policy::coarse_count(cfg.task.num_examples()),
             sha256: hex::encode(Sha256::digest(&blob)),
             privacy: Some(PrivacyEntry {
                 unit: mode.unit().into(),
                 mechanism: mechanism.into(),
-                sampling_rate: planned.sampling_rate,
-                noise_multiplier: planned.noise_multiplier,
-                steps: planned.steps,
+                sampling_rate: 0.0,
+                noise_multiplier: 0.0,
+                steps: 0,
                 epsilon: after,
                 delta,
             }),
@@ -841,16 +843,18 @@ async fn report_metrics(
     site: &str,
     e: Evaluation,
 ) -> Result<Evaluation, SiteError> {
+    use crate::policy::{coarse_count, coarse_metric};
+    // Coarsened as they leave the site (SECURITY.md, "What a site sends").
     link.report_metrics(MetricsReport {
         site: site.to_owned(),
         model: e.model,
-        test_accuracy: e.metrics.accuracy,
-        num_test_examples: e.num_test_examples,
-        balanced_accuracy: Some(e.metrics.balanced_accuracy),
-        macro_f1: Some(e.metrics.macro_f1),
-        auroc: e.metrics.auroc,
-        validation_accuracy: e.validation_accuracy,
-        num_validation_examples: e.num_validation_examples,
+        test_accuracy: coarse_metric(e.metrics.accuracy),
+        num_test_examples: coarse_count(e.num_test_examples),
+        balanced_accuracy: Some(coarse_metric(e.metrics.balanced_accuracy)),
+        macro_f1: Some(coarse_metric(e.metrics.macro_f1)),
+        auroc: e.metrics.auroc.map(coarse_metric),
+        validation_accuracy: e.validation_accuracy.map(coarse_metric),
+        num_validation_examples: coarse_count(e.num_validation_examples),
     })
     .await?;
     Ok(e)

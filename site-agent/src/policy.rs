@@ -65,6 +65,34 @@ pub struct RoundPrivacy {
     pub delta: f64,
 }
 
+/// Counts a site sends (its training, validation and test examples) are rounded to the
+/// nearest multiple of this (at least one multiple for a non-empty split).
+pub const COUNT_GRANULARITY: u64 = 10;
+
+/// A count as it leaves the site: `n` to the nearest multiple of [`COUNT_GRANULARITY`], at
+/// least one multiple when `n > 0`.
+///
+/// # Security
+/// Coarsening, not differential privacy: it hides a site's exact number of records (which
+/// with a record's presence known would reveal it), not its order of magnitude.
+pub fn coarse_count(n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    let g = COUNT_GRANULARITY;
+    (n.saturating_add(g / 2) / g * g).max(g)
+}
+
+/// A metric (accuracy, balanced accuracy, macro-F1, AUROC) as it leaves the site: rounded to
+/// two decimals.
+///
+/// # Security
+/// Not differential privacy: a per-round metric is a function of the site's test split. It
+/// is rounded, and the aggregator shows it per site only to operator certificates.
+pub fn coarse_metric(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// Whether a cumulative ε stays within `budget` (a NaN ε never does).
 pub fn within_budget(epsilon: f64, budget: f64) -> bool {
     epsilon <= budget
@@ -190,6 +218,16 @@ mod tests {
             noise_multiplier: sigma,
             delta,
         }
+    }
+
+    #[test]
+    fn what_leaves_the_site_is_coarsened() {
+        assert_eq!(
+            [0, 1, 4, 5, 14, 15, 36, 1234].map(coarse_count),
+            [0, 10, 10, 10, 10, 20, 40, 1230]
+        );
+        assert_eq!(coarse_metric(0.7349), 0.73);
+        assert_eq!(coarse_metric(0.735_01), 0.74);
     }
 
     #[test]
