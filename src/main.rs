@@ -178,6 +178,9 @@ enum EeCommand {
         /// Output key file (JSON). Keep it private; never send it to a server.
         #[arg(long)]
         out: PathBuf,
+        /// Replace --out if it exists (the old keys then decrypt nothing new).
+        #[arg(long)]
+        force: bool,
         /// The federation spec whose model the keys are for (an MLP's sizes and activation, or
         /// a BERT checkpoint's config.json and the spec's classes).
         #[arg(
@@ -419,6 +422,7 @@ fn ee(cmd: EeCommand) -> Result<()> {
     match cmd {
         EeCommand::Keygen {
             out,
+            force,
             spec,
             input_key,
             offset,
@@ -463,7 +467,7 @@ fn ee(cmd: EeCommand) -> Result<()> {
                     )
                 }
             };
-            keys.save(&out)?;
+            keys.save(&out, force)?;
             eprintln!(
                 "wrote {} keys ({what}) to {} (mode 0600)",
                 keys.keys.len(),
@@ -572,7 +576,7 @@ fn transform_file(files: &TransformFiles, dir: Direction) -> Result<()> {
         Direction::Rotate(new_path) => {
             let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
             let (new, ee) = fedee_encrypt::rotate(&spec, &k, &state, &mut rng)?;
-            new.save(&new_path)?;
+            new.save(&new_path, false)?;
             eprintln!(
                 "rotated {} keys in {:.2} s: new keys in {} (0600); the old key file only fits the old EE model",
                 new.keys.len(),

@@ -87,7 +87,7 @@ async fn sites_stop_at_their_record_level_budget_and_the_aggregator_shows_their_
                 .arg(&csv)
                 .args(["--where", &filter])
                 .args(["--epsilon-budget", &budget.to_string()])
-                .args(["--ledger", &format!("{s}.ledger.json")])
+                .args(["--ledger", &format!("{s}.ledger.json"), "--new-ledger"])
                 .env("FEDEE_LOG", "warn")
                 .current_dir(dir)
                 .stdout(std::process::Stdio::piped())

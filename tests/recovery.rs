@@ -218,6 +218,7 @@ fn site_agents_survive_an_aggregator_restart() {
                 .args(["--where", &format!("dataset={s}")])
                 // σ = 0.1 over 40 rounds protects nobody: accepted explicitly.
                 .args(["--min-noise-multiplier", "0.1", "--epsilon-budget", "inf"])
+                .arg("--new-ledger")
                 .args(["--retries", "20"])
                 .env("FEDEE_LOG", "warn")
                 .current_dir(dir)

@@ -520,7 +520,7 @@ fn site(dir: &Path, addr: &str, name: &str, data: &Path, filter: &str) -> Comman
         .arg("--data")
         .arg(data)
         .args(["--retries", "2"])
-        .args(["--ledger", &format!("{name}.ledger.json")])
+        .args(["--ledger", &format!("{name}.ledger.json"), "--new-ledger"])
         .env("FEDEE_LOG", "warn")
         .current_dir(dir)
         .stdout(Stdio::piped())

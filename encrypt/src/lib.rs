@@ -87,6 +87,11 @@ pub enum EncryptError {
         path: String,
         source: std::io::Error,
     },
+    /// A key file exists where a new one would be written.
+    #[error(
+        "key file {0} exists: choose another path, or pass --force to replace it (the old keys then no longer decrypt anything made with them)"
+    )]
+    Exists(String),
     /// A key file is not valid JSON for a key set.
     #[error("key file {path} is not a valid fedee key set: {source}")]
     Parse {

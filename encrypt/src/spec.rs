@@ -154,29 +154,31 @@ impl KeySet {
             .ok_or_else(|| EncryptError::MissingKey(name.to_owned()))
     }
 
-    /// Write the key set as JSON, creating the file with permissions 0600.
+    /// Write the key set to `path` as JSON, permissions 0600, atomically (temporary file,
+    /// fsync, rename, folder fsync); an existing file is replaced only when `replace`.
     ///
     /// # Errors
-    /// [`EncryptError::Io`] if the file cannot be written.
-    pub fn save(&self, path: &Path) -> Result<(), EncryptError> {
+    /// [`EncryptError::Exists`] for an existing file without `replace`; [`EncryptError::Io`].
+    ///
+    /// # Security
+    /// The file holds the secret keys: never send it to the aggregator or the trainer.
+    pub fn save(&self, path: &Path, replace: bool) -> Result<(), EncryptError> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::PermissionsExt;
+        if !replace && path.exists() {
+            return Err(EncryptError::Exists(path.display().to_string()));
+        }
         let io = |source| EncryptError::Io {
             path: path.display().to_string(),
             source,
         };
         let json = serde_json::to_vec_pretty(self).expect("key sets serialize");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
+        let mut f = atomic_write_file::AtomicWriteFile::open(path).map_err(io)?;
+        f.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io)?;
-        // `mode` applies only on creation: tighten an existing file too.
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(io)?;
-        f.write_all(&json).map_err(io)
+        f.write_all(&json).map_err(io)?;
+        f.commit().map_err(io)
     }
 
     /// Read a key set written by [`KeySet::save`].

@@ -177,6 +177,7 @@ impl Consortium {
                     retry: Retry::default(),
                     noise: fedee_dp::noise::Sampler::Fast,
                     ledger: None,
+                    new_ledger: false,
                     policy: s.policy.clone(),
                     spec: signed.clone(),
                     tls: Some(self.tls(&s.name)),

@@ -338,11 +338,20 @@ fn key_files_are_private() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("k.json");
     let k = keys(&cfg(), &[], false, 40);
-    k.save(&path).unwrap();
+    k.save(&path, false).unwrap();
     assert_eq!(
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
         0o600
     );
     assert_eq!(KeySet::load(&path).unwrap(), k);
+    // Never silently replaced: the old keys are what decrypts the old EE model.
+    let other = keys(&cfg(), &[], false, 41);
+    assert!(matches!(
+        other.save(&path, false),
+        Err(fedee_encrypt::EncryptError::Exists(_))
+    ));
+    assert_eq!(KeySet::load(&path).unwrap(), k);
+    other.save(&path, true).unwrap();
+    assert_eq!(KeySet::load(&path).unwrap(), other);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -55,6 +55,11 @@ pub struct SiteArgs {
     /// [default: fedee-privacy-ledger-SITE.json]
     #[arg(long)]
     pub ledger: Option<PathBuf>,
+    /// Start an empty ledger when --ledger does not exist, for a site whose data has never
+    /// been used in a federation. Without it a missing ledger stops the site (a lost ledger
+    /// would forget the privacy already spent). An existing ledger is never reset.
+    #[arg(long)]
+    pub new_ledger: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -187,6 +192,21 @@ pub async fn run(s: SiteArgs) -> Result<()> {
             )
         })?;
     notice(false, &report.to_string());
+    let ledger = s.ledger.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "fedee-privacy-ledger-{}.json",
+            s.site.replace(' ', "_")
+        ))
+    });
+    notice(
+        false,
+        &format!(
+            "privacy ledger: {}",
+            std::path::absolute(&ledger)
+                .unwrap_or(ledger.clone())
+                .display()
+        ),
+    );
     let report = crate::run(crate::SiteConfig {
         aggregator: url,
         tls,
@@ -197,12 +217,8 @@ pub async fn run(s: SiteArgs) -> Result<()> {
         poll_interval: Duration::from_millis(200),
         retry,
         noise: s.noise.parse()?,
-        ledger: Some(s.ledger.clone().unwrap_or_else(|| {
-            PathBuf::from(format!(
-                "fedee-privacy-ledger-{}.json",
-                s.site.replace(' ', "_")
-            ))
-        })),
+        ledger: Some(ledger),
+        new_ledger: s.new_ledger,
         policy: s.policy.policy()?,
         spec,
     })

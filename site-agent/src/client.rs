@@ -48,6 +48,9 @@ pub struct SiteConfig {
     pub noise: fedee_dp::noise::Sampler,
     /// Where the site's privacy ledger is kept (`None`: in memory only).
     pub ledger: Option<std::path::PathBuf>,
+    /// Start an empty ledger if `ledger` does not exist (else a missing ledger is an error:
+    /// it would forget the privacy already spent).
+    pub new_ledger: bool,
     /// What the site accepts (σ, C, modes, δ, ε budget), checked before joining and before
     /// every round, whatever the spec and the aggregator say.
     pub policy: crate::policy::PrivacyPolicy,
@@ -668,7 +671,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     cfg.policy.check_target(&cfg.spec.spec)?;
     let agreed = spec_privacy(&cfg.spec.spec, n)?;
     cfg.policy.check(&agreed, n)?;
-    let mut ledger = crate::ledger::Ledger::open(cfg.ledger.as_deref())?;
+    let mut ledger = crate::ledger::Ledger::open(cfg.ledger.as_deref(), cfg.new_ledger)?;
     let planned_total = federation_epsilon(&cfg.spec.spec, &agreed, n, &ledger)?;
     let budget = cfg.policy.epsilon_budget;
     if planned_total > budget {

@@ -32,7 +32,8 @@ pub struct Entry {
     pub clipping_norm: f64,
     /// Mechanism invocations this round.
     pub steps: u64,
-    /// Cumulative ε after this round, at `delta`.
+    /// Cumulative ε after this round, at `delta` (∞ is stored as the string "inf").
+    #[serde(with = "extended_f64")]
     pub epsilon: f64,
     /// δ.
     pub delta: f64,
@@ -40,10 +41,46 @@ pub struct Entry {
     #[serde(default)]
     pub rdp_order: f64,
     /// Cumulative RDP at `rdp_order` (ε(δ) = rdp + log((α−1)/α) − (log δ + log α)/(α−1)).
-    #[serde(default)]
+    #[serde(default, with = "extended_f64")]
     pub rdp: f64,
     /// When (Unix seconds).
     pub at_unix_s: u64,
+}
+
+/// An f64 that may be infinite or NaN, faithfully in JSON: finite values as numbers, the
+/// others as the strings "inf", "-inf" and "NaN" (serde_json would write `null`, and read it
+/// back as an error or a zero).
+mod extended_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match *x {
+            x if x.is_finite() => s.serialize_f64(x),
+            x if x.is_nan() => s.serialize_str("NaN"),
+            x if x > 0.0 => s.serialize_str("inf"),
+            _ => s.serialize_str("-inf"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Number(f64),
+            Text(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Number(x) => Ok(x),
+            Repr::Text(t) => match t.as_str() {
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                "NaN" => Ok(f64::NAN),
+                other => Err(serde::de::Error::custom(format!(
+                    "`{other}` is not a number, \"inf\", \"-inf\" or \"NaN\""
+                ))),
+            },
+        }
+    }
 }
 
 /// What a round is about to spend.
@@ -65,14 +102,19 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Open the ledger at `path` (a missing file is an empty ledger); `None` keeps it in
-    /// memory only.
+    /// Open the ledger at `path`; `None` keeps it in memory only. A missing file starts an
+    /// empty ledger only when `create` (`fedee site --new-ledger`); an existing one is never
+    /// reset.
     ///
     /// # Errors
-    /// [`SiteError::Ledger`] if the file exists but cannot be read or parsed (never silently
-    /// reset: that would forget privacy already spent).
-    pub fn open(path: Option<&Path>) -> Result<Self, SiteError> {
+    /// [`SiteError::LedgerMissing`] for a missing file without `create`;
+    /// [`SiteError::LedgerIo`] / [`SiteError::LedgerCorrupt`] if the file exists but cannot
+    /// be read or parsed (never silently reset: that would forget privacy already spent).
+    pub fn open(path: Option<&Path>, create: bool) -> Result<Self, SiteError> {
         let entries = match path {
+            Some(p) if !p.exists() && !create => {
+                return Err(SiteError::LedgerMissing { path: p.to_owned() });
+            }
             Some(p) if p.exists() => {
                 let text = std::fs::read_to_string(p).map_err(|source| SiteError::LedgerIo {
                     path: p.to_owned(),
@@ -195,21 +237,17 @@ impl Ledger {
         self.entries.push(e);
         if let Some(p) = &self.path {
             use std::io::Write;
-            let dir = p
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
             let write = |source| SiteError::LedgerIo {
                 path: p.to_owned(),
                 action: "write",
                 source,
             };
-            let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(write)?;
+            // Temporary file, fsync, rename, folder fsync: a crash leaves the old ledger or
+            // the new one, never a torn or vanished file.
+            let mut f = atomic_write_file::AtomicWriteFile::open(p).map_err(write)?;
             let text = serde_json::to_string_pretty(&self.entries).expect("entries serialize");
-            tmp.write_all(text.as_bytes())
-                .and_then(|()| tmp.as_file().sync_all())
-                .map_err(write)?;
-            tmp.persist(p).map_err(|e| write(e.error))?;
+            f.write_all(text.as_bytes()).map_err(write)?;
+            f.commit().map_err(write)?;
         }
         Ok(())
     }
@@ -237,10 +275,39 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_ledger_is_refused_unless_asked_and_infinity_survives_a_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.json");
+        let err = Ledger::open(Some(&p), false).unwrap_err();
+        assert!(
+            matches!(&err, SiteError::LedgerMissing { .. })
+                && err.to_string().contains("--new-ledger"),
+            "{err}"
+        );
+        let mut l = Ledger::open(Some(&p), true).unwrap();
+        l.record(Entry {
+            epsilon: f64::INFINITY,
+            rdp: f64::INFINITY,
+            ..entry(1, "site update")
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("\"epsilon\": \"inf\""), "{text}");
+        // Reopened (with or without --new-ledger), ∞ is still ∞, and the budget sees it.
+        let again = Ledger::open(Some(&p), false).unwrap();
+        assert_eq!(again.entries()[0].epsilon, f64::INFINITY);
+        assert_eq!(again.entries()[0].rdp, f64::INFINITY);
+        assert!(!crate::policy::within_budget(
+            again.entries()[0].epsilon,
+            1e9
+        ));
+    }
+
+    #[test]
     fn persists_replays_and_refuses_corruption_and_mixed_units() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ledger.json");
-        let mut l = Ledger::open(Some(&p)).unwrap();
+        let mut l = Ledger::open(Some(&p), true).unwrap();
         let planned = Planned {
             sampling_rate: 0.1,
             noise_multiplier: 1.0,
@@ -249,7 +316,7 @@ mod tests {
         let e1 = l.epsilon_with(Some(planned), 1e-5).unwrap();
         l.record(entry(1, "patient record")).unwrap();
         // Reopened from disk: the spend is remembered, and grows with the next round.
-        let l2 = Ledger::open(Some(&p)).unwrap();
+        let l2 = Ledger::open(Some(&p), true).unwrap();
         assert_eq!(l2.entries().len(), 1);
         assert!((l2.epsilon_with(None, 1e-5).unwrap() - e1).abs() < 1e-12);
         assert!(l2.epsilon_with(Some(planned), 1e-5).unwrap() > e1);
@@ -275,7 +342,7 @@ mod tests {
         assert_eq!(recorded, foreseen);
         assert_eq!(l3.entries()[1].epsilon, recorded);
         std::fs::write(&p, "{not json").unwrap();
-        let err = Ledger::open(Some(&p)).unwrap_err();
+        let err = Ledger::open(Some(&p), true).unwrap_err();
         assert!(
             err.to_string().contains("forget privacy already spent"),
             "{err}"

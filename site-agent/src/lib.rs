@@ -87,6 +87,14 @@ pub enum SiteError {
         #[source]
         source: serde_json::Error,
     },
+    /// The privacy ledger does not exist and the site was not told to start one.
+    #[error(
+        "privacy ledger {path} does not exist: a site that lost its ledger would forget the privacy already spent. Restore it from backup, point --ledger at it, or, for a site whose data has never been used in a federation, pass --new-ledger"
+    )]
+    LedgerMissing {
+        /// The ledger file.
+        path: std::path::PathBuf,
+    },
     /// The federation asks for another unit of privacy than the ledger protects.
     #[error(
         "this ledger protects `{protects}` but the federation now asks for `{asked}`: use a separate --ledger per unit"

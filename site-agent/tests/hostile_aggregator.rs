@@ -219,6 +219,7 @@ async fn against(
         },
         noise: fedee_dp::noise::Sampler::Fast,
         ledger: None,
+        new_ledger: false,
         policy,
         spec: signed,
     })
