@@ -239,6 +239,22 @@ async fn hostile_input_is_refused_and_the_server_keeps_serving() {
             .unwrap(),
         1
     );
+    // Metrics only for global models that exist (rows stay bounded by models × sites).
+    let refused = c
+        .report_metrics(fedee_proto::v1::MetricsReport {
+            site: "A".into(),
+            model: 99,
+            test_accuracy: 0.5,
+            num_test_examples: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("no global model 99"),
+        "{refused:?}"
+    );
 
     let with_chunk = |f: &dyn Fn(&mut fedee_proto::v1::Chunk)| {
         let mut m = update_msgs("B", 1, 10, &update(6));

@@ -1414,6 +1414,19 @@ impl FederationApi for Federation {
                 m.site
             )));
         }
+        // Only global models that exist: metric rows are bounded by models × sites.
+        if self
+            .store
+            .model_sha(m.model)
+            .await
+            .map_err(internal)?
+            .is_none()
+        {
+            return Err(Status::invalid_argument(format!(
+                "there is no global model {}: report metrics of a model you downloaded",
+                m.model
+            )));
+        }
         self.store
             .insert_metric(&MetricRow {
                 model: m.model,

@@ -92,21 +92,54 @@ fn read_header(
     Ok((file, len, raw, entries))
 }
 
-/// The tensor entries of a safetensors JSON header, in name order (`__metadata__` skipped).
+/// The tensor entries of a safetensors JSON header, in name order (`__metadata__` skipped
+/// unread), parsed straight into typed entries: no generic JSON tree is built.
 fn parse_entries(json: &[u8]) -> Result<Vec<(String, TensorInfo)>, AggregatorError> {
-    let bad = |m: String| invalid(format!("not valid safetensors: {m}"));
-    let map: std::collections::BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(json).map_err(|e| bad(format!("header: {e}")))?;
-    let mut entries = Vec::with_capacity(map.len());
-    for (name, v) in map {
-        if name == "__metadata__" {
-            continue;
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    struct Entries;
+    impl<'de> Visitor<'de> for Entries {
+        type Value = Vec<(String, TensorInfo)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a safetensors header object")
         }
-        let info: TensorInfo =
-            serde_json::from_value(v).map_err(|e| bad(format!("header entry `{name}`: {e}")))?;
-        entries.push((name, info));
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if name == "__metadata__" {
+                    map.next_value::<IgnoredAny>()?;
+                } else {
+                    let info: TensorInfo = map.next_value()?;
+                    out.push((name, info));
+                }
+            }
+            Ok(out)
+        }
+    }
+    let bad = |m: String| invalid(format!("not valid safetensors: {m}"));
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let mut entries = de
+        .deserialize_map(Entries)
+        .and_then(|e| de.end().map(|()| e))
+        .map_err(|e| bad(format!("header: {e}")))?;
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(bad(format!(
+            "tensor `{}` appears twice in the header",
+            w[0].0
+        )));
     }
     Ok(entries)
+}
+
+/// The longest safetensors header an update of this layout can need: each tensor's name,
+/// dtype, shape and offsets, with room to spare, plus slack for `__metadata__`.
+fn header_bound(names: &[String], shapes: &[Vec<usize>]) -> u64 {
+    let per_tensor: u64 = names
+        .iter()
+        .zip(shapes)
+        .map(|(n, s)| 2 * n.len() as u64 + 128 + 24 * s.len() as u64)
+        .sum();
+    per_tensor + 16 * 1024
 }
 
 /// Where a header's tensors lie: per reference tensor (in `names` order) the byte offset of
@@ -380,7 +413,8 @@ impl FileTensors {
 /// this way while they stream to disk, so a bad update is refused at its first bad byte and
 /// a good one is never read back.
 ///
-/// Memory: the header (≤ 100 MB, a few KB for real models) and 3 carried bytes.
+/// Memory: the header (bounded by the reference layout's: a few KB for real models) and 3
+/// carried bytes.
 #[derive(Debug)]
 pub struct StreamCheck {
     names: Vec<String>,
@@ -389,6 +423,8 @@ pub struct StreamCheck {
     pos: u64,
     /// The header bytes (8-byte length + JSON) until it is complete.
     head: Vec<u8>,
+    /// The longest header accepted ([`header_bound`] of the reference layout).
+    max_header: u64,
     /// Once the header is bound: tensors as (data start, data end, name), on-disk order.
     spans: Option<Vec<(u64, u64, String)>>,
     /// The bytes of a value split across two pieces.
@@ -403,6 +439,7 @@ impl StreamCheck {
             shapes: shapes.to_vec(),
             pos: 0,
             head: Vec::new(),
+            max_header: header_bound(names, shapes),
             spans: None,
             carry: Vec::with_capacity(4),
         }
@@ -429,6 +466,12 @@ impl StreamCheck {
                 if n > MAX_HEADER || 8 + n > len {
                     return Err(bad(format!(
                         "header length {n} does not fit a file of {len} bytes"
+                    )));
+                }
+                if n > self.max_header {
+                    return Err(bad(format!(
+                        "header length {n} is more than this model's layout needs (at most {} bytes)",
+                        self.max_header
                     )));
                 }
                 8 + n as usize
@@ -926,5 +969,30 @@ mod tests {
         let mut c = StreamCheck::new(&names, &shapes);
         c.feed(&big, big.len() as u64).unwrap();
         c.finish().unwrap();
+    }
+
+    /// A header longer than the reference layout could need is refused from its length
+    /// field, before any of it is buffered or parsed; a header with a duplicate tensor name
+    /// is refused too.
+    #[test]
+    fn stream_check_bounds_and_types_the_header() {
+        let names = vec!["w".to_string()];
+        let shapes = vec![vec![1_000_000]];
+        let len = 4_000_000 + 8 + 200_000;
+        let mut c = StreamCheck::new(&names, &shapes);
+        let e = c.feed(&200_000u64.to_le_bytes(), len).unwrap_err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("header length 200000 is more than this model's layout needs"),
+            "{e}"
+        );
+        let twice = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let e = parse_entries(twice).unwrap_err();
+        assert!(e.to_string().contains("appears twice"), "{e}");
+        let with_metadata =
+            br#"{"__metadata__":{"a":"b"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        assert_eq!(parse_entries(with_metadata).unwrap().len(), 1);
+        assert!(parse_entries(b"[1,2]").is_err());
+        assert!(parse_entries(b"{} trailing").is_err());
     }
 }

@@ -167,6 +167,8 @@ pub struct Link {
     client: FederationClient<Channel>,
     url: String,
     retry: Retry,
+    /// The largest model download accepted (and so allocated), in bytes.
+    download_limit: u64,
 }
 
 impl Link {
@@ -193,6 +195,7 @@ impl Link {
             client: FederationClient::new(channel).max_decoding_message_size(8 << 20),
             url: aggregator.to_owned(),
             retry,
+            download_limit: MAX_BLOB_SIZE,
         })
     }
 
@@ -216,7 +219,16 @@ impl Link {
     /// [`SiteError::Transport`] after the retries, [`SiteError::Rpc`] for a refusal or a
     /// corrupt stream (`DATA_LOSS`).
     pub async fn download_model(&mut self, model: u32) -> Result<Vec<u8>, SiteError> {
-        self.call("DownloadModel", |c| download(c, model)).await
+        let limit = self.download_limit;
+        self.call("DownloadModel", |c| download(c, model, limit))
+            .await
+    }
+
+    /// Refuse (before allocating) any model download above `bytes`: a site that knows its
+    /// model's size bounds what a hostile aggregator can make it allocate (the default is
+    /// the protocol's largest blob).
+    pub fn limit_downloads(&mut self, bytes: u64) {
+        self.download_limit = bytes;
     }
 
     /// Join the federation as `site`, agreeing to the spec with this SHA-256 (empty: none).
@@ -358,12 +370,13 @@ fn is_transport(status: &tonic::Status) -> bool {
 async fn download(
     mut client: FederationClient<Channel>,
     model: u32,
+    limit: u64,
 ) -> Result<Vec<u8>, tonic::Status> {
     let mut stream = client
         .download_model(DownloadModelRequest { model })
         .await?
         .into_inner();
-    let mut r = Reassembler::new(MAX_BLOB_SIZE);
+    let mut r = Reassembler::new(limit);
     while let Some(c) = stream.message().await? {
         r.push(c)
             .map_err(|e| tonic::Status::data_loss(format!("model {model} stream: {e}")))?;
@@ -684,6 +697,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     } else {
         tracing::info!(site = %cfg.site, planned_epsilon = planned_total, budget, delta = agreed.delta, "privacy planned within budget");
     }
+    link.limit_downloads(crate::task::model_bytes_bound(&cfg.spec.spec)?);
     link.join(&cfg.site, cfg.spec.sha256.clone()).await?;
     tracing::info!(
         site = %cfg.site,

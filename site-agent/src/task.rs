@@ -305,6 +305,24 @@ pub fn architecture(spec: &FederationSpec) -> Result<fedee_model::Architecture, 
     })
 }
 
+/// An upper bound on the size of a safetensors file of the spec's model, in bytes: its f32
+/// values plus a generous header (names, dtypes, shapes and offsets of every tensor).
+///
+/// # Errors
+/// As [`architecture`].
+pub fn model_bytes_bound(spec: &FederationSpec) -> Result<u64, SiteError> {
+    let shapes = architecture(spec)?.shapes();
+    let values: u64 = shapes
+        .values()
+        .map(|s| s.iter().map(|&d| d.max(0) as u64).product::<u64>())
+        .sum();
+    let header: u64 = shapes
+        .iter()
+        .map(|(name, s)| name.len() as u64 + 128 + 24 * s.len() as u64)
+        .sum();
+    Ok(4 * values + header + 64 * 1024)
+}
+
 /// The initial global model of a spec (f32, CPU): a fresh MLP, or the BERT checkpoint's
 /// weights with a fresh classification head; `seed` draws the fresh weights.
 ///

@@ -182,12 +182,23 @@ async fn against(
     tasks: Vec<Task>,
     policy: PrivacyPolicy,
 ) -> (Result<fedee_site_agent::SiteReport, SiteError>, Seen) {
-    let dir = tempfile::tempdir().unwrap();
     let signed = fedee_spec::SignedSpec::parse(spec).unwrap();
     let model = fedee_model::state_to_safetensors(
         &fedee_site_agent::task::initial_model(&signed.spec, 0).unwrap(),
     )
     .unwrap();
+    against_with_model(spec, tasks, policy, model).await
+}
+
+/// As [`against`], serving `model` as every global model.
+async fn against_with_model(
+    spec: &str,
+    tasks: Vec<Task>,
+    policy: PrivacyPolicy,
+    model: Vec<u8>,
+) -> (Result<fedee_site_agent::SiteReport, SiteError>, Seen) {
+    let dir = tempfile::tempdir().unwrap();
+    let signed = fedee_spec::SignedSpec::parse(spec).unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let hostile = Hostile {
         spec: signed.clone(),
@@ -370,4 +381,27 @@ async fn a_spec_outside_the_sites_policy_is_refused_before_joining() {
     .await;
     assert_eq!(r.unwrap().rounds_trained, vec![1]);
     assert_eq!(seen.updates, vec![1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_larger_than_the_spec_allows_is_refused_before_it_is_allocated() {
+    let spec = spec_text(("", ""));
+    let bound = fedee_site_agent::task::model_bytes_bound(
+        &fedee_spec::SignedSpec::parse(&spec).unwrap().spec,
+    )
+    .unwrap();
+    // One byte more than the bound: refused at the first chunk, which declares the size.
+    let (r, seen) = against_with_model(
+        &spec,
+        vec![task(1)],
+        PrivacyPolicy::default(),
+        vec![0u8; (bound + 1) as usize],
+    )
+    .await;
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("exceeds the limit of {bound} bytes")),
+        "{e}"
+    );
+    assert!(seen.updates.is_empty());
 }
