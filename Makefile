@@ -25,9 +25,10 @@ demo: build data
 test: $(TORCH_STAMP) data
 	cargo test --release --workspace
 
-# Longer fuzzing of chunk reassembly and update validation (make test runs 20 000 cases each).
+# Longer fuzzing of chunk reassembly, update validation and what a site receives (make test
+# runs 20 000 cases each).
 fuzz: $(TORCH_STAMP)
-	FEDEE_FUZZ_CASES=$${FEDEE_FUZZ_CASES:-1000000} cargo test --release -p fedee-proto -p fedee-aggregator --test fuzz_chunks --test fuzz_updates -- --nocapture
+	FEDEE_FUZZ_CASES=$${FEDEE_FUZZ_CASES:-1000000} cargo test --release -p fedee-proto -p fedee-aggregator -p fedee-site-agent --test fuzz_chunks --test fuzz_updates --test fuzz_tasks -- --nocapture
 
 # Every benchmark (BENCHMARKS.md); JSON figures land in target/bench/. Needs about 30 GB of
 # free disk for the largest aggregation cell (64 sites × 100 M parameters) and ~20 minutes.
