@@ -13,6 +13,12 @@ use fedee_proto::v1::JoinRequest;
 use fedee_proto::v1::federation_client::FederationClient;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+/// The heart-disease example spec (its model is what these tests' aggregators start from).
+const HEART: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/heart-disease/federation.toml"
+);
+
 fn fedee(args: &[&str], dir: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_fedee"))
         .args(args)
@@ -124,10 +130,6 @@ fn client_tls(ca: &Path, cert_key: Option<(&Path, &Path)>) -> ClientTlsConfig {
 async fn mutual_tls_admits_only_enrolled_sites_with_valid_certificates() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let heart = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/heart-disease/federation.toml"
-    );
     // The consortium PKI through the CLI, as an operator would create it.
     for args in [
         vec!["certs", "init", "--dir", "pki"],
@@ -141,7 +143,7 @@ async fn mutual_tls_admits_only_enrolled_sites_with_valid_certificates() {
         ],
         vec!["certs", "issue", "--dir", "pki", "--site", "Cleveland"],
         vec!["certs", "issue", "--dir", "pki", "--site", "Hungary"],
-        vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
+        vec!["init-model", "--spec", HEART, "--out", "g0.safetensors"],
     ] {
         let out = fedee(&args, dir);
         assert!(
@@ -281,10 +283,6 @@ fn services_refuse_to_start_without_a_transport_choice() {
 async fn health_is_served_and_sigterm_drains_and_exits_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let heart = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/heart-disease/federation.toml"
-    );
     for args in [
         vec!["certs", "init", "--dir", "pki"],
         vec![
@@ -296,7 +294,7 @@ async fn health_is_served_and_sigterm_drains_and_exits_cleanly() {
             "aggregator",
         ],
         vec!["certs", "issue", "--dir", "pki", "--client", "ops"],
-        vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
+        vec!["init-model", "--spec", HEART, "--out", "g0.safetensors"],
     ] {
         assert!(fedee(&args, dir).status.success(), "{args:?}");
     }
@@ -375,10 +373,6 @@ fn start_trainer(dir: &Path, name: &str) -> (Child, String) {
 async fn clients_pin_the_host_and_the_role_of_the_service_they_reach() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let heart = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/heart-disease/federation.toml"
-    );
     for args in [
         vec!["certs", "init", "--dir", "pki"],
         vec![
@@ -403,7 +397,7 @@ async fn clients_pin_the_host_and_the_role_of_the_service_they_reach() {
         vec!["certs", "issue", "--dir", "pki", "--site", "Cleveland"],
         vec!["certs", "issue", "--dir", "pki", "--client", "pharma"],
         vec!["certs", "issue", "--dir", "pki", "--operator", "ops"],
-        vec!["init-model", "--spec", heart, "--out", "g0.safetensors"],
+        vec!["init-model", "--spec", HEART, "--out", "g0.safetensors"],
     ] {
         let out = fedee(&args, dir);
         assert!(

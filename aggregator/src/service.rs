@@ -1517,16 +1517,9 @@ impl FederationApi for Federation {
         };
         let rounds = rounds
             .into_iter()
-            .map(|r| RoundStatus {
-                round: r.round,
-                // In memory only: the database says "open" until the close is recorded.
-                state: if st.closing && r.round == st.round && r.state == "open" {
-                    "closing".into()
-                } else {
-                    r.state
-                },
+            .map(|r| {
                 // Round r produced global model r + 1.
-                site_metrics: metrics
+                let site_metrics: Vec<SiteMetric> = metrics
                     .iter()
                     .filter(|m| m.model == r.round + 1)
                     .map(|m| SiteMetric {
@@ -1539,15 +1532,21 @@ impl FederationApi for Federation {
                         validation_accuracy: m.validation_accuracy,
                         num_validation_examples: m.num_validation_examples,
                     })
-                    .collect(),
-                rho: r.rho.unwrap_or(0.0),
-                epsilon: r.epsilon.unwrap_or(0.0),
-                reason: r.reason.unwrap_or_default(),
-                weighted: None,
-            })
-            .map(|mut r| {
-                r.weighted = crate::view::weighted(&r.site_metrics);
-                r
+                    .collect();
+                RoundStatus {
+                    round: r.round,
+                    // In memory only: the database says "open" until the close is recorded.
+                    state: if st.closing && r.round == st.round && r.state == "open" {
+                        "closing".into()
+                    } else {
+                        r.state
+                    },
+                    weighted: crate::view::weighted(&site_metrics),
+                    site_metrics,
+                    rho: r.rho.unwrap_or(0.0),
+                    epsilon: r.epsilon.unwrap_or(0.0),
+                    reason: r.reason.unwrap_or_default(),
+                }
             })
             .collect();
         Ok(Response::new(StatusResponse {

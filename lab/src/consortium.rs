@@ -297,23 +297,16 @@ pub(crate) fn pki(dir: &Path, sites: &[&str]) -> Result<PathBuf> {
 pub(crate) fn round_reports(st: &StatusResponse) -> Vec<RoundReport> {
     st.rounds
         .iter()
-        .map(|r| {
-            let n: u64 = r.site_metrics.iter().map(|m| m.num_test_examples).sum();
-            RoundReport {
-                round: r.round,
-                site_accuracy: r
-                    .site_metrics
-                    .iter()
-                    .map(|m| (m.site.clone(), m.test_accuracy))
-                    .collect(),
-                weighted_accuracy: r
-                    .site_metrics
-                    .iter()
-                    .map(|m| m.test_accuracy * m.num_test_examples as f64)
-                    .sum::<f64>()
-                    / n.max(1) as f64,
-                epsilon: r.epsilon,
-            }
+        .map(|r| RoundReport {
+            round: r.round,
+            site_accuracy: r
+                .site_metrics
+                .iter()
+                .map(|m| (m.site.clone(), m.test_accuracy))
+                .collect(),
+            // The aggregator's own weighting (by test examples).
+            weighted_accuracy: r.weighted.as_ref().map_or(0.0, |w| w.test_accuracy),
+            epsilon: r.epsilon,
         })
         .collect()
 }

@@ -749,9 +749,8 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             learning_rate: task.learning_rate,
             proximal_mu: task.proximal_mu,
         };
-        if let Err(e) = agreed_privacy(&task, &cfg.spec.spec, &agreed)
-            .and_then(|()| cfg.policy.check(&agreed, n))
-        {
+        // `agreed` passed the site's policy before joining; the task must match it exactly.
+        if let Err(e) = agreed_privacy(&task, &cfg.spec.spec, &agreed) {
             tracing::warn!(site = %cfg.site, round = task.round, "{e}");
             link.leave(&cfg.site, &e.to_string()).await?;
             return Err(e);
