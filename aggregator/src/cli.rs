@@ -128,7 +128,7 @@ pub struct AggregatorArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "rounds", "min_sites", "round_timeout", "dp_mode", "strategy", "server_lr",
         "trim_fraction", "proximal_mu", "clipping_norm", "noise_multiplier", "delta",
-        "local_epochs", "learning_rate", "batch_size",
+        "local_epochs", "learning_rate", "batch_size", "max_num_examples",
     ])]
     pub spec: Option<PathBuf>,
     /// The largest ε (at δ, for one site over the whole federation) this aggregator starts
@@ -136,6 +136,10 @@ pub struct AggregatorArgs {
     /// purpose (`inf` accepts anything). The planned ε is printed at start.
     #[arg(long, default_value_t = crate::DEFAULT_MAX_EPSILON)]
     pub max_epsilon: f64,
+    /// The largest `num_examples` (FedAvg weight) an update may carry; larger ones are
+    /// refused. A spec sets it as `federation.max_num_examples`.
+    #[arg(long, default_value_t = fedee_spec::DEFAULT_MAX_NUM_EXAMPLES)]
+    pub max_num_examples: u64,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -206,6 +210,7 @@ pub async fn run(a: AggregatorArgs) -> Result<()> {
         direct_io: a.direct_io,
         spec: None,
         max_epsilon: a.max_epsilon,
+        max_num_examples: a.max_num_examples,
     };
     let config = match spec {
         Some(s) => config.with_spec(s)?,

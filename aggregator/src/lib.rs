@@ -75,6 +75,11 @@ pub enum AggregatorError {
         source: tokio::task::JoinError,
     },
     /// Privacy accounting failure.
+    /// The aggregated global model has a NaN or ±Inf (every update was finite, but their
+    /// weighted mean overflowed f32, or an adaptive strategy diverged): the round fails and
+    /// the global model stays the previous one.
+    #[error("the aggregated global model is not finite: {0}")]
+    NonFiniteModel(String),
     #[error("privacy accounting: {0}")]
     Dp(#[from] fedee_dp::DpError),
     /// Transport failure.
@@ -144,6 +149,9 @@ pub struct Config {
     /// with; [`Config::validate`] refuses a configuration that plans more. Raise it only on
     /// purpose (`f64::INFINITY` accepts anything).
     pub max_epsilon: f64,
+    /// The largest `num_examples` an update may carry (its FedAvg weight): larger ones are
+    /// refused. From the spec's `federation.max_num_examples` when there is one.
+    pub max_num_examples: u64,
 }
 
 /// The largest ε a federation may plan unless the coordinator raises the limit.
@@ -187,6 +195,7 @@ impl Default for Config {
             direct_io: blobs::DirectIo::Auto,
             spec: None,
             max_epsilon: DEFAULT_MAX_EPSILON,
+            max_num_examples: fedee_spec::DEFAULT_MAX_NUM_EXAMPLES,
         }
     }
 }
@@ -222,6 +231,7 @@ impl std::fmt::Debug for Config {
             .field("direct_io", &self.direct_io)
             .field("spec", &self.spec.as_ref().map(|s| &s.sha256))
             .field("max_epsilon", &self.max_epsilon)
+            .field("max_num_examples", &self.max_num_examples)
             .finish()
     }
 }
@@ -251,6 +261,7 @@ impl Config {
             f.trim_fraction,
         )?;
         self.proximal_mu = f.proximal_mu;
+        self.max_num_examples = f.max_num_examples;
         self.dp_mode = match p.mode {
             fedee_spec::PrivacyMode::Site => fedee_dp::DpMode::Site,
             fedee_spec::PrivacyMode::Record => fedee_dp::DpMode::Record,
@@ -283,6 +294,9 @@ impl Config {
         }
         if self.min_sites == 0 {
             return bad("min_sites must be at least 1".into());
+        }
+        if self.max_num_examples == 0 {
+            return bad("max num_examples must be at least 1".into());
         }
         if !(self.delta > 0.0 && self.delta < 1.0) {
             return bad(format!("delta must be in (0, 1), got {}", self.delta));

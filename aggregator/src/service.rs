@@ -582,6 +582,14 @@ impl Federation {
         let mut st = self.state.lock().await;
         let r = match aggregated {
             Ok(a) => self.finish_close(&mut st, &job, a).await,
+            // Deterministic in the persisted updates: retrying would fail the same way.
+            Err(e @ AggregatorError::NonFiniteModel(_)) => {
+                let reason = format!("{e}; the global model stays the previous one");
+                let open_next = job.round < self.config.rounds;
+                let r = self.fail_round(&mut st, job.now, &reason, open_next).await;
+                tracing::error!(round = job.round, %reason, "round failed");
+                r
+            }
             Err(e) => Err(e),
         };
         self.end_closing(&mut st);
@@ -636,6 +644,14 @@ impl Federation {
             if let (Some(f), Some(sha)) = (prior.as_mut(), &server_state) {
                 f.verify_sha256(sha)?;
             }
+            for (name, d) in next.names.iter().zip(&next.data) {
+                if let Some(i) = d.iter().position(|x| !x.is_finite()) {
+                    return Err(AggregatorError::NonFiniteModel(format!(
+                        "tensor `{name}` is {} at flat index {i}",
+                        d[i]
+                    )));
+                }
+            }
             let write = |f: &dyn Fn(&mut crate::blobs::BlobWriter) -> std::io::Result<()>| {
                 let mut w = blobs.writer()?;
                 f(&mut w).map_err(crate::blobs::io("writing a model".into()))?;
@@ -672,7 +688,10 @@ impl Federation {
             started,
         } = a;
         let (round, now, updates) = (job.round, job.now, &job.updates);
-        let total: u64 = updates.iter().map(|u| u.num_examples).sum();
+        // Each weight is at most `max_num_examples`, so the sum cannot wrap; saturate anyway.
+        let total = updates
+            .iter()
+            .fold(0u64, |t, u| t.saturating_add(u.num_examples));
         let (rho, epsilon) = self.round_privacy(round).await?;
         let open_next = round < self.config.rounds;
         self.store
@@ -901,10 +920,14 @@ impl Federation {
                 )),
             ));
         }
-        if h.num_examples == 0 {
+        if h.num_examples == 0 || h.num_examples > self.config.max_num_examples {
             return Err((
                 Reject::Header,
-                Status::invalid_argument("num_examples must be at least 1"),
+                Status::invalid_argument(format!(
+                    "num_examples {} is outside 1..={}: the federation's largest site weight \
+                     (federation.max_num_examples in the spec, --max-num-examples without one)",
+                    h.num_examples, self.config.max_num_examples
+                )),
             ));
         }
         let ledger = self.ledger_entry(&h).map_err(|s| (Reject::Header, s))?;
@@ -928,7 +951,7 @@ impl Federation {
             (
                 st.global_size,
                 st.global_size * st.active().len().max(1) as u64,
-                StreamCheck::new(&st.global.names, &st.global.shapes),
+                self.update_check(&st.global),
             )
         };
         // Uploads are received a few at a time: each holds one chunk and a 1 MiB write
@@ -1056,6 +1079,21 @@ impl Federation {
 }
 
 impl Federation {
+    /// The streaming check of an update against `global`'s layout; in site mode also its
+    /// norm against [`fedee_dp::noised_update_norm_bound`] (in record mode an update is a
+    /// sum of noised DP-SGD steps, with no such bound).
+    fn update_check(&self, global: &Tensors) -> StreamCheck {
+        let check = StreamCheck::new(&global.names, &global.shapes);
+        match self.config.dp_mode {
+            DpMode::Site => check.with_max_norm(fedee_dp::noised_update_norm_bound(
+                self.config.clipping_norm,
+                self.config.noise_multiplier,
+                global.data.iter().map(|d| d.len() as u64).sum(),
+            )),
+            DpMode::Record => check,
+        }
+    }
+
     /// The ledger entry an update carries: required in record mode (unit "patient record",
     /// finite ε ≥ 0, δ as configured), optional in site mode.
     fn ledger_entry(&self, h: &UpdateHeader) -> Result<Option<LedgerRow>, Status> {

@@ -201,7 +201,8 @@ pub fn aggregate_slice(
     );
     let mean = || {
         // Σᵢ (nᵢ/N) Δᵢ in f64, one update at a time.
-        let total = updates.iter().map(|u| u.0).sum::<u64>().max(1) as f64;
+        // Weights summed in f64: exact below 2⁵³, and no wrap for any u64 weights.
+        let total = updates.iter().map(|u| u.0 as f64).sum::<f64>().max(1.0);
         let mut acc = vec![0f64; g.len()];
         for (n, u) in updates {
             assert_eq!(u.len(), g.len(), "update slice length");

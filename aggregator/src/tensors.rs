@@ -429,6 +429,9 @@ pub struct StreamCheck {
     spans: Option<Vec<(u64, u64, String)>>,
     /// The bytes of a value split across two pieces.
     carry: Vec<u8>,
+    /// The largest L2 norm accepted ([`StreamCheck::with_max_norm`]), and Σx² so far.
+    max_norm: Option<f64>,
+    sum_sq: f64,
 }
 
 impl StreamCheck {
@@ -442,7 +445,22 @@ impl StreamCheck {
             max_header: header_bound(names, shapes),
             spans: None,
             carry: Vec::with_capacity(4),
+            max_norm: None,
+            sum_sq: 0.0,
         }
+    }
+
+    /// Also refuse the update once its L2 norm (over every value) exceeds `max_norm`: at the
+    /// first chunk that takes it over, since Σx² only grows.
+    #[must_use]
+    pub fn with_max_norm(mut self, max_norm: f64) -> Self {
+        self.max_norm = Some(max_norm);
+        self
+    }
+
+    /// The L2 norm of the values checked so far.
+    pub fn norm(&self) -> f64 {
+        self.sum_sq.sqrt()
     }
 
     /// Check the next `data` bytes of a file that will be `len` bytes long.
@@ -510,9 +528,45 @@ impl StreamCheck {
         Ok(())
     }
 
-    /// Refuse the first non-finite f32 in `words`, which start at file offset `at`.
+    /// Refuse the first non-finite f32 in `words`, which start at file offset `at`; with a
+    /// norm bound, add their squares to Σx² and refuse once it is over the bound.
     #[allow(clippy::result_large_err)]
     fn check_words(
+        &mut self,
+        words: &[u8],
+        at: u64,
+    ) -> Result<(), Result<AggregatorError, AggregatorError>> {
+        self.check_finite_words(words, at)?;
+        let Some(max) = self.max_norm else {
+            return Ok(());
+        };
+        // Finite f32 squares in f64 cannot overflow; eight partial sums let the loop vectorize.
+        let mut acc = [0f64; 8];
+        let mut blocks = words.chunks_exact(32);
+        for b in &mut blocks {
+            for (a, w) in acc.iter_mut().zip(b.chunks_exact(4)) {
+                let x = f64::from(f32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+                *a += x * x;
+            }
+        }
+        for (a, w) in acc.iter_mut().zip(blocks.remainder().chunks_exact(4)) {
+            let x = f64::from(f32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            *a += x * x;
+        }
+        self.sum_sq += acc.iter().sum::<f64>();
+        if self.norm() > max {
+            return Err(Ok(invalid(format!(
+                "update L2 norm is over {:.6} after {} bytes, above the bound {max:.6} = C·(1 + σ·(√d + 10)) \
+                 of the federation's clipping norm and noise: clip the update to C before adding the noise",
+                self.norm(),
+                at + words.len() as u64
+            ))));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn check_finite_words(
         &self,
         words: &[u8],
         at: u64,
@@ -927,6 +981,46 @@ mod tests {
             }
         }
         assert_eq!(refused, 8, "only the two good files pass");
+    }
+
+    /// The streamed norm is the update's L2 norm whatever the chunking (values split across
+    /// pieces included); an update over the bound is refused, one at the bound accepted.
+    #[test]
+    fn stream_check_measures_the_norm_and_refuses_updates_over_the_bound() {
+        let n = 1000;
+        let names = vec!["w".to_string(), "z".to_string()];
+        let shapes = vec![vec![n], vec![3]];
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let z = vec![1e30f32, -2e30, 0.5];
+        let want = w
+            .iter()
+            .chain(&z)
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        let bytes = t(&["w", "z"], &shapes, vec![w, z]).to_safetensors();
+        for piece in [1, 3, 5, 33, 4096, bytes.len()] {
+            let run = |max: f64| {
+                let mut c = StreamCheck::new(&names, &shapes).with_max_norm(max);
+                for p in bytes.chunks(piece) {
+                    c.feed(p, bytes.len() as u64)?;
+                }
+                c.finish().map(|()| c.norm())
+            };
+            let got = run(f64::INFINITY).unwrap();
+            assert!(
+                (got - want).abs() <= 1e-12 * want,
+                "pieces of {piece}: {got} vs {want}"
+            );
+            assert!(run(want * (1.0 + 1e-9)).is_ok());
+            let e = run(want * (1.0 - 1e-9)).unwrap_err().unwrap().to_string();
+            assert!(
+                e.contains("L2 norm") && e.contains("clip the update"),
+                "{e}"
+            );
+        }
     }
 
     /// The block-wise finite scan finds the first bad value wherever it lies: first, last,

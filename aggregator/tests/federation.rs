@@ -31,21 +31,24 @@ async fn start(
     CancellationToken,
     tempfile::TempDir,
 ) {
-    start_with(rounds, min_sites, model(1.0), DirectIo::Auto).await
+    start_with(rounds, min_sites, model(1.0), |c| {
+        c.direct_io = DirectIo::Auto
+    })
+    .await
 }
 
 async fn start_with(
     rounds: u32,
     min_sites: u32,
     initial: Tensors,
-    direct_io: DirectIo,
+    edit: impl FnOnce(&mut Config),
 ) -> (
     FederationClient<Channel>,
     CancellationToken,
     tempfile::TempDir,
 ) {
     let blobs = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         database_url: "sqlite::memory:".into(),
         blob_dir: blobs.path().to_owned(),
         round_timeout: std::time::Duration::from_secs(600),
@@ -65,11 +68,13 @@ async fn start_with(
         tls: None,
         enroll: vec![],
         max_concurrent_uploads: 4,
-        direct_io,
+        direct_io: DirectIo::Auto,
         spec: None,
         // These tests are about rounds and aggregation, not privacy.
         max_epsilon: f64::INFINITY,
+        max_num_examples: 1_000,
     };
+    edit(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let token = CancellationToken::new();
@@ -312,7 +317,21 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
             "zero examples",
             msgs("B", 1, 0, &good, None),
             Code::InvalidArgument,
-            "num_examples",
+            "num_examples 0 is outside 1..=1000",
+        ),
+        (
+            // A weight past the federation's bound (and u64::MAX would wrap the sum).
+            "too many examples",
+            msgs("B", 1, u64::MAX, &good, None),
+            Code::InvalidArgument,
+            "federation.max_num_examples",
+        ),
+        (
+            // ‖Δ‖ = 10·√7 ≈ 26.5 > C·(1 + σ·(√7 + 10)) ≈ 13.6 with C = σ = 1: not clipped.
+            "unclipped",
+            msgs("B", 1, 10, &model(10.0).to_safetensors(), None),
+            Code::InvalidArgument,
+            "L2 norm",
         ),
         (
             "truncated",
@@ -379,7 +398,12 @@ async fn requests_are_answered_while_a_round_is_aggregated() {
         shapes: vec![vec![n]],
         data: vec![vec![v; n]],
     };
-    let (mut c, token, _blobs) = start_with(1, 2, big(1.0), DirectIo::Above(0)).await;
+    let (mut c, token, _blobs) = start_with(1, 2, big(1.0), |c| {
+        c.direct_io = DirectIo::Above(0);
+        // Updates of 2 and 4 per coordinate: far over a clipping norm of 1.
+        c.clipping_norm = ClippingNorm::new(1e6).unwrap();
+    })
+    .await;
     for s in ["A", "B"] {
         c.join(JoinRequest {
             site: s.into(),
@@ -431,5 +455,59 @@ async fn requests_are_answered_while_a_round_is_aggregated() {
     assert!(st.done && st.rounds[0].state == "closed");
     // Updates are deltas: 1 + 0.25 · 2 + 0.75 · 4 = 4.5
     assert!(download(&mut c, 2).await.data[0].iter().all(|&x| x == 4.5));
+    token.cancel();
+}
+
+/// Finite updates whose weighted mean overflows f32 give a non-finite global model: the round
+/// fails with that reason (not retried forever), the previous global model is kept and the
+/// next round opens from it.
+#[tokio::test]
+async fn a_non_finite_global_model_fails_the_round_and_keeps_the_previous_one() {
+    let big = 3e38f32;
+    let (mut c, token, _blobs) = start_with(2, 2, model(big), |c| {
+        c.clipping_norm = ClippingNorm::new(1e39).unwrap();
+    })
+    .await;
+    for s in ["A", "B"] {
+        c.join(JoinRequest {
+            site: s.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // 3e38 + 3e38 overflows f32::MAX ≈ 3.4e38.
+    for s in ["A", "B"] {
+        submit(&mut c, msgs(s, 1, 10, &model(big).to_safetensors(), None))
+            .await
+            .unwrap();
+    }
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.rounds[0].state, "failed", "{:?}", st.rounds[0]);
+    assert!(
+        st.rounds[0].reason.contains("not finite") && st.rounds[0].reason.contains("`a`"),
+        "{}",
+        st.rounds[0].reason
+    );
+    assert_eq!(st.current_round, 2);
+    assert_eq!(
+        download(&mut c, 2).await,
+        model(big),
+        "the previous global model is kept"
+    );
+    // The federation goes on: round 2 closes from the kept model.
+    for s in ["A", "B"] {
+        submit(&mut c, msgs(s, 2, 10, &model(-1e38).to_safetensors(), None))
+            .await
+            .unwrap();
+    }
+    let st = c.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(
+        st.done && st.rounds[1].state == "closed",
+        "{:?}",
+        st.rounds[1]
+    );
+    let next = (f64::from(big) + f64::from(-1e38f32)) as f32;
+    assert_eq!(download(&mut c, 3).await, model(next));
     token.cancel();
 }

@@ -132,6 +132,22 @@ pub fn add_gaussian_noise<R: Rng + ?Sized>(
     noise::add_noise(update, c.get() * sigma.get(), sampler, rng)
 }
 
+/// Standard deviations of slack in [`noised_update_norm_bound`]: a correctly noised update
+/// exceeds the bound with probability at most `exp(−t²/2)` ≈ 2·10⁻²², `t` = 10.
+pub const NORM_BOUND_SLACK: f64 = 10.0;
+
+/// The largest L2 norm a site-level DP update of `d` coordinates may have:
+/// `C · (1 + σ · (√d + t))`, `t` = [`NORM_BOUND_SLACK`].
+///
+/// The update is `clip(Δ) + σC·z` with `‖clip(Δ)‖ ≤ C` and `z ~ N(0, I_d)`. The norm is
+/// 1-Lipschitz, so by Gaussian concentration (Boucheron, Lugosi, Massart, *Concentration
+/// Inequalities*, Thm 5.6) `P(‖z‖ ≥ E‖z‖ + t) ≤ exp(−t²/2)`, and `E‖z‖ ≤ √d`. An update above
+/// the bound was not clipped to `C` (or not noised as agreed): the aggregator refuses it, so one
+/// site moves FedAvg by at most its weight times this bound.
+pub fn noised_update_norm_bound(c: ClippingNorm, sigma: NoiseMultiplier, d: u64) -> f64 {
+    c.get() * (1.0 + sigma.get() * ((d as f64).sqrt() + NORM_BOUND_SLACK))
+}
+
 /// What one unit of privacy is, and so where the mechanism runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -341,6 +357,40 @@ mod tests {
         let mut small = vec![0.3f32, 0.4];
         clip_l2(&mut small, c);
         assert_eq!(small, vec![0.3, 0.4]);
+    }
+
+    #[test]
+    fn honest_site_updates_stay_under_the_norm_bound_and_unclipped_ones_do_not() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let (c, sigma, d) = (
+            ClippingNorm::new(1.0).unwrap(),
+            NoiseMultiplier::new(1.0).unwrap(),
+            10_000usize,
+        );
+        let bound = noised_update_norm_bound(c, sigma, d as u64);
+        assert!(
+            (bound - 111.0).abs() < 1e-9,
+            "1·(1 + 1·(100 + 10)) = {bound}"
+        );
+        let noised = |delta: f32, rng: &mut rand_chacha::ChaCha20Rng| {
+            let mut v = vec![delta; d];
+            clip_l2(&mut v, c);
+            add_gaussian_noise(&mut v, c, sigma, noise::Sampler::Fast, rng).unwrap();
+            l2_norm(&v)
+        };
+        let mut largest = 0f64;
+        for _ in 0..200 {
+            largest = largest.max(noised(1.0, &mut rng));
+        }
+        assert!(
+            largest < bound,
+            "honest update norm {largest} vs bound {bound}"
+        );
+        assert!(largest > 100.0, "the noise's norm is about σC√d: {largest}");
+        // The same noise on an unclipped update of norm 100 is refused.
+        let mut v = vec![1.0f32; d];
+        add_gaussian_noise(&mut v, c, sigma, noise::Sampler::Fast, &mut rng).unwrap();
+        assert!(l2_norm(&v) > bound, "{} ≤ {bound}", l2_norm(&v));
     }
 
     #[test]

@@ -680,6 +680,16 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
     // The site's own policy, checked before it joins: the spec's settings and what the site
     // will spend (its ledger so far plus the federation's planned rounds).
     let n = cfg.task.num_examples();
+    let max_n = cfg.spec.spec.federation.max_num_examples;
+    if crate::policy::coarse_count(n) > max_n {
+        return Err(SiteError::Unsupported(format!(
+            "this site has {} training examples (reported as {}), more than the federation's \
+             federation.max_num_examples = {max_n}: ask the coordinator to raise it in the spec, \
+             or train on a sample of at most {max_n} rows",
+            n,
+            crate::policy::coarse_count(n)
+        )));
+    }
     cfg.policy.validate()?;
     cfg.policy.check_target(&cfg.spec.spec)?;
     let agreed = spec_privacy(&cfg.spec.spec, n)?;

@@ -374,7 +374,14 @@ pub struct Rounds {
     pub trim_fraction: f64,
     /// FedProx proximal coefficient μ.
     pub proximal_mu: f64,
+    /// The largest `num_examples` (FedAvg weight) one site may report per round. It bounds
+    /// how far one site can pull the weighted mean, and the weights' sum. A site with more
+    /// training examples is refused at join, naming this setting.
+    pub max_num_examples: u64,
 }
+
+/// Default of [`Rounds::max_num_examples`]: ten million records per site.
+pub const DEFAULT_MAX_NUM_EXAMPLES: u64 = 10_000_000;
 
 impl Default for Rounds {
     fn default() -> Self {
@@ -386,6 +393,7 @@ impl Default for Rounds {
             server_lr: 0.01,
             trim_fraction: 0.1,
             proximal_mu: 0.0,
+            max_num_examples: DEFAULT_MAX_NUM_EXAMPLES,
         }
     }
 }
@@ -870,6 +878,14 @@ impl FederationSpec {
                 r.rounds,
                 "must be at least 1",
                 "e.g. rounds = 20",
+            ));
+        }
+        if r.max_num_examples == 0 {
+            return Err(invalid(
+                "federation.max_num_examples",
+                r.max_num_examples,
+                "must be at least 1",
+                format!("e.g. max_num_examples = {DEFAULT_MAX_NUM_EXAMPLES}"),
             ));
         }
         if r.min_sites == 0 {
