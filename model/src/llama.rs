@@ -1,0 +1,298 @@
+//! A Llama-family causal LM in tch (SmolLM2, Llama 2/3 shapes): RMSNorm, grouped-query
+//! attention with rotary position embeddings, a SwiGLU feed-forward block, tied or separate
+//! output embeddings, and a key/value cache for decoding.
+//!
+//! Shapes: token ids `(B, T)` i64; hidden states `(B, T, d)`; logits `(B, T, V)` in the
+//! weights' dtype (f32 as loaded by [`crate::gguf`]). Parameters use the GGUF names with
+//! `(out, in)` matrices and Q/K rows in the half-split RoPE order (see [`crate::gguf`]).
+//!
+//! Math (Touvron et al. 2023, "Llama 2", and Hugging Face's `LlamaForCausalLM`):
+//! `RMSNorm(x) = x / √(mean(x²) + ε) ⊙ γ`; RoPE rotates each pair `(i, i + d_h/2)` of a query or
+//! key head at position `p` by the angle `p · θ^(−2i/d_h)` (Su et al. 2021); attention is
+//! `softmax(QKᵀ/√d_h + causal mask) V` with each KV head shared by `H / H_kv` query heads;
+//! `FFN(x) = W_down (SiLU(W_gate x) ⊙ W_up x)`.
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::state::Checked;
+use crate::{ModelError, StateDict};
+
+/// The architecture of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size `V`.
+    pub vocab_size: usize,
+    /// Residual width `d`.
+    pub hidden_size: usize,
+    /// Transformer blocks.
+    pub num_layers: usize,
+    /// SwiGLU width.
+    pub intermediate_size: usize,
+    /// Query heads `H`.
+    pub num_heads: usize,
+    /// Key/value heads `H_kv` (GQA: `H` is a multiple of it).
+    pub num_kv_heads: usize,
+    /// Width of one head `d_h` (even).
+    pub head_dim: usize,
+    /// RoPE base θ.
+    pub rope_theta: f64,
+    /// RMSNorm ε.
+    pub rms_norm_eps: f64,
+    /// Longest context (positions) the model was trained for.
+    pub max_position: usize,
+    /// Whether the output layer is the embedding table (no `output.weight`).
+    pub tied_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// # Errors
+    /// [`ModelError::Config`] naming the first inconsistent value.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Config(m));
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
+            return bad(format!(
+                "vocabulary {}, width {} and layers {} must be positive",
+                self.vocab_size, self.hidden_size, self.num_layers
+            ));
+        }
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad(format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!("head width {} must be even", self.head_dim));
+        }
+        if !(self.rope_theta > 1.0 && self.rms_norm_eps > 0.0) {
+            return bad(format!(
+                "RoPE base {} and RMSNorm ε {} must be positive",
+                self.rope_theta, self.rms_norm_eps
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parameter names and shapes ([`crate::gguf::shapes`]).
+    pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
+        crate::gguf::shapes(self)
+    }
+
+    /// Check `state` against [`LlamaConfig::shapes`].
+    ///
+    /// # Errors
+    /// As [`Checked::new`].
+    pub fn check_state<'a>(&self, state: &'a StateDict) -> Result<Checked<'a>, ModelError> {
+        Checked::new(&self.shapes(), state, "Llama")
+    }
+
+    /// Query heads per key/value head.
+    pub fn group_size(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer: `(B, H_kv, T_max, d_h)` each,
+/// filled up to [`KvCache::len`].
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` sequences of up to `capacity` positions.
+    pub fn new(c: &LlamaConfig, batch: usize, capacity: usize, kind: Kind, device: Device) -> Self {
+        let shape = [
+            batch as i64,
+            c.num_kv_heads as i64,
+            capacity as i64,
+            c.head_dim as i64,
+        ];
+        Self {
+            k: (0..c.num_layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect(),
+            v: (0..c.num_layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions that still fit.
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.len
+    }
+}
+
+/// `cos` and `sin` of the RoPE angles of positions `start..start + t`: `(t, d_h)` each, the
+/// `d_h/2` frequencies repeated for both halves (Hugging Face's layout).
+fn rope_tables(
+    c: &LlamaConfig,
+    start: usize,
+    t: usize,
+    kind: Kind,
+    device: Device,
+) -> (Tensor, Tensor) {
+    let half = c.head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (1.0 / c.rope_theta.powf((2 * i) as f64 / c.head_dim as f64)) as f32)
+        .collect();
+    let inv = Tensor::from_slice(&inv).to_device(device);
+    let pos = Tensor::arange_start(start as i64, (start + t) as i64, (Kind::Float, device));
+    let freqs = pos.outer(&inv);
+    let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+}
+
+/// `x ⊙ cos + rotate_half(x) ⊙ sin` over the last dimension (`rotate_half(x) = [−x₂, x₁]`).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let (x1, x2) = (x.narrow(3, 0, half), x.narrow(3, half, half));
+    x * cos + Tensor::cat(&[&x2.neg(), &x1], -1) * sin
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let var = x.pow_tensor_scalar(2).mean_dim(-1, true, None);
+    x * (var + eps).rsqrt() * w
+}
+
+/// Logits `(B, T, V)` of the next token after each of `ids` `(B, T)`, appending the positions
+/// to `cache` (which must have room for them).
+///
+/// # Errors
+/// [`ModelError::Config`] if the ids do not fit the cache or the context.
+pub fn forward(
+    c: &LlamaConfig,
+    s: Checked<'_>,
+    ids: &Tensor,
+    cache: &mut KvCache,
+) -> Result<Tensor, ModelError> {
+    let hidden = hidden_states(c, s, ids, cache)?;
+    let out = if c.tied_embeddings {
+        s.get("token_embd.weight")
+    } else {
+        s.get("output.weight")
+    };
+    Ok(hidden.linear::<&Tensor>(out, None))
+}
+
+/// The final hidden states `(B, T, d)` (after the output RMSNorm), as [`forward`].
+///
+/// # Errors
+/// As [`forward`].
+pub fn hidden_states(
+    c: &LlamaConfig,
+    s: Checked<'_>,
+    ids: &Tensor,
+    cache: &mut KvCache,
+) -> Result<Tensor, ModelError> {
+    let (b, t) = ids.size2().map_err(ModelError::Torch)?;
+    let t_us = t as usize;
+    if t_us == 0 || t_us > cache.remaining() || cache.len + t_us > c.max_position {
+        return Err(ModelError::Config(format!(
+            "{t} new positions after {} do not fit (cache room {}, context {})",
+            cache.len,
+            cache.remaining(),
+            c.max_position
+        )));
+    }
+    let embd = s.get("token_embd.weight");
+    let (kind, device) = (embd.kind(), embd.device());
+    let mut x = Tensor::embedding(embd, ids, -1, false, false);
+    let (cos, sin) = rope_tables(c, cache.len, t_us, kind, device);
+    let (h, kv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
+    let past = cache.len as i64;
+    let total = past + t;
+    // Causal mask over (new positions) × (all positions): only when a new position could see
+    // a later one.
+    let mask = (t > 1).then(|| {
+        let q = Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(1);
+        let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+        k.le_tensor(&q)
+    });
+    for l in 0..c.num_layers {
+        let w = |n: &str| s.get(&format!("blk.{l}.{n}.weight"));
+        let a = rms_norm(&x, w("attn_norm"), c.rms_norm_eps);
+        let q = a
+            .linear::<&Tensor>(w("attn_q"), None)
+            .view([b, t, h, hd])
+            .transpose(1, 2);
+        let k = a
+            .linear::<&Tensor>(w("attn_k"), None)
+            .view([b, t, kv, hd])
+            .transpose(1, 2);
+        let v = a
+            .linear::<&Tensor>(w("attn_v"), None)
+            .view([b, t, kv, hd])
+            .transpose(1, 2);
+        let (q, k) = (rope(&q, &cos, &sin), rope(&k, &cos, &sin));
+        cache.k[l].narrow(2, past, t).copy_(&k);
+        cache.v[l].narrow(2, past, t).copy_(&v);
+        let keys = cache.k[l].narrow(2, 0, total);
+        let values = cache.v[l].narrow(2, 0, total);
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &keys,
+            &values,
+            mask.as_ref(),
+            0.0,
+            false,
+            None,
+            kv != h,
+        );
+        let o = o.transpose(1, 2).reshape([b, t, h * hd]);
+        x += o.linear::<&Tensor>(w("attn_output"), None);
+        let f = rms_norm(&x, w("ffn_norm"), c.rms_norm_eps);
+        let gate = f.linear::<&Tensor>(w("ffn_gate"), None).silu();
+        let up = f.linear::<&Tensor>(w("ffn_up"), None);
+        x += (gate * up).linear::<&Tensor>(w("ffn_down"), None);
+    }
+    cache.len += t_us;
+    Ok(rms_norm(&x, s.get("output_norm.weight"), c.rms_norm_eps))
+}
+
+/// Greedy decoding of one sequence: the prompt `ids` are prefilled, then up to `max_new`
+/// tokens are appended, stopping after `stop`. Returns the new tokens and each step's logits
+/// `(V,)` (prefill's last position first).
+///
+/// # Errors
+/// As [`forward`].
+pub fn greedy(
+    c: &LlamaConfig,
+    s: Checked<'_>,
+    ids: &[i64],
+    max_new: usize,
+    stop: Option<i64>,
+) -> Result<(Vec<i64>, Vec<Tensor>), ModelError> {
+    let embd = s.get("token_embd.weight");
+    let mut cache = KvCache::new(c, 1, ids.len() + max_new, embd.kind(), embd.device());
+    let mut logits = forward(c, s, &Tensor::from_slice(ids).unsqueeze(0), &mut cache)?;
+    let (mut out, mut steps) = (Vec::new(), Vec::new());
+    for _ in 0..max_new {
+        let last = logits.get(0).get(-1);
+        let next = last.argmax(0, false).int64_value(&[]);
+        steps.push(last);
+        out.push(next);
+        if Some(next) == stop {
+            break;
+        }
+        logits = forward(c, s, &Tensor::from_slice(&[next]).unsqueeze(0), &mut cache)?;
+    }
+    Ok((out, steps))
+}
