@@ -36,13 +36,14 @@ fuzz: $(TORCH_STAMP)
 FLWR_VERSION := 1.41.0
 FLWR_STAMP := $(VENV)/.fedee-flwr-$(FLWR_VERSION)
 BENCH_OUT := target/bench
-bench: build data $(FLWR_STAMP)
+bench: build data $(FLWR_STAMP) $(TRANSFORMERS_STAMP)
 	mkdir -p $(BENCH_OUT)
 	./target/release/fedee bench noise --json $(BENCH_OUT)/noise.json
 	./target/release/fedee bench transform --json $(BENCH_OUT)/transform.json
 	./target/release/fedee bench ee-overhead --json $(BENCH_OUT)/ee-overhead.json
 	./target/release/fedee bench train --json $(BENCH_OUT)/train.json
 	./target/release/fedee bench aggregate --json $(BENCH_OUT)/aggregate.json
+	./target/release/fedee bench lm --json $(BENCH_OUT)/lm.json
 
 # The attack suite (SECURITY.md): each attack prints a table; JSON lands in target/attacks/.
 REFERENCE := data/cache/reference/lee_background.cor
@@ -69,6 +70,17 @@ $(FLWR_STAMP): $(TORCH_STAMP)
 		$(VENV)/bin/pip install --quiet flwr==$(FLWR_VERSION); \
 	else \
 		$(PYTHON) -m pip --python $(VENV)/bin/python install --quiet flwr==$(FLWR_VERSION); \
+	fi
+	touch $@
+
+# Hugging Face transformers (with gguf and accelerate, to load the same GGUF file), for the
+# side-by-side LM benchmark and scripts/smollm2_reference.py only.
+TRANSFORMERS_STAMP := $(VENV)/.fedee-transformers-5.24.0
+$(TRANSFORMERS_STAMP): $(TORCH_STAMP)
+	if [ -x $(VENV)/bin/pip ]; then \
+		$(VENV)/bin/pip install --quiet transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0; \
+	else \
+		$(PYTHON) -m pip --python $(VENV)/bin/python install --quiet transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0; \
 	fi
 	touch $@
 

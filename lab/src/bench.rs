@@ -134,6 +134,37 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The causal LM (SmolLM2-135M-Instruct's GGUF file, f32): load time, prefill tokens/s at
+    /// 36 and 512 prompt tokens, decode tokens/s, peak RSS and decode against the read
+    /// bandwidth measured in the same run; beside Hugging Face transformers on the same file,
+    /// prompt ids and thread count. Goals: fedee/transformers decode ≥ 1.0; decode ≥ 80 % of
+    /// the bandwidth bound.
+    Lm {
+        /// The GGUF file (`make data` fetches it).
+        #[arg(
+            long,
+            default_value = "data/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )]
+        gguf: PathBuf,
+        /// Tokens decoded greedily after a 36-token prompt.
+        #[arg(long, default_value_t = 128)]
+        decode: usize,
+        /// libtorch threads (both sides) [default: all logical CPUs].
+        #[arg(long)]
+        threads: Option<i32>,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Python with transformers, gguf and accelerate (`make bench` installs them).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Skip the transformers side.
+        #[arg(long)]
+        no_transformers: bool,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// DP noise: Gaussian values per second of the fast sampler (one core) and of OpenDP's
     /// exact sampler (on one core, then on every core), on the same machine in the same run.
     Noise {
@@ -363,6 +394,23 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 &python,
                 device,
             )?;
+            write_json(json.as_ref(), &with_machine(doc))
+        }
+        BenchCommand::Lm {
+            gguf,
+            decode,
+            threads,
+            device,
+            python,
+            no_transformers,
+            json,
+        } => {
+            let device = fedee_site_agent::cli::parse_device(&device)?;
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
+            });
+            let python = (!no_transformers).then_some(python.as_path());
+            let doc = crate::bench_lm::lm(&gguf, threads, decode, python, device)?;
             write_json(json.as_ref(), &with_machine(doc))
         }
         BenchCommand::Noise {

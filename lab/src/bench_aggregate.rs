@@ -59,7 +59,7 @@ fn synthetic(params: usize, seed: u64) -> Tensors {
 }
 
 /// `VmHWM` / `VmRSS` of a process, in MB.
-fn proc_mb(pid: u32, field: &str) -> Result<f64> {
+pub(crate) fn proc_mb(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()

@@ -17,6 +17,7 @@ pub mod attack;
 pub mod bench;
 mod bench_aggregate;
 mod bench_ee;
+mod bench_lm;
 mod consortium;
 pub mod demo;
 mod drug_demo;
