@@ -673,6 +673,39 @@ async fn a_federation_from_a_spec_on_each_sites_own_rows() {
             "{err}"
         );
     }
+    // A site with more training examples than the spec's federation.max_num_examples (its
+    // largest FedAvg weight) refuses to join, naming the setting.
+    {
+        std::fs::write(
+            dir.join("small.toml"),
+            common::heart_spec(&[("rounds = 10\n", "rounds = 2\nmax_num_examples = 10\n")]),
+        )
+        .unwrap();
+        let small = Aggregator::start(
+            dir,
+            "127.0.0.1:0",
+            &[
+                "--insecure",
+                "--spec",
+                "small.toml",
+                "--initial-model",
+                "g0.safetensors",
+                "--database-url",
+                "sqlite://small.db?mode=rwc",
+                "--blob-dir",
+                "small-blobs",
+            ],
+        );
+        let out = site(dir, &small.addr, "Cleveland", &csv, "dataset=Cleveland")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("federation.max_num_examples = 10") && err.contains("training examples"),
+            "{err}"
+        );
+    }
 
     let db = DB;
     let agg = spec_aggregator(
