@@ -330,6 +330,23 @@ impl Key {
         }
     }
 
+    /// `|K|`, entrywise: a signed permutation's permutation, a monomial key itself (its
+    /// scales are positive); dense keys keep their material (a spec asks for `abs` only on
+    /// keys restricted to index groups).
+    pub fn abs(&self) -> Key {
+        let material = match &self.material {
+            KeyMaterial::SignedPermutation { perm, .. } => {
+                KeyMaterial::Permutation { perm: perm.clone() }
+            }
+            m => m.clone(),
+        };
+        Key {
+            name: self.name.clone(),
+            dim: self.dim,
+            material,
+        }
+    }
+
     /// `K⁻¹`.
     pub fn inverse(&self) -> Key {
         let material = match &self.material {

@@ -253,6 +253,13 @@ fn apply_keys(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateD
         for (axis, kref) in axes.iter().enumerate() {
             let Some(kref) = kref else { continue };
             let key = keys.key(&kref.key)?;
+            let abs;
+            let key = if kref.abs {
+                abs = key.abs();
+                &abs
+            } else {
+                key
+            };
             let found = t.size()[axis];
             if found != key.dim as i64 {
                 return Err(EncryptError::Shape {

@@ -270,12 +270,7 @@ impl BertClassifierConfig {
             KeyGroup::Invertible,
         ];
         let k = |n: &str| Some(KeyRef::new(n));
-        let d = |n: &str| {
-            Some(KeyRef {
-                key: n.to_owned(),
-                dual: true,
-            })
-        };
+        let d = |n: &str| Some(KeyRef::dual(n));
         let mut params = BTreeMap::new();
         params.insert(
             "embeddings.word_embeddings.weight".to_owned(),

@@ -61,7 +61,9 @@ impl std::str::FromStr for KeyGroup {
 pub type StateDict = BTreeMap<String, Tensor>;
 
 /// A reference from one axis of a parameter to a key. `dual` selects `K⁻ᵀ` instead of `K`
-/// (embedding tables and attention `W_k` need it).
+/// (embedding tables and attention `W_k` need it); `abs` selects `|K|`, the key without its
+/// signs (for elementwise scales such as RMSNorm's γ: `RMSNorm(S x) = S RMSNorm(x)` for a
+/// signed permutation `S` exactly when γ is permuted by `|S|`, not `S`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRef {
     /// Name of the key.
@@ -69,6 +71,9 @@ pub struct KeyRef {
     /// Use the dual `K⁻ᵀ`.
     #[serde(default)]
     pub dual: bool,
+    /// Use `|K|` (entrywise absolute value; a signed permutation's permutation).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abs: bool,
 }
 
 impl KeyRef {
@@ -77,6 +82,23 @@ impl KeyRef {
         Self {
             key: key.to_owned(),
             dual: false,
+            abs: false,
+        }
+    }
+
+    /// The dual `K⁻ᵀ`.
+    pub fn dual(key: &str) -> Self {
+        Self {
+            dual: true,
+            ..Self::new(key)
+        }
+    }
+
+    /// `|K|`, for elementwise scale vectors.
+    pub fn abs(key: &str) -> Self {
+        Self {
+            abs: true,
+            ..Self::new(key)
         }
     }
 }

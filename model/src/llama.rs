@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::keyspec::{InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec};
 use crate::state::Checked;
 use crate::{ModelError, StateDict};
 
@@ -91,6 +92,98 @@ impl LlamaConfig {
     /// Query heads per key/value head.
     pub fn group_size(&self) -> usize {
         self.num_heads / self.num_kv_heads
+    }
+
+    /// Architecture name in key specs and key files.
+    pub const ARCHITECTURE: &'static str = "llama";
+
+    /// The EE key spec (row-vector math in SECURITY.md, "The math"):
+    /// - `vocab`, a permutation π of token ids: embedding rows move with it, so the server
+    ///   sees encrypted ids and returns logits permuted alike (tied output layer);
+    /// - `residual`, a (signed) permutation of the residual stream: every matrix reading it
+    ///   (Q/K/V, gate/up, the embedding table) gets it on its columns, every matrix writing it
+    ///   (attention output, down) on its rows, RMSNorm weights its unsigned permutation;
+    /// - `ffn{l}`, a permutation of layer `l`'s SwiGLU units (gate and up rows, down columns).
+    ///
+    /// Attention heads and their Q/K/V/O bases are not keyed yet: RoPE and grouped-query
+    /// attention need structured keys (KV-group permutations, RoPE-commuting factors) that
+    /// this spec does not declare.
+    pub fn key_spec(&self) -> KeySpec {
+        let decl = |dim: usize, allowed: Vec<KeyGroup>, why: &str| KeyDecl {
+            dim,
+            allowed,
+            why: why.into(),
+            heads: None,
+        };
+        let mut keys = BTreeMap::new();
+        keys.insert(
+            "vocab".to_owned(),
+            decl(
+                self.vocab_size,
+                vec![KeyGroup::Permutation],
+                "token ids are indices",
+            ),
+        );
+        keys.insert(
+            "residual".to_owned(),
+            decl(
+                self.hidden_size,
+                vec![KeyGroup::Permutation, KeyGroup::SignedPermutation],
+                "RMSNorm commutes with signed permutations only (γ permuted without signs)",
+            ),
+        );
+        let (k, d, abs) = (
+            |n: &str| Some(KeyRef::new(n)),
+            |n: &str| Some(KeyRef::dual(n)),
+            |n: &str| Some(KeyRef::abs(n)),
+        );
+        let mut params = BTreeMap::new();
+        params.insert(
+            "token_embd.weight".to_owned(),
+            vec![d("vocab"), d("residual")],
+        );
+        params.insert("output_norm.weight".to_owned(), vec![abs("residual")]);
+        if !self.tied_embeddings {
+            params.insert("output.weight".to_owned(), vec![k("vocab"), k("residual")]);
+        }
+        for l in 0..self.num_layers {
+            let ffn = format!("ffn{l}");
+            keys.insert(
+                ffn.clone(),
+                decl(
+                    self.intermediate_size,
+                    vec![KeyGroup::Permutation],
+                    "SiLU(gate) ⊙ up commutes with permutations only",
+                ),
+            );
+            let mut add = |n: &str, axes: Vec<Option<KeyRef>>| {
+                params.insert(format!("blk.{l}.{n}.weight"), axes);
+            };
+            add("attn_norm", vec![abs("residual")]);
+            add("attn_q", vec![None, k("residual")]);
+            add("attn_k", vec![None, k("residual")]);
+            add("attn_v", vec![None, k("residual")]);
+            add("attn_output", vec![k("residual"), None]);
+            add("ffn_norm", vec![abs("residual")]);
+            add("ffn_gate", vec![k(&ffn), k("residual")]);
+            add("ffn_up", vec![k(&ffn), k("residual")]);
+            add("ffn_down", vec![k("residual"), k(&ffn)]);
+        }
+        KeySpec {
+            architecture: Self::ARCHITECTURE.into(),
+            keys,
+            params,
+            input: "vocab".into(),
+            input_kind: InputKind::TokenIds,
+            output: "vocab".into(),
+            input_layer: None,
+        }
+    }
+
+    /// Key groups of the `finetune` profile (signed permutations on the residual stream, so
+    /// AdamW steps stay exact), to pass to `KeySet::generate`.
+    pub fn key_groups(&self) -> BTreeMap<String, KeyGroup> {
+        BTreeMap::from([("residual".to_owned(), KeyGroup::SignedPermutation)])
     }
 }
 
