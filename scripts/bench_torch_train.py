@@ -74,9 +74,11 @@ def main():
     if arch["architecture"] == "mlp":
         if c["activation"] != "relu":
             raise SystemExit(f"activation {c['activation']} not mirrored here")
-        model = nn.Sequential(
-            nn.Linear(c["in_features"], c["hidden"]), nn.ReLU(), nn.Linear(c["hidden"], c["out_features"])
-        ).to(dev)
+        dims = [c["in_features"], *c["hidden"], c["out_features"]]
+        layers = []
+        for i, (a, b) in enumerate(zip(dims, dims[1:])):
+            layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(dims) - 2 else [])
+        model = nn.Sequential(*layers).to(dev)
         x = torch.randn(n, c["in_features"], device=dev)
         y = torch.randint(c["out_features"], (n,), device=dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -105,6 +105,17 @@ fn msgs(
     fedee_proto::update_messages(header, blob)
 }
 
+async fn join(c: &mut FederationClient<Channel>, sites: &[&str]) {
+    for s in sites {
+        c.join(JoinRequest {
+            site: (*s).into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
 async fn submit(
     c: &mut FederationClient<Channel>,
     m: Vec<SubmitUpdateMessage>,
@@ -130,14 +141,7 @@ async fn download(c: &mut FederationClient<Channel>, model: u32) -> Tensors {
 #[tokio::test]
 async fn fedavg_rounds_weighted_by_num_examples() {
     let (mut c, token, _blobs) = start(2, 2).await;
-    for s in ["A", "B"] {
-        c.join(JoinRequest {
-            site: s.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
+    join(&mut c, &["A", "B"]).await;
     let t = c
         .next_task(NextTaskRequest { site: "A".into() })
         .await
@@ -198,14 +202,7 @@ async fn fedavg_rounds_weighted_by_num_examples() {
 #[tokio::test]
 async fn bad_updates_are_rejected_and_accepted_ones_kept() {
     let (mut c, token, _blobs) = start(1, 3).await;
-    for s in ["A", "B", "C"] {
-        c.join(JoinRequest {
-            site: s.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
+    join(&mut c, &["A", "B", "C"]).await;
     let good = model(0.5).to_safetensors();
     assert_eq!(
         submit(&mut c, msgs("A", 1, 10, &good, None)).await.unwrap(),
@@ -404,14 +401,7 @@ async fn requests_are_answered_while_a_round_is_aggregated() {
         c.clipping_norm = ClippingNorm::new(1e6).unwrap();
     })
     .await;
-    for s in ["A", "B"] {
-        c.join(JoinRequest {
-            site: s.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
+    join(&mut c, &["A", "B"]).await;
     submit(&mut c, msgs("A", 1, 10, &big(2.0).to_safetensors(), None))
         .await
         .unwrap();
@@ -468,14 +458,7 @@ async fn a_non_finite_global_model_fails_the_round_and_keeps_the_previous_one() 
         c.clipping_norm = ClippingNorm::new(1e39).unwrap();
     })
     .await;
-    for s in ["A", "B"] {
-        c.join(JoinRequest {
-            site: s.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
+    join(&mut c, &["A", "B"]).await;
     // 3e38 + 3e38 overflows f32::MAX ≈ 3.4e38.
     for s in ["A", "B"] {
         submit(&mut c, msgs(s, 1, 10, &model(big).to_safetensors(), None))

@@ -302,6 +302,38 @@ fn gpus() -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Run `python script CONFIG_JSON` (a peer's side of a benchmark) and parse the one JSON
+/// object it prints; `hint` tells how to get what the script needs.
+pub(crate) fn python_side(
+    python: &std::path::Path,
+    script: &str,
+    cfg: &serde_json::Value,
+    hint: &str,
+) -> Result<serde_json::Value> {
+    let script = std::path::Path::new(script);
+    if !script.exists() {
+        anyhow::bail!(
+            "{} is missing: run the benchmark from the repository root",
+            script.display()
+        );
+    }
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(cfg.to_string())
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} failed ({}): {} ({hint})",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} printed no JSON", script.display()))
+}
+
 fn write_json(path: Option<&PathBuf>, v: &serde_json::Value) -> Result<()> {
     if let Some(p) = path {
         std::fs::write(p, serde_json::to_string_pretty(v)?)

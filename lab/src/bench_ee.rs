@@ -5,10 +5,10 @@
 //! that drift (frequency scaling, other load) affects both alike.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use fedee_encrypt::{
     KeySet, StateDict, decrypt_outputs, encrypt_inputs, encrypt_labels, encrypt_token_ids,
     transform_state,
@@ -442,13 +442,6 @@ pub fn train(
     device: Device,
 ) -> Result<serde_json::Value> {
     tch::set_num_threads(threads);
-    let script = PathBuf::from("scripts/bench_torch_train.py");
-    if !script.exists() {
-        bail!(
-            "{} is missing: run `fedee bench train` from the repository root",
-            script.display()
-        );
-    }
     let mut rows = Vec::new();
     for (name, arch, n) in models.rows() {
         eprintln!("train: {name}: fedee (tch) …");
@@ -480,20 +473,12 @@ pub fn train(
             "threads": threads,
             "device": if device.is_cuda() { "cuda" } else { "cpu" },
         });
-        let out = std::process::Command::new(python)
-            .arg(&script)
-            .arg(cfg.to_string())
-            .output()
-            .with_context(|| format!("running {}", python.display()))?;
-        if !out.status.success() {
-            bail!(
-                "PyTorch side failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let py: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("the PyTorch side printed no JSON")?;
+        let py = crate::bench::python_side(
+            python,
+            "scripts/bench_torch_train.py",
+            &cfg,
+            "the project venv has torch",
+        )?;
         let torch_s = py["step_seconds"].as_f64().context("step_seconds")?;
         rows.push(TrainRow {
             model: name.to_owned(),

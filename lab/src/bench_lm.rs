@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use fedee_model::chat::LmTokenizer;
 use fedee_model::gguf::{self, RopeLayout};
 use fedee_model::llama::{self, KvCache};
@@ -144,13 +144,6 @@ pub fn lm(
     let mut transformers_version = serde_json::Value::Null;
     if let Some(python) = python {
         eprintln!("lm: transformers (Python) …");
-        let script = Path::new("scripts/bench_transformers_lm.py");
-        if !script.exists() {
-            bail!(
-                "{} is missing: run from the repository root",
-                script.display()
-            );
-        }
         let cfg = json!({
             "gguf": gguf_path,
             "threads": threads,
@@ -158,20 +151,12 @@ pub fn lm(
             "decode_after": "36",
             "decode": decode,
         });
-        let out = std::process::Command::new(python)
-            .arg(script)
-            .arg(cfg.to_string())
-            .output()
-            .with_context(|| format!("running {}", python.display()))?;
-        if !out.status.success() {
-            bail!(
-                "transformers side failed ({}): {} (make bench installs transformers, gguf and accelerate into the venv)",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let py: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("the transformers side printed no JSON")?;
+        let py = crate::bench::python_side(
+            python,
+            "scripts/bench_transformers_lm.py",
+            &cfg,
+            "make bench installs transformers, gguf and accelerate into the venv",
+        )?;
         let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
         transformers_version = py["transformers_version"].clone();
         rows.push(Row {

@@ -230,10 +230,8 @@ impl BertClassifierConfig {
     pub fn key_spec(&self) -> KeySpec {
         let c = &self.bert;
         let decl = |dim: usize, allowed: Vec<KeyGroup>, why: &str, heads: Option<Heads>| KeyDecl {
-            dim,
-            allowed,
-            why: why.into(),
             heads,
+            ..KeyDecl::new(dim, allowed, why)
         };
         let mut keys = BTreeMap::new();
         keys.insert(

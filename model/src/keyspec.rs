@@ -120,6 +120,18 @@ pub struct KeyDecl {
     pub heads: Option<Heads>,
 }
 
+impl KeyDecl {
+    /// A key of `dim` without head structure.
+    pub fn new(dim: usize, allowed: Vec<KeyGroup>, why: &str) -> Self {
+        Self {
+            dim,
+            allowed,
+            why: why.into(),
+            heads: None,
+        }
+    }
+}
+
 /// Head structure of an attention key (see [`KeyDecl::heads`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heads {

@@ -109,12 +109,7 @@ impl LlamaConfig {
     /// attention need structured keys (KV-group permutations, RoPE-commuting factors) that
     /// this spec does not declare.
     pub fn key_spec(&self) -> KeySpec {
-        let decl = |dim: usize, allowed: Vec<KeyGroup>, why: &str| KeyDecl {
-            dim,
-            allowed,
-            why: why.into(),
-            heads: None,
-        };
+        let decl = KeyDecl::new;
         let mut keys = BTreeMap::new();
         keys.insert(
             "vocab".to_owned(),
