@@ -145,10 +145,29 @@ impl Key {
             count > 0 && dim.is_multiple_of(count) && head_perm.len() == count,
             "bad head layout"
         );
-        let hd = dim / count;
         let blocks: Vec<Key> = (0..count)
-            .map(|_| Key::generate(name, hd, group, rng))
+            .map(|_| Key::generate(name, dim / count, group, rng))
             .collect();
+        Key::blocked(name, dim, head_perm, &blocks)
+    }
+
+    /// The key whose slot `s` holds head `head_perm[s]` of the input transformed by
+    /// `blocks[s]` (all of one group and dimension `dim / count`).
+    ///
+    /// # Panics
+    /// If the blocks are of mixed groups or sizes, or `head_perm` does not match them.
+    pub fn blocked(name: &str, dim: usize, head_perm: &[usize], blocks: &[Key]) -> Key {
+        let count = blocks.len();
+        assert!(
+            count > 0 && dim.is_multiple_of(count) && head_perm.len() == count,
+            "bad head layout"
+        );
+        let hd = dim / count;
+        let group = blocks[0].group();
+        assert!(
+            blocks.iter().all(|b| b.dim == hd && b.group() == group),
+            "blocks of one group and size"
+        );
         let material = match group {
             KeyGroup::Permutation | KeyGroup::SignedPermutation | KeyGroup::Monomial => {
                 let mut perm = vec![0i64; dim];
@@ -210,6 +229,121 @@ impl Key {
             dim,
             material,
         }
+    }
+
+    /// The identity of `group` on `dim` values.
+    pub fn identity(name: &str, dim: usize, group: KeyGroup) -> Key {
+        let perm: Vec<i64> = (0..dim as i64).collect();
+        let material = match group {
+            KeyGroup::Permutation => KeyMaterial::Permutation { perm },
+            KeyGroup::SignedPermutation => KeyMaterial::SignedPermutation {
+                perm,
+                signs: vec![1.0; dim],
+            },
+            KeyGroup::Monomial => KeyMaterial::Monomial {
+                perm,
+                scales: vec![1.0; dim],
+            },
+            KeyGroup::Orthogonal | KeyGroup::Invertible => {
+                let mut m = vec![0.0; dim * dim];
+                for i in 0..dim {
+                    m[i * dim + i] = 1.0;
+                }
+                KeyMaterial::Dense {
+                    group,
+                    matrix: m.clone(),
+                    inverse: m,
+                }
+            }
+        };
+        Key {
+            name: name.to_owned(),
+            dim,
+            material,
+        }
+    }
+
+    /// If the key is block-diagonal over `count` heads up to a head permutation: that
+    /// permutation (slot → source head) and each slot's block.
+    pub fn blocks(&self, count: usize) -> Option<(Vec<usize>, Vec<Key>)> {
+        let map = self.head_map(count)?;
+        let (hd, n) = (self.dim / count, self.dim);
+        let blocks = map
+            .iter()
+            .enumerate()
+            .map(|(s, &src)| {
+                let material = match &self.material {
+                    KeyMaterial::Permutation { perm } => KeyMaterial::Permutation {
+                        perm: (0..hd)
+                            .map(|j| perm[s * hd + j] - (src * hd) as i64)
+                            .collect(),
+                    },
+                    KeyMaterial::SignedPermutation { perm, signs } => {
+                        KeyMaterial::SignedPermutation {
+                            perm: (0..hd)
+                                .map(|j| perm[s * hd + j] - (src * hd) as i64)
+                                .collect(),
+                            signs: signs[s * hd..(s + 1) * hd].to_vec(),
+                        }
+                    }
+                    KeyMaterial::Monomial { perm, scales } => KeyMaterial::Monomial {
+                        perm: (0..hd)
+                            .map(|j| perm[s * hd + j] - (src * hd) as i64)
+                            .collect(),
+                        scales: scales[s * hd..(s + 1) * hd].to_vec(),
+                    },
+                    KeyMaterial::Dense {
+                        group,
+                        matrix,
+                        inverse,
+                    } => {
+                        let (mut m, mut mi) = (vec![0.0; hd * hd], vec![0.0; hd * hd]);
+                        for a in 0..hd {
+                            for c in 0..hd {
+                                m[a * hd + c] = matrix[(s * hd + a) * n + src * hd + c];
+                                mi[a * hd + c] = inverse[(src * hd + a) * n + s * hd + c];
+                            }
+                        }
+                        KeyMaterial::Dense {
+                            group: *group,
+                            matrix: m,
+                            inverse: mi,
+                        }
+                    }
+                };
+                Key {
+                    name: self.name.clone(),
+                    dim: hd,
+                    material,
+                }
+            })
+            .collect();
+        Some((map, blocks))
+    }
+
+    /// The key on `count` query heads that follows this key on `self_count` key/value heads
+    /// (see `Heads::follows`): slot `s` holds query head `map[s / G]·G + within[s / G][s % G]`
+    /// with the block of KV slot `s / G`, `G = count / self_count`.
+    ///
+    /// # Panics
+    /// If this key is not block-diagonal over `self_count` heads or `within` is not
+    /// `self_count` permutations of `0..G`.
+    pub fn follow(
+        &self,
+        name: &str,
+        self_count: usize,
+        count: usize,
+        within: &[Vec<usize>],
+    ) -> Key {
+        let (map, blocks) = self.blocks(self_count).expect("a head-blocked key");
+        let g = count / self_count;
+        assert!(within.len() == self_count && within.iter().all(|w| w.len() == g));
+        let head_perm: Vec<usize> = (0..count)
+            .map(|s| map[s / g] * g + within[s / g][s % g])
+            .collect();
+        let slots: Vec<Key> = (0..count).map(|s| blocks[s / g].clone()).collect();
+        let hd = self.dim / self_count;
+        Key::blocked(name, hd * count, &head_perm, &slots)
     }
 
     /// If the key is block-diagonal over `count` heads up to a head permutation, that

@@ -66,20 +66,46 @@ impl KeySet {
         }
         let mut keys = BTreeMap::new();
         let mut head_perms: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (name, decl) in &spec.keys {
+        let shuffled = |n: usize, rng: &mut R| {
+            let mut p: Vec<usize> = (0..n).collect();
+            rand::seq::SliceRandom::shuffle(p.as_mut_slice(), rng);
+            p
+        };
+        // Keys on their own heads first; keys that follow another key's heads after it.
+        let (followers, bases): (Vec<_>, Vec<_>) = spec
+            .keys
+            .iter()
+            .partition(|(_, d)| d.heads.as_ref().is_some_and(|h| h.follows.is_some()));
+        for (name, decl) in bases {
             let group = groups.get(name).copied().unwrap_or(decl.allowed[0]);
             check_allowed(name, group, decl)?;
             let key = match &decl.heads {
                 None => Key::generate(name, decl.dim, group, rng),
                 Some(h) => {
-                    let hp = head_perms.entry(h.group.clone()).or_insert_with(|| {
-                        let mut p: Vec<usize> = (0..h.count).collect();
-                        rand::seq::SliceRandom::shuffle(p.as_mut_slice(), rng);
-                        p
-                    });
-                    Key::generate_blocked(name, decl.dim, h.count, hp, group, rng)
+                    if !head_perms.contains_key(&h.group) {
+                        let p = shuffled(h.count, rng);
+                        head_perms.insert(h.group.clone(), p);
+                    }
+                    let hp = &head_perms[&h.group];
+                    if h.rotary {
+                        rotary_key(name, decl, h.count, hp, group)?
+                    } else {
+                        Key::generate_blocked(name, decl.dim, h.count, hp, group, rng)
+                    }
                 }
             };
+            keys.insert(name.clone(), key);
+        }
+        let mut within: BTreeMap<String, Vec<Vec<usize>>> = BTreeMap::new();
+        for (name, decl) in followers {
+            let (h, base_name, base_count) = follower(spec, name, decl)?;
+            let g = h.count / base_count;
+            if !within.contains_key(&h.group) {
+                let w = (0..base_count).map(|_| shuffled(g, rng)).collect();
+                within.insert(h.group.clone(), w);
+            }
+            let key = keys[base_name].follow(name, base_count, h.count, &within[&h.group]);
+            check_allowed(name, key.group(), decl)?;
             keys.insert(name.clone(), key);
         }
         let input_offset = offset.then(|| {
@@ -114,6 +140,7 @@ impl KeySet {
             check_allowed(name, key.group(), decl)?;
             key.validate()?;
             if let Some(h) = &decl.heads {
+                check_head_structure(spec, self, name, decl, h.count)?;
                 let map = key
                     .head_map(h.count)
                     .ok_or_else(|| EncryptError::InvalidKey {
@@ -195,6 +222,118 @@ impl KeySet {
             source,
         })
     }
+}
+
+/// A rotary key (RoPE heads): heads move whole, each block the identity. Only index groups
+/// have such keys here (RoPE-commuting dense blocks are not built yet).
+fn rotary_key(
+    name: &str,
+    decl: &KeyDecl,
+    count: usize,
+    head_perm: &[usize],
+    group: KeyGroup,
+) -> Result<Key, EncryptError> {
+    if matches!(group, KeyGroup::Orthogonal | KeyGroup::Invertible) {
+        return Err(EncryptError::InvalidKey {
+            key: name.to_owned(),
+            problem: format!("rotary heads take index-group keys only, not {group}"),
+        });
+    }
+    let block = Key::identity(name, decl.dim / count, group);
+    Ok(Key::blocked(name, decl.dim, head_perm, &vec![block; count]))
+}
+
+/// A follower key's heads, the key it follows, and that key's head count.
+fn follower<'a>(
+    spec: &'a KeySpec,
+    name: &str,
+    decl: &'a KeyDecl,
+) -> Result<(&'a fedee_model::keyspec::Heads, &'a String, usize), EncryptError> {
+    let h = decl.heads.as_ref().expect("a follower has heads");
+    let base = h.follows.as_ref().expect("a follower follows");
+    let bad = |problem: String| EncryptError::InvalidKey {
+        key: name.to_owned(),
+        problem,
+    };
+    let bh = spec
+        .keys
+        .get(base)
+        .and_then(|d| d.heads.as_ref())
+        .ok_or_else(|| {
+            bad(format!(
+                "follows `{base}`, which is not a head-structured key"
+            ))
+        })?;
+    if bh.follows.is_some() || bh.count == 0 || !h.count.is_multiple_of(bh.count) {
+        return Err(bad(format!(
+            "follows `{base}` ({} heads), which must be a key of its own whose head count divides {}",
+            bh.count, h.count
+        )));
+    }
+    Ok((h, base, bh.count))
+}
+
+/// The head structure [`KeySet::generate`] gives: rotary keys move heads whole; a follower
+/// keeps every query head in its KV head's group with that KV head's block.
+fn check_head_structure(
+    spec: &KeySpec,
+    keys: &KeySet,
+    name: &str,
+    decl: &KeyDecl,
+    count: usize,
+) -> Result<(), EncryptError> {
+    let h = decl.heads.as_ref().expect("heads");
+    let key = keys.key(name)?;
+    let bad = |problem: String| EncryptError::InvalidKey {
+        key: name.to_owned(),
+        problem,
+    };
+    if h.rotary {
+        let (_, blocks) = key
+            .blocks(count)
+            .ok_or_else(|| bad(format!("must be block-diagonal over {count} heads")))?;
+        let id = Key::identity(name, decl.dim / count, key.group());
+        if blocks.iter().any(|b| b.material != id.material) {
+            return Err(bad(
+                "mixes values inside a rotary head (RoPE pairs cannot be permuted or mixed)".into(),
+            ));
+        }
+    }
+    if h.follows.is_some() {
+        let (h, base_name, base_count) = follower(spec, name, decl)?;
+        let g = h.count / base_count;
+        let base = keys.key(base_name)?;
+        let (base_map, _) = base
+            .blocks(base_count)
+            .ok_or_else(|| bad(format!("follows `{base_name}`, which is not head-blocked")))?;
+        let map = key
+            .head_map(h.count)
+            .ok_or_else(|| bad(format!("must be block-diagonal over {} heads", h.count)))?;
+        let within = (0..base_count)
+            .map(|k| {
+                (0..g)
+                    .map(|j| {
+                        map[k * g + j]
+                            .checked_sub(base_map[k] * g)
+                            .filter(|&w| w < g)
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "moves query head {} out of the group of key/value head {} (a query head must stay with its keys and values)",
+                                    map[k * g + j],
+                                    base_map[k]
+                                ))
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if key.material != base.follow(name, base_count, h.count, &within).material {
+            return Err(bad(format!(
+                "its head blocks are not those of `{base_name}`"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_allowed(name: &str, group: KeyGroup, decl: &KeyDecl) -> Result<(), EncryptError> {

@@ -289,10 +289,7 @@ impl BertClassifierConfig {
         params.insert("embeddings.LayerNorm.bias".to_owned(), vec![k("residual")]);
         for l in 0..c.num_hidden_layers {
             let (qk, vo, ffn) = (format!("qk{l}"), format!("vo{l}"), format!("ffn{l}"));
-            let heads = Some(Heads {
-                count: c.num_attention_heads,
-                group: format!("layer{l}"),
-            });
+            let heads = Some(Heads::new(c.num_attention_heads, &format!("layer{l}")));
             keys.insert(
                 qk.clone(),
                 decl(

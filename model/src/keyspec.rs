@@ -139,6 +139,30 @@ pub struct Heads {
     pub count: usize,
     /// Keys with the same group name share one head permutation.
     pub group: String,
+    /// Rotary heads (RoPE): a head's block must commute with the rotation of every
+    /// frequency pair `(i, i + d_h/2)`, so for index groups it is the identity (heads move
+    /// whole; pairs cannot be permuted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotary: bool,
+    /// Grouped-query attention: this key acts on the query heads of the key/value key it
+    /// names (that key's head count divides this one's). Query head slot `s` holds a head of
+    /// the group the KV key put in slot `s / G` (`G` query heads per KV head), permuted within
+    /// the group by a permutation shared by the keys of this key's `group`, and its block is
+    /// that KV head's block: queries and outputs stay with their keys and values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<String>,
+}
+
+impl Heads {
+    /// `count` heads sharing the permutation of `group`.
+    pub fn new(count: usize, group: &str) -> Self {
+        Self {
+            count,
+            group: group.into(),
+            rotary: false,
+            follows: None,
+        }
+    }
 }
 
 /// What the model's input is, and so how [`KeySpec::input`] encrypts it.

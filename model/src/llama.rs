@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::keyspec::{InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec};
+use crate::keyspec::{Heads, InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec};
 use crate::state::Checked;
 use crate::{ModelError, StateDict};
 
@@ -103,11 +103,15 @@ impl LlamaConfig {
     /// - `residual`, a (signed) permutation of the residual stream: every matrix reading it
     ///   (Q/K/V, gate/up, the embedding table) gets it on its columns, every matrix writing it
     ///   (attention output, down) on its rows, RMSNorm weights its unsigned permutation;
-    /// - `ffn{l}`, a permutation of layer `l`'s SwiGLU units (gate and up rows, down columns).
+    /// - `ffn{l}`, a permutation of layer `l`'s SwiGLU units (gate and up rows, down columns);
+    /// - attention, per layer: `qk{l}` permutes the key/value heads (K rows; rotary, so heads
+    ///   move whole) and `vo{l}` permutes them alike with a permutation inside each value head
+    ///   (V rows); `q{l}` and `o{l}` follow them on the query heads (Q rows, attention-output
+    ///   columns): each query head stays in its KV head's group, permuted within the group, with
+    ///   its KV head's block.
     ///
-    /// Attention heads and their Q/K/V/O bases are not keyed yet: RoPE and grouped-query
-    /// attention need structured keys (KV-group permutations, RoPE-commuting factors) that
-    /// this spec does not declare.
+    /// Not keyed yet (the inference profile): RoPE-commuting complex factors on Q/K,
+    /// invertible V/O blocks, FFN up/down scaling.
     pub fn key_spec(&self) -> KeySpec {
         let decl = KeyDecl::new;
         let mut keys = BTreeMap::new();
@@ -141,7 +145,62 @@ impl LlamaConfig {
         if !self.tied_embeddings {
             params.insert("output.weight".to_owned(), vec![k("vocab"), k("residual")]);
         }
+        let (kv_dim, q_dim) = (
+            self.num_kv_heads * self.head_dim,
+            self.num_heads * self.head_dim,
+        );
         for l in 0..self.num_layers {
+            let (qk, q, vo, o) = (
+                format!("qk{l}"),
+                format!("q{l}"),
+                format!("vo{l}"),
+                format!("o{l}"),
+            );
+            let kv_heads = Heads::new(self.num_kv_heads, &format!("attn{l}"));
+            let q_heads = |base: &str| Heads {
+                follows: Some(base.to_owned()),
+                ..Heads::new(self.num_heads, &format!("attn-q{l}"))
+            };
+            let perm = || vec![KeyGroup::Permutation];
+            keys.insert(
+                qk.clone(),
+                KeyDecl {
+                    heads: Some(Heads {
+                        rotary: true,
+                        ..kv_heads.clone()
+                    }),
+                    ..decl(
+                        kv_dim,
+                        perm(),
+                        "scores depend on q·k per head; RoPE pairs stay in place",
+                    )
+                },
+            );
+            keys.insert(
+                vo.clone(),
+                KeyDecl {
+                    heads: Some(kv_heads),
+                    ..decl(kv_dim, perm(), "attention mixes values linearly per head")
+                },
+            );
+            keys.insert(
+                q.clone(),
+                KeyDecl {
+                    heads: Some(q_heads(&qk)),
+                    ..decl(q_dim, perm(), "query heads stay with their key/value head")
+                },
+            );
+            keys.insert(
+                o.clone(),
+                KeyDecl {
+                    heads: Some(q_heads(&vo)),
+                    ..decl(
+                        q_dim,
+                        perm(),
+                        "each query head's output is in its value head's basis",
+                    )
+                },
+            );
             let ffn = format!("ffn{l}");
             keys.insert(
                 ffn.clone(),
@@ -155,10 +214,10 @@ impl LlamaConfig {
                 params.insert(format!("blk.{l}.{n}.weight"), axes);
             };
             add("attn_norm", vec![abs("residual")]);
-            add("attn_q", vec![None, k("residual")]);
-            add("attn_k", vec![None, k("residual")]);
-            add("attn_v", vec![None, k("residual")]);
-            add("attn_output", vec![k("residual"), None]);
+            add("attn_q", vec![d(&q), k("residual")]);
+            add("attn_k", vec![k(&qk), k("residual")]);
+            add("attn_v", vec![k(&vo), k("residual")]);
+            add("attn_output", vec![k("residual"), k(&o)]);
             add("ffn_norm", vec![abs("residual")]);
             add("ffn_gate", vec![k(&ffn), k("residual")]);
             add("ffn_up", vec![k(&ffn), k("residual")]);

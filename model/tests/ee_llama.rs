@@ -95,10 +95,19 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
     let full = KeySet::generate(&spec, &m.config.key_groups(), false, &mut rng).unwrap();
     full.check(&spec).unwrap();
     type Keep<'a> = &'a dyn Fn(&str) -> bool;
-    let parts: [(&str, Keep); 4] = [
+    let attention = |n: &str| {
+        ["qk", "q", "vo", "o"]
+            .iter()
+            .any(|p| n.strip_prefix(p).is_some_and(|r| r.parse::<u32>().is_ok()))
+    };
+    let parts: [(&str, Keep); 5] = [
         ("vocabulary π", &|n| n == "vocab"),
         ("residual signed permutation", &|n| n == "residual"),
         ("FFN permutations", &|n| n.starts_with("ffn")),
+        (
+            "attention heads (KV groups, query heads within them, V/O inside heads)",
+            &attention,
+        ),
         ("all combined", &|_| true),
     ];
     for (label, keep) in parts {
@@ -116,6 +125,9 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
     for name in [
         "token_embd.weight",
         "blk.0.attn_q.weight",
+        "blk.0.attn_k.weight",
+        "blk.0.attn_v.weight",
+        "blk.0.attn_output.weight",
         "blk.0.ffn_down.weight",
         "output_norm.weight",
     ] {
@@ -137,5 +149,41 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
     let keys = only(&full, |n| n == "residual");
     let (tokens, err) = run_ee(&m, &signed, &keys, &prompt, &plain_logits);
     eprintln!("signed RMSNorm weights: max logit error {err:.2}");
+    assert!(err > 1.0 && tokens != plain_tokens, "error {err}");
+
+    // Negative control: Q/K keys that permute inside a head move RoPE pairs.
+    let mut unrotary = spec.clone();
+    for d in unrotary.keys.values_mut() {
+        if let Some(h) = d.heads.as_mut() {
+            h.rotary = false;
+        }
+    }
+    let keys = KeySet::generate(&unrotary, &m.config.key_groups(), false, &mut rng).unwrap();
+    let keys = only(&keys, attention);
+    let e = transform_state(&spec, &keys, &m.state)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rotary head"), "{e}");
+    let (tokens, err) = run_ee(&m, &unrotary, &keys, &prompt, &plain_logits);
+    eprintln!("RoPE pairs permuted inside heads: max logit error {err:.2}");
+    assert!(err > 1.0 && tokens != plain_tokens, "error {err}");
+
+    // Negative control: query heads permuted freely, across KV groups (heads move whole, so
+    // only the grouping is wrong).
+    let mut ungrouped = spec.clone();
+    for d in ungrouped.keys.values_mut() {
+        if let Some(h) = d.heads.as_mut() {
+            h.rotary = true;
+            h.follows = None;
+        }
+    }
+    let keys = KeySet::generate(&ungrouped, &m.config.key_groups(), false, &mut rng).unwrap();
+    let keys = only(&keys, attention);
+    let e = transform_state(&spec, &keys, &m.state)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("out of the group"), "{e}");
+    let (tokens, err) = run_ee(&m, &ungrouped, &keys, &prompt, &plain_logits);
+    eprintln!("query heads moved across KV groups: max logit error {err:.2}");
     assert!(err > 1.0 && tokens != plain_tokens, "error {err}");
 }
