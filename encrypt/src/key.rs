@@ -231,6 +231,82 @@ impl Key {
         }
     }
 
+    /// A block that commutes with RoPE's rotations on a head of `dim` values: each frequency
+    /// pair `(i, i + dim/2)`, read as the complex number `x_i + i·x_{i+dim/2}`, is multiplied
+    /// by `r·e^{iφ}` (a fresh φ per pair; `r` = 1 for orthogonal keys, in `[0.5, 2]` for
+    /// invertible ones). Its dual, `(1/r)·e^{iφ}`, goes on the query side, so `q·k` is kept
+    /// at every pair of positions (RoPE multiplies the same pairs by `e^{iθp}`, and complex
+    /// multiplication commutes).
+    ///
+    /// # Panics
+    /// If `dim` is odd or `group` is not dense.
+    pub fn generate_rotary<R: Rng + ?Sized>(
+        name: &str,
+        dim: usize,
+        group: KeyGroup,
+        rng: &mut R,
+    ) -> Key {
+        assert!(
+            dim.is_multiple_of(2) && matches!(group, KeyGroup::Orthogonal | KeyGroup::Invertible),
+            "rotary blocks are dense and of even size"
+        );
+        let h = dim / 2;
+        let (mut m, mut mi) = (vec![0.0; dim * dim], vec![0.0; dim * dim]);
+        for i in 0..h {
+            let phi = rng.random_range(0.0..std::f64::consts::TAU);
+            let r = if group == KeyGroup::Invertible {
+                rng.random_range(0.5..2.0)
+            } else {
+                1.0
+            };
+            let (c, s) = (phi.cos(), phi.sin());
+            let (a, b) = (i, i + h);
+            // r·[[c, −s], [s, c]] and its inverse [[c, s], [−s, c]]/r.
+            m[a * dim + a] = r * c;
+            m[a * dim + b] = -r * s;
+            m[b * dim + a] = r * s;
+            m[b * dim + b] = r * c;
+            mi[a * dim + a] = c / r;
+            mi[a * dim + b] = s / r;
+            mi[b * dim + a] = -s / r;
+            mi[b * dim + b] = c / r;
+        }
+        Key {
+            name: name.to_owned(),
+            dim,
+            material: KeyMaterial::Dense {
+                group,
+                matrix: m,
+                inverse: mi,
+            },
+        }
+    }
+
+    /// Whether this block commutes with RoPE's rotations (see [`Key::generate_rotary`]): the
+    /// identity for index groups, `r·R(φ)` on each frequency pair for dense ones.
+    pub fn is_rotary_block(&self) -> bool {
+        match &self.material {
+            KeyMaterial::Dense { matrix, .. } => {
+                let (n, h) = (self.dim, self.dim / 2);
+                if !n.is_multiple_of(2) {
+                    return false;
+                }
+                let scale = matrix.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-300);
+                let near = |x: f64, y: f64| (x - y).abs() <= 1e-9 * scale;
+                let only_pairs = (0..n).all(|i| {
+                    (0..n).all(|j| j == i || j == (i + h) % n || matrix[i * n + j] == 0.0)
+                });
+                only_pairs
+                    && (0..h).all(|i| {
+                        let (a, b) = (i, i + h);
+                        near(matrix[a * n + a], matrix[b * n + b])
+                            && near(matrix[a * n + b], -matrix[b * n + a])
+                    })
+            }
+            _ => self.material == Key::identity(&self.name, self.dim, self.group()).material,
+        }
+    }
+
     /// The identity of `group` on `dim` values.
     pub fn identity(name: &str, dim: usize, group: KeyGroup) -> Key {
         let perm: Vec<i64> = (0..dim as i64).collect();
@@ -464,12 +540,11 @@ impl Key {
         }
     }
 
-    /// `|K|`, entrywise: a signed permutation's permutation, a monomial key itself (its
-    /// scales are positive); dense keys keep their material (a spec asks for `abs` only on
-    /// keys restricted to index groups).
-    pub fn abs(&self) -> Key {
+    /// The index permutation of an index-group key, without signs or scales; dense keys keep
+    /// their material (a spec asks for this only on keys restricted to index groups).
+    pub fn permutation_part(&self) -> Key {
         let material = match &self.material {
-            KeyMaterial::SignedPermutation { perm, .. } => {
+            KeyMaterial::SignedPermutation { perm, .. } | KeyMaterial::Monomial { perm, .. } => {
                 KeyMaterial::Permutation { perm: perm.clone() }
             }
             m => m.clone(),

@@ -88,7 +88,7 @@ impl KeySet {
                     }
                     let hp = &head_perms[&h.group];
                     if h.rotary {
-                        rotary_key(name, decl, h.count, hp, group)?
+                        rotary_key(name, decl, h.count, hp, group, rng)
                     } else {
                         Key::generate_blocked(name, decl.dim, h.count, hp, group, rng)
                     }
@@ -224,23 +224,24 @@ impl KeySet {
     }
 }
 
-/// A rotary key (RoPE heads): heads move whole, each block the identity. Only index groups
-/// have such keys here (RoPE-commuting dense blocks are not built yet).
-fn rotary_key(
+/// A rotary key (RoPE heads): heads move whole; each block is the identity for index groups
+/// and a RoPE-commuting factor ([`Key::generate_rotary`]) for dense ones.
+fn rotary_key<R: Rng + ?Sized>(
     name: &str,
     decl: &KeyDecl,
     count: usize,
     head_perm: &[usize],
     group: KeyGroup,
-) -> Result<Key, EncryptError> {
-    if matches!(group, KeyGroup::Orthogonal | KeyGroup::Invertible) {
-        return Err(EncryptError::InvalidKey {
-            key: name.to_owned(),
-            problem: format!("rotary heads take index-group keys only, not {group}"),
-        });
-    }
-    let block = Key::identity(name, decl.dim / count, group);
-    Ok(Key::blocked(name, decl.dim, head_perm, &vec![block; count]))
+    rng: &mut R,
+) -> Key {
+    let hd = decl.dim / count;
+    let blocks: Vec<Key> = match group {
+        KeyGroup::Orthogonal | KeyGroup::Invertible => (0..count)
+            .map(|_| Key::generate_rotary(name, hd, group, rng))
+            .collect(),
+        _ => vec![Key::identity(name, hd, group); count],
+    };
+    Key::blocked(name, decl.dim, head_perm, &blocks)
 }
 
 /// A follower key's heads, the key it follows, and that key's head count.
@@ -292,8 +293,7 @@ fn check_head_structure(
         let (_, blocks) = key
             .blocks(count)
             .ok_or_else(|| bad(format!("must be block-diagonal over {count} heads")))?;
-        let id = Key::identity(name, decl.dim / count, key.group());
-        if blocks.iter().any(|b| b.material != id.material) {
+        if !blocks.iter().all(Key::is_rotary_block) {
             return Err(bad(
                 "mixes values inside a rotary head (RoPE pairs cannot be permuted or mixed)".into(),
             ));
@@ -392,10 +392,10 @@ fn apply_keys(spec: &KeySpec, keys: &KeySet, state: &StateDict) -> Result<StateD
         for (axis, kref) in axes.iter().enumerate() {
             let Some(kref) = kref else { continue };
             let key = keys.key(&kref.key)?;
-            let abs;
-            let key = if kref.abs {
-                abs = key.abs();
-                &abs
+            let perm;
+            let key = if kref.permutation {
+                perm = key.permutation_part();
+                &perm
             } else {
                 key
             };

@@ -61,9 +61,10 @@ impl std::str::FromStr for KeyGroup {
 pub type StateDict = BTreeMap<String, Tensor>;
 
 /// A reference from one axis of a parameter to a key. `dual` selects `K⁻ᵀ` instead of `K`
-/// (embedding tables and attention `W_k` need it); `abs` selects `|K|`, the key without its
-/// signs (for elementwise scales such as RMSNorm's γ: `RMSNorm(S x) = S RMSNorm(x)` for a
-/// signed permutation `S` exactly when γ is permuted by `|S|`, not `S`).
+/// (embedding tables and attention `W_k` need it); `permutation` selects the key's index
+/// permutation alone, without its signs or scales: for elementwise scales such as RMSNorm's γ
+/// (`RMSNorm(S x) = S RMSNorm(x)` for a signed permutation `S` exactly when γ is permuted by
+/// `S`'s permutation, not `S`), and for a SwiGLU gate whose up rows are scaled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRef {
     /// Name of the key.
@@ -71,9 +72,9 @@ pub struct KeyRef {
     /// Use the dual `K⁻ᵀ`.
     #[serde(default)]
     pub dual: bool,
-    /// Use `|K|` (entrywise absolute value; a signed permutation's permutation).
+    /// Use the key's permutation alone (no signs, no scales).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub abs: bool,
+    pub permutation: bool,
 }
 
 impl KeyRef {
@@ -82,7 +83,7 @@ impl KeyRef {
         Self {
             key: key.to_owned(),
             dual: false,
-            abs: false,
+            permutation: false,
         }
     }
 
@@ -94,10 +95,10 @@ impl KeyRef {
         }
     }
 
-    /// `|K|`, for elementwise scale vectors.
-    pub fn abs(key: &str) -> Self {
+    /// The key's permutation alone, for elementwise scale vectors and unscaled gates.
+    pub fn permutation(key: &str) -> Self {
         Self {
-            abs: true,
+            permutation: true,
             ..Self::new(key)
         }
     }

@@ -103,15 +103,18 @@ impl LlamaConfig {
     /// - `residual`, a (signed) permutation of the residual stream: every matrix reading it
     ///   (Q/K/V, gate/up, the embedding table) gets it on its columns, every matrix writing it
     ///   (attention output, down) on its rows, RMSNorm weights its unsigned permutation;
-    /// - `ffn{l}`, a permutation of layer `l`'s SwiGLU units (gate and up rows, down columns);
-    /// - attention, per layer: `qk{l}` permutes the key/value heads (K rows; rotary, so heads
-    ///   move whole) and `vo{l}` permutes them alike with a permutation inside each value head
-    ///   (V rows); `q{l}` and `o{l}` follow them on the query heads (Q rows, attention-output
+    /// - `ffn{l}`, a permutation of layer `l`'s SwiGLU units (gate and up rows, down columns),
+    ///   monomial in the inference profile: up rows scaled by `s`, down columns by `1/s`, the
+    ///   gate only permuted (SiLU does not commute with scaling);
+    /// - attention, per layer: `qk{l}` acts on the key/value heads (K rows; rotary: heads move
+    ///   whole, each block the identity, or in the inference profile a RoPE-commuting complex
+    ///   factor per frequency pair) and `vo{l}` moves the same heads with a block inside each
+    ///   value head (a permutation, or any invertible matrix in the inference profile);
+    ///   `q{l}` and `o{l}` follow them on the query heads (Q rows under the dual, attention-output
     ///   columns): each query head stays in its KV head's group, permuted within the group, with
     ///   its KV head's block.
     ///
-    /// Not keyed yet (the inference profile): RoPE-commuting complex factors on Q/K,
-    /// invertible V/O blocks, FFN up/down scaling.
+    /// [`LlamaConfig::key_groups`] picks the groups of a profile.
     pub fn key_spec(&self) -> KeySpec {
         let decl = KeyDecl::new;
         let mut keys = BTreeMap::new();
@@ -134,7 +137,7 @@ impl LlamaConfig {
         let (k, d, abs) = (
             |n: &str| Some(KeyRef::new(n)),
             |n: &str| Some(KeyRef::dual(n)),
-            |n: &str| Some(KeyRef::abs(n)),
+            |n: &str| Some(KeyRef::permutation(n)),
         );
         let mut params = BTreeMap::new();
         params.insert(
@@ -161,7 +164,7 @@ impl LlamaConfig {
                 follows: Some(base.to_owned()),
                 ..Heads::new(self.num_heads, &format!("attn-q{l}"))
             };
-            let perm = || vec![KeyGroup::Permutation];
+            let perm = || vec![KeyGroup::Permutation, KeyGroup::Invertible];
             keys.insert(
                 qk.clone(),
                 KeyDecl {
@@ -206,8 +209,8 @@ impl LlamaConfig {
                 ffn.clone(),
                 decl(
                     self.intermediate_size,
-                    vec![KeyGroup::Permutation],
-                    "SiLU(gate) ⊙ up commutes with permutations only",
+                    vec![KeyGroup::Permutation, KeyGroup::Monomial],
+                    "SiLU(gate) ⊙ up: the gate takes permutations only, up positive scales too",
                 ),
             );
             let mut add = |n: &str, axes: Vec<Option<KeyRef>>| {
@@ -219,7 +222,7 @@ impl LlamaConfig {
             add("attn_v", vec![k(&vo), k("residual")]);
             add("attn_output", vec![k("residual"), k(&o)]);
             add("ffn_norm", vec![abs("residual")]);
-            add("ffn_gate", vec![k(&ffn), k("residual")]);
+            add("ffn_gate", vec![abs(&ffn), k("residual")]);
             add("ffn_up", vec![k(&ffn), k("residual")]);
             add("ffn_down", vec![k("residual"), k(&ffn)]);
         }
@@ -234,10 +237,20 @@ impl LlamaConfig {
         }
     }
 
-    /// Key groups of the `finetune` profile (signed permutations on the residual stream, so
-    /// AdamW steps stay exact), to pass to `KeySet::generate`.
-    pub fn key_groups(&self) -> BTreeMap<String, KeyGroup> {
-        BTreeMap::from([("residual".to_owned(), KeyGroup::SignedPermutation)])
+    /// Key groups of a profile, to pass to `KeySet::generate`. `Finetune`: signed
+    /// permutations on the residual stream and permutations elsewhere, so AdamW steps stay
+    /// exact. `Inference`: also RoPE-commuting Q/K factors and invertible V/O blocks per KV
+    /// head, and scaled FFN units.
+    pub fn key_groups(&self, profile: crate::Profile) -> BTreeMap<String, KeyGroup> {
+        let mut g = BTreeMap::from([("residual".to_owned(), KeyGroup::SignedPermutation)]);
+        if profile == crate::Profile::Inference {
+            for l in 0..self.num_layers {
+                g.insert(format!("qk{l}"), KeyGroup::Invertible);
+                g.insert(format!("vo{l}"), KeyGroup::Invertible);
+                g.insert(format!("ffn{l}"), KeyGroup::Monomial);
+            }
+        }
+        g
     }
 }
 

@@ -10,7 +10,7 @@ use fedee_encrypt::{
 };
 use fedee_model::gguf::{self, RopeLayout};
 use fedee_model::keyspec::KeySpec;
-use fedee_model::llama;
+use fedee_model::{Profile, llama};
 use rand::SeedableRng;
 use tch::Tensor;
 
@@ -92,7 +92,13 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
 
     let spec = m.config.key_spec();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(20);
-    let full = KeySet::generate(&spec, &m.config.key_groups(), false, &mut rng).unwrap();
+    let full = KeySet::generate(
+        &spec,
+        &m.config.key_groups(Profile::Finetune),
+        false,
+        &mut rng,
+    )
+    .unwrap();
     full.check(&spec).unwrap();
     type Keep<'a> = &'a dyn Fn(&str) -> bool;
     let attention = |n: &str| {
@@ -120,6 +126,36 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
         assert_eq!(tokens, plain_tokens, "{label}");
         assert!(err <= 1e-4, "{label}: {err}");
     }
+    // The inference profile: RoPE-commuting complex factors on Q/K, invertible V/O blocks per
+    // KV head, scaled FFN units; each new part alone, then all keys.
+    let inference = KeySet::generate(
+        &spec,
+        &m.config.key_groups(Profile::Inference),
+        false,
+        &mut rng,
+    )
+    .unwrap();
+    inference.check(&spec).unwrap();
+    // Attention keys of a layer share head permutations, so they are tested together.
+    let parts: [(&str, Keep); 3] = [
+        (
+            "inference: attention (RoPE-commuting Q/K factors, invertible V/O blocks)",
+            &attention,
+        ),
+        ("inference: FFN scaling", &|n| n.starts_with("ffn")),
+        ("inference: all combined", &|_| true),
+    ];
+    for (label, keep) in parts {
+        let keys = only(&inference, keep);
+        let (tokens, err) = run_ee(&m, &spec, &keys, &prompt, &plain_logits);
+        eprintln!(
+            "{label}: max |logit − plaintext| over prefill + {} decode steps: {err:.2e}",
+            STEPS - 1
+        );
+        assert_eq!(tokens, plain_tokens, "{label}");
+        assert!(err <= 1e-4, "{label}: {err}");
+    }
+
     // The EE model is not the plaintext one: the prompt ids and weights changed.
     let ee = transform_state(&spec, &full, &m.state).unwrap();
     for name in [
@@ -143,12 +179,31 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
     let mut signed = spec.clone();
     for axes in signed.params.values_mut() {
         for a in axes.iter_mut().flatten() {
-            a.abs = false;
+            a.permutation = false;
         }
     }
     let keys = only(&full, |n| n == "residual");
     let (tokens, err) = run_ee(&m, &signed, &keys, &prompt, &plain_logits);
     eprintln!("signed RMSNorm weights: max logit error {err:.2}");
+    assert!(err > 1.0 && tokens != plain_tokens, "error {err}");
+
+    // Negative control: an orthogonal residual key without folding RMSNorm's γ into the next
+    // maps (γ is then rotated like a vector).
+    let mut orthogonal = spec.clone();
+    orthogonal
+        .keys
+        .get_mut("residual")
+        .unwrap()
+        .allowed
+        .push(fedee_model::keyspec::KeyGroup::Orthogonal);
+    let groups = std::collections::BTreeMap::from([(
+        "residual".to_owned(),
+        fedee_model::keyspec::KeyGroup::Orthogonal,
+    )]);
+    let keys = KeySet::generate(&orthogonal, &groups, false, &mut rng).unwrap();
+    let keys = only(&keys, |n| n == "residual");
+    let (tokens, err) = run_ee(&m, &orthogonal, &keys, &prompt, &plain_logits);
+    eprintln!("unfolded orthogonal residual key: max logit error {err:.2}");
     assert!(err > 1.0 && tokens != plain_tokens, "error {err}");
 
     // Negative control: Q/K keys that permute inside a head move RoPE pairs.
@@ -158,7 +213,13 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
             h.rotary = false;
         }
     }
-    let keys = KeySet::generate(&unrotary, &m.config.key_groups(), false, &mut rng).unwrap();
+    let keys = KeySet::generate(
+        &unrotary,
+        &m.config.key_groups(Profile::Finetune),
+        false,
+        &mut rng,
+    )
+    .unwrap();
     let keys = only(&keys, attention);
     let e = transform_state(&spec, &keys, &m.state)
         .unwrap_err()
@@ -177,7 +238,13 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
             h.follows = None;
         }
     }
-    let keys = KeySet::generate(&ungrouped, &m.config.key_groups(), false, &mut rng).unwrap();
+    let keys = KeySet::generate(
+        &ungrouped,
+        &m.config.key_groups(Profile::Finetune),
+        false,
+        &mut rng,
+    )
+    .unwrap();
     let keys = only(&keys, attention);
     let e = transform_state(&spec, &keys, &m.state)
         .unwrap_err()
