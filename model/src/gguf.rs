@@ -12,7 +12,6 @@
 //! [`load`] puts them back in the `(i, i + d_head/2)` order of Hugging Face's `rotate_half`,
 //! which [`crate::llama`] uses ([`RopeLayout`]).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use ggus::ggml_quants::{DataBlock, Q4_1, Q8_0, Quantize, f16};
@@ -247,36 +246,6 @@ fn dequantize(ty: GGmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, Strin
         }
     }
     Ok(out)
-}
-
-/// The parameter names and `(out, in)` shapes of `config`, GGUF names.
-pub fn shapes(config: &LlamaConfig) -> BTreeMap<String, Vec<i64>> {
-    let c = config;
-    let (d, f, hd) = (
-        c.hidden_size as i64,
-        c.intermediate_size as i64,
-        c.head_dim as i64,
-    );
-    let (h, kv) = (c.num_heads as i64, c.num_kv_heads as i64);
-    let mut s = BTreeMap::new();
-    s.insert("token_embd.weight".into(), vec![c.vocab_size as i64, d]);
-    s.insert("output_norm.weight".into(), vec![d]);
-    if !c.tied_embeddings {
-        s.insert("output.weight".into(), vec![c.vocab_size as i64, d]);
-    }
-    for l in 0..c.num_layers {
-        let p = |n: &str| format!("blk.{l}.{n}.weight");
-        s.insert(p("attn_norm"), vec![d]);
-        s.insert(p("attn_q"), vec![h * hd, d]);
-        s.insert(p("attn_k"), vec![kv * hd, d]);
-        s.insert(p("attn_v"), vec![kv * hd, d]);
-        s.insert(p("attn_output"), vec![d, h * hd]);
-        s.insert(p("ffn_norm"), vec![d]);
-        s.insert(p("ffn_gate"), vec![f, d]);
-        s.insert(p("ffn_up"), vec![f, d]);
-        s.insert(p("ffn_down"), vec![d, f]);
-    }
-    s
 }
 
 #[cfg(test)]

@@ -76,9 +76,35 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// Parameter names and shapes ([`crate::gguf::shapes`]).
+    /// Parameter names (GGUF's: `token_embd.weight`, `blk.N.attn_q.weight`, …) and `(out, in)`
+    /// shapes.
     pub fn shapes(&self) -> BTreeMap<String, Vec<i64>> {
-        crate::gguf::shapes(self)
+        let c = self;
+        let (d, f, hd) = (
+            c.hidden_size as i64,
+            c.intermediate_size as i64,
+            c.head_dim as i64,
+        );
+        let (h, kv) = (c.num_heads as i64, c.num_kv_heads as i64);
+        let mut s = BTreeMap::new();
+        s.insert("token_embd.weight".into(), vec![c.vocab_size as i64, d]);
+        s.insert("output_norm.weight".into(), vec![d]);
+        if !c.tied_embeddings {
+            s.insert("output.weight".into(), vec![c.vocab_size as i64, d]);
+        }
+        for l in 0..c.num_layers {
+            let p = |n: &str| format!("blk.{l}.{n}.weight");
+            s.insert(p("attn_norm"), vec![d]);
+            s.insert(p("attn_q"), vec![h * hd, d]);
+            s.insert(p("attn_k"), vec![kv * hd, d]);
+            s.insert(p("attn_v"), vec![kv * hd, d]);
+            s.insert(p("attn_output"), vec![d, h * hd]);
+            s.insert(p("ffn_norm"), vec![d]);
+            s.insert(p("ffn_gate"), vec![f, d]);
+            s.insert(p("ffn_up"), vec![f, d]);
+            s.insert(p("ffn_down"), vec![d, f]);
+        }
+        s
     }
 
     /// Check `state` against [`LlamaConfig::shapes`].

@@ -207,50 +207,44 @@ fn ee_logits_and_greedy_tokens_equal_plaintext_for_each_key_part() {
     assert!(err > 1.0 && tokens != plain_tokens, "error {err}");
 
     // Negative control: Q/K keys that permute inside a head move RoPE pairs.
-    let mut unrotary = spec.clone();
-    for d in unrotary.keys.values_mut() {
-        if let Some(h) = d.heads.as_mut() {
-            h.rotary = false;
-        }
-    }
-    let keys = KeySet::generate(
-        &unrotary,
-        &m.config.key_groups(Profile::Finetune),
-        false,
-        &mut rng,
-    )
-    .unwrap();
-    let keys = only(&keys, attention);
-    let e = transform_state(&spec, &keys, &m.state)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("rotary head"), "{e}");
-    let (tokens, err) = run_ee(&m, &unrotary, &keys, &prompt, &plain_logits);
-    eprintln!("RoPE pairs permuted inside heads: max logit error {err:.2}");
-    assert!(err > 1.0 && tokens != plain_tokens, "error {err}");
-
+    let head_control =
+        |label: &str, edit: &dyn Fn(&mut fedee_model::keyspec::Heads), refusal: &str| {
+            let mut wrong = spec.clone();
+            for d in wrong.keys.values_mut() {
+                if let Some(h) = d.heads.as_mut() {
+                    edit(h);
+                }
+            }
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(21);
+            let keys = KeySet::generate(
+                &wrong,
+                &m.config.key_groups(Profile::Finetune),
+                false,
+                &mut rng,
+            )
+            .unwrap();
+            let keys = only(&keys, attention);
+            let e = transform_state(&spec, &keys, &m.state)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(refusal), "{label}: {e}");
+            let (tokens, err) = run_ee(&m, &wrong, &keys, &prompt, &plain_logits);
+            eprintln!("{label}: max logit error {err:.2}");
+            assert!(err > 1.0 && tokens != plain_tokens, "{label}: error {err}");
+        };
+    head_control(
+        "RoPE pairs permuted inside heads",
+        &|h| h.rotary = false,
+        "rotary head",
+    );
     // Negative control: query heads permuted freely, across KV groups (heads move whole, so
     // only the grouping is wrong).
-    let mut ungrouped = spec.clone();
-    for d in ungrouped.keys.values_mut() {
-        if let Some(h) = d.heads.as_mut() {
+    head_control(
+        "query heads moved across KV groups",
+        &|h| {
             h.rotary = true;
             h.follows = None;
-        }
-    }
-    let keys = KeySet::generate(
-        &ungrouped,
-        &m.config.key_groups(Profile::Finetune),
-        false,
-        &mut rng,
-    )
-    .unwrap();
-    let keys = only(&keys, attention);
-    let e = transform_state(&spec, &keys, &m.state)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("out of the group"), "{e}");
-    let (tokens, err) = run_ee(&m, &ungrouped, &keys, &prompt, &plain_logits);
-    eprintln!("query heads moved across KV groups: max logit error {err:.2}");
-    assert!(err > 1.0 && tokens != plain_tokens, "error {err}");
+        },
+        "out of the group",
+    );
 }
