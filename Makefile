@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 TORCH_VERSION := 2.11.0
 TORCH_STAMP := $(VENV)/.fedee-torch-$(TORCH_VERSION)
+# Stamps are defined before any rule names them (make expands prerequisites as it reads).
+TRANSFORMERS_STAMP := $(VENV)/.fedee-transformers-5.24.0
+OPENAI_STAMP := $(VENV)/.fedee-openai-3.57.0
 WHEELS := data/cache/wheels
 HEART := data/cache/heart_disease_uci.csv
 MINILM := data/cache/minilm/model.safetensors
@@ -23,7 +26,7 @@ export LIBTORCH_USE_PYTORCH := 1
 demo: build data
 	./target/release/fedee demo --data $(HEART) --report demo-report.json
 
-test: $(TORCH_STAMP) data
+test: $(TORCH_STAMP) $(OPENAI_STAMP) data
 	cargo test --release --workspace
 
 # Longer fuzzing of chunk reassembly, update validation and what a site receives (make test
@@ -75,12 +78,20 @@ $(FLWR_STAMP): $(TORCH_STAMP)
 
 # Hugging Face transformers (with gguf and accelerate, to load the same GGUF file), for the
 # side-by-side LM benchmark and scripts/smollm2_reference.py only.
-TRANSFORMERS_STAMP := $(VENV)/.fedee-transformers-5.24.0
 $(TRANSFORMERS_STAMP): $(TORCH_STAMP)
 	if [ -x $(VENV)/bin/pip ]; then \
 		$(VENV)/bin/pip install --quiet transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0; \
 	else \
 		$(PYTHON) -m pip --python $(VENV)/bin/python install --quiet transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0; \
+	fi
+	touch $@
+
+# The official OpenAI Python client, which tests/chat_proxy.rs points at `fedee chat-proxy`.
+$(OPENAI_STAMP): $(TORCH_STAMP)
+	if [ -x $(VENV)/bin/pip ]; then \
+		$(VENV)/bin/pip install --quiet openai==3.57.0; \
+	else \
+		$(PYTHON) -m pip --python $(VENV)/bin/python install --quiet openai==3.57.0; \
 	fi
 	touch $@
 

@@ -49,6 +49,9 @@ enum Command {
     Finetune(fedee_client::cli::FinetuneArgs),
     /// Class probabilities for your records from an EE model at the trainer (key holder).
     Predict(fedee_client::cli::PredictArgs),
+    /// A local OpenAI-compatible chat endpoint for an EE language model at the trainer (key
+    /// holder): encrypts prompts, decrypts the streamed answers.
+    ChatProxy(fedee_client::cli::ChatProxyArgs),
     /// Create an initial global model (safetensors) for the aggregator: the MLP of a
     /// federation spec, or the demo's heart MLP.
     InitModel(InitModelArgs),
@@ -172,8 +175,8 @@ struct InitModelArgs {
 #[derive(Subcommand)]
 enum EeCommand {
     /// Generate secret keys (file written with permissions 0600) for the model of a
-    /// federation spec (--spec), or for a BERT classifier of a Hugging Face config.json
-    /// (--bert-config).
+    /// federation spec (--spec), a BERT classifier of a Hugging Face config.json
+    /// (--bert-config), or a causal LM in a GGUF file (--gguf).
     Keygen {
         /// Output key file (JSON). Keep it private; never send it to a server.
         #[arg(long)]
@@ -185,10 +188,14 @@ enum EeCommand {
         /// a BERT checkpoint's config.json and the spec's classes).
         #[arg(
             long,
-            required_unless_present = "bert_config",
-            conflicts_with = "bert_config"
+            required_unless_present_any = ["bert_config", "gguf"],
+            conflicts_with_all = ["bert_config", "gguf"]
         )]
         spec: Option<PathBuf>,
+        /// Generate keys for the Llama-family causal LM in this GGUF file instead (e.g.
+        /// data/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
+        #[arg(long, conflicts_with = "bert_config")]
+        gguf: Option<PathBuf>,
         /// Group of the MLP's input key: signed-permutation (default; AdamW-exact), permutation,
         /// orthogonal (SGD-exact), monomial or invertible (inference only).
         #[arg(long, default_value = "signed-permutation")]
@@ -203,8 +210,9 @@ enum EeCommand {
         /// BERT: number of classes of the head.
         #[arg(long, default_value_t = 3)]
         num_labels: usize,
-        /// BERT: finetune (permutations only; AdamW stays exact) or inference (adds general
-        /// invertible per-head attention keys; refused for training).
+        /// BERT and LM: finetune (permutations only; AdamW stays exact) or inference (adds
+        /// general invertible per-head attention keys, and for the LM scaled FFN units;
+        /// refused for training).
         #[arg(long, default_value = "finetune")]
         profile: fedee_model::Profile,
     },
@@ -260,7 +268,7 @@ struct TransformFiles {
     /// Key file (from `fedee ee keygen`).
     #[arg(long)]
     keys: PathBuf,
-    /// Input model (safetensors).
+    /// Input model (safetensors; for `encrypt`, a GGUF file too).
     #[arg(long)]
     model: PathBuf,
     /// Output model (safetensors).
@@ -269,12 +277,16 @@ struct TransformFiles {
     /// The BERT config.json, for keys of a BERT classifier (e.g. data/cache/minilm/config.json).
     #[arg(long)]
     bert_config: Option<PathBuf>,
+    /// The GGUF file of a causal LM, for its keys (its architecture; with `encrypt`, pass
+    /// it as --model too).
+    #[arg(long, conflicts_with = "bert_config")]
+    gguf: Option<PathBuf>,
     /// The federation spec of the model (the key layout follows its MLP's sizes and
     /// activation, or its BERT checkpoint's config.json and classes).
     #[arg(
         long,
-        required_unless_present = "bert_config",
-        conflicts_with = "bert_config"
+        required_unless_present_any = ["bert_config", "gguf"],
+        conflicts_with_all = ["bert_config", "gguf"]
     )]
     spec: Option<PathBuf>,
 }
@@ -303,6 +315,7 @@ async fn main() -> Result<()> {
         Command::Init(i) => fedee_site_agent::cli::init(i),
         Command::Finetune(a) => fedee_client::cli::finetune(a).await,
         Command::Predict(a) => fedee_client::cli::predict(a).await,
+        Command::ChatProxy(a) => fedee_client::cli::chat_proxy(a).await,
         Command::Trainer(t) => {
             let config = fedee_trainer::Config {
                 device: fedee_site_agent::cli::parse_device(&t.device)?,
@@ -427,10 +440,27 @@ fn ee(cmd: EeCommand) -> Result<()> {
             input_key,
             offset,
             bert_config,
+            gguf,
             num_labels,
             profile,
         } => {
             let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+            if let Some(path) = gguf {
+                let m = fedee_model::gguf::load(&path, fedee_model::gguf::RopeLayout::HalfSplit)?;
+                let keys = KeySet::generate(
+                    &m.config.key_spec(),
+                    &m.config.key_groups(profile),
+                    false,
+                    &mut rng,
+                )?;
+                keys.save(&out, force)?;
+                eprintln!(
+                    "wrote {} keys (causal LM, {profile:?} profile) to {} (mode 0600)",
+                    keys.keys.len(),
+                    out.display()
+                );
+                return Ok(());
+            }
             let spec = spec.as_deref().map(read_spec).transpose()?;
             let bert = match (&spec, bert_config) {
                 (Some(s), _) if s.model.kind == fedee_spec::ModelKind::Bert => {
@@ -539,6 +569,12 @@ fn spec_for(
 ) -> Result<fedee_encrypt::KeySpec> {
     let arch = match (&files.spec, &files.bert_config) {
         (Some(p), _) => fedee_site_agent::task::architecture(&read_spec(p)?)?,
+        (None, None) if files.gguf.is_some() => {
+            let p = files.gguf.as_ref().expect("checked");
+            fedee_model::Architecture::Llama(
+                fedee_model::gguf::load(p, fedee_model::gguf::RopeLayout::HalfSplit)?.config,
+            )
+        }
         (None, Some(p)) => {
             let num_labels = state
                 .get("classifier.bias")
@@ -549,7 +585,7 @@ fn spec_for(
                 num_labels,
             })
         }
-        (None, None) => bail!("pass --spec (the federation spec) or --bert-config"),
+        (None, None) => bail!("pass --spec (the federation spec), --bert-config or --gguf"),
     };
     if arch.name() != k.architecture {
         bail!(
@@ -566,8 +602,18 @@ fn transform_file(files: &TransformFiles, dir: Direction) -> Result<()> {
         keys, model, out, ..
     } = files;
     let k = KeySet::load(keys)?;
-    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
-    let state = state_from_safetensors(&bytes, Device::Cpu)?;
+    let state = if model.extension().is_some_and(|e| e == "gguf") {
+        if !matches!(dir, Direction::Encrypt) {
+            bail!(
+                "{} is a GGUF file: only `fedee ee encrypt` reads GGUF (EE models are safetensors)",
+                model.display()
+            );
+        }
+        fedee_model::gguf::load(model, fedee_model::gguf::RopeLayout::HalfSplit)?.state
+    } else {
+        let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+        state_from_safetensors(&bytes, Device::Cpu)?
+    };
     let spec = spec_for(&k, &state, files)?;
     let t = std::time::Instant::now();
     let result = match dir {

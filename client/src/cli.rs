@@ -390,3 +390,105 @@ pub async fn download_model(
     );
     Ok(())
 }
+
+/// A local OpenAI-compatible endpoint for an EE causal LM at a trainer (key holder side).
+///
+/// Loads the GGUF model (tokenizer, chat template, and the weights to encrypt) and the key
+/// file; without --job, encrypts the model and uploads it to the trainer as a new job (its id
+/// is printed: pass it with --job next time). Then serves `GET /v1/models` and `POST
+/// /v1/chat/completions` (streaming or not) on --listen. Point any OpenAI client there:
+///
+///   OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=unused python my_app.py
+///
+/// Prompts are tokenized and encrypted here; the trainer sees only encrypted token ids.
+#[derive(clap::Args)]
+pub struct ChatProxyArgs {
+    /// Trainer address (host:port; the scheme follows --tls-dir / --insecure).
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    pub trainer: String,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// The model (GGUF), e.g. data/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf.
+    #[arg(long)]
+    pub gguf: PathBuf,
+    /// The key file for this model (`fedee ee keygen --gguf MODEL --out KEYS`). It never
+    /// leaves this machine.
+    #[arg(long)]
+    pub keys: PathBuf,
+    /// Use this job at the trainer (printed by an earlier run) instead of uploading the model.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Address to serve the OpenAI API on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Serve on a non-loopback --listen address. The proxy answers in plaintext without
+    /// authentication: only do this inside a trusted network.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// The model id clients send [default: the GGUF file's stem].
+    #[arg(long)]
+    pub model_name: Option<String>,
+}
+
+/// `fedee chat-proxy`: serve until Ctrl-C.
+///
+/// # Errors
+/// Unreadable files, keys that do not fit, an unreachable trainer, a busy port.
+pub async fn chat_proxy(args: ChatProxyArgs) -> Result<()> {
+    use crate::chat_proxy::{Proxy, is_loopback, serve};
+    if !is_loopback(&args.listen) && !args.allow_remote {
+        bail!(
+            "--listen {} is not a loopback address: the proxy serves decrypted answers without authentication; pass --allow-remote to serve it anyway",
+            args.listen
+        );
+    }
+    let started = std::time::Instant::now();
+    let (m, lm) = crate::lm::open(&args.gguf, &args.keys)?;
+    eprintln!(
+        "loaded {} ({} layers, vocabulary {}) in {:.1} s",
+        args.gguf.display(),
+        m.config.num_layers,
+        m.config.vocab_size,
+        started.elapsed().as_secs_f64()
+    );
+    let tls = args.transport.resolve("pharma")?;
+    let url = format!("{}://{}", args.transport.scheme(), args.trainer);
+    let mut trainer = TrainerClient::connect(&url, tls.as_ref()).await?;
+    let job = match args.job {
+        Some(j) => j,
+        None => {
+            let t = std::time::Instant::now();
+            let job = crate::lm::upload(&mut trainer, &m, &lm).await?;
+            eprintln!(
+                "encrypted and uploaded the model in {:.1} s: job {job} (pass --job {job} to reuse it)",
+                t.elapsed().as_secs_f64()
+            );
+            job
+        }
+    };
+    drop(m);
+    let model = args.model_name.unwrap_or_else(|| {
+        args.gguf
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "fedee-lm".into())
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    eprintln!(
+        "serving model `{model}` at http://{}/v1 (OpenAI API; Ctrl-C stops)",
+        listener.local_addr()?
+    );
+    let proxy = Proxy {
+        lm,
+        trainer,
+        job,
+        model,
+    };
+    serve(listener, proxy, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}

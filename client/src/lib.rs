@@ -3,7 +3,8 @@
 //! ([`predict`]). Both read the data as the federation spec says (the same
 //! [`fedee_site_agent::table`] loader the sites use), encrypt inputs and labels with the key
 //! file, talk to the trainer through [`fedee_trainer::TrainerClient`], and decrypt what comes
-//! back.
+//! back. For a causal LM, [`lm`] holds the vocabulary key and [`chat_proxy`] serves an
+//! OpenAI-compatible endpoint that encrypts prompts and decrypts the streamed answers.
 //!
 //! # Security
 //! Keys, plaintext records, plaintext labels and the preprocessing figures stay in this
@@ -12,8 +13,10 @@
 //! SECURITY.md lists (shapes, losses, label histograms, value multisets under permutation
 //! keys). EE is a change of basis, not semantic encryption.
 
+pub mod chat_proxy;
 pub mod cli;
 pub mod finetune;
+pub mod lm;
 pub mod predict;
 
 use std::path::{Path, PathBuf};

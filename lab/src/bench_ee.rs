@@ -4,7 +4,6 @@
 //! Timings are medians over repetitions after warm-up; plaintext and EE steps alternate so
 //! that drift (frequency scaling, other load) affects both alike.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -159,6 +158,7 @@ fn random_state(arch: &Architecture) -> StateDict {
             .expect("valid MLP config")
             .state(),
         Architecture::BertClassifier(c) => c.init_random(Kind::Float),
+        Architecture::Llama(_) => unreachable!("`fedee bench lm` measures the causal LM"),
     }
 }
 
@@ -176,6 +176,7 @@ fn batch(arch: &Architecture, n: i64, seq: i64, device: Device) -> (Input, Tenso
             ids: Tensor::randint(c.bert.vocab_size as i64, [n, seq], (Kind::Int64, device)),
             mask: Tensor::ones([n, seq], (Kind::Int64, device)),
         },
+        Architecture::Llama(_) => unreachable!("`fedee bench lm` measures the causal LM"),
     };
     (input, y)
 }
@@ -189,7 +190,7 @@ fn optimizer(arch: &Architecture) -> OptimizerSpec {
             weight_decay: 0.0,
         },
         // The transformer demo's fine-tuning optimizer.
-        Architecture::BertClassifier(_) => OptimizerSpec::AdamW {
+        Architecture::BertClassifier(_) | Architecture::Llama(_) => OptimizerSpec::AdamW {
             lr: 2e-5,
             beta1: 0.9,
             beta2: 0.999,
@@ -211,10 +212,7 @@ fn overhead_row(
 ) -> Result<OverheadRow> {
     let state = random_state(&arch);
     let spec = arch.key_spec();
-    let groups = match &arch {
-        Architecture::BertClassifier(c) => c.key_groups(Profile::Finetune),
-        Architecture::Mlp(_) => BTreeMap::new(),
-    };
+    let groups = arch.key_groups(Profile::Finetune);
     let keys = KeySet::generate(&spec, &groups, false, &mut ChaCha20Rng::seed_from_u64(3))?;
     let ee_state = transform_state(&spec, &keys, &state)?;
     let mut plain = Model::from_state(arch.clone(), &state, device, Kind::Float)?;

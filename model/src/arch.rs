@@ -10,6 +10,7 @@ use tch::Tensor;
 
 use crate::ModelError;
 use crate::bert::{self, BertClassifierConfig};
+use crate::llama::{self, LlamaConfig};
 use crate::mlp::{self, MlpConfig};
 use crate::state::Checked;
 
@@ -21,6 +22,8 @@ pub enum Architecture {
     Mlp(MlpConfig),
     /// BERT encoder + mean pooling + linear head on token ids.
     BertClassifier(BertClassifierConfig),
+    /// Llama-family causal LM on token ids: logits over the vocabulary at every position.
+    Llama(LlamaConfig),
 }
 
 /// A batch of model inputs.
@@ -58,6 +61,7 @@ impl Architecture {
         match self {
             Architecture::Mlp(_) => MlpConfig::ARCHITECTURE,
             Architecture::BertClassifier(_) => BertClassifierConfig::ARCHITECTURE,
+            Architecture::Llama(_) => LlamaConfig::ARCHITECTURE,
         }
     }
 
@@ -66,14 +70,16 @@ impl Architecture {
         match self {
             Architecture::Mlp(c) => c.shapes(),
             Architecture::BertClassifier(c) => c.shapes(),
+            Architecture::Llama(c) => c.shapes(),
         }
     }
 
-    /// Number of classes.
+    /// Number of classes (a causal LM's: its vocabulary).
     pub fn num_classes(&self) -> usize {
         match self {
             Architecture::Mlp(c) => c.out_features,
             Architecture::BertClassifier(c) => c.num_labels,
+            Architecture::Llama(c) => c.vocab_size,
         }
     }
 
@@ -82,6 +88,17 @@ impl Architecture {
         match self {
             Architecture::Mlp(c) => c.key_spec(),
             Architecture::BertClassifier(c) => c.key_spec(),
+            Architecture::Llama(c) => c.key_spec(),
+        }
+    }
+
+    /// Key groups of a profile, to pass to `KeySet::generate` (an MLP's keys take their
+    /// defaults whatever the profile).
+    pub fn key_groups(&self, profile: crate::Profile) -> BTreeMap<String, crate::KeyGroup> {
+        match self {
+            Architecture::Mlp(_) => BTreeMap::new(),
+            Architecture::BertClassifier(c) => c.key_groups(profile),
+            Architecture::Llama(c) => c.key_groups(profile),
         }
     }
 
@@ -101,6 +118,7 @@ impl Architecture {
         match self {
             Architecture::Mlp(c) => c.validate(),
             Architecture::BertClassifier(c) => c.validate(),
+            Architecture::Llama(c) => c.validate(),
         }
     }
 
@@ -109,6 +127,7 @@ impl Architecture {
         match self {
             Architecture::Mlp(c) => serde_json::to_string(c),
             Architecture::BertClassifier(c) => serde_json::to_string(c),
+            Architecture::Llama(c) => serde_json::to_string(c),
         }
         .expect("configs serialize")
     }
@@ -130,7 +149,8 @@ impl Architecture {
     }
 
     /// Logits `(batch, classes)` of a state dict of this architecture (plaintext or EE),
-    /// checked by [`Self::check_state`].
+    /// checked by [`Self::check_state`]; for a causal LM `(batch, seq, vocabulary)`, the
+    /// next-token logits at every position.
     ///
     /// # Errors
     /// [`ModelError::Config`] if the input kind does not fit the architecture.
@@ -143,6 +163,7 @@ impl Architecture {
             (Architecture::BertClassifier(c), Input::Embedded { x, mask }) => {
                 Ok(bert::classify_embedded(c, state, x, mask))
             }
+            (Architecture::Llama(c), Input::Tokens { ids, .. }) => llama::logits(c, state, ids),
             (a, _) => Err(ModelError::Config(format!(
                 "wrong input kind for {}",
                 a.name()

@@ -108,6 +108,12 @@ impl LmTokenizer {
             .to_vec())
     }
 
+    /// The id of the token spelled `token` (a control token such as `<|im_end|>`), if the
+    /// vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
     /// The text of `ids`, control tokens included when `specials`.
     ///
     /// # Errors

@@ -10,6 +10,8 @@
 //!   architecture.
 //! * [`gguf`], [`llama`], [`chat`]: a Llama-family causal LM from a GGUF file, its forward
 //!   pass with a key/value cache, and its tokenizer and chat template.
+//! * [`sample`]: order-invariant greedy, temperature, top-k and top-p sampling (the server
+//!   samples on encrypted logits).
 //! * [`keyspec`]: the key-spec types each architecture declares (no key material: the trainer
 //!   links this crate and never the one that holds keys).
 
@@ -22,6 +24,7 @@ pub mod io;
 pub mod keyspec;
 pub mod llama;
 pub mod mlp;
+pub mod sample;
 pub mod state;
 pub mod text;
 pub mod train;

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::keyspec::{Heads, InputKind, KeyDecl, KeyGroup, KeyRef, KeySpec};
@@ -21,7 +22,8 @@ use crate::state::Checked;
 use crate::{ModelError, StateDict};
 
 /// The architecture of a Llama-family model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LlamaConfig {
     /// Vocabulary size `V`.
     pub vocab_size: usize,
@@ -451,6 +453,54 @@ pub fn hidden_states(
     }
     cache.len += t_us;
     Ok(rms_norm(&x, s.get("output_norm.weight"), c.rms_norm_eps))
+}
+
+/// Logits `(B, T, V)` of the next token after each position of `ids` `(B, T)`, without a
+/// cache (training and scoring; gradients flow).
+///
+/// # Errors
+/// As [`forward`].
+pub fn logits(c: &LlamaConfig, s: Checked<'_>, ids: &Tensor) -> Result<Tensor, ModelError> {
+    let (b, t) = ids.size2().map_err(ModelError::Torch)?;
+    let embd = s.get("token_embd.weight");
+    let mut cache = KvCache::new(c, b as usize, t as usize, embd.kind(), embd.device());
+    forward(c, s, ids, &mut cache)
+}
+
+/// The causal LM loss: mean cross-entropy of predicting `ids[:, t+1]` from `ids[:, ..=t]`
+/// over the positions where `mask[:, t+1]` is 1 (`ids`, `mask`: `(B, T)` i64, each row of
+/// `mask` ones then zeros, so no counted position sees padding), in the weights' dtype.
+/// Hugging Face's `labels = input_ids` with padding ignored.
+///
+/// A vocabulary permutation π applied to `ids` (and to the embedding rows) leaves it
+/// unchanged, so EE training under the `finetune` profile minimizes the same loss.
+///
+/// # Errors
+/// As [`forward`]; [`ModelError::Config`] for a batch with fewer than 2 tokens in a row.
+pub fn causal_lm_loss(
+    c: &LlamaConfig,
+    s: Checked<'_>,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor, ModelError> {
+    let t = ids.size().get(1).copied().unwrap_or(0);
+    if t < 2 {
+        return Err(ModelError::Config(format!(
+            "a causal LM batch needs at least 2 tokens per row to have a target, got {t}"
+        )));
+    }
+    let z = logits(c, s, &ids.narrow(1, 0, t - 1))?;
+    let logp = z.log_softmax(-1, z.kind());
+    let target = ids.narrow(1, 1, t - 1);
+    let nll = -logp.gather(2, &target.unsqueeze(-1), false).squeeze_dim(-1);
+    let weight = mask.narrow(1, 1, t - 1).to_kind(z.kind());
+    let count = weight.sum(z.kind());
+    if count.double_value(&[]) < 1.0 {
+        return Err(ModelError::Config(
+            "the batch has no target token (every row's mask ends after its first token)".into(),
+        ));
+    }
+    Ok((nll * &weight).sum(z.kind()) / count)
 }
 
 /// Greedy decoding of one sequence: the prompt `ids` are prefilled, then up to `max_new`

@@ -155,6 +155,37 @@ impl Model {
         self.train_step_proximal(opt, input, y, None)
     }
 
+    /// The causal LM (with its state) when this model is one, for decoding with a
+    /// [`crate::llama::KvCache`].
+    pub fn llama(&self) -> Option<(&crate::llama::LlamaConfig, Checked<'_>)> {
+        match &self.arch {
+            Architecture::Llama(c) => Some((c, Checked::trusted(&self.params))),
+            _ => None,
+        }
+    }
+
+    /// One optimizer step of a causal LM on [`crate::llama::causal_lm_loss`] (the targets are
+    /// the input ids shifted by one); returns the loss before the step.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] if this model is not a causal LM or `input` is not token ids;
+    /// as [`crate::llama::causal_lm_loss`].
+    pub fn train_step_causal(
+        &mut self,
+        opt: &mut nn::Optimizer,
+        input: &Input,
+    ) -> Result<f64, ModelError> {
+        let (Some((c, s)), Input::Tokens { ids, mask }) = (self.llama(), input) else {
+            return Err(ModelError::Config(format!(
+                "a {} model trains on labels: send `y` with the batch",
+                self.arch.name()
+            )));
+        };
+        let loss = crate::llama::causal_lm_loss(c, s, ids, mask)?;
+        opt.backward_step(&loss);
+        Ok(loss.double_value(&[]))
+    }
+
     /// One optimizer step on the cross-entropy plus, with `Some((anchor, μ))`, the FedProx
     /// proximal term `μ/2 Σ ‖w − anchor‖²` (Li et al., "Federated Optimization in
     /// Heterogeneous Networks", MLSys 2020, eq. 2); `anchor` is the round's global model on

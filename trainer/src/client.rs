@@ -4,8 +4,8 @@
 
 use fedee_proto::v1::trainer_client::TrainerClient as Grpc;
 use fedee_proto::v1::{
-    CreateJobMessage, ExportModelRequest, JobSpec, OptimizerSpec as WireOptimizer, PredictRequest,
-    TrainBatch, create_job_message,
+    CreateJobMessage, ExportModelRequest, GenerateRequest, GeneratedToken, JobSpec,
+    OptimizerSpec as WireOptimizer, PredictRequest, TrainBatch, create_job_message,
 };
 use fedee_proto::{MAX_BLOB_SIZE, Reassembler, chunks};
 use sha2::{Digest, Sha256};
@@ -184,6 +184,25 @@ impl TrainerClient {
             .await
             .map_err(rpc("Predict"))?;
         Ok(r.into_inner().outputs)
+    }
+
+    /// Generate from an encrypted prompt with a causal LM job: the stream yields encrypted
+    /// token ids as the trainer decodes them; the last one carries the finish reason. Dropping
+    /// the stream cancels the generation at the trainer.
+    ///
+    /// # Errors
+    /// [`ClientError::Rpc`] if the trainer refuses the request (the stream's items carry later
+    /// failures).
+    pub async fn generate(
+        &mut self,
+        request: GenerateRequest,
+    ) -> Result<tonic::Streaming<GeneratedToken>, ClientError> {
+        Ok(self
+            .inner
+            .generate(request)
+            .await
+            .map_err(rpc("Generate"))?
+            .into_inner())
     }
 
     /// Download the job's current EE model (safetensors).

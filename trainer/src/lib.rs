@@ -38,6 +38,9 @@ pub struct Config {
     pub max_model_bytes: u64,
     /// Mutual TLS: the trainer's certificate and the CA of its clients. `None` = plaintext.
     pub tls: Option<fedee_proto::pki::TlsFiles>,
+    /// Receives every Generate prompt (encrypted token ids) as the trainer got it: what an
+    /// audit, or a test checking that no plaintext ids arrive, looks at. `None` keeps nothing.
+    pub prompt_log: Option<tokio::sync::mpsc::UnboundedSender<Vec<i64>>>,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             device: Device::Cpu,
             max_model_bytes: 1 << 30,
             tls: None,
+            prompt_log: None,
         }
     }
 }

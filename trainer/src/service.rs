@@ -4,14 +4,17 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
 
+use fedee_model::llama::{self, KvCache};
+use fedee_model::sample::{Sampler, Sampling};
 use fedee_model::{
     Architecture, Input, Model, OptimizerSpec, batch_from_safetensors, state_from_safetensors,
     state_to_safetensors,
 };
 use fedee_proto::v1::trainer_server::{Trainer, TrainerServer};
 use fedee_proto::v1::{
-    Chunk, CreateJobMessage, CreateJobResponse, ExportModelRequest, JobSpec, PredictRequest,
-    PredictResponse, StepResult, TrainBatch, create_job_message,
+    Chunk, CreateJobMessage, CreateJobResponse, ExportModelRequest, GenerateRequest,
+    GeneratedToken, JobSpec, PredictRequest, PredictResponse, StepResult, TrainBatch,
+    create_job_message,
 };
 use fedee_proto::{Reassembler, chunks};
 use futures::Stream;
@@ -93,6 +96,7 @@ fn parse_spec(spec: &JobSpec) -> Result<(Architecture, OptimizerSpec, Kind), Sta
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
 type StepStream = Pin<Box<dyn Stream<Item = Result<StepResult, Status>> + Send>>;
+type TokenStream = Pin<Box<dyn Stream<Item = Result<GeneratedToken, Status>> + Send>>;
 
 impl TrainerService {
     /// A trainer with no jobs.
@@ -266,16 +270,16 @@ impl Trainer for TrainerService {
                             let (input, y) =
                                 batch_from_safetensors(&batch.batch, &j.model.arch, device)
                                     .map_err(|e| Status::invalid_argument(format!("batch: {e}")))?;
-                            let y = y.ok_or_else(|| {
-                                Status::invalid_argument("batch: training needs labels `y`")
-                            })?;
                             let input = to_kind(input, j.kind);
                             let Job {
                                 model, opt, steps, ..
                             } = &mut *j;
-                            let loss = model
-                                .train_step(opt, &input, &y)
-                                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                            // A causal LM learns from its input ids shifted; classifiers from y.
+                            let loss = match &y {
+                                Some(y) => model.train_step(opt, &input, y),
+                                None => model.train_step_causal(opt, &input),
+                            }
+                            .map_err(|e| Status::invalid_argument(e.to_string()))?;
                             *steps += 1;
                             Ok(StepResult { step: *steps, loss })
                         })
@@ -314,6 +318,107 @@ impl Trainer for TrainerService {
         })
         .await?;
         Ok(Response::new(PredictResponse { outputs }))
+    }
+
+    type GenerateStream = TokenStream;
+
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<TokenStream>, Status> {
+        authorize(&req)?;
+        let req = req.into_inner();
+        let job = self.job(&req.job_id).await?;
+        let invalid = |m: String| Status::invalid_argument(m);
+        let sampling = Sampling {
+            temperature: req.temperature,
+            top_p: if req.top_p == 0.0 { 1.0 } else { req.top_p },
+            top_k: req.top_k as usize,
+            seed: req.seed,
+        };
+        sampling.validate().map_err(|e| invalid(e.to_string()))?;
+        if req.max_tokens == 0 {
+            return Err(invalid("max_tokens must be at least 1".into()));
+        }
+        let (vocab, context) = match lock(&job).model.llama() {
+            Some((c, _)) => (c.vocab_size as i64, c.max_position),
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "job `{}` is not a causal LM: Generate needs a `llama` job",
+                    req.job_id
+                )));
+            }
+        };
+        let prompt = req.prompt_ids;
+        if prompt.is_empty() || prompt.len() >= context {
+            return Err(invalid(format!(
+                "the prompt has {} tokens; it needs 1 to {} (the context is {context})",
+                prompt.len(),
+                context - 1
+            )));
+        }
+        for (what, ids) in [("prompt", &prompt), ("stop", &req.stop_ids)] {
+            if let Some(bad) = ids.iter().find(|&&i| !(0..vocab).contains(&i)) {
+                return Err(invalid(format!(
+                    "{what} id {bad} is outside the vocabulary 0..{vocab}"
+                )));
+            }
+        }
+        if let Some(log) = &self.config.prompt_log {
+            let _ = log.send(prompt.clone());
+        }
+        let (stop, max_tokens) = (req.stop_ids, req.max_tokens as usize);
+        let capacity = (prompt.len() + max_tokens).min(context);
+        let device = self.config.device;
+        let (tx, rx) = mpsc::channel(16);
+        tracing::info!(job = %req.job_id, prompt_tokens = prompt.len(), max_tokens, "generate");
+        tokio::task::spawn_blocking(move || {
+            let _guard = tch::no_grad_guard();
+            let mut cache = {
+                let j = lock(&job);
+                let (c, _) = j.model.llama().expect("checked above");
+                KvCache::new(c, 1, capacity, j.kind, device)
+            };
+            let mut sampler = Sampler::new(sampling);
+            let mut input = prompt;
+            for produced in 1.. {
+                let ids = tch::Tensor::from_slice(&input)
+                    .unsqueeze(0)
+                    .to_device(device);
+                let step = {
+                    let j = lock(&job);
+                    let (c, s) = j.model.llama().expect("checked above");
+                    llama::forward(c, s, &ids, &mut cache)
+                }
+                .and_then(|z| sampler.sample(&z.get(0).get(-1)));
+                let token = match step {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("decoding: {e}"))));
+                        return;
+                    }
+                };
+                let finish = if stop.contains(&token) {
+                    "stop"
+                } else if produced >= max_tokens || cache.remaining() == 0 {
+                    "length"
+                } else {
+                    ""
+                };
+                let msg = GeneratedToken {
+                    token_id: token,
+                    finish_reason: finish.into(),
+                };
+                // A closed channel: the client went away, so stop decoding.
+                if tx.blocking_send(Ok(msg)).is_err() || !finish.is_empty() {
+                    return;
+                }
+                input = vec![token];
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type ExportModelStream = ChunkStream;
