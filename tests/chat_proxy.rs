@@ -114,7 +114,9 @@ async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
     let mut client = TrainerClient::connect(&format!("https://{addr}"), Some(&client_tls))
         .await
         .unwrap();
-    let job = upload(&mut client, &m, &lm).await.unwrap();
+    let job = upload(&mut client, &m.state, &lm, None, "f32")
+        .await
+        .unwrap();
     let (grpc, job_id) = (client.clone(), job.clone());
     drop(m);
 

@@ -458,7 +458,7 @@ pub async fn chat_proxy(args: ChatProxyArgs) -> Result<()> {
         Some(j) => j,
         None => {
             let t = std::time::Instant::now();
-            let job = crate::lm::upload(&mut trainer, &m, &lm).await?;
+            let job = crate::lm::upload(&mut trainer, &m.state, &lm, None, "f32").await?;
             eprintln!(
                 "encrypted and uploaded the model in {:.1} s: job {job} (pass --job {job} to reuse it)",
                 t.elapsed().as_secs_f64()

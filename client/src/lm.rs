@@ -132,6 +132,29 @@ impl LmKeys {
         Ok(transform_state(&self.spec, &self.keys, state)?)
     }
 
+    /// A token batch `(input_ids, attention_mask)` encrypted for the trainer (safetensors
+    /// bytes, [`fedee_model::batch_to_safetensors`]): the ids under π, the mask as is. The
+    /// causal LM loss is unchanged by π, so the trainer's losses are the plaintext ones.
+    ///
+    /// # Errors
+    /// As [`encrypt_token_ids`].
+    pub fn encrypt_batch(&self, ids: &Tensor, mask: &Tensor) -> Result<Vec<u8>> {
+        let input = fedee_model::Input::Tokens {
+            ids: encrypt_token_ids(&self.spec, &self.keys, ids)?,
+            mask: mask.shallow_clone(),
+        };
+        Ok(fedee_model::batch_to_safetensors(&input, None)?)
+    }
+
+    /// The plaintext model of an EE model made with these keys (e.g. one fine-tuned at the
+    /// trainer and exported).
+    ///
+    /// # Errors
+    /// As [`fedee_encrypt::decrypt_state`].
+    pub fn decrypt_model(&self, ee: &StateDict) -> Result<StateDict> {
+        Ok(fedee_encrypt::decrypt_state(&self.spec, &self.keys, ee)?)
+    }
+
     /// The architecture a trainer job of this model declares.
     pub fn architecture(&self) -> Architecture {
         Architecture::Llama(self.config.clone())
@@ -149,16 +172,24 @@ pub fn open(gguf: &Path, keys: &Path) -> Result<(GgufModel, LmKeys)> {
     Ok((m, lm))
 }
 
-/// Encrypt `m` with `lm`'s keys and upload it to the trainer as a job; returns the job id.
-/// The job's optimizer (AdamW, lr 1e-5) only matters if it is later trained.
+/// Encrypt `state` (the plaintext weights of `lm`'s model) with `lm`'s keys and upload it to
+/// the trainer as a job computing in `dtype` (`f32` or `f64`); returns the job id. The
+/// optimizer is the one the job trains with; `None` (a job that only serves) records AdamW
+/// with lr 1e-5.
 ///
 /// # Errors
 /// As [`LmKeys::encrypt_model`] and [`TrainerClient::create_job`].
-pub async fn upload(client: &mut TrainerClient, m: &GgufModel, lm: &LmKeys) -> Result<String> {
-    let ee = lm.encrypt_model(&m.state)?;
+pub async fn upload(
+    client: &mut TrainerClient,
+    state: &StateDict,
+    lm: &LmKeys,
+    optimizer: Option<&OptimizerSpec>,
+    dtype: &str,
+) -> Result<String> {
+    let ee = lm.encrypt_model(state)?;
     let bytes = fedee_model::state_to_safetensors(&ee)?;
     drop(ee);
-    let optimizer = OptimizerSpec::AdamW {
+    let serving = OptimizerSpec::AdamW {
         lr: 1e-5,
         beta1: 0.9,
         beta2: 0.999,
@@ -166,6 +197,61 @@ pub async fn upload(client: &mut TrainerClient, m: &GgufModel, lm: &LmKeys) -> R
         weight_decay: 0.0,
     };
     Ok(client
-        .create_job(&lm.architecture(), &optimizer, "f32", &bytes)
+        .create_job(
+            &lm.architecture(),
+            optimizer.unwrap_or(&serving),
+            dtype,
+            &bytes,
+        )
         .await?)
+}
+
+/// Token batches for causal LM fine-tuning: each text tokenized as is (no chat template),
+/// ended with the end-of-sequence token and cut to `seq_len` tokens; `batch` texts per batch,
+/// right-padded (mask 0) to the batch's longest row. Texts shorter than 2 tokens are skipped.
+/// Returns `(input_ids, attention_mask)` pairs, `(batch, width)` i64 each.
+///
+/// # Errors
+/// [`KeyHolderError::Mismatch`] for `batch` or `seq_len` too small; tokenizer errors.
+pub fn text_batches(
+    tokenizer: &LmTokenizer,
+    texts: &[String],
+    batch: usize,
+    seq_len: usize,
+) -> Result<Vec<(Tensor, Tensor)>> {
+    if batch == 0 || seq_len < 2 {
+        return Err(KeyHolderError::Mismatch(format!(
+            "batch size {batch} and sequence length {seq_len}: need at least 1 and 2"
+        )));
+    }
+    let mut rows = Vec::new();
+    for t in texts {
+        let mut ids = tokenizer.encode(t)?;
+        ids.push(tokenizer.eos_id);
+        ids.truncate(seq_len);
+        if ids.len() >= 2 {
+            rows.push(ids);
+        }
+    }
+    Ok(rows
+        .chunks(batch)
+        .map(|chunk| {
+            let width = chunk.iter().map(Vec::len).max().unwrap_or(0);
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            for r in chunk {
+                ids.extend(r.iter().map(|&i| i64::from(i)));
+                ids.extend(std::iter::repeat_n(
+                    i64::from(tokenizer.eos_id),
+                    width - r.len(),
+                ));
+                mask.extend(std::iter::repeat_n(1i64, r.len()));
+                mask.extend(std::iter::repeat_n(0i64, width - r.len()));
+            }
+            let shape = [chunk.len() as i64, width as i64];
+            (
+                Tensor::from_slice(&ids).view(shape),
+                Tensor::from_slice(&mask).view(shape),
+            )
+        })
+        .collect())
 }
