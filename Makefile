@@ -57,6 +57,7 @@ attacks: build data $(REFERENCE)
 	./target/release/fedee ee attack known-plaintext --json $(ATTACK_OUT)/known-plaintext.json
 	./target/release/fedee ee attack weight-matching --json $(ATTACK_OUT)/weight-matching.json
 	./target/release/fedee ee attack activation-stats --json $(ATTACK_OUT)/activation-stats.json
+	./target/release/fedee ee attack lm-matching --json $(ATTACK_OUT)/lm-matching.json
 
 # The attacker's public reference text: the Lee news corpus shipped as test data in PyPI
 # package gensim==4.4.0 (any platform's wheel holds the same file).

@@ -52,6 +52,8 @@ enum Command {
     /// A local OpenAI-compatible chat endpoint for an EE language model at the trainer (key
     /// holder): encrypts prompts, decrypts the streamed answers.
     ChatProxy(fedee_client::cli::ChatProxyArgs),
+    /// Fine-tune an EE language model at the trainer on your own texts (key holder).
+    LmFinetune(fedee_client::cli::LmFinetuneArgs),
     /// Create an initial global model (safetensors) for the aggregator: the MLP of a
     /// federation spec, or the demo's heart MLP.
     InitModel(InitModelArgs),
@@ -316,6 +318,7 @@ async fn main() -> Result<()> {
         Command::Finetune(a) => fedee_client::cli::finetune(a).await,
         Command::Predict(a) => fedee_client::cli::predict(a).await,
         Command::ChatProxy(a) => fedee_client::cli::chat_proxy(a).await,
+        Command::LmFinetune(a) => fedee_client::cli::lm_finetune(a).await,
         Command::Trainer(t) => {
             let config = fedee_trainer::Config {
                 device: fedee_site_agent::cli::parse_device(&t.device)?,

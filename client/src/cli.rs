@@ -391,18 +391,9 @@ pub async fn download_model(
     Ok(())
 }
 
-/// A local OpenAI-compatible endpoint for an EE causal LM at a trainer (key holder side).
-///
-/// Loads the GGUF model (tokenizer, chat template, and the weights to encrypt) and the key
-/// file; without --job, encrypts the model and uploads it to the trainer as a new job (its id
-/// is printed: pass it with --job next time). Then serves `GET /v1/models` and `POST
-/// /v1/chat/completions` (streaming or not) on --listen. Point any OpenAI client there:
-///
-///   OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=unused python my_app.py
-///
-/// Prompts are tokenized and encrypted here; the trainer sees only encrypted token ids.
+/// The trainer, model and keys of the causal LM commands.
 #[derive(clap::Args)]
-pub struct ChatProxyArgs {
+pub struct LmCommon {
     /// Trainer address (host:port; the scheme follows --tls-dir / --insecure).
     #[arg(long, default_value = "127.0.0.1:50052")]
     pub trainer: String,
@@ -415,9 +406,55 @@ pub struct ChatProxyArgs {
     /// leaves this machine.
     #[arg(long)]
     pub keys: PathBuf,
-    /// Use this job at the trainer (printed by an earlier run) instead of uploading the model.
+    /// Use this job at the trainer (printed by an earlier run) instead of encrypting and
+    /// uploading the model.
     #[arg(long)]
     pub job: Option<String>,
+}
+
+impl LmCommon {
+    /// Connect to the trainer and return it with the job: --job, or a new one holding the EE
+    /// model of `state` (training with `optimizer` in `dtype`).
+    async fn job(
+        &self,
+        state: &fedee_encrypt::StateDict,
+        lm: &crate::lm::LmKeys,
+        optimizer: Option<&OptimizerSpec>,
+        dtype: &str,
+    ) -> Result<(TrainerClient, String)> {
+        let tls = self.transport.resolve("pharma")?;
+        let url = format!("{}://{}", self.transport.scheme(), self.trainer);
+        let mut trainer = TrainerClient::connect(&url, tls.as_ref()).await?;
+        let job = match &self.job {
+            Some(j) => j.clone(),
+            None => {
+                let t = std::time::Instant::now();
+                let job = crate::lm::upload(&mut trainer, state, lm, optimizer, dtype).await?;
+                eprintln!(
+                    "encrypted and uploaded the model in {:.1} s: job {job} (pass --job {job} to reuse it)",
+                    t.elapsed().as_secs_f64()
+                );
+                job
+            }
+        };
+        Ok((trainer, job))
+    }
+}
+
+/// A local OpenAI-compatible endpoint for an EE causal LM at a trainer (key holder side).
+///
+/// Loads the GGUF model (tokenizer, chat template, and the weights to encrypt) and the key
+/// file; without --job, encrypts the model and uploads it to the trainer as a new job (its id
+/// is printed: pass it with --job next time). Then serves `GET /v1/models` and `POST
+/// /v1/chat/completions` (streaming or not) on --listen. Point any OpenAI client there:
+///
+///   OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=unused python my_app.py
+///
+/// Prompts are tokenized and encrypted here; the trainer sees only encrypted token ids.
+#[derive(clap::Args)]
+pub struct ChatProxyArgs {
+    #[command(flatten)]
+    pub lm: LmCommon,
     /// Address to serve the OpenAI API on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
@@ -443,32 +480,19 @@ pub async fn chat_proxy(args: ChatProxyArgs) -> Result<()> {
         );
     }
     let started = std::time::Instant::now();
-    let (m, lm) = crate::lm::open(&args.gguf, &args.keys)?;
+    let (m, lm) = crate::lm::open(&args.lm.gguf, &args.lm.keys)?;
     eprintln!(
         "loaded {} ({} layers, vocabulary {}) in {:.1} s",
-        args.gguf.display(),
+        args.lm.gguf.display(),
         m.config.num_layers,
         m.config.vocab_size,
         started.elapsed().as_secs_f64()
     );
-    let tls = args.transport.resolve("pharma")?;
-    let url = format!("{}://{}", args.transport.scheme(), args.trainer);
-    let mut trainer = TrainerClient::connect(&url, tls.as_ref()).await?;
-    let job = match args.job {
-        Some(j) => j,
-        None => {
-            let t = std::time::Instant::now();
-            let job = crate::lm::upload(&mut trainer, &m.state, &lm, None, "f32").await?;
-            eprintln!(
-                "encrypted and uploaded the model in {:.1} s: job {job} (pass --job {job} to reuse it)",
-                t.elapsed().as_secs_f64()
-            );
-            job
-        }
-    };
+    let (trainer, job) = args.lm.job(&m.state, &lm, None, "f32").await?;
     drop(m);
     let model = args.model_name.unwrap_or_else(|| {
-        args.gguf
+        args.lm
+            .gguf
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "fedee-lm".into())
@@ -490,5 +514,157 @@ pub async fn chat_proxy(args: ChatProxyArgs) -> Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
+    Ok(())
+}
+
+/// Fine-tune an EE causal LM at the trainer on your own texts (key holder side).
+///
+/// Reads the --text-column of --data (CSV, or TSV by extension), tokenizes each text (ended
+/// with the end-of-sequence token, cut to --seq-len), encrypts the token ids with --keys and
+/// streams --steps batches to the trainer, which trains the EE model with AdamW on the causal
+/// LM loss (the same loss as plaintext: the vocabulary key only renames tokens). Without
+/// --job the model is encrypted and uploaded first. The fine-tuned job stays at the trainer:
+/// serve it with `fedee chat-proxy --job JOB`. Keys must be of the finetune profile.
+#[derive(clap::Args)]
+pub struct LmFinetuneArgs {
+    #[command(flatten)]
+    pub lm: LmCommon,
+    /// The texts: a CSV or TSV file.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The column holding the texts.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Optimizer steps (batches); the texts are cycled when they run out.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Texts per batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Longest text in tokens (longer ones are cut).
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub learning_rate: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// The dtype the trainer computes in (f64 doubles memory; decrypted weights then equal
+    /// plaintext training to ~1e-12).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f64"])]
+    pub dtype: String,
+    /// Also train the plaintext model here on the same batches, download and decrypt the EE
+    /// model, and print the largest relative weight difference (a check of EE; doubles the
+    /// work and holds two models).
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// `fedee lm-finetune`.
+///
+/// # Errors
+/// Unreadable files, keys that do not fit or are not trainable, the trainer's refusals.
+pub async fn lm_finetune(args: LmFinetuneArgs) -> Result<()> {
+    let (m, lm) = crate::lm::open(&args.lm.gguf, &args.lm.keys)?;
+    let optimizer = OptimizerSpec::AdamW {
+        lr: args.learning_rate,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: args.weight_decay,
+    };
+    lm.check_trainable(&optimizer)?;
+    let texts = crate::lm::read_texts(&args.data, &args.text_column)?;
+    let mut batches =
+        crate::lm::text_batches(&lm.tokenizer, &texts, args.batch_size, args.seq_len)?;
+    if batches.is_empty() {
+        bail!("{} has no text of 2 tokens or more", args.data.display());
+    }
+    let n = batches.len();
+    batches = (0..args.steps)
+        .map(|i| {
+            let (ids, mask) = &batches[i % n];
+            (ids.shallow_clone(), mask.shallow_clone())
+        })
+        .collect();
+    let tokens: i64 = batches
+        .iter()
+        .map(|(_, m)| m.sum(Kind::Int64).int64_value(&[]))
+        .sum();
+    eprintln!(
+        "{} texts in {n} batches of up to {}; training {} steps on {tokens} tokens",
+        texts.len(),
+        args.batch_size,
+        batches.len()
+    );
+    let (mut trainer, job) = args
+        .lm
+        .job(&m.state, &lm, Some(&optimizer), &args.dtype)
+        .await?;
+    let encrypted = batches
+        .iter()
+        .map(|(ids, mask)| lm.encrypt_batch(ids, mask))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let pb = bar(batches.len() as u64, "train [{bar:30}] {pos}/{len} {msg}");
+    let t = std::time::Instant::now();
+    let losses = trainer
+        .train(&job, encrypted, |_, loss| {
+            pb.inc(1);
+            pb.set_message(format!("loss {loss:.4}"));
+        })
+        .await?;
+    pb.finish_and_clear();
+    eprintln!(
+        "trained {} steps in {:.1} s: loss {:.4} -> {:.4}",
+        losses.len(),
+        t.elapsed().as_secs_f64(),
+        losses.first().copied().unwrap_or(f64::NAN),
+        losses.last().copied().unwrap_or(f64::NAN)
+    );
+    if args.verify {
+        if args.lm.job.is_some() {
+            bail!("--verify starts from the GGUF weights: it cannot check a continued --job");
+        }
+        let kind = if args.dtype == "f64" {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
+        let mut plain =
+            fedee_model::Model::from_state(lm.architecture(), &m.state, tch::Device::Cpu, kind)?;
+        let mut opt = plain.optimizer(&optimizer)?;
+        for (ids, mask) in &batches {
+            let input = fedee_model::Input::Tokens {
+                ids: ids.shallow_clone(),
+                mask: mask.shallow_clone(),
+            };
+            plain.train_step_causal(&mut opt, &input)?;
+        }
+        let ee = fedee_model::state_from_safetensors(
+            &trainer.export_model(&job).await?,
+            tch::Device::Cpu,
+        )?;
+        let decrypted = lm.decrypt_model(&ee)?;
+        let mut worst = (0f64, String::new());
+        for (name, w) in plain.state() {
+            let d = decrypted[&name].to_kind(w.kind());
+            let scale = w.abs().max().double_value(&[]).max(1e-12);
+            let rel = (&d - &w).abs().max().double_value(&[]) / scale;
+            if rel > worst.0 {
+                worst = (rel, name);
+            }
+        }
+        eprintln!(
+            "verify: largest weight difference from plaintext training, relative to the tensor's largest weight: {:.2e} ({})",
+            worst.0, worst.1
+        );
+    }
+    println!("{job}");
+    eprintln!(
+        "the fine-tuned EE model is job {job} at the trainer: serve it with `fedee chat-proxy --gguf {} --keys {} --job {job}`",
+        args.lm.gguf.display(),
+        args.lm.keys.display()
+    );
     Ok(())
 }

@@ -155,6 +155,19 @@ impl LmKeys {
         Ok(fedee_encrypt::decrypt_state(&self.spec, &self.keys, ee)?)
     }
 
+    /// Refuse keys under which training with `optimizer` would not stay exact (the
+    /// `inference` profile's dense and scaled keys).
+    ///
+    /// # Errors
+    /// [`fedee_encrypt::EncryptError::NotEquivariant`] naming the key.
+    pub fn check_trainable(&self, optimizer: &OptimizerSpec) -> Result<()> {
+        Ok(fedee_encrypt::check_trainable(
+            &self.spec,
+            &self.keys,
+            optimizer.family(),
+        )?)
+    }
+
     /// The architecture a trainer job of this model declares.
     pub fn architecture(&self) -> Architecture {
         Architecture::Llama(self.config.clone())
@@ -254,4 +267,38 @@ pub fn text_batches(
             )
         })
         .collect())
+}
+
+/// The texts of column `column` of a CSV or TSV file (tab-separated when the name ends in
+/// `.tsv`), HTML entities decoded and surrounding quotes trimmed; empty cells skipped.
+///
+/// # Errors
+/// An unreadable file, or no such column (naming the columns there).
+pub fn read_texts(path: &Path, column: &str) -> Result<Vec<String>> {
+    let io = |e: csv::Error| KeyHolderError::Csv {
+        path: path.to_owned(),
+        source: e,
+    };
+    let tsv = path.extension().is_some_and(|e| e == "tsv");
+    let mut rdr = csv::ReaderBuilder::new()
+        .delimiter(if tsv { b'\t' } else { b',' })
+        .from_path(path)
+        .map_err(io)?;
+    let headers = rdr.headers().map_err(io)?.clone();
+    let col = headers.iter().position(|h| h == column).ok_or_else(|| {
+        KeyHolderError::Mismatch(format!(
+            "{} has no column `{column}`; its columns are {:?}: pass one with --text-column",
+            path.display(),
+            headers.iter().collect::<Vec<_>>()
+        ))
+    })?;
+    let mut out = Vec::new();
+    for rec in rdr.records() {
+        let rec = rec.map_err(io)?;
+        let t = rec.get(col).unwrap_or("").trim().trim_matches('"').trim();
+        if !t.is_empty() {
+            out.push(html_escape::decode_html_entities(t).into_owned());
+        }
+    }
+    Ok(out)
 }

@@ -43,6 +43,10 @@ pub enum AttackCommand {
     /// reviews vs the public model on public text, per-channel mean and deviation at every
     /// layer, Hungarian matching; vs tokens observed.
     ActivationStats(ActivationArgs),
+    /// Weight matching on the causal LM (SmolLM2): recover the vocabulary permutation from the
+    /// EE embedding table and the public one, for each kind of residual key, and the share of
+    /// patients' review tokens the server can then read.
+    LmMatching(crate::attack_lm::LmMatchingArgs),
 }
 
 /// Files every text attack reads.
@@ -130,6 +134,7 @@ pub fn run(cmd: AttackCommand) -> Result<()> {
         AttackCommand::KnownPlaintext(a) => (known_plaintext(&a)?, a.json),
         AttackCommand::WeightMatching(a) => (weight_matching(&a)?, a.data.json),
         AttackCommand::ActivationStats(a) => (activation_stats(&a)?, a.data.json),
+        AttackCommand::LmMatching(a) => (crate::attack_lm::lm_matching(&a)?, a.json),
     };
     if let Some(p) = out {
         if let Some(d) = p.parent() {

@@ -14,6 +14,7 @@
 //!   key holder's keys.
 
 pub mod attack;
+pub mod attack_lm;
 pub mod bench;
 mod bench_aggregate;
 mod bench_ee;

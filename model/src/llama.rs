@@ -446,11 +446,11 @@ pub fn hidden_states(
         );
         let o = o.transpose(1, 2).reshape([b, t, h * hd]);
         // Not in place: autograd keeps `x` for RMSNorm's backward.
-        x = x + o.linear::<&Tensor>(w("attn_output"), None);
+        x = x.g_add(&o.linear::<&Tensor>(w("attn_output"), None));
         let f = rms_norm(&x, w("ffn_norm"), c.rms_norm_eps);
         let gate = f.linear::<&Tensor>(w("ffn_gate"), None).silu();
         let up = f.linear::<&Tensor>(w("ffn_up"), None);
-        x = x + (gate * up).linear::<&Tensor>(w("ffn_down"), None);
+        x = x.g_add(&(gate * up).linear::<&Tensor>(w("ffn_down"), None));
     }
     cache.len += t_us;
     Ok(rms_norm(&x, s.get("output_norm.weight"), c.rms_norm_eps))

@@ -263,3 +263,48 @@ fn the_volume_meter_counts_across_runs_and_warns_past_the_limit() {
     std::fs::write(dir.path().join("keys.json.usage.json"), "{").unwrap();
     assert!(VolumeMeter::open(&keys).is_err());
 }
+
+#[test]
+fn embedding_rows_give_the_vocabulary_permutation_whatever_the_residual_key() {
+    // A public table E (500 tokens × 32) and E' = P_π E K for K a signed permutation and an
+    // orthogonal matrix: descriptions K does not change find π; descriptions it does change
+    // (the signed-permutation description under an orthogonal K) do not.
+    tch::manual_seed(3);
+    let (v, d) = (500i64, 32i64);
+    let e = Tensor::randn([v, d], (Kind::Float, Device::Cpu));
+    let pi = Tensor::randperm(v, (Kind::Int64, Device::Cpu));
+    let mut rows = Tensor::zeros_like(&e);
+    let _ = rows.index_copy_(0, &pi, &e);
+    let signs = (Tensor::randint(2, [d], (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
+        * Tensor::eye(d, (Kind::Float, Device::Cpu));
+    let perm = Tensor::eye(d, (Kind::Float, Device::Cpu))
+        .index_select(0, &Tensor::randperm(d, (Kind::Int64, Device::Cpu)));
+    let signed = rows.matmul(&signs.matmul(&perm));
+    let (q, _) = Tensor::linalg_qr(
+        &Tensor::randn([d, d], (Kind::Double, Device::Cpu)),
+        "reduced",
+    );
+    let orthogonal = rows.matmul(&q.to_kind(Kind::Float));
+    let truth: Vec<i64> = Vec::try_from(&pi).unwrap();
+    let share = |guess: Vec<i64>| {
+        (0..v as usize)
+            .filter(|&i| guess[truth[i] as usize] == i as i64)
+            .count() as f64
+            / v as f64
+    };
+    let by_abs = |t: &Tensor| {
+        matching::nearest_rows(
+            &matching::sorted_abs_rows(t, 16),
+            &matching::sorted_abs_rows(&e, 16),
+        )
+    };
+    let by_gram = |t: &Tensor| {
+        matching::nearest_rows(
+            &matching::gram_profile(t, 16),
+            &matching::gram_profile(&e, 16),
+        )
+    };
+    assert_eq!(share(by_abs(&signed)), 1.0);
+    assert_eq!(share(by_gram(&orthogonal)), 1.0);
+    assert!(share(by_abs(&orthogonal)) < 0.1);
+}

@@ -11,6 +11,10 @@
 //!   in L2;
 //! - **dense keys** (the inference profile's invertible attention keys): no index order to
 //!   match; one least-squares solve against the public weight ([`solve_key`]);
+//! - **vocabulary without the residual key** (the causal LM): each embedding row described
+//!   by something the residual key does not change — its largest absolute values for a
+//!   (signed) permutation ([`sorted_abs_rows`]), its largest inner products with all rows for
+//!   an orthogonal key ([`gram_profile`]) — and matched to the nearest public description;
 //! - **activations**: per-channel mean and standard deviation of hidden states over the
 //!   tokens observed, at every layer, z-scored, then Hungarian as above.
 //!
@@ -127,6 +131,31 @@ pub fn solve_key(public: &Tensor, ee: &Tensor) -> Tensor {
     let b = ee.to_kind(Kind::Double).transpose(0, 1);
     let (x, _, _, _) = Tensor::linalg_lstsq(&a, &b, None::<f64>, "gelsd");
     x.transpose(0, 1).contiguous()
+}
+
+/// Rows described independently of any signed permutation of the columns: the `k` largest
+/// absolute values of each row, in descending order: `(n, k)` f32. Under a residual key that
+/// is a (signed) permutation, an EE embedding row has the same description as its public row,
+/// so nearest descriptions give the vocabulary permutation without the residual key.
+pub fn sorted_abs_rows(t: &Tensor, k: i64) -> Tensor {
+    let k = k.min(t.size()[1]);
+    t.to_kind(Kind::Float).abs().topk(k, 1, true, true).0
+}
+
+/// Rows described independently of any orthogonal transform of the columns and of the order
+/// of the rows: the `k` largest inner products of each row with every row (itself included),
+/// descending: `(n, k)` f32. `E Q (E Q)ᵀ = E Eᵀ` for orthogonal `Q`, and a row permutation
+/// only reorders each row's inner products. Costs `n² d` multiply-adds, in chunks.
+pub fn gram_profile(t: &Tensor, k: i64) -> Tensor {
+    let t = t.to_kind(Kind::Float);
+    let n = t.size()[0];
+    let k = k.min(n);
+    let mut parts = Vec::new();
+    for s in (0..n).step_by(1024) {
+        let c = 1024.min(n - s);
+        parts.push(t.narrow(0, s, c).matmul(&t.tr()).topk(k, 1, true, true).0);
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// Relative Frobenius error `‖guess − truth‖ / ‖truth‖` of a recovered key matrix.
