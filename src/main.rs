@@ -293,6 +293,14 @@ struct TransformFiles {
     spec: Option<PathBuf>,
 }
 
+/// A Llama-family GGUF file as f32 tensors, with its architecture.
+fn load_gguf(p: &std::path::Path) -> Result<fedee_model::gguf::GgufModel> {
+    Ok(fedee_model::gguf::load(
+        p,
+        fedee_model::gguf::RopeLayout::HalfSplit,
+    )?)
+}
+
 /// Read and validate a federation spec file.
 fn read_spec(p: &std::path::Path) -> Result<fedee_spec::FederationSpec> {
     let text = std::fs::read_to_string(p)
@@ -448,45 +456,40 @@ fn ee(cmd: EeCommand) -> Result<()> {
             profile,
         } => {
             let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
-            if let Some(path) = gguf {
-                let m = fedee_model::gguf::load(&path, fedee_model::gguf::RopeLayout::HalfSplit)?;
-                let keys = KeySet::generate(
-                    &m.config.key_spec(),
-                    &m.config.key_groups(profile),
-                    false,
-                    &mut rng,
-                )?;
-                keys.save(&out, force)?;
-                eprintln!(
-                    "wrote {} keys (causal LM, {profile:?} profile) to {} (mode 0600)",
-                    keys.keys.len(),
-                    out.display()
-                );
-                return Ok(());
-            }
             let spec = spec.as_deref().map(read_spec).transpose()?;
-            let bert = match (&spec, bert_config) {
-                (Some(s), _) if s.model.kind == fedee_spec::ModelKind::Bert => {
-                    Some(fedee_site_agent::task::bert_classifier(s)?)
-                }
-                (_, Some(path)) => Some(fedee_model::BertClassifierConfig {
-                    bert: fedee_model::BertConfig::from_file(&path)?,
-                    num_labels,
-                }),
+            // BERT classifiers and causal LMs take their profile's groups; the MLP its input key.
+            let profiled = match (&spec, bert_config, gguf) {
+                (_, _, Some(path)) => Some((
+                    fedee_model::Architecture::Llama(load_gguf(&path)?.config),
+                    "causal LM",
+                )),
+                (Some(s), _, _) if s.model.kind == fedee_spec::ModelKind::Bert => Some((
+                    fedee_model::Architecture::BertClassifier(
+                        fedee_site_agent::task::bert_classifier(s)?,
+                    ),
+                    "BERT classifier",
+                )),
+                (_, Some(path), _) => Some((
+                    fedee_model::Architecture::BertClassifier(fedee_model::BertClassifierConfig {
+                        bert: fedee_model::BertConfig::from_file(&path)?,
+                        num_labels,
+                    }),
+                    "BERT classifier",
+                )),
                 _ => None,
             };
-            let (keys, what) = match bert {
-                Some(cfg) => {
+            let (keys, what) = match profiled {
+                Some((arch, name)) => {
                     let keys = KeySet::generate(
-                        &cfg.key_spec(),
-                        &cfg.key_groups(profile),
+                        &arch.key_spec(),
+                        &arch.key_groups(profile),
                         false,
                         &mut rng,
                     )?;
-                    (keys, format!("BERT classifier, {profile:?} profile"))
+                    (keys, format!("{name}, {profile:?} profile"))
                 }
                 None => {
-                    let spec = spec.context("pass --spec or --bert-config")?;
+                    let spec = spec.context("pass --spec, --bert-config or --gguf")?;
                     let cfg = fedee_site_agent::task::mlp_config(&spec)?;
                     let spec = cfg.key_spec();
                     let groups = [("input".to_owned(), input_key)].into_iter().collect();
@@ -569,14 +572,16 @@ fn spec_for(
     k: &KeySet,
     state: &fedee_encrypt::StateDict,
     files: &TransformFiles,
+    gguf: Option<fedee_model::llama::LlamaConfig>,
 ) -> Result<fedee_encrypt::KeySpec> {
     let arch = match (&files.spec, &files.bert_config) {
         (Some(p), _) => fedee_site_agent::task::architecture(&read_spec(p)?)?,
-        (None, None) if files.gguf.is_some() => {
-            let p = files.gguf.as_ref().expect("checked");
-            fedee_model::Architecture::Llama(
-                fedee_model::gguf::load(p, fedee_model::gguf::RopeLayout::HalfSplit)?.config,
-            )
+        // The model file was the GGUF itself: its architecture is already read.
+        (None, None) if gguf.is_some() || files.gguf.is_some() => {
+            fedee_model::Architecture::Llama(match gguf {
+                Some(c) => c,
+                None => load_gguf(files.gguf.as_ref().expect("checked"))?.config,
+            })
         }
         (None, Some(p)) => {
             let num_labels = state
@@ -605,19 +610,20 @@ fn transform_file(files: &TransformFiles, dir: Direction) -> Result<()> {
         keys, model, out, ..
     } = files;
     let k = KeySet::load(keys)?;
-    let state = if model.extension().is_some_and(|e| e == "gguf") {
+    let (state, gguf) = if model.extension().is_some_and(|e| e == "gguf") {
         if !matches!(dir, Direction::Encrypt) {
             bail!(
                 "{} is a GGUF file: only `fedee ee encrypt` reads GGUF (EE models are safetensors)",
                 model.display()
             );
         }
-        fedee_model::gguf::load(model, fedee_model::gguf::RopeLayout::HalfSplit)?.state
+        let m = load_gguf(model)?;
+        (m.state, Some(m.config))
     } else {
         let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
-        state_from_safetensors(&bytes, Device::Cpu)?
+        (state_from_safetensors(&bytes, Device::Cpu)?, None)
     };
-    let spec = spec_for(&k, &state, files)?;
+    let spec = spec_for(&k, &state, files, gguf)?;
     let t = std::time::Instant::now();
     let result = match dir {
         Direction::Encrypt => fedee_encrypt::transform_state(&spec, &k, &state)?,

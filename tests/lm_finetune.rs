@@ -134,15 +134,7 @@ async fn twenty_encrypted_adamw_steps_at_the_trainer_equal_plaintext_training() 
     }
     // Weights: largest |difference| relative to the tensor's largest |weight|.
     let trained = plain.state();
-    let mut worst = (0f64, String::new());
-    for (name, w) in &trained {
-        let d = decrypted[name].to_kind(Kind::Double);
-        let scale = w.abs().max().double_value(&[]).max(1e-12);
-        let rel = (&d - w).abs().max().double_value(&[]) / scale;
-        if rel > worst.0 {
-            worst = (rel, name.clone());
-        }
-    }
+    let worst = fedee_model::state::largest_relative_difference(&decrypted, &trained);
     // Training moved the weights by much more than that.
     let moved = (&trained["blk.0.attn_q.weight"]
         - m.state["blk.0.attn_q.weight"].to_kind(Kind::Double))

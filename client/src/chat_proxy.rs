@@ -506,6 +506,23 @@ async fn generate(proxy: Arc<Proxy>, p: Prepared, tx: mpsc::Sender<Out>) {
     }
 }
 
+/// One streamed `chat.completion.chunk` with one choice.
+pub fn chunk_json(
+    id: &str,
+    created: u64,
+    model: &str,
+    delta: Value,
+    finish: Option<&str>,
+) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+    })
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -567,13 +584,7 @@ async fn chat_completions(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Respo
         return ApiError::upstream("the generation stopped without an answer").into_response();
     }
     let chunk = move |delta: Value, finish: Option<&str>| {
-        let mut c = json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
+        let mut c = chunk_json(&id, created, &model, delta, finish);
         if include_usage {
             c["usage"] = Value::Null;
         }

@@ -645,16 +645,10 @@ pub async fn lm_finetune(args: LmFinetuneArgs) -> Result<()> {
             &trainer.export_model(&job).await?,
             tch::Device::Cpu,
         )?;
-        let decrypted = lm.decrypt_model(&ee)?;
-        let mut worst = (0f64, String::new());
-        for (name, w) in plain.state() {
-            let d = decrypted[&name].to_kind(w.kind());
-            let scale = w.abs().max().double_value(&[]).max(1e-12);
-            let rel = (&d - &w).abs().max().double_value(&[]) / scale;
-            if rel > worst.0 {
-                worst = (rel, name);
-            }
-        }
+        let worst = fedee_model::state::largest_relative_difference(
+            &lm.decrypt_model(&ee)?,
+            &plain.state(),
+        );
         eprintln!(
             "verify: largest weight difference from plaintext training, relative to the tensor's largest weight: {:.2e} ({})",
             worst.0, worst.1

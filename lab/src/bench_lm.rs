@@ -313,11 +313,13 @@ fn proxy_cost_per_token(
         for &w in &wire {
             let id = lm.decrypt_id(w)?;
             let (text, _) = detok.push(id)?;
-            let chunk = json!({
-                "id": "chatcmpl-0", "object": "chat.completion.chunk", "created": 0,
-                "model": "m", "choices": [{"index": 0, "delta": {"content": text},
-                "logprobs": null, "finish_reason": null}],
-            });
+            let chunk = fedee_client::chat_proxy::chunk_json(
+                "chatcmpl-0",
+                0,
+                "m",
+                json!({ "content": text }),
+                None,
+            );
             bytes += chunk.to_string().len();
         }
         assert!(bytes > 0);

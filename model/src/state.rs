@@ -71,3 +71,20 @@ impl<'a> Checked<'a> {
         self.0
     }
 }
+
+/// The largest `max |a − b| / max |b|` over the tensors `b` holds, with that tensor's name:
+/// how far `a` (e.g. a decrypted EE model after training) is from `b` (the same training in
+/// plaintext), relative to each tensor's scale. A tensor `a` lacks counts as infinitely far.
+pub fn largest_relative_difference(a: &StateDict, b: &StateDict) -> (f64, String) {
+    let mut worst = (0f64, String::new());
+    for (name, w) in b {
+        let rel = a.get(name).map_or(f64::INFINITY, |d| {
+            let scale = w.abs().max().double_value(&[]).max(1e-12);
+            (d.to_kind(w.kind()) - w).abs().max().double_value(&[]) / scale
+        });
+        if rel > worst.0 {
+            worst = (rel, name.clone());
+        }
+    }
+    worst
+}
