@@ -47,6 +47,11 @@ pub enum AttackCommand {
     /// EE embedding table and the public one, for each kind of residual key, and the share of
     /// patients' review tokens the server can then read.
     LmMatching(crate::attack_lm::LmMatchingArgs),
+    /// Frequency analysis of what an EE chat server sees: SmolLM2's EE model answers encrypted
+    /// questions about Drugs.com reviews; the attacker matches the ciphertext ids of its
+    /// answers (and of whole conversations) against review text, or against the public
+    /// model's own answers to other reviews.
+    LmFrequency(crate::attack_lm::LmFrequencyArgs),
 }
 
 /// Files every text attack reads.
@@ -135,6 +140,7 @@ pub fn run(cmd: AttackCommand) -> Result<()> {
         AttackCommand::WeightMatching(a) => (weight_matching(&a)?, a.data.json),
         AttackCommand::ActivationStats(a) => (activation_stats(&a)?, a.data.json),
         AttackCommand::LmMatching(a) => (crate::attack_lm::lm_matching(&a)?, a.json),
+        AttackCommand::LmFrequency(a) => (crate::attack_lm::lm_frequency(&a)?, a.json),
     };
     if let Some(p) = out {
         if let Some(d) = p.parent() {
@@ -246,7 +252,7 @@ fn tokenize(tok: &TextTokenizer, rs: &[crate::drugs::Review]) -> Result<Vec<Vec<
 }
 
 /// The first `volume` tokens of `seqs` (the last sequence cut), or all of them.
-fn take_tokens(seqs: &[Vec<i64>], volume: usize) -> Vec<Vec<i64>> {
+pub(crate) fn take_tokens(seqs: &[Vec<i64>], volume: usize) -> Vec<Vec<i64>> {
     let mut out = Vec::new();
     let mut left = volume;
     for s in seqs {

@@ -328,6 +328,22 @@ impl KvCache {
     }
 }
 
+/// `t` (any shape) with every 2-D tensor stored column-major: the same `(out, in)` matrix, as
+/// a transposed view of a contiguous `(in, out)` buffer.
+///
+/// `linear` then multiplies by the contiguous transpose, and libtorch's CPU matrix–vector
+/// path reads that layout about 1.5× faster than the row-major one (measured for SmolLM2's
+/// decode shapes on 2 cores: the 49 152 × 576 output layer 10.0 → 4.9 ms); prefill's
+/// matrix–matrix products run at the same speed either way. Values, names and shapes are
+/// unchanged; [`crate::Model`] stores a causal LM's matrices this way.
+pub fn decode_layout(t: &Tensor) -> Tensor {
+    if t.dim() == 2 {
+        t.tr().contiguous().tr()
+    } else {
+        t.shallow_clone()
+    }
+}
+
 /// `cos` and `sin` of the RoPE angles of positions `start..start + t`: `(t, d_h)` each, the
 /// `d_h/2` frequencies repeated for both halves (Hugging Face's layout).
 fn rope_tables(

@@ -106,7 +106,14 @@ impl Model {
             let mut parts: Vec<&str> = name.split('.').collect();
             let last = parts.pop().expect("non-empty name");
             let path = parts.iter().fold(vs.root(), |p, s| p / *s);
-            let _ = path.f_var_copy(last, &t.to_kind(kind).to_device(device))?;
+            let t = t.to_kind(kind).to_device(device);
+            if matches!(arch, Architecture::Llama(_)) {
+                // Decoding reads every matrix once per token: store them in the layout
+                // libtorch's matrix-vector product reads fastest.
+                let _ = path.add(last, crate::llama::decode_layout(&t), true);
+            } else {
+                let _ = path.f_var_copy(last, &t)?;
+            }
         }
         let params: StateDict = vs.variables().into_iter().collect();
         if let Some((name, t)) = params.iter().find(|(_, t)| t.kind() != kind) {
@@ -118,11 +125,19 @@ impl Model {
         Ok(Self { arch, vs, params })
     }
 
-    /// A detached copy of the parameters.
+    /// A detached, contiguous (row-major) copy of the parameters.
     pub fn state(&self) -> StateDict {
         self.params
             .iter()
-            .map(|(k, v)| (k.clone(), v.detach().copy()))
+            .map(|(k, v)| {
+                let v = v.detach();
+                let copy = if v.is_contiguous() {
+                    v.copy()
+                } else {
+                    v.contiguous()
+                };
+                (k.clone(), copy)
+            })
             .collect()
     }
 
