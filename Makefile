@@ -47,6 +47,7 @@ bench: build data $(FLWR_STAMP) $(TRANSFORMERS_STAMP)
 	./target/release/fedee bench train --json $(BENCH_OUT)/train.json
 	./target/release/fedee bench aggregate --json $(BENCH_OUT)/aggregate.json
 	./target/release/fedee bench lm --json $(BENCH_OUT)/lm.json
+	./target/release/fedee bench secagg --json $(BENCH_OUT)/secagg.json
 
 # The attack suite (SECURITY.md): each attack prints a table; JSON lands in target/attacks/.
 REFERENCE := data/cache/reference/lee_background.cor
@@ -58,6 +59,7 @@ attacks: build data $(REFERENCE)
 	./target/release/fedee ee attack weight-matching --json $(ATTACK_OUT)/weight-matching.json
 	./target/release/fedee ee attack activation-stats --json $(ATTACK_OUT)/activation-stats.json
 	./target/release/fedee ee attack lm-matching --json $(ATTACK_OUT)/lm-matching.json
+	./target/release/fedee ee attack lm-frequency --json $(ATTACK_OUT)/lm-frequency.json
 
 # The attacker's public reference text: the Lee news corpus shipped as test data in PyPI
 # package gensim==4.4.0 (any platform's wheel holds the same file).

@@ -114,3 +114,49 @@ fn flamby_heart_bench_runs_with_pooled_standardisation() {
         .unwrap();
     assert!(!both.status.success(), "raw and pooled features conflict");
 }
+
+/// `fedee bench secagg` stays runnable: a small grid (one cell with dropouts on a sparse
+/// graph), every unmasked sum checked inside the bench, JSON with the per-stage figures and
+/// the Skellam columns. Flower's side is skipped when its Python does not import.
+#[test]
+fn secagg_bench_runs_a_round_per_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("secagg.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args(["bench", "secagg", "--sites", "12", "--params", "5000"])
+        .args([
+            "--dropouts",
+            "0,0.25",
+            "--degrees",
+            "0,4",
+            "--python",
+            "/nonexistent",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = doc["rows"].as_array().unwrap();
+    let aborted = doc["aborted"].as_array().unwrap();
+    // 2 dropout rates × 2 graphs; a sparse cell may abort (too few holders), never vanish.
+    assert_eq!(rows.len() + aborted.len(), 4, "{doc}");
+    assert!(
+        rows.iter()
+            .any(|r| r["degree"] == 11 && r["dropout"] == 0.25)
+    );
+    for r in rows {
+        for k in ["site_masked_input_s", "server_unmask_s", "epsilon_skellam"] {
+            let v = r[k].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0 && v.is_finite(), "{k} = {v}");
+        }
+        let up = r["upload_vs_plaintext_f32"].as_f64().unwrap();
+        assert!((1.0..1.2).contains(&up), "upload ratio {up}");
+    }
+    assert_eq!(doc["mask_costs"][0]["params"], 5000);
+}

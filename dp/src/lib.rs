@@ -14,6 +14,7 @@
 
 pub mod noise;
 pub mod rdp;
+pub mod skellam;
 
 use opendp::combinators::{make_composition, make_zCDP_to_approxDP};
 use opendp::domains::{AtomDomain, VectorDomain};

@@ -84,6 +84,35 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Secure aggregation (Bonawitz et al. double masking; SecAgg+ with --degrees below
+    /// n − 1): one round in memory per cell, every site and the server in this process, per
+    /// stage, beside plaintext FedAvg's fold. Sites drop out after sharing keys (the costly
+    /// case for the server). Threshold: a majority of each site's neighbours.
+    Secagg {
+        /// Numbers of sites (comma-separated; 3 to 255).
+        #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
+        sites: Vec<usize>,
+        /// Update sizes in parameters (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+        params: Vec<usize>,
+        /// Dropout fractions (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "0,0.1,0.3")]
+        dropouts: Vec<f64>,
+        /// Neighbours per site (comma-separated; 0 = all, n − 1; odd numbers round down).
+        #[arg(long, value_delimiter = ',', default_value = "0,20")]
+        degrees: Vec<usize>,
+        /// Skip cells that would expand more mask words than this (a 2-core machine expands
+        /// about 7e8 per second).
+        #[arg(long, default_value_t = 6e10)]
+        max_words: f64,
+        /// Python with `flwr` for the per-mask comparison with Flower's SecAgg+ primitives
+        /// (`make bench` installs it into .venv); skipped if it does not import.
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Aggregation at scale: a `fedee-aggregator` process (libtorch-free; `fedee aggregator` if it is not built) ingests one round from SITES sites
     /// over loopback gRPC with mutual TLS and aggregates it (FedAvg); reports ingest MB/s and
     /// the aggregator's peak RSS, beside Flower's NumPy `aggregate` on the same update files.
@@ -443,6 +472,20 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             });
             let python = (!no_transformers).then_some(python.as_path());
             let doc = crate::bench_lm::lm(&gguf, threads, decode, python, device)?;
+            write_json(json.as_ref(), &with_machine(doc))
+        }
+        BenchCommand::Secagg {
+            sites,
+            params,
+            dropouts,
+            degrees,
+            max_words,
+            python,
+            json,
+        } => {
+            let doc = crate::bench_secagg::secagg(
+                &sites, &params, &dropouts, &degrees, max_words, &python,
+            )?;
             write_json(json.as_ref(), &with_machine(doc))
         }
         BenchCommand::Noise {

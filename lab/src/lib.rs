@@ -19,6 +19,7 @@ pub mod bench;
 mod bench_aggregate;
 mod bench_ee;
 mod bench_lm;
+mod bench_secagg;
 mod consortium;
 pub mod demo;
 mod drug_demo;

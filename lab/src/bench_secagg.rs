@@ -1,0 +1,366 @@
+//! `fedee bench secagg`: one secure-aggregation round in memory (every site and the server in
+//! this process, no network), per stage, against plaintext FedAvg's fold on the same sizes.
+//! Every cell checks that the unmasked sum equals the plaintext sum and stops if not.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use fedee_secagg::{RoundParams, Server, Site, SiteIndex, mask};
+use rand::SeedableRng as _;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::table::{self, Cell, col};
+
+#[derive(Serialize)]
+struct Row {
+    sites: usize,
+    degree: usize,
+    threshold: usize,
+    dropout: f64,
+    params: usize,
+    /// Mean per site, seconds.
+    site_advertise_s: f64,
+    site_share_keys_s: f64,
+    site_masked_input_s: f64,
+    site_unmask_s: f64,
+    /// Server, seconds: all masked inputs folded into the running sum; the unmask stage.
+    server_fold_s: f64,
+    server_unmask_s: f64,
+    /// One site's stages plus the server's (sites run in parallel on their own machines).
+    secure_round_compute_s: f64,
+    /// Plaintext FedAvg's fold of the same number of f32 updates.
+    plaintext_fold_s: f64,
+    upload_bytes_per_site: usize,
+    upload_vs_plaintext_f32: f64,
+    /// One site's distributed-DP encoding (clip, rotate, round, Skellam noise), seconds.
+    skellam_encode_s: f64,
+    /// Central-equivalent ε of 100 rounds at noise multiplier 4, δ = 1e-5, the noise split
+    /// over `threshold` sites; and the central Gaussian mechanism's ε at the same z.
+    epsilon_skellam: f64,
+    epsilon_gaussian: f64,
+}
+
+/// Runs the grid; cells whose mask expansion exceeds `max_words` are skipped and listed.
+///
+/// # Errors
+/// A protocol step failing (it should not: the bench checks the unmasked sum).
+pub fn secagg(
+    sites: &[usize],
+    params: &[usize],
+    dropouts: &[f64],
+    degrees: &[usize],
+    max_words: f64,
+    python: &std::path::Path,
+) -> Result<Value> {
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    let mut aborted = Vec::new();
+    for &n in sites {
+        for &d in params {
+            let mut ks: Vec<usize> = degrees
+                .iter()
+                .map(|&k| if k == 0 || k >= n - 1 { n - 1 } else { k & !1 })
+                .collect();
+            ks.dedup();
+            for &drop in dropouts {
+                for &k in &ks {
+                    let dropped = (drop * n as f64).round() as usize;
+                    // Sites expand k + 2 vectors each (input, self mask, k pairwise); the
+                    // server n − dropped self masks and the dropped sites' pairwise masks.
+                    let words = (n * (k + 2) + (n - dropped) + dropped * k) as f64 * d as f64;
+                    if words > max_words {
+                        skipped.push(format!("n={n} d={d} dropout={drop} k={k}"));
+                        continue;
+                    }
+                    eprintln!("secagg: n={n} d={d} dropout={drop} k={k} …");
+                    match cell(n, d, dropped, drop, k) {
+                        Ok(row) => rows.push(row),
+                        // Too few survivors around some site: the round ends with no output,
+                        // as the protocol must; the cell is listed, not measured.
+                        Err(e)
+                            if matches!(
+                                e.downcast_ref::<fedee_secagg::Error>(),
+                                Some(fedee_secagg::Error::TooFew { .. })
+                            ) =>
+                        {
+                            aborted.push(format!("n={n} d={d} dropout={drop} k={k}: {e}"));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+    table::print(
+        &[
+            col("sites", "sites", Cell::Text),
+            col("k", "degree", Cell::Text),
+            col("drop", "dropout", Cell::Percent),
+            col("params", "params", Cell::Text),
+            col("site: keys", "site_advertise_s", Cell::Millis),
+            col("site: share", "site_share_keys_s", Cell::Millis),
+            col("site: mask", "site_masked_input_s", Cell::Millis),
+            col("site: unmask", "site_unmask_s", Cell::Millis),
+            col("server: fold", "server_fold_s", Cell::Millis),
+            col("server: unmask", "server_unmask_s", Cell::Millis),
+            col("round", "secure_round_compute_s", Cell::Millis),
+            col("plain fold", "plaintext_fold_s", Cell::Millis),
+            col("upload ×", "upload_vs_plaintext_f32", Cell::Fixed(4)),
+            col("Skellam enc", "skellam_encode_s", Cell::Millis),
+            col("ε Skellam", "epsilon_skellam", Cell::Fixed(5)),
+            col("ε Gauss", "epsilon_gaussian", Cell::Fixed(5)),
+        ],
+        &rows,
+    );
+    for a in &aborted {
+        println!("aborted: {a}");
+    }
+    if !skipped.is_empty() {
+        println!("skipped (over --max-words): {}", skipped.join("; "));
+    }
+    let masks = mask_costs(params, python)?;
+    Ok(json!({
+        "benchmark": "secagg",
+        "mask_costs": masks,
+        "threads": rayon::current_num_threads(),
+        "rows": rows,
+        "skipped": skipped,
+        "aborted": aborted,
+    }))
+}
+
+fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> {
+    let t = k / 2 + 1;
+    let p = RoundParams {
+        context: [7; 32],
+        round: 1,
+        sites: n,
+        degree: k,
+        threshold: t.max(2),
+        dim: d + 1,
+    };
+    let mut rng = fedee_secagg::os_rng()?;
+    let mut server = Server::new(p.clone())?;
+    let mut ss = Vec::with_capacity(n);
+    let mut upload = vec![0usize; n];
+    let clock = Instant::now();
+    for i in 0..n as SiteIndex {
+        let (s, a) = Site::new(p.clone(), i, &mut rng)?;
+        upload[usize::from(i)] += 2 + 8 + 64;
+        server.receive_advertise(i, a)?;
+        ss.push(s);
+    }
+    let advertise = clock.elapsed().as_secs_f64() / n as f64;
+    let roster = server.close_advertise()?;
+    let mut share = 0.0;
+    for (i, s) in ss.iter_mut().enumerate() {
+        let t0 = Instant::now();
+        let sh = s.share_keys(&roster, &mut rng)?;
+        share += t0.elapsed().as_secs_f64();
+        upload[i] += sh.iter().map(|x| x.ciphertext.len() + 12).sum::<usize>();
+        server.receive_shares(i as SiteIndex, sh)?;
+    }
+    server.close_shares()?;
+    // The dropped sites are spread over the roster; they share keys, then send nothing.
+    let is_dropped = |i: usize| {
+        dropped > 0 && i % (n / dropped).max(1) == 0 && i / (n / dropped).max(1) < dropped
+    };
+    let (mut masked, mut fold) = (0.0, 0.0);
+    let mut plain = vec![0u32; d + 1];
+    for (i, s) in ss.iter_mut().enumerate() {
+        if is_dropped(i) {
+            continue;
+        }
+        let x = mask::expand(&[i as u8; 32], d + 1);
+        let t0 = Instant::now();
+        let y = s.masked_input(&server.shares_for(i as SiteIndex), &x)?;
+        masked += t0.elapsed().as_secs_f64();
+        plain
+            .iter_mut()
+            .zip(&x)
+            .for_each(|(a, b)| *a = a.wrapping_add(*b));
+        upload[i] += 4 * y.len();
+        let t0 = Instant::now();
+        server.receive_masked(i as SiteIndex, &y)?;
+        fold += t0.elapsed().as_secs_f64();
+    }
+    let alive = n - dropped;
+    let req = server.close_masked()?;
+    let mut unmask = 0.0;
+    for &i in &req.alive {
+        let t0 = Instant::now();
+        let r = ss[usize::from(i)].unmask(&req)?;
+        unmask += t0.elapsed().as_secs_f64();
+        upload[usize::from(i)] += r.seed_shares.len() * 35 + r.key_shares.len() * 35;
+        server.receive_unmask(i, r)?;
+    }
+    let t0 = Instant::now();
+    let sum = server.finish()?;
+    let server_unmask = t0.elapsed().as_secs_f64();
+    if sum != plain {
+        bail!("the unmasked sum differs from the plaintext sum (n={n}, d={d})");
+    }
+    std::mem::drop(ss);
+    // Plaintext FedAvg's fold: n weighted f32 updates into one f32 sum.
+    let update: Vec<f32> = (0..d).map(|j| j as f32 * 1e-9).collect();
+    let mut acc = vec![0f32; d];
+    let t0 = Instant::now();
+    for i in 0..alive {
+        let w = 1.0 + i as f32;
+        acc.iter_mut().zip(&update).for_each(|(a, u)| *a += w * u);
+    }
+    let plaintext_fold = t0.elapsed().as_secs_f64();
+    std::hint::black_box(&acc);
+    let alive_f = alive as f64;
+    let up = upload
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !is_dropped(*i))
+        .map(|(_, b)| *b)
+        .max()
+        .unwrap_or(0);
+    let site = |total: f64, count: f64| total / count;
+    let (skellam_encode, epsilon_skellam, epsilon_gaussian) = distributed_dp(n, d, p.threshold)?;
+    let row = Row {
+        sites: n,
+        degree: k,
+        threshold: p.threshold,
+        dropout: drop,
+        params: d,
+        site_advertise_s: advertise,
+        site_share_keys_s: site(share, n as f64),
+        site_masked_input_s: site(masked, alive_f),
+        site_unmask_s: site(unmask, alive_f),
+        server_fold_s: fold,
+        server_unmask_s: server_unmask,
+        secure_round_compute_s: advertise
+            + share / n as f64
+            + masked / alive_f
+            + unmask / alive_f
+            + fold
+            + server_unmask,
+        plaintext_fold_s: plaintext_fold,
+        upload_bytes_per_site: up,
+        upload_vs_plaintext_f32: up as f64 / (4.0 * d as f64),
+        skellam_encode_s: skellam_encode,
+        epsilon_skellam,
+        epsilon_gaussian,
+    };
+    Ok(row)
+}
+
+/// One site's Skellam encoding time for `d` parameters, and the central-equivalent ε (100
+/// rounds, z = 4, δ = 1e-5, noise split over `t` sites) beside the Gaussian mechanism's.
+fn distributed_dp(n: usize, d: usize, t: usize) -> Result<(f64, f64, f64)> {
+    use fedee_dp::rdp::{epsilon_from_rdp, rdp_step};
+    let dp = fedee_dp::skellam::Skellam {
+        dim: d,
+        clip: 1.0,
+        noise_multiplier: 4.0,
+        sites: n,
+        min_survivors: t,
+        rotation_seed: [2; 32],
+    };
+    dp.check()?;
+    let x: Vec<f32> = (0..d).map(|i| ((i % 13) as f32 - 6.0) * 1e-4).collect();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    let t0 = Instant::now();
+    std::hint::black_box(dp.encode(&x, &mut rng)?);
+    let encode = t0.elapsed().as_secs_f64();
+    let (eps, _) = dp.epsilon(100, 1e-5);
+    let orders = fedee_dp::skellam::orders();
+    let gauss: Vec<f64> = orders
+        .iter()
+        .map(|&a| 100.0 * rdp_step(1.0, 4.0, a))
+        .collect();
+    Ok((encode, eps, epsilon_from_rdp(&orders, &gauss, 1e-5).0))
+}
+
+#[derive(Serialize)]
+struct MaskRow {
+    params: usize,
+    fedee_mask_s: f64,
+    flower_mask_s: Option<f64>,
+    flower_over_fedee_mask: Option<f64>,
+    fedee_quantize_and_mask_s: f64,
+    flower_quantize_and_mask_s: Option<f64>,
+}
+
+/// One mask's expansion, and quantizing plus masking one update, in fedee and in Flower's
+/// SecAgg+ (`scripts/bench_flower_secagg.py`, its primitives only), best of 3 each.
+fn mask_costs(params: &[usize], python: &std::path::Path) -> Result<Vec<MaskRow>> {
+    let best = |f: &mut dyn FnMut()| {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let flower: Option<Value> = {
+        let script = std::path::Path::new("scripts/bench_flower_secagg.py");
+        let mut cmd = std::process::Command::new(python);
+        cmd.arg(script).args(params.iter().map(ToString::to_string));
+        match cmd.output() {
+            Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok(),
+            _ => {
+                eprintln!(
+                    "secagg: Flower's side not run (`{} {}` failed; `make bench` installs flwr)",
+                    python.display(),
+                    script.display()
+                );
+                None
+            }
+        }
+    };
+    let mut rows = Vec::new();
+    for (i, &d) in params.iter().enumerate() {
+        let q = fedee_secagg::Quantizer::new(100, 8.0, 1000)?;
+        let x: Vec<f32> = (0..d).map(|j| ((j % 97) as f32 - 48.0) * 1e-4).collect();
+        let mut rng = fedee_secagg::os_rng()?;
+        // The protocol adds masks into a vector it already holds (Flower's returns a new
+        // array each time, which its timing includes).
+        let mut acc = vec![0u32; d + 1];
+        let fedee_mask = best(&mut || {
+            mask::apply(&mut acc, &[([1; 32], mask::Sign::Plus)]);
+            std::hint::black_box(&acc);
+        });
+        let fedee_both = best(&mut || {
+            let mut v = q.encode(&x, 1000, &mut rng).expect("in range");
+            mask::apply(&mut v, &[([1; 32], mask::Sign::Plus)]);
+            std::hint::black_box(v);
+        });
+        let f = |k: &str| flower.as_ref().and_then(|v| v["rows"][i][k].as_f64());
+        let flower_mask = f("flower_mask_s");
+        rows.push(MaskRow {
+            params: d,
+            fedee_mask_s: fedee_mask,
+            flower_mask_s: flower_mask,
+            flower_over_fedee_mask: flower_mask.map(|m| m / fedee_mask),
+            fedee_quantize_and_mask_s: fedee_both,
+            flower_quantize_and_mask_s: f("flower_quantize_and_mask_s"),
+        });
+    }
+    table::print(
+        &[
+            col("params", "params", Cell::Text),
+            col("fedee: one mask", "fedee_mask_s", Cell::Millis),
+            col("Flower: one mask", "flower_mask_s", Cell::Millis),
+            col("Flower / fedee", "flower_over_fedee_mask", Cell::Fixed(1)),
+            col(
+                "fedee: quantize + mask",
+                "fedee_quantize_and_mask_s",
+                Cell::Millis,
+            ),
+            col(
+                "Flower: quantize + mask",
+                "flower_quantize_and_mask_s",
+                Cell::Millis,
+            ),
+        ],
+        &rows,
+    );
+    Ok(rows)
+}
