@@ -87,7 +87,7 @@ pub enum BenchCommand {
     /// Secure aggregation (Bonawitz et al. double masking; SecAgg+ with --degrees below
     /// n − 1): one round in memory per cell, every site and the server in this process, per
     /// stage, beside plaintext FedAvg's fold. Sites drop out after sharing keys (the costly
-    /// case for the server). Threshold: a majority of each site's neighbours.
+    /// case for the server). Threshold: a strict majority of each site's k + 1 holders.
     Secagg {
         /// Numbers of sites (comma-separated; 3 to 255).
         #[arg(long, value_delimiter = ',', default_value = "10,50,100")]

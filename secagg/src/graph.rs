@@ -15,8 +15,10 @@ pub struct RoundParams {
     /// Neighbours per site, `k`: `n − 1` for the full graph (Bonawitz et al.), or an even
     /// number below it for the Harary graph of SecAgg+.
     pub degree: usize,
-    /// Shares needed to rebuild a site's secrets, `t`, with `k/2 < t ≤ k`: a majority of
-    /// the neighbours, so no two disjoint groups of them can each rebuild a secret.
+    /// Shares needed to rebuild a site's secrets, `t`, with `(k + 1)/2 < t ≤ k`: a majority
+    /// of the `k + 1` holders (the neighbours and the site itself), so a server that tells
+    /// two groups of them different alive/dropped lists cannot get `t` shares of both of a
+    /// site's secrets.
     pub threshold: usize,
     /// Length of the masked vector, in `u32` words (the update's length plus one for its
     /// weight).
@@ -55,10 +57,10 @@ impl RoundParams {
                 n - 1
             )));
         }
-        if 2 * t <= k || t > k || t < 2 {
+        if 2 * t <= k + 1 || t > k || t < 2 {
             return Err(Error::Params(format!(
-                "threshold {t} with degree {k}: it must be a majority of the neighbours and at least 2, {} to {k}",
-                (k / 2 + 1).max(2)
+                "threshold {t} with degree {k}: it must be a majority of the k + 1 holders (the neighbours and the site itself), {} to {k}",
+                (k + 1) / 2 + 1
             )));
         }
         if self.dim == 0 {
@@ -133,7 +135,7 @@ mod tests {
                 round: 3,
                 sites: n,
                 degree: k,
-                threshold: k / 2 + 1,
+                threshold: (k + 1) / 2 + 1,
                 dim: 1,
             };
             p.check().unwrap();
@@ -160,6 +162,27 @@ mod tests {
         .check()
         .unwrap_err();
         assert!(e.to_string().contains("degree 3"), "{e}");
+        // 2t = k + 1: two groups of t holders could each rebuild one of a site's secrets.
+        let e = RoundParams {
+            sites: 6,
+            degree: 5,
+            threshold: 3,
+            ..ok.clone()
+        }
+        .check()
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("majority of the k + 1 holders"),
+            "{e}"
+        );
+        RoundParams {
+            sites: 6,
+            degree: 5,
+            threshold: 4,
+            ..ok.clone()
+        }
+        .check()
+        .unwrap();
         let e = RoundParams {
             threshold: 2,
             ..ok.clone()
