@@ -131,7 +131,7 @@ pub fn secagg(
 }
 
 fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> {
-    let t = (k + 1) / 2 + 1;
+    let t = k.div_ceil(2) + 1;
     let p = RoundParams {
         context: [7; 32],
         round: 1,

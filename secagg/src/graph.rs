@@ -60,7 +60,7 @@ impl RoundParams {
         if 2 * t <= k + 1 || t > k || t < 2 {
             return Err(Error::Params(format!(
                 "threshold {t} with degree {k}: it must be a majority of the k + 1 holders (the neighbours and the site itself), {} to {k}",
-                (k + 1) / 2 + 1
+                k.div_ceil(2) + 1
             )));
         }
         if self.dim == 0 {
@@ -135,7 +135,7 @@ mod tests {
                 round: 3,
                 sites: n,
                 degree: k,
-                threshold: (k + 1) / 2 + 1,
+                threshold: k.div_ceil(2) + 1,
                 dim: 1,
             };
             p.check().unwrap();

@@ -6,7 +6,8 @@
 //! graph of degree `k` as in Bell et al., "Secure Single-Server Aggregation with
 //! (Poly)Logarithmic Overhead" (CCS 2020, eprint 2020/704; "SecAgg+"); `k = n − 1` is the
 //! original protocol. Four stages, each a pure transition of [`Site`] or [`Server`] (no I/O,
-//! no clock; the caller owns transport and deadlines):
+//! no clock: the caller owns the transport and passes its time to [`Server::tick`], which
+//! closes a stage when everyone expected answered or its [`Deadlines`] entry passed):
 //!
 //! 1. **advertise keys**: each site sends two X25519 public keys ([`Advertise`]); the server
 //!    returns the [`Roster`] of sites that made the deadline.
@@ -34,7 +35,7 @@
 //! alive sites. What is not covered: a server that sends different sites different rosters or
 //! lists (Bonawitz's consistency-check round and signatures bound to a PKI are not run;
 //! public keys are bound to the site only by the transport's mTLS identity), and the sum
-//! itself, which is what differential privacy ([`fedee-dp`]) protects.
+//! itself, which is what differential privacy (crate `fedee-dp`) protects.
 //!
 //! Secrets (`b_u`, secret keys, pairwise keys) are zeroized on drop and never leave a
 //! [`Site`] except as shares encrypted to a neighbour.
@@ -47,7 +48,8 @@ pub mod quant;
 
 pub use graph::RoundParams;
 pub use protocol::{
-    Advertise, EncryptedShare, Roster, Server, Site, UnmaskRequest, UnmaskResponse,
+    Advertise, Closed, Deadlines, EncryptedShare, Roster, Server, Site, UnmaskRequest,
+    UnmaskResponse,
 };
 pub use quant::Quantizer;
 

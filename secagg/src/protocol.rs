@@ -509,9 +509,87 @@ pub struct Server {
     sum: Vec<u32>,
     alive: BTreeSet<SiteIndex>,
     responses: BTreeMap<SiteIndex, UnmaskResponse>,
+    /// When the current stage opened (the caller's clock, seconds).
+    stage_opened: u64,
+}
+
+/// How long each stage waits, in seconds, before it closes with whoever answered; a site
+/// that misses a stage's deadline counts as dropped from then on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Deadlines {
+    /// Stage 1, advertise keys.
+    pub advertise_s: u64,
+    /// Stage 2, share keys.
+    pub share_keys_s: u64,
+    /// Stage 3, masked input.
+    pub masked_input_s: u64,
+    /// Stage 4, unmask.
+    pub unmask_s: u64,
+}
+
+/// What [`Server::tick`] produced when it closed a stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// Stage 1 closed: send every site in it the roster.
+    Roster(Roster),
+    /// Stage 2 closed: send each site [`Server::shares_for`] it.
+    SharesRouted,
+    /// Stage 3 closed: send every alive site the request.
+    Unmask(UnmaskRequest),
+    /// Stage 4 closed: the unmasked sum over the alive sites.
+    Sum(Vec<u32>),
 }
 
 impl Server {
+    /// Closes the current stage when every site expected in it has answered, or when its
+    /// deadline (`opened + deadline`, on the caller's clock `now` in seconds) has passed;
+    /// returns what the stage produced, or `None` while it waits. Unmasking closes early
+    /// once every alive site answered, and otherwise waits for its deadline even when the
+    /// shares would already suffice, so a slow honest site is not cut off.
+    ///
+    /// # Errors
+    /// [`Error::TooFew`] when a stage closes with too few sites: the round ends with no
+    /// output.
+    pub fn tick(&mut self, now: u64, d: &Deadlines) -> Result<Option<Closed>> {
+        let due = |limit: u64| now >= self.stage_opened.saturating_add(limit);
+        let out = match self.stage {
+            ServerStage::Advertise => {
+                if self.adverts.len() < self.params.sites && !due(d.advertise_s) {
+                    return Ok(None);
+                }
+                Closed::Roster(self.close_advertise()?)
+            }
+            ServerStage::ShareKeys => {
+                if self.shares.len() < self.adverts.len() && !due(d.share_keys_s) {
+                    return Ok(None);
+                }
+                self.close_shares()?;
+                Closed::SharesRouted
+            }
+            ServerStage::MaskedInput => {
+                if self.alive.len() < self.shares.len() && !due(d.masked_input_s) {
+                    return Ok(None);
+                }
+                Closed::Unmask(self.close_masked()?)
+            }
+            ServerStage::Unmask => {
+                if self.responses.len() < self.alive.len() && !due(d.unmask_s) {
+                    return Ok(None);
+                }
+                Closed::Sum(self.finish()?)
+            }
+            ServerStage::Done => return Ok(None),
+        };
+        self.stage_opened = now;
+        Ok(Some(out))
+    }
+
+    /// Starts the deadline clock of the current stage at `now` (seconds); [`Server::new`]
+    /// starts it at 0.
+    pub fn open_stage_at(&mut self, now: u64) {
+        self.stage_opened = now;
+    }
+
     /// A round waiting for advertisements.
     ///
     /// # Errors
@@ -527,6 +605,7 @@ impl Server {
             sum,
             alive: BTreeSet::new(),
             responses: BTreeMap::new(),
+            stage_opened: 0,
         })
     }
 

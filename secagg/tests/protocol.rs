@@ -116,7 +116,7 @@ proptest! {
     fn masks_cancel_exactly(n in 4usize..14, half in 1usize..4, dim in 1usize..300, seed in any::<u64>(), drop_mask in any::<u16>()) {
         let full = half * 2 >= n - 1;
         let k = if full { n - 1 } else { half * 2 };
-        let t = (k + 1) / 2 + 1;
+        let t = k.div_ceil(2) + 1;
         let p = params(n, k, t.max(2), dim, 5);
         let inputs = random_inputs(n, dim, seed);
         // At most one dropout per kind, so a majority of every neighbourhood survives.
