@@ -185,14 +185,16 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
         server.receive_masked(i as SiteIndex, &y)?;
         fold += t0.elapsed().as_secs_f64();
     }
-    let alive = n - dropped;
     let req = server.close_masked()?;
+    let alive = req.alive.len();
     let mut unmask = 0.0;
     for &i in &req.alive {
         let t0 = Instant::now();
         let r = ss[usize::from(i)].unmask(&req)?;
         unmask += t0.elapsed().as_secs_f64();
-        upload[usize::from(i)] += r.seed_shares.len() * 35 + r.key_shares.len() * 35;
+        // Each share travels with the site it belongs to.
+        let share_bytes = std::mem::size_of::<SiteIndex>() + fedee_secagg::protocol::SHARE_LEN;
+        upload[usize::from(i)] += (r.seed_shares.len() + r.key_shares.len()) * share_bytes;
         server.receive_unmask(i, r)?;
     }
     let t0 = Instant::now();
@@ -212,7 +214,12 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
     }
     let plaintext_fold = t0.elapsed().as_secs_f64();
     std::hint::black_box(&acc);
-    let alive_f = alive as f64;
+    // Per-site means.
+    let (share, masked, unmask) = (
+        share / n as f64,
+        masked / alive as f64,
+        unmask / alive as f64,
+    );
     let up = upload
         .iter()
         .enumerate()
@@ -220,7 +227,6 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
         .map(|(_, b)| *b)
         .max()
         .unwrap_or(0);
-    let site = |total: f64, count: f64| total / count;
     let (skellam_encode, epsilon_skellam, epsilon_gaussian) = distributed_dp(n, d, p.threshold)?;
     let row = Row {
         sites: n,
@@ -229,17 +235,12 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
         dropout: drop,
         params: d,
         site_advertise_s: advertise,
-        site_share_keys_s: site(share, n as f64),
-        site_masked_input_s: site(masked, alive_f),
-        site_unmask_s: site(unmask, alive_f),
+        site_share_keys_s: share,
+        site_masked_input_s: masked,
+        site_unmask_s: unmask,
         server_fold_s: fold,
         server_unmask_s: server_unmask,
-        secure_round_compute_s: advertise
-            + share / n as f64
-            + masked / alive_f
-            + unmask / alive_f
-            + fold
-            + server_unmask,
+        secure_round_compute_s: advertise + share + masked + unmask + fold + server_unmask,
         plaintext_fold_s: plaintext_fold,
         upload_bytes_per_site: up,
         upload_vs_plaintext_f32: up as f64 / (4.0 * d as f64),

@@ -3,6 +3,22 @@
 use crate::{Error, MAX_SITES, Result, SiteIndex};
 use sha2::{Digest, Sha256};
 
+/// The neighbour lists of one round ([`RoundParams::graph`]), each ascending.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Graph(Vec<Vec<SiteIndex>>);
+
+impl Graph {
+    /// The neighbours of `site`, ascending (empty outside the roster).
+    pub fn neighbours(&self, site: SiteIndex) -> &[SiteIndex] {
+        self.0.get(usize::from(site)).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether `a` and `b` are neighbours.
+    pub fn adjacent(&self, a: SiteIndex, b: SiteIndex) -> bool {
+        self.neighbours(a).binary_search(&b).is_ok()
+    }
+}
+
 /// What every party of one round agrees on before it starts.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoundParams {
@@ -69,33 +85,36 @@ impl RoundParams {
         Ok(())
     }
 
-    /// The neighbours of `site`, ascending. Full graph: every other site. Otherwise the
+    /// The neighbour graph, computed once. Full graph: every other site. Otherwise the
     /// Harary graph `H(k, n)`: sites on a ring in an order drawn from `context` and `round`
     /// (public), each joined to the `k/2` nearest on either side, so every site has exactly
     /// `k` neighbours and the graph is `k`-connected.
-    pub fn neighbours(&self, site: SiteIndex) -> Vec<SiteIndex> {
+    pub fn graph(&self) -> Graph {
         let n = self.sites;
-        let me = usize::from(site);
         if self.degree + 1 >= n {
-            return (0..n)
-                .filter(|&v| v != me)
-                .map(|v| v as SiteIndex)
-                .collect();
+            return Graph(
+                (0..n)
+                    .map(|me| {
+                        (0..n)
+                            .filter(|&v| v != me)
+                            .map(|v| v as SiteIndex)
+                            .collect()
+                    })
+                    .collect(),
+            );
         }
         let ring = self.ring();
-        let pos = ring.iter().position(|&s| usize::from(s) == me).unwrap_or(0);
         let half = self.degree / 2;
-        let mut out: Vec<SiteIndex> = (1..=half)
-            .flat_map(|d| [ring[(pos + d) % n], ring[(pos + n - d) % n]])
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
-    }
-
-    /// Whether `a` and `b` are neighbours.
-    pub fn adjacent(&self, a: SiteIndex, b: SiteIndex) -> bool {
-        a != b && self.neighbours(a).binary_search(&b).is_ok()
+        let mut lists = vec![Vec::new(); n];
+        for (pos, &site) in ring.iter().enumerate() {
+            let mut out: Vec<SiteIndex> = (1..=half)
+                .flat_map(|d| [ring[(pos + d) % n], ring[(pos + n - d) % n]])
+                .collect();
+            out.sort_unstable();
+            out.dedup();
+            lists[usize::from(site)] = out;
+        }
+        Graph(lists)
     }
 
     /// The sites in ring order: sorted by `SHA-256(context ‖ round ‖ site)`.
@@ -139,12 +158,13 @@ mod tests {
                 dim: 1,
             };
             p.check().unwrap();
+            let g = p.graph();
             for s in 0..n as SiteIndex {
-                let nb = p.neighbours(s);
+                let nb = g.neighbours(s);
                 assert_eq!(nb.len(), k, "site {s} of {n}");
                 assert!(!nb.contains(&s));
-                for &v in &nb {
-                    assert!(p.neighbours(v).contains(&s), "{s}–{v} not symmetric");
+                for &v in nb {
+                    assert!(g.adjacent(v, s), "{s}–{v} not symmetric");
                 }
             }
         }

@@ -46,7 +46,7 @@ pub mod mask;
 pub mod protocol;
 pub mod quant;
 
-pub use graph::RoundParams;
+pub use graph::{Graph, RoundParams};
 pub use protocol::{
     Advertise, Closed, Deadlines, EncryptedShare, Roster, Server, Site, UnmaskRequest,
     UnmaskResponse,

@@ -5,7 +5,7 @@
 
 use crate::channel::{self, channel_info};
 use crate::mask::{self, Sign};
-use crate::{Error, Result, RoundParams, SiteIndex};
+use crate::{Error, Graph, Result, RoundParams, SiteIndex};
 use std::collections::{BTreeMap, BTreeSet};
 use vsss_rs::{Gf256, IdentifierGf256};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -247,10 +247,11 @@ impl Site {
                 self.me
             )));
         }
+        let graph = self.params.graph();
         let neighbours: BTreeMap<SiteIndex, Advertise> = roster
             .sites
             .iter()
-            .filter(|a| self.params.adjacent(self.me, a.site))
+            .filter(|a| graph.adjacent(self.me, a.site))
             .map(|a| (a.site, a.clone()))
             .collect();
         let t = self.params.threshold;
@@ -509,6 +510,8 @@ pub struct Server {
     sum: Vec<u32>,
     alive: BTreeSet<SiteIndex>,
     responses: BTreeMap<SiteIndex, UnmaskResponse>,
+    /// The round's neighbour graph, computed once from `params`.
+    graph: Graph,
     /// When the current stage opened (the caller's clock, seconds).
     stage_opened: u64,
 }
@@ -597,6 +600,7 @@ impl Server {
     pub fn new(params: RoundParams) -> Result<Self> {
         params.check()?;
         let sum = vec![0; params.dim];
+        let graph = params.graph();
         Ok(Self {
             params,
             stage: ServerStage::Advertise,
@@ -605,6 +609,7 @@ impl Server {
             sum,
             alive: BTreeSet::new(),
             responses: BTreeMap::new(),
+            graph,
             stage_opened: 0,
         })
     }
@@ -696,7 +701,7 @@ impl Server {
             .adverts
             .keys()
             .copied()
-            .filter(|&v| self.params.adjacent(from, v))
+            .filter(|&v| self.graph.adjacent(from, v))
             .collect();
         let mut got = BTreeSet::new();
         for s in &shares {
@@ -835,7 +840,7 @@ impl Server {
             (&r.key_shares, "mask key", &req.dropped),
         ] {
             for (v, share) in list {
-                let holder = self.params.adjacent(from, *v) || (*v == from && kind == "seed");
+                let holder = self.graph.adjacent(from, *v) || (*v == from && kind == "seed");
                 if !targets.contains(v) || !holder || !seen.insert(*v) {
                     return Err(Error::Refused(format!(
                         "site {from} sent a {kind} share of site {v}, which it may not (not a neighbour in that list, or repeated)"
@@ -913,7 +918,7 @@ impl Server {
                     "shares of site {v}'s mask key rebuild a key that is not the one it advertised"
                 )));
             }
-            for &u in req.alive.iter().filter(|&&u| self.params.adjacent(u, v)) {
+            for &u in req.alive.iter().filter(|&&u| self.graph.adjacent(u, v)) {
                 let seed = channel::derive(
                     &secret,
                     &self.adverts[&u].mask_key,
