@@ -211,6 +211,7 @@ pub async fn run(a: AggregatorArgs) -> Result<()> {
         spec: None,
         max_epsilon: a.max_epsilon,
         max_num_examples: a.max_num_examples,
+        secure_aggregation: None,
     };
     let config = match spec {
         Some(s) => config.with_spec(s)?,

@@ -12,6 +12,7 @@
 pub mod blobs;
 pub mod cli;
 pub mod metrics;
+pub mod secure;
 mod service;
 pub mod store;
 pub mod strategy;
@@ -152,6 +153,10 @@ pub struct Config {
     /// The largest `num_examples` an update may carry (its FedAvg weight): larger ones are
     /// refused. From the spec's `federation.max_num_examples` when there is one.
     pub max_num_examples: u64,
+    /// Secure aggregation (from the spec's `[federation.secure_aggregation]`): rounds run the
+    /// `fedee-secagg` protocol and the aggregator sees only the sum of the updates. `None`:
+    /// updates arrive in the clear.
+    pub secure_aggregation: Option<fedee_spec::SecureAggregation>,
 }
 
 /// The largest ε a federation may plan unless the coordinator raises the limit.
@@ -196,6 +201,7 @@ impl Default for Config {
             spec: None,
             max_epsilon: DEFAULT_MAX_EPSILON,
             max_num_examples: fedee_spec::DEFAULT_MAX_NUM_EXAMPLES,
+            secure_aggregation: None,
         }
     }
 }
@@ -232,6 +238,7 @@ impl std::fmt::Debug for Config {
             .field("spec", &self.spec.as_ref().map(|s| &s.sha256))
             .field("max_epsilon", &self.max_epsilon)
             .field("max_num_examples", &self.max_num_examples)
+            .field("secure_aggregation", &self.secure_aggregation)
             .finish()
     }
 }
@@ -262,6 +269,7 @@ impl Config {
         )?;
         self.proximal_mu = f.proximal_mu;
         self.max_num_examples = f.max_num_examples;
+        self.secure_aggregation = f.secure_aggregation.clone();
         self.dp_mode = match p.mode {
             fedee_spec::PrivacyMode::Site => fedee_dp::DpMode::Site,
             fedee_spec::PrivacyMode::Record => fedee_dp::DpMode::Record,
@@ -322,6 +330,23 @@ impl Config {
         }
         if self.batch_size == 0 || self.local_epochs == 0 {
             return bad("batch size and local epochs must be at least 1".into());
+        }
+        if self.secure_aggregation.is_some() {
+            if matches!(
+                self.strategy,
+                strategy::Strategy::Median | strategy::Strategy::TrimmedMean(_)
+            ) {
+                return bad(format!(
+                    "strategy {:?} needs every site's update, but secure aggregation reveals only their sum: use fedavg, fedprox, fedadam or fedyogi",
+                    self.strategy
+                ));
+            }
+            if self.min_sites < 3 {
+                return bad(format!(
+                    "secure aggregation needs a quorum of at least 3 sites, got min_sites = {}",
+                    self.min_sites
+                ));
+            }
         }
         let planned = self.planned_privacy()?;
         if !planned.worst_case && (planned.epsilon.is_nan() || planned.epsilon > self.max_epsilon) {

@@ -20,8 +20,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::blobs::{BlobStore, PendingBlob};
 use crate::metrics::{Metrics, Reject};
+use crate::secure::{Ended, SecureRound};
 use crate::store::{LedgerRow, MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
-use crate::strategy::{ServerState, aggregate_files};
+use crate::strategy::{ServerState, aggregate, aggregate_files};
 use crate::tensors::{FileTensors, StreamCheck, Tensors};
 use crate::{AggregatorError, Config};
 use fedee_dp::DpMode;
@@ -158,6 +159,41 @@ fn stream_blob(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Check the next global model is finite and write it (and the server state) to the blob
+/// store.
+fn write_next(
+    blobs: &BlobStore,
+    next: Tensors,
+    state: Option<ServerState>,
+    started: std::time::Instant,
+) -> Result<Aggregated, AggregatorError> {
+    for (name, d) in next.names.iter().zip(&next.data) {
+        if let Some(i) = d.iter().position(|x| !x.is_finite()) {
+            return Err(AggregatorError::NonFiniteModel(format!(
+                "tensor `{name}` is {} at flat index {i}",
+                d[i]
+            )));
+        }
+    }
+    let write = |f: &dyn Fn(&mut crate::blobs::BlobWriter) -> std::io::Result<()>| {
+        let mut w = blobs.writer()?;
+        f(&mut w).map_err(crate::blobs::io("writing a model".into()))?;
+        let size = w.len();
+        Ok::<_, AggregatorError>((blobs.commit(w.finish())?, size))
+    };
+    let (sha, size) = write(&|w| next.write_safetensors(w))?;
+    let state_sha = state
+        .map(|s| write(&|w| s.write_safetensors(w)).map(|r| r.0))
+        .transpose()?;
+    Ok(Aggregated {
+        next,
+        sha,
+        size,
+        state_sha,
+        started,
+    })
+}
+
 /// In-memory view of the federation, rebuilt from the database at start.
 #[derive(Debug)]
 struct State {
@@ -186,6 +222,9 @@ struct State {
     /// released: readers carry on; changes that could touch the round wait for the close
     /// ([`Federation::settled`]); no update is accepted into the round any more.
     closing: bool,
+    /// Under secure aggregation, the protocol run of the open round (or of the last one, until
+    /// the next opens); in memory only (a restart fails the open round).
+    secure: Option<SecureRound>,
 }
 
 impl State {
@@ -230,9 +269,40 @@ struct Aggregated {
 struct CloseJob {
     round: u32,
     now: i64,
-    updates: Vec<UpdateMeta>,
+    inputs: CloseInputs,
     global: Arc<Tensors>,
     server_state: Option<String>,
+}
+
+/// What a round aggregates.
+enum CloseInputs {
+    /// The persisted plaintext updates.
+    Updates(Vec<UpdateMeta>),
+    /// The unmasked weighted mean of a secure-aggregation round (flattened in the global
+    /// model's name order), its total weight and number of sites.
+    Mean {
+        mean: Vec<f32>,
+        total_weight: u64,
+        sites: usize,
+    },
+}
+
+impl CloseInputs {
+    /// Sites aggregated and their `Σ num_examples`.
+    fn counts(&self) -> (usize, u64) {
+        match self {
+            // Each weight is at most `max_num_examples`, so the sum cannot wrap; saturate anyway.
+            Self::Updates(u) => (
+                u.len(),
+                u.iter().fold(0u64, |t, u| t.saturating_add(u.num_examples)),
+            ),
+            Self::Mean {
+                total_weight,
+                sites,
+                ..
+            } => (*sites, *total_weight),
+        }
+    }
 }
 
 /// The pooled statistics of a federated standardisation: per feature of `expected`, the sums
@@ -424,6 +494,7 @@ impl Federation {
             ended: None,
             closing: false,
             server_state_sha: store.server_state_sha(latest).await?,
+            secure: None,
         };
         let mut state = state;
         state.ended = ended_reason(&state, config.min_sites);
@@ -446,8 +517,26 @@ impl Federation {
             metrics,
             state: Arc::new(Mutex::new(state)),
         };
+        svc.fail_interrupted_secure_round().await?;
         svc.tick().await?;
         Ok(svc)
+    }
+
+    /// Under secure aggregation, a round that was open when the aggregator stopped cannot go
+    /// on: its protocol state (the running masked sum, the sites' routed shares) lived in
+    /// memory, and the sites' secrets for that run are theirs alone. It fails with a reason;
+    /// the next round starts from the same global model and fresh keys.
+    async fn fail_interrupted_secure_round(&self) -> Result<(), AggregatorError> {
+        let mut st = self.state.lock().await;
+        if self.config.secure_aggregation.is_none() || self.done(&st) || st.deadline_ms.is_none() {
+            return Ok(());
+        }
+        let reason = "the aggregator restarted during the round's secure aggregation (its protocol state is kept in memory only); the next round starts from the same global model";
+        let open_next = st.round < self.config.rounds;
+        self.fail_round(&mut st, now_ms(), reason, open_next)
+            .await?;
+        tracing::warn!(round = st.round - 1, reason, "round failed");
+        Ok(())
     }
 
     /// The tonic server wrapping this service.
@@ -530,6 +619,9 @@ impl Federation {
                 "quorum joined; round deadline set"
             );
         }
+        if self.config.secure_aggregation.is_some() {
+            return self.secure_step(st, now).await;
+        }
         let quorum = st.submitted.len() >= self.config.min_sites as usize;
         let active = st.active();
         let all = !active.is_empty() && active.is_subset(&st.submitted);
@@ -540,7 +632,7 @@ impl Federation {
             Ok(Some(CloseJob {
                 round: st.round,
                 now,
-                updates,
+                inputs: CloseInputs::Updates(updates),
                 global: st.global.clone(),
                 server_state: st.server_state_sha.clone(),
             }))
@@ -607,7 +699,12 @@ impl Federation {
     /// server state) to the blob store; the state lock is not held.
     async fn aggregate(&self, job: &CloseJob) -> Result<Aggregated, AggregatorError> {
         let (blobs, global) = (self.blobs.clone(), job.global.clone());
-        let metas = job.updates.clone();
+        let metas = match &job.inputs {
+            CloseInputs::Updates(u) => u.clone(),
+            CloseInputs::Mean { mean, .. } => {
+                return self.aggregate_mean(job, mean.clone()).await;
+            }
+        };
         let strategy = self.config.strategy;
         let server_state = job.server_state.clone();
         // Aggregation in site-name order from the persisted blobs (and the persisted server
@@ -644,31 +741,36 @@ impl Federation {
             if let (Some(f), Some(sha)) = (prior.as_mut(), &server_state) {
                 f.verify_sha256(sha)?;
             }
-            for (name, d) in next.names.iter().zip(&next.data) {
-                if let Some(i) = d.iter().position(|x| !x.is_finite()) {
-                    return Err(AggregatorError::NonFiniteModel(format!(
-                        "tensor `{name}` is {} at flat index {i}",
-                        d[i]
-                    )));
+            write_next(&blobs, next, state, started)
+        })
+        .await
+    }
+
+    /// Apply the strategy to a secure-aggregation round's unmasked mean: the mean is what
+    /// FedAvg of the alive sites' updates gives, so FedAvg, FedAdam and FedYogi take it as
+    /// one update of weight 1.
+    async fn aggregate_mean(
+        &self,
+        job: &CloseJob,
+        mean: Vec<f32>,
+    ) -> Result<Aggregated, AggregatorError> {
+        let (blobs, global) = (self.blobs.clone(), job.global.clone());
+        let strategy = self.config.strategy;
+        let server_state = job.server_state.clone();
+        let started = std::time::Instant::now();
+        blocking(move || {
+            let mean = crate::secure::unflatten(&global, &mean);
+            let prior = match (&server_state, strategy.is_stateful()) {
+                (Some(sha), true) => {
+                    let path = blobs.existing_path(sha)?;
+                    let bytes = std::fs::read(&path)
+                        .map_err(crate::blobs::io(format!("reading {}", path.display())))?;
+                    Some(ServerState::from_safetensors(&bytes, &global)?)
                 }
-            }
-            let write = |f: &dyn Fn(&mut crate::blobs::BlobWriter) -> std::io::Result<()>| {
-                let mut w = blobs.writer()?;
-                f(&mut w).map_err(crate::blobs::io("writing a model".into()))?;
-                let size = w.len();
-                Ok::<_, AggregatorError>((blobs.commit(w.finish())?, size))
+                _ => None,
             };
-            let (sha, size) = write(&|w| next.write_safetensors(w))?;
-            let state_sha = state
-                .map(|s| write(&|w| s.write_safetensors(w)).map(|r| r.0))
-                .transpose()?;
-            Ok(Aggregated {
-                next,
-                sha,
-                size,
-                state_sha,
-                started,
-            })
+            let (next, state) = aggregate(strategy, &global, &[(1, &mean)], prior);
+            write_next(&blobs, next, state, started)
         })
         .await
     }
@@ -687,11 +789,8 @@ impl Federation {
             state_sha,
             started,
         } = a;
-        let (round, now, updates) = (job.round, job.now, &job.updates);
-        // Each weight is at most `max_num_examples`, so the sum cannot wrap; saturate anyway.
-        let total = updates
-            .iter()
-            .fold(0u64, |t, u| t.saturating_add(u.num_examples));
+        let (round, now) = (job.round, job.now);
+        let (sites, total) = job.inputs.counts();
         let (rho, epsilon) = self.round_privacy(round).await?;
         let open_next = round < self.config.rounds;
         self.store
@@ -708,7 +807,7 @@ impl Federation {
             .await?;
         tracing::info!(
             round,
-            sites = updates.len(),
+            sites,
             num_examples = total,
             rho,
             epsilon,
@@ -911,6 +1010,14 @@ impl Federation {
             ));
         };
         *seen = Some((h.round, h.site.clone()));
+        if self.config.secure_aggregation.is_some() {
+            return Err((
+                Reject::Header,
+                Status::failed_precondition(
+                    "this federation aggregates securely: a site sends its update masked (SecureAggregation, SubmitMasked), never in the clear; upgrade the site agent",
+                ),
+            ));
+        }
         if self.config.tls.is_some() && h.site != identity {
             return Err((
                 Reject::Identity,
@@ -1179,6 +1286,191 @@ impl Federation {
     }
 }
 
+impl Federation {
+    /// Under secure aggregation, the round rules: once the round is open (round 1: once the
+    /// quorum joined) a protocol run starts for the active sites that joined, and each tick
+    /// closes a stage that is due; the unmasked mean closes the round, an abort fails it.
+    async fn secure_step(
+        &self,
+        st: &mut State,
+        now: i64,
+    ) -> Result<Option<CloseJob>, AggregatorError> {
+        let Some(sa) = &self.config.secure_aggregation else {
+            return Ok(None);
+        };
+        if st.deadline_ms.is_none() {
+            return Ok(None);
+        }
+        let now_s = (now.max(0) / 1000) as u64;
+        let open_next = st.round < self.config.rounds;
+        if st.secure.as_ref().is_none_or(|r| r.round() != st.round) {
+            // Every active enrolled site, joined yet or not: one that has not joined by the
+            // end of the advertise stage counts as dropped.
+            let roster: Vec<String> = st.active().into_iter().collect();
+            let parameters: usize = st.global.data.iter().map(Vec::len).sum();
+            let bound = sa.max_update_norm.unwrap_or_else(|| {
+                fedee_dp::noised_update_norm_bound(
+                    self.config.clipping_norm,
+                    self.config.noise_multiplier,
+                    parameters as u64,
+                )
+            });
+            let spec_sha = self.config.spec.as_ref().map_or("", |s| s.sha256.as_str());
+            let stage_s = sa.stage_timeout_s.ceil() as u64;
+            let deadlines = fedee_secagg::Deadlines {
+                advertise_s: stage_s,
+                share_keys_s: stage_s,
+                masked_input_s: self.config.round_timeout.as_secs().max(1),
+                unmask_s: stage_s,
+            };
+            let opened = fedee_secagg::federation::new_session().and_then(|session| {
+                let inputs = fedee_secagg::federation::Inputs {
+                    spec_sha256: spec_sha,
+                    round: st.round,
+                    roster: &roster,
+                    degree: sa.degree,
+                    session: &session,
+                    parameters,
+                    bound,
+                    max_weight: self.config.max_num_examples,
+                };
+                SecureRound::open(&inputs, session, deadlines, now_s)
+            });
+            match opened {
+                Ok(r) => {
+                    let p = &r.setup().params;
+                    tracing::info!(
+                        round = st.round,
+                        sites = p.sites,
+                        degree = p.degree,
+                        threshold = p.threshold,
+                        words = p.dim,
+                        quantization_step = 1.0 / r.setup().quantizer.scale,
+                        "secure aggregation started"
+                    );
+                    st.secure = Some(r);
+                }
+                Err(e) => {
+                    let reason = format!("secure aggregation could not start: {e}");
+                    self.fail_round(st, now, &reason, open_next).await?;
+                    tracing::warn!(round = st.round - 1, %reason, "round failed");
+                    return Ok(None);
+                }
+            }
+        }
+        let Some(secure) = st.secure.as_mut() else {
+            return Ok(None);
+        };
+        match secure.tick(now_s) {
+            None => Ok(None),
+            Some(Ended::Mean { alive, dropped, .. }) if alive < self.config.min_sites as usize => {
+                let reason = format!(
+                    "quorum not met: the secure sum holds {alive} sites ({dropped} dropped), fewer than the required {}; the global model stays the previous one",
+                    self.config.min_sites
+                );
+                self.fail_round(st, now, &reason, open_next).await?;
+                tracing::warn!(round = st.round - 1, %reason, "round failed");
+                Ok(None)
+            }
+            Some(Ended::Mean {
+                mean,
+                total_weight,
+                alive,
+                dropped,
+            }) => {
+                tracing::info!(
+                    round = st.round,
+                    alive,
+                    dropped,
+                    "secure aggregation: sum unmasked"
+                );
+                st.closing = true;
+                Ok(Some(CloseJob {
+                    round: st.round,
+                    now,
+                    inputs: CloseInputs::Mean {
+                        mean,
+                        total_weight,
+                        sites: alive,
+                    },
+                    global: st.global.clone(),
+                    server_state: st.server_state_sha.clone(),
+                }))
+            }
+            Some(Ended::Failed(why)) => {
+                let reason = format!("{why}; the global model stays the previous one");
+                self.fail_round(st, now, &reason, open_next).await?;
+                tracing::warn!(round = st.round - 1, %reason, "round failed");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The secure round a message for `round` belongs to.
+    fn secure_round<'a>(
+        &self,
+        st: &'a mut State,
+        round: u32,
+    ) -> Result<&'a mut SecureRound, Status> {
+        if self.config.secure_aggregation.is_none() {
+            return Err(Status::failed_precondition(
+                "this federation does not run secure aggregation: submit updates with SubmitUpdate",
+            ));
+        }
+        match st.secure.as_mut() {
+            Some(r) if r.round() == round => Ok(r),
+            _ => Err(Status::failed_precondition(format!(
+                "stale round: secure aggregation for round {round}, but round {} is open; ask for the next task",
+                st.round
+            ))),
+        }
+    }
+
+    /// Refuse a protocol message, with a log line naming the site.
+    fn secagg_refusal(
+        site: &str,
+        round: u32,
+        e: impl std::fmt::Display,
+        code: tonic::Code,
+    ) -> Status {
+        let message = e.to_string();
+        tracing::warn!(site, round, reason = %message, "secure aggregation message refused");
+        Status::new(code, message)
+    }
+}
+
+/// A protocol refusal as a status: a message for a stage that has passed is a failed
+/// precondition, a hostile or malformed one an invalid argument.
+fn secagg_code(e: &fedee_secagg::Error) -> tonic::Code {
+    match e {
+        fedee_secagg::Error::Protocol(_) | fedee_secagg::Error::TooFew { .. } => {
+            tonic::Code::FailedPrecondition
+        }
+        _ => tonic::Code::InvalidArgument,
+    }
+}
+
+/// The response a site reads: the stage and what the closed stages give it.
+fn secagg_response(v: crate::secure::View) -> fedee_proto::v1::SecAggResponse {
+    use fedee_proto::secagg as wire;
+    fedee_proto::v1::SecAggResponse {
+        stage: v.stage.into(),
+        roster: v.roster.iter().map(wire::advertise_to_wire).collect(),
+        shares: v.shares.iter().map(wire::share_to_wire).collect(),
+        alive: v
+            .request
+            .as_ref()
+            .map(|r| r.alive.iter().map(|&i| u32::from(i)).collect())
+            .unwrap_or_default(),
+        dropped: v
+            .request
+            .as_ref()
+            .map(|r| r.dropped.iter().map(|&i| u32::from(i)).collect())
+            .unwrap_or_default(),
+        reason: v.reason,
+    }
+}
+
 /// Refuse an update whose round is not the open one.
 fn stale(st: &State, h: &UpdateHeader, rounds: u32) -> Result<(), Refusal> {
     let msg = if st.round > rounds {
@@ -1350,11 +1642,27 @@ impl FederationApi for Federation {
             st = self.state.lock().await;
         }
         let c = &self.config;
+        let mut secure_aggregation = None;
         let kind = if self.done(&st) {
             TaskKind::Done
         } else if st.closing || st.submitted.contains(&site) {
             // While the round is being aggregated there is nothing to train on yet.
             TaskKind::Wait
+        } else if c.secure_aggregation.is_some() {
+            // A site trains in a secure round only if it can still take part: it is in the
+            // roster and keys are being advertised (a site that restarted mid-protocol lost
+            // its secrets and waits for the next round).
+            match st.secure.as_ref().filter(|r| r.round() == st.round) {
+                Some(r) if r.can_start(&site) => {
+                    secure_aggregation = Some(fedee_proto::v1::SecAggTask {
+                        roster: r.roster().to_vec(),
+                        degree: r.degree(),
+                        session: r.session().to_vec(),
+                    });
+                    TaskKind::Train
+                }
+                _ => TaskKind::Wait,
+            }
         } else {
             TaskKind::Train
         };
@@ -1370,6 +1678,7 @@ impl FederationApi for Federation {
             learning_rate: c.learning_rate,
             batch_size: c.batch_size,
             deadline_unix_ms: st.deadline_ms.map_or(0, |d| d.max(0) as u64),
+            secure_aggregation,
         }))
     }
 
@@ -1501,6 +1810,142 @@ impl FederationApi for Federation {
         };
         let federation_ended = self.depart(&site, &reason).await.map_err(internal)?;
         Ok(Response::new(LeaveResponse { federation_ended }))
+    }
+
+    #[tracing::instrument(skip_all, fields(site = %req.get_ref().site, round = req.get_ref().round))]
+    async fn secure_aggregation(
+        &self,
+        req: Request<fedee_proto::v1::SecAggRequest>,
+    ) -> Result<Response<fedee_proto::v1::SecAggResponse>, Status> {
+        use fedee_proto::secagg as wire;
+        use fedee_proto::v1::sec_agg_request::Msg;
+        let claimed = req.get_ref().site.clone();
+        let site = self.identify(&req, &claimed).await?;
+        let m = req.into_inner();
+        let round = m.round;
+        let bad = |e: String| Self::secagg_refusal(&site, round, e, tonic::Code::InvalidArgument);
+        let mut st = self.state.lock().await;
+        let secure = self.secure_round(&mut st, round)?;
+        let applied = match &m.msg {
+            None => Ok(()),
+            Some(Msg::Advertise(a)) => {
+                secure.advertise(&site, wire::advertise_from_wire(round, a).map_err(bad)?)
+            }
+            Some(Msg::Shares(s)) => {
+                let shares = s
+                    .shares
+                    .iter()
+                    .map(|x| wire::share_from_wire(round, x))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(bad)?;
+                secure.shares(&site, shares)
+            }
+            Some(Msg::Unmask(u)) => {
+                let me = secure
+                    .index(&site)
+                    .map_err(|e| Self::secagg_refusal(&site, round, &e, secagg_code(&e)))?;
+                secure.unmask(&site, wire::unmask_from_wire(round, me, u).map_err(bad)?)
+            }
+        };
+        applied.map_err(|e| Self::secagg_refusal(&site, round, &e, secagg_code(&e)))?;
+        Ok(Response::new(secagg_response(secure.view(&site))))
+    }
+
+    async fn submit_masked(
+        &self,
+        req: Request<Streaming<fedee_proto::v1::SubmitMaskedMessage>>,
+    ) -> Result<Response<fedee_proto::v1::SecAggResponse>, Status> {
+        use fedee_proto::v1::submit_masked_message::Msg;
+        let identity = self.identify(&req, "").await?;
+        let mut stream = req.into_inner();
+        let Some(Msg::Header(h)) = stream.message().await?.and_then(|m| m.msg) else {
+            return Err(Status::invalid_argument(
+                "the first message must be a SecAggMaskedHeader",
+            ));
+        };
+        let site = if self.config.tls.is_some() {
+            if h.site != identity {
+                return Err(Status::permission_denied(format!(
+                    "certificate is for site `{identity}` but the masked input names `{}`",
+                    h.site
+                )));
+            }
+            identity
+        } else {
+            h.site.clone()
+        };
+        let round = h.round;
+        let refuse = |e: &dyn std::fmt::Display, code| Self::secagg_refusal(&site, round, e, code);
+        let words = {
+            let mut st = self.state.lock().await;
+            let secure = self.secure_round(&mut st, round)?;
+            secure
+                .index(&site)
+                .map_err(|e| refuse(&e, secagg_code(&e)))?;
+            secure.words()
+        };
+        if h.words != words as u64 {
+            return Err(refuse(
+                &format!(
+                    "the masked input declares {} words; this round's has {words} (the model's parameters + 1)",
+                    h.words
+                ),
+                tonic::Code::InvalidArgument,
+            ));
+        }
+        // One masked vector in memory per upload slot, whatever the number of sites.
+        let _permit = self
+            .uploads
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        let mut blob = fedee_proto::Reassembler::new(words as u64 * 4);
+        while let Some(msg) = stream.message().await? {
+            match msg.msg {
+                Some(Msg::Chunk(c)) => blob.push(c).map_err(|e| {
+                    refuse(
+                        &format!("masked input stream: {e}"),
+                        tonic::Code::InvalidArgument,
+                    )
+                })?,
+                _ => {
+                    return Err(refuse(
+                        &"after the header, send only chunks",
+                        tonic::Code::InvalidArgument,
+                    ));
+                }
+            }
+        }
+        let bytes = blob.finish().map_err(|e| {
+            refuse(
+                &format!("masked input stream: {e}"),
+                tonic::Code::InvalidArgument,
+            )
+        })?;
+        if bytes.len() != words * 4 {
+            return Err(refuse(
+                &format!(
+                    "the masked input has {} bytes, expected {} ({words} words)",
+                    bytes.len(),
+                    words * 4
+                ),
+                tonic::Code::InvalidArgument,
+            ));
+        }
+        let y: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        drop(bytes);
+        let mut st = self.state.lock().await;
+        let secure = self.secure_round(&mut st, round)?;
+        secure
+            .masked(&site, &y)
+            .map_err(|e| refuse(&e, secagg_code(&e)))?;
+        self.metrics.accepted(words * 4);
+        tracing::info!(round, site = %site, bytes = words * 4, "masked input added to the sum");
+        Ok(Response::new(secagg_response(secure.view(&site))))
     }
 
     async fn status(

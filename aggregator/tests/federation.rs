@@ -73,6 +73,7 @@ async fn start_with(
         // These tests are about rounds and aggregation, not privacy.
         max_epsilon: f64::INFINITY,
         max_num_examples: 1_000,
+        secure_aggregation: None,
     };
     edit(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

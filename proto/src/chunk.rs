@@ -45,6 +45,20 @@ pub fn update_messages(
         .collect()
 }
 
+/// The messages of one `SubmitMasked` stream: `header`, then the masked words
+/// (little-endian) in chunks.
+pub fn masked_messages(
+    header: crate::v1::SecAggMaskedHeader,
+    words: &[u32],
+) -> Vec<crate::v1::SubmitMaskedMessage> {
+    use crate::v1::submit_masked_message::Msg;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    std::iter::once(Msg::Header(header))
+        .chain(chunks(&bytes).into_iter().map(Msg::Chunk))
+        .map(|m| crate::v1::SubmitMaskedMessage { msg: Some(m) })
+        .collect()
+}
+
 /// Split `blob` into chunks of at most [`CHUNK_SIZE`] bytes (one empty chunk for an empty blob).
 pub fn chunks(blob: &[u8]) -> Vec<Chunk> {
     let total_size = blob.len() as u64;

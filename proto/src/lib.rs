@@ -12,8 +12,10 @@ pub mod v1 {
 mod chunk;
 pub mod cli;
 pub mod pki;
+pub mod secagg;
 pub use chunk::{
-    CHUNK_SIZE, ChunkCursor, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks, update_messages,
+    CHUNK_SIZE, ChunkCursor, ChunkError, MAX_BLOB_SIZE, Reassembler, chunks, masked_messages,
+    update_messages,
 };
 /// The byte buffer type of [`v1::Chunk::data`] (cheap to clone and slice).
 pub use prost::bytes::Bytes;

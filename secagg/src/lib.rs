@@ -41,6 +41,7 @@
 //! [`Site`] except as shares encrypted to a neighbour.
 
 pub mod channel;
+pub mod federation;
 pub mod graph;
 pub mod mask;
 pub mod protocol;
@@ -48,7 +49,7 @@ pub mod quant;
 
 pub use graph::{Graph, RoundParams};
 pub use protocol::{
-    Advertise, Closed, Deadlines, EncryptedShare, Roster, Server, Site, UnmaskRequest,
+    Advertise, Closed, Deadlines, EncryptedShare, Roster, Server, ServerStage, Site, UnmaskRequest,
     UnmaskResponse,
 };
 pub use quant::Quantizer;

@@ -489,13 +489,32 @@ fn check_roster(p: &RoundParams, adverts: &[Advertise]) -> Result<()> {
     Ok(())
 }
 
+/// The stage a [`Server`] waits in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-enum ServerStage {
+pub enum ServerStage {
+    /// Stage 1: advertisements.
     Advertise,
+    /// Stage 2: encrypted shares.
     ShareKeys,
+    /// Stage 3: masked inputs.
     MaskedInput,
+    /// Stage 4: unmask responses.
     Unmask,
+    /// The sum is unmasked.
     Done,
+}
+
+impl ServerStage {
+    /// The stage's wire name: `advertise`, `share_keys`, `masked_input`, `unmask`, `done`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Advertise => "advertise",
+            Self::ShareKeys => "share_keys",
+            Self::MaskedInput => "masked_input",
+            Self::Unmask => "unmask",
+            Self::Done => "done",
+        }
+    }
 }
 
 /// The server's side of one round: routes shares, folds masked inputs into one running sum
@@ -612,6 +631,11 @@ impl Server {
             graph,
             stage_opened: 0,
         })
+    }
+
+    /// The stage the server waits in.
+    pub fn stage(&self) -> ServerStage {
+        self.stage
     }
 
     /// The round's parameters.

@@ -44,6 +44,11 @@ pub struct SiteArgs {
     /// has without counting it twice. Refusals are never retried.
     #[arg(long, default_value_t = 9)]
     pub retries: u32,
+    /// Seconds between two questions to the aggregator while it says wait (the next round,
+    /// a secure-aggregation stage). Larger values lighten the aggregator's load with many
+    /// sites; they slow each round by up to this much per stage.
+    #[arg(long, default_value_t = 0.2, value_parser = poll_seconds)]
+    pub poll_interval: f64,
     /// Gaussian sampler for the DP noise: `fast` (CSPRNG + ziggurat, released values rounded
     /// to a grid of about a millionth of the noise std against floating-point attacks) or
     /// `exact` (OpenDP's exact sampler on every core; about 15 core-seconds per million
@@ -214,7 +219,7 @@ pub async fn run(s: SiteArgs) -> Result<()> {
         task,
         device,
         seed: None,
-        poll_interval: Duration::from_millis(200),
+        poll_interval: Duration::from_secs_f64(s.poll_interval),
         retry,
         noise: s.noise.parse()?,
         ledger: Some(ledger),
@@ -272,4 +277,16 @@ pub fn init(a: InitArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// `--poll-interval`: seconds in [0.01, 60].
+fn poll_seconds(v: &str) -> Result<f64, String> {
+    let s: f64 = v
+        .parse()
+        .map_err(|_| format!("`{v}` is not a number of seconds, e.g. 0.2"))?;
+    if (0.01..=60.0).contains(&s) {
+        Ok(s)
+    } else {
+        Err(format!("{s} s is outside 0.01 to 60 seconds"))
+    }
 }

@@ -312,6 +312,42 @@ impl Link {
         .map(drop)
     }
 
+    /// One `SecureAggregation` call.
+    ///
+    /// # Errors
+    /// As [`Link::status`]; `FAILED_PRECONDITION` when the round has moved on.
+    pub async fn secure_aggregation(
+        &mut self,
+        req: &fedee_proto::v1::SecAggRequest,
+    ) -> Result<fedee_proto::v1::SecAggResponse, SiteError> {
+        Ok(self
+            .call("SecureAggregation", |mut c| {
+                let req = req.clone();
+                async move { c.secure_aggregation(req).await }
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Send one masked input: `header`, then `words` in chunks.
+    ///
+    /// # Errors
+    /// As [`Link::status`]; `FAILED_PRECONDITION` when the round has moved on.
+    pub async fn submit_masked(
+        &mut self,
+        header: fedee_proto::v1::SecAggMaskedHeader,
+        words: &[u32],
+    ) -> Result<fedee_proto::v1::SecAggResponse, SiteError> {
+        let msgs = fedee_proto::masked_messages(header, words);
+        Ok(self
+            .call("SubmitMasked", |mut c| {
+                let msgs = msgs.clone();
+                async move { c.submit_masked(futures::stream::iter(msgs)).await }
+            })
+            .await?
+            .into_inner())
+    }
+
     /// One `SubmitStatistics` call (an empty list only asks).
     ///
     /// # Errors
@@ -787,6 +823,66 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             report.stopped = Some(msg);
             return Ok(report);
         }
+        // Secure aggregation: keys are advertised and shared before training, so a site that
+        // fails while training counts as dropped and the others' sum is still recovered.
+        let secure = match (
+            &task.secure_aggregation,
+            &cfg.spec.spec.federation.secure_aggregation,
+        ) {
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                let e = SiteError::Refused(format!(
+                    "round {} {} secure aggregation, but the federation spec {} it",
+                    task.round,
+                    if task.secure_aggregation.is_some() {
+                        "runs"
+                    } else {
+                        "skips"
+                    },
+                    if task.secure_aggregation.is_some() {
+                        "does not ask for"
+                    } else {
+                        "asks for"
+                    },
+                ));
+                link.leave(&cfg.site, &e.to_string()).await?;
+                return Err(e);
+            }
+            (Some(t), Some(settings)) => {
+                let parameters: usize = global.values().map(|t| t.numel()).sum();
+                let bound = settings.max_update_norm.unwrap_or_else(|| {
+                    fedee_dp::noised_update_norm_bound(c, sigma, parameters as u64)
+                });
+                let agreed = crate::secure::Agreed {
+                    settings,
+                    spec_sha256: &cfg.spec.sha256,
+                    max_weight: cfg.spec.spec.federation.max_num_examples,
+                    bound,
+                };
+                match crate::secure::SecureRun::begin(
+                    &mut link,
+                    &cfg.site,
+                    task.round,
+                    t,
+                    &agreed,
+                    parameters,
+                    cfg.poll_interval,
+                )
+                .await
+                {
+                    Ok(Some(run)) => Some(run),
+                    Ok(None) => continue,
+                    // A task that departs from the spec, or a roster the protocol refuses:
+                    // leave, naming why (nothing secret has left the site).
+                    Err(e @ (SiteError::Refused(_) | SiteError::SecureAggregation(_))) => {
+                        tracing::warn!(site = %cfg.site, round = task.round, "{e}");
+                        link.leave(&cfg.site, &e.to_string()).await?;
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
         let (update, norm, loss) = tokio::task::block_in_place(|| {
             train_update(
                 &mut cfg,
@@ -806,6 +902,16 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         // never under-counts.
         ledger.record_planned(task.round, mode.unit(), mechanism, planned, c.get(), delta)?;
         tracing::info!(site = %cfg.site, round = task.round, unit = mode.unit(), epsilon = after, delta, "privacy spent");
+        if let Some(run) = secure {
+            let weight = crate::policy::coarse_count(cfg.task.num_examples());
+            let flat = crate::secure::flatten(&update)?;
+            drop(update);
+            if run.finish(&mut link, flat, weight).await? {
+                tracing::info!(site = %cfg.site, round = task.round, loss, update_norm = norm, "masked update submitted");
+                report.rounds_trained.push(task.round);
+            }
+            continue;
+        }
         let blob = state_to_safetensors(&update)?;
         let header = UpdateHeader {
             site: cfg.site.clone(),

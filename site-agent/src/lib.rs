@@ -17,6 +17,7 @@ pub mod infer;
 pub mod ledger;
 pub mod metrics;
 pub mod policy;
+pub mod secure;
 pub mod statistics;
 pub mod table;
 pub mod task;
@@ -114,4 +115,8 @@ pub enum SiteError {
     /// libtorch error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The secure-aggregation protocol refused a step (hostile or inconsistent messages,
+    /// parameters that cannot run).
+    #[error(transparent)]
+    SecureAggregation(#[from] fedee_secagg::Error),
 }

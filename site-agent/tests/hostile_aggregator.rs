@@ -28,6 +28,8 @@ struct Seen {
     joined: bool,
     updates: Vec<u32>,
     left: Option<String>,
+    /// Secure-aggregation messages received.
+    secagg: usize,
 }
 
 struct Hostile {
@@ -105,6 +107,20 @@ impl Federation for Hostile {
     }
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(StatusResponse::default()))
+    }
+    async fn secure_aggregation(
+        &self,
+        _: Request<fedee_proto::v1::SecAggRequest>,
+    ) -> Result<Response<fedee_proto::v1::SecAggResponse>, Status> {
+        self.seen.lock().unwrap().secagg += 1;
+        Err(Status::unimplemented("no secure aggregation here"))
+    }
+    async fn submit_masked(
+        &self,
+        _: Request<Streaming<fedee_proto::v1::SubmitMaskedMessage>>,
+    ) -> Result<Response<fedee_proto::v1::SecAggResponse>, Status> {
+        self.seen.lock().unwrap().secagg += 1;
+        Err(Status::unimplemented("no secure aggregation here"))
     }
     async fn leave(&self, r: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
         self.seen.lock().unwrap().left = Some(r.into_inner().reason);
@@ -320,6 +336,70 @@ async fn hostile_tasks_are_refused_before_training_and_the_site_leaves_naming_wh
             seen.updates, expected,
             "{what}: no update under those settings"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_aggregation_tasks_that_depart_from_the_spec_are_refused_before_any_key_leaves() {
+    let secure = spec_text((
+        "rounds = 2\nmin_sites = 1\n",
+        "rounds = 2\nmin_sites = 3\n[federation.secure_aggregation]\n",
+    ));
+    let sa = |degree: u32, roster: &[&str]| fedee_proto::v1::SecAggTask {
+        roster: roster.iter().map(|s| s.to_string()).collect(),
+        degree,
+        session: vec![1; 32],
+    };
+    let cases = [
+        // The spec asks for no secure aggregation, the task runs it (or the reverse).
+        (
+            spec_text(("", "")),
+            Task {
+                secure_aggregation: Some(sa(0, &["A", "B", "North"])),
+                ..task(1)
+            },
+            "does not ask for",
+        ),
+        (secure.clone(), task(1), "asks for"),
+        // A degree other than the spec's.
+        (
+            secure.clone(),
+            Task {
+                secure_aggregation: Some(sa(2, &["A", "B", "North"])),
+                ..task(1)
+            },
+            "degree 2 differs from the spec's 0",
+        ),
+        // A roster without this site.
+        (
+            secure.clone(),
+            Task {
+                secure_aggregation: Some(sa(0, &["A", "B", "C"])),
+                ..task(1)
+            },
+            "leaves out this site `North`",
+        ),
+        // A roster too small to hide anyone.
+        (
+            secure.clone(),
+            Task {
+                secure_aggregation: Some(sa(0, &["A", "North"])),
+                ..task(1)
+            },
+            "3 to 255",
+        ),
+    ];
+    for (spec, t, needle) in cases {
+        let (r, seen) = against(&spec, vec![t], PrivacyPolicy::default()).await;
+        let e = match r {
+            Err(e @ (SiteError::Refused(_) | SiteError::SecureAggregation(_))) => e.to_string(),
+            other => panic!("{needle}: expected a refusal, got {other:?}"),
+        };
+        assert!(e.contains(needle), "{needle}: {e}");
+        assert_eq!(seen.secagg, 0, "{needle}: no key may leave");
+        let left = seen.left.unwrap_or_default();
+        assert!(left.contains(needle), "{needle}: left with `{left}`");
+        assert!(seen.updates.is_empty(), "{needle}: no update");
     }
 }
 

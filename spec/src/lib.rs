@@ -378,6 +378,38 @@ pub struct Rounds {
     /// how far one site can pull the weighted mean, and the weights' sum. A site with more
     /// training examples is refused at join, naming this setting.
     pub max_num_examples: u64,
+    /// Secure aggregation (`[federation.secure_aggregation]`): the aggregator learns only the
+    /// sum of the round's updates. `None`: updates are sent in the clear.
+    pub secure_aggregation: Option<SecureAggregation>,
+}
+
+/// Secure aggregation settings: Bonawitz et al. (CCS 2017) double masking with dropout
+/// recovery, over a SecAgg+ neighbour graph (Bell et al., CCS 2020) when `degree` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecureAggregation {
+    /// Neighbours per site, `k`: 0 for every other site (the full graph), else an even number
+    /// below the roster size (SecAgg+; about 20 keeps the unmask stage cheap at 100+ sites).
+    pub degree: u32,
+    /// Seconds each short protocol stage (advertise keys, share keys, unmask) waits before a
+    /// site that has not answered counts as dropped. The masked input waits for the round's
+    /// `round_timeout_s` (sites train meanwhile).
+    pub stage_timeout_s: f64,
+    /// The L2 norm each site clips its released update to before quantizing it (a
+    /// post-processing of the DP release: no privacy cost), so every coordinate lies in
+    /// `±max_update_norm`. Default in site mode: the high-probability norm bound of a clipped
+    /// and noised update; required in record mode (a DP-SGD update has no bound of its own).
+    pub max_update_norm: Option<f64>,
+}
+
+impl Default for SecureAggregation {
+    fn default() -> Self {
+        Self {
+            degree: 0,
+            stage_timeout_s: 60.0,
+            max_update_norm: None,
+        }
+    }
 }
 
 /// Default of [`Rounds::max_num_examples`]: ten million records per site.
@@ -394,6 +426,7 @@ impl Default for Rounds {
             trim_fraction: 0.1,
             proximal_mu: 0.0,
             max_num_examples: DEFAULT_MAX_NUM_EXAMPLES,
+            secure_aggregation: None,
         }
     }
 }
@@ -936,7 +969,61 @@ impl FederationSpec {
                 "e.g. proximal_mu = 0.01",
             ));
         }
+        if let Some(sa) = &r.secure_aggregation {
+            self.validate_secure_aggregation(sa)?;
+        }
         Ok(())
+    }
+
+    fn validate_secure_aggregation(&self, sa: &SecureAggregation) -> Result<(), SpecError> {
+        let r = &self.federation;
+        if matches!(r.strategy.as_str(), "median" | "trimmed-mean") {
+            return Err(invalid(
+                "federation.strategy",
+                &r.strategy,
+                "a coordinate-wise median or trimmed mean needs every site's update, and secure aggregation reveals only their sum",
+                "use fedavg, fedprox, fedadam or fedyogi, or remove [federation.secure_aggregation]",
+            ));
+        }
+        if r.min_sites < 3 {
+            return Err(invalid(
+                "federation.min_sites",
+                r.min_sites,
+                "secure aggregation needs at least 3 sites (with 2, each learns the other's update from the sum)",
+                "min_sites = 3",
+            ));
+        }
+        if sa.degree % 2 == 1 {
+            return Err(invalid(
+                "federation.secure_aggregation.degree",
+                sa.degree,
+                "must be even (a Harary graph) or 0 for the full graph",
+                "e.g. degree = 20",
+            ));
+        }
+        if !(sa.stage_timeout_s.is_finite() && sa.stage_timeout_s >= 1.0) {
+            return Err(invalid(
+                "federation.secure_aggregation.stage_timeout_s",
+                sa.stage_timeout_s,
+                "must be at least 1 second",
+                "e.g. stage_timeout_s = 60",
+            ));
+        }
+        match (sa.max_update_norm, self.privacy.mode) {
+            (Some(b), _) if !(b.is_finite() && b > 0.0) => Err(invalid(
+                "federation.secure_aggregation.max_update_norm",
+                b,
+                "must be a positive number",
+                "e.g. max_update_norm = 10.0",
+            )),
+            (None, PrivacyMode::Record) => Err(invalid(
+                "federation.secure_aggregation.max_update_norm",
+                "missing",
+                "record-level DP updates have no norm bound of their own, and secure aggregation quantizes within one",
+                "set max_update_norm, e.g. 10.0 (sites clip their update to it; no privacy cost)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn validate_privacy(&self) -> Result<(), SpecError> {
@@ -1091,7 +1178,16 @@ impl FederationSpec {
             self.num_classes(),
             self.federation.rounds,
             self.federation.min_sites,
-            self.federation.strategy,
+            match &self.federation.secure_aggregation {
+                None => self.federation.strategy.clone(),
+                Some(sa) if sa.degree == 0 => {
+                    format!("{} over secure aggregation", self.federation.strategy)
+                }
+                Some(sa) => format!(
+                    "{} over secure aggregation (k = {})",
+                    self.federation.strategy, sa.degree
+                ),
+            },
             p.mode,
             p.clipping_norm,
             p.delta
@@ -1332,6 +1428,36 @@ noise_multiplier = 1.0
                 "[federation]\nrounds = 0\n[model]",
                 "federation.rounds",
             ),
+            (
+                "[model]",
+                "[federation]\nmin_sites = 3\nstrategy = \"median\"\n[federation.secure_aggregation]\nmax_update_norm = 1.0\n[model]",
+                "federation.strategy",
+            ),
+            (
+                "[model]",
+                "[federation]\nmin_sites = 2\n[federation.secure_aggregation]\nmax_update_norm = 1.0\n[model]",
+                "federation.min_sites",
+            ),
+            (
+                "[model]",
+                "[federation]\nmin_sites = 3\n[federation.secure_aggregation]\ndegree = 3\nmax_update_norm = 1.0\n[model]",
+                "federation.secure_aggregation.degree",
+            ),
+            (
+                "[model]",
+                "[federation]\nmin_sites = 3\n[federation.secure_aggregation]\nstage_timeout_s = 0.5\nmax_update_norm = 1.0\n[model]",
+                "federation.secure_aggregation.stage_timeout_s",
+            ),
+            (
+                "[model]",
+                "[federation]\nmin_sites = 3\n[federation.secure_aggregation]\n[model]",
+                "federation.secure_aggregation.max_update_norm",
+            ),
+            (
+                "[model]",
+                "[federation]\nmin_sites = 3\n[federation.secure_aggregation]\nmax_update_norm = -1.0\n[model]",
+                "federation.secure_aggregation.max_update_norm",
+            ),
         ];
         for (from, to, key) in cases {
             let e = with(from, to).expect_err(to);
@@ -1339,6 +1465,32 @@ noise_multiplier = 1.0
             assert_eq!(key_of(e), key, "{to}: {text}");
             assert!(text.contains("; "), "a fix follows the problem: {text}");
         }
+    }
+
+    #[test]
+    fn secure_aggregation_is_read_with_defaults_and_summarised() {
+        let s = with(
+            "[model]",
+            "[federation]\nmin_sites = 3\n[federation.secure_aggregation]\ndegree = 20\nmax_update_norm = 2.5\n[model]",
+        )
+        .unwrap();
+        let sa = s.federation.secure_aggregation.as_ref().unwrap();
+        assert_eq!(
+            (sa.degree, sa.stage_timeout_s, sa.max_update_norm),
+            (20, 60.0, Some(2.5))
+        );
+        assert!(
+            s.summary().contains("secure aggregation (k = 20)"),
+            "{}",
+            s.summary()
+        );
+        assert_eq!(
+            FederationSpec::from_toml(HEART)
+                .unwrap()
+                .federation
+                .secure_aggregation,
+            None
+        );
     }
 
     #[test]
