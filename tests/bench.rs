@@ -1,6 +1,8 @@
 //! The benchmarks stay runnable: `fedee bench aggregate` on a tiny cell (a real aggregator
 //! process, mutual TLS, two sites) writes JSON with its figures. Timings are not asserted.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -131,7 +133,11 @@ fn secagg_bench_runs_a_round_per_cell() {
             "0,4",
             "--python",
             "/nonexistent",
+            "--federation-rounds",
+            "2",
         ])
+        .arg("--data")
+        .arg(common::heart_csv())
         .arg("--json")
         .arg(&json)
         .output()
@@ -142,6 +148,16 @@ fn secagg_bench_runs_a_round_per_cell() {
         String::from_utf8_lossy(&out.stderr)
     );
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    // The networked federation, plaintext then secure: both finish, and the sites evaluated
+    // the final model.
+    let fed = doc["federation"]["rows"].as_array().unwrap();
+    assert_eq!(fed.len(), 2, "{doc}");
+    assert_eq!(fed[1]["mode"], "secure aggregation");
+    for r in fed {
+        let acc = r["final_accuracy"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&acc), "{r}");
+        assert!(r["seconds_per_round"].as_f64().unwrap() > 0.0, "{r}");
+    }
     let rows = doc["rows"].as_array().unwrap();
     let aborted = doc["aborted"].as_array().unwrap();
     // 2 dropout rates × 2 graphs; a sparse cell may abort (too few holders), never vanish.

@@ -1406,6 +1406,27 @@ impl Federation {
         }
     }
 
+    /// After an accepted protocol message: close the stage at once if everyone it waits for
+    /// has answered (rather than at the next tick), run the round's close if that was the
+    /// last unmask answer, and answer with what `site` may read now.
+    async fn after_secure_message(
+        &self,
+        mut st: tokio::sync::MutexGuard<'_, State>,
+        site: &str,
+        round: u32,
+    ) -> Result<Response<fedee_proto::v1::SecAggResponse>, Status> {
+        let job = self.maybe_close(&mut st).await.map_err(internal)?;
+        let view = st
+            .secure
+            .as_ref()
+            .filter(|r| r.round() == round)
+            .map(|r| r.view(site))
+            .unwrap_or_default();
+        drop(st);
+        self.run_close(job).await.map_err(internal)?;
+        Ok(Response::new(secagg_response(view)))
+    }
+
     /// The secure round a message for `round` belongs to.
     fn secure_round<'a>(
         &self,
@@ -1848,6 +1869,9 @@ impl FederationApi for Federation {
             }
         };
         applied.map_err(|e| Self::secagg_refusal(&site, round, &e, secagg_code(&e)))?;
+        if m.msg.is_some() {
+            return self.after_secure_message(st, &site, round).await;
+        }
         Ok(Response::new(secagg_response(secure.view(&site))))
     }
 
@@ -1945,7 +1969,7 @@ impl FederationApi for Federation {
             .map_err(|e| refuse(&e, secagg_code(&e)))?;
         self.metrics.accepted(words * 4);
         tracing::info!(round, site = %site, bytes = words * 4, "masked input added to the sum");
-        Ok(Response::new(secagg_response(secure.view(&site))))
+        self.after_secure_message(st, &site, round).await
     }
 
     async fn status(

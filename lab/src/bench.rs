@@ -109,6 +109,14 @@ pub enum BenchCommand {
         /// (`make bench` installs it into .venv); skipped if it does not import.
         #[arg(long, default_value = ".venv/bin/python")]
         python: PathBuf,
+        /// Then run the heart-disease federation (three site agents, mutual TLS on loopback)
+        /// for this many rounds, plaintext and over secure aggregation, and compare seconds
+        /// per round (0 skips it).
+        #[arg(long, default_value_t = 5)]
+        federation_rounds: u32,
+        /// heart_disease_uci.csv for --federation-rounds (`make data`).
+        #[arg(long, default_value = "data/cache/heart_disease_uci.csv")]
+        data: PathBuf,
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -481,11 +489,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             degrees,
             max_words,
             python,
+            federation_rounds,
+            data,
             json,
         } => {
-            let doc = crate::bench_secagg::secagg(
+            let mut doc = crate::bench_secagg::secagg(
                 &sites, &params, &dropouts, &degrees, max_words, &python,
             )?;
+            if federation_rounds > 0 {
+                doc["federation"] =
+                    crate::bench_secagg::federation_rounds(&data, federation_rounds)?;
+            }
             write_json(json.as_ref(), &with_machine(doc))
         }
         BenchCommand::Noise {
