@@ -55,6 +55,25 @@ fn start_site(dir: &Path, addr: &str, name: &str, rows: &str, poll: &str) -> Chi
         .unwrap()
 }
 
+/// A federation client with site `name`'s certificate.
+async fn as_site(
+    dir: &Path,
+    addr: &str,
+    name: &str,
+) -> FederationClient<tonic::transport::Channel> {
+    let files = TlsFiles::in_dir(&dir.join("pki"), name);
+    let ch = fedee_proto::pki::connect(
+        &format!("https://{addr}"),
+        Some(&files),
+        Role::Aggregator,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    FederationClient::new(ch)
+}
+
 #[test]
 fn five_sites_over_mtls_survive_a_dropout_and_an_aggregator_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -147,17 +166,7 @@ fn five_sites_over_mtls_survive_a_dropout_and_an_aggregator_restart() {
     // Hostile requests over a real site certificate (the victim's, now unused).
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let files = TlsFiles::in_dir(&dir.join("pki"), VICTIM);
-        let ch = fedee_proto::pki::connect(
-            &format!("https://{addr}"),
-            Some(&files),
-            Role::Aggregator,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        let mut c = FederationClient::new(ch);
+        let mut c = as_site(dir, &addr, VICTIM).await;
         let round = c
             .status(StatusRequest {})
             .await
@@ -240,17 +249,8 @@ fn five_sites_over_mtls_survive_a_dropout_and_an_aggregator_restart() {
     }
     assert!(t.elapsed() < Duration::from_secs(180));
     rt.block_on(async {
-        let files = TlsFiles::in_dir(&dir.join("pki"), "Hungary");
-        let ch = fedee_proto::pki::connect(
-            &format!("https://{addr}"),
-            Some(&files),
-            Role::Aggregator,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        let st = FederationClient::new(ch)
+        let st = as_site(dir, &addr, "Hungary")
+            .await
             .status(StatusRequest {})
             .await
             .unwrap()

@@ -296,11 +296,7 @@ pub fn unflatten(global: &Tensors, flat: &[f32]) -> Tensors {
             d
         })
         .collect();
-    Tensors {
-        names: global.names.clone(),
-        shapes: global.shapes.clone(),
-        data,
-    }
+    crate::strategy::with_data(global, data)
 }
 
 #[cfg(test)]

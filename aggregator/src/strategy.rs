@@ -419,7 +419,8 @@ fn aggregate_files_in_slices(
     Ok((with_data(global, data), state))
 }
 
-fn with_data(global: &Tensors, data: Vec<Vec<f32>>) -> Tensors {
+/// Tensors with `global`'s names and shapes and the values `data`.
+pub(crate) fn with_data(global: &Tensors, data: Vec<Vec<f32>>) -> Tensors {
     Tensors {
         names: global.names.clone(),
         shapes: global.shapes.clone(),

@@ -164,7 +164,7 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
     server.close_shares()?;
     // The dropped sites are spread over the roster; they share keys, then send nothing.
     let is_dropped = |i: usize| {
-        dropped > 0 && i % (n / dropped).max(1) == 0 && i / (n / dropped).max(1) < dropped
+        dropped > 0 && i.is_multiple_of((n / dropped).max(1)) && i / (n / dropped).max(1) < dropped
     };
     let (mut masked, mut fold) = (0.0, 0.0);
     let mut plain = vec![0u32; d + 1];

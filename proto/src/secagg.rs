@@ -26,8 +26,8 @@ fn key(b: &[u8], what: &str) -> Result<[u8; 32], String> {
 pub fn advertise_to_wire(a: &Advertise) -> SecAggAdvertise {
     SecAggAdvertise {
         site: u32::from(a.site),
-        channel_key: a.channel_key.to_vec().into(),
-        mask_key: a.mask_key.to_vec().into(),
+        channel_key: a.channel_key.to_vec(),
+        mask_key: a.mask_key.to_vec(),
     }
 }
 
@@ -49,7 +49,7 @@ pub fn share_to_wire(s: &EncryptedShare) -> SecAggShare {
     SecAggShare {
         from: u32::from(s.from),
         to: u32::from(s.to),
-        ciphertext: s.ciphertext.clone().into(),
+        ciphertext: s.ciphertext.clone(),
     }
 }
 
@@ -77,7 +77,7 @@ fn pairs_to_wire(p: &[(SiteIndex, Vec<u8>)]) -> Vec<SecAggNeighbourShare> {
     p.iter()
         .map(|(site, share)| SecAggNeighbourShare {
             site: u32::from(*site),
-            share: share.clone().into(),
+            share: share.clone(),
         })
         .collect()
 }
@@ -162,7 +162,7 @@ mod tests {
         };
         assert_eq!(advertise_from_wire(3, &advertise_to_wire(&a)).unwrap(), a);
         let mut w = advertise_to_wire(&a);
-        w.mask_key = vec![0u8; 31].into();
+        w.mask_key = vec![0u8; 31];
         assert!(
             advertise_from_wire(3, &w)
                 .unwrap_err()
@@ -179,7 +179,7 @@ mod tests {
         };
         assert_eq!(share_from_wire(3, &share_to_wire(&s)).unwrap(), s);
         let mut short = share_to_wire(&s);
-        short.ciphertext = vec![0u8; 5].into();
+        short.ciphertext = vec![0u8; 5];
         assert!(share_from_wire(3, &short).unwrap_err().contains("5 bytes"));
         let r = UnmaskResponse {
             round: 3,

@@ -89,7 +89,7 @@ pub fn setup(i: &Inputs<'_>) -> Result<Setup> {
         round: u64::from(round),
         sites: n,
         degree: k,
-        threshold: (k + 1) / 2 + 1,
+        threshold: k.div_ceil(2) + 1,
         dim: parameters + 1,
     };
     params.check()?;
