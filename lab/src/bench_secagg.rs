@@ -402,10 +402,11 @@ pub fn federation_rounds(data: &std::path::Path, rounds: u32) -> Result<Value> {
     spec.federation.rounds = rounds;
     spec.federation.min_sites = SITES.len() as u32;
     spec.federation.round_timeout_s = 120.0;
-    // Site-level DP with σ = 2 (a site's default budget, ε = 10, covers a few rounds).
+    // Site-level DP at ε = 8 over all the rounds (σ calibrated by the aggregator), within a
+    // site's default budget.
     spec.privacy.mode = fedee_spec::PrivacyMode::Site;
-    spec.privacy.noise_multiplier = Some(2.0);
-    spec.privacy.target_epsilon = None;
+    spec.privacy.noise_multiplier = None;
+    spec.privacy.target_epsilon = Some(8.0);
     let initial = fedee_site_agent::task::initial_model(&spec, 7)?;
     let params: usize = initial.values().map(|t| t.numel()).sum();
     let mut rows = Vec::new();

@@ -145,6 +145,9 @@ impl Consortium {
             ..fedee_aggregator::Config::default()
         }
         .with_spec(signed.clone())?;
+        // Refused settings (a planned ε over the limit, …) fail here, not as a silent
+        // aggregator task the sites then retry against for minutes.
+        config.validate()?;
         let aggregator = tokio::spawn(fedee_aggregator::run(
             config,
             listener,
