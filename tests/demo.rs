@@ -34,6 +34,10 @@ fn demo_runs_the_main_job_end_to_end() {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let rounds = r["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 10, "the example spec's rounds");
+    assert_eq!(
+        r["secure_aggregation"], true,
+        "the main job aggregates securely"
+    );
     for (i, round) in rounds.iter().enumerate() {
         assert_eq!(round["round"], i as u64 + 1);
         let sites = round["site_accuracy"].as_object().unwrap();

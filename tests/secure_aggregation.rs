@@ -202,6 +202,7 @@ fn five_sites_over_mtls_survive_a_dropout_and_an_aggregator_restart() {
                 site: VICTIM.into(),
                 round,
                 words: 3,
+                privacy: None,
             },
             &[1, 2, 3],
         );

@@ -1204,7 +1204,18 @@ impl Federation {
     /// The ledger entry an update carries: required in record mode (unit "patient record",
     /// finite ε ≥ 0, δ as configured), optional in site mode.
     fn ledger_entry(&self, h: &UpdateHeader) -> Result<Option<LedgerRow>, Status> {
-        let Some(p) = &h.privacy else {
+        self.privacy_entry(&h.site, h.round, h.privacy.as_ref())
+    }
+
+    /// As [`Federation::ledger_entry`], for `site`'s report `p` in `round` (an update's or a
+    /// masked input's).
+    fn privacy_entry(
+        &self,
+        site: &str,
+        round: u32,
+        p: Option<&PrivacyEntry>,
+    ) -> Result<Option<LedgerRow>, Status> {
+        let Some(p) = p else {
             return if self.config.dp_mode == DpMode::Record {
                 Err(Status::invalid_argument(
                     "record-level DP: the update header must carry the site's privacy entry (ε spent, δ); upgrade the site agent",
@@ -1228,8 +1239,8 @@ impl Federation {
             )));
         }
         Ok(Some(LedgerRow {
-            site: h.site.clone(),
-            round: h.round,
+            site: site.to_owned(),
+            round,
             unit: p.unit.clone(),
             mechanism: p.mechanism.clone(),
             sampling_rate: p.sampling_rate,
@@ -1900,6 +1911,9 @@ impl FederationApi for Federation {
         };
         let round = h.round;
         let refuse = |e: &dyn std::fmt::Display, code| Self::secagg_refusal(&site, round, e, code);
+        let ledger = self
+            .privacy_entry(&site, round, h.privacy.as_ref())
+            .map_err(|s| refuse(&s.message(), tonic::Code::InvalidArgument))?;
         let words = {
             let mut st = self.state.lock().await;
             let secure = self.secure_round(&mut st, round)?;
@@ -1969,6 +1983,10 @@ impl FederationApi for Federation {
             .map_err(|e| refuse(&e, secagg_code(&e)))?;
         self.metrics.accepted(words * 4);
         tracing::info!(round, site = %site, bytes = words * 4, "masked input added to the sum");
+        if let Some(l) = &ledger {
+            self.store.insert_ledger(l).await.map_err(internal)?;
+            tracing::info!(round, site = %site, unit = %l.unit, epsilon = l.epsilon, delta = l.delta, "site privacy spend");
+        }
         self.after_secure_message(st, &site, round).await
     }
 

@@ -902,11 +902,22 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
         // never under-counts.
         ledger.record_planned(task.round, mode.unit(), mechanism, planned, c.get(), delta)?;
         tracing::info!(site = %cfg.site, round = task.round, unit = mode.unit(), epsilon = after, delta, "privacy spent");
+        // What the site reports of its spend: unit, mechanism, ε and δ; q, σ and steps
+        // (which reveal the number of records) stay in its ledger.
+        let privacy = PrivacyEntry {
+            unit: mode.unit().into(),
+            mechanism: mechanism.into(),
+            sampling_rate: 0.0,
+            noise_multiplier: 0.0,
+            steps: 0,
+            epsilon: after,
+            delta,
+        };
         if let Some(run) = secure {
             let weight = crate::policy::coarse_count(cfg.task.num_examples());
             let flat = crate::secure::flatten(&update)?;
             drop(update);
-            if run.finish(&mut link, flat, weight).await? {
+            if run.finish(&mut link, flat, weight, privacy).await? {
                 tracing::info!(site = %cfg.site, round = task.round, loss, update_norm = norm, "masked update submitted");
                 report.rounds_trained.push(task.round);
             }
@@ -920,15 +931,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             // records) stay in the site's ledger.
             num_examples: crate::policy::coarse_count(cfg.task.num_examples()),
             sha256: hex::encode(Sha256::digest(&blob)),
-            privacy: Some(PrivacyEntry {
-                unit: mode.unit().into(),
-                mechanism: mechanism.into(),
-                sampling_rate: 0.0,
-                noise_multiplier: 0.0,
-                steps: 0,
-                epsilon: after,
-                delta,
-            }),
+            privacy: Some(privacy),
         };
         match link.submit_update(header, &blob).await {
             Ok(()) => {}

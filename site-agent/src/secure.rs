@@ -136,7 +136,8 @@ impl SecureRun {
     }
 
     /// Stages 3 and 4: clip `flat` (the update flattened by [`flatten`]) to the bound,
-    /// quantize it with weight `num_examples`, mask and send it, then answer the unmask
+    /// quantize it with weight `num_examples`, mask and send it with the site's `privacy`
+    /// report (as with a plaintext update), then answer the unmask
     /// request. Returns whether the masked input was accepted (the round then counts as
     /// trained: the update has left the site, whatever the round's outcome).
     ///
@@ -148,6 +149,7 @@ impl SecureRun {
         link: &mut Link,
         mut flat: Vec<f32>,
         num_examples: u64,
+        privacy: fedee_proto::v1::PrivacyEntry,
     ) -> Result<bool, SiteError> {
         let (name, round) = (self.name.clone(), self.round);
         if flat.len() + 1 != self.setup.params.dim {
@@ -182,6 +184,7 @@ impl SecureRun {
             site: name.clone(),
             round,
             words: masked.len() as u64,
+            privacy: Some(privacy),
         };
         match link.submit_masked(header, &masked).await {
             Ok(_) => {}
