@@ -12,6 +12,7 @@
 pub mod blobs;
 pub mod cli;
 pub mod metrics;
+mod round;
 pub mod secure;
 mod service;
 pub mod store;

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::blobs::{BlobStore, PendingBlob};
 use crate::metrics::{Metrics, Reject};
+use crate::round::{Due, State};
 use crate::secure::{Ended, SecureRound};
 use crate::store::{LedgerRow, MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
 use crate::strategy::{ServerState, aggregate, aggregate_files};
@@ -192,50 +193,6 @@ fn write_next(
         state_sha,
         started,
     })
-}
-
-/// In-memory view of the federation, rebuilt from the database at start.
-#[derive(Debug)]
-struct State {
-    /// Sites whose updates a round waits for: enrolled sites (with mutual TLS, `--enroll`;
-    /// without TLS, every site that joined).
-    enrolled: BTreeSet<String>,
-    /// Sites that joined.
-    sites: BTreeSet<String>,
-    /// The open round (its global model has the same number), or `rounds + 1` when done.
-    round: u32,
-    global: Arc<Tensors>,
-    global_sha: String,
-    global_size: u64,
-    submitted: BTreeSet<String>,
-    /// Unix epoch ms at which the open round ends; `None` while round 1 waits for the quorum.
-    deadline_ms: Option<i64>,
-    /// When the open round opened (Unix epoch ms), for the round-duration metric.
-    opened_ms: i64,
-    /// Sites that left for good, with their reasons.
-    departed: std::collections::BTreeMap<String, String>,
-    /// Blob of the server optimizer state (FedAdam / FedYogi) that goes with `global`.
-    server_state_sha: Option<String>,
-    /// Why the federation ended early (too few sites remain).
-    ended: Option<String>,
-    /// The open round is being aggregated ([`Federation::run_close`]) with the state lock
-    /// released: readers carry on; changes that could touch the round wait for the close
-    /// ([`Federation::settled`]); no update is accepted into the round any more.
-    closing: bool,
-    /// Under secure aggregation, the protocol run of the open round (or of the last one, until
-    /// the next opens); in memory only (a restart fails the open round).
-    secure: Option<SecureRound>,
-}
-
-impl State {
-    /// Enrolled sites that have not left.
-    fn active(&self) -> BTreeSet<String> {
-        self.enrolled
-            .iter()
-            .filter(|s| !self.departed.contains_key(*s))
-            .cloned()
-            .collect()
-    }
 }
 
 /// The federation service.
@@ -497,7 +454,7 @@ impl Federation {
             secure: None,
         };
         let mut state = state;
-        state.ended = ended_reason(&state, config.min_sites);
+        state.ended = state.ended_reason(config.min_sites);
         metrics.set_round(latest);
         metrics.set_sites(state.sites.len());
         tracing::info!(
@@ -622,11 +579,8 @@ impl Federation {
         if self.config.secure_aggregation.is_some() {
             return self.secure_step(st, now).await;
         }
-        let quorum = st.submitted.len() >= self.config.min_sites as usize;
-        let active = st.active();
-        let all = !active.is_empty() && active.is_subset(&st.submitted);
-        let expired = st.deadline_ms.is_some_and(|d| now >= d);
-        if quorum && (all || expired) {
+        let due = st.due(now, self.config.min_sites);
+        if due == Due::Close {
             let updates = self.store.updates(st.round).await?;
             st.closing = true;
             Ok(Some(CloseJob {
@@ -636,7 +590,7 @@ impl Federation {
                 global: st.global.clone(),
                 server_state: st.server_state_sha.clone(),
             }))
-        } else if expired {
+        } else if due == Due::Fail {
             self.fail(st, now).await.map(|()| None)
         } else {
             Ok(None)
@@ -1252,22 +1206,6 @@ impl Federation {
     }
 }
 
-/// Why the federation must end: some sites left and fewer than `min_sites` remain.
-fn ended_reason(st: &State, min_sites: u32) -> Option<String> {
-    let active = st.active().len();
-    (!st.departed.is_empty() && active < min_sites as usize).then(|| {
-        format!(
-            "federation ended: {} site(s) left ({}), {active} remain, below the quorum of {min_sites}",
-            st.departed.len(),
-            st.departed
-                .iter()
-                .map(|(s, r)| format!("{s}: {r}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    })
-}
-
 impl Federation {
     /// Site `site` leaves for good. Rounds stop waiting for it; below the quorum the open
     /// round fails and the federation ends.
@@ -1282,7 +1220,7 @@ impl Federation {
         if st.ended.is_some() {
             return Ok(true);
         }
-        if let Some(why) = ended_reason(&st, self.config.min_sites) {
+        if let Some(why) = st.ended_reason(self.config.min_sites) {
             if st.round <= self.config.rounds {
                 self.fail_round(&mut st, now_ms(), &why, false).await?;
             }
@@ -1505,25 +1443,10 @@ fn secagg_response(v: crate::secure::View) -> fedee_proto::v1::SecAggResponse {
 
 /// Refuse an update whose round is not the open one.
 fn stale(st: &State, h: &UpdateHeader, rounds: u32) -> Result<(), Refusal> {
-    let msg = if st.round > rounds {
-        format!(
-            "stale round: update for round {} but the federation has finished",
-            h.round
-        )
-    } else if h.round < st.round {
-        format!(
-            "stale round: update for round {} but that round has ended (closed or past its deadline) and round {} is open; download model {} and train again",
-            h.round, st.round, st.round
-        )
-    } else if h.round > st.round {
-        format!(
-            "stale round: update for round {} but round {} is open",
-            h.round, st.round
-        )
-    } else {
-        return Ok(());
-    };
-    Err((Reject::StaleRound, Status::failed_precondition(msg)))
+    match st.stale(h.round, rounds) {
+        None => Ok(()),
+        Some(msg) => Err((Reject::StaleRound, Status::failed_precondition(msg))),
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
