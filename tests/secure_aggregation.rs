@@ -122,6 +122,8 @@ fn five_sites_over_mtls_survive_a_dropout_and_an_aggregator_restart() {
         "sqlite://agg.db?mode=rwc",
         "--max-epsilon",
         "inf",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ];
     for (name, _) in SITES {
         agg_args.extend(["--enroll", name]);
@@ -215,6 +217,18 @@ fn five_sites_over_mtls_survive_a_dropout_and_an_aggregator_restart() {
             "{err:?}"
         );
     });
+
+    // The operator sees the dropout and the refusals in the metrics.
+    let text = rt.block_on(agg.scrape());
+    let series =
+        |outcome: &str| format!("fedee_aggregator_secagg_sites_total{{outcome=\"{outcome}\"}}");
+    assert_eq!(
+        common::metric(&text, &series("alive")),
+        9.0,
+        "5 in round 1, 4 in round 2"
+    );
+    assert_eq!(common::metric(&text, &series("dropped")), 1.0);
+    assert!(common::metric(&text, "fedee_aggregator_secagg_messages_refused_total") >= 2.0);
 
     // SIGKILL the aggregator in round 3's protocol, then restart it: round 3 fails with the
     // reason, round 4 runs with fresh keys.

@@ -96,6 +96,8 @@ pub struct Metrics {
     bytes: Counter,
     round_duration: Histogram,
     site_metrics: Family<SiteMetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    secagg_sites: Family<Outcome, Counter>,
+    secagg_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -119,6 +121,8 @@ impl Metrics {
             // 0.25 s … ~68 min.
             round_duration: Histogram::new(exponential_buckets(0.25, 2.0, 15)),
             site_metrics: Family::default(),
+            secagg_sites: Family::default(),
+            secagg_refused: Counter::default(),
         };
         r.register("rounds", "Rounds ended, by outcome", m.rounds.clone());
         r.register(
@@ -152,10 +156,32 @@ impl Metrics {
             "A site's test metric of the latest global model it evaluated",
             m.site_metrics.clone(),
         );
+        r.register(
+            "secagg_sites",
+            "Sites of unmasked secure-aggregation sums, by outcome (alive: input in the sum; dropped: shared keys, sent no input)",
+            m.secagg_sites.clone(),
+        );
+        r.register(
+            "secagg_messages_refused",
+            "Secure-aggregation messages refused (stale, hostile or malformed)",
+            m.secagg_refused.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    pub(crate) fn secagg_unmasked(&self, alive: usize, dropped: usize) {
+        for (outcome, n) in [("alive", alive), ("dropped", dropped)] {
+            self.secagg_sites
+                .get_or_create(&Outcome { outcome })
+                .inc_by(n as u64);
+        }
+    }
+
+    pub(crate) fn secagg_refused(&self) {
+        self.secagg_refused.inc();
     }
 
     pub(crate) fn set_site_metric(&self, site: &str, metric: &'static str, value: f64) {

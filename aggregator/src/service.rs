@@ -1313,6 +1313,7 @@ impl Federation {
         match secure.tick(now_s) {
             None => Ok(None),
             Some(Ended::Mean { alive, dropped, .. }) if alive < self.config.min_sites as usize => {
+                self.metrics.secagg_unmasked(alive, dropped);
                 let reason = format!(
                     "quorum not met: the secure sum holds {alive} sites ({dropped} dropped), fewer than the required {}; the global model stays the previous one",
                     self.config.min_sites
@@ -1327,6 +1328,7 @@ impl Federation {
                 alive,
                 dropped,
             }) => {
+                self.metrics.secagg_unmasked(alive, dropped);
                 tracing::info!(
                     round = st.round,
                     alive,
@@ -1398,11 +1400,13 @@ impl Federation {
 
     /// Refuse a protocol message, with a log line naming the site.
     fn secagg_refusal(
+        &self,
         site: &str,
         round: u32,
         e: impl std::fmt::Display,
         code: tonic::Code,
     ) -> Status {
+        self.metrics.secagg_refused();
         let message = e.to_string();
         tracing::warn!(site, round, reason = %message, "secure aggregation message refused");
         Status::new(code, message)
@@ -1778,7 +1782,7 @@ impl FederationApi for Federation {
         let site = self.identify(&req, &claimed).await?;
         let m = req.into_inner();
         let round = m.round;
-        let bad = |e: String| Self::secagg_refusal(&site, round, e, tonic::Code::InvalidArgument);
+        let bad = |e: String| self.secagg_refusal(&site, round, e, tonic::Code::InvalidArgument);
         let mut st = self.state.lock().await;
         let secure = self.secure_round(&mut st, round)?;
         let applied = match &m.msg {
@@ -1798,11 +1802,11 @@ impl FederationApi for Federation {
             Some(Msg::Unmask(u)) => {
                 let me = secure
                     .index(&site)
-                    .map_err(|e| Self::secagg_refusal(&site, round, &e, secagg_code(&e)))?;
+                    .map_err(|e| self.secagg_refusal(&site, round, &e, secagg_code(&e)))?;
                 secure.unmask(&site, wire::unmask_from_wire(round, me, u).map_err(bad)?)
             }
         };
-        applied.map_err(|e| Self::secagg_refusal(&site, round, &e, secagg_code(&e)))?;
+        applied.map_err(|e| self.secagg_refusal(&site, round, &e, secagg_code(&e)))?;
         if m.msg.is_some() {
             return self.after_secure_message(st, &site, round).await;
         }
@@ -1833,7 +1837,7 @@ impl FederationApi for Federation {
             h.site.clone()
         };
         let round = h.round;
-        let refuse = |e: &dyn std::fmt::Display, code| Self::secagg_refusal(&site, round, e, code);
+        let refuse = |e: &dyn std::fmt::Display, code| self.secagg_refusal(&site, round, e, code);
         let ledger = self
             .privacy_entry(&site, round, h.privacy.as_ref())
             .map_err(|s| refuse(&s.message(), tonic::Code::InvalidArgument))?;
