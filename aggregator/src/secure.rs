@@ -73,6 +73,23 @@ pub struct SecureRound {
     request: Option<UnmaskRequest>,
     failed: Option<String>,
     advertised: std::collections::BTreeSet<String>,
+    /// SHA-256 of each accepted share, masked-input and unmask message, by stage and site:
+    /// an exact repeat (a site retrying after a lost acknowledgement) is acknowledged again
+    /// without being applied twice; a different second message is refused by the protocol.
+    accepted: std::collections::BTreeMap<(Stage, String), [u8; 32]>,
+}
+
+/// The stages whose messages [`SecureRound`] deduplicates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Shares,
+    Masked,
+    Unmask,
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 impl SecureRound {
@@ -103,6 +120,7 @@ impl SecureRound {
             request: None,
             failed: None,
             advertised: Default::default(),
+            accepted: Default::default(),
         })
     }
 
@@ -169,8 +187,29 @@ impl SecureRound {
     /// # Errors
     /// As [`Server::receive_shares`].
     pub fn shares(&mut self, site: &str, shares: Vec<EncryptedShare>) -> Result<(), Error> {
+        let d = digest(&serde_json::to_vec(&shares).unwrap_or_default());
+        self.once(Stage::Shares, site, d, |server, me| {
+            server.receive_shares(me, shares)
+        })
+    }
+
+    /// Apply a message of `stage` from `site` with digest `d` once: an exact repeat is
+    /// acknowledged without being applied again.
+    fn once(
+        &mut self,
+        stage: Stage,
+        site: &str,
+        d: [u8; 32],
+        apply: impl FnOnce(&mut Server, SiteIndex) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let me = self.index(site)?;
-        self.server.receive_shares(me, shares)
+        let key = (stage, site.to_owned());
+        if self.accepted.get(&key) == Some(&d) {
+            return Ok(());
+        }
+        apply(&mut self.server, me)?;
+        self.accepted.insert(key, d);
+        Ok(())
     }
 
     /// Stage 3: `site`'s masked input, added into the running sum.
@@ -178,8 +217,10 @@ impl SecureRound {
     /// # Errors
     /// As [`Server::receive_masked`].
     pub fn masked(&mut self, site: &str, y: &[u32]) -> Result<(), Error> {
-        let me = self.index(site)?;
-        self.server.receive_masked(me, y)
+        let bytes: Vec<u8> = y.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.once(Stage::Masked, site, digest(&bytes), |server, me| {
+            server.receive_masked(me, y)
+        })
     }
 
     /// Stage 4: `site`'s unmask response.
@@ -187,8 +228,10 @@ impl SecureRound {
     /// # Errors
     /// As [`Server::receive_unmask`].
     pub fn unmask(&mut self, site: &str, r: UnmaskResponse) -> Result<(), Error> {
-        let me = self.index(site)?;
-        self.server.receive_unmask(me, r)
+        let d = digest(&serde_json::to_vec(&r).unwrap_or_default());
+        self.once(Stage::Unmask, site, d, |server, me| {
+            server.receive_unmask(me, r)
+        })
     }
 
     /// The words a masked input has (model parameters + 1).
@@ -351,6 +394,7 @@ mod tests {
         assert_eq!(roster_msg.sites.len(), n);
         for (s, name) in sites.iter_mut().zip(&names) {
             let out = s.share_keys(&roster_msg, &mut rng).unwrap();
+            agg.shares(name, out.clone()).unwrap();
             agg.shares(name, out).unwrap();
         }
         assert_eq!(agg.tick(2), None);
@@ -372,6 +416,13 @@ mod tests {
             let enc = q.encode(&x, w, &mut rng).unwrap();
             let y = s.masked_input(&agg.view(name).shares, &enc).unwrap();
             agg.masked(name, &y).unwrap();
+            // A retry after a lost acknowledgement is acknowledged, not added twice; a
+            // different second input is refused.
+            agg.masked(name, &y).unwrap();
+            let mut other = y.clone();
+            other[0] ^= 1;
+            let e = agg.masked(name, &other).unwrap_err().to_string();
+            assert!(e.contains("already sent"), "{e}");
         }
         // The masked-input stage waits for the crashed sites until its deadline.
         let mut t = 3;
@@ -387,7 +438,9 @@ mod tests {
         let req = agg.view(&names[0]).request.unwrap();
         for (i, (s, name)) in sites.iter_mut().zip(&names).enumerate() {
             if !crash.contains(&i) {
-                agg.unmask(name, s.unmask(&req).unwrap()).unwrap();
+                let answer = s.unmask(&req).unwrap();
+                agg.unmask(name, answer.clone()).unwrap();
+                agg.unmask(name, answer).unwrap();
             }
         }
         let ended = agg.tick(t + 1).expect("every alive site answered");

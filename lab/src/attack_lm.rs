@@ -331,10 +331,12 @@ pub fn lm_frequency(a: &LmFrequencyArgs) -> Result<Value> {
         let eos = [tok.eos_id];
         let enc = lm.stop_ids();
         // The plaintext stop ids, recovered from the key holder's table.
-        enc.iter()
-            .map(|&e| lm.decrypt_id(e).map(i64::from))
-            .chain(eos.iter().map(|&e| Ok(i64::from(e))))
-            .collect::<Result<_, _>>()?
+        let mut ids = Vec::with_capacity(enc.len() + eos.len());
+        for e in enc {
+            ids.push(i64::from(lm.decrypt_id(e)?));
+        }
+        ids.extend(eos.iter().map(|&e| i64::from(e)));
+        ids
     };
     // The victim: encrypted prompts answered by the EE model (inference profile), as the
     // trainer serves them; what the server sees is ciphertext ids.
