@@ -353,6 +353,10 @@ fn render(path: &Path, rows: usize, label: &str, columns: &[ColumnInference]) ->
          min_sites = 2               # quorum: sites that must submit for a round to close\n\
          round_timeout_s = 600\n\
          strategy = \"fedavg\"         # fedavg, fedprox, fedadam, fedyogi, median, trimmed-mean\n\n\
+         # Uncomment so the aggregator learns only each round's sum of updates (3+ sites;\n\
+         # not with median or trimmed-mean):\n\
+         # [federation.secure_aggregation]\n\
+         # max_update_norm = 10.0    # sites clip their update to this L2 norm (record mode)\n\n\
          [privacy]\n\
          mode = \"record\"             # DP-SGD at each site, unit: one record; or \"site\" (a site's update)\n\
          clipping_norm = 1.0\n\
