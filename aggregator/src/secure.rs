@@ -72,7 +72,6 @@ pub struct SecureRound {
     published: Option<Roster>,
     request: Option<UnmaskRequest>,
     failed: Option<String>,
-    advertised: std::collections::BTreeSet<String>,
     /// SHA-256 of each accepted share, masked-input and unmask message, by stage and site:
     /// an exact repeat (a site retrying after a lost acknowledgement) is acknowledged again
     /// without being applied twice; a different second message is refused by the protocol.
@@ -119,7 +118,6 @@ impl SecureRound {
             published: None,
             request: None,
             failed: None,
-            advertised: Default::default(),
             accepted: Default::default(),
         })
     }
@@ -168,9 +166,7 @@ impl SecureRound {
     /// As [`Server::receive_advertise`]; [`Error::Refused`] for a site outside the roster.
     pub fn advertise(&mut self, site: &str, a: Advertise) -> Result<(), Error> {
         let me = self.index(site)?;
-        self.server.receive_advertise(me, a)?;
-        self.advertised.insert(site.to_owned());
-        Ok(())
+        self.server.receive_advertise(me, a)
     }
 
     /// Whether `site` can still take part: it is in the roster, keys are being advertised
@@ -178,8 +174,7 @@ impl SecureRound {
     pub fn can_start(&self, site: &str) -> bool {
         self.failed.is_none()
             && self.server.stage() == ServerStage::Advertise
-            && self.index(site).is_ok()
-            && !self.advertised.contains(site)
+            && self.index(site).is_ok_and(|me| !self.server.advertised(me))
     }
 
     /// Stage 2: `site`'s sealed shares.
@@ -217,8 +212,16 @@ impl SecureRound {
     /// # Errors
     /// As [`Server::receive_masked`].
     pub fn masked(&mut self, site: &str, y: &[u32]) -> Result<(), Error> {
-        let bytes: Vec<u8> = y.iter().flat_map(|w| w.to_le_bytes()).collect();
-        self.once(Stage::Masked, site, digest(&bytes), |server, me| {
+        // Hashed in slices: no second copy of the vector.
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        let mut buf = Vec::with_capacity(4 << 14);
+        for c in y.chunks(1 << 14) {
+            buf.clear();
+            buf.extend(c.iter().flat_map(|w| w.to_le_bytes()));
+            sha2::Digest::update(&mut h, &buf);
+        }
+        let d = sha2::Digest::finalize(h).into();
+        self.once(Stage::Masked, site, d, |server, me| {
             server.receive_masked(me, y)
         })
     }

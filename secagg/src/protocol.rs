@@ -654,6 +654,11 @@ impl Server {
         }
     }
 
+    /// Whether `site`'s advertisement was accepted.
+    pub fn advertised(&self, site: SiteIndex) -> bool {
+        self.adverts.contains_key(&site)
+    }
+
     /// Stage 1: an advertisement from `from`, the site the transport authenticated.
     ///
     /// # Errors

@@ -159,17 +159,10 @@ impl SecureRun {
                 self.setup.params.dim - 1
             )));
         }
+        // Post-processing of the DP release: no privacy cost.
         let bound = self.setup.quantizer.clip;
-        let norm = flat
-            .iter()
-            .map(|&x| f64::from(x).powi(2))
-            .sum::<f64>()
-            .sqrt();
+        let norm = fedee_dp::clip_l2(&mut flat, fedee_dp::ClippingNorm::new(bound)?);
         if norm > bound {
-            // Post-processing of the DP release: no privacy cost. The 1e-6 margin keeps
-            // every coordinate inside ±bound after f32 rounding.
-            let f = (bound / norm * (1.0 - 1e-6)) as f32;
-            flat.iter_mut().for_each(|x| *x *= f);
             tracing::info!(site = %name, round, norm, bound, "update clipped to the secure-aggregation bound");
         }
         let weight = u32::try_from(num_examples).map_err(|_| {
