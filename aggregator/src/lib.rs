@@ -276,8 +276,15 @@ impl Config {
             fedee_spec::PrivacyMode::Record => fedee_dp::DpMode::Record,
         };
         self.clipping_norm = ClippingNorm::new(p.clipping_norm)?;
+        let distributed = f
+            .secure_aggregation
+            .as_ref()
+            .is_some_and(|sa| sa.distributed_dp);
         self.noise_multiplier = match (p.noise_multiplier, p.target_epsilon, p.mode) {
             (Some(sigma), _, _) => NoiseMultiplier::new(sigma)?,
+            (None, Some(eps), fedee_spec::PrivacyMode::Site) if distributed => {
+                NoiseMultiplier::new(fedee_dp::skellam::calibrate(f.rounds, eps, p.delta)?)?
+            }
             (None, Some(eps), fedee_spec::PrivacyMode::Site) => {
                 fedee_dp::SiteLevelAccountant::calibrate(f.rounds, eps, p.delta)?
             }
@@ -348,6 +355,17 @@ impl Config {
                     self.min_sites
                 ));
             }
+            if self.distributed_dp()
+                != self
+                    .secure_aggregation
+                    .as_ref()
+                    .is_some_and(|s| s.distributed_dp)
+            {
+                return bad(
+                    "distributed DP splits site-level noise across sites: use site-level DP (dp mode site)"
+                        .into(),
+                );
+            }
         }
         let planned = self.planned_privacy()?;
         if !planned.worst_case && (planned.epsilon.is_nan() || planned.epsilon > self.max_epsilon) {
@@ -367,6 +385,40 @@ impl Config {
         Ok(())
     }
 
+    /// Whether rounds run distributed DP (site mode over secure aggregation with
+    /// `distributed_dp`): the sites add Skellam noise that only sums to `σC`.
+    pub fn distributed_dp(&self) -> bool {
+        self.dp_mode == fedee_dp::DpMode::Site
+            && self
+                .secure_aggregation
+                .as_ref()
+                .is_some_and(|s| s.distributed_dp)
+    }
+
+    /// Site-level privacy after `rounds` rounds, `(zCDP ρ, ε)` at the configured δ: the
+    /// Gaussian mechanism through OpenDP, or under distributed DP the Skellam bound of
+    /// [`fedee_dp::skellam::worst_case_round`] over RDP orders (ρ is then reported as 0: not
+    /// zCDP-accounted).
+    ///
+    /// # Errors
+    /// [`AggregatorError::Dp`] if the accountant rejects the parameters.
+    pub fn site_level_spent(&self, rounds: u32) -> Result<(f64, f64), AggregatorError> {
+        if self.distributed_dp() {
+            let round = fedee_dp::skellam::worst_case_round(self.noise_multiplier.get());
+            return Ok((
+                0.0,
+                fedee_dp::skellam::spent(round, u64::from(rounds), self.delta),
+            ));
+        }
+        let s = fedee_dp::SiteLevelAccountant::new(
+            self.clipping_norm,
+            self.noise_multiplier,
+            self.delta,
+        )?
+        .spent(rounds)?;
+        Ok((s.rho, s.epsilon))
+    }
+
     /// The ε one site spends over the whole federation under this configuration: site mode,
     /// `rounds` Gaussian releases of its update at `σ` (zCDP through OpenDP, as `Status`
     /// reports it); record mode with a target ε, the target (each site calibrates to it);
@@ -383,14 +435,16 @@ impl Config {
             .as_ref()
             .and_then(|s| s.spec.privacy.target_epsilon);
         Ok(match (self.dp_mode, target) {
+            (fedee_dp::DpMode::Site, _) if self.distributed_dp() => PlannedPrivacy {
+                epsilon: self.site_level_spent(self.rounds)?.1,
+                how: format!(
+                    "site-level, distributed: {} Skellam releases of the secure sum at central σ = {sigma}",
+                    self.rounds
+                ),
+                worst_case: false,
+            },
             (fedee_dp::DpMode::Site, _) => PlannedPrivacy {
-                epsilon: fedee_dp::SiteLevelAccountant::new(
-                    self.clipping_norm,
-                    self.noise_multiplier,
-                    self.delta,
-                )?
-                .spent(self.rounds)?
-                .epsilon,
+                epsilon: self.site_level_spent(self.rounds)?.1,
                 how: format!(
                     "site-level: {} releases of its update at σ = {sigma}",
                     self.rounds

@@ -304,7 +304,7 @@ impl SecureRound {
                     .request
                     .as_ref()
                     .map_or((0, 0), |r| (r.alive.len(), r.dropped.len()));
-                match self.setup.quantizer.decode_mean(&sum) {
+                match self.setup.decode_mean(&sum) {
                     Ok((mean, total_weight)) => Some(Ended::Mean {
                         mean,
                         total_weight,
@@ -348,7 +348,7 @@ pub fn unflatten(global: &Tensors, flat: &[f32]) -> Tensors {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedee_secagg::{Quantizer, Site, os_rng};
+    use fedee_secagg::{Site, os_rng};
 
     const DEADLINES: Deadlines = Deadlines {
         advertise_s: 10,
@@ -362,6 +362,15 @@ mod tests {
     }
 
     fn round(names: &[String], session: [u8; 32], dim: usize) -> SecureRound {
+        round_with(names, session, dim, None)
+    }
+
+    fn round_with(
+        names: &[String],
+        session: [u8; 32],
+        dim: usize,
+        distributed_dp: Option<f64>,
+    ) -> SecureRound {
         let inputs = Inputs {
             spec_sha256: "spec",
             round: 4,
@@ -371,6 +380,7 @@ mod tests {
             parameters: dim,
             bound: 1.0,
             max_weight: 1000,
+            distributed_dp,
         };
         SecureRound::open(&inputs, session, DEADLINES, 0).unwrap()
     }
@@ -378,10 +388,16 @@ mod tests {
     /// Runs a round with `n` sites where the sites in `crash` stop after sharing keys;
     /// returns how it ended and the plaintext weighted mean of the others.
     fn run(n: usize, crash: &[usize]) -> (Ended, Vec<f64>) {
+        run_with(n, crash, None)
+    }
+
+    /// [`run`], under distributed DP at central noise multiplier `z` when given (the mean is
+    /// then unweighted).
+    fn run_with(n: usize, crash: &[usize], z: Option<f64>) -> (Ended, Vec<f64>) {
         let names = roster(n);
         let session = [7u8; 32];
         let dim = 6;
-        let mut agg = round(&names, session, dim);
+        let mut agg = round_with(&names, session, dim, z);
         let mut rng = os_rng().unwrap();
         let mut sites = vec![];
         for (i, name) in names.iter().enumerate() {
@@ -401,7 +417,6 @@ mod tests {
             agg.shares(name, out).unwrap();
         }
         assert_eq!(agg.tick(2), None);
-        let q: Quantizer = agg.setup().quantizer;
         let mut want = vec![0f64; dim];
         let mut total = 0u64;
         for (i, (s, name)) in sites.iter_mut().zip(&names).enumerate() {
@@ -412,11 +427,12 @@ mod tests {
                 .map(|j| ((i * dim + j) as f32 * 0.013).sin() * 0.3)
                 .collect();
             let w = 10 * (i as u32 + 1);
+            let counted = if z.is_some() { 1 } else { w };
             for (a, &v) in want.iter_mut().zip(&x) {
-                *a += f64::from(w) * f64::from(v);
+                *a += f64::from(counted) * f64::from(v);
             }
-            total += u64::from(w);
-            let enc = q.encode(&x, w, &mut rng).unwrap();
+            total += u64::from(counted);
+            let (enc, _) = agg.setup().encode(x, w, &mut rng).unwrap();
             let y = s.masked_input(&agg.view(name).shares, &enc).unwrap();
             agg.masked(name, &y).unwrap();
             // A retry after a lost acknowledgement is acknowledged, not added twice; a
@@ -469,6 +485,25 @@ mod tests {
             for (m, w) in mean.iter().zip(&want) {
                 assert!((f64::from(*m) - w).abs() < 1e-4, "{m} vs {w}");
             }
+        }
+    }
+
+    #[test]
+    fn distributed_dp_yields_the_unweighted_mean_of_the_survivors() {
+        // A tiny central noise (z = 1e-5, C = 1) so the mean is checked to 1e-4.
+        let (ended, want) = run_with(5, &[2], Some(1e-5));
+        let Ended::Mean {
+            mean,
+            alive,
+            total_weight,
+            ..
+        } = ended
+        else {
+            panic!("{ended:?}")
+        };
+        assert_eq!((alive, total_weight, mean.len()), (4, 4, 6));
+        for (m, w) in mean.iter().zip(&want) {
+            assert!((f64::from(*m) - w).abs() < 1e-4, "{m} vs {w}");
         }
     }
 

@@ -4,7 +4,6 @@ use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use fedee_dp::SiteLevelAccountant;
 use fedee_proto::v1::federation_server::{Federation as FederationApi, FederationServer};
 use fedee_proto::v1::{
     Chunk, DownloadModelRequest, FeatureStatistics, GetSpecRequest, JoinRequest, JoinResponse,
@@ -201,7 +200,6 @@ pub struct Federation {
     config: Arc<Config>,
     store: Store,
     blobs: BlobStore,
-    accountant: SiteLevelAccountant,
     metrics: Metrics,
     state: Arc<Mutex<State>>,
     /// Uploads received at once (`Config::max_concurrent_uploads`); others wait their turn.
@@ -367,15 +365,14 @@ impl Federation {
         config.validate()?;
         // Only needed once; not kept for the life of the service.
         let initial_model = config.initial_model.take();
-        let accountant =
-            SiteLevelAccountant::new(config.clipping_norm, config.noise_multiplier, config.delta)?;
         // Fail before serving if accounting cannot cover every configured round.
         if config.dp_mode == DpMode::Site {
-            let budget = accountant.spent(config.rounds)?;
+            let (rho, epsilon) = config.site_level_spent(config.rounds)?;
             tracing::info!(
-                rho = budget.rho,
-                epsilon = budget.epsilon,
-                delta = budget.delta,
+                rho,
+                epsilon,
+                delta = config.delta,
+                distributed_dp = config.distributed_dp(),
                 "privacy after all rounds (site-level unit)"
             );
         } else {
@@ -470,7 +467,6 @@ impl Federation {
             config: Arc::new(config),
             store,
             blobs,
-            accountant,
             metrics,
             state: Arc::new(Mutex::new(state)),
         };
@@ -825,10 +821,7 @@ impl Federation {
     /// the rounds; record mode, ρ = 0 (not zCDP-accounted) and the largest ε any site reported.
     async fn round_privacy(&self, round: u32) -> Result<(f64, f64), AggregatorError> {
         match self.config.dp_mode {
-            DpMode::Site => {
-                let s = self.accountant.spent(round)?;
-                Ok((s.rho, s.epsilon))
-            }
+            DpMode::Site => Ok(self.config.site_level_spent(round)?),
             DpMode::Record => Ok((
                 0.0,
                 self.store
@@ -1257,13 +1250,16 @@ impl Federation {
             // end of the advertise stage counts as dropped.
             let roster: Vec<String> = st.active().into_iter().collect();
             let parameters: usize = st.global.data.iter().map(Vec::len).sum();
-            let bound = sa.max_update_norm.unwrap_or_else(|| {
-                fedee_dp::noised_update_norm_bound(
+            let distributed = self.config.distributed_dp();
+            let bound = match (distributed, sa.max_update_norm) {
+                (true, _) => self.config.clipping_norm.get(),
+                (false, Some(b)) => b,
+                (false, None) => fedee_dp::noised_update_norm_bound(
                     self.config.clipping_norm,
                     self.config.noise_multiplier,
                     parameters as u64,
-                )
-            });
+                ),
+            };
             let spec_sha = self.config.spec.as_ref().map_or("", |s| s.sha256.as_str());
             let stage_s = sa.stage_timeout_s.ceil() as u64;
             let deadlines = fedee_secagg::Deadlines {
@@ -1282,6 +1278,7 @@ impl Federation {
                     parameters,
                     bound,
                     max_weight: self.config.max_num_examples,
+                    distributed_dp: distributed.then_some(self.config.noise_multiplier.get()),
                 };
                 SecureRound::open(&inputs, session, deadlines, now_s)
             });
@@ -1294,7 +1291,12 @@ impl Federation {
                         degree = p.degree,
                         threshold = p.threshold,
                         words = p.dim,
-                        quantization_step = 1.0 / r.setup().quantizer.scale,
+                        quantization_step = 1.0
+                            / r.setup()
+                                .skellam
+                                .as_ref()
+                                .map_or(r.setup().quantizer.scale, |s| s.scale()),
+                        distributed_dp = distributed,
                         "secure aggregation started"
                     );
                     st.secure = Some(r);

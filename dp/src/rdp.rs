@@ -183,6 +183,19 @@ impl RdpAccountant {
         Ok(())
     }
 
+    /// Add `times` releases of a mechanism whose RDP bound `rdp(α)` holds at integer orders
+    /// only (the Skellam mechanism): the fractional orders become unusable (+∞), so ε is
+    /// taken over the integer ones.
+    pub fn add_integer_orders(&mut self, times: u64, rdp: impl Fn(f64) -> f64) {
+        for (r, &a) in self.rdp.iter_mut().zip(&self.orders) {
+            if a.fract() == 0.0 && a >= 2.0 {
+                *r += times as f64 * rdp(a);
+            } else {
+                *r = f64::INFINITY;
+            }
+        }
+    }
+
     /// The orders tracked.
     pub fn orders(&self) -> &[f64] {
         &self.orders

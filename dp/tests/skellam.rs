@@ -186,3 +186,68 @@ fn bad_input_is_named() {
             .contains("6 minimum survivors")
     );
 }
+
+/// The planning bound charged for every round covers every roster, threshold and model size
+/// the federation can run (a round's exact RDP never exceeds it), and stays close to the
+/// Gaussian mechanism at the same central noise multiplier (relative excess printed; below
+/// 1e-3 up to σ = 8, where the ring leaves a smaller integer scale).
+#[test]
+fn the_worst_case_round_bounds_every_round_and_tracks_the_gaussian() {
+    use fedee_dp::skellam::{spent, worst_case_round};
+    for z in [0.3, 1.0, 2.0, 4.0, 8.0] {
+        let worst = worst_case_round(z);
+        for (n, t) in [(3, 2), (3, 3), (10, 6), (255, 2), (255, 129), (100, 11)] {
+            for dim in [1, 14, 1000, 1 << 20] {
+                let p = Skellam {
+                    dim,
+                    clip: 0.7,
+                    noise_multiplier: z,
+                    sites: n,
+                    min_survivors: t,
+                    rotation_seed: [0; 32],
+                };
+                p.check().unwrap();
+                let exact = p.round();
+                for a in orders() {
+                    assert!(
+                        exact.rdp(a) <= worst.rdp(a),
+                        "z {z}, n {n}, t {t}, d {dim}, α {a}: {} > {}",
+                        exact.rdp(a),
+                        worst.rdp(a)
+                    );
+                }
+            }
+        }
+        let mut gauss = fedee_dp::rdp::RdpAccountant::default();
+        gauss.add_integer_orders(20, |a| rdp_step(1.0, z, a));
+        let (g, s) = (gauss.epsilon(1e-5).0, spent(worst, 20, 1e-5));
+        println!(
+            "σ = {z}: 20 rounds, ε Skellam (worst case) {s:.6} vs Gaussian {g:.6}: +{:.1e}",
+            s / g - 1.0
+        );
+        assert!(
+            s >= g && s <= g * (1.0 + 1e-3),
+            "z {z}: Skellam {s}, Gaussian {g}"
+        );
+    }
+}
+
+#[test]
+fn calibration_spends_at_most_the_target_and_little_less() {
+    use fedee_dp::skellam::{calibrate, spent, worst_case_round};
+    for (rounds, eps) in [(10, 8.0), (30, 1.0), (1, 0.5)] {
+        let z = calibrate(rounds, eps, 1e-5).unwrap();
+        let got = spent(worst_case_round(z), u64::from(rounds), 1e-5);
+        assert!(
+            got <= eps && got > eps * 0.999,
+            "{rounds} rounds, target {eps}: {got} at z {z}"
+        );
+    }
+    let e = calibrate(10, 0.0, 1e-5).unwrap_err().to_string();
+    assert!(e.contains("ε > 0"), "{e}");
+    // Fractional orders are closed to a Skellam ledger: only integer ones give ε.
+    let mut acc = fedee_dp::rdp::RdpAccountant::default();
+    acc.add_integer_orders(1, |a| worst_case_round(1.0).rdp(a));
+    let (_, order) = acc.epsilon(1e-5);
+    assert_eq!(order.fract(), 0.0);
+}

@@ -39,6 +39,12 @@ struct Row {
     /// over `threshold` sites; and the central Gaussian mechanism's ε at the same z.
     epsilon_skellam: f64,
     epsilon_gaussian: f64,
+    /// Measured standard deviation of the noise in the released mean of `sites` updates,
+    /// in units of `σC` (first 4 096 coordinates): every site adding the Gaussian `σC`
+    /// (≈ 1/√n) and distributed DP (≈ 1/√(n·t)), and the first over the second.
+    mean_noise_local_gaussian: f64,
+    mean_noise_distributed: f64,
+    noise_reduction: f64,
 }
 
 /// Runs the grid; cells whose mask expansion exceeds `max_words` are skipped and listed.
@@ -110,6 +116,13 @@ pub fn secagg(
             col("Skellam enc", "skellam_encode_s", Cell::Millis),
             col("ε Skellam", "epsilon_skellam", Cell::Fixed(5)),
             col("ε Gauss", "epsilon_gaussian", Cell::Fixed(5)),
+            col(
+                "mean noise local",
+                "mean_noise_local_gaussian",
+                Cell::Fixed(4),
+            ),
+            col("distributed", "mean_noise_distributed", Cell::Fixed(4)),
+            col("reduction ×", "noise_reduction", Cell::Fixed(2)),
         ],
         &rows,
     );
@@ -228,6 +241,7 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
         .max()
         .unwrap_or(0);
     let (skellam_encode, epsilon_skellam, epsilon_gaussian) = distributed_dp(n, d, p.threshold)?;
+    let (local, distributed) = mean_noise(n, d.min(4096), p.threshold)?;
     let row = Row {
         sites: n,
         degree: k,
@@ -247,8 +261,54 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
         skellam_encode_s: skellam_encode,
         epsilon_skellam,
         epsilon_gaussian,
+        mean_noise_local_gaussian: local,
+        mean_noise_distributed: distributed,
+        noise_reduction: local / distributed,
     };
     Ok(row)
+}
+
+/// The noise in the mean of `n` all-zero updates of `d` values at σ = 4, C = 1, measured as a
+/// standard deviation in units of `σC`: each site adding `N(0, (σC)²)` (the plain site-level
+/// mechanism, whether or not secure aggregation hides the single updates), and each adding
+/// its Skellam share with threshold `t` through encode, the wrapping sum and decode.
+fn mean_noise(n: usize, d: usize, t: usize) -> Result<(f64, f64)> {
+    let (c, z) = (1.0, 4.0);
+    let dp = fedee_dp::skellam::Skellam {
+        dim: d,
+        clip: c,
+        noise_multiplier: z,
+        sites: n,
+        min_survivors: t,
+        rotation_seed: [3; 32],
+    };
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+    let mut local = vec![0f64; d];
+    let mut sum = vec![0u32; dp.padded_dim()];
+    for _ in 0..n {
+        let mut x = vec![0f32; d];
+        fedee_dp::add_gaussian_noise(
+            &mut x,
+            fedee_dp::ClippingNorm::new(c)?,
+            fedee_dp::NoiseMultiplier::new(z)?,
+            fedee_dp::noise::Sampler::Fast,
+            &mut rng,
+        )?;
+        local
+            .iter_mut()
+            .zip(&x)
+            .for_each(|(a, &v)| *a += f64::from(v));
+        let w = dp.encode(&vec![0f32; d], &mut rng)?;
+        sum.iter_mut()
+            .zip(&w)
+            .for_each(|(a, &b)| *a = a.wrapping_add(b));
+    }
+    let distributed: Vec<f64> = dp.decode_sum(&sum)?.into_iter().map(f64::from).collect();
+    let std = |v: &[f64]| {
+        let m = n as f64 * z * c;
+        (v.iter().map(|a| (a / m).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+    };
+    Ok((std(&local), std(&distributed)))
 }
 
 /// One site's Skellam encoding time for `d` parameters, and the central-equivalent ε (100
@@ -378,12 +438,18 @@ struct FederationRow {
     seconds_per_round: f64,
     /// Weighted test accuracy of the final model.
     final_accuracy: f64,
+    /// Site-level ε after the last round, at δ = 1e-5, and the noise multiplier σ.
+    epsilon: f64,
+    noise_multiplier: f64,
 }
 
 /// The heart-disease federation (three site agents training on their own rows, the
-/// aggregator, mutual TLS on loopback, in this process) run twice from the same initial
-/// model: plaintext FedAvg, then FedAvg over secure aggregation. Reports seconds per round
-/// and the final model's weighted test accuracy for each, and their ratio.
+/// aggregator, mutual TLS on loopback, in this process) run three times from the same
+/// initial model at the same site-level target ε: plaintext FedAvg (each site adds the
+/// Gaussian noise σC), FedAvg over secure aggregation (the same noise), and secure
+/// aggregation with distributed DP (Skellam noise that only sums to σC). Reports seconds
+/// per round, the final model's weighted test accuracy and the ε reached for each, and the
+/// secure/plaintext latency ratio.
 ///
 /// # Errors
 /// Missing data, or a federation that fails.
@@ -410,11 +476,16 @@ pub fn federation_rounds(data: &std::path::Path, rounds: u32) -> Result<Value> {
     let initial = fedee_site_agent::task::initial_model(&spec, 7)?;
     let params: usize = initial.values().map(|t| t.numel()).sum();
     let mut rows = Vec::new();
-    for secure in [false, true] {
+    for (mode, secure, distributed_dp) in [
+        ("plaintext", false, false),
+        ("secure aggregation", true, false),
+        ("secure + distributed DP", true, true),
+    ] {
         let mut spec = spec.clone();
         if secure {
             spec.federation.secure_aggregation = Some(fedee_spec::SecureAggregation {
                 stage_timeout_s: 30.0,
+                distributed_dp,
                 ..Default::default()
             });
         }
@@ -433,11 +504,6 @@ pub fn federation_rounds(data: &std::path::Path, rounds: u32) -> Result<Value> {
                 policy: policy.clone(),
             })
             .collect();
-        let mode = if secure {
-            "secure aggregation"
-        } else {
-            "plaintext"
-        };
         eprintln!("secagg: {rounds} rounds of the heart federation, {mode} …");
         let consortium = Consortium::new(&SITES, tch::Device::Cpu)?;
         let t0 = Instant::now();
@@ -452,6 +518,8 @@ pub fn federation_rounds(data: &std::path::Path, rounds: u32) -> Result<Value> {
             .last()
             .and_then(|r| r.weighted.as_ref())
             .map_or(f64::NAN, |w| w.test_accuracy);
+        let epsilon = fed.status.rounds.last().map_or(f64::NAN, |r| r.epsilon);
+        let noise_multiplier = fed.status.noise_multiplier;
         consortium.shutdown.cancel();
         rows.push(FederationRow {
             mode,
@@ -460,6 +528,8 @@ pub fn federation_rounds(data: &std::path::Path, rounds: u32) -> Result<Value> {
             params,
             seconds_per_round,
             final_accuracy,
+            epsilon,
+            noise_multiplier,
         });
     }
     table::print(
@@ -470,6 +540,8 @@ pub fn federation_rounds(data: &std::path::Path, rounds: u32) -> Result<Value> {
             col("params", "params", Cell::Text),
             col("s / round", "seconds_per_round", Cell::Fixed(3)),
             col("final acc", "final_accuracy", Cell::Fixed(3)),
+            col("ε", "epsilon", Cell::Fixed(3)),
+            col("σ", "noise_multiplier", Cell::Fixed(3)),
         ],
         &rows,
     );

@@ -2,8 +2,14 @@
 //! every site derive alike from the federation spec's hash, the round, the roster and the
 //! aggregator's session bytes, so that neither side takes the other's word for the threshold
 //! or the encoding.
+//!
+//! Two encodings: the weighted fixed-point [`Quantizer`] (each site has already added its
+//! own DP noise, or runs DP-SGD), and distributed DP with the Skellam mechanism
+//! ([`fedee_dp::skellam`]), where each site adds `1/t` of the central noise and the sum over
+//! at least `t` survivors carries all of it.
 
 use crate::{Error, MAX_SITES, Quantizer, Result, RoundParams, SiteIndex};
+use fedee_dp::skellam::Skellam;
 use sha2::{Digest, Sha256};
 
 /// The public setup of one round.
@@ -11,8 +17,76 @@ use sha2::{Digest, Sha256};
 pub struct Setup {
     /// Graph, threshold and vector length.
     pub params: RoundParams,
-    /// The fixed-point encoding of the updates and their weights.
+    /// The fixed-point encoding of the updates and their weights (unused under distributed
+    /// DP).
     pub quantizer: Quantizer,
+    /// Distributed DP: the round's Skellam parameters (rotation seed derived from the
+    /// context, `t` the protocol threshold). Each site then sends its encoded update and a
+    /// weight of 1, so the mean is unweighted: a weight would scale the sensitivity.
+    pub skellam: Option<Skellam>,
+}
+
+impl Setup {
+    /// The words one site adds into the secure sum: its update `x` (the model's parameters
+    /// flattened, f32) clipped to the bound (quantizer) or to `C` (Skellam), encoded, then
+    /// its weight; and the update's L2 norm before clipping.
+    ///
+    /// # Errors
+    /// [`Error::Input`] for a wrong length, a non-finite value or a weight above the
+    /// round's largest.
+    pub fn encode(
+        &self,
+        mut x: Vec<f32>,
+        weight: u32,
+        rng: &mut impl rand_core::Rng,
+    ) -> Result<(Vec<u32>, f64)> {
+        if x.len() + 1 != self.params.dim && self.skellam.is_none() {
+            return Err(Error::Input(format!(
+                "an update of {} parameters, round {} expects {}",
+                x.len(),
+                self.params.round,
+                self.params.dim - 1
+            )));
+        }
+        let norm = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+        let Some(sk) = &self.skellam else {
+            if norm > self.quantizer.clip {
+                let f = (self.quantizer.clip / norm) as f32;
+                x.iter_mut().for_each(|v| *v *= f);
+            }
+            return Ok((self.quantizer.encode(&x, weight, rng)?, norm));
+        };
+        use rand_chacha::rand_core::SeedableRng;
+        let mut seed = [0u8; 32];
+        rng.fill_bytes(&mut seed);
+        let mut noise_rng = rand_chacha::ChaCha20Rng::from_seed(seed);
+        let mut words = sk
+            .encode(&x, &mut noise_rng)
+            .map_err(|e| Error::Input(e.to_string()))?;
+        words.push(1);
+        Ok((words, norm))
+    }
+
+    /// The mean of the survivors' updates and their total weight from the unmasked sum.
+    ///
+    /// # Errors
+    /// [`Error::Input`] for a sum of the wrong length or a zero total weight.
+    pub fn decode_mean(&self, sum: &[u32]) -> Result<(Vec<f32>, u64)> {
+        let Some(sk) = &self.skellam else {
+            return self.quantizer.decode_mean(sum);
+        };
+        let (&count, body) = sum
+            .split_last()
+            .ok_or_else(|| Error::Input("an empty sum".into()))?;
+        if count == 0 {
+            return Err(Error::Input("no site's update is in the sum".into()));
+        }
+        let total = sk
+            .decode_sum(body)
+            .map_err(|e| Error::Input(e.to_string()))?;
+        let n = count as f32;
+        Ok((total.into_iter().map(|v| v / n).collect(), u64::from(count)))
+    }
 }
 
 /// What a round's setup is derived from.
@@ -34,6 +108,9 @@ pub struct Inputs<'a> {
     pub bound: f64,
     /// The largest weight (`num_examples`) a site may send.
     pub max_weight: u64,
+    /// Distributed DP: the central noise multiplier `z` of the Skellam mechanism (`bound` is
+    /// then the clipping norm `C`); `None` for the weighted quantizer.
+    pub distributed_dp: Option<f64>,
 }
 
 /// The setup of one round from its [`Inputs`].
@@ -56,6 +133,7 @@ pub fn setup(i: &Inputs<'_>) -> Result<Setup> {
         parameters,
         bound,
         max_weight,
+        distributed_dp,
     } = *i;
     let n = roster.len();
     if !(3..=MAX_SITES).contains(&n) {
@@ -84,13 +162,33 @@ pub fn setup(i: &Inputs<'_>) -> Result<Setup> {
         h.update((name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
     }
+    let context: [u8; 32] = h.finalize().into();
+    let threshold = k.div_ceil(2) + 1;
+    let skellam = match distributed_dp {
+        None => None,
+        Some(z) => {
+            let mut r = Sha256::new();
+            r.update(b"fedee-secagg/v1/skellam-rotation");
+            r.update(context);
+            let s = Skellam {
+                dim: parameters,
+                clip: bound,
+                noise_multiplier: z,
+                sites: n,
+                min_survivors: threshold,
+                rotation_seed: r.finalize().into(),
+            };
+            s.check().map_err(|e| Error::Params(e.to_string()))?;
+            Some(s)
+        }
+    };
     let params = RoundParams {
-        context: h.finalize().into(),
+        context,
         round: u64::from(round),
         sites: n,
         degree: k,
-        threshold: k.div_ceil(2) + 1,
-        dim: parameters + 1,
+        threshold,
+        dim: skellam.as_ref().map_or(parameters, Skellam::padded_dim) + 1,
     };
     params.check()?;
     let max_weight = u32::try_from(max_weight).map_err(|_| {
@@ -100,7 +198,11 @@ pub fn setup(i: &Inputs<'_>) -> Result<Setup> {
         ))
     })?;
     let quantizer = Quantizer::new(n, bound, max_weight)?;
-    Ok(Setup { params, quantizer })
+    Ok(Setup {
+        params,
+        quantizer,
+        skellam,
+    })
 }
 
 /// Fresh random session bytes for one protocol run (the aggregator draws them per round).
@@ -149,6 +251,7 @@ mod tests {
             parameters,
             bound,
             max_weight,
+            distributed_dp: None,
         })
     }
 
@@ -171,6 +274,65 @@ mod tests {
         }
         let plus = setup("abc", 3, &names(50), 20, b"s", 10, 2.0, 1000).unwrap();
         assert_eq!((plus.params.degree, plus.params.threshold), (20, 11));
+    }
+
+    #[test]
+    fn distributed_dp_sends_skellam_words_and_decodes_the_unweighted_mean() {
+        use rand_core::SeedableRng;
+        let r = names(4);
+        let inputs = |z: Option<f64>| Inputs {
+            spec_sha256: "abc",
+            round: 2,
+            roster: &r,
+            degree: 0,
+            session: b"s",
+            parameters: 100,
+            bound: 1.0,
+            max_weight: 1000,
+            distributed_dp: z,
+        };
+        let plain = super::setup(&inputs(None)).unwrap();
+        let dist = super::setup(&inputs(Some(0.01))).unwrap();
+        assert_eq!(plain.params.context, dist.params.context);
+        let sk = dist.skellam.as_ref().unwrap();
+        // Padded to the Hadamard block, plus the weight word; t is the protocol threshold.
+        assert_eq!(dist.params.dim, 129);
+        assert_eq!(sk.min_survivors, dist.params.threshold);
+        let mut rng = chacha20::ChaCha20Rng::seed_from_u64(3);
+        let mut sum = vec![0u32; dist.params.dim];
+        let mut want = vec![0f32; 100];
+        for s in 0..4 {
+            // Site 0 sends a long update: it is clipped to C = 1.
+            let x: Vec<f32> = (0..100)
+                .map(|i| ((i * 7 + s * 13) % 11) as f32 / 10.0 - 0.5)
+                .map(|v| if s == 0 { v * 10.0 } else { v / 10.0 })
+                .collect();
+            let (w, norm) = dist.encode(x.clone(), 777, &mut rng).unwrap();
+            let f = if norm > 1.0 { (1.0 / norm) as f32 } else { 1.0 };
+            want.iter_mut().zip(&x).for_each(|(m, v)| *m += v * f / 4.0);
+            assert_eq!(w.len(), 129);
+            assert_eq!(
+                *w.last().unwrap(),
+                1,
+                "the weight is 1 under distributed DP"
+            );
+            sum.iter_mut()
+                .zip(&w)
+                .for_each(|(a, b)| *a = a.wrapping_add(*b));
+        }
+        let (mean, count) = dist.decode_mean(&sum).unwrap();
+        assert_eq!((mean.len(), count), (100, 4));
+        // Central noise z·C = 0.01 on the sum, /4 on the mean: far below 0.02.
+        let err = mean
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 0.02, "max error {err}");
+        assert!(dist.encode(vec![0.0; 99], 1, &mut rng).is_err());
+        assert!(dist.encode(vec![f32::NAN; 100], 1, &mut rng).is_err());
+        sum.pop();
+        assert!(dist.decode_mean(&sum).is_err());
     }
 
     #[test]

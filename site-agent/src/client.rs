@@ -469,8 +469,16 @@ pub fn spec_privacy(spec: &fedee_spec::FederationSpec, n: u64) -> Result<RoundPr
         fedee_spec::PrivacyMode::Site => DpMode::Site,
         fedee_spec::PrivacyMode::Record => DpMode::Record,
     };
+    let distributed = spec
+        .federation
+        .secure_aggregation
+        .as_ref()
+        .is_some_and(|s| s.distributed_dp);
     let sigma = match (p.noise_multiplier, p.target_epsilon, mode) {
         (Some(s), _, _) => s,
+        (None, Some(eps), DpMode::Site) if distributed => {
+            fedee_dp::skellam::calibrate(spec.federation.rounds, eps, p.delta)?
+        }
         (None, Some(eps), DpMode::Site) => {
             fedee_dp::SiteLevelAccountant::calibrate(spec.federation.rounds, eps, p.delta)?.get()
         }
@@ -504,6 +512,7 @@ pub fn spec_privacy(spec: &fedee_spec::FederationSpec, n: u64) -> Result<RoundPr
         clipping_norm: p.clipping_norm,
         noise_multiplier: sigma,
         delta: p.delta,
+        distributed,
     })
 }
 
@@ -525,6 +534,7 @@ pub fn federation_epsilon(
             sampling_rate: 1.0,
             noise_multiplier: s,
             steps: 1,
+            skellam: None,
         });
     }
     let settings = RoundSettings {
@@ -533,8 +543,7 @@ pub fn federation_epsilon(
         learning_rate: 0.0,
         proximal_mu: 0.0,
     };
-    let sigma = NoiseMultiplier::new(agreed.noise_multiplier)?;
-    let round = plan(agreed.mode, &settings, n, sigma);
+    let round = plan(agreed, &settings, n)?;
     future.extend(std::iter::repeat_n(round, spec.federation.rounds as usize));
     Ok(ledger.spend_after(&future, agreed.delta)?.0)
 }
@@ -640,6 +649,7 @@ async fn federated_statistics(
             sampling_rate: 1.0,
             noise_multiplier: sigma,
             steps: 1,
+            skellam: None,
         };
         let after = ledger.epsilon_with(Some(planned), delta)?;
         let budget = cfg.policy.epsilon_budget;
@@ -807,7 +817,7 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             agreed.mode,
             agreed.delta,
         );
-        let planned = plan(mode, &settings, n, sigma);
+        let planned = plan(&agreed, &settings, n)?;
         let spent = ledger.epsilon_with(None, delta)?;
         let after = ledger.epsilon_with(Some(planned), delta)?;
         if !crate::policy::within_budget(after, budget) {
@@ -850,14 +860,19 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             }
             (Some(t), Some(settings)) => {
                 let parameters: usize = global.values().map(|t| t.numel()).sum();
-                let bound = settings.max_update_norm.unwrap_or_else(|| {
-                    fedee_dp::noised_update_norm_bound(c, sigma, parameters as u64)
-                });
+                let bound = match (settings.distributed_dp, settings.max_update_norm) {
+                    (true, _) => c.get(),
+                    (false, Some(b)) => b,
+                    (false, None) => {
+                        fedee_dp::noised_update_norm_bound(c, sigma, parameters as u64)
+                    }
+                };
                 let agreed = crate::secure::Agreed {
                     settings,
                     spec_sha256: &cfg.spec.sha256,
                     max_weight: cfg.spec.spec.federation.max_num_examples,
                     bound,
+                    distributed_dp: settings.distributed_dp.then_some(sigma.get()),
                 };
                 match crate::secure::SecureRun::begin(
                     &mut link,
@@ -889,14 +904,24 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
                 &global,
                 &settings,
                 mode,
-                (c, sigma),
+                // Distributed DP: the update is only clipped here; the Skellam noise is added
+                // as it is encoded for the secure sum.
+                (
+                    c,
+                    if agreed.distributed {
+                        NoiseMultiplier::new(0.0)?
+                    } else {
+                        sigma
+                    },
+                ),
                 planned,
                 &mut rng,
             )
         })?;
-        let mechanism = match mode {
-            DpMode::Site => "gaussian_zcdp",
-            DpMode::Record => "subsampled_gaussian_rdp",
+        let mechanism = match (mode, agreed.distributed) {
+            (DpMode::Site, true) => "skellam_rdp",
+            (DpMode::Site, false) => "gaussian_zcdp",
+            (DpMode::Record, _) => "subsampled_gaussian_rdp",
         };
         // Recorded before the update leaves the site: a crash after this point over-counts,
         // never under-counts.
@@ -995,24 +1020,34 @@ async fn report_metrics(
     Ok(e)
 }
 
-/// What one round will spend, from the agreed mode and σ: one release of the whole update
-/// (site mode) or `epochs · ⌈n / b⌉` DP-SGD steps at sampling rate `b / n` (record mode).
-pub fn plan(mode: DpMode, settings: &RoundSettings, n: u64, sigma: NoiseMultiplier) -> Planned {
-    match mode {
+/// What one round will spend under the `agreed` settings: one release of the whole update
+/// (site mode; a Skellam release bounded by [`fedee_dp::skellam::worst_case_round`] under
+/// distributed DP) or `epochs · ⌈n / b⌉` DP-SGD steps at sampling rate `b / n` (record
+/// mode).
+///
+/// # Errors
+/// [`SiteError::Dp`] for a negative or non-finite σ.
+pub fn plan(agreed: &RoundPrivacy, settings: &RoundSettings, n: u64) -> Result<Planned, SiteError> {
+    let sigma = NoiseMultiplier::new(agreed.noise_multiplier)?.get();
+    Ok(match agreed.mode {
         DpMode::Site => Planned {
             sampling_rate: 1.0,
-            noise_multiplier: sigma.get(),
+            noise_multiplier: sigma,
             steps: 1,
+            skellam: agreed
+                .distributed
+                .then(|| fedee_dp::skellam::worst_case_round(sigma)),
         },
         DpMode::Record => {
             let b = u64::from(settings.batch_size.max(1));
             Planned {
                 sampling_rate: (b as f64 / n.max(1) as f64).min(1.0),
-                noise_multiplier: sigma.get(),
+                noise_multiplier: sigma,
                 steps: u64::from(settings.epochs) * n.div_ceil(b),
+                skellam: None,
             }
         }
-    }
+    })
 }
 
 /// The training step: local training from `global`, then the update the site releases, its

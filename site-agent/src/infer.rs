@@ -356,7 +356,8 @@ fn render(path: &Path, rows: usize, label: &str, columns: &[ColumnInference]) ->
          # Uncomment so the aggregator learns only each round's sum of updates (3+ sites;\n\
          # not with median or trimmed-mean):\n\
          # [federation.secure_aggregation]\n\
-         # max_update_norm = 10.0    # sites clip their update to this L2 norm (record mode)\n\n\
+         # max_update_norm = 10.0    # sites clip their update to this L2 norm (record mode)\n\
+         # distributed_dp = true     # site mode: each site adds 1/t of the noise (Skellam)\n\n\
          [privacy]\n\
          mode = \"record\"             # DP-SGD at each site, unit: one record; or \"site\" (a site's update)\n\
          clipping_norm = 1.0\n\

@@ -4,12 +4,15 @@
 //! Every entry is a sampled Gaussian mechanism `(q, σ, steps)`: DP-SGD rounds (record mode,
 //! `q` = sampling rate) and site-level rounds (`q = 1`, one step: the Gaussian mechanism on the
 //! clipped update). Their Rényi DP adds up over entries ([`fedee_dp::rdp`]); ε at δ is the
-//! Balle et al. 2020 conversion. Mixing units in one ledger is refused: a ledger protects one
-//! unit.
+//! Balle et al. 2020 conversion. Rounds of distributed DP (secure aggregation with
+//! `distributed_dp`) are Skellam releases instead, charged with the bound of
+//! [`fedee_dp::skellam::worst_case_round`] at integer orders. Mixing units in one ledger is
+//! refused: a ledger protects one unit.
 
 use std::path::{Path, PathBuf};
 
 use fedee_dp::rdp::RdpAccountant;
+use fedee_dp::skellam::SkellamRound;
 use serde::{Deserialize, Serialize};
 
 use crate::SiteError;
@@ -22,7 +25,7 @@ pub struct Entry {
     pub round: u32,
     /// Unit of privacy ("patient record" or "site update").
     pub unit: String,
-    /// "subsampled_gaussian_rdp" or "gaussian_zcdp".
+    /// "subsampled_gaussian_rdp", "gaussian_zcdp" or "skellam_rdp".
     pub mechanism: String,
     /// Poisson sampling rate `q` (1 for site-level).
     pub sampling_rate: f64,
@@ -45,6 +48,10 @@ pub struct Entry {
     pub rdp: f64,
     /// When (Unix seconds).
     pub at_unix_s: u64,
+    /// A distributed-DP round: the Skellam release charged (then `q`, `σ` and steps only
+    /// describe it: `σ` is the central noise multiplier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skellam: Option<SkellamRound>,
 }
 
 /// An f64 that may be infinite or NaN, faithfully in JSON: finite values as numbers, the
@@ -92,6 +99,18 @@ pub struct Planned {
     pub noise_multiplier: f64,
     /// Steps.
     pub steps: u64,
+    /// A Skellam release (distributed DP) instead of the sampled Gaussian.
+    pub skellam: Option<SkellamRound>,
+}
+
+impl Planned {
+    fn charge(&self, acc: &mut RdpAccountant) -> Result<(), SiteError> {
+        match self.skellam {
+            Some(r) => acc.add_integer_orders(1, |a| r.rdp(a)),
+            None => acc.add(self.sampling_rate, self.noise_multiplier, self.steps)?,
+        }
+        Ok(())
+    }
 }
 
 /// The ledger (in memory, and on disk when it has a path).
@@ -167,10 +186,16 @@ impl Ledger {
     pub fn spend_after(&self, next: &[Planned], delta: f64) -> Result<(f64, f64, f64), SiteError> {
         let mut acc = RdpAccountant::default();
         for e in &self.entries {
-            acc.add(e.sampling_rate, e.noise_multiplier, e.steps)?;
+            Planned {
+                sampling_rate: e.sampling_rate,
+                noise_multiplier: e.noise_multiplier,
+                steps: e.steps,
+                skellam: e.skellam,
+            }
+            .charge(&mut acc)?;
         }
         for p in next {
-            acc.add(p.sampling_rate, p.noise_multiplier, p.steps)?;
+            p.charge(&mut acc)?;
         }
         let (eps, order) = acc.epsilon(delta);
         let rdp = acc
@@ -216,6 +241,7 @@ impl Ledger {
             at_unix_s: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            skellam: planned.skellam,
         })?;
         Ok(epsilon)
     }
@@ -271,7 +297,52 @@ mod tests {
             rdp_order: 0.0,
             rdp: 0.0,
             at_unix_s: 0,
+            skellam: None,
         }
+    }
+
+    #[test]
+    fn a_skellam_round_is_charged_at_integer_orders_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ledger.json");
+        let mut l = Ledger::open(Some(&p), true).unwrap();
+        let round = fedee_dp::skellam::worst_case_round(1.0);
+        let planned = Planned {
+            sampling_rate: 1.0,
+            noise_multiplier: 1.0,
+            steps: 1,
+            skellam: Some(round),
+        };
+        let gaussian = Planned {
+            skellam: None,
+            ..planned
+        };
+        for r in 1..=3 {
+            l.record_planned(r, "site update", "skellam_rdp", planned, 1.0, 1e-5)
+                .unwrap();
+        }
+        let again = Ledger::open(Some(&p), false).unwrap();
+        assert_eq!(again.entries()[2].skellam, Some(round));
+        let (eps, order, _) = again.spend_with(None, 1e-5).unwrap();
+        assert_eq!(
+            order.fract(),
+            0.0,
+            "Skellam's bound holds at integer orders"
+        );
+        // Three Gaussian releases at σ = 1 over the same integer orders: within 1e-5.
+        let mut g = Ledger::open(None, true).unwrap();
+        for r in 1..=3 {
+            g.record_planned(r, "site update", "gaussian_zcdp", gaussian, 1.0, 1e-5)
+                .unwrap();
+        }
+        let (ge, _, _) = g.spend_with(None, 1e-5).unwrap();
+        assert!(
+            eps >= ge * 0.999 && eps <= ge * 1.03,
+            "Skellam {eps} vs Gaussian {ge}"
+        );
+        // Old ledgers (no `skellam` field) still read.
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("\"skellam\""));
     }
 
     #[test]
@@ -312,6 +383,7 @@ mod tests {
             sampling_rate: 0.1,
             noise_multiplier: 1.0,
             steps: 20,
+            skellam: None,
         };
         let e1 = l.epsilon_with(Some(planned), 1e-5).unwrap();
         l.record(entry(1, "patient record")).unwrap();

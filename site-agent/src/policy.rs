@@ -63,6 +63,10 @@ pub struct RoundPrivacy {
     pub noise_multiplier: f64,
     /// δ.
     pub delta: f64,
+    /// Distributed DP (the spec's `secure_aggregation.distributed_dp`): each round is a
+    /// Skellam release whose central noise multiplier is `noise_multiplier`; the site itself
+    /// adds `1/t` of that variance.
+    pub distributed: bool,
 }
 
 /// Counts a site sends (its training, validation and test examples) are rounded to the
@@ -213,6 +217,7 @@ mod tests {
 
     fn round(sigma: f64, c: f64, delta: f64) -> RoundPrivacy {
         RoundPrivacy {
+            distributed: false,
             mode: DpMode::Record,
             clipping_norm: c,
             noise_multiplier: sigma,

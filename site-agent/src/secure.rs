@@ -45,6 +45,8 @@ pub struct Agreed<'a> {
     pub max_weight: u64,
     /// The L2 norm the update is clipped to before quantizing.
     pub bound: f64,
+    /// Distributed DP: the central noise multiplier of the Skellam mechanism.
+    pub distributed_dp: Option<f64>,
 }
 
 impl SecureRun {
@@ -90,6 +92,7 @@ impl SecureRun {
             parameters,
             bound: agreed.bound,
             max_weight: agreed.max_weight,
+            distributed_dp: agreed.distributed_dp,
         })?;
         let mut rng = fedee_secagg::os_rng()?;
         let (mut site, advert) = Site::new(setup.params.clone(), me, &mut rng)?;
@@ -136,7 +139,9 @@ impl SecureRun {
     }
 
     /// Stages 3 and 4: clip `flat` (the update flattened by [`flatten`]) to the bound,
-    /// quantize it with weight `num_examples`, mask and send it with the site's `privacy`
+    /// quantize it with weight `num_examples` (under distributed DP: rotate, round and add
+    /// this site's share of the Skellam noise, weight 1), mask and send it with the site's
+    /// `privacy`
     /// report (as with a plaintext update), then answer the unmask
     /// request. Returns whether the masked input was accepted (the round then counts as
     /// trained: the update has left the site, whatever the round's outcome).
@@ -147,30 +152,22 @@ impl SecureRun {
     pub async fn finish(
         mut self,
         link: &mut Link,
-        mut flat: Vec<f32>,
+        flat: Vec<f32>,
         num_examples: u64,
         privacy: fedee_proto::v1::PrivacyEntry,
     ) -> Result<bool, SiteError> {
         let (name, round) = (self.name.clone(), self.round);
-        if flat.len() + 1 != self.setup.params.dim {
-            return Err(SiteError::Refused(format!(
-                "the update has {} parameters but round {round}'s setup expects {}",
-                flat.len(),
-                self.setup.params.dim - 1
-            )));
-        }
-        // Post-processing of the DP release: no privacy cost.
-        let bound = self.setup.quantizer.clip;
-        let norm = fedee_dp::clip_l2(&mut flat, fedee_dp::ClippingNorm::new(bound)?);
-        if norm > bound {
-            tracing::info!(site = %name, round, norm, bound, "update clipped to the secure-aggregation bound");
-        }
         let weight = u32::try_from(num_examples).map_err(|_| {
             SiteError::Refused(format!("num_examples {num_examples} does not fit 32 bits"))
         })?;
         let mut rng = fedee_secagg::os_rng()?;
-        let encoded = self.setup.quantizer.encode(&flat, weight, &mut rng)?;
-        drop(flat);
+        // Clipping to the quantizer's bound post-processes the site's DP release (no privacy
+        // cost); under distributed DP the clip to C and the Skellam noise are the release.
+        let (encoded, norm) = self.setup.encode(flat, weight, &mut rng)?;
+        let bound = self.setup.quantizer.clip;
+        if norm > bound {
+            tracing::info!(site = %name, round, norm, bound, "update clipped to the secure-aggregation bound");
+        }
         let masked = self.site.masked_input(&self.shares, &encoded)?;
         drop(encoded);
         let header = SecAggMaskedHeader {

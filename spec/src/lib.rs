@@ -399,7 +399,15 @@ pub struct SecureAggregation {
     /// post-processing of the DP release: no privacy cost), so every coordinate lies in
     /// `±max_update_norm`. Default in site mode: the high-probability norm bound of a clipped
     /// and noised update; required in record mode (a DP-SGD update has no bound of its own).
+    /// Not used with `distributed_dp` (the bound is then the clipping norm).
     pub max_update_norm: Option<f64>,
+    /// Distributed DP with the Skellam mechanism (Agarwal, Kairouz & Liu, NeurIPS 2021):
+    /// instead of each site adding the full Gaussian noise `σC` to its own update, each adds
+    /// `1/t` of the noise variance (discrete, after a random rotation) so that the sum over
+    /// the `t` or more survivors carries noise `σC`: the same site-level ε for the released
+    /// sum, with about `n` times less noise in it. Site mode only; the mean is unweighted.
+    /// The guarantee needs secure aggregation to hold: one site's upload alone is not private.
+    pub distributed_dp: bool,
 }
 
 impl Default for SecureAggregation {
@@ -408,6 +416,7 @@ impl Default for SecureAggregation {
             degree: 0,
             stage_timeout_s: 60.0,
             max_update_norm: None,
+            distributed_dp: false,
         }
     }
 }
@@ -1009,6 +1018,25 @@ impl FederationSpec {
                 "e.g. stage_timeout_s = 60",
             ));
         }
+        if sa.distributed_dp {
+            if self.privacy.mode != PrivacyMode::Site {
+                return Err(invalid(
+                    "federation.secure_aggregation.distributed_dp",
+                    true,
+                    "distributed DP splits site-level noise across sites; record-level DP (DP-SGD) noises each site's training instead",
+                    "set privacy.mode = \"site\", or distributed_dp = false",
+                ));
+            }
+            if let Some(b) = sa.max_update_norm {
+                return Err(invalid(
+                    "federation.secure_aggregation.max_update_norm",
+                    b,
+                    "distributed DP clips every update to privacy.clipping_norm",
+                    "remove max_update_norm",
+                ));
+            }
+            return Ok(());
+        }
         match (sa.max_update_norm, self.privacy.mode) {
             (Some(b), _) if !(b.is_finite() && b > 0.0) => Err(invalid(
                 "federation.secure_aggregation.max_update_norm",
@@ -1180,12 +1208,19 @@ impl FederationSpec {
             self.federation.min_sites,
             match &self.federation.secure_aggregation {
                 None => self.federation.strategy.clone(),
-                Some(sa) if sa.degree == 0 => {
-                    format!("{} over secure aggregation", self.federation.strategy)
-                }
                 Some(sa) => format!(
-                    "{} over secure aggregation (k = {})",
-                    self.federation.strategy, sa.degree
+                    "{} over secure aggregation{}{}",
+                    self.federation.strategy,
+                    if sa.degree == 0 {
+                        String::new()
+                    } else {
+                        format!(" (k = {})", sa.degree)
+                    },
+                    if sa.distributed_dp {
+                        " with distributed DP (Skellam)"
+                    } else {
+                        ""
+                    }
                 ),
             },
             p.mode,
@@ -1458,6 +1493,16 @@ noise_multiplier = 1.0
                 "[federation]\nmin_sites = 3\n[federation.secure_aggregation]\nmax_update_norm = -1.0\n[model]",
                 "federation.secure_aggregation.max_update_norm",
             ),
+            (
+                "[model]",
+                "[federation]\nmin_sites = 3\n[federation.secure_aggregation]\ndistributed_dp = true\n[model]",
+                "federation.secure_aggregation.distributed_dp",
+            ),
+            (
+                "mode = \"record\"\nnoise_multiplier = 1.0",
+                "mode = \"site\"\nnoise_multiplier = 1.0\n[federation]\nmin_sites = 3\n[federation.secure_aggregation]\ndistributed_dp = true\nmax_update_norm = 2.0",
+                "federation.secure_aggregation.max_update_norm",
+            ),
         ];
         for (from, to, key) in cases {
             let e = with(from, to).expect_err(to);
@@ -1491,6 +1536,17 @@ noise_multiplier = 1.0
                 .secure_aggregation,
             None
         );
+        let d = with(
+            "mode = \"record\"\nnoise_multiplier = 1.0",
+            "mode = \"site\"\nnoise_multiplier = 1.0\n[federation]\nmin_sites = 3\n[federation.secure_aggregation]\ndistributed_dp = true",
+        )
+        .unwrap();
+        assert!(
+            d.summary().contains("with distributed DP (Skellam)"),
+            "{}",
+            d.summary()
+        );
+        assert!(!sa.distributed_dp);
     }
 
     #[test]
