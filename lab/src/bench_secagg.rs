@@ -441,6 +441,9 @@ struct FederationRow {
     /// Site-level ε after the last round, at δ = 1e-5, and the noise multiplier σ.
     epsilon: f64,
     noise_multiplier: f64,
+    /// The mechanisms the sites' ledgers recorded, and the largest ε a site's ledger reached.
+    site_mechanisms: Vec<String>,
+    max_site_epsilon: f64,
 }
 
 /// The heart-disease federation (three site agents training on their own rows, the
@@ -520,6 +523,14 @@ pub fn federation_rounds(data: &std::path::Path, rounds: u32) -> Result<Value> {
             .map_or(f64::NAN, |w| w.test_accuracy);
         let epsilon = fed.status.rounds.last().map_or(f64::NAN, |r| r.epsilon);
         let noise_multiplier = fed.status.noise_multiplier;
+        let ledgers = fed.sites.values().flat_map(|r| &r.privacy);
+        let site_mechanisms: Vec<String> = ledgers
+            .clone()
+            .map(|e| e.mechanism.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let max_site_epsilon = ledgers.map(|e| e.epsilon).fold(0.0, f64::max);
         consortium.shutdown.cancel();
         rows.push(FederationRow {
             mode,
@@ -530,6 +541,8 @@ pub fn federation_rounds(data: &std::path::Path, rounds: u32) -> Result<Value> {
             final_accuracy,
             epsilon,
             noise_multiplier,
+            site_mechanisms,
+            max_site_epsilon,
         });
     }
     table::print(
