@@ -309,6 +309,35 @@ impl SiteLevelAccountant {
     }
 }
 
+/// `ε` at `delta` of a mechanism that is `ρ`-zCDP: OpenDP's tight conversion
+/// (`make_zCDP_to_approxDP` on a Gaussian of that `ρ`), or [`classical_epsilon`] where it
+/// overflows. A ledger of unsampled Gaussian releases (`ρ = Σ steps/(2σ²)`) gets the same
+/// figure as [`SiteLevelAccountant::spent`].
+///
+/// # Errors
+/// [`DpError::Delta`] unless `0 < δ < 1`; [`DpError::Parameter`] for a negative or NaN ρ.
+pub fn zcdp_epsilon(rho: f64, delta: f64) -> Result<f64, DpError> {
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(DpError::Delta(delta));
+    }
+    if !(rho >= 0.0) {
+        return Err(DpError::Parameter(format!("zCDP ρ = {rho}: use ρ ≥ 0")));
+    }
+    if rho == 0.0 || rho.is_infinite() {
+        return Ok(if rho == 0.0 { 0.0 } else { f64::INFINITY });
+    }
+    let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+        VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
+        L2Distance::<f64>::default(),
+        (1.0 / (2.0 * rho)).sqrt(),
+        None,
+    )?;
+    Ok(make_zCDP_to_approxDP(m)?
+        .map(&1.0)?
+        .epsilon(delta)
+        .unwrap_or_else(|_| classical_epsilon(rho, delta)))
+}
+
 /// The classical zCDP → (ε, δ) conversion `ε = ρ + 2·sqrt(ρ·ln(1/δ))` (Bun & Steinke 2016,
 /// Prop. 1.3): an upper bound on the tight conversion.
 ///
@@ -325,6 +354,30 @@ pub fn classical_epsilon(rho: f64, delta: f64) -> f64 {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn zcdp_epsilon_matches_the_site_level_accountant() {
+        for (rounds, sigma) in [(1u32, 1.0), (20, 2.85), (100, 0.7)] {
+            let a = SiteLevelAccountant::new(
+                ClippingNorm::new(1.3).unwrap(),
+                NoiseMultiplier::new(sigma).unwrap(),
+                1e-5,
+            )
+            .unwrap()
+            .spent(rounds)
+            .unwrap();
+            let rho = f64::from(rounds) / (2.0 * sigma * sigma);
+            let e = zcdp_epsilon(rho, 1e-5).unwrap();
+            assert!(
+                (e - a.epsilon).abs() <= 1e-9 * a.epsilon,
+                "{e} vs {}",
+                a.epsilon
+            );
+        }
+        assert_eq!(zcdp_epsilon(0.0, 1e-5).unwrap(), 0.0);
+        assert!(zcdp_epsilon(f64::NAN, 1e-5).is_err());
+        assert!(zcdp_epsilon(1.0, 1.0).is_err());
+    }
 
     #[test]
     fn site_level_calibration_spends_the_target() {

@@ -40,10 +40,12 @@ pub struct Entry {
     pub epsilon: f64,
     /// δ.
     pub delta: f64,
-    /// The Rényi order α at which the cumulative RDP gives `epsilon`.
+    /// The Rényi order α at which the cumulative RDP gives `epsilon`; 0 when `epsilon` came
+    /// from the zCDP conversion (every entry an unsampled Gaussian release).
     #[serde(default)]
     pub rdp_order: f64,
-    /// Cumulative RDP at `rdp_order` (ε(δ) = rdp + log((α−1)/α) − (log δ + log α)/(α−1)).
+    /// Cumulative RDP at `rdp_order` (ε(δ) = rdp + log((α−1)/α) − (log δ + log α)/(α−1)), or
+    /// the cumulative zCDP ρ when `rdp_order` is 0.
     #[serde(default, with = "extended_f64")]
     pub rdp: f64,
     /// When (Unix seconds).
@@ -203,6 +205,30 @@ impl Ledger {
             .iter()
             .position(|&a| a == order)
             .map_or(f64::INFINITY, |i| acc.rdp()[i]);
+        // A ledger of unsampled Gaussian releases only (site-level rounds) is ρ-zCDP with
+        // ρ = Σ steps/(2σ²): the aggregator's accountant converts that over every order, a
+        // hair tighter than the grid of orders, and a site must not find itself over a
+        // budget equal to the spec's target where the aggregator is not. Both are valid
+        // bounds; the smaller is reported (its order then 0, and `rdp` then holds ρ).
+        let gaussian = |q: f64, s: Option<SkellamRound>| q == 1.0 && s.is_none();
+        if self
+            .entries
+            .iter()
+            .all(|e| gaussian(e.sampling_rate, e.skellam))
+            && next.iter().all(|p| gaussian(p.sampling_rate, p.skellam))
+        {
+            let rho: f64 = self
+                .entries
+                .iter()
+                .map(|e| (e.steps, e.noise_multiplier))
+                .chain(next.iter().map(|p| (p.steps, p.noise_multiplier)))
+                .map(|(steps, s)| steps as f64 / (2.0 * s * s))
+                .sum();
+            let z = fedee_dp::zcdp_epsilon(rho, delta)?;
+            if z < eps {
+                return Ok((z, 0.0, rho));
+            }
+        }
         Ok((eps, order, rdp))
     }
 
