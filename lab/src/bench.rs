@@ -114,6 +114,14 @@ pub enum BenchCommand {
         /// per round (0 skips it).
         #[arg(long, default_value_t = 5)]
         federation_rounds: u32,
+        /// Site agents in that federation (3 to 255; beyond three they share the hospitals'
+        /// rows).
+        #[arg(long, default_value_t = 3)]
+        federation_sites: usize,
+        /// Hidden layer widths of that federation's MLP instead of the spec's (e.g.
+        /// 1024,1024 for about 1 M parameters).
+        #[arg(long, value_delimiter = ',')]
+        federation_hidden: Option<Vec<usize>>,
         /// heart_disease_uci.csv for --federation-rounds (`make data`).
         #[arg(long, default_value = "data/cache/heart_disease_uci.csv")]
         data: PathBuf,
@@ -490,6 +498,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             max_words,
             python,
             federation_rounds,
+            federation_sites,
+            federation_hidden,
             data,
             json,
         } => {
@@ -497,8 +507,12 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 &sites, &params, &dropouts, &degrees, max_words, &python,
             )?;
             if federation_rounds > 0 {
-                doc["federation"] =
-                    crate::bench_secagg::federation_rounds(&data, federation_rounds)?;
+                doc["federation"] = crate::bench_secagg::federation_rounds(
+                    &data,
+                    federation_rounds,
+                    federation_sites,
+                    federation_hidden.as_deref(),
+                )?;
             }
             write_json(json.as_ref(), &with_machine(doc))
         }
