@@ -316,12 +316,17 @@ pub fn render_status(st: &fedee_proto::v1::StatusResponse) -> String {
         } else {
             format!(" ({})", r.reason)
         };
+        // ρ is 0 where the mechanism is not zCDP-accounted (record level, distributed DP).
+        let rho = if r.rho == 0.0 && r.epsilon > 0.0 {
+            "—".to_owned()
+        } else {
+            format!("{:.4}", r.rho)
+        };
         let _ = writeln!(
             out,
-            "round {:>3} {:<6} ρ = {:<10.4} ε = {:<10.4} {}{why}{weighted}",
+            "round {:>3} {:<6} ρ = {rho:<10} ε = {:<10.4} {}{why}{weighted}",
             r.round,
             r.state,
-            r.rho,
             r.epsilon,
             accs.join(", ")
         );
@@ -352,4 +357,31 @@ fn weighted_line(w: &fedee_proto::v1::SiteMetric) -> String {
     .filter_map(|(name, v)| v.map(|v| format!("{name} {v:.3}")))
     .collect();
     format!("\n    weighted: {}", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use fedee_proto::v1::{RoundStatus, StatusResponse};
+
+    #[test]
+    fn a_round_without_zcdp_accounting_shows_no_rho() {
+        let round = |round, rho, epsilon| RoundStatus {
+            round,
+            state: "closed".into(),
+            rho,
+            epsilon,
+            ..RoundStatus::default()
+        };
+        let text = super::render_status(&StatusResponse {
+            rounds: vec![round(1, 0.5, 3.2), round(2, 0.0, 4.1), round(3, 0.0, 0.0)],
+            ..StatusResponse::default()
+        });
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("round  ")).collect();
+        assert!(lines[0].contains("ρ = 0.5000"), "{text}");
+        assert!(
+            lines[1].contains("ρ = —") && lines[1].contains("ε = 4.1"),
+            "{text}"
+        );
+        assert!(lines[2].contains("ρ = 0.0000"), "{text}");
+    }
 }
