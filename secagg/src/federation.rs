@@ -48,14 +48,14 @@ impl Setup {
                 self.params.dim - 1
             )));
         }
-        let norm = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
         let Some(sk) = &self.skellam else {
-            if norm > self.quantizer.clip {
-                let f = (self.quantizer.clip / norm) as f32;
-                x.iter_mut().for_each(|v| *v *= f);
-            }
+            // `clip_l2` leaves a one-ulp margin, so no coordinate ends a hair above the bound.
+            let bound = fedee_dp::ClippingNorm::new(self.quantizer.clip)
+                .map_err(|e| Error::Params(e.to_string()))?;
+            let norm = fedee_dp::clip_l2(&mut x, bound);
             return Ok((self.quantizer.encode(&x, weight, rng)?, norm));
         };
+        let norm = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
         use rand_chacha::rand_core::SeedableRng;
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
@@ -333,6 +333,35 @@ mod tests {
         assert!(dist.encode(vec![f32::NAN; 100], 1, &mut rng).is_err());
         sum.pop();
         assert!(dist.decode_mean(&sum).is_err());
+    }
+
+    #[test]
+    fn an_update_along_one_axis_is_clipped_into_the_quantizers_range() {
+        use rand_core::SeedableRng;
+        let r = names(3);
+        let s = super::setup(&Inputs {
+            spec_sha256: "abc",
+            round: 1,
+            roster: &r,
+            degree: 0,
+            session: b"s",
+            parameters: 4,
+            bound: 0.3,
+            max_weight: 10,
+            distributed_dp: None,
+        })
+        .unwrap();
+        let mut rng = chacha20::ChaCha20Rng::seed_from_u64(1);
+        // All of the norm on one coordinate: the clipped value sits at the bound itself,
+        // where f32 rounding could push it over.
+        for v in [7.3f32, -1e6, 0.3000001, 123.456] {
+            let (words, norm) = s.encode(vec![0.0, v, 0.0, 0.0], 10, &mut rng).unwrap();
+            assert_eq!((words.len(), norm), (5, f64::from(v.abs())));
+        }
+        let e = s
+            .encode(vec![0.0, f32::NAN, 0.0, 0.0], 10, &mut rng)
+            .unwrap_err();
+        assert!(e.to_string().contains("update[1]"), "{e}");
     }
 
     #[test]
