@@ -276,17 +276,10 @@ impl Config {
             fedee_spec::PrivacyMode::Record => fedee_dp::DpMode::Record,
         };
         self.clipping_norm = ClippingNorm::new(p.clipping_norm)?;
-        let distributed = f
-            .secure_aggregation
-            .as_ref()
-            .is_some_and(|sa| sa.distributed_dp);
         self.noise_multiplier = match (p.noise_multiplier, p.target_epsilon, p.mode) {
             (Some(sigma), _, _) => NoiseMultiplier::new(sigma)?,
-            (None, Some(eps), fedee_spec::PrivacyMode::Site) if distributed => {
-                NoiseMultiplier::new(fedee_dp::skellam::calibrate(f.rounds, eps, p.delta)?)?
-            }
             (None, Some(eps), fedee_spec::PrivacyMode::Site) => {
-                fedee_dp::SiteLevelAccountant::calibrate(f.rounds, eps, p.delta)?
+                fedee_dp::site_level_sigma(f.rounds, eps, p.delta, s.distributed_dp())?
             }
             (None, _, _) => NoiseMultiplier::new(0.0)?,
         };

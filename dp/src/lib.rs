@@ -309,6 +309,25 @@ impl SiteLevelAccountant {
     }
 }
 
+/// The site-level noise multiplier for a target ε over `rounds` rounds, as aggregator and
+/// sites both calibrate it: the Gaussian mechanism ([`SiteLevelAccountant::calibrate`]), or
+/// under distributed DP the Skellam bound ([`skellam::calibrate`]).
+///
+/// # Errors
+/// As the calibration used.
+pub fn site_level_sigma(
+    rounds: u32,
+    epsilon: f64,
+    delta: f64,
+    distributed: bool,
+) -> Result<NoiseMultiplier, DpError> {
+    if distributed {
+        NoiseMultiplier::new(skellam::calibrate(rounds, epsilon, delta)?)
+    } else {
+        SiteLevelAccountant::calibrate(rounds, epsilon, delta)
+    }
+}
+
 /// `ε` at `delta` of a mechanism that is `ρ`-zCDP: OpenDP's tight conversion
 /// (`make_zCDP_to_approxDP` on a Gaussian of that `ρ`), or [`classical_epsilon`] where it
 /// overflows. A ledger of unsampled Gaussian releases (`ρ = Σ steps/(2σ²)`) gets the same

@@ -10,6 +10,7 @@
 
 use crate::{Error, MAX_SITES, Quantizer, Result, RoundParams, SiteIndex};
 use fedee_dp::skellam::Skellam;
+use rand_chacha::rand_core::SeedableRng;
 use sha2::{Digest, Sha256};
 
 /// The public setup of one round.
@@ -40,15 +41,15 @@ impl Setup {
         weight: u32,
         rng: &mut impl rand_core::Rng,
     ) -> Result<(Vec<u32>, f64)> {
-        if x.len() + 1 != self.params.dim && self.skellam.is_none() {
-            return Err(Error::Input(format!(
-                "an update of {} parameters, round {} expects {}",
-                x.len(),
-                self.params.round,
-                self.params.dim - 1
-            )));
-        }
         let Some(sk) = &self.skellam else {
+            if x.len() + 1 != self.params.dim {
+                return Err(Error::Input(format!(
+                    "an update of {} parameters, round {} expects {}",
+                    x.len(),
+                    self.params.round,
+                    self.params.dim - 1
+                )));
+            }
             // `clip_l2` leaves a one-ulp margin, so no coordinate ends a hair above the bound.
             let bound = fedee_dp::ClippingNorm::new(self.quantizer.clip)
                 .map_err(|e| Error::Params(e.to_string()))?;
@@ -56,7 +57,6 @@ impl Setup {
             return Ok((self.quantizer.encode(&x, weight, rng)?, norm));
         };
         let norm = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
-        use rand_chacha::rand_core::SeedableRng;
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
         let mut noise_rng = rand_chacha::ChaCha20Rng::from_seed(seed);
@@ -65,6 +65,16 @@ impl Setup {
             .map_err(|e| Error::Input(e.to_string()))?;
         words.push(1);
         Ok((words, norm))
+    }
+
+    /// The quantizer's step for a site of weight `weight`, in update units, when it exceeds
+    /// 1e-4 of the bound (the weighted encoding gives a site of weight `w` steps of
+    /// `W/(scale·w)`, so a `max_num_examples` far above the sites' sizes costs precision);
+    /// `None` when it is finer, or under distributed DP (unweighted).
+    pub fn coarse_step(&self, weight: u32) -> Option<f64> {
+        let q = &self.quantizer;
+        let step = f64::from(q.max_weight) / (q.scale * f64::from(weight.max(1)));
+        (self.skellam.is_none() && step > 1e-4 * q.clip).then_some(step)
     }
 
     /// The mean of the survivors' updates and their total weight from the unmasked sum.
@@ -111,6 +121,25 @@ pub struct Inputs<'a> {
     /// Distributed DP: the central noise multiplier `z` of the Skellam mechanism (`bound` is
     /// then the clipping norm `C`); `None` for the weighted quantizer.
     pub distributed_dp: Option<f64>,
+}
+
+/// The L2 norm a site clips its update to before encoding it ([`Inputs::bound`]), as sites
+/// and aggregator both derive it: the clipping norm `c` under distributed DP (the clip is
+/// part of the release); else the spec's `max_update_norm`, or in its absence the
+/// high-probability norm of a clipped update with Gaussian noise `σ·c` on `parameters`
+/// coordinates ([`fedee_dp::noised_update_norm_bound`]).
+pub fn update_bound(
+    c: fedee_dp::ClippingNorm,
+    sigma: fedee_dp::NoiseMultiplier,
+    parameters: usize,
+    max_update_norm: Option<f64>,
+    distributed_dp: bool,
+) -> f64 {
+    match (distributed_dp, max_update_norm) {
+        (true, _) => c.get(),
+        (false, Some(b)) => b,
+        (false, None) => fedee_dp::noised_update_norm_bound(c, sigma, parameters as u64),
+    }
 }
 
 /// The setup of one round from its [`Inputs`].
@@ -362,6 +391,32 @@ mod tests {
             .encode(vec![0.0, f32::NAN, 0.0, 0.0], 10, &mut rng)
             .unwrap_err();
         assert!(e.to_string().contains("update[1]"), "{e}");
+    }
+
+    #[test]
+    fn a_weight_far_below_max_num_examples_is_flagged() {
+        let roster = names(5);
+        let setup = |max_weight: u64, distributed_dp: Option<f64>| {
+            super::setup(&Inputs {
+                spec_sha256: "x",
+                round: 1,
+                roster: &roster,
+                degree: 0,
+                session: b"",
+                parameters: 10,
+                bound: 10.0,
+                max_weight,
+                distributed_dp,
+            })
+            .unwrap()
+        };
+        // The main job: W = 100 000, a hospital of 100 records: steps of about 2e-5.
+        assert_eq!(setup(100_000, None).coarse_step(100), None);
+        // The default W = 10 000 000 for the same hospital: about 2e-3, flagged.
+        let step = setup(10_000_000, None).coarse_step(100).unwrap();
+        assert!((1e-3..1e-2).contains(&step), "{step}");
+        // Unweighted under distributed DP: nothing to flag.
+        assert_eq!(setup(10_000_000, Some(1.0)).coarse_step(100), None);
     }
 
     #[test]

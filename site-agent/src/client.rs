@@ -469,18 +469,11 @@ pub fn spec_privacy(spec: &fedee_spec::FederationSpec, n: u64) -> Result<RoundPr
         fedee_spec::PrivacyMode::Site => DpMode::Site,
         fedee_spec::PrivacyMode::Record => DpMode::Record,
     };
-    let distributed = spec
-        .federation
-        .secure_aggregation
-        .as_ref()
-        .is_some_and(|s| s.distributed_dp);
+    let distributed = spec.distributed_dp();
     let sigma = match (p.noise_multiplier, p.target_epsilon, mode) {
         (Some(s), _, _) => s,
-        (None, Some(eps), DpMode::Site) if distributed => {
-            fedee_dp::skellam::calibrate(spec.federation.rounds, eps, p.delta)?
-        }
         (None, Some(eps), DpMode::Site) => {
-            fedee_dp::SiteLevelAccountant::calibrate(spec.federation.rounds, eps, p.delta)?.get()
+            fedee_dp::site_level_sigma(spec.federation.rounds, eps, p.delta, distributed)?.get()
         }
         (None, Some(eps), DpMode::Record) => {
             let b = u64::from(t.batch_size);
@@ -860,19 +853,18 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
             }
             (Some(t), Some(settings)) => {
                 let parameters: usize = global.values().map(|t| t.numel()).sum();
-                let bound = match (settings.distributed_dp, settings.max_update_norm) {
-                    (true, _) => c.get(),
-                    (false, Some(b)) => b,
-                    (false, None) => {
-                        fedee_dp::noised_update_norm_bound(c, sigma, parameters as u64)
-                    }
-                };
                 let agreed = crate::secure::Agreed {
                     settings,
                     spec_sha256: &cfg.spec.sha256,
                     max_weight: cfg.spec.spec.federation.max_num_examples,
-                    bound,
-                    distributed_dp: settings.distributed_dp.then_some(sigma.get()),
+                    bound: fedee_secagg::federation::update_bound(
+                        c,
+                        sigma,
+                        parameters,
+                        settings.max_update_norm,
+                        agreed.distributed,
+                    ),
+                    distributed_dp: agreed.distributed.then_some(sigma.get()),
                 };
                 match crate::secure::SecureRun::begin(
                     &mut link,

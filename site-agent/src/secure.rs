@@ -160,7 +160,7 @@ impl SecureRun {
         let weight = u32::try_from(num_examples).map_err(|_| {
             SiteError::Refused(format!("num_examples {num_examples} does not fit 32 bits"))
         })?;
-        if let Some(step) = precision_step(&self.setup, weight) {
+        if let Some(step) = self.setup.coarse_step(weight) {
             tracing::warn!(site = %name, round, step, bound = self.setup.quantizer.clip, num_examples, max_num_examples = self.setup.quantizer.max_weight, "secure aggregation encodes this site's update coarsely (step above 1e-4 of the bound): lower federation.max_num_examples toward the largest site's num_examples");
         }
         let mut rng = fedee_secagg::os_rng()?;
@@ -204,16 +204,6 @@ impl SecureRun {
         }
         Ok(true)
     }
-}
-
-/// The quantizer's step for a site of weight `weight`, in update units, when it exceeds
-/// 1e-4 of the bound (the weighted encoding gives a site of weight `w` steps of
-/// `W/(scale·w)`, so a `max_num_examples` far above the sites' sizes costs precision);
-/// `None` when it is finer, or under distributed DP (unweighted).
-fn precision_step(setup: &Setup, weight: u32) -> Option<f64> {
-    let q = &setup.quantizer;
-    let step = f64::from(q.max_weight) / (q.scale * f64::from(weight.max(1)));
-    (setup.skellam.is_none() && step > 1e-4 * q.clip).then_some(step)
 }
 
 /// `update`'s values as f32, tensor after tensor in name order (the order of the global
@@ -282,36 +272,5 @@ async fn wait_past(
         if !stages.contains(&r.stage.as_str()) {
             return Ok(Some(r));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_weight_far_below_max_num_examples_is_flagged() {
-        let roster: Vec<String> = (0..5).map(|i| format!("s{i}")).collect();
-        let setup = |max_weight: u64, distributed_dp: Option<f64>| {
-            fedee_secagg::federation::setup(&Inputs {
-                spec_sha256: "x",
-                round: 1,
-                roster: &roster,
-                degree: 0,
-                session: b"",
-                parameters: 10,
-                bound: 10.0,
-                max_weight,
-                distributed_dp,
-            })
-            .unwrap()
-        };
-        // The main job: W = 100 000, a hospital of 100 records: steps of about 2e-5.
-        assert_eq!(precision_step(&setup(100_000, None), 100), None);
-        // The default W = 10 000 000 for the same hospital: about 2e-3, flagged.
-        let step = precision_step(&setup(10_000_000, None), 100).unwrap();
-        assert!((1e-3..1e-2).contains(&step), "{step}");
-        // Unweighted under distributed DP: nothing to flag.
-        assert_eq!(precision_step(&setup(10_000_000, Some(1.0)), 100), None);
     }
 }

@@ -1143,6 +1143,17 @@ impl FederationSpec {
         out
     }
 
+    /// Whether rounds run distributed DP: site-level DP over secure aggregation with
+    /// `distributed_dp` (validation refuses it in record mode).
+    pub fn distributed_dp(&self) -> bool {
+        self.privacy.mode == PrivacyMode::Site
+            && self
+                .federation
+                .secure_aggregation
+                .as_ref()
+                .is_some_and(|s| s.distributed_dp)
+    }
+
     /// The statistics round's noise multiplier, when the spec standardises with federated
     /// statistics.
     pub fn statistics_sigma(&self) -> Option<f64> {

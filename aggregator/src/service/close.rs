@@ -164,8 +164,8 @@ impl Federation {
     }
 
     /// [`Federation::run_close`]'s task.
-    pub(super) async fn close(&self, job: CloseJob) -> Result<(), AggregatorError> {
-        let aggregated = self.aggregate(&job).await;
+    pub(super) async fn close(&self, mut job: CloseJob) -> Result<(), AggregatorError> {
+        let aggregated = self.aggregate(&mut job).await;
         let mut st = self.state.lock().await;
         let r = match aggregated {
             Ok(a) => self.finish_close(&mut st, &job, a).await,
@@ -191,13 +191,18 @@ impl Federation {
     }
 
     /// Aggregate a round from its persisted updates and write the next global model (and
-    /// server state) to the blob store; the state lock is not held.
-    pub(super) async fn aggregate(&self, job: &CloseJob) -> Result<Aggregated, AggregatorError> {
+    /// server state) to the blob store; the state lock is not held. A secure round's mean is
+    /// moved out of the job, not copied (its counts stay for the record).
+    pub(super) async fn aggregate(
+        &self,
+        job: &mut CloseJob,
+    ) -> Result<Aggregated, AggregatorError> {
         let (blobs, global) = (self.blobs.clone(), job.global.clone());
-        let metas = match &job.inputs {
+        let metas = match &mut job.inputs {
             CloseInputs::Updates(u) => u.clone(),
             CloseInputs::Mean { mean, .. } => {
-                return self.aggregate_mean(job, mean.clone()).await;
+                let mean = std::mem::take(mean);
+                return self.aggregate_mean(job, mean).await;
             }
         };
         let strategy = self.config.strategy;

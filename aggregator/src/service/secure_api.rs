@@ -27,15 +27,13 @@ impl Federation {
             let roster: Vec<String> = st.active().into_iter().collect();
             let parameters: usize = st.global.data.iter().map(Vec::len).sum();
             let distributed = self.config.distributed_dp();
-            let bound = match (distributed, sa.max_update_norm) {
-                (true, _) => self.config.clipping_norm.get(),
-                (false, Some(b)) => b,
-                (false, None) => fedee_dp::noised_update_norm_bound(
-                    self.config.clipping_norm,
-                    self.config.noise_multiplier,
-                    parameters as u64,
-                ),
-            };
+            let bound = fedee_secagg::federation::update_bound(
+                self.config.clipping_norm,
+                self.config.noise_multiplier,
+                parameters,
+                sa.max_update_norm,
+                distributed,
+            );
             let spec_sha = self.config.spec.as_ref().map_or("", |s| s.sha256.as_str());
             let stage_s = sa.stage_timeout_s.ceil() as u64;
             let deadlines = fedee_secagg::Deadlines {
