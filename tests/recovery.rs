@@ -133,8 +133,13 @@ async fn interrupted(dir: &Path, db: &str) -> Vec<u8> {
     .await
     .unwrap_err();
     assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
-    // The third site uploads again, from scratch.
+    // The third site uploads again, from scratch. The running mean of the first two was in
+    // memory only: it is folded again from their files, in their recorded order.
     assert_eq!(submit(&mut c, third).await.unwrap(), 3);
+    agg.wait_for_log(
+        "running mean: updates read back from disk (after a restart, a failed fold, or folds still queued) round=1 updates=3",
+        Duration::from_secs(10),
+    );
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.done && st.rounds[0].state == "closed", "{st:?}");
     download(&mut c, 2).await

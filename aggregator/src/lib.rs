@@ -2,7 +2,8 @@
 //!
 //! It enrols sites, opens rounds, serves the global model, validates and persists sites'
 //! updates, aggregates them with FedAvg weighted by `num_examples` or a robust or adaptive rule
-//! ([`strategy`], slice by slice from the blob files), and accounts
+//! ([`strategy`]; mean-based rules from a running mean folded as updates are accepted,
+//! [`running_mean`], robust rules slice by slice from the blob files), and accounts
 //! the privacy spent (site-level unit, zCDP via OpenDP, see `fedee-dp`).
 //!
 //! # Architecture invariant
@@ -13,6 +14,7 @@ pub mod blobs;
 pub mod cli;
 pub mod metrics;
 mod round;
+pub mod running_mean;
 pub mod secure;
 mod service;
 pub mod store;
@@ -333,10 +335,7 @@ impl Config {
             return bad("batch size and local epochs must be at least 1".into());
         }
         if self.secure_aggregation.is_some() {
-            if matches!(
-                self.strategy,
-                strategy::Strategy::Median | strategy::Strategy::TrimmedMean(_)
-            ) {
+            if !self.strategy.is_mean_based() {
                 return bad(format!(
                     "strategy {:?} needs every site's update, but secure aggregation reveals only their sum: use fedavg, fedprox, fedadam or fedyogi",
                     self.strategy

@@ -21,8 +21,6 @@ use fedee_secagg::{
     UnmaskRequest, UnmaskResponse,
 };
 
-use crate::tensors::Tensors;
-
 /// How one round ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ended {
@@ -324,27 +322,6 @@ impl SecureRound {
     }
 }
 
-/// `flat` (the global model's parameters in its name order, flattened) as tensors shaped like
-/// `global`.
-///
-/// # Panics
-/// If the lengths differ (the round's setup fixes them).
-pub fn unflatten(global: &Tensors, flat: &[f32]) -> Tensors {
-    let total: usize = global.data.iter().map(Vec::len).sum();
-    assert_eq!(flat.len(), total, "flattened length");
-    let mut at = 0;
-    let data = global
-        .data
-        .iter()
-        .map(|g| {
-            let d = flat[at..at + g.len()].to_vec();
-            at += g.len();
-            d
-        })
-        .collect();
-    crate::strategy::with_data(global, data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,16 +514,5 @@ mod tests {
         // Site 2 itself can, after the refusals.
         agg.advertise(&names[2], a).unwrap();
         assert_eq!(agg.view(&names[2]).stage, "advertise");
-    }
-
-    #[test]
-    fn unflatten_follows_the_global_models_name_order() {
-        let g = Tensors {
-            names: vec!["a".into(), "b".into()],
-            shapes: vec![vec![2], vec![1, 3]],
-            data: vec![vec![0.0; 2], vec![0.0; 3]],
-        };
-        let t = unflatten(&g, &[1.0, 2.0, 3.0, 4.0, 5.0]);
-        assert_eq!(t.data, vec![vec![1.0, 2.0], vec![3.0, 4.0, 5.0]]);
     }
 }

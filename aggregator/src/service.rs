@@ -20,9 +20,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::blobs::{BlobStore, PendingBlob};
 use crate::metrics::{Metrics, Reject};
 use crate::round::{Due, State};
+use crate::running_mean::RunningMean;
 use crate::secure::{Ended, SecureRound};
 use crate::store::{LedgerRow, MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
-use crate::strategy::{ServerState, aggregate, aggregate_files};
+use crate::strategy::{ServerState, aggregate_files, aggregate_mean};
 use crate::tensors::{FileTensors, StreamCheck, Tensors};
 use crate::{AggregatorError, Config};
 use fedee_dp::DpMode;
@@ -177,6 +178,9 @@ pub struct Federation {
     uploads: Arc<tokio::sync::Semaphore>,
     /// Signalled when a close ends (`State::closing` back to false).
     closed: Arc<tokio::sync::Notify>,
+    /// The open round's running weighted mean of plaintext updates (mean-based strategies);
+    /// locked after, never while holding, the state lock.
+    mean: Arc<Mutex<RunningMean>>,
 }
 
 /// The pooled statistics of a federated standardisation: per feature of `expected`, the sums
@@ -264,6 +268,30 @@ fn refuse(reason: Reject) -> impl FnOnce(Status) -> Refusal {
 }
 
 /// Run blocking work (disk IO, aggregation) off the async worker threads.
+/// Log a catch-up of the running mean that read more than the update just accepted (after a
+/// restart, a failed fold), or that the close had to do itself (folds still queued).
+fn log_read_back(round: u32, updates: usize, at_close: bool) {
+    if updates > 1 || (at_close && updates > 0) {
+        tracing::info!(
+            round,
+            updates,
+            at_close,
+            "running mean: updates read back from disk (after a restart, a failed fold, or folds still queued)"
+        );
+    }
+}
+
+/// An update's blob, bound to the global model's layout.
+fn open_update(
+    blobs: &BlobStore,
+    u: &UpdateMeta,
+    names: &[String],
+    shapes: &[Vec<usize>],
+) -> Result<FileTensors, AggregatorError> {
+    let path = blobs.existing_path(&u.sha256)?;
+    FileTensors::open(&path, names, shapes).map_err(|e| e.unwrap_or_else(|e| e))
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AggregatorError> + Send + 'static,
 ) -> Result<T, AggregatorError> {
@@ -383,6 +411,7 @@ impl Federation {
         let svc = Self {
             uploads: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads)),
             closed: Arc::new(tokio::sync::Notify::new()),
+            mean: Arc::new(Mutex::new(RunningMean::default())),
             config: Arc::new(config),
             store,
             blobs,
@@ -743,6 +772,17 @@ impl Federation {
         let updates_in_round = st.submitted.len() as u32;
         self.metrics.accepted(size as usize);
         tracing::info!(round = h.round, site = %h.site, num_examples = h.num_examples, bytes = size, "update accepted");
+        if self.config.strategy.is_mean_based() {
+            // Folded into the running mean in the background (the acknowledgement means
+            // durable, not folded), so the close need not read it back. A failure loses
+            // nothing: the close folds whatever the mean lacks from the files.
+            let (svc, round) = (self.clone(), h.round);
+            tokio::spawn(async move {
+                if let Err(e) = svc.fold_accepted(round).await {
+                    tracing::warn!(round, error = %e, "folding an update into the running mean failed; the close reads it from its file");
+                }
+            });
+        }
         // The update is persisted: a failure to close now is retried by the next tick. The
         // update that completes a round is acknowledged once the round has closed; other
         // requests are not held up meanwhile (the state lock is released for the aggregation).
@@ -759,6 +799,30 @@ impl Federation {
 }
 
 impl Federation {
+    /// Fold `round`'s accepted updates not yet in the running mean (normally the one just
+    /// accepted; after a restart, every update the round had) in their acceptance order. A
+    /// mean already past `round` (its close ran) is left alone.
+    ///
+    /// # Errors
+    /// Database, IO or blob-corruption errors (the mean is then empty and the close refolds).
+    async fn fold_accepted(&self, round: u32) -> Result<(), AggregatorError> {
+        let mut mean = self.mean.clone().lock_owned().await;
+        if mean.round() > round {
+            return Ok(());
+        }
+        let accepted = self.store.updates(round).await?;
+        let global = self.state.lock().await.global.clone();
+        let blobs = self.blobs.clone();
+        let read = blocking(move || {
+            mean.catch_up(round, &global, &accepted, |u| {
+                open_update(&blobs, u, &global.names, &global.shapes)
+            })
+        })
+        .await?;
+        log_read_back(round, read, false);
+        Ok(())
+    }
+
     /// The streaming check of an update against `global`'s layout; in site mode also its
     /// norm against [`fedee_dp::noised_update_norm_bound`] (in record mode an update is a
     /// sum of noised DP-SGD steps, with no such bound).

@@ -376,7 +376,8 @@ impl Store {
         size_bytes: u64,
     ) -> Result<(), AggregatorError> {
         sqlx::query(
-            "INSERT INTO updates (round, site, num_examples, sha256, size_bytes, received_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO updates (round, site, num_examples, sha256, size_bytes, received_at, seq) \
+             SELECT $1, $2, $3, $4, $5, $6, COALESCE(MAX(seq), 0) + 1 FROM updates WHERE round = $1",
         )
         .bind(i64::from(round))
         .bind(&meta.site)
@@ -390,10 +391,12 @@ impl Store {
         Ok(())
     }
 
-    /// Accepted updates of `round`, by site name.
+    /// Accepted updates of `round`, in the order they were accepted (the order the running
+    /// sum folds them in; rows from before that order was recorded come first, by site name).
     pub async fn updates(&self, round: u32) -> Result<Vec<UpdateMeta>, AggregatorError> {
         let rows = sqlx::query(
-            "SELECT site, num_examples, sha256 FROM updates WHERE round = $1 ORDER BY site",
+            "SELECT site, num_examples, sha256 FROM updates WHERE round = $1 \
+             ORDER BY COALESCE(seq, 0), site",
         )
         .bind(i64::from(round))
         .fetch_all(&self.pool)

@@ -1,6 +1,8 @@
 //! Aggregation strategies: how a round's updates become the next global model. Pure
-//! functions; the service feeds them the persisted updates in site-name order, so results are
-//! reproducible from what was persisted.
+//! functions. The service aggregates FedAvg, FedAdam and FedYogi from the round's mean update
+//! ([`aggregate_mean_in_place`] from the running mean of [`crate::running_mean`];
+//! [`aggregate_mean`] from secure aggregation's sum), and median and trimmed mean from the persisted update files
+//! ([`aggregate_files`]).
 //!
 //! * **FedAvg** (McMahan et al. 2017): `x + Σᵢ (nᵢ/N) Δᵢ`. Also the aggregation of **FedProx**
 //!   (Li et al. 2020), whose proximal term `μ/2 ‖w − x‖²` acts in the sites' local training.
@@ -13,9 +15,9 @@
 //!   mean after dropping the `⌊βk⌋` largest and smallest. Unweighted by design (a weight would
 //!   let one site claim many examples).
 //!
-//! Every rule is coordinate-wise ([`aggregate_slice`]), so the service aggregates updates
-//! from their files a slice at a time ([`aggregate_files`]): memory does not grow with the
-//! number of sites.
+//! Every rule is coordinate-wise ([`aggregate_slice`]), so updates can be aggregated from
+//! their files a slice at a time ([`aggregate_files`]): memory does not grow with the number
+//! of sites.
 
 use crate::AggregatorError;
 use crate::tensors::{FileTensors, Tensors};
@@ -62,6 +64,14 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Whether the next global model depends on the updates only through their weighted mean
+    /// (FedAvg, FedAdam, FedYogi): such a round is aggregated from a running mean
+    /// ([`crate::running_mean`]) or a secure-aggregation sum. Median and trimmed mean need
+    /// every update.
+    pub fn is_mean_based(&self) -> bool {
+        matches!(self, Self::FedAvg | Self::FedAdam(_) | Self::FedYogi(_))
+    }
+
     /// Whether the strategy keeps server state between rounds (FedAdam, FedYogi).
     pub fn is_stateful(&self) -> bool {
         matches!(self, Self::FedAdam(_) | Self::FedYogi(_))
@@ -143,6 +153,28 @@ impl ServerState {
         out
     }
 
+    /// Read a state blob bound to [`ServerState::names`] of `like` (see [`FileTensors::open`])
+    /// slice by slice, without a second copy in memory, and check its SHA-256.
+    ///
+    /// # Errors
+    /// IO errors; [`AggregatorError::Blob`] if its bytes do not hash to `sha`.
+    pub fn from_file(
+        file: &mut FileTensors,
+        like: &Tensors,
+        sha: &str,
+    ) -> Result<Self, AggregatorError> {
+        let mut s = Self::zeros(like, 0.0);
+        for (i, t) in s.m.data.iter_mut().chain(s.v.data.iter_mut()).enumerate() {
+            let len = t.len();
+            for start in (0..len).step_by(1 << 18) {
+                let end = (start + (1 << 18)).min(len);
+                file.read(i, start, &mut t[start..end])?;
+            }
+        }
+        file.verify_sha256(sha)?;
+        Ok(s)
+    }
+
     /// From [`ServerState::to_safetensors`] bytes, checked against the model's layout.
     ///
     /// # Errors
@@ -214,29 +246,8 @@ pub fn aggregate_slice(
         acc
     };
     match strategy {
-        Strategy::FedAvg => {
-            out.extend(
-                g.iter()
-                    .zip(mean())
-                    .map(|(&g, a)| (f64::from(g) + a) as f32),
-            );
-        }
-        Strategy::FedAdam(opt) | Strategy::FedYogi(opt) => {
-            let yogi = matches!(strategy, Strategy::FedYogi(_));
-            let (m, v) = moments.expect("FedOpt needs its moments");
-            for (j, dj) in mean().into_iter().enumerate() {
-                let mj = opt.beta1 * f64::from(m[j]) + (1.0 - opt.beta1) * dj;
-                let v0 = f64::from(v[j]);
-                let d2 = dj * dj;
-                let vj = if yogi {
-                    v0 - (1.0 - opt.beta2) * d2 * (v0 - d2).signum()
-                } else {
-                    opt.beta2 * v0 + (1.0 - opt.beta2) * d2
-                };
-                m[j] = mj as f32;
-                v[j] = vj as f32;
-                out.push((f64::from(g[j]) + opt.lr * mj / (vj.max(0.0).sqrt() + opt.tau)) as f32);
-            }
+        Strategy::FedAvg | Strategy::FedAdam(_) | Strategy::FedYogi(_) => {
+            apply_mean(strategy, g, mean(), moments, out);
         }
         Strategy::Median | Strategy::TrimmedMean(_) => {
             let mut col = vec![0f32; updates.len()];
@@ -252,6 +263,105 @@ pub fn aggregate_slice(
                 out.push((f64::from(gj) + f) as f32);
             }
         }
+    }
+}
+
+/// One coordinate of the next global model from the global value `g` and the round's mean
+/// update `d`: FedAvg adds it; FedAdam/FedYogi take it as the pseudo-gradient and update
+/// their moments `(m, v)` in place.
+///
+/// # Panics
+/// For Median and TrimmedMean (they need every update, not a mean), or FedOpt without moments.
+#[inline]
+fn next_value(strategy: Strategy, g: f32, d: f64, moments: Option<(&mut f32, &mut f32)>) -> f32 {
+    match strategy {
+        Strategy::FedAvg => (f64::from(g) + d) as f32,
+        Strategy::FedAdam(opt) | Strategy::FedYogi(opt) => {
+            let (m, v) = moments.expect("FedOpt needs its moments");
+            let mj = opt.beta1 * f64::from(*m) + (1.0 - opt.beta1) * d;
+            let v0 = f64::from(*v);
+            let d2 = d * d;
+            let vj = if matches!(strategy, Strategy::FedYogi(_)) {
+                v0 - (1.0 - opt.beta2) * d2 * (v0 - d2).signum()
+            } else {
+                opt.beta2 * v0 + (1.0 - opt.beta2) * d2
+            };
+            *m = mj as f32;
+            *v = vj as f32;
+            (f64::from(g) + opt.lr * mj / (vj.max(0.0).sqrt() + opt.tau)) as f32
+        }
+        Strategy::Median | Strategy::TrimmedMean(_) => {
+            panic!("{strategy:?} aggregates every update, not a mean")
+        }
+    }
+}
+
+/// The next global values of one slice from the round's mean update `mean` (f64 per
+/// coordinate, `Σᵢ (nᵢ/N) Δᵢ`), appended to `out`: FedAvg adds it, FedAdam/FedYogi take it as
+/// the pseudo-gradient and update `moments` in place. Used by the in-memory and slice paths
+/// and for secure aggregation's unmasked mean.
+///
+/// # Panics
+/// For Median and TrimmedMean (they need every update, not a mean), if FedOpt gets no moments,
+/// or if `mean` is shorter than `g`.
+pub fn apply_mean(
+    strategy: Strategy,
+    g: &[f32],
+    mean: impl IntoIterator<Item = f64>,
+    moments: Option<(&mut [f32], &mut [f32])>,
+    out: &mut Vec<f32>,
+) {
+    let start = out.len();
+    let mut mean = mean.into_iter();
+    match moments {
+        None => out.extend(
+            g.iter()
+                .zip(&mut mean)
+                .map(|(&g, d)| next_value(strategy, g, d, None)),
+        ),
+        Some((m, v)) => out.extend(
+            g.iter()
+                .zip(&mut mean)
+                .zip(m.iter_mut().zip(v.iter_mut()))
+                .map(|((&g, d), mv)| next_value(strategy, g, d, Some(mv))),
+        ),
+    }
+    assert_eq!(out.len() - start, g.len(), "mean shorter than the slice");
+}
+
+/// As [`apply_mean`], with the mean in f32 replaced by the next global values in place (no
+/// second buffer): the running mean's close ([`crate::running_mean`]).
+///
+/// # Panics
+/// As [`apply_mean`], or if the lengths differ.
+pub fn apply_mean_in_place(
+    strategy: Strategy,
+    g: &[f32],
+    mean: &mut [f32],
+    moments: Option<(&mut [f32], &mut [f32])>,
+) {
+    assert_eq!(g.len(), mean.len(), "mean length");
+    // On all cores, in chunks: each coordinate is computed alone, so the bits do not depend
+    // on the threads.
+    const CHUNK: usize = 1 << 16;
+    match moments {
+        None => mean
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(d, g)| {
+                for (d, &g) in d.iter_mut().zip(g) {
+                    *d = next_value(strategy, g, f64::from(*d), None);
+                }
+            }),
+        Some((m, v)) => mean
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((d, g), (m, v))| {
+                for ((d, &g), mv) in d.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut())) {
+                    *d = next_value(strategy, g, f64::from(*d), Some(mv));
+                }
+            }),
     }
 }
 
@@ -271,7 +381,7 @@ fn trimmed_mean(sorted: &[f32], beta: f64) -> f64 {
     kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64
 }
 
-fn initial_state(strategy: Strategy, global: &Tensors) -> Option<ServerState> {
+pub(crate) fn initial_state(strategy: Strategy, global: &Tensors) -> Option<ServerState> {
     match strategy {
         // Reddi et al. initialise v to τ² (so the first step is well scaled).
         Strategy::FedAdam(o) | Strategy::FedYogi(o) => {
@@ -317,6 +427,69 @@ pub fn aggregate(
         })
         .collect();
     (with_data(global, data), state)
+}
+
+/// The next global model and server state from the round's mean update, given tensor by
+/// tensor: `mean(i)` yields the f64 mean of the global model's tensor `i` (in its order). Each
+/// tensor's mean is consumed as the next tensor is produced, so a caller holding a sum can
+/// free it tensor by tensor. `state` as in [`aggregate`].
+///
+/// # Panics
+/// For Median and TrimmedMean, or if a tensor's mean is too short.
+pub fn aggregate_mean<I: IntoIterator<Item = f64>>(
+    strategy: Strategy,
+    global: &Tensors,
+    state: Option<ServerState>,
+    mut mean: impl FnMut(usize) -> I,
+) -> (Tensors, Option<ServerState>) {
+    let mut state = match strategy {
+        Strategy::FedAdam(_) | Strategy::FedYogi(_) => {
+            state.or_else(|| initial_state(strategy, global))
+        }
+        _ => None,
+    };
+    let data = global
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let moments = state
+                .as_mut()
+                .map(|s| (s.m.data[i].as_mut_slice(), s.v.data[i].as_mut_slice()));
+            let mut out = Vec::with_capacity(g.len());
+            apply_mean(strategy, g, mean(i), moments, &mut out);
+            out
+        })
+        .collect();
+    (with_data(global, data), state)
+}
+
+/// As [`aggregate_mean`], from the mean update held per tensor in f32 (`mean[i]` for the
+/// global model's tensor `i`), which becomes the next global model in place: memory is the
+/// global model and one copy, whatever the strategy (plus FedOpt's moments).
+///
+/// # Panics
+/// As [`aggregate_mean`], or if a tensor's mean has the wrong length.
+pub fn aggregate_mean_in_place(
+    strategy: Strategy,
+    global: &Tensors,
+    state: Option<ServerState>,
+    mut mean: Vec<Vec<f32>>,
+) -> (Tensors, Option<ServerState>) {
+    let mut state = match strategy {
+        Strategy::FedAdam(_) | Strategy::FedYogi(_) => {
+            state.or_else(|| initial_state(strategy, global))
+        }
+        _ => None,
+    };
+    assert_eq!(mean.len(), global.data.len(), "one mean per tensor");
+    for (i, (g, d)) in global.data.iter().zip(&mut mean).enumerate() {
+        let moments = state
+            .as_mut()
+            .map(|s| (s.m.data[i].as_mut_slice(), s.v.data[i].as_mut_slice()));
+        apply_mean_in_place(strategy, g, d, moments);
+    }
+    (with_data(global, mean), state)
 }
 
 /// As [`aggregate`], reading the updates (and the prior server state, laid out as

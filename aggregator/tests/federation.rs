@@ -386,10 +386,11 @@ async fn bad_updates_are_rejected_and_accepted_ones_kept() {
 /// update that completed the round is acknowledged once it has closed.
 #[tokio::test]
 async fn requests_are_answered_while_a_round_is_aggregated() {
-    // 16 Mi parameters (64 MiB per update): the close reads, hashes and averages 128 MiB and
-    // writes 64 MiB, long enough to be seen from another connection. The updates are written
-    // with direct I/O (every round, not only large ones), so the close reads files that
-    // bypassed the page cache and the FedAvg result below checks that path end to end.
+    // 16 Mi parameters (64 MiB per update), coordinate-wise median: the close reads, hashes
+    // and takes the median of 128 MiB and writes 64 MiB, long enough to be seen from another
+    // connection (a FedAvg close only finishes the running sum). The updates are written with
+    // direct I/O (every round, not only large ones), so the close reads files that bypassed
+    // the page cache and the result below checks that path end to end.
     let n = 16 << 20;
     let big = move |v: f32| Tensors {
         names: vec!["w".into()],
@@ -398,6 +399,7 @@ async fn requests_are_answered_while_a_round_is_aggregated() {
     };
     let (mut c, token, _blobs) = start_with(1, 2, big(1.0), |c| {
         c.direct_io = DirectIo::Above(0);
+        c.strategy = fedee_aggregator::strategy::Strategy::Median;
         // Updates of 2 and 4 per coordinate: far over a clipping norm of 1.
         c.clipping_norm = ClippingNorm::new(1e6).unwrap();
     })
@@ -444,8 +446,8 @@ async fn requests_are_answered_while_a_round_is_aggregated() {
     );
     let st = c.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(st.done && st.rounds[0].state == "closed");
-    // Updates are deltas: 1 + 0.25 · 2 + 0.75 · 4 = 4.5
-    assert!(download(&mut c, 2).await.data[0].iter().all(|&x| x == 4.5));
+    // Updates are deltas: 1 + median(2, 4) = 4 (FedAvg would give 1 + 0.25 · 2 + 0.75 · 4).
+    assert!(download(&mut c, 2).await.data[0].iter().all(|&x| x == 4.0));
     token.cancel();
 }
 
@@ -494,4 +496,70 @@ async fn a_non_finite_global_model_fails_the_round_and_keeps_the_previous_one() 
     let next = (f64::from(big) + f64::from(-1e38f32)) as f32;
     assert_eq!(download(&mut c, 3).await, model(next));
     token.cancel();
+}
+
+/// Every strategy through the service over two rounds equals the pure strategy on the same
+/// updates: FedAvg, FedAdam and FedYogi from the running sum (within an ulp of the in-memory
+/// `Σ (nᵢ/N)Δᵢ`; FedOpt's moments persisted between the rounds), median and trimmed mean
+/// from the files, bit for bit.
+#[tokio::test]
+async fn every_strategy_through_the_service_matches_the_pure_strategy() {
+    use fedee_aggregator::strategy::{FedOpt, Strategy, aggregate};
+    let o = FedOpt {
+        lr: 0.1,
+        ..FedOpt::default()
+    };
+    let update = |site: usize, round: u32| Tensors {
+        names: vec!["a".into(), "b".into()],
+        shapes: vec![vec![2, 2], vec![3]],
+        data: vec![
+            (0..4)
+                .map(|j| ((site * 7 + j) as f32 * 0.31 + round as f32).sin() * 0.1)
+                .collect(),
+            (0..3)
+                .map(|j| ((site * 5 + j) as f32 * 0.17 - round as f32).cos() * 0.1)
+                .collect(),
+        ],
+    };
+    let sites = ["A", "B", "C"];
+    let weights = [30u64, 100, 7];
+    for strategy in [
+        Strategy::FedAvg,
+        Strategy::FedAdam(o),
+        Strategy::FedYogi(o),
+        Strategy::Median,
+        Strategy::TrimmedMean(0.2),
+    ] {
+        let (mut c, token, _blobs) = start_with(2, 3, model(1.0), |c| c.strategy = strategy).await;
+        join(&mut c, &sites).await;
+        let (mut want, mut state) = (model(1.0), None);
+        for round in 1..=2 {
+            let ups: Vec<Tensors> = (0..3).map(|s| update(s, round)).collect();
+            // Accepted in reverse name order: the running sum folds in acceptance order.
+            for s in (0..3).rev() {
+                submit(
+                    &mut c,
+                    msgs(sites[s], round, weights[s], &ups[s].to_safetensors(), None),
+                )
+                .await
+                .unwrap();
+            }
+            let pairs: Vec<(u64, &Tensors)> = weights.iter().copied().zip(&ups).collect();
+            (want, state) = aggregate(strategy, &want, &pairs, state);
+            let got = download(&mut c, round + 1).await;
+            for (g, w) in got.data.iter().flatten().zip(want.data.iter().flatten()) {
+                if strategy.is_mean_based() {
+                    assert!(
+                        (g - w).abs() <= f32::EPSILON * w.abs(),
+                        "{strategy:?} round {round}: {g} vs {w}"
+                    );
+                } else {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{strategy:?} round {round}");
+                }
+            }
+            // The service's result is the reference for the next round (an ulp apart at most).
+            want = got;
+        }
+        token.cancel();
+    }
 }

@@ -1,5 +1,6 @@
-//! Closing a round: the rules that make a close due, the aggregation (from the persisted
-//! updates, or from a secure-aggregation round's unmasked mean) outside the state lock, and
+//! Closing a round: the rules that make a close due, the aggregation (from the round's running
+//! mean, the persisted updates, or a secure-aggregation round's unmasked mean) outside the state
+//! lock, and
 //! what is recorded when a round closes or fails (global model, privacy spent, next round).
 
 use super::*;
@@ -37,6 +38,26 @@ pub(super) fn write_next(
         state_sha,
         started,
     })
+}
+
+/// The persisted FedAdam/FedYogi server state `sha` (`None` for other strategies, or before
+/// the first close: zero moments).
+fn read_state(
+    blobs: &BlobStore,
+    strategy: crate::strategy::Strategy,
+    sha: Option<&str>,
+    global: &Tensors,
+) -> Result<Option<ServerState>, AggregatorError> {
+    match (sha, strategy.is_stateful()) {
+        (Some(sha), true) => {
+            let path = blobs.existing_path(sha)?;
+            let (names, shapes) = ServerState::names(global);
+            let mut f =
+                FileTensors::open(&path, &names, &shapes).map_err(|e| e.unwrap_or_else(|e| e))?;
+            Ok(Some(ServerState::from_file(&mut f, global, sha)?))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// What a close's aggregation produced: the next global model and its blob, the server
@@ -190,9 +211,12 @@ impl Federation {
         self.closed.notify_waiters();
     }
 
-    /// Aggregate a round from its persisted updates and write the next global model (and
-    /// server state) to the blob store; the state lock is not held. A secure round's mean is
-    /// moved out of the job, not copied (its counts stay for the record).
+    /// Aggregate a round and write the next global model (and server state) to the blob
+    /// store; the state lock is not held. FedAvg, FedAdam and FedYogi take the round's running
+    /// mean, folding first whatever it lacks (after a restart, all of the round's updates, in
+    /// their acceptance order); Median and trimmed mean read every update from its file. A
+    /// secure round's mean is moved out of the job, not copied (its counts stay for the
+    /// record).
     pub(super) async fn aggregate(
         &self,
         job: &mut CloseJob,
@@ -202,54 +226,51 @@ impl Federation {
             CloseInputs::Updates(u) => u.clone(),
             CloseInputs::Mean { mean, .. } => {
                 let mean = std::mem::take(mean);
-                return self.aggregate_mean(job, mean).await;
+                return self.aggregate_secure_mean(job, mean).await;
             }
         };
         let strategy = self.config.strategy;
         let server_state = job.server_state.clone();
-        // Aggregation in site-name order from the persisted blobs (and the persisted server
-        // state), slice by slice from the files: the result depends only on what was
-        // persisted, so a restarted aggregator produces the same bytes, and memory does not
-        // grow with the number of sites.
         let started = std::time::Instant::now();
+        if strategy.is_mean_based() {
+            let (mut mean, round) = (self.mean.clone().lock_owned().await, job.round);
+            return blocking(move || {
+                let read = mean.catch_up(round, &global, &metas, |u| {
+                    open_update(&blobs, u, &global.names, &global.shapes)
+                })?;
+                // Taken out: a retried close (after an IO error below) folds from the files.
+                let taken = std::mem::replace(&mut *mean, RunningMean::new(round + 1));
+                drop(mean);
+                log_read_back(round, read, true);
+                let prior = read_state(&blobs, strategy, server_state.as_deref(), &global)?;
+                let (next, state) = taken.finish(strategy, &global, prior);
+                write_next(&blobs, next, state, started)
+            })
+            .await;
+        }
+        // Median and trimmed mean, slice by slice from the files (and the persisted server
+        // state): memory does not grow with the number of sites.
         blocking(move || {
-            let open = |sha: &str, names: &[String], shapes: &[Vec<usize>]| {
-                let path = blobs.existing_path(sha)?;
-                FileTensors::open(&path, names, shapes).map_err(|e| e.unwrap_or_else(|e| e))
-            };
             let mut files = metas
                 .iter()
                 .map(|u| {
-                    Ok((
-                        u.num_examples,
-                        open(&u.sha256, &global.names, &global.shapes)?,
-                    ))
+                    let f = open_update(&blobs, u, &global.names, &global.shapes)?;
+                    Ok((u.num_examples, f))
                 })
                 .collect::<Result<Vec<_>, AggregatorError>>()?;
-            let mut prior = match (&server_state, strategy.is_stateful()) {
-                (Some(sha), true) => {
-                    let (names, shapes) = ServerState::names(&global);
-                    Some(open(sha, &names, &shapes)?)
-                }
-                _ => None,
-            };
-            let (next, state) = aggregate_files(strategy, &global, &mut files, prior.as_mut())?;
+            let (next, state) = aggregate_files(strategy, &global, &mut files, None)?;
             // Inputs are checked against their names before anything is written.
             for ((_, f), u) in files.iter_mut().zip(&metas) {
                 f.verify_sha256(&u.sha256)?;
-            }
-            if let (Some(f), Some(sha)) = (prior.as_mut(), &server_state) {
-                f.verify_sha256(sha)?;
             }
             write_next(&blobs, next, state, started)
         })
         .await
     }
 
-    /// Apply the strategy to a secure-aggregation round's unmasked mean: the mean is what
-    /// FedAvg of the alive sites' updates gives, so FedAvg, FedAdam and FedYogi take it as
-    /// one update of weight 1.
-    pub(super) async fn aggregate_mean(
+    /// Apply the strategy to a secure-aggregation round's unmasked mean (flattened in the
+    /// global model's name order): the mean is what FedAvg of the alive sites' updates gives.
+    pub(super) async fn aggregate_secure_mean(
         &self,
         job: &CloseJob,
         mean: Vec<f32>,
@@ -259,17 +280,15 @@ impl Federation {
         let server_state = job.server_state.clone();
         let started = std::time::Instant::now();
         blocking(move || {
-            let mean = crate::secure::unflatten(&global, &mean);
-            let prior = match (&server_state, strategy.is_stateful()) {
-                (Some(sha), true) => {
-                    let path = blobs.existing_path(sha)?;
-                    let bytes = std::fs::read(&path)
-                        .map_err(crate::blobs::io(format!("reading {}", path.display())))?;
-                    Some(ServerState::from_safetensors(&bytes, &global)?)
-                }
-                _ => None,
-            };
-            let (next, state) = aggregate(strategy, &global, &[(1, &mean)], prior);
+            let total: usize = global.data.iter().map(Vec::len).sum();
+            assert_eq!(mean.len(), total, "flattened length");
+            let prior = read_state(&blobs, strategy, server_state.as_deref(), &global)?;
+            let mut at = 0;
+            let (next, state) = aggregate_mean(strategy, &global, prior, |i| {
+                let m = &mean[at..at + global.data[i].len()];
+                at += m.len();
+                m.iter().map(|&x| f64::from(x))
+            });
             write_next(&blobs, next, state, started)
         })
         .await
