@@ -1138,3 +1138,52 @@ async fn federated_standardisation_pools_noisy_statistics_before_round_one() {
     assert_ne!(own_a, own_b, "without them each file's own figures");
     assert_ne!(own_a, pooled_a);
 }
+
+/// Local training that diverges (learning rate 1e30) is caught at the site before anything
+/// leaves it: the site names the tensor, records no privacy spend, sends no update and
+/// leaves the federation with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_whose_training_diverges_sends_nothing_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("federation.toml"),
+        common::heart_spec(&[
+            ("rounds = 10\n", "rounds = 1\n"),
+            ("learning_rate = 0.05", "learning_rate = 1e30"),
+        ]),
+    )
+    .unwrap();
+    init_model(dir, "federation.toml");
+    let agg = spec_aggregator(
+        dir,
+        "federation.toml",
+        &["--initial-model", "g0.safetensors"],
+    );
+    agg.wait_for_log("federation started", std::time::Duration::from_secs(30));
+    let csv = heart_csv();
+    let out = site(dir, &agg.addr, "Cleveland", &csv, "dataset=Cleveland")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("local training diverged") && err.contains("nothing was sent"),
+        "{err}"
+    );
+    let ledger = std::fs::read_to_string(dir.join("Cleveland.ledger.json")).unwrap_or_default();
+    assert!(
+        !ledger.contains("gaussian"),
+        "no privacy spend may be recorded: {ledger}"
+    );
+    agg.wait_for_log(
+        "site left the federation",
+        std::time::Duration::from_secs(10),
+    );
+    assert!(agg.log().contains("diverged"), "{}", agg.log());
+    assert!(
+        !agg.log().contains("update accepted") && !agg.log().contains("rejected"),
+        "{}",
+        agg.log()
+    );
+}

@@ -381,7 +381,29 @@ fn trimmed_mean(sorted: &[f32], beta: f64) -> f64 {
     kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64
 }
 
-pub(crate) fn initial_state(strategy: Strategy, global: &Tensors) -> Option<ServerState> {
+/// The server state a round starts from: FedAdam/FedYogi's prior state, or the initial one;
+/// `None` for the other strategies.
+fn state_or_initial(
+    strategy: Strategy,
+    global: &Tensors,
+    prior: Option<ServerState>,
+) -> Option<ServerState> {
+    match strategy {
+        Strategy::FedAdam(_) | Strategy::FedYogi(_) => {
+            prior.or_else(|| initial_state(strategy, global))
+        }
+        _ => None,
+    }
+}
+
+/// FedAdam/FedYogi's moments `(m, v)` of tensor `i`, if the strategy keeps state.
+fn moments(state: &mut Option<ServerState>, i: usize) -> Option<(&mut [f32], &mut [f32])> {
+    state
+        .as_mut()
+        .map(|s| (s.m.data[i].as_mut_slice(), s.v.data[i].as_mut_slice()))
+}
+
+fn initial_state(strategy: Strategy, global: &Tensors) -> Option<ServerState> {
     match strategy {
         // Reddi et al. initialise v to τ² (so the first step is well scaled).
         Strategy::FedAdam(o) | Strategy::FedYogi(o) => {
@@ -403,12 +425,7 @@ pub fn aggregate(
     updates: &[(u64, &Tensors)],
     state: Option<ServerState>,
 ) -> (Tensors, Option<ServerState>) {
-    let mut state = match strategy {
-        Strategy::FedAdam(_) | Strategy::FedYogi(_) => {
-            state.or_else(|| initial_state(strategy, global))
-        }
-        _ => None,
-    };
+    let mut state = state_or_initial(strategy, global, state);
     let data = global
         .data
         .iter()
@@ -418,9 +435,7 @@ pub fn aggregate(
                 .iter()
                 .map(|(n, u)| (*n, u.data[i].as_slice()))
                 .collect();
-            let moments = state
-                .as_mut()
-                .map(|s| (s.m.data[i].as_mut_slice(), s.v.data[i].as_mut_slice()));
+            let moments = moments(&mut state, i);
             let mut out = Vec::with_capacity(g.len());
             aggregate_slice(strategy, g, &ups, moments, &mut out);
             out
@@ -442,20 +457,13 @@ pub fn aggregate_mean<I: IntoIterator<Item = f64>>(
     state: Option<ServerState>,
     mut mean: impl FnMut(usize) -> I,
 ) -> (Tensors, Option<ServerState>) {
-    let mut state = match strategy {
-        Strategy::FedAdam(_) | Strategy::FedYogi(_) => {
-            state.or_else(|| initial_state(strategy, global))
-        }
-        _ => None,
-    };
+    let mut state = state_or_initial(strategy, global, state);
     let data = global
         .data
         .iter()
         .enumerate()
         .map(|(i, g)| {
-            let moments = state
-                .as_mut()
-                .map(|s| (s.m.data[i].as_mut_slice(), s.v.data[i].as_mut_slice()));
+            let moments = moments(&mut state, i);
             let mut out = Vec::with_capacity(g.len());
             apply_mean(strategy, g, mean(i), moments, &mut out);
             out
@@ -476,17 +484,10 @@ pub fn aggregate_mean_in_place(
     state: Option<ServerState>,
     mut mean: Vec<Vec<f32>>,
 ) -> (Tensors, Option<ServerState>) {
-    let mut state = match strategy {
-        Strategy::FedAdam(_) | Strategy::FedYogi(_) => {
-            state.or_else(|| initial_state(strategy, global))
-        }
-        _ => None,
-    };
+    let mut state = state_or_initial(strategy, global, state);
     assert_eq!(mean.len(), global.data.len(), "one mean per tensor");
     for (i, (g, d)) in global.data.iter().zip(&mut mean).enumerate() {
-        let moments = state
-            .as_mut()
-            .map(|s| (s.m.data[i].as_mut_slice(), s.v.data[i].as_mut_slice()));
+        let moments = moments(&mut state, i);
         apply_mean_in_place(strategy, g, d, moments);
     }
     (with_data(global, mean), state)

@@ -339,7 +339,7 @@ pub fn zcdp_epsilon(rho: f64, delta: f64) -> Result<f64, DpError> {
     if !(delta > 0.0 && delta < 1.0) {
         return Err(DpError::Delta(delta));
     }
-    if !(rho >= 0.0) {
+    if rho.is_nan() || rho < 0.0 {
         return Err(DpError::Parameter(format!("zCDP ρ = {rho}: use ρ ≥ 0")));
     }
     if rho == 0.0 || rho.is_infinite() {

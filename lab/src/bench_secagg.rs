@@ -503,6 +503,9 @@ pub fn federation_rounds(
         spec.model.hidden = h.to_vec();
     }
     spec.federation.round_timeout_s = 120.0;
+    // The hospitals have at most a few hundred rows each: a tight bound on a site's weight
+    // keeps the secure quantizer fine at any number of sites (n · max weight · scale < 2³¹).
+    spec.federation.max_num_examples = 1_000;
     // Site-level DP at ε = 8 over all the rounds (σ calibrated by the aggregator), within a
     // site's default budget.
     spec.privacy.mode = fedee_spec::PrivacyMode::Site;

@@ -910,6 +910,22 @@ pub async fn run(mut cfg: SiteConfig) -> Result<SiteReport, SiteError> {
                 &mut rng,
             )
         })?;
+        // Checked before anything is recorded or sent: a diverged model is the site's to
+        // report, not the aggregator's to find.
+        let diverged = update
+            .iter()
+            .find(|(_, t)| !bool::try_from(t.isfinite().all()).unwrap_or(false))
+            .map(|(n, _)| n.clone());
+        if let Some(tensor) = diverged {
+            let e = SiteError::Diverged {
+                round: task.round,
+                tensor,
+                loss,
+            };
+            tracing::error!(site = %cfg.site, "{e}");
+            link.leave(&cfg.site, &e.to_string()).await?;
+            return Err(e);
+        }
         let mechanism = match (mode, agreed.distributed) {
             (DpMode::Site, true) => "skellam_rdp",
             (DpMode::Site, false) => "gaussian_zcdp",

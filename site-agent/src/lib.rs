@@ -106,6 +106,18 @@ pub enum SiteError {
         /// The unit asked for.
         asked: String,
     },
+    /// Local training produced a non-finite update: nothing is sent and no privacy is spent.
+    #[error(
+        "round {round}: local training diverged: tensor `{tensor}` of the update is not finite (mean training loss {loss}); nothing was sent and no privacy was spent. Lower the learning rate (federation spec), or, with site-level DP on a large model, the noise: the global model may have been destroyed by it"
+    )]
+    Diverged {
+        /// The round trained.
+        round: u32,
+        /// The first tensor (by name) with a NaN or infinite value.
+        tensor: String,
+        /// The mean training loss of the round.
+        loss: f64,
+    },
     /// The aggregator asked for something the site did not agree to (names the setting).
     #[error("refusing the aggregator's task: {0}")]
     Refused(String),
