@@ -106,17 +106,7 @@ impl RunningMean {
         let total = self.total.saturating_add(meta.num_examples);
         // The first update's weight is exactly 1: the mean starts as that update's bits.
         let w = meta.num_examples as f64 / (total as f64).max(1.0);
-        // Every slice, in order: (tensor, first value, number of values).
-        let slices: Vec<(usize, usize, usize)> = self
-            .mean
-            .iter()
-            .enumerate()
-            .flat_map(|(t, m)| {
-                (0..m.len())
-                    .step_by(FOLD_SLICE)
-                    .map(move |s| (t, s, FOLD_SLICE.min(m.len() - s)))
-            })
-            .collect();
+        let slices = crate::strategy::slices(&self.mean, FOLD_SLICE);
         let largest = slices.iter().map(|s| s.2).max().unwrap_or(0);
         let (mut cur, mut next) = (vec![0f32; largest], vec![0f32; largest]);
         if let Some(&(t, start, len)) = slices.first() {

@@ -23,7 +23,7 @@ use crate::round::{Due, State};
 use crate::running_mean::RunningMean;
 use crate::secure::{Ended, SecureRound};
 use crate::store::{LedgerRow, MetricRow, RoundEnd, Store, UpdateMeta, now_ms};
-use crate::strategy::{ServerState, aggregate_files, aggregate_mean};
+use crate::strategy::{ServerState, aggregate_files, aggregate_mean_in_place};
 use crate::tensors::{FileTensors, StreamCheck, Tensors};
 use crate::{AggregatorError, Config};
 use fedee_dp::DpMode;
@@ -776,9 +776,9 @@ impl Federation {
             // Folded into the running mean in the background (the acknowledgement means
             // durable, not folded), so the close need not read it back. A failure loses
             // nothing: the close folds whatever the mean lacks from the files.
-            let (svc, round) = (self.clone(), h.round);
+            let (svc, round, global) = (self.clone(), h.round, st.global.clone());
             tokio::spawn(async move {
-                if let Err(e) = svc.fold_accepted(round).await {
+                if let Err(e) = svc.fold_accepted(round, global).await {
                     tracing::warn!(round, error = %e, "folding an update into the running mean failed; the close reads it from its file");
                 }
             });
@@ -800,18 +800,18 @@ impl Federation {
 
 impl Federation {
     /// Fold `round`'s accepted updates not yet in the running mean (normally the one just
-    /// accepted; after a restart, every update the round had) in their acceptance order. A
-    /// mean already past `round` (its close ran) is left alone.
+    /// accepted; after a restart, every update the round had) in their acceptance order;
+    /// `global` is the round's global model (its layout). A mean already past `round` (its
+    /// close ran) is left alone.
     ///
     /// # Errors
     /// Database, IO or blob-corruption errors (the mean is then empty and the close refolds).
-    async fn fold_accepted(&self, round: u32) -> Result<(), AggregatorError> {
+    async fn fold_accepted(&self, round: u32, global: Arc<Tensors>) -> Result<(), AggregatorError> {
         let mut mean = self.mean.clone().lock_owned().await;
         if mean.round() > round {
             return Ok(());
         }
         let accepted = self.store.updates(round).await?;
-        let global = self.state.lock().await.global.clone();
         let blobs = self.blobs.clone();
         let read = blocking(move || {
             mean.catch_up(round, &global, &accepted, |u| {

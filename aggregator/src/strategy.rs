@@ -1,7 +1,7 @@
 //! Aggregation strategies: how a round's updates become the next global model. Pure
 //! functions. The service aggregates FedAvg, FedAdam and FedYogi from the round's mean update
-//! ([`aggregate_mean_in_place`] from the running mean of [`crate::running_mean`];
-//! [`aggregate_mean`] from secure aggregation's sum), and median and trimmed mean from the persisted update files
+//! ([`aggregate_mean_in_place`], from the running mean of [`crate::running_mean`] or from
+//! secure aggregation's sum), and median and trimmed mean from the persisted update files
 //! ([`aggregate_files`]).
 //!
 //! * **FedAvg** (McMahan et al. 2017): `x + Σᵢ (nᵢ/N) Δᵢ`. Also the aggregation of **FedProx**
@@ -444,40 +444,13 @@ pub fn aggregate(
     (with_data(global, data), state)
 }
 
-/// The next global model and server state from the round's mean update, given tensor by
-/// tensor: `mean(i)` yields the f64 mean of the global model's tensor `i` (in its order). Each
-/// tensor's mean is consumed as the next tensor is produced, so a caller holding a sum can
-/// free it tensor by tensor. `state` as in [`aggregate`].
+/// The next global model and server state from the round's mean update held per tensor in
+/// f32 (`mean[i]` for the global model's tensor `i`), which becomes the next global model in
+/// place: memory is the global model and one copy, whatever the strategy (plus FedOpt's
+/// moments). `state` as in [`aggregate`].
 ///
 /// # Panics
-/// For Median and TrimmedMean, or if a tensor's mean is too short.
-pub fn aggregate_mean<I: IntoIterator<Item = f64>>(
-    strategy: Strategy,
-    global: &Tensors,
-    state: Option<ServerState>,
-    mut mean: impl FnMut(usize) -> I,
-) -> (Tensors, Option<ServerState>) {
-    let mut state = state_or_initial(strategy, global, state);
-    let data = global
-        .data
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let moments = moments(&mut state, i);
-            let mut out = Vec::with_capacity(g.len());
-            apply_mean(strategy, g, mean(i), moments, &mut out);
-            out
-        })
-        .collect();
-    (with_data(global, data), state)
-}
-
-/// As [`aggregate_mean`], from the mean update held per tensor in f32 (`mean[i]` for the
-/// global model's tensor `i`), which becomes the next global model in place: memory is the
-/// global model and one copy, whatever the strategy (plus FedOpt's moments).
-///
-/// # Panics
-/// As [`aggregate_mean`], or if a tensor's mean has the wrong length.
+/// For Median and TrimmedMean, or if a tensor's mean has the wrong length.
 pub fn aggregate_mean_in_place(
     strategy: Strategy,
     global: &Tensors,
@@ -531,16 +504,7 @@ fn aggregate_files_in_slices(
     let largest = global.data.iter().map(Vec::len).max().unwrap_or(0);
     let per = (slice_values / updates.len()).clamp(1 << 12, largest.max(1 << 12));
     // Every slice, in order: (tensor, first value, number of values).
-    let slices: Vec<(usize, usize, usize)> = global
-        .data
-        .iter()
-        .enumerate()
-        .flat_map(|(i, g)| {
-            (0..g.len())
-                .step_by(per)
-                .map(move |s| (i, s, per.min(g.len() - s)))
-        })
-        .collect();
+    let slices = slices(&global.data, per);
     let read = |updates: &mut [(u64, FileTensors)], bufs: &mut [Vec<f32>], (i, start, len)| {
         // The files are read (positioned read, SHA-256 as read, decode) on all cores at once.
         bufs.par_iter_mut()
@@ -591,6 +555,20 @@ fn aggregate_files_in_slices(
         std::mem::swap(&mut cur, &mut next);
     }
     Ok((with_data(global, data), state))
+}
+
+/// Every slice of at most `per` values of `tensors`, in order: (tensor, first value, number
+/// of values).
+pub(crate) fn slices<T>(tensors: &[Vec<T>], per: usize) -> Vec<(usize, usize, usize)> {
+    tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(i, g)| {
+            (0..g.len())
+                .step_by(per)
+                .map(move |s| (i, s, per.min(g.len() - s)))
+        })
+        .collect()
 }
 
 /// Tensors with `global`'s names and shapes and the values `data`.

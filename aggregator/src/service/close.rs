@@ -283,12 +283,18 @@ impl Federation {
             let total: usize = global.data.iter().map(Vec::len).sum();
             assert_eq!(mean.len(), total, "flattened length");
             let prior = read_state(&blobs, strategy, server_state.as_deref(), &global)?;
+            // Per tensor, for the same in-place path as the running mean.
             let mut at = 0;
-            let (next, state) = aggregate_mean(strategy, &global, prior, |i| {
-                let m = &mean[at..at + global.data[i].len()];
-                at += m.len();
-                m.iter().map(|&x| f64::from(x))
-            });
+            let per_tensor: Vec<Vec<f32>> = global
+                .data
+                .iter()
+                .map(|g| {
+                    at += g.len();
+                    mean[at - g.len()..at].to_vec()
+                })
+                .collect();
+            drop(mean);
+            let (next, state) = aggregate_mean_in_place(strategy, &global, prior, per_tensor);
             write_next(&blobs, next, state, started)
         })
         .await
