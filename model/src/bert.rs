@@ -504,6 +504,56 @@ pub fn encode_embedded(
     x: &Tensor,
     mask: &Tensor,
 ) -> Vec<Tensor> {
+    let local = |x: &Tensor, maps: &[String]| -> Result<Vec<Tensor>, std::convert::Infallible> {
+        Ok(maps
+            .iter()
+            .map(|n| {
+                x.linear(
+                    p(state, &format!("{n}.weight")),
+                    Some(p(state, &format!("{n}.bias"))),
+                )
+            })
+            .collect())
+    };
+    match encode_embedded_with(cfg, state, x, mask, local) {
+        Ok(out) => out,
+        Err(never) => match never {},
+    }
+}
+
+/// The linear maps of encoder layer `l`, by Hugging Face prefix (`NAME.weight (out, in)`,
+/// `NAME.bias (out,)`), in the groups [`encode_embedded_with`] asks for together: the
+/// Q/K/V projections (one input), the attention output, the FFN in, the FFN out.
+pub fn layer_linear_groups(l: usize) -> [Vec<String>; 4] {
+    let pre = format!("encoder.layer.{l}.");
+    let n = |s: &str| format!("{pre}{s}");
+    [
+        vec![
+            n("attention.self.query"),
+            n("attention.self.key"),
+            n("attention.self.value"),
+        ],
+        vec![n("attention.output.dense")],
+        vec![n("intermediate.dense")],
+        vec![n("output.dense")],
+    ]
+}
+
+/// [`encode_embedded`] with the encoder's linear maps computed by `linear`: called four times
+/// per layer (the groups of [`layer_linear_groups`]) with an input `(batch, seq, in)` and the
+/// maps' names, it returns `x·Wᵀ + b` for each, `(batch, seq, out)`. Attention, residuals,
+/// LayerNorm and GELU run here, on `state`'s tensors (its linear weights are not read).
+/// This is how HSS-EE offloads the linear algebra to two servers (`fedee-hss`).
+///
+/// # Errors
+/// The first error `linear` returns.
+pub fn encode_embedded_with<E>(
+    cfg: &BertConfig,
+    state: Checked<'_>,
+    x: &Tensor,
+    mask: &Tensor,
+    mut linear: impl FnMut(&Tensor, &[String]) -> Result<Vec<Tensor>, E>,
+) -> Result<Vec<Tensor>, E> {
     let (b, t) = (x.size()[0], x.size()[1]);
     let h = cfg.hidden_size as i64;
     let (nh, hd) = (
@@ -533,16 +583,12 @@ pub fn encode_embedded(
     for l in 0..cfg.num_hidden_layers {
         out.push(x.shallow_clone());
         let pre = format!("encoder.layer.{l}.");
-        let lin = |x: &Tensor, n: &str| {
-            x.linear(
-                p(state, &format!("{pre}{n}.weight")),
-                Some(p(state, &format!("{pre}{n}.bias"))),
-            )
-        };
-        let heads = |x: Tensor| x.view([b, t, nh, hd]).transpose(1, 2);
-        let q = heads(lin(&x, "attention.self.query"));
-        let k = heads(lin(&x, "attention.self.key"));
-        let v = heads(lin(&x, "attention.self.value"));
+        let [qkv, attn_out, ffn_in, ffn_out] = layer_linear_groups(l);
+        let heads = |x: &Tensor| x.view([b, t, nh, hd]).transpose(1, 2);
+        let mut qkv = linear(&x, &qkv)?;
+        assert_eq!(qkv.len(), 3, "`linear` must return one output per map");
+        let (v, k, q) = (qkv.swap_remove(2), qkv.swap_remove(1), qkv.swap_remove(0));
+        let (q, k, v) = (heads(&q), heads(&k), heads(&v));
         let scores = q.matmul(&k.transpose(-1, -2)) * scale + &ext;
         let ctx = scores
             .softmax(-1, kind)
@@ -551,17 +597,22 @@ pub fn encode_embedded(
             .contiguous()
             .view([b, t, h]);
         x = ln(
-            &(lin(&ctx, "attention.output.dense") + &x),
+            &(first(linear(&ctx, &attn_out)?) + &x),
             &format!("{pre}attention.output.LayerNorm"),
         );
-        let inter = lin(&x, "intermediate.dense").gelu("none");
+        let inter = first(linear(&x, &ffn_in)?).gelu("none");
         x = ln(
-            &(lin(&inter, "output.dense") + &x),
+            &(first(linear(&inter, &ffn_out)?) + &x),
             &format!("{pre}output.LayerNorm"),
         );
     }
     out.push(x);
-    out
+    Ok(out)
+}
+
+fn first(mut outputs: Vec<Tensor>) -> Tensor {
+    assert_eq!(outputs.len(), 1, "`linear` must return one output per map");
+    outputs.swap_remove(0)
 }
 
 /// Mean of `hidden (batch, seq, hidden)` over unmasked positions: `(batch, hidden)`.
@@ -594,7 +645,13 @@ pub fn classify_embedded(
     let h = encode_embedded(&cfg.bert, state, x, mask)
         .pop()
         .expect("encode_embedded returns the hidden states");
-    mean_pool(&h, mask).linear(
+    head(state, &h, mask)
+}
+
+/// The classification head on the last hidden states `(batch, seq, hidden)`: mean pooling,
+/// then the linear head: logits `(batch, num_labels)`.
+pub fn head(state: Checked<'_>, hidden: &Tensor, mask: &Tensor) -> Tensor {
+    mean_pool(hidden, mask).linear(
         p(state, "classifier.weight"),
         Some(p(state, "classifier.bias")),
     )

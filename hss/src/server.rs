@@ -1,0 +1,191 @@
+//! One HSS server: the EE model's linear maps in fixed point, and the one operation it offers.
+//!
+//! The server is architecture-agnostic: it holds named linear maps (`NAME.weight (out, in)`,
+//! optional `NAME.bias (out,)`) and answers [`LinearRequest`]s. It sees a seed or a share
+//! word matrix, the names and shapes of the maps asked for, and the activation scale; never a
+//! key or an activation.
+
+use std::collections::BTreeMap;
+
+use tch::{Kind, Tensor};
+
+use crate::engine::{Engine, Prepared};
+use crate::ring::QuantLinear;
+use crate::share::{Seed, expand};
+use crate::{HssError, Result};
+
+/// Most share words one request may carry (256 Mi words, 2 GiB).
+pub const MAX_SHARE_WORDS: usize = 1 << 28;
+/// Largest activation scale exponent a request may ask for.
+pub const MAX_FRAC_BITS: u32 = 40;
+
+/// One server's share of a matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Share {
+    /// Server 0: expand `X₀ = ChaCha20(seed)`; this server also adds the bias.
+    Seed(Seed),
+    /// Server 1: `X₁ = x̃ − X₀`, row-major.
+    Words(Vec<u64>),
+}
+
+/// Apply the maps `maps` (all with input width `cols`) to a `(rows, cols)` share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearRequest {
+    /// Names of the linear maps (prefixes of `NAME.weight`).
+    pub maps: Vec<String>,
+    /// Rows of the shared matrix (tokens × batch).
+    pub rows: usize,
+    /// Its columns (the maps' input width).
+    pub cols: usize,
+    /// Activation scale exponent `f` (for the bias at server 0).
+    pub frac_bits: u32,
+    /// The share.
+    pub share: Share,
+}
+
+/// The quantized linear maps of an EE model, ready to multiply shares.
+pub struct HssModel {
+    maps: BTreeMap<String, Prepared>,
+}
+
+impl HssModel {
+    /// Quantize the linear maps of `state`: every 2-D `NAME.weight` with its `NAME.bias` if
+    /// present (f32 or f64).
+    ///
+    /// # Errors
+    /// [`HssError::Invalid`] for a tensor that belongs to no linear map, a bias of the wrong
+    /// shape, or no map at all; [`HssError::Range`] for weights that 16 bits cannot hold.
+    pub fn from_state(state: &BTreeMap<String, Tensor>, engine: Engine) -> Result<Self> {
+        Ok(Self {
+            maps: quantize_state(state)?
+                .into_iter()
+                .map(|(n, q)| (n, Prepared::new(q, engine)))
+                .collect(),
+        })
+    }
+
+    /// Each map's per-row weight scale exponents, by name (what the client checks against its
+    /// own quantization).
+    pub fn weight_frac_bits(&self) -> BTreeMap<String, Vec<u32>> {
+        self.maps
+            .iter()
+            .map(|(n, p)| (n.clone(), p.map.frac_bits.clone()))
+            .collect()
+    }
+
+    /// Number of maps and of weights.
+    pub fn size(&self) -> (usize, usize) {
+        (
+            self.maps.len(),
+            self.maps.values().map(|p| p.map.out * p.map.inp).sum(),
+        )
+    }
+
+    /// `Yᵢ = Xᵢ·W̃ᵀ` for each requested map (`+ b̃` when the share is a seed): one `(rows,
+    /// out)` row-major word matrix per map, in request order.
+    ///
+    /// # Errors
+    /// [`HssError::Invalid`] naming an unknown map, a width mismatch, a share of the wrong
+    /// length, too many words, or a scale above [`MAX_FRAC_BITS`].
+    pub fn linear(&self, req: &LinearRequest) -> Result<Vec<Vec<u64>>> {
+        if req.maps.is_empty() {
+            return Err(HssError::Invalid("a request names no linear map".into()));
+        }
+        if req.frac_bits > MAX_FRAC_BITS {
+            return Err(HssError::Invalid(format!(
+                "activation scale 2^{} exceeds 2^{MAX_FRAC_BITS}",
+                req.frac_bits
+            )));
+        }
+        let words = req
+            .rows
+            .checked_mul(req.cols)
+            .filter(|w| *w > 0 && *w <= MAX_SHARE_WORDS)
+            .ok_or_else(|| {
+                HssError::Invalid(format!(
+                    "a ({}, {}) share is empty or exceeds {MAX_SHARE_WORDS} words: send smaller batches",
+                    req.rows, req.cols
+                ))
+            })?;
+        let maps = req
+            .maps
+            .iter()
+            .map(|n| {
+                let p = self.maps.get(n).ok_or_else(|| {
+                    HssError::Invalid(format!(
+                        "no linear map `{n}` on this server: load the model that names it"
+                    ))
+                })?;
+                if p.map.inp != req.cols {
+                    return Err(HssError::Invalid(format!(
+                        "map `{n}` takes {} inputs, the share has {} columns",
+                        p.map.inp, req.cols
+                    )));
+                }
+                Ok(p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (x, bias) = match &req.share {
+            Share::Seed(seed) => (expand(seed, words), Some(req.frac_bits)),
+            Share::Words(w) if w.len() == words => (w.clone(), None),
+            Share::Words(w) => {
+                return Err(HssError::Invalid(format!(
+                    "a share of {} words for a ({}, {}) matrix",
+                    w.len(),
+                    req.rows,
+                    req.cols
+                )));
+            }
+        };
+        maps.iter().map(|p| p.apply(&x, req.rows, bias)).collect()
+    }
+}
+
+/// The linear maps of a state dict, quantized (what server and client both compute).
+///
+/// # Errors
+/// As [`HssModel::from_state`].
+pub fn quantize_state(state: &BTreeMap<String, Tensor>) -> Result<BTreeMap<String, QuantLinear>> {
+    let mut out = BTreeMap::new();
+    for (name, t) in state {
+        if let Some(prefix) = name.strip_suffix(".bias") {
+            if !state.contains_key(&format!("{prefix}.weight")) {
+                return Err(HssError::Invalid(format!(
+                    "`{name}` has no `{prefix}.weight`: send linear maps only"
+                )));
+            }
+            continue;
+        }
+        let Some(prefix) = name.strip_suffix(".weight") else {
+            return Err(HssError::Invalid(format!(
+                "`{name}` is not a linear map's weight or bias: send linear maps only"
+            )));
+        };
+        let size = t.size();
+        let [o, i] = size[..] else {
+            return Err(HssError::Invalid(format!(
+                "`{name}` has shape {size:?}, not (out, in)"
+            )));
+        };
+        let w = Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view([-1]))?;
+        let b = match state.get(&format!("{prefix}.bias")) {
+            Some(b) if b.size() == [o] => {
+                Some(Vec::<f32>::try_from(b.to_kind(Kind::Float).contiguous())?)
+            }
+            Some(b) => {
+                return Err(HssError::Invalid(format!(
+                    "`{prefix}.bias` has shape {:?}, not ({o},)",
+                    b.size()
+                )));
+            }
+            None => None,
+        };
+        let q = QuantLinear::new(&w, o as usize, i as usize, b.as_deref())
+            .map_err(|e| HssError::Invalid(format!("`{name}`: {e}")))?;
+        out.insert(prefix.to_owned(), q);
+    }
+    if out.is_empty() {
+        return Err(HssError::Invalid("the model has no linear map".into()));
+    }
+    Ok(out)
+}
