@@ -45,6 +45,10 @@ enum Command {
     Init(fedee_site_agent::cli::InitArgs),
     /// Run the trainer service (EE models and encrypted batches only; never keys).
     Trainer(TrainerArgs),
+    /// Run one of the two non-colluding HSS-EE servers: computes an EE model's linear maps on
+    /// additive shares in Z_2^64 for `fedee predict --hss A,B` (never sees keys, ids or
+    /// activations; the two servers must be run by parties that do not collude).
+    HssServer(HssServerArgs),
     /// Fine-tune a model at the trainer under EE on your own data file (key holder).
     Finetune(fedee_client::cli::FinetuneArgs),
     /// Class probabilities for your records from an EE model at the trainer (key holder).
@@ -158,6 +162,22 @@ struct TrainerArgs {
     /// Device: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(clap::Args)]
+struct HssServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// mTLS as for the trainer: the server's certificate is a service certificate with the
+    /// trainer role (`fedee certs issue --trainer NAME --host HOST`); only client
+    /// certificates are served.
+    #[command(flatten)]
+    transport: TransportArgs,
+    /// How share products are computed, exactly: `limbs` (three 22-bit limbs of the share in
+    /// f64 GEMMs; `limbs-cuda` on a GPU) or `int64` (libtorch's integer matmul, CPU only).
+    #[arg(long, default_value = "limbs")]
+    engine: fedee_hss::engine::Engine,
 }
 
 #[derive(clap::Args)]
@@ -314,7 +334,9 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     // Services log their progress (rounds, updates, refusals); one-shot commands only warnings.
     init_tracing(match cli.command {
-        Command::Aggregator(_) | Command::Site(_) | Command::Trainer(_) => "info",
+        Command::Aggregator(_) | Command::Site(_) | Command::Trainer(_) | Command::HssServer(_) => {
+            "info"
+        }
         _ => "warn",
     });
     match cli.command {
@@ -343,6 +365,30 @@ async fn main() -> Result<()> {
             let token = shutdown_on_signals();
             serve_with_grace(token.clone(), fedee_trainer::run(config, listener, token)).await?;
             notice(false, "trainer stopped");
+            Ok(())
+        }
+        Command::HssServer(h) => {
+            let config = fedee_hss::service::Config {
+                engine: h.engine,
+                tls: h.transport.resolve("trainer")?,
+                ..Default::default()
+            };
+            let listener = tokio::net::TcpListener::bind(h.listen)
+                .await
+                .with_context(|| format!("binding {}", h.listen))?;
+            notice(false, &format!("HSS-EE share engine: {:?}", h.engine));
+            notice(
+                false,
+                &format!("hss-server listening on {}", listener.local_addr()?),
+            );
+            let token = shutdown_on_signals();
+            serve_with_grace(token.clone(), async move {
+                fedee_hss::service::run(config, listener, token)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+            .await?;
+            notice(false, "HSS server stopped");
             Ok(())
         }
         Command::InitModel(i) => {

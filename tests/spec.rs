@@ -967,6 +967,95 @@ async fn a_text_federation_fine_tunes_a_bert_checkpoint_from_its_spec() {
         "{csv}"
     );
     assert_eq!(out.count(), 30, "one row per review: {csv}");
+    hss_predict_matches_the_trainer(dir, &pharma, &csv);
+}
+
+/// `fedee predict --hss A,B` over mutual TLS against two `fedee hss-server`s (one on each
+/// share engine): the same predicted classes as the trainer's plain EE answers and the
+/// plaintext model's, probabilities within the fixed-point error; a site certificate is
+/// refused by an HSS server.
+fn hss_predict_matches_the_trainer(dir: &Path, records: &Path, trainer_csv: &str) {
+    ok(&["certs", "init", "--dir", "pki"], dir);
+    for name in ["hss0", "hss1"] {
+        ok(
+            &[
+                "certs",
+                "issue",
+                "--dir",
+                "pki",
+                "--trainer",
+                name,
+                "--host",
+                "127.0.0.1",
+            ],
+            dir,
+        );
+    }
+    ok(
+        &["certs", "issue", "--dir", "pki", "--client", "pharma"],
+        dir,
+    );
+    ok(&["certs", "issue", "--dir", "pki", "--site", "North"], dir);
+    let servers: Vec<common::Service> = [("hss0", "limbs"), ("hss1", "int64")]
+        .iter()
+        .map(|(name, engine)| {
+            common::Service::start_role(
+                dir,
+                "hss-server",
+                "127.0.0.1:0",
+                &["--tls-dir", "pki", "--tls-name", name, "--engine", engine],
+            )
+        })
+        .collect();
+    let hss = format!("{},{}", servers[0].addr, servers[1].addr);
+    let predict = |tls_name: &str, out: &str| {
+        fedee(
+            &[
+                "predict",
+                "--hss",
+                &hss,
+                "--tls-dir",
+                "pki",
+                "--tls-name",
+                tls_name,
+                "--spec",
+                "spec.toml",
+                "--keys",
+                "keys.json",
+                "--model",
+                "tuned.safetensors",
+                "--data",
+                records.to_str().unwrap(),
+                "--out",
+                out,
+                "--verify",
+                "--batch-size",
+                "8",
+            ],
+            dir,
+        )
+    };
+    let out = predict("pharma", "hss.csv");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("through HSS-EE (96 round trips"), "{err}");
+    assert!(figure(&err, "max |Δp| =") < 1e-3, "{err}");
+    assert_eq!(figure(&err, "argmax agreement"), 1.0, "{err}");
+    let hss_csv = std::fs::read_to_string(dir.join("hss.csv")).unwrap();
+    let predicted = |csv: &str| -> Vec<String> {
+        csv.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(predicted(&hss_csv), predicted(trainer_csv));
+    assert_eq!(predicted(&hss_csv).len(), 30);
+    // A site's certificate is not a client's: refused, nothing written.
+    let out = predict("North", "site.csv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("serves only client certificates"), "{err}");
+    assert!(!dir.join("site.csv").exists());
 }
 
 /// Federated standardisation: before round 1 each site sends noisy per-feature statistics

@@ -62,6 +62,9 @@ pub enum KeyHolderError {
         #[source]
         source: fedee_trainer::client::ClientError,
     },
+    /// HSS-EE failed (a server unreachable or refusing, a model that does not fit).
+    #[error("HSS-EE: {0}")]
+    Hss(#[from] fedee_hss::HssError),
     /// A file cannot be read or written.
     #[error("{path}: {source}")]
     Io {

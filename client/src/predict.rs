@@ -215,6 +215,119 @@ pub async fn predict(
     })
 }
 
+/// HSS-EE: the class probabilities of `inputs` from two non-colluding HSS servers (`fedee
+/// hss-server` at `urls`) instead of the trainer. `state` (the plaintext model) is encrypted
+/// here; its encoder linear maps are uploaded to both servers, and each batch runs with every
+/// linear map on ring shares at the servers and the rest here (`fedee_hss::client`). Also
+/// returns what crossed the wire.
+///
+/// # Errors
+/// A model that is not a BERT classifier, a server unreachable or refusing, and as
+/// [`predict`].
+///
+/// # Security
+/// Each server sees uniformly random shares (and the EE model's linear maps), never token ids
+/// or activations; two colluding servers see every activation.
+#[allow(clippy::too_many_arguments)]
+pub async fn predict_hss(
+    urls: [&str; 2],
+    tls: Option<&fedee_proto::pki::TlsFiles>,
+    keyed: &Keyed,
+    state: &StateDict,
+    inputs: &Inputs,
+    batch_size: usize,
+    verify: bool,
+    mut on_batch: impl FnMut(usize, usize) + Send + 'static,
+) -> Result<(Predictions, fedee_hss::client::Traffic)> {
+    let fedee_model::Architecture::BertClassifier(cfg) = keyed.arch.clone() else {
+        return Err(KeyHolderError::Mismatch(
+            "HSS-EE runs BERT classifiers: this spec's model is another architecture".into(),
+        ));
+    };
+    let ee = transform_state(&keyed.key_spec, &keyed.keys, state)?;
+    let off = fedee_hss::client::offloaded_state(&cfg, &ee);
+    let expected: std::collections::BTreeMap<String, Vec<u32>> =
+        fedee_hss::server::quantize_state(&off)?
+            .into_iter()
+            .map(|(n, q)| (n, q.frac_bits))
+            .collect();
+    let remote = fedee_hss::service::Remote::connect(urls, tls, &off, &expected).await?;
+    let n = inputs.len();
+    let k = keyed.arch.num_classes();
+    let batches: Vec<Vec<usize>> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
+    let mut encrypted = Vec::with_capacity(batches.len());
+    let mut plain_inputs = Vec::new();
+    for b in &batches {
+        let x = inputs.batch(b, Kind::Float);
+        encrypted.push(keyed.encrypt(&x)?);
+        if verify {
+            plain_inputs.push(x);
+        }
+    }
+    let reference = if verify {
+        let m = Model::from_state(keyed.arch.clone(), state, Device::Cpu, Kind::Float)?;
+        let mut r = Vec::new();
+        for x in &plain_inputs {
+            r.extend(crate::probabilities(&tch::no_grad(|| m.forward(x))?)?);
+        }
+        Some(r)
+    } else {
+        None
+    };
+    let spec = keyed.key_spec.clone();
+    let keys = keyed.keys.clone();
+    let (logits, traffic) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut client = fedee_hss::client::HssClient::new(remote, &off)?;
+        let ee_checked = cfg.check_state(&ee)?;
+        let mut out = Vec::new();
+        for (b, x) in batches.iter().zip(&encrypted) {
+            let fedee_model::Input::Tokens { ids, mask } = x else {
+                return Err(KeyHolderError::Mismatch("HSS-EE takes token ids".into()));
+            };
+            let z = tch::no_grad(|| {
+                fedee_hss::client::classify(&mut client, &cfg, ee_checked, ids, mask)
+            })?;
+            out.push(fedee_encrypt::decrypt_outputs(&spec, &keys, &z)?);
+            on_batch(b[b.len() - 1] + 1, n);
+        }
+        Ok((out, client.traffic))
+    })
+    .await
+    .map_err(|e| KeyHolderError::Mismatch(format!("the HSS worker failed: {e}")))??;
+    let mut probabilities = Vec::with_capacity(n * k);
+    for l in &logits {
+        probabilities.extend(crate::probabilities(l)?);
+    }
+    let verify = reference.map(|reference| {
+        let max_abs_probability_diff = probabilities
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .fold(0.0, f64::max);
+        let agree = argmax(&probabilities, k)
+            .iter()
+            .zip(&argmax(&reference, k))
+            .filter(|(a, b)| a == b)
+            .count();
+        Verify {
+            max_abs_probability_diff,
+            argmax_agreement: agree as f64 / n.max(1) as f64,
+        }
+    });
+    Ok((
+        Predictions {
+            job: "hss".into(),
+            probabilities,
+            verify,
+        },
+        traffic,
+    ))
+}
+
 impl Rows {
     /// Rows without a prediction (their notes say why).
     pub fn skipped(&self) -> usize {

@@ -13,6 +13,8 @@
 //! - [`engine`]: `Yᵢ = Xᵢ·W̃ᵀ` exactly with libtorch: three 22-bit limbs of the share in f64
 //!   GEMMs (exact while `in · 2^37 < 2^53`; runs on CUDA too), or int64 `matmul` on the CPU.
 //! - [`server`]: one server's state (the quantized linear maps) and its one operation.
+//! - [`service`]: the `HssServer` gRPC service (`fedee hss-server`) and [`service::Remote`],
+//!   the client's transport to two of them.
 //! - [`client`]: shares, sends to both servers in one round trip, adds `Y₀ + Y₁`, decodes;
 //!   [`client::classify`] runs a BERT classifier with attention, residuals, LayerNorm and GELU
 //!   on the client in f32 and every encoder linear map on the servers.
@@ -28,6 +30,7 @@ pub mod client;
 pub mod engine;
 pub mod ring;
 pub mod server;
+pub mod service;
 pub mod share;
 
 /// Errors of the HSS protocol, on either side.

@@ -14,8 +14,8 @@ use crate::ring::QuantLinear;
 use crate::share::{Seed, expand};
 use crate::{HssError, Result};
 
-/// Most share words one request may carry (256 Mi words, 2 GiB).
-pub const MAX_SHARE_WORDS: usize = 1 << 28;
+/// Most share words one request may carry (32 Mi words, 256 MiB).
+pub const MAX_SHARE_WORDS: usize = 1 << 25;
 /// Largest activation scale exponent a request may ask for.
 pub const MAX_FRAC_BITS: u32 = 40;
 
