@@ -178,6 +178,9 @@ struct HssServerArgs {
     /// f64 GEMMs; `limbs-cuda` on a GPU) or `int64` (libtorch's integer matmul, CPU only).
     #[arg(long, default_value = "limbs")]
     engine: fedee_hss::engine::Engine,
+    /// libtorch threads for the share products [default: all logical CPUs].
+    #[arg(long)]
+    threads: Option<i32>,
 }
 
 #[derive(clap::Args)]
@@ -368,6 +371,9 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::HssServer(h) => {
+            if let Some(t) = h.threads {
+                tch::set_num_threads(t.max(1));
+            }
             let config = fedee_hss::service::Config {
                 engine: h.engine,
                 tls: h.transport.resolve("trainer")?,

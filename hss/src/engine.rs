@@ -41,42 +41,31 @@ impl std::str::FromStr for Engine {
     }
 }
 
-/// A linear map's weights as the engine multiplies them: `W̃ᵀ (in, out)` in f64 on the
-/// engine's device, or int64 on the CPU.
-pub struct Prepared {
-    /// The quantized map.
-    pub map: QuantLinear,
-    w_t: Tensor,
-    engine: Engine,
-}
-
-impl Prepared {
-    /// Move `map`'s weights to where `engine` multiplies them.
-    pub fn new(map: QuantLinear, engine: Engine) -> Self {
+impl Engine {
+    /// `W̃ᵀ (in, out)` as this engine multiplies it: f64 on its device, or int64 on the CPU.
+    pub fn weights(&self, map: &QuantLinear) -> Tensor {
         let w = Tensor::from_slice(&map.weight).view([map.out as i64, map.inp as i64]);
-        let w_t = match engine {
-            Engine::Limbs(dev) => w.to_kind(Kind::Double).tr().contiguous().to_device(dev),
+        match self {
+            Engine::Limbs(dev) => w.to_kind(Kind::Double).tr().contiguous().to_device(*dev),
             Engine::Int64 => w.tr().contiguous(),
-        };
-        Self { map, w_t, engine }
+        }
     }
 
-    /// `X·W̃ᵀ` (+ `b̃` at scale `2^(f + f_w)` when `bias_frac_bits` is given) for `x (rows,
-    /// in)` row-major ring words: `(rows, out)` row-major.
+    /// A share `x (rows, cols)` as this engine multiplies it: its three limbs stacked,
+    /// `(3·rows, cols)` f64 on the device, or `(rows, cols)` int64.
     ///
     /// # Errors
-    /// [`HssError::Invalid`] if `x` is not `rows × in` words; libtorch errors.
-    pub fn apply(&self, x: &[u64], rows: usize, bias_frac_bits: Option<u32>) -> Result<Vec<u64>> {
-        let (k, n) = (self.map.inp, self.map.out);
-        if x.len() != rows * k {
+    /// [`HssError::Invalid`] if `x` is not `rows × cols` words.
+    pub fn input(&self, x: &[u64], rows: usize, cols: usize) -> Result<Tensor> {
+        if x.len() != rows * cols {
             return Err(HssError::Invalid(format!(
-                "a share of {} words is not ({rows}, {k})",
+                "a share of {} words is not ({rows}, {cols})",
                 x.len()
             )));
         }
-        let mut y = match self.engine {
+        Ok(match self {
             Engine::Limbs(dev) => {
-                let len = rows * k;
+                let len = x.len();
                 let mut limbs = vec![0f64; 3 * len];
                 let (l0, rest) = limbs.split_at_mut(len);
                 let (l1, l2) = rest.split_at_mut(len);
@@ -85,13 +74,29 @@ impl Prepared {
                     l1[i] = ((v >> LIMB) & LIMB_MASK) as f64;
                     l2[i] = ((v as i64) >> (2 * LIMB)) as f64;
                 }
-                let g = Tensor::from_slice(&limbs)
-                    .view([3 * rows as i64, k as i64])
-                    .to_device(dev)
-                    .f_matmul(&self.w_t)?
-                    .to_device(Device::Cpu);
+                Tensor::from_slice(&limbs)
+                    .view([3 * rows as i64, cols as i64])
+                    .to_device(*dev)
+            }
+            Engine::Int64 => {
+                let xs: Vec<i64> = x.iter().map(|v| *v as i64).collect();
+                Tensor::from_slice(&xs).view([rows as i64, cols as i64])
+            }
+        })
+    }
+
+    /// `X·W̃ᵀ` in the ring for an [`Engine::input`] of `rows` rows and [`Engine::weights`]
+    /// (possibly several maps' concatenated): `(rows, out)` row-major words.
+    ///
+    /// # Errors
+    /// libtorch errors.
+    pub fn product(&self, input: &Tensor, w_t: &Tensor, rows: usize) -> Result<Vec<u64>> {
+        let g = input.f_matmul(w_t)?.to_device(Device::Cpu);
+        Ok(match self {
+            Engine::Limbs(_) => {
                 let g = Vec::<f64>::try_from(g.view([-1]))?;
-                let len = rows * n;
+                let len = g.len() / 3;
+                debug_assert_eq!(len % rows.max(1), 0);
                 (0..len)
                     .map(|i| {
                         let (a, b, c) = (
@@ -101,27 +106,51 @@ impl Prepared {
                         );
                         a.wrapping_add(b << LIMB).wrapping_add(c << (2 * LIMB))
                     })
-                    .collect::<Vec<u64>>()
-            }
-            Engine::Int64 => {
-                let xs: Vec<i64> = x.iter().map(|v| *v as i64).collect();
-                let g = Tensor::from_slice(&xs)
-                    .view([rows as i64, k as i64])
-                    .f_matmul(&self.w_t)?;
-                Vec::<i64>::try_from(g.view([-1]))?
-                    .into_iter()
-                    .map(|v| v as u64)
                     .collect()
             }
-        };
+            Engine::Int64 => Vec::<i64>::try_from(g.view([-1]))?
+                .into_iter()
+                .map(|v| v as u64)
+                .collect(),
+        })
+    }
+}
+
+/// A linear map's weights as the engine multiplies them: `W̃ᵀ (in, out)` in f64 on the
+/// engine's device, or int64 on the CPU.
+pub struct Prepared {
+    /// The quantized map.
+    pub map: QuantLinear,
+    /// `W̃ᵀ` as [`Engine::weights`] made it.
+    pub w_t: Tensor,
+    engine: Engine,
+}
+
+impl Prepared {
+    /// Move `map`'s weights to where `engine` multiplies them.
+    pub fn new(map: QuantLinear, engine: Engine) -> Self {
+        let w_t = engine.weights(&map);
+        Self { map, w_t, engine }
+    }
+
+    /// `X·W̃ᵀ` (+ `b̃` at scale `2^(f + f_w)` when `bias_frac_bits` is given) for `x (rows,
+    /// in)` row-major ring words: `(rows, out)` row-major.
+    ///
+    /// # Errors
+    /// [`HssError::Invalid`] if `x` is not `rows × in` words; libtorch errors.
+    pub fn apply(&self, x: &[u64], rows: usize, bias_frac_bits: Option<u32>) -> Result<Vec<u64>> {
+        let input = self.engine.input(x, rows, self.map.inp)?;
+        let mut y = self.engine.product(&input, &self.w_t, rows)?;
         if let Some(f) = bias_frac_bits {
-            let b = self.map.bias_words(f);
-            for row in y.chunks_exact_mut(n) {
-                row.iter_mut()
-                    .zip(&b)
-                    .for_each(|(v, b)| *v = v.wrapping_add(*b));
-            }
+            add_bias(&mut y, &self.map.bias_words(f));
         }
         Ok(y)
+    }
+}
+
+/// `y (rows, out) += b̃` row by row, wrapping.
+pub fn add_bias(y: &mut [u64], b: &[u64]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        row.iter_mut().zip(b).for_each(|(v, b)| *v = v.wrapping_add(*b));
     }
 }

@@ -5,11 +5,12 @@
 //! word matrix, the names and shapes of the maps asked for, and the activation scale; never a
 //! key or an activation.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 
 use tch::{Kind, Tensor};
 
-use crate::engine::{Engine, Prepared};
+use crate::engine::{Engine, Prepared, add_bias};
 use crate::ring::QuantLinear;
 use crate::share::{Seed, expand};
 use crate::{HssError, Result};
@@ -46,6 +47,9 @@ pub struct LinearRequest {
 /// The quantized linear maps of an EE model, ready to multiply shares.
 pub struct HssModel {
     maps: BTreeMap<String, Prepared>,
+    engine: Engine,
+    /// Concatenated `W̃ᵀ` of map groups asked for together (e.g. Q/K/V): one GEMM per request.
+    fused: RefCell<HashMap<Vec<String>, Tensor>>,
 }
 
 impl HssModel {
@@ -61,6 +65,8 @@ impl HssModel {
                 .into_iter()
                 .map(|(n, q)| (n, Prepared::new(q, engine)))
                 .collect(),
+            engine,
+            fused: RefCell::default(),
         })
     }
 
@@ -126,8 +132,8 @@ impl HssModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let (x, bias) = match &req.share {
-            Share::Seed(seed) => (expand(seed, words), Some(req.frac_bits)),
-            Share::Words(w) if w.len() == words => (w.clone(), None),
+            Share::Seed(seed) => (std::borrow::Cow::Owned(expand(seed, words)), Some(req.frac_bits)),
+            Share::Words(w) if w.len() == words => (std::borrow::Cow::Borrowed(w), None),
             Share::Words(w) => {
                 return Err(HssError::Invalid(format!(
                     "a share of {} words for a ({}, {}) matrix",
@@ -137,7 +143,33 @@ impl HssModel {
                 )));
             }
         };
-        maps.iter().map(|p| p.apply(&x, req.rows, bias)).collect()
+        let input = self.engine.input(&x, req.rows, req.cols)?;
+        let y = if maps.len() == 1 {
+            self.engine.product(&input, &maps[0].w_t, req.rows)?
+        } else {
+            let mut fused = self.fused.borrow_mut();
+            let w = fused.entry(req.maps.clone()).or_insert_with(|| {
+                Tensor::cat(&maps.iter().map(|p| p.w_t.shallow_clone()).collect::<Vec<_>>(), 1)
+            });
+            self.engine.product(&input, w, req.rows)?
+        };
+        // Split the fused columns per map; server 0 adds each map's bias.
+        let total: usize = maps.iter().map(|p| p.map.out).sum();
+        let mut out = Vec::with_capacity(maps.len());
+        let mut start = 0;
+        for p in &maps {
+            let n = p.map.out;
+            let mut yi = Vec::with_capacity(req.rows * n);
+            for r in 0..req.rows {
+                yi.extend_from_slice(&y[r * total + start..r * total + start + n]);
+            }
+            if let Some(f) = bias {
+                add_bias(&mut yi, &p.map.bias_words(f));
+            }
+            out.push(yi);
+            start += n;
+        }
+        Ok(out)
     }
 }
 

@@ -210,6 +210,41 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// HSS-EE (two non-colluding servers, linear maps on ring shares) beside plain EE at the
+    /// trainer and the plaintext model, on MiniLM with a head fitted to the drug reviews: the
+    /// whole test split's logits compared, then latency at --seq-len tokens per batch size,
+    /// CPU time per party, bytes, round trips, and latency with a simulated delay added to
+    /// each round trip. Goals: HSS-EE within 6× of plain EE on loopback; bytes within 10 % of
+    /// the protocol's arithmetic.
+    Hss {
+        /// MiniLM checkpoint directory (`make data` fetches it).
+        #[arg(long, default_value = "data/cache/minilm")]
+        minilm_dir: PathBuf,
+        /// Drug-review TSV directory (`make data`).
+        #[arg(long, default_value = "data/cache/drugs")]
+        drugs_dir: PathBuf,
+        /// Batch sizes (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        batches: Vec<i64>,
+        /// Tokens per sequence in the timed runs (all unmasked).
+        #[arg(long, default_value_t = 128)]
+        seq_len: i64,
+        /// Round-trip delays added, ms (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "0.1,1,20")]
+        rtt_ms: Vec<f64>,
+        /// Timed repetitions after one warm-up; medians are reported.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// The servers' share engine: limbs, limbs-cuda or int64.
+        #[arg(long, default_value = "limbs")]
+        engine: String,
+        /// Compare only the first N test reviews (0: the whole split, 379).
+        #[arg(long, default_value_t = 0)]
+        reviews: usize,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// DP noise: Gaussian values per second of the fast sampler (one core) and of OpenDP's
     /// exact sampler (on one core, then on every core), on the same machine in the same run.
     Noise {
@@ -488,6 +523,32 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             });
             let python = (!no_transformers).then_some(python.as_path());
             let doc = crate::bench_lm::lm(&gguf, threads, decode, python, device)?;
+            write_json(json.as_ref(), &with_machine(doc))
+        }
+        BenchCommand::Hss {
+            minilm_dir,
+            drugs_dir,
+            batches,
+            seq_len,
+            rtt_ms,
+            reps,
+            engine,
+            reviews,
+            json,
+        } => {
+            let o = crate::bench_hss::Options {
+                minilm_dir: &minilm_dir,
+                drugs_dir: &drugs_dir,
+                reps: reps.max(1),
+                rtts_ms: &rtt_ms,
+                batches: &batches,
+                seq_len,
+                engine: &engine,
+                reviews,
+            };
+            // Its own thread: the bench runs its own runtime and blocks on it per round trip.
+            let doc = std::thread::scope(|s| s.spawn(|| crate::bench_hss::hss(&o)).join())
+                .map_err(|_| anyhow::anyhow!("the HSS bench panicked"))??;
             write_json(json.as_ref(), &with_machine(doc))
         }
         BenchCommand::Secagg {

@@ -18,6 +18,7 @@ pub mod attack_lm;
 pub mod bench;
 mod bench_aggregate;
 mod bench_ee;
+mod bench_hss;
 mod bench_lm;
 mod bench_secagg;
 mod consortium;
