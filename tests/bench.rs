@@ -201,3 +201,57 @@ fn secagg_bench_runs_a_round_per_cell() {
     }
     assert_eq!(doc["mask_costs"][0]["params"], 5000);
 }
+
+/// `fedee bench hss` stays runnable: a few reviews at 32 tokens, batch 1. HSS-EE agrees with
+/// plain EE and the plaintext model on every review, and its traffic is the protocol's
+/// arithmetic (gRPC framing within 10 %).
+#[test]
+fn hss_bench_compares_the_three_ways_and_counts_the_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("hss.json");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args([
+            "bench",
+            "hss",
+            "--reviews",
+            "16",
+            "--batches",
+            "1",
+            "--reps",
+            "1",
+        ])
+        .args(["--rtt-ms", "1", "--seq-len", "32", "--minilm-dir"])
+        .arg(root.join("data/cache/minilm"))
+        .arg("--drugs-dir")
+        .arg(root.join("data/cache/drugs"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let c = &doc["correctness"];
+    assert_eq!(c["reviews"], 16);
+    assert_eq!(c["argmax_agreement_vs_plain_ee"], 1.0, "{c}");
+    assert_eq!(c["argmax_agreement_vs_plaintext"], 1.0, "{c}");
+    assert!(
+        c["max_abs_logit_diff_hss_vs_plain_ee"].as_f64().unwrap() < 1e-2,
+        "{c}"
+    );
+    let rows = doc["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{doc}");
+    let hss = &rows[2];
+    assert_eq!(hss["round_trips"], 24, "{hss}");
+    let bytes = hss["bytes_up"].as_f64().unwrap() + hss["bytes_down"].as_f64().unwrap();
+    let arithmetic = doc["arithmetic_bytes"][0]["bytes"].as_f64().unwrap();
+    assert!(
+        (1.0..1.1).contains(&(bytes / arithmetic)),
+        "{bytes} bytes on the wire vs {arithmetic}"
+    );
+    assert_eq!(hss["latency_rtt_s"].as_array().unwrap().len(), 1);
+}

@@ -151,6 +151,8 @@ impl Prepared {
 /// `y (rows, out) += b̃` row by row, wrapping.
 pub fn add_bias(y: &mut [u64], b: &[u64]) {
     for row in y.chunks_exact_mut(b.len()) {
-        row.iter_mut().zip(b).for_each(|(v, b)| *v = v.wrapping_add(*b));
+        row.iter_mut()
+            .zip(b)
+            .for_each(|(v, b)| *v = v.wrapping_add(*b));
     }
 }

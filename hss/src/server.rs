@@ -132,7 +132,10 @@ impl HssModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let (x, bias) = match &req.share {
-            Share::Seed(seed) => (std::borrow::Cow::Owned(expand(seed, words)), Some(req.frac_bits)),
+            Share::Seed(seed) => (
+                std::borrow::Cow::Owned(expand(seed, words)),
+                Some(req.frac_bits),
+            ),
             Share::Words(w) if w.len() == words => (std::borrow::Cow::Borrowed(w), None),
             Share::Words(w) => {
                 return Err(HssError::Invalid(format!(
@@ -149,7 +152,13 @@ impl HssModel {
         } else {
             let mut fused = self.fused.borrow_mut();
             let w = fused.entry(req.maps.clone()).or_insert_with(|| {
-                Tensor::cat(&maps.iter().map(|p| p.w_t.shallow_clone()).collect::<Vec<_>>(), 1)
+                Tensor::cat(
+                    &maps
+                        .iter()
+                        .map(|p| p.w_t.shallow_clone())
+                        .collect::<Vec<_>>(),
+                    1,
+                )
             });
             self.engine.product(&input, w, req.rows)?
         };
@@ -220,4 +229,116 @@ pub fn quantize_state(state: &BTreeMap<String, Tensor>) -> Result<BTreeMap<Strin
         return Err(HssError::Invalid("the model has no linear map".into()));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> HssModel {
+        let mut s = BTreeMap::new();
+        s.insert(
+            "a.weight".to_owned(),
+            Tensor::from_slice(&[1f32, 2., 3., 4., 5., 6.]).view([2, 3]),
+        );
+        s.insert("a.bias".to_owned(), Tensor::from_slice(&[0.5f32, -0.5]));
+        s.insert(
+            "b.weight".to_owned(),
+            Tensor::from_slice(&[1f32, 0., 0.]).view([1, 3]),
+        );
+        HssModel::from_state(&s, Engine::Int64).unwrap()
+    }
+
+    fn req(maps: &[&str], rows: usize, cols: usize, share: Share) -> LinearRequest {
+        LinearRequest {
+            maps: maps.iter().map(|m| (*m).to_owned()).collect(),
+            rows,
+            cols,
+            frac_bits: 16,
+            share,
+        }
+    }
+
+    /// Hostile requests are refused with an error naming the problem; the model still
+    /// answers a good request afterwards.
+    #[test]
+    fn hostile_requests_are_refused() {
+        let m = model();
+        let bad = [
+            (req(&[], 1, 3, Share::Seed([0; 32])), "names no linear map"),
+            (req(&["c"], 1, 3, Share::Seed([0; 32])), "no linear map `c`"),
+            (
+                req(&["a"], 1, 2, Share::Words(vec![0; 2])),
+                "takes 3 inputs",
+            ),
+            (
+                req(&["a"], 2, 3, Share::Words(vec![0; 5])),
+                "a share of 5 words",
+            ),
+            (req(&["a"], 0, 3, Share::Words(vec![])), "empty or exceeds"),
+            (
+                req(&["a"], usize::MAX, 3, Share::Seed([0; 32])),
+                "empty or exceeds",
+            ),
+        ];
+        for (r, want) in bad {
+            let e = m.linear(&r).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut r = req(&["a"], 1, 3, Share::Seed([0; 32]));
+        r.frac_bits = 64;
+        assert!(
+            m.linear(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("exceeds 2^40")
+        );
+        // Fused and single answers agree.
+        let x = vec![1u64 << 16, 2 << 16, 3 << 16];
+        let both = m
+            .linear(&req(&["a", "b"], 1, 3, Share::Words(x.clone())))
+            .unwrap();
+        assert_eq!(
+            both[0],
+            m.linear(&req(&["a"], 1, 3, Share::Words(x.clone())))
+                .unwrap()[0]
+        );
+        assert_eq!(
+            both[1],
+            m.linear(&req(&["b"], 1, 3, Share::Words(x))).unwrap()[0]
+        );
+    }
+
+    #[test]
+    fn states_that_are_not_linear_maps_are_refused() {
+        let mut s = BTreeMap::new();
+        s.insert(
+            "e.table".to_owned(),
+            Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)),
+        );
+        assert!(
+            quantize_state(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("not a linear map")
+        );
+        let mut s = BTreeMap::new();
+        s.insert(
+            "a.weight".to_owned(),
+            Tensor::zeros([2, 2, 2], (Kind::Float, tch::Device::Cpu)),
+        );
+        assert!(
+            quantize_state(&s)
+                .unwrap_err()
+                .to_string()
+                .contains("not (out, in)")
+        );
+        let mut s = BTreeMap::new();
+        s.insert(
+            "a.weight".to_owned(),
+            Tensor::from_slice(&[f32::NAN, 1.0]).view([1, 2]),
+        );
+        assert!(quantize_state(&s).is_err());
+        assert!(quantize_state(&BTreeMap::new()).is_err());
+    }
 }

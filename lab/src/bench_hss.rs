@@ -18,8 +18,8 @@ use fedee_encrypt::{KeySet, decrypt_outputs, encrypt_token_ids, transform_state}
 use fedee_hss::client::{HssClient, classify, offloaded_state};
 use fedee_hss::service::Remote;
 use fedee_model::{
-    Architecture, BertClassifierConfig, BertConfig, Input, OptimizerSpec, Profile, StateDict,
-    bert, state_from_safetensors, state_to_safetensors,
+    Architecture, BertClassifierConfig, BertConfig, Input, OptimizerSpec, Profile, StateDict, bert,
+    state_from_safetensors, state_to_safetensors,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -106,9 +106,16 @@ fn cpu_seconds(pid: &str) -> f64 {
 /// measured on a model that classifies.
 fn model(o: &Options<'_>) -> Result<(BertClassifierConfig, StateDict, f64)> {
     let bert = BertConfig::from_file(&o.minilm_dir.join("config.json"))?;
-    let cfg = BertClassifierConfig { bert, num_labels: 3 };
-    let mut state = bert::load_pretrained(&o.minilm_dir.join("model.safetensors"), &bert, Device::Cpu)?;
-    let tok = fedee_model::text::TextTokenizer::from_file(&o.minilm_dir.join("tokenizer.json"), o.seq_len as usize)?;
+    let cfg = BertClassifierConfig {
+        bert,
+        num_labels: 3,
+    };
+    let mut state =
+        bert::load_pretrained(&o.minilm_dir.join("model.safetensors"), &bert, Device::Cpu)?;
+    let tok = fedee_model::text::TextTokenizer::from_file(
+        &o.minilm_dir.join("tokenizer.json"),
+        o.seq_len as usize,
+    )?;
     let train = crate::drugs::load(&o.drugs_dir.join("drugsComTrain.tsv"))?;
     tch::manual_seed(0);
     state.extend(cfg.init_head(Kind::Float));
@@ -116,12 +123,20 @@ fn model(o: &Options<'_>) -> Result<(BertClassifierConfig, StateDict, f64)> {
     for chunk in train.chunks(32) {
         let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
         let (ids, mask) = tok.batch(&texts)?;
-        let h = tch::no_grad(|| bert::encode(&bert, cfg.check_state(&state).expect("checked"), &ids, &mask));
+        let h = tch::no_grad(|| {
+            bert::encode(
+                &bert,
+                cfg.check_state(&state).expect("checked"),
+                &ids,
+                &mask,
+            )
+        });
         feats.push(bert::mean_pool(&h, &mask));
     }
     let x = Tensor::cat(&feats, 0);
     let y = Tensor::from_slice(&train.iter().map(|r| r.label).collect::<Vec<_>>());
-    let mut w = Tensor::zeros([3, bert.hidden_size as i64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut w = Tensor::zeros([3, bert.hidden_size as i64], (Kind::Float, Device::Cpu))
+        .set_requires_grad(true);
     let mut b = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let lr = 0.5;
     for _ in 0..500 {
@@ -136,7 +151,11 @@ fn model(o: &Options<'_>) -> Result<(BertClassifierConfig, StateDict, f64)> {
         });
     }
     let acc = f64::try_from(
-        x.linear(&w, Some(&b)).argmax(-1, false).eq_tensor(&y).to_kind(Kind::Float).mean(Kind::Float),
+        x.linear(&w, Some(&b))
+            .argmax(-1, false)
+            .eq_tensor(&y)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float),
     )?;
     state.insert("classifier.weight".into(), w.detach());
     state.insert("classifier.bias".into(), b.detach());
@@ -169,9 +188,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Missing data or model files, or any party failing.
 pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
     let (cfg, plain, train_acc) = model(o)?;
-    eprintln!("hss: MiniLM + a head fitted on the training reviews (train accuracy {train_acc:.3})");
+    eprintln!(
+        "hss: MiniLM + a head fitted on the training reviews (train accuracy {train_acc:.3})"
+    );
     let spec = cfg.key_spec();
-    let keys = KeySet::generate(&spec, &cfg.key_groups(Profile::Inference), false, &mut ChaCha20Rng::from_os_rng())?;
+    let keys = KeySet::generate(
+        &spec,
+        &cfg.key_groups(Profile::Inference),
+        false,
+        &mut ChaCha20Rng::from_os_rng(),
+    )?;
     let ee = transform_state(&spec, &keys, &plain)?;
     let off = offloaded_state(&cfg, &ee);
     let expected = fedee_hss::server::quantize_state(&off)?
@@ -183,22 +209,72 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
     let dir = work.path();
     fedee(dir, &["certs", "init", "--dir", "pki"])?;
     for name in ["hss0", "hss1", "trainer"] {
-        fedee(dir, &["certs", "issue", "--dir", "pki", "--trainer", name, "--host", "127.0.0.1"])?;
+        fedee(
+            dir,
+            &[
+                "certs",
+                "issue",
+                "--dir",
+                "pki",
+                "--trainer",
+                name,
+                "--host",
+                "127.0.0.1",
+            ],
+        )?;
     }
-    fedee(dir, &["certs", "issue", "--dir", "pki", "--client", "pharma"])?;
+    fedee(
+        dir,
+        &["certs", "issue", "--dir", "pki", "--client", "pharma"],
+    )?;
     let tls = fedee_proto::pki::TlsFiles::in_dir(&dir.join("pki"), "pharma");
-    let trainer = start(dir, "trainer", &["--tls-dir", "pki", "--tls-name", "trainer"])?;
+    let trainer = start(
+        dir,
+        "trainer",
+        &["--tls-dir", "pki", "--tls-name", "trainer"],
+    )?;
     let servers = [
-        start(dir, "hss-server", &["--tls-dir", "pki", "--tls-name", "hss0", "--engine", o.engine])?,
-        start(dir, "hss-server", &["--tls-dir", "pki", "--tls-name", "hss1", "--engine", o.engine])?,
+        start(
+            dir,
+            "hss-server",
+            &[
+                "--tls-dir",
+                "pki",
+                "--tls-name",
+                "hss0",
+                "--engine",
+                o.engine,
+            ],
+        )?,
+        start(
+            dir,
+            "hss-server",
+            &[
+                "--tls-dir",
+                "pki",
+                "--tls-name",
+                "hss1",
+                "--engine",
+                o.engine,
+            ],
+        )?,
     ];
     let url = |a: &str| format!("https://{a}");
     let rt = tokio::runtime::Runtime::new()?;
     let (mut tc, job, remote) = rt.block_on(async {
         let mut tc = fedee_trainer::TrainerClient::connect(&url(&trainer.addr), Some(&tls)).await?;
-        let opt = OptimizerSpec::Sgd { lr: 1e-3, momentum: 0.0, weight_decay: 0.0 };
+        let opt = OptimizerSpec::Sgd {
+            lr: 1e-3,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        };
         let job = tc
-            .create_job(&Architecture::BertClassifier(cfg), &opt, "f32", &state_to_safetensors(&ee)?)
+            .create_job(
+                &Architecture::BertClassifier(cfg),
+                &opt,
+                "f32",
+                &state_to_safetensors(&ee)?,
+            )
             .await?;
         let remote = Remote::connect(
             [&url(&servers[0].addr), &url(&servers[1].addr)],
@@ -212,9 +288,15 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
     let mut client = HssClient::new(remote, &off)?;
     let ee_checked = cfg.check_state(&ee)?;
     let plain_checked = cfg.check_state(&plain)?;
-    let plain_ee = |tc: &mut fedee_trainer::TrainerClient, enc: &Tensor, mask: &Tensor| -> Result<(Tensor, u64, u64)> {
+    let plain_ee = |tc: &mut fedee_trainer::TrainerClient,
+                    enc: &Tensor,
+                    mask: &Tensor|
+     -> Result<(Tensor, u64, u64)> {
         let batch = fedee_model::batch_to_safetensors(
-            &Input::Tokens { ids: enc.shallow_clone(), mask: mask.shallow_clone() },
+            &Input::Tokens {
+                ids: enc.shallow_clone(),
+                mask: mask.shallow_clone(),
+            },
             None,
         )?;
         let up = batch.len() as u64;
@@ -231,7 +313,10 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
     if o.reviews > 0 {
         test.truncate(o.reviews);
     }
-    let tok = fedee_model::text::TextTokenizer::from_file(&o.minilm_dir.join("tokenizer.json"), o.seq_len as usize)?;
+    let tok = fedee_model::text::TextTokenizer::from_file(
+        &o.minilm_dir.join("tokenizer.json"),
+        o.seq_len as usize,
+    )?;
     let (mut e_hss_plain, mut e_hss_ee, mut e_ee_plain) = (0f64, 0f64, 0f64);
     let (mut agree_plain, mut agree_ee, mut correct) = (0usize, 0usize, 0usize);
     let t = Instant::now();
@@ -241,7 +326,11 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
         let enc = encrypt_token_ids(&spec, &keys, &ids)?;
         let want = tch::no_grad(|| bert::classify(&cfg, plain_checked, &ids, &mask));
         let ee_logits = decrypt_outputs(&spec, &keys, &plain_ee(&mut tc, &enc, &mask)?.0)?;
-        let hss = decrypt_outputs(&spec, &keys, &tch::no_grad(|| classify(&mut client, &cfg, ee_checked, &enc, &mask))?)?;
+        let hss = decrypt_outputs(
+            &spec,
+            &keys,
+            &tch::no_grad(|| classify(&mut client, &cfg, ee_checked, &enc, &mask))?,
+        )?;
         let d = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
         e_hss_plain = e_hss_plain.max(d(&hss, &want));
         e_hss_ee = e_hss_ee.max(d(&hss, &ee_logits));
@@ -318,7 +407,10 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
             bytes = (up, down);
         }
         let k = (o.reps + 1) as f64;
-        let (client_cpu, srv) = ((cpu_seconds("self") - c0) / k, (server_cpu(&[&tpid]) - s0) / k);
+        let (client_cpu, srv) = (
+            (cpu_seconds("self") - c0) / k,
+            (server_cpu(&[&tpid]) - s0) / k,
+        );
         lat.remove(0);
         let ee_lat = median(lat);
         rows.push(Row {
@@ -335,7 +427,10 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
             vs_plain_ee: Some(1.0),
         });
         // HSS-EE.
-        let run = |client: &mut HssClient<Remote>, rtt: f64, reps: usize| -> Result<(f64, f64, f64, (u64, u64, u64))> {
+        let run = |client: &mut HssClient<Remote>,
+                   rtt: f64,
+                   reps: usize|
+         -> Result<(f64, f64, f64, (u64, u64, u64))> {
             client.added_rtt = Duration::from_secs_f64(rtt / 1e3);
             let mut lat = Vec::new();
             let (c0, s0) = (cpu_seconds("self"), server_cpu(&[&pids[0], &pids[1]]));
@@ -347,10 +442,17 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
                 let _ = decrypt_outputs(&spec, &keys, &z)?;
                 lat.push(t.elapsed().as_secs_f64());
                 let w = client.servers().wire_bytes;
-                traffic = (w.0 - wire.0, w.1 - wire.1, client.traffic.round_trips - before.round_trips);
+                traffic = (
+                    w.0 - wire.0,
+                    w.1 - wire.1,
+                    client.traffic.round_trips - before.round_trips,
+                );
             }
             let k = (reps + 1) as f64;
-            let out = ((cpu_seconds("self") - c0) / k, (server_cpu(&[&pids[0], &pids[1]]) - s0) / k);
+            let out = (
+                (cpu_seconds("self") - c0) / k,
+                (server_cpu(&[&pids[0], &pids[1]]) - s0) / k,
+            );
             lat.remove(0);
             Ok((median(lat), out.0, out.1, traffic))
         };
