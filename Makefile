@@ -37,7 +37,7 @@ fuzz: $(TORCH_STAMP)
 # Every benchmark (BENCHMARKS.md); JSON figures land in target/bench/. Needs about 30 GB of
 # free disk for the largest aggregation cell (64 sites × 100 M parameters) and ~20 minutes.
 FLWR_VERSION := 1.41.0
-FLWR_STAMP := $(VENV)/.fedee-flwr-$(FLWR_VERSION)
+FLWR_STAMP := $(VENV)/.fedee-flwr-simulation-$(FLWR_VERSION)
 BENCH_OUT := target/bench
 bench: build data $(FLWR_STAMP) $(TRANSFORMERS_STAMP)
 	mkdir -p $(BENCH_OUT)
@@ -70,13 +70,14 @@ $(REFERENCE): | $(TORCH_STAMP)
 	$(PYTHON) -c "import zipfile,glob; z=zipfile.ZipFile(sorted(glob.glob('$(WHEELS)/gensim-4.4.0-*.whl'))[0]); open('$@','wb').write(z.read('gensim/test/test_data/lee_background.cor'))"
 	@echo "data: $@ ($$(wc -w < $@) words)"
 
-# Flower, for the side-by-side aggregation benchmark only (flwr 1.42 needs a certifi release
-# newer than PyPI mirrors may carry).
+# Flower, for the side-by-side aggregation benchmarks only (flwr 1.42 needs a certifi release
+# newer than PyPI mirrors may carry); its simulation extra (Ray) runs whole SecAgg+ rounds for
+# `fedee bench secagg --flower-rounds`.
 $(FLWR_STAMP): $(TORCH_STAMP)
 	if [ -x $(VENV)/bin/pip ]; then \
-		$(VENV)/bin/pip install --quiet flwr==$(FLWR_VERSION); \
+		$(VENV)/bin/pip install --quiet "flwr[simulation]==$(FLWR_VERSION)"; \
 	else \
-		$(PYTHON) -m pip --python $(VENV)/bin/python install --quiet flwr==$(FLWR_VERSION); \
+		$(PYTHON) -m pip --python $(VENV)/bin/python install --quiet "flwr[simulation]==$(FLWR_VERSION)"; \
 	fi
 	touch $@
 

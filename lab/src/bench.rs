@@ -109,6 +109,11 @@ pub enum BenchCommand {
         /// (`make bench` installs it into .venv); skipped if it does not import.
         #[arg(long, default_value = ".venv/bin/python")]
         python: PathBuf,
+        /// Also run a whole Flower SecAgg+ round (Flower's simulation runtime, Ray: `pip
+        /// install "flwr[simulation]"`) for every cell without dropouts, beside a plain Flower
+        /// round.
+        #[arg(long)]
+        flower_rounds: bool,
         /// Then run the heart-disease federation (three site agents, mutual TLS on loopback)
         /// for this many rounds, plaintext and over secure aggregation, and compare seconds
         /// per round (0 skips it).
@@ -562,10 +567,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             federation_sites,
             federation_hidden,
             data,
+            flower_rounds,
             json,
         } => {
             let mut doc = crate::bench_secagg::secagg(
-                &sites, &params, &dropouts, &degrees, max_words, &python,
+                &sites,
+                &params,
+                &dropouts,
+                &degrees,
+                max_words,
+                &python,
+                flower_rounds,
             )?;
             if federation_rounds > 0 {
                 doc["federation"] = crate::bench_secagg::federation_rounds(

@@ -58,6 +58,7 @@ pub fn secagg(
     degrees: &[usize],
     max_words: f64,
     python: &std::path::Path,
+    flower_rounds: bool,
 ) -> Result<Value> {
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
@@ -133,14 +134,98 @@ pub fn secagg(
         println!("skipped (over --max-words): {}", skipped.join("; "));
     }
     let masks = mask_costs(params, python)?;
+    let flower = if flower_rounds {
+        whole_flower_rounds(&rows, python)
+    } else {
+        Vec::new()
+    };
     Ok(json!({
         "benchmark": "secagg",
         "mask_costs": masks,
+        "flower_rounds": flower,
         "threads": rayon::current_num_threads(),
         "rows": rows,
         "skipped": skipped,
         "aborted": aborted,
     }))
+}
+
+#[derive(Serialize)]
+struct FlowerRoundRow {
+    sites: usize,
+    degree: usize,
+    params: usize,
+    /// fedee's secure round compute (one site's stages plus the server's), seconds.
+    fedee_secure_round_s: f64,
+    /// A whole Flower round as its ServerApp sees it, with `SecAggPlusWorkflow` and plain.
+    flower_secure_round_s: f64,
+    flower_plain_round_s: f64,
+    /// What SecAgg+ adds to a Flower round: secure − plain.
+    flower_secagg_added_s: f64,
+    flower_added_over_fedee: f64,
+}
+
+/// A whole Flower SecAgg+ round (`scripts/bench_flower_secagg_round.py`, Flower's simulation
+/// runtime) for each measured cell without dropouts, `num_shares = k + 1`. Cells whose
+/// script fails (Flower's simulation extra missing, out of memory) are reported and skipped.
+fn whole_flower_rounds(rows: &[Row], python: &std::path::Path) -> Vec<FlowerRoundRow> {
+    let mut out = Vec::new();
+    for r in rows.iter().filter(|r| r.dropout == 0.0) {
+        eprintln!(
+            "secagg: a whole Flower SecAgg+ round, n={} d={} num_shares={} …",
+            r.sites,
+            r.params,
+            r.degree + 1
+        );
+        let o = std::process::Command::new(python)
+            .arg("scripts/bench_flower_secagg_round.py")
+            .args([r.sites, r.params, r.degree + 1].map(|v| v.to_string()))
+            .output();
+        let v: Option<Value> = match o {
+            Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok(),
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                eprintln!(
+                    "secagg: Flower's round failed: {}",
+                    err.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("secagg: cannot run {}: {e}", python.display());
+                None
+            }
+        };
+        let Some(v) = v else { continue };
+        let (sec, plain) = (
+            v["secure_round_s"].as_f64().unwrap_or(f64::NAN),
+            v["plain_round_s"].as_f64().unwrap_or(f64::NAN),
+        );
+        out.push(FlowerRoundRow {
+            sites: r.sites,
+            degree: r.degree,
+            params: r.params,
+            fedee_secure_round_s: r.secure_round_compute_s,
+            flower_secure_round_s: sec,
+            flower_plain_round_s: plain,
+            flower_secagg_added_s: sec - plain,
+            flower_added_over_fedee: (sec - plain) / r.secure_round_compute_s,
+        });
+    }
+    table::print(
+        &[
+            col("sites", "sites", Cell::Text),
+            col("k", "degree", Cell::Text),
+            col("params", "params", Cell::Text),
+            col("fedee: secure round", "fedee_secure_round_s", Cell::Millis),
+            col("Flower: SecAgg+ round", "flower_secure_round_s", Cell::Millis),
+            col("Flower: plain round", "flower_plain_round_s", Cell::Millis),
+            col("Flower: added by SecAgg+", "flower_secagg_added_s", Cell::Millis),
+            col("added / fedee", "flower_added_over_fedee", Cell::Fixed(1)),
+        ],
+        &out,
+    );
+    out
 }
 
 fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> {
