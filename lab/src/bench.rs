@@ -243,6 +243,10 @@ pub enum BenchCommand {
         /// The servers' share engine: limbs, limbs-cuda or int64.
         #[arg(long, default_value = "limbs")]
         engine: String,
+        /// libtorch threads of each HSS server (the two share this machine's cores; the
+        /// trainer and the client use all of them).
+        #[arg(long, default_value_t = 1)]
+        server_threads: i32,
         /// Compare only the first N test reviews (0: the whole split, 379).
         #[arg(long, default_value_t = 0)]
         reviews: usize,
@@ -539,6 +543,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             reps,
             engine,
             reviews,
+            server_threads,
             json,
         } => {
             let o = crate::bench_hss::Options {
@@ -550,6 +555,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 seq_len,
                 engine: &engine,
                 reviews,
+                server_threads,
             };
             // Its own thread: the bench runs its own runtime and blocks on it per round trip.
             let doc = std::thread::scope(|s| s.spawn(|| crate::bench_hss::hss(&o)).join())

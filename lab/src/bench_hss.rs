@@ -39,6 +39,7 @@ pub(crate) struct Options<'a> {
     pub seq_len: i64,
     pub engine: &'a str,
     pub reviews: usize,
+    pub server_threads: i32,
 }
 
 struct Proc {
@@ -233,7 +234,8 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
         "trainer",
         &["--tls-dir", "pki", "--tls-name", "trainer"],
     )?;
-    let servers = [
+    let threads = o.server_threads.to_string();
+    let server = |name: &str| {
         start(
             dir,
             "hss-server",
@@ -241,24 +243,15 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
                 "--tls-dir",
                 "pki",
                 "--tls-name",
-                "hss0",
+                name,
                 "--engine",
                 o.engine,
+                "--threads",
+                &threads,
             ],
-        )?,
-        start(
-            dir,
-            "hss-server",
-            &[
-                "--tls-dir",
-                "pki",
-                "--tls-name",
-                "hss1",
-                "--engine",
-                o.engine,
-            ],
-        )?,
-    ];
+        )
+    };
+    let servers = [server("hss0")?, server("hss1")?];
     let url = |a: &str| format!("https://{a}");
     let rt = tokio::runtime::Runtime::new()?;
     let (mut tc, job, remote) = rt.block_on(async {
@@ -512,7 +505,8 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
         "added_rtt_ms": o.rtts_ms,
         "arithmetic_bytes": arithmetic,
         "engine": o.engine,
-        "threads_per_process": tch::get_num_threads(),
+        "threads_client_and_trainer": tch::get_num_threads(),
+        "threads_per_hss_server": o.server_threads,
         "note": "one machine: the client, the trainer and both HSS servers share its cores; round-trip delay is simulated by a sleep before each round trip",
     }))
 }
