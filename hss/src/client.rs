@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use fedee_model::llama::{self, LlamaConfig};
 use fedee_model::{BertClassifierConfig, Checked, StateDict, bert};
 use tch::{Kind, Tensor};
 
@@ -209,14 +210,49 @@ pub fn bert_linear_maps(cfg: &BertClassifierConfig) -> Vec<String> {
         .collect()
 }
 
-/// The part of an EE classifier state the servers receive: the weights and biases of
-/// [`bert_linear_maps`].
-pub fn offloaded_state(cfg: &BertClassifierConfig, ee: &StateDict) -> StateDict {
-    bert_linear_maps(cfg)
-        .into_iter()
+/// The linear maps of a Llama-family causal LM that HSS-EE offloads: every block's Q/K/V,
+/// attention output, gate, up and down projections, and the output head (the tied embedding
+/// table when the embeddings are tied).
+pub fn llama_linear_maps(c: &LlamaConfig) -> Vec<String> {
+    (0..c.num_layers)
+        .flat_map(llama::layer_linear_groups)
+        .flatten()
+        .chain([llama::head_map(c).to_owned()])
+        .collect()
+}
+
+/// The part of an EE state the servers receive: the weights and biases of `maps`.
+pub fn offloaded(maps: &[String], ee: &StateDict) -> StateDict {
+    maps.iter()
         .flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")])
         .filter_map(|n| ee.get(&n).map(|t| (n, t.shallow_clone())))
         .collect()
+}
+
+/// The part of an EE classifier state the servers receive: the weights and biases of
+/// [`bert_linear_maps`].
+pub fn offloaded_state(cfg: &BertClassifierConfig, ee: &StateDict) -> StateDict {
+    offloaded(&bert_linear_maps(cfg), ee)
+}
+
+/// Greedy decoding of an EE causal LM through HSS-EE: prefill the encrypted prompt ids, then
+/// up to `max_new` decode steps with a key/value cache here, every linear map (the head
+/// included) at the two servers; RMSNorm, RoPE, attention and SiLU here. Returns the
+/// encrypted ids and each step's encrypted logits `(vocab,)`, as `llama::greedy`.
+///
+/// # Errors
+/// As [`HssClient::linears`]; a prompt that does not fit the context.
+pub fn lm_greedy<S: Servers>(
+    client: &mut HssClient<S>,
+    c: &LlamaConfig,
+    ee: Checked<'_>,
+    prompt: &[i64],
+    max_new: usize,
+    stop: Option<i64>,
+) -> Result<(Vec<i64>, Vec<Tensor>)> {
+    llama::greedy_with(c, ee, prompt, max_new, stop, |x, maps| {
+        client.linears(x, maps)
+    })
 }
 
 /// EE logits `(batch, num_labels)` of a BERT classifier for EE token ids `ids (batch, seq)`

@@ -48,6 +48,9 @@ pub enum HssError {
     /// A libtorch error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The client's model forward failed (shapes, context length).
+    #[error("model: {0}")]
+    Model(#[from] fedee_model::ModelError),
 }
 
 /// Result with [`HssError`].

@@ -376,6 +376,28 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     x * (var + eps).rsqrt() * w
 }
 
+/// The linear maps of block `l`, by GGUF prefix (`NAME.weight (out, in)`, no bias), in the
+/// groups [`hidden_states_with`] asks for together: Q/K/V (one input), the attention output,
+/// gate and up (one input), down.
+pub fn layer_linear_groups(l: usize) -> [Vec<String>; 4] {
+    let n = |s: &str| format!("blk.{l}.{s}");
+    [
+        vec![n("attn_q"), n("attn_k"), n("attn_v")],
+        vec![n("attn_output")],
+        vec![n("ffn_gate"), n("ffn_up")],
+        vec![n("ffn_down")],
+    ]
+}
+
+/// The output head's linear map: `token_embd` when the embeddings are tied, else `output`.
+pub fn head_map(c: &LlamaConfig) -> &'static str {
+    if c.tied_embeddings {
+        "token_embd"
+    } else {
+        "output"
+    }
+}
+
 /// Logits `(B, T, V)` of the next token after each of `ids` `(B, T)`, appending the positions
 /// to `cache` (which must have room for them).
 ///
@@ -387,13 +409,40 @@ pub fn forward(
     ids: &Tensor,
     cache: &mut KvCache,
 ) -> Result<Tensor, ModelError> {
-    let hidden = hidden_states(c, s, ids, cache)?;
-    let out = if c.tied_embeddings {
-        s.get("token_embd.weight")
-    } else {
-        s.get("output.weight")
-    };
-    Ok(hidden.linear::<&Tensor>(out, None))
+    forward_with(c, s, ids, cache, local(s))
+}
+
+/// The plain linear maps of `s` (what [`forward`] uses).
+fn local<'a>(
+    s: Checked<'a>,
+) -> impl FnMut(&Tensor, &[String]) -> Result<Vec<Tensor>, ModelError> + 'a {
+    move |x: &Tensor, maps: &[String]| {
+        Ok(maps
+            .iter()
+            .map(|n| x.linear::<&Tensor>(s.get(&format!("{n}.weight")), None))
+            .collect())
+    }
+}
+
+/// [`forward`] with every linear map (the blocks' and the head's) computed by `linear`, as
+/// [`hidden_states_with`]; the embedding lookup, RMSNorm, RoPE, attention and SiLU run here.
+///
+/// # Errors
+/// As [`forward`], and the first error `linear` returns.
+pub fn forward_with<E: From<ModelError>>(
+    c: &LlamaConfig,
+    s: Checked<'_>,
+    ids: &Tensor,
+    cache: &mut KvCache,
+    mut linear: impl FnMut(&Tensor, &[String]) -> Result<Vec<Tensor>, E>,
+) -> Result<Tensor, E> {
+    let hidden = hidden_states_with(c, s, ids, cache, &mut linear)?;
+    Ok(first(linear(&hidden, &[head_map(c).to_owned()])?))
+}
+
+fn first(mut v: Vec<Tensor>) -> Tensor {
+    assert_eq!(v.len(), 1, "`linear` must return one output per map");
+    v.swap_remove(0)
 }
 
 /// The final hidden states `(B, T, d)` (after the output RMSNorm), as [`forward`].
@@ -406,6 +455,23 @@ pub fn hidden_states(
     ids: &Tensor,
     cache: &mut KvCache,
 ) -> Result<Tensor, ModelError> {
+    hidden_states_with(c, s, ids, cache, local(s))
+}
+
+/// [`hidden_states`] with the blocks' linear maps computed by `linear`: called four times per
+/// block (the groups of [`layer_linear_groups`]) with an input `(B, T, in)` and the maps'
+/// names, it returns `x·Wᵀ` for each, `(B, T, out)`. This is how HSS-EE offloads the linear
+/// algebra to two servers (`fedee-hss`); `s`'s block weights are then not read.
+///
+/// # Errors
+/// As [`hidden_states`], and the first error `linear` returns.
+pub fn hidden_states_with<E: From<ModelError>>(
+    c: &LlamaConfig,
+    s: Checked<'_>,
+    ids: &Tensor,
+    cache: &mut KvCache,
+    mut linear: impl FnMut(&Tensor, &[String]) -> Result<Vec<Tensor>, E>,
+) -> Result<Tensor, E> {
     let (b, t) = ids.size2().map_err(ModelError::Torch)?;
     let t_us = t as usize;
     if t_us == 0 || t_us > cache.remaining() || cache.len + t_us > c.max_position {
@@ -414,7 +480,8 @@ pub fn hidden_states(
             cache.len,
             cache.remaining(),
             c.max_position
-        )));
+        ))
+        .into());
     }
     let embd = s.get("token_embd.weight");
     let (kind, device) = (embd.kind(), embd.device());
@@ -432,19 +499,14 @@ pub fn hidden_states(
     });
     for l in 0..c.num_layers {
         let w = |n: &str| s.get(&format!("blk.{l}.{n}.weight"));
+        let [qkv, attn_out, gate_up, down] = layer_linear_groups(l);
         let a = rms_norm(&x, w("attn_norm"), c.rms_norm_eps);
-        let q = a
-            .linear::<&Tensor>(w("attn_q"), None)
-            .view([b, t, h, hd])
-            .transpose(1, 2);
-        let k = a
-            .linear::<&Tensor>(w("attn_k"), None)
-            .view([b, t, kv, hd])
-            .transpose(1, 2);
-        let v = a
-            .linear::<&Tensor>(w("attn_v"), None)
-            .view([b, t, kv, hd])
-            .transpose(1, 2);
+        let mut qkv = linear(&a, &qkv)?;
+        assert_eq!(qkv.len(), 3, "`linear` must return one output per map");
+        let (v, k, q) = (qkv.swap_remove(2), qkv.swap_remove(1), qkv.swap_remove(0));
+        let q = q.view([b, t, h, hd]).transpose(1, 2);
+        let k = k.view([b, t, kv, hd]).transpose(1, 2);
+        let v = v.view([b, t, kv, hd]).transpose(1, 2);
         let (q, k) = (rope(&q, &cos, &sin), rope(&k, &cos, &sin));
         cache.k[l].narrow(2, past, t).copy_(&k);
         cache.v[l].narrow(2, past, t).copy_(&v);
@@ -462,11 +524,12 @@ pub fn hidden_states(
         );
         let o = o.transpose(1, 2).reshape([b, t, h * hd]);
         // Not in place: autograd keeps `x` for RMSNorm's backward.
-        x = x.g_add(&o.linear::<&Tensor>(w("attn_output"), None));
+        x = x.g_add(&first(linear(&o, &attn_out)?));
         let f = rms_norm(&x, w("ffn_norm"), c.rms_norm_eps);
-        let gate = f.linear::<&Tensor>(w("ffn_gate"), None).silu();
-        let up = f.linear::<&Tensor>(w("ffn_up"), None);
-        x = x.g_add(&(gate * up).linear::<&Tensor>(w("ffn_down"), None));
+        let mut gu = linear(&f, &gate_up)?;
+        assert_eq!(gu.len(), 2, "`linear` must return one output per map");
+        let (up, gate) = (gu.swap_remove(1), gu.swap_remove(0));
+        x = x.g_add(&first(linear(&(gate.silu() * up), &down)?));
     }
     cache.len += t_us;
     Ok(rms_norm(&x, s.get("output_norm.weight"), c.rms_norm_eps))
@@ -533,19 +596,46 @@ pub fn greedy(
     max_new: usize,
     stop: Option<i64>,
 ) -> Result<(Vec<i64>, Vec<Tensor>), ModelError> {
+    greedy_with(c, s, ids, max_new, stop, local(s))
+}
+
+/// [`greedy`] with every linear map computed by `linear` (as [`forward_with`]).
+///
+/// # Errors
+/// As [`greedy`], and the first error `linear` returns.
+pub fn greedy_with<E: From<ModelError>>(
+    c: &LlamaConfig,
+    s: Checked<'_>,
+    ids: &[i64],
+    max_new: usize,
+    stop: Option<i64>,
+    mut linear: impl FnMut(&Tensor, &[String]) -> Result<Vec<Tensor>, E>,
+) -> Result<(Vec<i64>, Vec<Tensor>), E> {
     let embd = s.get("token_embd.weight");
     let mut cache = KvCache::new(c, 1, ids.len() + max_new, embd.kind(), embd.device());
-    let mut logits = forward(c, s, &Tensor::from_slice(ids).unsqueeze(0), &mut cache)?;
+    let mut logits = forward_with(
+        c,
+        s,
+        &Tensor::from_slice(ids).unsqueeze(0),
+        &mut cache,
+        &mut linear,
+    )?;
     let (mut out, mut steps) = (Vec::new(), Vec::new());
     for _ in 0..max_new {
         let last = logits.get(0).get(-1);
         let next = last.argmax(0, false).int64_value(&[]);
         steps.push(last);
         out.push(next);
-        if Some(next) == stop {
+        if Some(next) == stop || out.len() == max_new {
             break;
         }
-        logits = forward(c, s, &Tensor::from_slice(&[next]).unsqueeze(0), &mut cache)?;
+        logits = forward_with(
+            c,
+            s,
+            &Tensor::from_slice(&[next]).unsqueeze(0),
+            &mut cache,
+            &mut linear,
+        )?;
     }
     Ok((out, steps))
 }
