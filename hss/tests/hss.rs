@@ -245,6 +245,78 @@ fn hss_bert_matches_plain_ee_and_plaintext() {
     }
 }
 
+/// Every offloaded linear map of a whole forward (both key profiles, f64 activations) decodes
+/// within its fixed-point error bound against the exact product of the same inputs.
+#[test]
+fn every_linear_map_of_a_forward_is_within_its_bound() {
+    let c = cfg();
+    let spec = c.key_spec();
+    let plain = plaintext(15);
+    let (ids, mask) = ids(16, 3, 12);
+    for (profile, seed) in [(Profile::Finetune, 17), (Profile::Inference, 18)] {
+        let k = keyed(&plain, profile, seed);
+        let ee64: StateDict =
+            k.ee.iter()
+                .map(|(n, t)| (n.clone(), t.to_kind(Kind::Double)))
+                .collect();
+        let ee = c.check_state(&ee64).unwrap();
+        let off = offloaded_state(&c, &k.ee);
+        let s = [
+            HssModel::from_state(&off, Engine::Limbs(Device::Cpu)).unwrap(),
+            HssModel::from_state(&off, Engine::Limbs(Device::Cpu)).unwrap(),
+        ];
+        let mut client = HssClient::new(InProcess::new([&s[0], &s[1]], false), &off).unwrap();
+        let enc = encrypt_token_ids(&spec, &k.keys, &ids).unwrap();
+        let x = bert::embed(&c.bert, ee, &enc);
+        let (mut calls, mut worst) = (0, 0f64);
+        bert::encode_embedded_with(&c.bert, ee, &x, &mask, |x, maps| {
+            let got = client.linears(x, maps)?;
+            let xs = Vec::<f32>::try_from(x.to_kind(Kind::Float).contiguous().view([-1])).unwrap();
+            let cols = *x.size().last().unwrap() as usize;
+            let largest = xs.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+            let l1 = xs
+                .chunks(cols)
+                .map(|r| r.iter().map(|v| f64::from(v.abs())).sum::<f64>())
+                .fold(0.0, f64::max);
+            let qs: Vec<QuantLinear> = maps
+                .iter()
+                .map(|m| {
+                    let w = &k.ee[&format!("{m}.weight")];
+                    let (o, i) = (w.size()[0] as usize, w.size()[1] as usize);
+                    let wv = Vec::<f32>::try_from(w.contiguous().view([-1])).unwrap();
+                    let bv = Vec::<f32>::try_from(&k.ee[&format!("{m}.bias")]).unwrap();
+                    QuantLinear::new(&wv, o, i, Some(&bv)).unwrap()
+                })
+                .collect();
+            let f = qs
+                .iter()
+                .map(|q| q.safe_frac_bits(largest, client.frac_bits).unwrap())
+                .min()
+                .unwrap();
+            for ((m, g), q) in maps.iter().zip(&got).zip(&qs) {
+                // The input as the client encoded it (f32 values, exact in f64).
+                let x64 = x.to_kind(Kind::Float).to_kind(Kind::Double);
+                let exact = x64.linear(
+                    &k.ee[&format!("{m}.weight")].to_kind(Kind::Double),
+                    Some(&k.ee[&format!("{m}.bias")].to_kind(Kind::Double)),
+                );
+                let err = max_abs(g, &exact);
+                let bound = q.error_bound(l1, f);
+                assert!(
+                    err <= bound,
+                    "{profile:?} {m}: error {err:e} above its bound {bound:e}"
+                );
+                worst = worst.max(err / bound);
+                calls += 1;
+            }
+            Ok::<_, fedee_hss::HssError>(got)
+        })
+        .unwrap();
+        assert_eq!(calls, 6 * c.bert.num_hidden_layers);
+        eprintln!("{profile:?}: every map within its bound (largest error / bound {worst:.3})");
+    }
+}
+
 /// The source document's scheme (each server runs the whole EE model on an additive share of
 /// the input, the client adds the outputs) is wrong: GELU, softmax and LayerNorm are not
 /// additive. HSS-EE on the same input is right.
