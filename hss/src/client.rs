@@ -187,13 +187,21 @@ impl<S: Servers> HssClient<S> {
                 )));
             }
             self.traffic.bytes_down += 16 * (rows * q.out) as u64;
-            let scale: Vec<u32> = q.frac_bits.iter().map(|fw| f + fw).collect();
-            let y: Vec<f64> = a
+            // Decode at 2^(f + f_wⱼ) per output column.
+            let inv: Vec<f64> = q
+                .frac_bits
                 .iter()
-                .zip(b)
-                .enumerate()
-                .map(|(i, (a, b))| decode(a.wrapping_add(*b), scale[i % q.out]))
+                .map(|fw| decode(1, f + fw))
                 .collect();
+            let mut y = Vec::with_capacity(a.len());
+            for (ra, rb) in a.chunks_exact(q.out).zip(b.chunks_exact(q.out)) {
+                y.extend(
+                    ra.iter()
+                        .zip(rb)
+                        .zip(&inv)
+                        .map(|((a, b), s)| a.wrapping_add(*b) as i64 as f64 * s),
+                );
+            }
             let mut shape = size.clone();
             *shape.last_mut().expect("checked non-empty") = q.out as i64;
             out.push(Tensor::from_slice(&y).view(&shape[..]).to_kind(x.kind()));

@@ -68,6 +68,7 @@ fn fedee(dir: &Path, args: &[&str]) -> Result<()> {
 /// Start `fedee ROLE --listen 127.0.0.1:0 ARGS` and wait for its address.
 fn start(dir: &Path, role: &str, args: &[&str]) -> Result<Proc> {
     let mut child = Command::new(std::env::current_exe()?)
+        .env("OMP_WAIT_POLICY", "PASSIVE")
         .args([role, "--listen", "127.0.0.1:0"])
         .args(args)
         .current_dir(dir)
@@ -449,12 +450,18 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
             lat.remove(0);
             Ok((median(lat), out.0, out.1, traffic))
         };
+        // The client's share of HSS-EE (attention, LayerNorm, GELU, the protocol) runs on one
+        // libtorch thread: idle OpenMP workers would otherwise spin on the cores the servers
+        // need while the client waits for them.
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1);
         let (hss_lat, client_cpu, srv, (up, down, trips)) = run(&mut client, 0.0, o.reps)?;
         let mut with_rtt = Vec::new();
         for &r in o.rtts_ms {
             with_rtt.push(run(&mut client, r, o.reps.min(3))?.0);
         }
         client.added_rtt = Duration::ZERO;
+        tch::set_num_threads(threads);
         rows.push(Row {
             mode: format!("HSS-EE, 2 servers ({})", o.engine),
             batch: b,
