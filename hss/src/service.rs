@@ -52,7 +52,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            engine: Engine::Limbs(Device::Cpu),
+            engine: Engine::Int64,
             max_model_bytes: 2 << 30,
             max_models: 4,
             tls: None,

@@ -240,8 +240,8 @@ pub enum BenchCommand {
         /// Timed repetitions after one warm-up; medians are reported.
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        /// The servers' share engine: limbs, limbs-cuda or int64.
-        #[arg(long, default_value = "limbs")]
+        /// The servers' share engine: int64, limbs or limbs-cuda.
+        #[arg(long, default_value = "int64")]
         engine: String,
         /// libtorch threads of each HSS server (the two share this machine's cores; the
         /// trainer and the client use all of them).
