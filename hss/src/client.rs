@@ -188,11 +188,7 @@ impl<S: Servers> HssClient<S> {
             }
             self.traffic.bytes_down += 16 * (rows * q.out) as u64;
             // Decode at 2^(f + f_wⱼ) per output column.
-            let inv: Vec<f64> = q
-                .frac_bits
-                .iter()
-                .map(|fw| decode(1, f + fw))
-                .collect();
+            let inv: Vec<f64> = q.frac_bits.iter().map(|fw| decode(1, f + fw)).collect();
             let mut y = Vec::with_capacity(a.len());
             for (ra, rb) in a.chunks_exact(q.out).zip(b.chunks_exact(q.out)) {
                 y.extend(
