@@ -182,7 +182,7 @@ impl HssServer for Service {
                 })?)
             }
             Some(hss_linear_request::Share::Words(w)) => {
-                if w.len() % 8 != 0 {
+                if !w.len().is_multiple_of(8) {
                     return Err(Status::invalid_argument(format!(
                         "{} share bytes are not whole u64 words",
                         w.len()
@@ -223,7 +223,7 @@ fn to_bytes(words: &[u64]) -> Vec<u8> {
 }
 
 fn from_bytes(b: &[u8]) -> Result<Vec<u64>> {
-    if b.len() % 8 != 0 {
+    if !b.len().is_multiple_of(8) {
         return Err(HssError::Invalid(format!(
             "{} answer bytes are not whole words",
             b.len()

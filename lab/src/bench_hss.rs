@@ -164,6 +164,10 @@ fn model(o: &Options<'_>) -> Result<(BertClassifierConfig, StateDict, f64)> {
     Ok((cfg, state, acc))
 }
 
+/// Median latency, client CPU and server CPU per inference (s), and the last inference's wire
+/// bytes up, down and round trips.
+type RunFigures = (f64, f64, f64, (u64, u64, u64));
+
 #[derive(Serialize)]
 struct Row {
     mode: String,
@@ -421,10 +425,7 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
             vs_plain_ee: Some(1.0),
         });
         // HSS-EE.
-        let run = |client: &mut HssClient<Remote>,
-                   rtt: f64,
-                   reps: usize|
-         -> Result<(f64, f64, f64, (u64, u64, u64))> {
+        let run = |client: &mut HssClient<Remote>, rtt: f64, reps: usize| -> Result<RunFigures> {
             client.added_rtt = Duration::from_secs_f64(rtt / 1e3);
             let mut lat = Vec::new();
             let (c0, s0) = (cpu_seconds("self"), server_cpu(&[&pids[0], &pids[1]]));
