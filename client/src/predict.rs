@@ -112,6 +112,23 @@ pub struct Verify {
     pub argmax_agreement: f64,
 }
 
+impl Verify {
+    /// Compare `probabilities` with the plaintext model's `reference`, both `(inputs, k)`.
+    fn new(probabilities: &[f32], reference: &[f32], k: usize) -> Self {
+        let max_abs_probability_diff = probabilities
+            .iter()
+            .zip(reference)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .fold(0.0, f64::max);
+        let (ours, theirs) = (argmax(probabilities, k), argmax(reference, k));
+        let agree = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+        Self {
+            max_abs_probability_diff,
+            argmax_agreement: agree as f64 / ours.len().max(1) as f64,
+        }
+    }
+}
+
 fn argmax(p: &[f32], k: usize) -> Vec<usize> {
     p.chunks_exact(k)
         .map(|r| {
@@ -192,22 +209,7 @@ pub async fn predict(
         }
         on_batch(b[b.len() - 1] + 1, n);
     }
-    let verify = plain.map(|_| {
-        let max_abs_probability_diff = probabilities
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| f64::from((a - b).abs()))
-            .fold(0.0, f64::max);
-        let agree = argmax(&probabilities, k)
-            .iter()
-            .zip(&argmax(&reference, k))
-            .filter(|(a, b)| a == b)
-            .count();
-        Verify {
-            max_abs_probability_diff,
-            argmax_agreement: agree as f64 / n.max(1) as f64,
-        }
-    });
+    let verify = plain.map(|_| Verify::new(&probabilities, &reference, k));
     Ok(Predictions {
         job,
         probabilities,
@@ -302,22 +304,7 @@ pub async fn predict_hss(
     for l in &logits {
         probabilities.extend(crate::probabilities(l)?);
     }
-    let verify = reference.map(|reference| {
-        let max_abs_probability_diff = probabilities
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| f64::from((a - b).abs()))
-            .fold(0.0, f64::max);
-        let agree = argmax(&probabilities, k)
-            .iter()
-            .zip(&argmax(&reference, k))
-            .filter(|(a, b)| a == b)
-            .count();
-        Verify {
-            max_abs_probability_diff,
-            argmax_agreement: agree as f64 / n.max(1) as f64,
-        }
-    });
+    let verify = reference.map(|reference| Verify::new(&probabilities, &reference, k));
     Ok((
         Predictions {
             job: "hss".into(),
