@@ -11,7 +11,7 @@ use fedee_hss::share::{expand, share_with_seed};
 use fedee_model::{BertClassifierConfig, BertConfig, Profile, StateDict, bert};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use statrs::distribution::{ChiSquared, ContinuousCDF};
+use statrs::distribution::{ChiSquared, Univariate};
 use tch::{Device, Kind, Tensor};
 
 fn cfg() -> BertClassifierConfig {
