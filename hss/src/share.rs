@@ -32,12 +32,24 @@ pub fn share_with_seed(x: &[u64], seed: &Seed) -> Vec<u64> {
 #[derive(Default)]
 pub struct Sharer {
     used: HashSet<Seed>,
+    /// Seeds from this stream instead of the OS (reproducible tests only).
+    stream: Option<rand_chacha::ChaCha20Rng>,
 }
 
 impl Sharer {
     /// A new sharer with no seeds used.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A sharer whose seeds come from a ChaCha20 stream seeded with `seed`, for tests whose
+    /// statistics must not depend on the run. Anyone who knows `seed` can undo the shares:
+    /// never for real inputs.
+    pub fn reproducible(seed: u64) -> Self {
+        Self {
+            used: HashSet::new(),
+            stream: Some(rand_chacha::ChaCha20Rng::seed_from_u64(seed)),
+        }
     }
 
     /// Split `x̃` into `(seed for server 0, words for server 1)`.
@@ -47,9 +59,12 @@ impl Sharer {
     /// source) a seed repeats: the seed is never reused.
     pub fn share(&mut self, x: &[u64]) -> (Seed, Vec<u64>) {
         let mut seed = [0u8; 32];
-        rand::rngs::OsRng
-            .try_fill_bytes(&mut seed)
-            .expect("the operating system's random source failed");
+        match &mut self.stream {
+            Some(r) => r.fill_bytes(&mut seed),
+            None => rand::rngs::OsRng
+                .try_fill_bytes(&mut seed)
+                .expect("the operating system's random source failed"),
+        }
         assert!(
             self.used.insert(seed),
             "a share seed repeated: refusing to reuse it (the random source is broken)"

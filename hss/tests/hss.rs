@@ -455,7 +455,7 @@ fn failures(v: &View, other: &View, plain: &[f64]) -> Vec<&'static str> {
 
 /// Run two very different inputs (one token repeated; random tokens) through HSS-EE and return
 /// each server's recorded requests.
-fn views(k: &Keyed, ids: &Tensor, mask: &Tensor) -> [Vec<LinearRequest>; 2] {
+fn views(k: &Keyed, ids: &Tensor, mask: &Tensor, seed_of_views: u64) -> [Vec<LinearRequest>; 2] {
     let c = cfg();
     let spec = c.key_spec();
     let off = offloaded_state(&c, &k.ee);
@@ -463,7 +463,11 @@ fn views(k: &Keyed, ids: &Tensor, mask: &Tensor) -> [Vec<LinearRequest>; 2] {
         HssModel::from_state(&off, Engine::Int64).unwrap(),
         HssModel::from_state(&off, Engine::Int64).unwrap(),
     ];
-    let mut client = HssClient::new(InProcess::new([&s[0], &s[1]], true), &off).unwrap();
+    // Reproducible seeds: 24 requests × 2 servers × 4 tests, the correlation one at 3/√N
+    // (about 3σ), would otherwise fail now and then by chance.
+    let mut client = HssClient::new(InProcess::new([&s[0], &s[1]], true), &off)
+        .unwrap()
+        .with_sharer(fedee_hss::share::Sharer::reproducible(seed_of_views));
     let enc = encrypt_token_ids(&spec, &k.keys, ids).unwrap();
     let _logits = classify(&mut client, &c, c.check_state(&k.ee).unwrap(), &enc, mask).unwrap();
     client.servers().views.clone().expect("recording")
@@ -502,8 +506,8 @@ fn each_server_sees_uniform_shares_and_the_controls_are_caught() {
     let same = Tensor::full([batch, len], 5, (Kind::Int64, Device::Cpu));
     let (rand_ids, _) = ids(13, batch, len);
     let mask = Tensor::ones([batch, len], (Kind::Int64, Device::Cpu));
-    let a = views(&k, &same, &mask);
-    let b = views(&k, &rand_ids, &mask);
+    let a = views(&k, &same, &mask, 101);
+    let b = views(&k, &rand_ids, &mask, 102);
 
     // Server 0 receives only seeds, all distinct; server 1 only words.
     let mut seeds: Vec<[u8; 32]> = a[0].iter().chain(&b[0]).map(seed).collect();
@@ -585,7 +589,9 @@ fn each_server_sees_uniform_shares_and_the_controls_are_caught() {
     // The "very different" second input: all zeros (server 1's ring view of it is as uniform
     // as any other, checked first).
     let zeros = vec![0f64; pa.len()];
-    let zero_share = fedee_hss::share::Sharer::new().share(&enc(&zeros)).1;
+    let zero_share = fedee_hss::share::Sharer::reproducible(103)
+        .share(&enc(&zeros))
+        .1;
     let f = failures(&View::ring(words(&a[1][0])), &View::ring(&zero_share), &pa);
     assert!(
         f.is_empty(),
