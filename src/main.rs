@@ -48,7 +48,7 @@ enum Command {
     /// Run one of the two non-colluding HSS-EE servers: computes an EE model's linear maps on
     /// additive shares in Z_2^64 for `fedee predict --hss A,B` (never sees keys, ids or
     /// activations; the two servers must be run by parties that do not collude).
-    HssServer(HssServerArgs),
+    HssServer(fedee_hss::cli::HssServerArgs),
     /// Fine-tune a model at the trainer under EE on your own data file (key holder).
     Finetune(fedee_client::cli::FinetuneArgs),
     /// Class probabilities for your records from an EE model at the trainer (key holder).
@@ -162,26 +162,6 @@ struct TrainerArgs {
     /// Device: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-}
-
-#[derive(clap::Args)]
-struct HssServerArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:50061")]
-    listen: SocketAddr,
-    /// mTLS as for the trainer: the server's certificate is a service certificate with the
-    /// trainer role (`fedee certs issue --trainer NAME --host HOST`); only client
-    /// certificates are served.
-    #[command(flatten)]
-    transport: TransportArgs,
-    /// How share products are computed, exactly: `int64` (libtorch's integer matmul, CPU
-    /// only; about 2× faster than limbs on CPUs measured) or `limbs` (three 22-bit limbs of the
-    /// share in one f64 GEMM; `limbs-cuda` on a GPU, where int64 matmul does not exist).
-    #[arg(long, default_value = "int64")]
-    engine: fedee_hss::engine::Engine,
-    /// libtorch threads for the share products [default: all logical CPUs].
-    #[arg(long)]
-    threads: Option<i32>,
 }
 
 #[derive(clap::Args)]
@@ -371,33 +351,7 @@ async fn main() -> Result<()> {
             notice(false, "trainer stopped");
             Ok(())
         }
-        Command::HssServer(h) => {
-            if let Some(t) = h.threads {
-                tch::set_num_threads(t.max(1));
-            }
-            let config = fedee_hss::service::Config {
-                engine: h.engine,
-                tls: h.transport.resolve("trainer")?,
-                ..Default::default()
-            };
-            let listener = tokio::net::TcpListener::bind(h.listen)
-                .await
-                .with_context(|| format!("binding {}", h.listen))?;
-            notice(false, &format!("HSS-EE share engine: {:?}", h.engine));
-            notice(
-                false,
-                &format!("hss-server listening on {}", listener.local_addr()?),
-            );
-            let token = shutdown_on_signals();
-            serve_with_grace(token.clone(), async move {
-                fedee_hss::service::run(config, listener, token)
-                    .await
-                    .map_err(anyhow::Error::from)
-            })
-            .await?;
-            notice(false, "HSS server stopped");
-            Ok(())
-        }
+        Command::HssServer(h) => fedee_hss::cli::serve(h).await,
         Command::InitModel(i) => {
             let state = fedee_site_agent::task::initial_model(&read_spec(&i.spec)?, i.seed)?;
             std::fs::write(&i.out, state_to_safetensors(&state)?)

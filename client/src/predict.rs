@@ -248,11 +248,8 @@ pub async fn predict_hss(
     };
     let ee = transform_state(&keyed.key_spec, &keyed.keys, state)?;
     let off = fedee_hss::client::offloaded_state(&cfg, &ee);
-    let expected: std::collections::BTreeMap<String, Vec<u32>> =
-        fedee_hss::server::quantize_state(&off)?
-            .into_iter()
-            .map(|(n, q)| (n, q.frac_bits))
-            .collect();
+    let maps = fedee_hss::server::quantize_state(&off)?;
+    let expected = fedee_hss::client::weight_frac_bits(&maps);
     let remote = fedee_hss::service::Remote::connect(urls, tls, &off, &expected).await?;
     let n = inputs.len();
     let k = keyed.arch.num_classes();
@@ -283,7 +280,7 @@ pub async fn predict_hss(
     let spec = keyed.key_spec.clone();
     let keys = keyed.keys.clone();
     let (logits, traffic) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut client = fedee_hss::client::HssClient::new(remote, &off)?;
+        let mut client = fedee_hss::client::HssClient::with_maps(remote, maps);
         let ee_checked = cfg.check_state(&ee)?;
         let mut out = Vec::new();
         for (b, x) in batches.iter().zip(&encrypted) {

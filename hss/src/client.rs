@@ -92,23 +92,31 @@ impl<S: Servers> HssClient<S> {
     /// # Errors
     /// As [`quantize_state`].
     pub fn new(servers: S, offloaded: &StateDict) -> Result<Self> {
-        Ok(Self {
+        Ok(Self::with_maps(servers, quantize_state(offloaded)?))
+    }
+
+    /// A client for maps already quantized with [`quantize_state`].
+    pub fn with_maps(servers: S, maps: BTreeMap<String, QuantLinear>) -> Self {
+        Self {
             servers,
-            maps: quantize_state(offloaded)?,
+            maps,
             sharer: Sharer::new(),
             frac_bits: DEFAULT_FRAC_BITS,
             added_rtt: Duration::ZERO,
             traffic: Traffic::default(),
-        })
+        }
+    }
+
+    /// Draw share seeds from `sharer` instead of a fresh OS-seeded one.
+    pub fn with_sharer(mut self, sharer: Sharer) -> Self {
+        self.sharer = sharer;
+        self
     }
 
     /// Each map's per-row weight scale, as the client quantized it: must equal the servers'
     /// [`HssModel::weight_frac_bits`], or they hold another model.
     pub fn weight_frac_bits(&self) -> BTreeMap<String, Vec<u32>> {
-        self.maps
-            .iter()
-            .map(|(n, q)| (n.clone(), q.frac_bits.clone()))
-            .collect()
+        weight_frac_bits(&self.maps)
     }
 
     /// The transport (e.g. to read the servers' recorded views).
@@ -204,6 +212,13 @@ impl<S: Servers> HssClient<S> {
         }
         Ok(out)
     }
+}
+
+/// Each map's per-row weight scale exponents, by name: what client and servers compare.
+pub fn weight_frac_bits(maps: &BTreeMap<String, QuantLinear>) -> BTreeMap<String, Vec<u32>> {
+    maps.iter()
+        .map(|(n, q)| (n.clone(), q.frac_bits.clone()))
+        .collect()
 }
 
 /// The encoder linear maps of a BERT classifier that HSS-EE offloads, by prefix.

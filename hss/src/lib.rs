@@ -26,6 +26,7 @@
 //! rests on the shares, not on the EE keys (the servers still hold an EE model, so the weights
 //! stay as protected as under plain EE).
 
+pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod ring;

@@ -206,10 +206,8 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
     )?;
     let ee = transform_state(&spec, &keys, &plain)?;
     let off = offloaded_state(&cfg, &ee);
-    let expected = fedee_hss::server::quantize_state(&off)?
-        .into_iter()
-        .map(|(n, q)| (n, q.frac_bits))
-        .collect();
+    let maps = fedee_hss::server::quantize_state(&off)?;
+    let expected = fedee_hss::client::weight_frac_bits(&maps);
 
     let work = tempfile::tempdir()?;
     let dir = work.path();
@@ -283,7 +281,7 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
         .await?;
         anyhow::Ok((tc, job, remote))
     })?;
-    let mut client = HssClient::new(remote, &off)?;
+    let mut client = HssClient::with_maps(remote, maps);
     let ee_checked = cfg.check_state(&ee)?;
     let plain_checked = cfg.check_state(&plain)?;
     let plain_ee = |tc: &mut fedee_trainer::TrainerClient,

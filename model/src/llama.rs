@@ -613,29 +613,19 @@ pub fn greedy_with<E: From<ModelError>>(
 ) -> Result<(Vec<i64>, Vec<Tensor>), E> {
     let embd = s.get("token_embd.weight");
     let mut cache = KvCache::new(c, 1, ids.len() + max_new, embd.kind(), embd.device());
-    let mut logits = forward_with(
-        c,
-        s,
-        &Tensor::from_slice(ids).unsqueeze(0),
-        &mut cache,
-        &mut linear,
-    )?;
     let (mut out, mut steps) = (Vec::new(), Vec::new());
-    for _ in 0..max_new {
+    // The prompt first, then each token as it is chosen.
+    let mut input = Tensor::from_slice(ids).unsqueeze(0);
+    while out.len() < max_new {
+        let logits = forward_with(c, s, &input, &mut cache, &mut linear)?;
         let last = logits.get(0).get(-1);
         let next = last.argmax(0, false).int64_value(&[]);
         steps.push(last);
         out.push(next);
-        if Some(next) == stop || out.len() == max_new {
+        if Some(next) == stop {
             break;
         }
-        logits = forward_with(
-            c,
-            s,
-            &Tensor::from_slice(&[next]).unsqueeze(0),
-            &mut cache,
-            &mut linear,
-        )?;
+        input = Tensor::from_slice(&[next]).unsqueeze(0);
     }
     Ok((out, steps))
 }
