@@ -21,13 +21,17 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: demo test build data venv clean fuzz bench attacks
+.PHONY: demo test build data venv clean fuzz bench attacks browser
 
 demo: build data
 	./target/release/fedee demo --data $(HEART) --report demo-report.json
 
-test: $(TORCH_STAMP) $(OPENAI_STAMP) data
+test: $(TORCH_STAMP) $(OPENAI_STAMP) data browser
 	cargo test --release --workspace
+
+# Chromium and ChromeDriver for the dashboard's browser test (installed when missing).
+browser:
+	scripts/browser.sh
 
 # Longer fuzzing of chunk reassembly, update validation and what a site receives (make test
 # runs 20 000 cases each).

@@ -114,6 +114,22 @@ enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// A bearer token for the aggregator's dashboard (`fedee aggregator --dashboard-listen
+    /// ADDR --dashboard-token-hash FILE`): prints a fresh random token once on stdout and
+    /// writes only its SHA-256 to FILE (mode 0600). Sign in with it in the browser, or send
+    /// `Authorization: Bearer TOKEN` to /api/.
+    DashboardToken {
+        /// Where the token's SHA-256 goes.
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "pki/dashboard-token.sha256"
+        )]
+        out: PathBuf,
+        /// Replace an existing hash file (the old token stops working).
+        #[arg(long)]
+        force: bool,
+    },
     /// Issue a certificate signed by the CA: DIR/NAME.pem and DIR/NAME.key (mode 0600), with
     /// the role in its subject OU. Exactly one of --site, --aggregator, --trainer, --client,
     /// --operator. Clients check the role of the service they reach: a site talks only to an
@@ -391,6 +407,16 @@ async fn main() -> Result<()> {
             fedee_client::cli::download_model(link, &model, &out).await
         }
         Command::Ee(cmd) => ee(cmd),
+        Command::Certs(CertsCommand::DashboardToken { out, force }) => {
+            let token = fedee_aggregator::dashboard::new_token(&out, force)?;
+            println!("{token}");
+            eprintln!(
+                "dashboard token printed above (shown once; only its SHA-256 is kept, in {}): start the aggregator with --dashboard-token-hash {}",
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
         Command::Certs(CertsCommand::Init {
             dir,
             name,

@@ -50,6 +50,18 @@ pub struct AggregatorArgs {
     /// free port, printed at start). Off unless given.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the operator's dashboard at ADDR: live rounds, sites, metrics, privacy and
+    /// updates, read-only, with a JSON twin of every page under /api/. HTTPS with the
+    /// aggregator's certificate when it runs with TLS (an operator certificate or the token
+    /// signs in; site certificates are refused), plain HTTP on --insecure (token only). Off
+    /// unless given; the flag alone serves on 127.0.0.1:8443.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8443")]
+    pub dashboard_listen: Option<SocketAddr>,
+    /// File holding the SHA-256 of the dashboard's bearer token: `fedee certs
+    /// dashboard-token --out FILE` makes one and prints the token once (the token itself is
+    /// never stored). Without it only operator certificates open the dashboard.
+    #[arg(long, value_name = "FILE", requires = "dashboard_listen")]
+    pub dashboard_token_hash: Option<PathBuf>,
     /// Initial global model (safetensors, from `fedee init-model`); needed on a new database.
     #[arg(long)]
     pub initial_model: Option<PathBuf>,
@@ -212,6 +224,17 @@ pub async fn run(a: AggregatorArgs) -> Result<()> {
         max_epsilon: a.max_epsilon,
         max_num_examples: a.max_num_examples,
         secure_aggregation: None,
+        dashboard: match a.dashboard_listen {
+            Some(listen) => Some(crate::DashboardConfig {
+                listen,
+                token_sha256: a
+                    .dashboard_token_hash
+                    .as_deref()
+                    .map(crate::dashboard::read_token_hash)
+                    .transpose()?,
+            }),
+            None => None,
+        },
     };
     let config = match spec {
         Some(s) => config.with_spec(s)?,

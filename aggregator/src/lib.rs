@@ -12,6 +12,7 @@
 
 pub mod blobs;
 pub mod cli;
+pub mod dashboard;
 pub mod metrics;
 mod round;
 pub mod running_mean;
@@ -160,6 +161,17 @@ pub struct Config {
     /// `fedee-secagg` protocol and the aggregator sees only the sum of the updates. `None`:
     /// updates arrive in the clear.
     pub secure_aggregation: Option<fedee_spec::SecureAggregation>,
+    /// Serve the operator's dashboard ([`dashboard`]); `None` disables it.
+    pub dashboard: Option<DashboardConfig>,
+}
+
+/// Where and for whom the dashboard is served.
+#[derive(Debug, Clone)]
+pub struct DashboardConfig {
+    /// Address to listen on (HTTPS when the aggregator has TLS).
+    pub listen: SocketAddr,
+    /// SHA-256 of the bearer token it accepts; `None`: operator certificates only.
+    pub token_sha256: Option<[u8; 32]>,
 }
 
 /// The largest ε a federation may plan unless the coordinator raises the limit.
@@ -205,6 +217,7 @@ impl Default for Config {
             max_epsilon: DEFAULT_MAX_EPSILON,
             max_num_examples: fedee_spec::DEFAULT_MAX_NUM_EXAMPLES,
             secure_aggregation: None,
+            dashboard: None,
         }
     }
 }
@@ -489,8 +502,52 @@ pub async fn run(
         })?),
         None => None,
     };
+    let dashboard = match &config.dashboard {
+        Some(d) => {
+            if d.token_sha256.is_none() && config.tls.is_none() {
+                return Err(AggregatorError::Config(
+                    "the dashboard needs a token (--dashboard-token-hash) without TLS: there are no operator certificates to check".into(),
+                ));
+            }
+            let https = config
+                .tls
+                .as_ref()
+                .map(|t| t.https_server_config())
+                .transpose()
+                .map_err(|e| AggregatorError::Config(format!("dashboard TLS: {e}")))?;
+            let listener = TcpListener::bind(d.listen).await.map_err(|e| {
+                AggregatorError::Config(format!(
+                    "cannot bind the dashboard address {}: {e}",
+                    d.listen
+                ))
+            })?;
+            Some((
+                listener,
+                https,
+                d.token_sha256,
+                dashboard::data::Info::of(&config)?,
+            ))
+        }
+        None => None,
+    };
     let metrics = metrics::Metrics::new();
     let svc = Federation::start(config, metrics.clone()).await?;
+    if let Some((l, https, token, info)) = dashboard {
+        let addr = l
+            .local_addr()
+            .map_err(|e| AggregatorError::Config(e.to_string()))?;
+        let scheme = if https.is_some() { "https" } else { "http" };
+        tracing::info!(url = %format!("{scheme}://{addr}/"), "serving the dashboard");
+        fedee_proto::cli::notice(false, &format!("dashboard at {scheme}://{addr}/"));
+        let d =
+            dashboard::Dashboard::new(svc.store(), metrics.clone(), info, token, https.is_some());
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = dashboard::serve(d, l, https, token).await {
+                tracing::error!(error = %e, "dashboard stopped");
+            }
+        });
+    }
     if let Some(l) = metrics_listener {
         let addr = l
             .local_addr()

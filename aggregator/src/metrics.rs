@@ -98,7 +98,27 @@ pub struct Metrics {
     site_metrics: Family<SiteMetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     secagg_sites: Family<Outcome, Counter>,
     secagg_refused: Counter,
+    events: tokio::sync::broadcast::Sender<Event>,
+    seq: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Something the aggregator did, published after it is recorded, for live views (the
+/// dashboard's server-sent events). Slow subscribers miss events, never slow the federation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Event {
+    /// Sequence number, from 1 in each process.
+    pub seq: u64,
+    /// `round_opened`, `round_closed`, `round_failed`, `update_accepted`, `update_rejected`,
+    /// `sites_changed`, `site_metric` or `secure_aggregation`.
+    pub kind: &'static str,
+    /// The round it concerns, where it has one.
+    pub round: Option<u32>,
+    /// When it was published (Unix milliseconds).
+    pub at_ms: i64,
+}
+
+/// Events kept for a subscriber that falls behind (it then skips to the newest).
+const EVENT_BUFFER: usize = 256;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -123,6 +143,8 @@ impl Metrics {
             site_metrics: Family::default(),
             secagg_sites: Family::default(),
             secagg_refused: Counter::default(),
+            events: tokio::sync::broadcast::channel(EVENT_BUFFER).0,
+            seq: Arc::default(),
         };
         r.register("rounds", "Rounds ended, by outcome", m.rounds.clone());
         r.register(
@@ -172,7 +194,24 @@ impl Metrics {
         }
     }
 
+    /// Live events from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn publish(&self, kind: &'static str, round: Option<u32>) {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        // No subscriber is not an error.
+        let _ = self.events.send(Event {
+            seq,
+            kind,
+            round,
+            at_ms: crate::store::now_ms(),
+        });
+    }
+
     pub(crate) fn secagg_unmasked(&self, alive: usize, dropped: usize) {
+        self.publish("secure_aggregation", None);
         for (outcome, n) in [("alive", alive), ("dropped", dropped)] {
             self.secagg_sites
                 .get_or_create(&Outcome { outcome })
@@ -190,25 +229,37 @@ impl Metrics {
             metric,
         };
         self.site_metrics.get_or_create(&labels).set(value);
+        self.publish("site_metric", None);
     }
 
     pub(crate) fn round_ended(&self, failed: bool, seconds: f64) {
         let outcome = if failed { "failed" } else { "closed" };
         self.rounds.get_or_create(&Outcome { outcome }).inc();
         self.round_duration.observe(seconds.max(0.0));
+        self.publish(
+            if failed {
+                "round_failed"
+            } else {
+                "round_closed"
+            },
+            None,
+        );
     }
 
     pub(crate) fn set_round(&self, round: u32) {
         self.current_round.set(i64::from(round));
+        self.publish("round_opened", Some(round));
     }
 
     pub(crate) fn set_sites(&self, n: usize) {
         self.sites_joined.set(n as i64);
+        self.publish("sites_changed", None);
     }
 
     pub(crate) fn accepted(&self, bytes: usize) {
         self.accepted.inc();
         self.bytes.inc_by(bytes as u64);
+        self.publish("update_accepted", None);
     }
 
     pub(crate) fn rejected(&self, reason: Reject) {
@@ -217,6 +268,7 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
+        self.publish("update_rejected", None);
     }
 
     /// The OpenMetrics text exposition.

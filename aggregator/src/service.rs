@@ -304,6 +304,11 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Federation {
+    /// The aggregator's database (for read-only views such as the dashboard).
+    pub fn store(&self) -> Store {
+        self.store.clone()
+    }
+
     /// Open (or resume) the federation in the configured database and blob store.
     ///
     /// # Errors
@@ -545,14 +550,15 @@ impl Federation {
         (reason, status): Refusal,
     ) -> Status {
         tracing::warn!(?round, site, reason = reason.as_str(), message = status.message(), code = ?status.code(), "update rejected");
-        self.metrics.rejected(reason);
         if let Err(e) = self
             .store
-            .insert_rejection(round, site, status.message())
+            .insert_rejection(round, site, reason.as_str(), status.message())
             .await
         {
             tracing::error!(error = %e, "could not record rejection");
         }
+        // After the record, so a live view that re-reads the database sees it.
+        self.metrics.rejected(reason);
         status
     }
 

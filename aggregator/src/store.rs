@@ -121,6 +121,41 @@ pub struct RoundRow {
     pub rho: Option<f64>,
     /// Cumulative ε after the round closed.
     pub epsilon: Option<f64>,
+    /// When the round opened (Unix seconds).
+    pub opened_at: i64,
+    /// When it closed or failed (Unix seconds).
+    pub closed_at: Option<i64>,
+    /// Its deadline (Unix milliseconds), once set.
+    pub deadline_ms: Option<i64>,
+}
+
+/// An accepted update's size and arrival, for the dashboard.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UpdateRow {
+    /// Round.
+    pub round: u32,
+    /// Site name.
+    pub site: String,
+    /// Bytes of the update as received.
+    pub size_bytes: u64,
+    /// When it was accepted (Unix seconds).
+    pub received_at: i64,
+}
+
+/// A rejected update, as the audit trail keeps it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RejectionRow {
+    /// The round it was meant for, when known.
+    pub round: Option<u32>,
+    /// The site, when known.
+    pub site: Option<String>,
+    /// The class (`identity`, `stale_round`, `layout`, ...); `None` for rows recorded before
+    /// classes were stored.
+    pub kind: Option<String>,
+    /// The error sent to the site.
+    pub reason: String,
+    /// When (Unix seconds).
+    pub at: i64,
 }
 
 /// The aggregator's database.
@@ -493,11 +528,13 @@ impl Store {
 
     /// All rounds, in order.
     pub async fn rounds(&self) -> Result<Vec<RoundRow>, AggregatorError> {
-        let rows =
-            sqlx::query("SELECT round, state, reason, rho, epsilon FROM rounds ORDER BY round")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db)?;
+        let rows = sqlx::query(
+            "SELECT round, state, reason, rho, epsilon, opened_at, closed_at, deadline_ms \
+             FROM rounds ORDER BY round",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
         rows.iter()
             .map(|r| {
                 Ok(RoundRow {
@@ -506,6 +543,9 @@ impl Store {
                     reason: r.try_get("reason").map_err(db)?,
                     rho: r.try_get("rho").map_err(db)?,
                     epsilon: r.try_get("epsilon").map_err(db)?,
+                    opened_at: r.try_get("opened_at").map_err(db)?,
+                    closed_at: r.try_get("closed_at").map_err(db)?,
+                    deadline_ms: r.try_get("deadline_ms").map_err(db)?,
                 })
             })
             .collect()
@@ -534,10 +574,19 @@ impl Store {
 
     /// Every ledger entry, by site then round.
     pub async fn ledger(&self) -> Result<Vec<LedgerRow>, AggregatorError> {
+        self.ledger_every(1).await
+    }
+
+    /// As [`Store::ledger`], thinned for charts: rounds `1, 1 + step, …` and each site's
+    /// latest.
+    pub async fn ledger_every(&self, step: u32) -> Result<Vec<LedgerRow>, AggregatorError> {
         let rows = sqlx::query(
-            "SELECT site, round, unit, mechanism, sampling_rate, noise_multiplier, steps, epsilon, delta \
-             FROM privacy_ledger ORDER BY site, round",
+            "SELECT p.site, p.round, p.unit, p.mechanism, p.sampling_rate, p.noise_multiplier, \
+             p.steps, p.epsilon, p.delta FROM privacy_ledger p \
+             JOIN (SELECT site, MAX(round) AS last FROM privacy_ledger GROUP BY site) l ON l.site = p.site \
+             WHERE (p.round - 1) % $1 = 0 OR p.round = l.last ORDER BY p.site, p.round",
         )
+        .bind(i64::from(step.max(1)))
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
@@ -646,11 +695,22 @@ impl Store {
 
     /// All evaluations.
     pub async fn metrics(&self) -> Result<Vec<MetricRow>, AggregatorError> {
-        let rows = sqlx::query("SELECT model, site, test_accuracy, num_test_examples, balanced_accuracy, macro_f1, auroc, \
-             validation_accuracy, num_validation_examples FROM metrics ORDER BY model, site")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
+        self.metrics_every(1).await
+    }
+
+    /// As [`Store::metrics`], thinned for charts: models `1, 1 + step, 1 + 2·step, …` and each
+    /// site's latest.
+    pub async fn metrics_every(&self, step: u32) -> Result<Vec<MetricRow>, AggregatorError> {
+        let rows = sqlx::query(
+            "SELECT m.model, m.site, m.test_accuracy, m.num_test_examples, m.balanced_accuracy, \
+             m.macro_f1, m.auroc, m.validation_accuracy, m.num_validation_examples FROM metrics m \
+             JOIN (SELECT site, MAX(model) AS last FROM metrics GROUP BY site) l ON l.site = m.site \
+             WHERE (m.model - 1) % $1 = 0 OR m.model = l.last ORDER BY m.model, m.site",
+        )
+        .bind(i64::from(step.max(1)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
         rows.iter()
             .map(|r| {
                 Ok(MetricRow {
@@ -670,22 +730,131 @@ impl Store {
             .collect()
     }
 
-    /// Record a rejected update (audit trail).
+    /// Record a rejected update (audit trail) of class `kind`.
     pub async fn insert_rejection(
         &self,
         round: Option<u32>,
         site: Option<&str>,
+        kind: &str,
         reason: &str,
     ) -> Result<(), AggregatorError> {
-        sqlx::query("INSERT INTO rejections (round, site, reason, at) VALUES ($1, $2, $3, $4)")
-            .bind(round.map(i64::from))
-            .bind(site)
-            .bind(reason)
-            .bind(now())
-            .execute(&self.pool)
+        sqlx::query(
+            "INSERT INTO rejections (round, site, kind, reason, at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(round.map(i64::from))
+        .bind(site)
+        .bind(kind)
+        .bind(reason)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// The latest `limit` rejections, newest first.
+    pub async fn rejections(&self, limit: u32) -> Result<Vec<RejectionRow>, AggregatorError> {
+        let rows = sqlx::query(
+            "SELECT round, site, kind, reason, at FROM rejections ORDER BY id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(RejectionRow {
+                    round: r
+                        .try_get::<Option<i64>, _>("round")
+                        .map_err(db)?
+                        .map(|v| v as u32),
+                    site: r.try_get("site").map_err(db)?,
+                    kind: r.try_get("kind").map_err(db)?,
+                    reason: r.try_get("reason").map_err(db)?,
+                    at: r.try_get("at").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Rejections per class (`unclassified` for rows from before classes were stored).
+    pub async fn rejection_counts(&self) -> Result<Vec<(String, u64)>, AggregatorError> {
+        let rows = sqlx::query(
+            "SELECT COALESCE(kind, 'unclassified') AS kind, COUNT(*) AS n FROM rejections \
+             GROUP BY COALESCE(kind, 'unclassified') ORDER BY kind",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("kind").map_err(db)?,
+                    r.try_get::<i64, _>("n").map_err(db)? as u64,
+                ))
+            })
+            .collect()
+    }
+
+    /// Accepted updates' sizes and arrivals from round `from_round` on, by round then site.
+    pub async fn update_rows(&self, from_round: u32) -> Result<Vec<UpdateRow>, AggregatorError> {
+        let rows = sqlx::query(
+            "SELECT round, site, size_bytes, received_at FROM updates WHERE round >= $1 \
+             ORDER BY round, site",
+        )
+        .bind(i64::from(from_round))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(UpdateRow {
+                    round: r.try_get::<i64, _>("round").map_err(db)? as u32,
+                    site: r.try_get("site").map_err(db)?,
+                    size_bytes: r.try_get::<i64, _>("size_bytes").map_err(db)? as u64,
+                    received_at: r.try_get("received_at").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Per round: updates accepted and their bytes.
+    pub async fn update_totals(
+        &self,
+    ) -> Result<std::collections::BTreeMap<u32, (u64, u64)>, AggregatorError> {
+        let rows = sqlx::query(
+            "SELECT round, COUNT(*) AS n, CAST(SUM(size_bytes) AS BIGINT) AS bytes FROM updates GROUP BY round",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>("round").map_err(db)? as u32,
+                    (
+                        r.try_get::<i64, _>("n").map_err(db)? as u64,
+                        r.try_get::<i64, _>("bytes").map_err(db)? as u64,
+                    ),
+                ))
+            })
+            .collect()
+    }
+
+    /// Joined sites and when they joined (Unix seconds), by name.
+    pub async fn sites_joined(&self) -> Result<Vec<(String, i64)>, AggregatorError> {
+        let rows = sqlx::query("SELECT name, joined_at FROM sites ORDER BY name")
+            .fetch_all(&self.pool)
             .await
             .map_err(db)?;
-        Ok(())
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("name").map_err(db)?,
+                    r.try_get("joined_at").map_err(db)?,
+                ))
+            })
+            .collect()
     }
 
     /// Number of rejections recorded.

@@ -74,6 +74,7 @@ async fn start_with(
         max_epsilon: f64::INFINITY,
         max_num_examples: 1_000,
         secure_aggregation: None,
+        dashboard: None,
     };
     edit(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -12,7 +12,7 @@ use fedee_model::llama::{self, LlamaConfig};
 use fedee_model::{BertClassifierConfig, Checked, StateDict, bert};
 use tch::{Kind, Tensor};
 
-use crate::ring::{QuantLinear, decode, encode};
+use crate::ring::{QuantLinear, decode};
 use crate::server::{HssModel, LinearRequest, Share, quantize_state};
 use crate::share::Sharer;
 use crate::{HssError, Result};
@@ -145,9 +145,13 @@ impl<S: Servers> HssClient<S> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let xs = Vec::<f32>::try_from(x.to_kind(Kind::Float).contiguous().view([-1]))?;
-        let rows = xs.len() / cols.max(1);
-        let max_abs = xs.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+        // Encoding and decoding run as libtorch ops (vectorized), not element by element.
+        let xd = x.to_kind(Kind::Double).contiguous().view([-1]);
+        if xd.numel() == 0 {
+            return Err(HssError::Invalid("an empty activation".into()));
+        }
+        let rows = xd.numel() / cols.max(1);
+        let max_abs = f64::try_from(xd.f_abs()?.f_max()?)?;
         if !max_abs.is_finite() {
             return Err(HssError::Range("a non-finite activation".into()));
         }
@@ -161,7 +165,13 @@ impl<S: Servers> HssClient<S> {
                     "activations up to {max_abs} overflow the ring even at scale 2^0"
                 ))
             })?;
-        let (seed, words) = self.sharer.share(&encode(&xs, f)?);
+        // x̃ = round(x·2^f): |x̃| < 2^61 by `safe_frac_bits`, so the i64 conversion is exact.
+        let encoded: Vec<u64> =
+            Vec::<i64>::try_from((xd * (f as f64).exp2()).round().to_kind(Kind::Int64))?
+                .into_iter()
+                .map(|v| v as u64)
+                .collect();
+        let (seed, words) = self.sharer.share(&encoded);
         self.traffic.round_trips += 1;
         self.traffic.bytes_up += 32 + 8 * words.len() as u64;
         let req = |share| LinearRequest {
@@ -197,18 +207,18 @@ impl<S: Servers> HssClient<S> {
             self.traffic.bytes_down += 16 * (rows * q.out) as u64;
             // Decode at 2^(f + f_wⱼ) per output column.
             let inv: Vec<f64> = q.frac_bits.iter().map(|fw| decode(1, f + fw)).collect();
-            let mut y = Vec::with_capacity(a.len());
-            for (ra, rb) in a.chunks_exact(q.out).zip(b.chunks_exact(q.out)) {
-                y.extend(
-                    ra.iter()
-                        .zip(rb)
-                        .zip(&inv)
-                        .map(|((a, b), s)| a.wrapping_add(*b) as i64 as f64 * s),
-                );
-            }
+            let y: Vec<i64> = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| a.wrapping_add(*b) as i64)
+                .collect();
+            let y = Tensor::from_slice(&y)
+                .to_kind(Kind::Double)
+                .view([rows as i64, q.out as i64])
+                * Tensor::from_slice(&inv);
             let mut shape = size.clone();
             *shape.last_mut().expect("checked non-empty") = q.out as i64;
-            out.push(Tensor::from_slice(&y).view(&shape[..]).to_kind(x.kind()));
+            out.push(y.view(&shape[..]).to_kind(x.kind()));
         }
         Ok(out)
     }

@@ -221,6 +221,23 @@ pub enum BenchCommand {
     /// CPU time per party, bytes, round trips, and latency with a simulated delay added to
     /// each round trip. Goals: HSS-EE within 6× of plain EE on loopback; bytes within 10 % of
     /// the protocol's arithmetic.
+    /// The operator dashboard's render time on a long history: every page and its JSON twin
+    /// with --sites sites × --rounds rounds of updates, metrics and privacy entries (SQLite),
+    /// through the dashboard's router in process. Goal: p95 page render ≤ 200 ms.
+    Dashboard {
+        /// Sites in the history.
+        #[arg(long, default_value_t = 100)]
+        sites: usize,
+        /// Rounds in the history.
+        #[arg(long, default_value_t = 1000)]
+        rounds: u32,
+        /// Timed requests per page after one warm-up.
+        #[arg(long, default_value_t = 40)]
+        reps: usize,
+        /// Also write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     Hss {
         /// MiniLM checkpoint directory (`make data` fetches it).
         #[arg(long, default_value = "data/cache/minilm")]
@@ -532,6 +549,20 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             });
             let python = (!no_transformers).then_some(python.as_path());
             let doc = crate::bench_lm::lm(&gguf, threads, decode, python, device)?;
+            write_json(json.as_ref(), &with_machine(doc))
+        }
+        BenchCommand::Dashboard {
+            sites,
+            rounds,
+            reps,
+            json,
+        } => {
+            // Its own thread: the bench runs its own runtime.
+            let doc = std::thread::scope(|s| {
+                s.spawn(|| crate::bench_dashboard::bench(sites, rounds, reps.max(1)))
+                    .join()
+            })
+            .map_err(|_| anyhow::anyhow!("the dashboard bench panicked"))??;
             write_json(json.as_ref(), &with_machine(doc))
         }
         BenchCommand::Hss {

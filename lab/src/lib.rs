@@ -17,6 +17,7 @@ pub mod attack;
 pub mod attack_lm;
 pub mod bench;
 mod bench_aggregate;
+mod bench_dashboard;
 mod bench_ee;
 mod bench_hss;
 mod bench_lm;

@@ -346,6 +346,48 @@ impl TlsFiles {
     }
 }
 
+impl TlsFiles {
+    /// Server side for HTTPS (the aggregator's dashboard): present our certificate; verify a
+    /// client certificate against the CA when one is offered, but do not require one
+    /// (browsers sign in with a token instead; the handler checks the role); HTTP/1.1.
+    ///
+    /// # Errors
+    /// Unreadable or unusable PEM files.
+    pub fn https_server_config(&self) -> Result<rustls::ServerConfig, PkiError> {
+        let pem = |path: &Path, problem: &str| PkiError::Pem {
+            path: path.display().to_string(),
+            problem: problem.to_owned(),
+        };
+        let (ca, cert, key) = self.read()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            let c = c.map_err(|_| pem(&self.ca, "not a PEM certificate"))?;
+            roots
+                .add(c)
+                .map_err(|_| pem(&self.ca, "not a usable CA certificate"))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| pem(&self.ca, &e.to_string()))?;
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| pem(&self.cert, "not a PEM certificate"))?;
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+            .map_err(|_| pem(&self.key, "not a PEM private key"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
 /// WebPKI verification for the host dialled, then the server certificate's role.
 #[derive(Debug)]
 struct RoleVerifier {
