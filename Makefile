@@ -53,6 +53,7 @@ bench: build data $(FLWR_STAMP) $(TRANSFORMERS_STAMP)
 	./target/release/fedee bench lm --json $(BENCH_OUT)/lm.json
 	./target/release/fedee bench secagg --json $(BENCH_OUT)/secagg.json
 	./target/release/fedee bench hss --json $(BENCH_OUT)/hss.json
+	./target/release/fedee bench dashboard --json $(BENCH_OUT)/dashboard.json
 
 # The attack suite (SECURITY.md): each attack prints a table; JSON lands in target/attacks/.
 REFERENCE := data/cache/reference/lee_background.cor

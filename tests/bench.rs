@@ -18,6 +18,7 @@ fn aggregate_bench_runs_a_real_round_and_reports_figures() {
             "--params",
             "20K",
             "--no-flower",
+            "--dashboard",
         ])
         .arg("--work-dir")
         .arg(dir.path().join("work"))
@@ -45,6 +46,18 @@ fn aggregate_bench_runs_a_real_round_and_reports_figures() {
         assert!(v > 0.0 && v.is_finite(), "{k} = {v}");
     }
     assert!(row["peak_rss_mb"].as_f64() >= row["idle_rss_mb"].as_f64());
+    // The same cell again with the dashboard open: its client fetched a page per event (at
+    // least each accepted update and the close).
+    let open = &doc["rows"][1];
+    assert_eq!(
+        (
+            row["dashboard_open"].as_bool(),
+            open["dashboard_open"].as_bool()
+        ),
+        (Some(false), Some(true))
+    );
+    assert!(open["dashboard_fetches"].as_u64().unwrap() >= 3, "{open}");
+    assert!(open["round_seconds"].as_f64().unwrap() > 0.0);
     assert!(doc["machine"]["logical_cpus"].as_u64().unwrap() >= 1);
     // The work folder is removed after each cell.
     assert_eq!(
@@ -254,4 +267,40 @@ fn hss_bench_compares_the_three_ways_and_counts_the_bytes() {
         "{bytes} bytes on the wire vs {arithmetic}"
     );
     assert_eq!(hss["latency_rtt_s"].as_array().unwrap().len(), 1);
+}
+
+/// `fedee bench dashboard` stays runnable on a small history: every page and JSON twin
+/// answers, with percentiles in order and the pages' sizes.
+#[test]
+fn dashboard_bench_renders_every_page_of_a_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("dashboard.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedee"))
+        .args([
+            "bench",
+            "dashboard",
+            "--sites",
+            "4",
+            "--rounds",
+            "700",
+            "--reps",
+            "3",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = doc["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 9);
+    for r in rows {
+        let (p50, p95) = (r["p50_s"].as_f64().unwrap(), r["p95_s"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p50 <= p95, "{r}");
+        assert!(r["bytes"].as_u64().unwrap() > 500, "{r}");
+    }
 }

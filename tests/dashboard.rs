@@ -323,6 +323,100 @@ async fn handlers_on_postgres() {
     }
 }
 
+/// A long history is charted from at most about 300 points per series: every
+/// `⌈rounds / 300⌉`-th round and each site's latest (a site that left early keeps its last
+/// point), and the weighted line only where every site's point was read.
+#[tokio::test]
+async fn long_histories_are_charted_thinned_with_each_sites_latest_point() {
+    use fedee_aggregator::store::LedgerRow;
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    store.init("m").await.unwrap();
+    let rounds = 700u32;
+    for r in 1..=rounds {
+        for (site, last) in [("a", rounds), ("b", 333)] {
+            if r > last {
+                continue;
+            }
+            store
+                .insert_metric(&MetricRow {
+                    model: r + 1,
+                    site: site.into(),
+                    test_accuracy: f64::from(r) / 1000.0,
+                    num_test_examples: 10,
+                    balanced_accuracy: None,
+                    macro_f1: None,
+                    auroc: None,
+                    validation_accuracy: None,
+                    num_validation_examples: 0,
+                })
+                .await
+                .unwrap();
+            store
+                .insert_ledger(&LedgerRow {
+                    site: site.into(),
+                    round: r,
+                    unit: "patient record".into(),
+                    mechanism: "m".into(),
+                    sampling_rate: 0.1,
+                    noise_multiplier: 1.0,
+                    steps: 1,
+                    epsilon: f64::from(r) / 100.0,
+                    delta: 1e-5,
+                })
+                .await
+                .unwrap();
+        }
+        store
+            .end_round(&RoundEnd {
+                round: r,
+                state: "closed",
+                reason: None,
+                rho: 0.0,
+                epsilon: 1.0,
+                next_sha256: "m",
+                server_state_sha256: None,
+                open_next_with_deadline_ms: (r < rounds).then_some(0),
+            })
+            .await
+            .unwrap();
+    }
+    let a = dashboard::data::accuracy(&store).await.unwrap();
+    let chart = &a.charts[0];
+    let step = 701u32.div_ceil(dashboard::data::MAX_POINTS);
+    for s in &chart.sites {
+        assert!(s.points.len() <= 302, "{} points", s.points.len());
+        assert!(
+            s.points
+                .iter()
+                .all(|p| p.0 % step == 0 || p == s.points.last().unwrap())
+        );
+    }
+    let b = chart.sites.iter().find(|s| s.name == "b").unwrap();
+    assert_eq!(b.points.last().unwrap(), &(333, 0.333), "b's latest point");
+    let a_last = chart
+        .sites
+        .iter()
+        .find(|s| s.name == "a")
+        .unwrap()
+        .points
+        .last()
+        .unwrap()
+        .0;
+    assert_eq!(a_last, rounds);
+    // The weighted line has no point where only b's off-grid latest was read.
+    assert!(
+        chart
+            .weighted
+            .points
+            .iter()
+            .all(|p| p.0 != 333 || 333 % step == 0)
+    );
+    let p = dashboard::data::privacy(&store, &info()).await.unwrap();
+    let b = p.sites.iter().find(|s| s.name == "b").unwrap();
+    assert_eq!(b.points.last().unwrap(), &(333, 3.33));
+    assert!(p.sites.iter().all(|s| s.points.len() <= 302));
+}
+
 /// `GET path` over HTTPS with `cert`'s client certificate (or none): the status code.
 async fn https_status(
     addr: std::net::SocketAddr,

@@ -163,6 +163,11 @@ pub enum BenchCommand {
         /// Skip the Flower side.
         #[arg(long)]
         no_flower: bool,
+        /// Run each cell again with the aggregator's dashboard open: an HTTPS client that
+        /// follows its server-sent events and fetches the overview on each, as a browser
+        /// does (column `dashboard`; compare `round s`).
+        #[arg(long)]
+        dashboard: bool,
         /// Skip Flower where it would need more memory than this (MB) [default: 70 % of
         /// MemAvailable].
         #[arg(long)]
@@ -491,6 +496,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             work_dir,
             python,
             no_flower,
+            dashboard,
             flower_max_mb,
             json,
         } => {
@@ -512,6 +518,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                         &direct_io,
                         &work_dir,
                         flower,
+                        dashboard,
                     )
                 })
                 .join()

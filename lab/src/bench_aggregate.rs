@@ -138,8 +138,17 @@ fn start_aggregator(
     sites: &[String],
     uploads: usize,
     direct_io: &str,
+    dashboard: Option<&Path>,
 ) -> Result<Running> {
     let (mut cmd, binary) = aggregator_command()?;
+    if let Some(hash) = dashboard {
+        cmd.args([
+            "--dashboard-listen",
+            "127.0.0.1:0",
+            "--dashboard-token-hash",
+        ])
+        .arg(hash);
+    }
     cmd.args(["--listen", "127.0.0.1:0", "--database-url"])
         .arg(format!(
             "sqlite://{}?mode=rwc",
@@ -208,6 +217,11 @@ async fn connect(addr: &str, pki: &Path, site: &str) -> Result<FederationClient<
 /// One cell's figures: a row of the table and of the JSON document (units in the names).
 #[derive(serde::Serialize)]
 struct Cell {
+    /// Whether a dashboard page was open (fetched again on every event) during the round.
+    dashboard_open: bool,
+    /// Pages the open dashboard fetched, and the slowest fetch.
+    dashboard_fetches: Option<u32>,
+    dashboard_fetch_max_seconds: Option<f64>,
     sites: usize,
     parameters: usize,
     model_mb: f64,
@@ -242,15 +256,29 @@ struct Cell {
     flower_over_fedee_peak_rss_ratio: Option<f64>,
 }
 
+/// How a cell runs: the aggregator's upload slots and direct-I/O setting, Flower beside it,
+/// and whether a dashboard page is open.
+#[derive(Clone, Copy)]
+struct CellOptions<'a> {
+    uploads: usize,
+    direct_io: &'a str,
+    flower: Option<&'a FlowerSide>,
+    dashboard: bool,
+}
+
 fn run_cell(
     rt: &tokio::runtime::Runtime,
     work_root: &Path,
     sites: usize,
     params: usize,
-    uploads: usize,
-    direct_io: &str,
-    flower: Option<&FlowerSide>,
+    o: &CellOptions<'_>,
 ) -> Result<Cell> {
+    let CellOptions {
+        uploads,
+        direct_io,
+        flower,
+        dashboard,
+    } = *o;
     let work = tempfile::Builder::new()
         .prefix("fedee-bench-aggregate-")
         .tempdir_in(work_root)
@@ -283,7 +311,35 @@ fn run_cell(
     // Chunks are zero-copy slices of this one buffer (only each site's last chunk is copied).
     let template = fedee_proto::Bytes::from(template);
 
-    let mut agg = start_aggregator(work.path(), &pki, &names, uploads, direct_io)?;
+    // With an open dashboard: the page a browser keeps, fetched again on every event.
+    let token = if dashboard {
+        let hash = work.path().join("dashboard-token.sha256");
+        Some((fedee_aggregator::dashboard::new_token(&hash, false)?, hash))
+    } else {
+        None
+    };
+    let mut agg = start_aggregator(
+        work.path(),
+        &pki,
+        &names,
+        uploads,
+        direct_io,
+        token.as_ref().map(|t| t.1.as_path()),
+    )?;
+    let watch_at = match &token {
+        Some(_) => {
+            agg.wait_for("dashboard at https://", Duration::from_secs(20))?;
+            let log = agg.log.lock().expect("log").clone();
+            Some(
+                log.split("dashboard at https://")
+                    .nth(1)
+                    .and_then(|l| l.split('/').next())
+                    .context("no dashboard address in the aggregator's log")?
+                    .to_owned(),
+            )
+        }
+        None => None,
+    };
     let pid = agg.child.id();
     let rss_idle_mb = proc_mb(pid, "VmRSS:")?;
     eprintln!(
@@ -292,7 +348,7 @@ fn run_cell(
         model_bytes as f64 / 1e6
     );
     let addr = agg.addr.clone();
-    let (t0, _acks, status) = rt.block_on(async {
+    let (t0, _acks, poller, watcher, stop) = rt.block_on(async {
         let mut clients = Vec::new();
         for s in &names {
             let mut c = connect(&addr, &pki, s).await?;
@@ -321,6 +377,25 @@ fn run_cell(
             }
             Ok::<_, anyhow::Error>((worst, calls))
         });
+        let watcher = match (&watch_at, &token) {
+            (Some(at), Some((t, _))) => {
+                let (ready, subscribed) = tokio::sync::oneshot::channel();
+                let w = tokio::spawn(crate::bench_dashboard::watch(
+                    at.clone(),
+                    pki.join("ca.pem"),
+                    t.clone(),
+                    stop.subscribe(),
+                    ready,
+                ));
+                if subscribed.await.is_err() {
+                    // The watcher failed before subscribing: its error says why.
+                    w.await??;
+                    bail!("the dashboard watcher stopped before subscribing");
+                }
+                Some(w)
+            }
+            _ => None,
+        };
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for (i, mut c) in clients.into_iter().enumerate() {
@@ -362,13 +437,21 @@ fn run_cell(
         for t in tasks {
             acks.push(t.await??);
         }
-        // The round closes before the last acknowledgement.
-        stop.send(true)?;
-        let status = poller.await??;
-        Ok::<_, anyhow::Error>((t0, acks, status))
+        Ok::<_, anyhow::Error>((t0, acks, poller, watcher, stop))
     })?;
     agg.wait_for("round closed", Duration::from_secs(3600))?;
-    let total_s = t0.elapsed().as_secs_f64();
+    let round_end = Instant::now();
+    let (status, watched) = rt.block_on(async {
+        // Stop the pollers once the round has closed.
+        stop.send(true)?;
+        let status = poller.await??;
+        let watched = match watcher {
+            Some(w) => Some(w.await??),
+            None => None,
+        };
+        Ok::<_, anyhow::Error>((status, watched))
+    })?;
+    let total_s = round_end.duration_since(t0).as_secs_f64();
     let peak_rss_mb = proc_mb(pid, "VmHWM:")?;
     let field = |k: &str| {
         agg.log_field("round closed", k)
@@ -395,6 +478,9 @@ fn run_cell(
     let disk = disk_write_mb_per_s(work.path(), DISK_PROBE_BYTES)?;
     let ingest_mb_per_s = total_mb / (total_s - aggregate_s);
     let mut row = Cell {
+        dashboard_open: dashboard,
+        dashboard_fetches: watched.map(|w| w.0),
+        dashboard_fetch_max_seconds: watched.map(|w| w.1),
         sites,
         parameters: n_params,
         model_mb,
@@ -533,6 +619,7 @@ pub fn bench(
     direct_io: &str,
     work_root: &Path,
     flower: Option<FlowerSide>,
+    dashboard: bool,
 ) -> Result<serde_json::Value> {
     std::fs::create_dir_all(work_root)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -541,12 +628,29 @@ pub fn bench(
     let mut cells = Vec::new();
     for &p in params {
         for &s in sites {
-            let cell = run_cell(&rt, work_root, s, p, uploads, direct_io, flower.as_ref())?;
-            eprintln!(
-                "aggregate: {s} sites × {:.0} MB: {:.0} MB/s ingest, aggregated in {:.2} s, peak RSS {:.0} MB",
-                cell.model_mb, cell.ingest_mb_per_s, cell.aggregate_seconds, cell.peak_rss_mb
-            );
-            cells.push(cell);
+            for open in [false, true] {
+                if open && !dashboard {
+                    continue;
+                }
+                let flower = (!open).then_some(flower.as_ref()).flatten();
+                let o = CellOptions {
+                    uploads,
+                    direct_io,
+                    flower,
+                    dashboard: open,
+                };
+                let cell = run_cell(&rt, work_root, s, p, &o)?;
+                eprintln!(
+                    "aggregate: {s} sites × {:.0} MB{}: {:.0} MB/s ingest, round {:.2} s, aggregated in {:.2} s, peak RSS {:.0} MB",
+                    cell.model_mb,
+                    if open { " (dashboard open)" } else { "" },
+                    cell.ingest_mb_per_s,
+                    cell.round_seconds,
+                    cell.aggregate_seconds,
+                    cell.peak_rss_mb
+                );
+                cells.push(cell);
+            }
         }
     }
     {
@@ -555,6 +659,8 @@ pub fn bench(
             &[
                 col("sites", "sites", Text),
                 col("params", "parameters", Text),
+                col("dashboard", "dashboard_open", Text),
+                col("round s", "round_seconds", Fixed(2)),
                 col("model MB", "model_mb", Fixed(1)),
                 col("ingest MB/s", "ingest_mb_per_s", Fixed(0)),
                 col("round MB/s", "round_mb_per_s", Fixed(0)),

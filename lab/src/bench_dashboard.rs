@@ -219,3 +219,99 @@ pub fn bench(sites: usize, rounds: u32, reps: usize) -> Result<serde_json::Value
         }))
     })
 }
+
+/// A TLS connection to the dashboard at `addr` (trusting `ca`), with `GET path` sent with
+/// the bearer `token`.
+async fn https_get(
+    addr: &str,
+    ca: &std::path::Path,
+    token: &str,
+    path: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::AsyncWriteExt;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    Ok(tls)
+}
+
+/// An open dashboard page, as a browser keeps one: follow `/events` (signalling `ready` once
+/// subscribed) and fetch the overview's `<main>` again on every event, until `stop` changes. Returns the pages fetched and the
+/// slowest fetch in seconds.
+///
+/// # Errors
+/// Connection, TLS or HTTP failures (a fetch that does not answer 200).
+pub(crate) async fn watch(
+    addr: String,
+    ca: std::path::PathBuf,
+    token: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Result<(u32, f64)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let events = https_get(&addr, &ca, &token, "/events").await?;
+    let mut lines = tokio::io::BufReader::new(events).lines();
+    // Subscribed once the response has started (events are not replayed).
+    let status = lines.next_line().await?.unwrap_or_default();
+    anyhow::ensure!(
+        status.starts_with("HTTP/1.1 200"),
+        "the dashboard refused the event stream: {status}"
+    );
+    let _ = ready.send(());
+    let (mut fetches, mut worst) = (0u32, 0f64);
+    let mut stopping = false;
+    loop {
+        // After `stop`, the events already on their way are still shown (a page would).
+        let line = if stopping {
+            match tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await {
+                Ok(l) => l?,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                l = lines.next_line() => l?,
+                _ = stop.changed() => {
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let Some(line) = line else { break };
+        if line != "event: update" {
+            continue;
+        }
+        let t = Instant::now();
+        let mut page = https_get(&addr, &ca, &token, "/?fragment=main").await?;
+        let mut body = Vec::new();
+        page.read_to_end(&mut body).await?;
+        anyhow::ensure!(
+            body.starts_with(b"HTTP/1.1 200"),
+            "the dashboard answered {}",
+            String::from_utf8_lossy(&body[..body.len().min(40)])
+        );
+        worst = worst.max(t.elapsed().as_secs_f64());
+        fetches += 1;
+    }
+    Ok((fetches, worst))
+}

@@ -306,33 +306,18 @@ impl TlsFiles {
     /// # Errors
     /// Unreadable or unusable PEM files.
     pub fn client_config(&self, server: Role) -> Result<rustls::ClientConfig, PkiError> {
-        let pem = |path: &Path, problem: &str| PkiError::Pem {
-            path: path.display().to_string(),
-            problem: problem.to_owned(),
-        };
-        let (ca, cert, key) = self.read()?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            let c = c.map_err(|_| pem(&self.ca, "not a PEM certificate"))?;
-            roots
-                .add(c)
-                .map_err(|_| pem(&self.ca, "not a usable CA certificate"))?;
-        }
-        if roots.is_empty() {
-            return Err(pem(&self.ca, "holds no certificate"));
-        }
+        let Material {
+            roots,
+            chain,
+            key,
+            provider,
+        } = self.material()?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
             provider.clone(),
         )
         .build()
-        .map_err(|e| pem(&self.ca, &e.to_string()))?;
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| pem(&self.cert, "not a PEM certificate"))?;
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-            .map_err(|_| pem(&self.key, "not a PEM private key"))?;
+        .map_err(|e| self.pem_error(&self.ca, &e.to_string()))?;
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .dangerous()
@@ -346,7 +331,48 @@ impl TlsFiles {
     }
 }
 
+/// The CA roots, our chain and key, parsed, and the crypto provider.
+struct Material {
+    roots: rustls::RootCertStore,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
 impl TlsFiles {
+    fn pem_error(&self, path: &Path, problem: &str) -> PkiError {
+        PkiError::Pem {
+            path: path.display().to_string(),
+            problem: problem.to_owned(),
+        }
+    }
+
+    /// Read and parse the three files.
+    fn material(&self) -> Result<Material, PkiError> {
+        let (ca, cert, key) = self.read()?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            let c = c.map_err(|_| self.pem_error(&self.ca, "not a PEM certificate"))?;
+            roots
+                .add(c)
+                .map_err(|_| self.pem_error(&self.ca, "not a usable CA certificate"))?;
+        }
+        if roots.is_empty() {
+            return Err(self.pem_error(&self.ca, "holds no certificate"));
+        }
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| self.pem_error(&self.cert, "not a PEM certificate"))?;
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+            .map_err(|_| self.pem_error(&self.key, "not a PEM private key"))?;
+        Ok(Material {
+            roots,
+            chain,
+            key,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        })
+    }
+
     /// Server side for HTTPS (the aggregator's dashboard): present our certificate; verify a
     /// client certificate against the CA when one is offered, but do not require one
     /// (browsers sign in with a token instead; the handler checks the role); HTTP/1.1.
@@ -354,31 +380,19 @@ impl TlsFiles {
     /// # Errors
     /// Unreadable or unusable PEM files.
     pub fn https_server_config(&self) -> Result<rustls::ServerConfig, PkiError> {
-        let pem = |path: &Path, problem: &str| PkiError::Pem {
-            path: path.display().to_string(),
-            problem: problem.to_owned(),
-        };
-        let (ca, cert, key) = self.read()?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            let c = c.map_err(|_| pem(&self.ca, "not a PEM certificate"))?;
-            roots
-                .add(c)
-                .map_err(|_| pem(&self.ca, "not a usable CA certificate"))?;
-        }
+        let Material {
+            roots,
+            chain,
+            key,
+            provider,
+        } = self.material()?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             provider.clone(),
         )
         .allow_unauthenticated()
         .build()
-        .map_err(|e| pem(&self.ca, &e.to_string()))?;
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| pem(&self.cert, "not a PEM certificate"))?;
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-            .map_err(|_| pem(&self.key, "not a PEM private key"))?;
+        .map_err(|e| self.pem_error(&self.ca, &e.to_string()))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
