@@ -1,7 +1,10 @@
 """Drive `fedee chat-proxy` with the official `openai` Python client and print what came back
 as one JSON object (tests/chat_proxy.rs checks it against the plaintext model).
 
-Usage: python scripts/openai_chat_check.py BASE_URL MODEL PROMPT
+Usage: python scripts/openai_chat_check.py BASE_URL MODEL PROMPT [--short N]
+
+--short N: only a greedy completion and a greedy stream (with usage) of N tokens each (for a
+slow backend such as HSS-EE).
 """
 
 import json
@@ -11,6 +14,7 @@ import time
 import openai
 
 base_url, model, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
+short = int(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[4] == "--short" else None
 client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
 messages = [{"role": "user", "content": prompt}]
 out = {"openai_version": openai.__version__}
@@ -54,9 +58,12 @@ def stream(**kw):
     }
 
 
-greedy = {"temperature": 0, "max_tokens": 40}
+greedy = {"temperature": 0, "max_tokens": short or 40}
 out["plain"] = complete(**greedy)
 out["stream"] = stream(**greedy, stream_options={"include_usage": True})
+if short:
+    print(json.dumps(out))
+    sys.exit(0)
 out["stream_no_usage"] = stream(**greedy)
 out["length"] = complete(temperature=0, max_tokens=3)
 out["stop"] = complete(**greedy, stop=["Paris"])

@@ -132,9 +132,10 @@ enum CertsCommand {
     },
     /// Issue a certificate signed by the CA: DIR/NAME.pem and DIR/NAME.key (mode 0600), with
     /// the role in its subject OU. Exactly one of --site, --aggregator, --trainer, --client,
-    /// --operator. Clients check the role of the service they reach: a site talks only to an
-    /// aggregator certificate, pharma only to a trainer one.
-    #[command(group(clap::ArgGroup::new("role").required(true).args(["site", "aggregator", "trainer", "client", "operator"])))]
+    /// --operator, --hss. Clients check the role of the service they reach: a site talks only
+    /// to an aggregator certificate, pharma only to a trainer one, an HSS client only to `hss`
+    /// ones.
+    #[command(group(clap::ArgGroup::new("role").required(true).args(["site", "aggregator", "trainer", "client", "operator", "hss"])))]
     Issue {
         /// PKI directory holding the CA.
         #[arg(long, default_value = "pki")]
@@ -151,6 +152,10 @@ enum CertsCommand {
         /// A trainer client's certificate (pharma, an inference client).
         #[arg(long, value_name = "NAME")]
         client: Option<String>,
+        /// An HSS-EE server's service certificate (`fedee hss-server`), valid for the --host
+        /// names. Issue the two servers' certificates to two parties that do not collude.
+        #[arg(long, value_name = "NAME")]
+        hss: Option<String>,
         /// The consortium operator's certificate: `fedee status` with it shows every site's
         /// figures; other certificates see only the federation's.
         #[arg(long, value_name = "NAME")]
@@ -437,6 +442,7 @@ async fn main() -> Result<()> {
             trainer,
             client,
             operator,
+            hss,
             hosts,
             days,
             force,
@@ -447,12 +453,13 @@ async fn main() -> Result<()> {
                 (Role::Trainer, trainer),
                 (Role::Client, client),
                 (Role::Operator, operator),
+                (Role::Hss, hss),
             ]
             .into_iter()
             .find_map(|(r, n)| n.map(|n| (r, n)))
-            .context("pass one of --site, --aggregator, --trainer, --client, --operator")?;
+            .context("pass one of --site, --aggregator, --trainer, --client, --operator, --hss")?;
             if !hosts.is_empty() && !role.is_service() {
-                bail!("--host is for service certificates (--aggregator, --trainer)");
+                bail!("--host is for service certificates (--aggregator, --trainer, --hss)");
             }
             let req = fedee_proto::pki::CertRequest {
                 hosts,

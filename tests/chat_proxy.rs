@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fedee_client::chat_proxy::{Proxy, serve};
+use fedee_client::chat_proxy::{Backend, HssLm, Proxy, serve};
 use fedee_client::lm::{LmKeys, upload};
 use fedee_encrypt::KeySet;
 use fedee_model::chat::ChatMessage;
@@ -130,8 +130,7 @@ async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
         listener,
         Proxy {
             lm,
-            trainer: client,
-            job,
+            backend: Backend::Trainer { client, job },
             model: model.clone(),
         },
         async move { proxy_stop.cancelled().await },
@@ -297,6 +296,145 @@ async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
             !p.windows(4).any(|w| ids.windows(4).any(|x| x == w)),
             "a run of 4 plaintext prompt ids reached the trainer"
         );
+    }
+}
+
+/// HSS-EE behind the proxy: two HSS servers (mutual TLS) hold the EE model's linear maps, the
+/// proxy runs the rest of each step and the sampling; the `openai` client gets the plaintext
+/// model's greedy tokens, streaming and not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_client_chats_through_two_hss_servers() {
+    const TOKENS: usize = 10;
+    tch::set_num_threads(2);
+    let path = root().join("data/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = gguf::load(&path, RopeLayout::HalfSplit).unwrap();
+    let keys = KeySet::generate(
+        &m.config.key_spec(),
+        &m.config.key_groups(Profile::Inference),
+        false,
+        &mut rand_chacha::ChaCha20Rng::seed_from_u64(6),
+    )
+    .unwrap();
+    let lm = LmKeys::new(&m, keys).unwrap();
+    let chat = lm
+        .tokenizer
+        .render_chat(
+            &[ChatMessage {
+                role: "user".into(),
+                content: PROMPT.into(),
+            }],
+            true,
+        )
+        .unwrap();
+    let prompt_ids = lm.tokenizer.encode(&chat).unwrap();
+    let ids: Vec<i64> = prompt_ids.iter().map(|&i| i64::from(i)).collect();
+    let im_end = i64::from(lm.tokenizer.token_id("<|im_end|>").unwrap());
+    let (greedy, _) = tch::no_grad(|| {
+        llama::greedy(
+            &m.config,
+            m.config.check_state(&m.state).unwrap(),
+            &ids,
+            TOKENS,
+            Some(im_end),
+        )
+    })
+    .unwrap();
+    let answer_ids: Vec<u32> = greedy
+        .iter()
+        .map(|&i| i as u32)
+        .filter(|&i| !lm.is_stop(i))
+        .collect();
+    let answer = lm.tokenizer.decode(&answer_ids, false).unwrap();
+    let finish = if greedy.last() == Some(&im_end) {
+        "stop"
+    } else {
+        "length"
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    init_ca(dir.path(), "test", 1, false).unwrap();
+    for name in ["hss0", "hss1"] {
+        issue(dir.path(), &CertRequest::new(Role::Hss, name, 1), false).unwrap();
+    }
+    issue(
+        dir.path(),
+        &CertRequest::new(Role::Client, "pharma", 1),
+        false,
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let mut urls = vec![];
+    let mut servers = vec![];
+    for name in ["hss0", "hss1"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!("https://{}", listener.local_addr().unwrap()));
+        servers.push(tokio::spawn(fedee_hss::service::run(
+            fedee_hss::service::Config {
+                tls: Some(TlsFiles::in_dir(dir.path(), name)),
+                ..Default::default()
+            },
+            listener,
+            stop.clone(),
+        )));
+    }
+    let hss = HssLm::connect(
+        [&urls[0], &urls[1]],
+        Some(&TlsFiles::in_dir(dir.path(), "pharma")),
+        &lm,
+        &m.config,
+        &m.state,
+    )
+    .await
+    .unwrap();
+    drop(m);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = listener.local_addr().unwrap();
+    let proxy_stop = stop.clone();
+    let proxy = tokio::spawn(serve(
+        listener,
+        Proxy {
+            lm,
+            backend: Backend::Hss(std::sync::Arc::new(std::sync::Mutex::new(hss))),
+            model: "smollm2-hss".into(),
+        },
+        async move { proxy_stop.cancelled().await },
+    ));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(root().join("scripts/openai_chat_check.py"))
+            .args([
+                &format!("http://{proxy_addr}/v1"),
+                "smollm2-hss",
+                PROMPT,
+                "--short",
+                &TOKENS.to_string(),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert!(answer.contains("Paris"), "plaintext answer: {answer:?}");
+    for (what, reply) in [("plain", &r["plain"]), ("stream", &r["stream"])] {
+        assert_eq!(reply["content"], answer.as_str(), "{what}");
+    }
+    assert_eq!(r["plain"]["finish_reason"], finish);
+    assert_eq!(r["plain"]["usage"]["completion_tokens"], greedy.len());
+    assert_eq!(r["plain"]["usage"]["prompt_tokens"], prompt_ids.len());
+    assert_eq!(r["stream"]["finish_reasons"], serde_json::json!([finish]));
+    assert_eq!(r["stream"]["usage"][0]["completion_tokens"], greedy.len());
+    stop.cancel();
+    let _ = proxy.await;
+    for s in servers {
+        s.await.unwrap().unwrap();
     }
 }
 

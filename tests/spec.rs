@@ -983,7 +983,7 @@ fn hss_predict_matches_the_trainer(dir: &Path, records: &Path, trainer_csv: &str
                 "issue",
                 "--dir",
                 "pki",
-                "--trainer",
+                "--hss",
                 name,
                 "--host",
                 "127.0.0.1",

@@ -489,6 +489,15 @@ async fn clients_pin_the_host_and_the_role_of_the_service_they_reach() {
         dial(&agg.addr, &pharma, Role::Trainer).await.unwrap_err()
     );
     assert!(err.contains("role `aggregator`"), "{err}");
+    // An HSS client dials only the `hss` role: a trainer cannot stand in for an HSS server.
+    let err = format!(
+        "{:?}",
+        dial(&trainer_addr, &pharma, Role::Hss).await.unwrap_err()
+    );
+    assert!(
+        err.contains("role `trainer`") && err.contains("talks only to the `hss`"),
+        "{err}"
+    );
     // A certificate for another host is refused, whatever its role.
     let err = format!(
         "{:?}",

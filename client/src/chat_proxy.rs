@@ -1,7 +1,8 @@
 //! `fedee chat-proxy`: a local, OpenAI-compatible endpoint in front of an EE causal LM at a
-//! trainer. Point an OpenAI client at it (`base_url = http://127.0.0.1:PORT/v1`); it applies
-//! the model's chat template, tokenizes, encrypts the ids with the key file, asks the trainer
-//! to generate (gRPC), decrypts the streamed ids and detokenizes them incrementally.
+//! trainer, or at two HSS-EE servers. Point an OpenAI client at it (`base_url =
+//! http://127.0.0.1:PORT/v1`); it applies the model's chat template, tokenizes, encrypts the
+//! ids with the key file, has the model generate ([`Backend`]), decrypts the ids and
+//! detokenizes them incrementally.
 //!
 //! Routes (OpenAI's Chat Completions API, the subset a chat client uses):
 //! * `GET /v1/models`: the one model served.
@@ -12,7 +13,7 @@
 //!   streaming answers are server-sent `chat.completion.chunk` events (the role first, then
 //!   content deltas, then the finish reason, then usage when asked) and `data: [DONE]`.
 //! * Errors are `{"error": {"message", "type", "param", "code"}}` with 400 (bad request), 404
-//!   (unknown model or route) or 502 (the trainer failed).
+//!   (unknown model or route) or 502 (the trainer or an HSS server failed).
 //!
 //! Detokenization holds back bytes of an unfinished UTF-8 character and any text that could
 //! still become a stop string, so a client never sees half a character or part of a stop
@@ -22,6 +23,10 @@
 //! The proxy holds the key file and sees prompts and answers in plaintext: it listens on
 //! loopback unless told otherwise. The trainer receives encrypted ids, sampling settings and
 //! the token counts; stop strings never leave the proxy (it cancels the generation itself).
+//! With [`Backend::Hss`] the proxy runs the generation loop itself on the EE model (embedding,
+//! RMSNorm, RoPE, attention, SiLU, sampling) and each HSS server sees only ring shares of the
+//! activations entering every linear map (`fedee_hss`), never token ids; two colluding
+//! servers see every activation.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,13 +40,19 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use fedee_hss::client::HssClient;
+use fedee_hss::service::Remote;
+use fedee_model::StateDict;
 use fedee_model::chat::{ChatMessage, LmTokenizer};
-use fedee_proto::v1::GenerateRequest;
+use fedee_model::llama::{Generation, LlamaConfig};
+use fedee_model::sample::Sampling;
+use fedee_proto::v1::{GenerateRequest, GeneratedToken};
 use fedee_trainer::TrainerClient;
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 
 use crate::lm::LmKeys;
 
@@ -49,12 +60,63 @@ use crate::lm::LmKeys;
 pub struct Proxy {
     /// Keys and tokenizer.
     pub lm: LmKeys,
-    /// The trainer holding the EE model.
-    pub trainer: TrainerClient,
-    /// The trainer's job of the EE model.
-    pub job: String,
+    /// Where the EE model runs.
+    pub backend: Backend,
     /// The model id clients name (`GET /v1/models`).
     pub model: String,
+}
+
+/// Where the EE model runs.
+pub enum Backend {
+    /// A trainer holding the whole EE model (`fedee trainer`): it runs the generation loop on
+    /// encrypted ids and streams encrypted ids back.
+    Trainer {
+        /// The trainer.
+        client: TrainerClient,
+        /// Its job holding the EE model.
+        job: String,
+    },
+    /// HSS-EE: two non-colluding `fedee hss-server`s compute the EE model's linear maps on
+    /// ring shares; the proxy runs the rest. One generation at a time (a second request waits).
+    Hss(Arc<std::sync::Mutex<HssLm>>),
+}
+
+/// The key holder's half of HSS-EE for a causal LM: the connection to the two servers and the
+/// EE model (of which only the embeddings and the RMSNorm weights are read here).
+pub struct HssLm {
+    /// The two servers, holding the quantized EE linear maps.
+    pub client: HssClient<Remote>,
+    /// The model's shapes.
+    pub config: LlamaConfig,
+    /// The EE model.
+    pub ee: StateDict,
+}
+
+impl HssLm {
+    /// Encrypt `state` with `lm`'s keys, upload its linear maps (every block's and the head)
+    /// to the HSS servers at `urls` (`https://` with `tls`; each must quantize them as this
+    /// side does) and keep the EE model here.
+    ///
+    /// # Errors
+    /// Keys that do not fit `state`; a server that cannot be reached or refuses the model.
+    pub async fn connect(
+        urls: [&str; 2],
+        tls: Option<&fedee_proto::pki::TlsFiles>,
+        lm: &LmKeys,
+        config: &LlamaConfig,
+        state: &StateDict,
+    ) -> crate::Result<Self> {
+        use fedee_hss::client::{llama_linear_maps, offloaded, weight_frac_bits};
+        let ee = lm.encrypt_model(state)?;
+        let off = offloaded(&llama_linear_maps(config), &ee);
+        let maps = fedee_hss::server::quantize_state(&off)?;
+        let remote = Remote::connect(urls, tls, &off, &weight_frac_bits(&maps)).await?;
+        Ok(Self {
+            client: HssClient::with_maps(remote, maps),
+            config: config.clone(),
+            ee,
+        })
+    }
 }
 
 /// An OpenAI-style error response.
@@ -85,6 +147,13 @@ impl ApiError {
             message: format!("the trainer failed: {message}"),
             param: None,
             code: None,
+        }
+    }
+
+    fn hss(message: impl std::fmt::Display) -> Self {
+        Self {
+            message: format!("HSS-EE failed: {message}"),
+            ..Self::upstream("")
         }
     }
 
@@ -320,7 +389,10 @@ fn prepare(proxy: &Proxy, body: &[u8]) -> Result<Prepared, ApiError> {
     };
     Ok(Prepared {
         request: GenerateRequest {
-            job_id: proxy.job.clone(),
+            job_id: match &proxy.backend {
+                Backend::Trainer { job, .. } => job.clone(),
+                Backend::Hss(_) => String::new(),
+            },
             prompt_ids: proxy.lm.encrypt_ids(&ids),
             max_tokens: max_tokens as u32,
             stop_ids: proxy.lm.stop_ids(),
@@ -433,14 +505,92 @@ enum Out {
     Failed(ApiError),
 }
 
-/// Run one generation at the trainer, sending text as it is decoded. Stops early (cancelling
-/// the trainer's work) when `tx` closes or a stop string appears.
+type Tokens =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<GeneratedToken, ApiError>> + Send>>;
+
+/// The encrypted ids of one generation, as the backend produces them; the last carries the
+/// finish reason. Dropping the stream stops the generation.
+async fn tokens(proxy: &Proxy, request: GenerateRequest) -> Result<Tokens, ApiError> {
+    match &proxy.backend {
+        Backend::Trainer { client, .. } => {
+            let s = client
+                .clone()
+                .generate(request)
+                .await
+                .map_err(ApiError::upstream)?;
+            Ok(Box::pin(s.map(|r| r.map_err(ApiError::upstream))))
+        }
+        Backend::Hss(hss) => Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            hss_generate(hss.clone(), request),
+        ))),
+    }
+}
+
+/// One generation through HSS-EE on a blocking thread, with the trainer's loop
+/// ([`Generation`]: the same sampler, stop ids and length rule) and every linear map at the
+/// two servers. Stops after the current step when the receiver is dropped.
+fn hss_generate(
+    hss: Arc<std::sync::Mutex<HssLm>>,
+    r: GenerateRequest,
+) -> mpsc::Receiver<Result<GeneratedToken, ApiError>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::task::spawn_blocking(move || {
+        let _guard = tch::no_grad_guard();
+        // A panic in an earlier generation leaves nothing half-written that matters here.
+        let mut lm = hss
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let HssLm { client, config, ee } = &mut *lm;
+        let fail = |e: String| {
+            let _ = tx.blocking_send(Err(ApiError::hss(e)));
+        };
+        let s = match config.check_state(ee) {
+            Ok(s) => s,
+            Err(e) => return fail(e.to_string()),
+        };
+        let embd = s.get("token_embd.weight");
+        let sampling = Sampling {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k as usize,
+            seed: r.seed,
+        };
+        let (kind, device) = (embd.kind(), embd.device());
+        let mut g = match Generation::new(
+            config,
+            r.prompt_ids,
+            r.max_tokens as usize,
+            r.stop_ids,
+            sampling,
+            (kind, device),
+        ) {
+            Ok(g) => g,
+            Err(e) => return fail(e.to_string()),
+        };
+        loop {
+            let (token, finish) = match g.step_with(config, s, |x, maps| client.linears(x, maps)) {
+                Ok(t) => t,
+                Err(e) => return fail(e.to_string()),
+            };
+            let msg = GeneratedToken {
+                token_id: token,
+                finish_reason: finish.map_or("", |f| f.as_str()).into(),
+            };
+            if tx.blocking_send(Ok(msg)).is_err() || finish.is_some() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Run one generation, sending text as it is decoded. Stops early (cancelling the backend's
+/// work) when `tx` closes or a stop string appears.
 async fn generate(proxy: Arc<Proxy>, p: Prepared, tx: mpsc::Sender<Out>) {
-    let mut trainer = proxy.trainer.clone();
-    let mut stream = match trainer.generate(p.request).await {
+    let mut stream = match tokens(&proxy, p.request).await {
         Ok(s) => s,
         Err(e) => {
-            let _ = tx.send(Out::Failed(ApiError::upstream(e))).await;
+            let _ = tx.send(Out::Failed(e)).await;
             return;
         }
     };
@@ -451,9 +601,9 @@ async fn generate(proxy: Arc<Proxy>, p: Prepared, tx: mpsc::Sender<Out>) {
         completion_tokens,
     };
     loop {
-        let msg = match stream.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => {
+        let msg = match stream.next().await {
+            Some(Ok(m)) => m,
+            None => {
                 let _ = tx
                     .send(Out::Failed(ApiError::upstream(
                         "the token stream ended without a finish reason",
@@ -461,8 +611,8 @@ async fn generate(proxy: Arc<Proxy>, p: Prepared, tx: mpsc::Sender<Out>) {
                     .await;
                 return;
             }
-            Err(status) => {
-                let _ = tx.send(Out::Failed(ApiError::upstream(status))).await;
+            Some(Err(e)) => {
+                let _ = tx.send(Out::Failed(e)).await;
                 return;
             }
         };

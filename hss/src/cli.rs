@@ -12,8 +12,8 @@ pub struct HssServerArgs {
     #[arg(long, default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
     /// mTLS as for the trainer: the server's certificate is a service certificate with the
-    /// trainer role (`fedee certs issue --trainer NAME --host HOST`); only client
-    /// certificates are served.
+    /// hss role (`fedee certs issue --hss NAME --host HOST`); only client certificates are
+    /// served.
     #[command(flatten)]
     pub transport: TransportArgs,
     /// How share products are computed, exactly: `int64` (libtorch's integer matmul, CPU

@@ -3,8 +3,8 @@
 //!
 //! # Security
 //! Mutual TLS: a server accepts only certificates with the `client` role from the
-//! consortium's CA (its own certificate has the `trainer` role: it is the compute provider's
-//! service). The two servers never talk to each other. A server logs request shapes, never
+//! consortium's CA; its own certificate has the `hss` role (`fedee certs issue --hss`), and
+//! the client dials only that role. The two servers never talk to each other. A server logs request shapes, never
 //! share contents.
 
 use std::collections::BTreeMap;
@@ -287,13 +287,10 @@ impl Remote {
         let sha = hex::encode(Sha256::digest(&bytes));
         let mut clients = Vec::new();
         for url in urls {
-            let channel =
-                fedee_proto::pki::connect(url, tls, Role::Trainer, Duration::from_secs(10))
-                    .await
-                    .map_err(|e| HssError::Transport(format!("{url}: {e}")))?
-                    .map_err(|e| {
-                        HssError::Transport(format!("cannot reach HSS server {url}: {e}"))
-                    })?;
+            let channel = fedee_proto::pki::connect(url, tls, Role::Hss, Duration::from_secs(10))
+                .await
+                .map_err(|e| HssError::Transport(format!("{url}: {e}")))?
+                .map_err(|e| HssError::Transport(format!("cannot reach HSS server {url}: {e}")))?;
             let mut c = HssServerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);

@@ -213,9 +213,13 @@ pub enum BenchCommand {
         /// Python with transformers, gguf and accelerate (`make bench` installs them).
         #[arg(long, default_value = ".venv/bin/python")]
         python: PathBuf,
-        /// Skip the transformers side.
+        /// Skip the transformers side (and the trainer proxy's latency).
         #[arg(long)]
         no_transformers: bool,
+        /// Also time the chat proxy with HSS-EE: two in-process HSS servers hold the EE
+        /// model's linear maps (2 streamed answers of up to 32 tokens).
+        #[arg(long)]
+        hss_chat: bool,
         /// Also write the figures as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -548,14 +552,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             device,
             python,
             no_transformers,
+            hss_chat,
             json,
         } => {
             let device = fedee_site_agent::cli::parse_device(&device)?;
             let threads = threads.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| n.get() as i32)
             });
-            let python = (!no_transformers).then_some(python.as_path());
-            let doc = crate::bench_lm::lm(&gguf, threads, decode, python, device)?;
+            let python_path = python;
+            let python = (!no_transformers).then_some(python_path.as_path());
+            let hss_chat = hss_chat.then_some(python_path.as_path());
+            let doc = crate::bench_lm::lm(&gguf, threads, decode, python, hss_chat, device)?;
             write_json(json.as_ref(), &with_machine(doc))
         }
         BenchCommand::Dashboard {

@@ -212,7 +212,11 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
     let work = tempfile::tempdir()?;
     let dir = work.path();
     fedee(dir, &["certs", "init", "--dir", "pki"])?;
-    for name in ["hss0", "hss1", "trainer"] {
+    for (role, name) in [
+        ("--hss", "hss0"),
+        ("--hss", "hss1"),
+        ("--trainer", "trainer"),
+    ] {
         fedee(
             dir,
             &[
@@ -220,7 +224,7 @@ pub(crate) fn hss(o: &Options<'_>) -> Result<serde_json::Value> {
                 "issue",
                 "--dir",
                 "pki",
-                "--trainer",
+                role,
                 name,
                 "--host",
                 "127.0.0.1",

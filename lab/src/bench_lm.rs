@@ -92,6 +92,7 @@ pub fn lm(
     threads: i32,
     decode: usize,
     python: Option<&Path>,
+    hss_chat: Option<&Path>,
     device: Device,
 ) -> Result<serde_json::Value> {
     tch::set_num_threads(threads);
@@ -236,9 +237,28 @@ pub fn lm(
     let gemv = gemv_ceiling(c, &state, device, sync);
     let mut transformers_version = serde_json::Value::Null;
     let mut through_proxy = serde_json::Value::Null;
+    let mut through_hss_proxy = serde_json::Value::Null;
+    if let Some(python) = hss_chat {
+        eprintln!(
+            "lm: time to first token and inter-token latency through the chat proxy with HSS-EE (two in-process servers) …"
+        );
+        let (ttft, itl, prompt_tokens) = proxy_latency(&m, &keys, python, Through::Hss)?;
+        println!(
+            "through the chat proxy with HSS-EE (openai client, streaming, {prompt_tokens}-token prompt, 2 answers of up to 32 tokens): time to first token {:.0} ms, inter-token {:.1} ms ({:.1}× the EE decode step)",
+            ttft * 1e3,
+            itl * 1e3,
+            itl * ee_decode
+        );
+        through_hss_proxy = json!({
+            "prompt_tokens": prompt_tokens,
+            "time_to_first_token_s": ttft,
+            "inter_token_s": itl,
+            "over_ee_decode_step": itl * ee_decode,
+        });
+    }
     if let Some(python) = python {
         eprintln!("lm: time to first token and inter-token latency through the chat proxy …");
-        let (ttft, itl, prompt_tokens) = proxy_latency(&m, &keys, python)?;
+        let (ttft, itl, prompt_tokens) = proxy_latency(&m, &keys, python, Through::Trainer)?;
         // The proxy's and gRPC's share: the streamed gap minus the EE decode step measured
         // above.
         let overhead = itl - 1.0 / ee_decode;
@@ -335,6 +355,7 @@ pub fn lm(
         "transform_seconds": transform_seconds,
         "proxy_microseconds_per_token": proxy_us,
         "through_proxy": through_proxy,
+        "through_hss_proxy": through_hss_proxy,
         "transformers_version": transformers_version,
         "rows": rows,
     }))
@@ -378,14 +399,25 @@ fn proxy_cost_per_token(
     Ok(best * 1e6 / wire.len() as f64)
 }
 
+/// Where the proxy's model runs in [`proxy_latency`].
+#[derive(Clone, Copy)]
+enum Through {
+    /// An in-process trainer holding the EE model.
+    Trainer,
+    /// Two in-process HSS servers holding its linear maps (int64 engine).
+    Hss,
+}
+
 /// Time to first token and inter-token latency through the chat proxy as an OpenAI client
-/// sees them: an in-process trainer (loopback, plaintext gRPC) holding the EE model, the
-/// proxy in front of it, and `scripts/bench_proxy_latency.py` streaming 5 greedy answers of
-/// up to 64 tokens. Returns (median time to first token s, mean inter-token s, prompt tokens).
+/// sees them: the EE model at an in-process trainer or two HSS servers (loopback, plaintext
+/// gRPC), the proxy in front, and `scripts/bench_proxy_latency.py` streaming greedy answers
+/// (5 of up to 64 tokens; through HSS 2 of up to 32). Returns (median time to first token s,
+/// mean inter-token s, prompt tokens).
 fn proxy_latency(
     m: &gguf::GgufModel,
     keys: &fedee_encrypt::KeySet,
     python: &Path,
+    through: Through,
 ) -> Result<(f64, f64, usize)> {
     let lm = fedee_client::lm::LmKeys::new(m, keys.clone())?;
     // `fedee bench` runs inside the CLI's runtime: serve from a runtime on a thread of its own.
@@ -396,8 +428,10 @@ fn proxy_latency(
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     let python = python.to_owned();
+    let config = m.config.clone();
     std::thread::spawn(move || {
-        tokio::runtime::Runtime::new()?.block_on(serve_and_time(state, lm, &python))
+        tokio::runtime::Runtime::new()?
+            .block_on(serve_and_time(state, config, lm, &python, through))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the proxy benchmark thread panicked"))?
@@ -405,21 +439,46 @@ fn proxy_latency(
 
 async fn serve_and_time(
     state: fedee_model::StateDict,
+    config: fedee_model::llama::LlamaConfig,
     lm: fedee_client::lm::LmKeys,
     python: &Path,
+    through: Through,
 ) -> Result<(f64, f64, usize)> {
+    use fedee_client::chat_proxy::{Backend, HssLm};
     {
         let stop = tokio_util::sync::CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let trainer = tokio::spawn(fedee_trainer::run(
-            fedee_trainer::Config::default(),
-            listener,
-            stop.clone(),
-        ));
-        let mut client =
-            fedee_trainer::TrainerClient::connect(&format!("http://{addr}"), None).await?;
-        let job = fedee_client::lm::upload(&mut client, &state, &lm, None, "f32").await?;
+        let mut servers = vec![];
+        let backend = match through {
+            Through::Trainer => {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let addr = listener.local_addr()?;
+                let stop = stop.clone();
+                servers.push(tokio::spawn(async move {
+                    fedee_trainer::run(fedee_trainer::Config::default(), listener, stop)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))
+                }));
+                let mut client =
+                    fedee_trainer::TrainerClient::connect(&format!("http://{addr}"), None).await?;
+                let job = fedee_client::lm::upload(&mut client, &state, &lm, None, "f32").await?;
+                Backend::Trainer { client, job }
+            }
+            Through::Hss => {
+                let mut urls = vec![];
+                for _ in 0..2 {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    urls.push(format!("http://{}", listener.local_addr()?));
+                    let stop = stop.clone();
+                    servers.push(tokio::spawn(async move {
+                        fedee_hss::service::run(Default::default(), listener, stop)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e}"))
+                    }));
+                }
+                let hss = HssLm::connect([&urls[0], &urls[1]], None, &lm, &config, &state).await?;
+                Backend::Hss(std::sync::Arc::new(std::sync::Mutex::new(hss)))
+            }
+        };
         drop(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let proxy_addr = listener.local_addr()?;
@@ -428,8 +487,7 @@ async fn serve_and_time(
             listener,
             fedee_client::chat_proxy::Proxy {
                 lm,
-                trainer: client,
-                job,
+                backend,
                 model: "bench".into(),
             },
             async move { proxy_stop.cancelled().await },
@@ -437,8 +495,8 @@ async fn serve_and_time(
         let cfg = json!({
             "base_url": format!("http://{proxy_addr}/v1"),
             "model": "bench",
-            "requests": 5,
-            "max_tokens": 64,
+            "requests": if matches!(through, Through::Hss) { 2 } else { 5 },
+            "max_tokens": if matches!(through, Through::Hss) { 32 } else { 64 },
         });
         let python = python.to_owned();
         let py = tokio::task::spawn_blocking(move || {
@@ -451,7 +509,9 @@ async fn serve_and_time(
         })
         .await??;
         stop.cancel();
-        let _ = trainer.await;
+        for s in servers {
+            let _ = s.await;
+        }
         let _ = proxy.await;
         let floats = |v: &serde_json::Value| -> Vec<f64> {
             v.as_array()

@@ -599,6 +599,120 @@ pub fn greedy(
     greedy_with(c, s, ids, max_new, stop, local(s))
 }
 
+/// Why a [`Generation`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop id was produced (it is the last token).
+    Stop,
+    /// `max_new` tokens were produced, or the cache (the context) is full.
+    Length,
+}
+
+impl Finish {
+    /// OpenAI's name for it (`finish_reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// One autoregressive generation with a KV cache: the prompt is prefilled by the first
+/// [`Generation::step_with`], then each call decodes the token chosen by the last one. Tokens
+/// are drawn by a [`crate::sample::Sampler`], which is permutation-equivariant, so the same
+/// loop runs on plaintext or EE ids (the caller gives the ids and stop ids in the model's
+/// vocabulary). Used by the trainer's `Generate` and by HSS-EE at the key holder.
+pub struct Generation {
+    cache: KvCache,
+    sampler: crate::sample::Sampler,
+    input: Vec<i64>,
+    produced: usize,
+    max_new: usize,
+    stop: Vec<i64>,
+    device: Device,
+}
+
+impl Generation {
+    /// A generation of up to `max_new` tokens after `prompt`, ending early at any of `stop`.
+    /// The cache holds `prompt.len() + max_new` positions, at most the context.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] for an empty prompt, a prompt that leaves no room in the
+    /// context, `max_new` = 0, or an invalid `sampling`.
+    pub fn new(
+        c: &LlamaConfig,
+        prompt: Vec<i64>,
+        max_new: usize,
+        stop: Vec<i64>,
+        sampling: crate::sample::Sampling,
+        (kind, device): (Kind, Device),
+    ) -> Result<Self, ModelError> {
+        sampling.validate()?;
+        if prompt.is_empty() || prompt.len() >= c.max_position {
+            return Err(ModelError::Config(format!(
+                "the prompt has {} tokens; it needs 1 to {} (the context is {})",
+                prompt.len(),
+                c.max_position - 1,
+                c.max_position
+            )));
+        }
+        if max_new == 0 {
+            return Err(ModelError::Config("max_tokens must be at least 1".into()));
+        }
+        let capacity = (prompt.len() + max_new).min(c.max_position);
+        Ok(Self {
+            cache: KvCache::new(c, 1, capacity, kind, device),
+            sampler: crate::sample::Sampler::new(sampling),
+            input: prompt,
+            produced: 0,
+            max_new,
+            stop,
+            device,
+        })
+    }
+
+    /// The next token, and why the generation ended if this is the last one (do not call
+    /// again after that).
+    ///
+    /// # Errors
+    /// As [`forward_with`], and [`ModelError::Config`] for NaN logits.
+    pub fn step_with<E: From<ModelError>>(
+        &mut self,
+        c: &LlamaConfig,
+        s: Checked<'_>,
+        linear: impl FnMut(&Tensor, &[String]) -> Result<Vec<Tensor>, E>,
+    ) -> Result<(i64, Option<Finish>), E> {
+        let ids = Tensor::from_slice(&self.input)
+            .unsqueeze(0)
+            .to_device(self.device);
+        let logits = forward_with(c, s, &ids, &mut self.cache, linear)?;
+        let token = self.sampler.sample(&logits.get(0).get(-1))?;
+        self.produced += 1;
+        self.input = vec![token];
+        let finish = if self.stop.contains(&token) {
+            Some(Finish::Stop)
+        } else if self.produced >= self.max_new || self.cache.remaining() == 0 {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        Ok((token, finish))
+    }
+
+    /// [`Generation::step_with`] with `s`'s own linear maps.
+    ///
+    /// # Errors
+    /// As [`Generation::step_with`].
+    pub fn step(
+        &mut self,
+        c: &LlamaConfig,
+        s: Checked<'_>,
+    ) -> Result<(i64, Option<Finish>), ModelError> {
+        self.step_with(c, s, local(s))
+    }
+}
+
 /// [`greedy`] with every linear map computed by `linear` (as [`forward_with`]).
 ///
 /// # Errors

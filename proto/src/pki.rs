@@ -71,6 +71,9 @@ pub enum Role {
     Client,
     /// The consortium's operator (sees every site's figures in `Status`).
     Operator,
+    /// One of the two non-colluding HSS-EE servers (`fedee hss-server`; HSS clients talk only
+    /// to this role, so a trainer's certificate cannot stand in for one).
+    Hss,
 }
 
 impl Role {
@@ -82,6 +85,7 @@ impl Role {
             Role::Trainer => "trainer",
             Role::Client => "client",
             Role::Operator => "operator",
+            Role::Hss => "hss",
         }
     }
     fn parse(s: &str) -> Option<Self> {
@@ -91,13 +95,14 @@ impl Role {
             Role::Trainer,
             Role::Client,
             Role::Operator,
+            Role::Hss,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
     }
     /// Whether the role is a service (a server certificate with host names).
     pub fn is_service(self) -> bool {
-        matches!(self, Role::Aggregator | Role::Trainer)
+        matches!(self, Role::Aggregator | Role::Trainer | Role::Hss)
     }
 }
 

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex as StdMutex};
 
-use fedee_model::llama::{self, KvCache};
-use fedee_model::sample::{Sampler, Sampling};
+use fedee_model::llama::{Finish, Generation};
+use fedee_model::sample::Sampling;
 use fedee_model::{
     Architecture, Input, Model, OptimizerSpec, batch_from_safetensors, state_from_safetensors,
     state_to_safetensors,
@@ -336,27 +336,27 @@ impl Trainer for TrainerService {
             top_k: req.top_k as usize,
             seed: req.seed,
         };
-        sampling.validate().map_err(|e| invalid(e.to_string()))?;
-        if req.max_tokens == 0 {
-            return Err(invalid("max_tokens must be at least 1".into()));
-        }
-        let (vocab, context) = match lock(&job).model.llama() {
-            Some((c, _)) => (c.vocab_size as i64, c.max_position),
-            None => {
+        let device = self.config.device;
+        let (vocab, mut generation) = {
+            let j = lock(&job);
+            let Some((c, _)) = j.model.llama() else {
                 return Err(Status::failed_precondition(format!(
                     "job `{}` is not a causal LM: Generate needs a `llama` job",
                     req.job_id
                 )));
-            }
+            };
+            let g = Generation::new(
+                c,
+                req.prompt_ids.clone(),
+                req.max_tokens as usize,
+                req.stop_ids.clone(),
+                sampling,
+                (j.kind, device),
+            )
+            .map_err(|e| invalid(e.to_string()))?;
+            (c.vocab_size as i64, g)
         };
         let prompt = req.prompt_ids;
-        if prompt.is_empty() || prompt.len() >= context {
-            return Err(invalid(format!(
-                "the prompt has {} tokens; it needs 1 to {} (the context is {context})",
-                prompt.len(),
-                context - 1
-            )));
-        }
         for (what, ids) in [("prompt", &prompt), ("stop", &req.stop_ids)] {
             if let Some(bad) = ids.iter().find(|&&i| !(0..vocab).contains(&i)) {
                 return Err(invalid(format!(
@@ -367,53 +367,31 @@ impl Trainer for TrainerService {
         if let Some(log) = &self.config.prompt_log {
             let _ = log.send(prompt.clone());
         }
-        let (stop, max_tokens) = (req.stop_ids, req.max_tokens as usize);
-        let capacity = (prompt.len() + max_tokens).min(context);
-        let device = self.config.device;
         let (tx, rx) = mpsc::channel(16);
-        tracing::info!(job = %req.job_id, prompt_tokens = prompt.len(), max_tokens, "generate");
+        tracing::info!(job = %req.job_id, prompt_tokens = prompt.len(), max_tokens = req.max_tokens, "generate");
         tokio::task::spawn_blocking(move || {
             let _guard = tch::no_grad_guard();
-            let mut cache = {
-                let j = lock(&job);
-                let (c, _) = j.model.llama().expect("checked above");
-                KvCache::new(c, 1, capacity, j.kind, device)
-            };
-            let mut sampler = Sampler::new(sampling);
-            let mut input = prompt;
-            for produced in 1.. {
-                let ids = tch::Tensor::from_slice(&input)
-                    .unsqueeze(0)
-                    .to_device(device);
+            loop {
                 let step = {
                     let j = lock(&job);
                     let (c, s) = j.model.llama().expect("checked above");
-                    llama::forward(c, s, &ids, &mut cache)
-                }
-                .and_then(|z| sampler.sample(&z.get(0).get(-1)));
-                let token = match step {
+                    generation.step(c, s)
+                };
+                let (token, finish) = match step {
                     Ok(t) => t,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(Status::internal(format!("decoding: {e}"))));
                         return;
                     }
                 };
-                let finish = if stop.contains(&token) {
-                    "stop"
-                } else if produced >= max_tokens || cache.remaining() == 0 {
-                    "length"
-                } else {
-                    ""
-                };
                 let msg = GeneratedToken {
                     token_id: token,
-                    finish_reason: finish.into(),
+                    finish_reason: finish.map_or("", Finish::as_str).into(),
                 };
                 // A closed channel: the client went away, so stop decoding.
-                if tx.blocking_send(Ok(msg)).is_err() || !finish.is_empty() {
+                if tx.blocking_send(Ok(msg)).is_err() || finish.is_some() {
                     return;
                 }
-                input = vec![token];
             }
         });
         Ok(Response::new(Box::pin(
