@@ -43,9 +43,20 @@ fn pki(dir: &Path) -> (TlsFiles, TlsFiles) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
-    tch::set_num_threads(2);
+/// The plaintext reference for [`PROMPT`]: SmolLM2, the key holder's keys (inference profile,
+/// drawn from `seed`), the chat prompt's ids, and the plaintext model's greedy answer of up to
+/// `max_new` tokens (ended by `<|im_end|>`): its ids, and its text without the stop id.
+struct Reference {
+    m: gguf::GgufModel,
+    lm: LmKeys,
+    prompt_ids: Vec<u32>,
+    ids: Vec<i64>,
+    greedy: Vec<i64>,
+    answer_ids: Vec<u32>,
+    answer: String,
+}
+
+fn reference(seed: u64, max_new: usize) -> Reference {
     let path = root().join("data/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
@@ -57,12 +68,10 @@ async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
         &m.config.key_spec(),
         &m.config.key_groups(Profile::Inference),
         false,
-        &mut rand_chacha::ChaCha20Rng::seed_from_u64(5),
+        &mut rand_chacha::ChaCha20Rng::seed_from_u64(seed),
     )
     .unwrap();
     let lm = LmKeys::new(&m, keys).unwrap();
-
-    // The plaintext reference: the chat prompt's ids and the greedy answer.
     let chat = lm
         .tokenizer
         .render_chat(
@@ -81,7 +90,7 @@ async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
             &m.config,
             m.config.check_state(&m.state).unwrap(),
             &ids,
-            40,
+            max_new,
             Some(i64::from(im_end)),
         )
     })
@@ -92,8 +101,51 @@ async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
         .filter(|&i| !lm.is_stop(i))
         .collect();
     let answer = lm.tokenizer.decode(&answer_ids, false).unwrap();
-    let three = lm.tokenizer.decode(&answer_ids[..3], false).unwrap();
     assert!(answer.contains("Paris"), "plaintext answer: {answer:?}");
+    Reference {
+        m,
+        lm,
+        prompt_ids,
+        ids,
+        greedy,
+        answer_ids,
+        answer,
+    }
+}
+
+/// `scripts/openai_chat_check.py` (the official `openai` client) against the proxy at
+/// `base_url` with [`PROMPT`]: what it printed.
+async fn openai_check(base_url: String, model: &str, extra: &[&str]) -> Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(root().join("scripts/openai_chat_check.py"))
+        .args([base_url.as_str(), model, PROMPT])
+        .args(extra);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
+    tch::set_num_threads(2);
+    let Reference {
+        m,
+        lm,
+        prompt_ids,
+        ids,
+        greedy,
+        answer_ids,
+        answer,
+    } = reference(5, 40);
+    let three = lm.tokenizer.decode(&answer_ids[..3], false).unwrap();
 
     // A trainer with mutual TLS that records the prompts it receives.
     let dir = tempfile::tempdir().unwrap();
@@ -136,22 +188,7 @@ async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
         async move { proxy_stop.cancelled().await },
     ));
 
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(root().join("scripts/openai_chat_check.py"))
-            .args([&format!("http://{proxy_addr}/v1"), &model, PROMPT])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "openai client failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    let r = openai_check(format!("http://{proxy_addr}/v1"), &model, &[]).await;
 
     assert_eq!(r["models"], serde_json::json!(["smollm2-ee"]));
     // Non-streaming: the plaintext model's greedy answer, ended by <|im_end|>.
@@ -306,45 +343,15 @@ async fn an_openai_client_chats_with_the_ee_model_through_the_proxy() {
 async fn an_openai_client_chats_through_two_hss_servers() {
     const TOKENS: usize = 10;
     tch::set_num_threads(2);
-    let path = root().join("data/cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let m = gguf::load(&path, RopeLayout::HalfSplit).unwrap();
-    let keys = KeySet::generate(
-        &m.config.key_spec(),
-        &m.config.key_groups(Profile::Inference),
-        false,
-        &mut rand_chacha::ChaCha20Rng::seed_from_u64(6),
-    )
-    .unwrap();
-    let lm = LmKeys::new(&m, keys).unwrap();
-    let chat = lm
-        .tokenizer
-        .render_chat(
-            &[ChatMessage {
-                role: "user".into(),
-                content: PROMPT.into(),
-            }],
-            true,
-        )
-        .unwrap();
-    let prompt_ids = lm.tokenizer.encode(&chat).unwrap();
-    let ids: Vec<i64> = prompt_ids.iter().map(|&i| i64::from(i)).collect();
+    let Reference {
+        m,
+        lm,
+        prompt_ids,
+        greedy,
+        answer,
+        ..
+    } = reference(6, TOKENS);
     let im_end = i64::from(lm.tokenizer.token_id("<|im_end|>").unwrap());
-    let (greedy, _) = tch::no_grad(|| {
-        llama::greedy(
-            &m.config,
-            m.config.check_state(&m.state).unwrap(),
-            &ids,
-            TOKENS,
-            Some(im_end),
-        )
-    })
-    .unwrap();
-    let answer_ids: Vec<u32> = greedy
-        .iter()
-        .map(|&i| i as u32)
-        .filter(|&i| !lm.is_stop(i))
-        .collect();
-    let answer = lm.tokenizer.decode(&answer_ids, false).unwrap();
     let finish = if greedy.last() == Some(&im_end) {
         "stop"
     } else {
@@ -400,29 +407,13 @@ async fn an_openai_client_chats_through_two_hss_servers() {
         },
         async move { proxy_stop.cancelled().await },
     ));
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(root().join("scripts/openai_chat_check.py"))
-            .args([
-                &format!("http://{proxy_addr}/v1"),
-                "smollm2-hss",
-                PROMPT,
-                "--short",
-                &TOKENS.to_string(),
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "openai client failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
-    assert!(answer.contains("Paris"), "plaintext answer: {answer:?}");
+    let short = TOKENS.to_string();
+    let r = openai_check(
+        format!("http://{proxy_addr}/v1"),
+        "smollm2-hss",
+        &["--short", &short],
+    )
+    .await;
     for (what, reply) in [("plain", &r["plain"]), ("stream", &r["stream"])] {
         assert_eq!(reply["content"], answer.as_str(), "{what}");
     }

@@ -146,37 +146,48 @@ impl HssModel {
                 )));
             }
         };
-        let input = self.engine.input(&x, req.rows, req.cols)?;
-        let y = if maps.len() == 1 {
-            self.engine.product(&input, &maps[0].w_t, req.rows)?
+        // One product per map for a few rows (memory-bound: each weight read once), else one
+        // GEMM over the maps' concatenated weights, split per map.
+        let mut out: Vec<Vec<u64>> = if self.engine.small(req.rows) {
+            maps.iter()
+                .map(|p| p.product(&x, req.rows))
+                .collect::<Result<_>>()?
         } else {
-            let mut fused = self.fused.borrow_mut();
-            let w = fused.entry(req.maps.clone()).or_insert_with(|| {
-                Tensor::cat(
-                    &maps
-                        .iter()
-                        .map(|p| p.w_t.shallow_clone())
-                        .collect::<Vec<_>>(),
-                    1,
-                )
-            });
-            self.engine.product(&input, w, req.rows)?
+            let input = self.engine.input(&x, req.rows, req.cols)?;
+            let y = if maps.len() == 1 {
+                self.engine.product(&input, &maps[0].w_t, req.rows)?
+            } else {
+                let mut fused = self.fused.borrow_mut();
+                let w = fused.entry(req.maps.clone()).or_insert_with(|| {
+                    Tensor::cat(
+                        &maps
+                            .iter()
+                            .map(|p| p.w_t.shallow_clone())
+                            .collect::<Vec<_>>(),
+                        1,
+                    )
+                });
+                self.engine.product(&input, w, req.rows)?
+            };
+            let total: usize = maps.iter().map(|p| p.map.out).sum();
+            let mut start = 0;
+            maps.iter()
+                .map(|p| {
+                    let n = p.map.out;
+                    let yi = (0..req.rows)
+                        .flat_map(|r| &y[r * total + start..r * total + start + n])
+                        .copied()
+                        .collect();
+                    start += n;
+                    yi
+                })
+                .collect()
         };
-        // Split the fused columns per map; server 0 adds each map's bias.
-        let total: usize = maps.iter().map(|p| p.map.out).sum();
-        let mut out = Vec::with_capacity(maps.len());
-        let mut start = 0;
-        for p in &maps {
-            let n = p.map.out;
-            let mut yi = Vec::with_capacity(req.rows * n);
-            for r in 0..req.rows {
-                yi.extend_from_slice(&y[r * total + start..r * total + start + n]);
+        // Server 0 adds each map's bias.
+        if let Some(f) = bias {
+            for (yi, p) in out.iter_mut().zip(&maps) {
+                add_bias(yi, &p.map.bias_words(f));
             }
-            if let Some(f) = bias {
-                add_bias(&mut yi, &p.map.bias_words(f));
-            }
-            out.push(yi);
-            start += n;
         }
         Ok(out)
     }

@@ -92,15 +92,21 @@ fn keyed(plain: &StateDict, profile: Profile, seed: u64) -> Keyed {
 
 /// The engines' products equal the element-by-element `wrapping_mul` / `wrapping_add`
 /// reference bit for bit, on uniform share words (every limb full) and on the extreme words
-/// and weights.
+/// and weights; int64 both through its small-row kernel (`ring_product`, up to `SMALL_ROWS`
+/// rows) and through libtorch's GEMM (more rows).
 #[test]
 fn engines_are_exact_in_the_ring() {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
+    assert_eq!(fedee_hss::engine::SMALL_ROWS, 16);
     for (out, inp, rows) in [
         (7usize, 384usize, 5usize),
         (33, 1536, 3),
         (4, 1, 2),
         (5, 3072, 2),
+        (19, 77, 1),
+        (6, 100, 16),
+        (6, 100, 17),
+        (9, 384, 40),
     ] {
         let w: Vec<f32> = (0..out * inp)
             .map(|i| rng.random_range(-3.0f32..3.0) * if i % 7 == 0 { 100.0 } else { 1.0 })

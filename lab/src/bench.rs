@@ -110,8 +110,9 @@ pub enum BenchCommand {
         #[arg(long, default_value = ".venv/bin/python")]
         python: PathBuf,
         /// Also run a whole Flower SecAgg+ round (Flower's simulation runtime, Ray: `pip
-        /// install "flwr[simulation]"`) for every cell without dropouts, beside a plain Flower
-        /// round.
+        /// install "flwr[simulation]"`) for every cell, beside a plain Flower round of all the
+        /// clients; in the secure round the same fraction of clients drops out after sharing
+        /// keys (a client mod makes them fail the masked-input stage).
         #[arg(long)]
         flower_rounds: bool,
         /// Then run the heart-disease federation (three site agents, mutual TLS on loopback)

@@ -155,10 +155,12 @@ struct FlowerRoundRow {
     sites: usize,
     degree: usize,
     params: usize,
+    /// Fraction of the sites that drop out after sharing keys (on both sides).
+    dropout: f64,
     /// fedee's secure round compute (one site's stages plus the server's), seconds.
     fedee_secure_round_s: f64,
     /// Every party's work one after another, as Flower's simulation runs it on these cores:
-    /// `n ×` a site's stages plus the server's, seconds.
+    /// every site's first two stages, the survivors' last two, and the server's, seconds.
     fedee_all_parties_s: f64,
     /// A whole Flower round as its ServerApp sees it, with `SecAggPlusWorkflow` and plain.
     flower_secure_round_s: f64,
@@ -170,20 +172,23 @@ struct FlowerRoundRow {
 }
 
 /// A whole Flower SecAgg+ round (`scripts/bench_flower_secagg_round.py`, Flower's simulation
-/// runtime) for each measured cell without dropouts, `num_shares = k + 1`. Cells whose
-/// script fails (Flower's simulation extra missing, out of memory) are reported and skipped.
+/// runtime) for each measured cell, `num_shares = k + 1`, the same fraction of clients
+/// dropping out after sharing keys. Cells whose script fails (Flower's simulation extra
+/// missing, out of memory) are reported and skipped.
 fn whole_flower_rounds(rows: &[Row], python: &std::path::Path) -> Vec<FlowerRoundRow> {
     let mut out = Vec::new();
-    for r in rows.iter().filter(|r| r.dropout == 0.0) {
+    for r in rows {
         eprintln!(
-            "secagg: a whole Flower SecAgg+ round, n={} d={} num_shares={} …",
+            "secagg: a whole Flower SecAgg+ round, n={} d={} num_shares={} dropout={} …",
             r.sites,
             r.params,
-            r.degree + 1
+            r.degree + 1,
+            r.dropout
         );
         let o = std::process::Command::new(python)
             .arg("scripts/bench_flower_secagg_round.py")
             .args([r.sites, r.params, r.degree + 1].map(|v| v.to_string()))
+            .arg(r.dropout.to_string())
             .output();
         let v: Option<Value> = match o {
             Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok(),
@@ -205,16 +210,19 @@ fn whole_flower_rounds(rows: &[Row], python: &std::path::Path) -> Vec<FlowerRoun
             v["secure_round_s"].as_f64().unwrap_or(f64::NAN),
             v["plain_round_s"].as_f64().unwrap_or(f64::NAN),
         );
+        let alive = r.sites - (r.dropout * r.sites as f64).round() as usize;
+        if v["dropped"].as_u64().unwrap_or(0) as usize != r.sites - alive {
+            eprintln!("secagg: Flower's round dropped another number of clients: {v}");
+            continue;
+        }
         let mut row = FlowerRoundRow {
             sites: r.sites,
             degree: r.degree,
             params: r.params,
+            dropout: r.dropout,
             fedee_secure_round_s: r.secure_round_compute_s,
-            fedee_all_parties_s: r.sites as f64
-                * (r.site_advertise_s
-                    + r.site_share_keys_s
-                    + r.site_masked_input_s
-                    + r.site_unmask_s)
+            fedee_all_parties_s: r.sites as f64 * (r.site_advertise_s + r.site_share_keys_s)
+                + alive as f64 * (r.site_masked_input_s + r.site_unmask_s)
                 + r.server_fold_s
                 + r.server_unmask_s,
             flower_secure_round_s: sec,
@@ -230,6 +238,7 @@ fn whole_flower_rounds(rows: &[Row], python: &std::path::Path) -> Vec<FlowerRoun
             col("sites", "sites", Cell::Text),
             col("k", "degree", Cell::Text),
             col("params", "params", Cell::Text),
+            col("drop", "dropout", Cell::Percent),
             col("fedee: secure round", "fedee_secure_round_s", Cell::Millis),
             col("fedee: all parties", "fedee_all_parties_s", Cell::Millis),
             col(
