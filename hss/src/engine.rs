@@ -129,7 +129,9 @@ impl Engine {
 
     /// `W̃ᵀ (in, out)` as this engine multiplies it: f64 on its device, or int64 on the CPU.
     pub fn weights(&self, map: &QuantLinear) -> Tensor {
-        let w = Tensor::from_slice(&map.weight).view([map.out as i64, map.inp as i64]);
+        let w = Tensor::from_slice(&map.weight)
+            .to_kind(Kind::Int64)
+            .view([map.out as i64, map.inp as i64]);
         match self {
             Engine::Limbs(dev) => w.to_kind(Kind::Double).tr().contiguous().to_device(*dev),
             Engine::Int64 => w.tr().contiguous(),
@@ -208,8 +210,6 @@ pub struct Prepared {
     pub map: QuantLinear,
     /// `W̃ᵀ` as [`Engine::weights`] made it.
     pub w_t: Tensor,
-    /// `W̃ (out, in)` as `i16` for [`ring_product`] ([`Engine::Int64`] only; else empty).
-    w16: Vec<i16>,
     engine: Engine,
 }
 
@@ -217,27 +217,14 @@ impl Prepared {
     /// Move `map`'s weights to where `engine` multiplies them.
     pub fn new(map: QuantLinear, engine: Engine) -> Self {
         let w_t = engine.weights(&map);
-        let w16 = if engine == Engine::Int64 {
-            map.weight
-                .iter()
-                .map(|&v| i16::try_from(v).expect("quantized weights fit in 16 bits"))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Self {
-            map,
-            w_t,
-            w16,
-            engine,
-        }
+        Self { map, w_t, engine }
     }
 
     /// `X·W̃ᵀ` without the bias, `(rows, out)` row-major, for an `x` already checked to be
     /// `rows × in` words.
     pub(crate) fn product(&self, x: &[u64], rows: usize) -> Result<Vec<u64>> {
         if self.engine.small(rows) {
-            return Ok(ring_product(x, rows, &self.w16, self.map.out));
+            return Ok(ring_product(x, rows, &self.map.weight, self.map.out));
         }
         let input = self.engine.input(x, rows, self.map.inp)?;
         self.engine.product(&input, &self.w_t, rows)

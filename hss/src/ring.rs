@@ -43,7 +43,7 @@ pub fn decode(y: u64, frac_bits: u32) -> f64 {
     (y as i64) as f64 / (frac_bits as f64).exp2()
 }
 
-/// A linear map `y = x·Wᵀ + b` in fixed point: `weight (out, in)` row-major `i64` with
+/// A linear map `y = x·Wᵀ + b` in fixed point: `weight (out, in)` row-major `i16` with
 /// `|W̃| ≤ 2^15 − 1`, one scale exponent per output row, and the bias kept in f64 (quantized at
 /// `2^(f + f_wⱼ)` per request).
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +53,7 @@ pub struct QuantLinear {
     /// Input width.
     pub inp: usize,
     /// `W̃`, `(out, in)` row-major.
-    pub weight: Vec<i64>,
+    pub weight: Vec<i16>,
     /// `f_wⱼ` per output row.
     pub frac_bits: Vec<u32>,
     /// `b`, `(out,)`, if the map has one.
@@ -116,7 +116,8 @@ impl QuantLinear {
             }
             let f = row_frac_bits(max)?;
             let s = (f as f64).exp2();
-            q.extend(row.iter().map(|v| (f64::from(*v) * s).round() as i64));
+            // In range: `row_frac_bits` keeps `round(max · 2^f) ≤ 2^15 − 1`.
+            q.extend(row.iter().map(|v| (f64::from(*v) * s).round() as i16));
             frac_bits.push(f);
         }
         Ok(Self {
@@ -185,7 +186,7 @@ impl QuantLinear {
             for (j, wr) in self.weight.chunks_exact(self.inp).enumerate() {
                 let mut acc = b.as_ref().map_or(0, |b| b[j]);
                 for (xv, wv) in xr.iter().zip(wr) {
-                    acc = acc.wrapping_add(xv.wrapping_mul(*wv as u64));
+                    acc = acc.wrapping_add(xv.wrapping_mul(i64::from(*wv) as u64));
                 }
                 y[r * self.out + j] = acc;
             }
@@ -215,7 +216,7 @@ mod tests {
         let q = QuantLinear::new(&w, 3, 2, None).unwrap();
         assert_eq!(q.frac_bits[0], 15); // 0.5·2^16 = 32768 > 32767
         assert_eq!(q.frac_bits[2], MAX_WEIGHT_FRAC);
-        assert!(q.weight.iter().all(|v| v.abs() <= MAX_WEIGHT));
+        assert!(q.weight.iter().all(|v| i64::from(v.abs()) <= MAX_WEIGHT));
         assert_eq!(q.weight[2], 3 * (1 << 13)); // 3·2^13 = 24576 ≤ 32767 < 3·2^14
         assert!(QuantLinear::new(&[1e6], 1, 1, None).is_err());
         assert!(QuantLinear::new(&[1.0, 2.0], 1, 3, None).is_err());
