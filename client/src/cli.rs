@@ -508,7 +508,8 @@ impl LmCommon {
     }
 }
 
-/// A local OpenAI-compatible endpoint for an EE causal LM at a trainer (key holder side).
+/// A local OpenAI-compatible endpoint for an EE causal LM at a trainer, or at two
+/// non-colluding HSS servers with --hss (key holder side).
 ///
 /// Loads the GGUF model (tokenizer, chat template, and the weights to encrypt) and the key
 /// file; without --job, encrypts the model and uploads it to the trainer as a new job (its id
