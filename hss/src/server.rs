@@ -146,29 +146,25 @@ impl HssModel {
                 )));
             }
         };
-        // One product per map for a few rows (memory-bound: each weight read once), else one
-        // GEMM over the maps' concatenated weights, split per map.
-        let mut out: Vec<Vec<u64>> = if self.engine.small(req.rows) {
+        // One product per map for a single map or a few rows (memory-bound: each weight read
+        // once), else one GEMM over the maps' concatenated weights, split per map.
+        let mut out: Vec<Vec<u64>> = if maps.len() == 1 || self.engine.small(req.rows) {
             maps.iter()
                 .map(|p| p.product(&x, req.rows))
                 .collect::<Result<_>>()?
         } else {
             let input = self.engine.input(&x, req.rows, req.cols)?;
-            let y = if maps.len() == 1 {
-                self.engine.product(&input, &maps[0].w_t, req.rows)?
-            } else {
-                let mut fused = self.fused.borrow_mut();
-                let w = fused.entry(req.maps.clone()).or_insert_with(|| {
-                    Tensor::cat(
-                        &maps
-                            .iter()
-                            .map(|p| p.w_t.shallow_clone())
-                            .collect::<Vec<_>>(),
-                        1,
-                    )
-                });
-                self.engine.product(&input, w, req.rows)?
-            };
+            let mut fused = self.fused.borrow_mut();
+            let w = fused.entry(req.maps.clone()).or_insert_with(|| {
+                Tensor::cat(
+                    &maps
+                        .iter()
+                        .map(|p| p.w_t.shallow_clone())
+                        .collect::<Vec<_>>(),
+                    1,
+                )
+            });
+            let y = self.engine.product(&input, w, req.rows)?;
             let total: usize = maps.iter().map(|p| p.map.out).sum();
             let mut start = 0;
             maps.iter()

@@ -18,6 +18,9 @@ struct Row {
     degree: usize,
     threshold: usize,
     dropout: f64,
+    /// Sites left after the dropouts (the table's dropout is their complement).
+    #[serde(skip)]
+    alive: usize,
     params: usize,
     /// Mean per site, seconds.
     site_advertise_s: f64,
@@ -210,8 +213,7 @@ fn whole_flower_rounds(rows: &[Row], python: &std::path::Path) -> Vec<FlowerRoun
             v["secure_round_s"].as_f64().unwrap_or(f64::NAN),
             v["plain_round_s"].as_f64().unwrap_or(f64::NAN),
         );
-        let alive = r.sites - (r.dropout * r.sites as f64).round() as usize;
-        if v["dropped"].as_u64().unwrap_or(0) as usize != r.sites - alive {
+        if v["dropped"].as_u64().unwrap_or(0) as usize != r.sites - r.alive {
             eprintln!("secagg: Flower's round dropped another number of clients: {v}");
             continue;
         }
@@ -222,7 +224,7 @@ fn whole_flower_rounds(rows: &[Row], python: &std::path::Path) -> Vec<FlowerRoun
             dropout: r.dropout,
             fedee_secure_round_s: r.secure_round_compute_s,
             fedee_all_parties_s: r.sites as f64 * (r.site_advertise_s + r.site_share_keys_s)
-                + alive as f64 * (r.site_masked_input_s + r.site_unmask_s)
+                + r.alive as f64 * (r.site_masked_input_s + r.site_unmask_s)
                 + r.server_fold_s
                 + r.server_unmask_s,
             flower_secure_round_s: sec,
@@ -367,6 +369,7 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
         degree: k,
         threshold: p.threshold,
         dropout: drop,
+        alive,
         params: d,
         site_advertise_s: advertise,
         site_share_keys_s: share,
