@@ -211,6 +211,16 @@ fn secagg_bench_runs_a_round_per_cell() {
         }
         let up = r["upload_vs_plaintext_f32"].as_f64().unwrap();
         assert!((1.0..1.2).contains(&up), "upload ratio {up}");
+        // The cell's peak resident memory (Linux resets it per cell) is a reading, not NaN
+        // (null), and not below the memory the cell started with (1 MB of page-level slack).
+        let (start, peak) = (
+            r["rss_start_mb"].as_f64().unwrap_or(-1.0),
+            r["peak_rss_mb"].as_f64().unwrap_or(-1.0),
+        );
+        assert!(
+            start > 0.0 && peak + 1.0 >= start,
+            "RSS at start {start} MB, peak {peak} MB"
+        );
     }
     assert_eq!(doc["mask_costs"][0]["params"], 5000);
 }

@@ -36,6 +36,12 @@ struct Row {
     plaintext_fold_s: f64,
     upload_bytes_per_site: usize,
     upload_vs_plaintext_f32: f64,
+    /// This process's resident memory when the cell starts, and its peak (`VmHWM`, reset
+    /// through `/proc/self/clear_refs`) over the protocol's four stages, MB. Every party runs
+    /// in this process: the peak holds the server's running sum and unmask buffers, the site
+    /// at work's input and masked vector, and the bench's plaintext reference sum.
+    rss_start_mb: f64,
+    peak_rss_mb: f64,
     /// One site's distributed-DP encoding (clip, rotate, round, Skellam noise), seconds.
     skellam_encode_s: f64,
     /// Central-equivalent ε of 100 rounds at noise multiplier 4, δ = 1e-5, the noise split
@@ -117,6 +123,8 @@ pub fn secagg(
             col("round", "secure_round_compute_s", Cell::Millis),
             col("plain fold", "plaintext_fold_s", Cell::Millis),
             col("upload ×", "upload_vs_plaintext_f32", Cell::Fixed(4)),
+            col("RSS start MB", "rss_start_mb", Cell::Fixed(0)),
+            col("peak RSS MB", "peak_rss_mb", Cell::Fixed(0)),
             col("Skellam enc", "skellam_encode_s", Cell::Millis),
             col("ε Skellam", "epsilon_skellam", Cell::Fixed(5)),
             col("ε Gauss", "epsilon_gaussian", Cell::Fixed(5)),
@@ -265,6 +273,16 @@ fn whole_flower_rounds(rows: &[Row], python: &std::path::Path) -> Vec<FlowerRoun
     out
 }
 
+/// Reads this process's resident memory in MB, then resets its peak to the current value
+/// (Linux: `5` to `/proc/self/clear_refs`); NaN where either step fails.
+fn reset_peak_rss() -> f64 {
+    let rss = crate::bench_aggregate::proc_mb(std::process::id(), "VmRSS:").unwrap_or(f64::NAN);
+    match std::fs::write("/proc/self/clear_refs", "5") {
+        Ok(()) => rss,
+        Err(_) => f64::NAN,
+    }
+}
+
 fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> {
     let t = k.div_ceil(2) + 1;
     let p = RoundParams {
@@ -275,6 +293,7 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
         threshold: t.max(2),
         dim: d + 1,
     };
+    let rss_start = reset_peak_rss();
     let mut rng = fedee_secagg::os_rng()?;
     let mut server = Server::new(p.clone())?;
     let mut ss = Vec::with_capacity(n);
@@ -338,6 +357,8 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
     if sum != plain {
         bail!("the unmasked sum differs from the plaintext sum (n={n}, d={d})");
     }
+    let peak_rss =
+        crate::bench_aggregate::proc_mb(std::process::id(), "VmHWM:").unwrap_or(f64::NAN);
     std::mem::drop(ss);
     // Plaintext FedAvg's fold: n weighted f32 updates into one f32 sum.
     let update: Vec<f32> = (0..d).map(|j| j as f32 * 1e-9).collect();
@@ -381,6 +402,8 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
         plaintext_fold_s: plaintext_fold,
         upload_bytes_per_site: up,
         upload_vs_plaintext_f32: up as f64 / (4.0 * d as f64),
+        rss_start_mb: rss_start,
+        peak_rss_mb: peak_rss,
         skellam_encode_s: skellam_encode,
         epsilon_skellam,
         epsilon_gaussian,
