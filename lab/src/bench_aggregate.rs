@@ -58,6 +58,11 @@ fn synthetic(params: usize, seed: u64) -> Tensors {
     t
 }
 
+/// `VmHWM` / `VmRSS` of this process, in MB; NaN where `/proc` cannot tell (not Linux).
+pub(crate) fn own_mb(field: &str) -> f64 {
+    proc_mb(std::process::id(), field).unwrap_or(f64::NAN)
+}
+
 /// `VmHWM` / `VmRSS` of a process, in MB.
 pub(crate) fn proc_mb(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -34,10 +34,6 @@ struct Row {
     peak_rss_mb: f64,
 }
 
-fn vm_hwm_mb() -> f64 {
-    crate::bench_aggregate::proc_mb(std::process::id(), "VmHWM:").unwrap_or(f64::NAN)
-}
-
 /// Read bandwidth of this machine in GB/s: the best of 5 sums over a 1 GiB f32 tensor with the
 /// same thread count.
 fn read_bandwidth_gb_s(device: Device) -> f64 {
@@ -173,7 +169,7 @@ pub fn lm(
         prefill_36_tokens_per_s: p36,
         prefill_512_tokens_per_s: p512,
         decode_tokens_per_s: decode_tps,
-        peak_rss_mb: vm_hwm_mb(),
+        peak_rss_mb: crate::bench_aggregate::own_mb("VmHWM:"),
     }];
     // EE (inference profile): keygen and transform, then the same measurements on encrypted
     // ids. Its peak RSS is not separable from the plaintext copy still in memory.

@@ -276,10 +276,11 @@ fn whole_flower_rounds(rows: &[Row], python: &std::path::Path) -> Vec<FlowerRoun
 /// Reads this process's resident memory in MB, then resets its peak to the current value
 /// (Linux: `5` to `/proc/self/clear_refs`); NaN where either step fails.
 fn reset_peak_rss() -> f64 {
-    let rss = crate::bench_aggregate::proc_mb(std::process::id(), "VmRSS:").unwrap_or(f64::NAN);
-    match std::fs::write("/proc/self/clear_refs", "5") {
-        Ok(()) => rss,
-        Err(_) => f64::NAN,
+    let rss = crate::bench_aggregate::own_mb("VmRSS:");
+    if std::fs::write("/proc/self/clear_refs", "5").is_ok() {
+        rss
+    } else {
+        f64::NAN
     }
 }
 
@@ -357,8 +358,7 @@ fn cell(n: usize, d: usize, dropped: usize, drop: f64, k: usize) -> Result<Row> 
     if sum != plain {
         bail!("the unmasked sum differs from the plaintext sum (n={n}, d={d})");
     }
-    let peak_rss =
-        crate::bench_aggregate::proc_mb(std::process::id(), "VmHWM:").unwrap_or(f64::NAN);
+    let peak_rss = crate::bench_aggregate::own_mb("VmHWM:");
     std::mem::drop(ss);
     // Plaintext FedAvg's fold: n weighted f32 updates into one f32 sum.
     let update: Vec<f32> = (0..d).map(|j| j as f32 * 1e-9).collect();
